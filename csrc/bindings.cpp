@@ -1,0 +1,43 @@
+// pybind11 module focal_cuda._C: the two ops and what the build contains.
+#include <torch/extension.h>
+
+#include "focal.h"
+#include "focal_ops.h"
+
+#ifdef FOCAL_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = FOCAL_CUDA_VERSION_STR;
+#ifdef FOCAL_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                         std::to_string(CUDART_VERSION % 1000 / 10);
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = pybind11::none();
+#endif
+  info["cuda_arch_list"] = FOCAL_CUDA_ARCH_LIST;
+  info["cpu_isas"] = FOCAL_CPU_ISAS;
+  info["cpu_active_isa"] = focal::cpu::active_isa();
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "focal_cuda kernels; use focal_cuda.sigmoid_focal_loss, not these directly.";
+  m.def("sigmoid_focal_loss_forward", &focal::sigmoid_focal_loss_forward, pybind11::arg("inputs"),
+        pybind11::arg("targets"), pybind11::arg("alpha"), pybind11::arg("gamma"),
+        pybind11::arg("reduction"), pybind11::arg("compute_grad_inputs"),
+        pybind11::arg("compute_grad_targets"),
+        "Fused sigmoid focal loss: (loss, dloss/dinputs, dloss/dtargets), gradients unscaled.");
+  m.def("sigmoid_focal_loss_backward", &focal::sigmoid_focal_loss_backward,
+        pybind11::arg("grad_output"), pybind11::arg("saved_grad"), pybind11::arg("reduction"),
+        "saved_grad scaled by grad_output (and 1/N for mean).");
+  m.def("build_info", &build_info, "What this build of focal_cuda contains.");
+}

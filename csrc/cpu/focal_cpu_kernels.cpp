@@ -1,0 +1,238 @@
+// CPU kernels: the fused forward (loss and gradients in one pass) and the backward scaling.
+//
+// setup.py compiles this file once per instruction set (FOCAL_CPU_ISA = DEFAULT, AVX2, AVX512,
+// with the matching -m flags and CPU_CAPABILITY) and focal_cpu.cpp picks one at run time.
+//
+// Work is split into fixed chunks of kChunk elements whatever the thread count, each chunk summed
+// in a fixed order and the chunk sums added in order, so reductions are bitwise the same at any
+// number of threads. Inside a chunk, blocks of kBlock elements are converted to the math type
+// (float, or double for float64) on the stack, computed with at::vec, and converted back: every
+// pairing of input and target dtypes runs without a full-size float copy.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "focal.h"
+
+#ifndef FOCAL_CPU_ISA
+#error "FOCAL_CPU_ISA must name the instruction set this file is compiled for (see setup.py)"
+#endif
+
+namespace focal::cpu::FOCAL_CPU_ISA {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kBlock = 256;
+constexpr int64_t kChunk = 64 * kBlock;
+
+template <typename S>
+struct VecMath {
+  using Vec = Vectorized<S>;
+  static Vec exp(const Vec& v) { return v.exp(); }
+  static Vec log(const Vec& v) { return v.log(); }
+  static Vec pow(const Vec& base, const Vec& exponent) { return base.pow(exponent); }
+  static Vec abs(const Vec& v) { return v.abs(); }
+  static Vec max(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
+  static Vec select(const Vec& mask, const Vec& if_true, const Vec& if_false) {
+    return Vec::blendv(if_false, if_true, mask);
+  }
+};
+
+template <typename S>
+bool holds(const at::Tensor& tensor) {
+  return tensor.scalar_type() == c10::CppTypeToScalarType<S>::value;
+}
+
+// n values of src from offset on, as S: src's own memory when it already holds S, else a
+// conversion into buffer.
+template <typename S>
+const S* read_block(const at::Tensor& src, int64_t offset, int64_t n, S* buffer) {
+  if (holds<S>(src)) {
+    return src.const_data_ptr<S>() + offset;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "focal_read", [&] {
+    at::vec::convert(src.const_data_ptr<scalar_t>() + offset, buffer, n);
+  });
+  return buffer;
+}
+
+// Where to compute n values of dst from offset on: dst's own memory when it holds S, else
+// buffer, which store_block then converts into dst.
+template <typename S>
+S* block_destination(const at::Tensor& dst, int64_t offset, S* buffer) {
+  return holds<S>(dst) ? dst.mutable_data_ptr<S>() + offset : buffer;
+}
+
+template <typename S>
+void store_block(const at::Tensor& dst, int64_t offset, int64_t n, const S* computed) {
+  if (holds<S>(dst)) {
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "focal_store", [&] {
+    at::vec::convert(computed, dst.mutable_data_ptr<scalar_t>() + offset, n);
+  });
+}
+
+// Computes n elements; writes the loss where loss is non-null and the requested gradients;
+// returns the sum of the loss over the block, added in a fixed order.
+template <typename S, GammaMode kGamma, bool kGradInputs, bool kGradTargets>
+double compute_block(const S* x, const S* t, int64_t n, const FocalCoeffs<S>& coeffs, S* loss,
+                     S* grad_inputs, S* grad_targets) {
+  using Vec = Vectorized<S>;
+  Vec vec_sum(S(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const auto terms = focal_terms<VecMath<S>, kGamma, kGradInputs, kGradTargets>(
+        Vec::loadu(x + i), Vec::loadu(t + i), coeffs);
+    vec_sum = vec_sum + terms.loss;
+    if (loss != nullptr) {
+      terms.loss.store(loss + i);
+    }
+    if constexpr (kGradInputs) {
+      terms.grad_inputs.store(grad_inputs + i);
+    }
+    if constexpr (kGradTargets) {
+      terms.grad_targets.store(grad_targets + i);
+    }
+  }
+  S lanes[Vec::size()];
+  vec_sum.store(lanes);
+  double sum = 0;
+  for (int64_t lane = 0; lane < Vec::size(); ++lane) {
+    sum += lanes[lane];
+  }
+  for (; i < n; ++i) {  // the block's last partial vector
+    const auto terms =
+        focal_terms<ScalarMath<S>, kGamma, kGradInputs, kGradTargets>(x[i], t[i], coeffs);
+    sum += terms.loss;
+    if (loss != nullptr) {
+      loss[i] = terms.loss;
+    }
+    if constexpr (kGradInputs) {
+      grad_inputs[i] = terms.grad_inputs;
+    }
+    if constexpr (kGradTargets) {
+      grad_targets[i] = terms.grad_targets;
+    }
+  }
+  return sum;
+}
+
+template <typename S, GammaMode kGamma, bool kGradInputs, bool kGradTargets>
+void forward_impl(const ForwardArgs& args) {
+  const int64_t n = args.inputs.numel();
+  const FocalCoeffs<S> coeffs(args.alpha, args.gamma);
+  const bool elementwise = args.reduction == Reduction::None;
+  const int64_t num_chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> chunk_sums(num_chunks, 0.0);
+
+  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    S x_buffer[kBlock], t_buffer[kBlock], loss_buffer[kBlock];
+    S grad_inputs_buffer[kBlock], grad_targets_buffer[kBlock];
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t chunk_stop = std::min(n, (chunk + 1) * kChunk);
+      double chunk_sum = 0;
+      for (int64_t offset = chunk * kChunk; offset < chunk_stop; offset += kBlock) {
+        const int64_t len = std::min(kBlock, chunk_stop - offset);
+        const S* x = read_block(args.inputs, offset, len, x_buffer);
+        const S* t = read_block(args.targets, offset, len, t_buffer);
+        S* loss = elementwise ? block_destination(args.loss, offset, loss_buffer) : nullptr;
+        S* grad_inputs = kGradInputs
+                             ? block_destination(args.grad_inputs, offset, grad_inputs_buffer)
+                             : nullptr;
+        S* grad_targets = kGradTargets
+                              ? block_destination(args.grad_targets, offset, grad_targets_buffer)
+                              : nullptr;
+        chunk_sum += compute_block<S, kGamma, kGradInputs, kGradTargets>(
+            x, t, len, coeffs, loss, grad_inputs, grad_targets);
+        if (elementwise) {
+          store_block(args.loss, offset, len, loss);
+        }
+        if constexpr (kGradInputs) {
+          store_block(args.grad_inputs, offset, len, grad_inputs);
+        }
+        if constexpr (kGradTargets) {
+          store_block(args.grad_targets, offset, len, grad_targets);
+        }
+      }
+      chunk_sums[chunk] = chunk_sum;
+    }
+  });
+
+  if (!elementwise) {
+    double total = 0;
+    for (const double chunk_sum : chunk_sums) {
+      total += chunk_sum;
+    }
+    if (args.reduction == Reduction::Mean) {
+      total /= static_cast<double>(n);  // NaN for an empty input, as torch.mean gives
+    }
+    args.loss.fill_(total);
+  }
+}
+
+template <typename S>
+void backward_impl(const BackwardArgs& args) {
+  const int64_t n = args.out.numel();
+  // One grad_output value for all elements (mean/sum, or an expanded scalar): fold it into the
+  // scale once. On CPU reading it is free; there is no device to synchronise with.
+  const S uniform_factor = args.grad_output_is_scalar
+                               ? static_cast<S>(args.scale * args.grad_output.item<double>())
+                               : S(0);
+  const S scale = static_cast<S>(args.scale);
+  const int64_t num_blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, num_blocks, kChunk / kBlock, [&](int64_t block_begin, int64_t block_end) {
+    S saved_buffer[kBlock], grad_buffer[kBlock], out_buffer[kBlock];
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t offset = block * kBlock;
+      const int64_t len = std::min(kBlock, n - offset);
+      const S* saved = read_block(args.saved_grad, offset, len, saved_buffer);
+      S* out = block_destination(args.out, offset, out_buffer);
+      if (args.grad_output_is_scalar) {
+        for (int64_t i = 0; i < len; ++i) {
+          out[i] = saved[i] * uniform_factor;
+        }
+      } else {
+        const S* grad = read_block(args.grad_output, offset, len, grad_buffer);
+        for (int64_t i = 0; i < len; ++i) {
+          out[i] = saved[i] * grad[i] * scale;
+        }
+      }
+      store_block(args.out, offset, len, out);
+    }
+  });
+}
+
+// float64 tensors compute in double, all others in float.
+template <typename Fn>
+void with_math_type(const at::Tensor& tensor, Fn&& fn) {
+  if (tensor.scalar_type() == at::kDouble) {
+    fn(double{});
+  } else {
+    fn(float{});
+  }
+}
+
+}  // namespace
+
+void forward(const ForwardArgs& args) {
+  with_math_type(args.loss, [&](auto math_type) {
+    using S = decltype(math_type);
+    dispatch_focal_variant(
+        args.gamma, args.grad_inputs.defined(), args.grad_targets.defined(),
+        [&](auto gamma_mode, auto grad_inputs, auto grad_targets) {
+          forward_impl<S, decltype(gamma_mode)::value, decltype(grad_inputs)::value,
+                       decltype(grad_targets)::value>(args);
+        });
+  });
+}
+
+void backward(const BackwardArgs& args) {
+  with_math_type(args.out, [&](auto math_type) { backward_impl<decltype(math_type)>(args); });
+}
+
+}  // namespace focal::cpu::FOCAL_CPU_ISA

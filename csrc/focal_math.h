@@ -1,0 +1,138 @@
+// The elementwise sigmoid focal loss and its analytic derivatives: the one place the formulas live.
+//
+// Used by the CUDA kernels (V = float/double), the CPU kernels (V = at::vec::Vectorized<float/double>)
+// and their scalar tails (V = float/double), so the CPU tests exercise the very formulas the GPU runs.
+// Everything a value type needs beyond + - * / and comparisons comes from a Math policy:
+// exp, log, pow, abs, max, select(mask, if_true, if_false).
+//
+// With p = sigmoid(x), t the target:
+//   CE      = t * softplus(-x) + (1 - t) * softplus(x)
+//   q       = 1 - p_t = t * sigmoid(-x) + (1 - t) * sigmoid(x)
+//   alpha_t = alpha * t + (1 - alpha) * (1 - t)          (1 when alpha < 0)
+//   loss    = alpha_t * q^gamma * CE
+//   dL/dx   = alpha_t * q^gamma * [ (p - t) + gamma * (1 - 2t) * CE * p(1-p)/q ]
+//   dL/dt   = q^gamma * [ (2 alpha - 1) * CE + alpha_t * (gamma * (1 - 2p) * CE / q - x) ]
+// p(1-p)/q lies in [0, 1] (q >= min(p, 1-p)), so q^(gamma-1) never appears on its own and the
+// gradient stays finite as q -> 0 for every gamma >= 0, fractional ones included.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define FOCAL_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FOCAL_HOST_DEVICE inline
+#endif
+
+namespace focal {
+
+// Matches at::Reduction so the codes cross the Python boundary unchanged.
+enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };
+
+// gamma == 2 (the RetinaNet default) squares instead of calling pow.
+enum class GammaMode : int { Two, General };
+
+inline GammaMode gamma_mode(double gamma) {
+  return gamma == 2.0 ? GammaMode::Two : GammaMode::General;
+}
+
+// alpha_t = alpha_offset + alpha_slope * t, which is alpha * t + (1 - alpha) * (1 - t), or 1 when
+// the weighting is off; exact at t = 0 and t = 1, so alpha = 0 or 1 gives exact zeros.
+template <typename S>
+struct FocalCoeffs {
+  S alpha_offset;
+  S alpha_slope;
+  S gamma;
+
+  FocalCoeffs(double alpha, double gamma_)
+      : alpha_offset(static_cast<S>(alpha < 0 ? 1.0 : 1.0 - alpha)),
+        alpha_slope(static_cast<S>(alpha < 0 ? 0.0 : 2.0 * alpha - 1.0)),
+        gamma(static_cast<S>(gamma_)) {}
+};
+
+template <typename S>
+struct ScalarMath {
+  static FOCAL_HOST_DEVICE S exp(S v) { return ::exp(v); }
+  static FOCAL_HOST_DEVICE S log(S v) { return ::log(v); }
+  static FOCAL_HOST_DEVICE S pow(S base, S exponent) { return ::pow(base, exponent); }
+  static FOCAL_HOST_DEVICE S abs(S v) { return ::fabs(v); }
+  static FOCAL_HOST_DEVICE S max(S a, S b) { return a > b ? a : b; }
+  static FOCAL_HOST_DEVICE S select(bool mask, S if_true, S if_false) {
+    return mask ? if_true : if_false;
+  }
+};
+
+template <>
+struct ScalarMath<float> {
+  static FOCAL_HOST_DEVICE float exp(float v) { return ::expf(v); }
+  static FOCAL_HOST_DEVICE float log(float v) { return ::logf(v); }
+  static FOCAL_HOST_DEVICE float pow(float base, float exponent) { return ::powf(base, exponent); }
+  static FOCAL_HOST_DEVICE float abs(float v) { return ::fabsf(v); }
+  static FOCAL_HOST_DEVICE float max(float a, float b) { return a > b ? a : b; }
+  static FOCAL_HOST_DEVICE float select(bool mask, float if_true, float if_false) {
+    return mask ? if_true : if_false;
+  }
+};
+
+// Which outputs a kernel instance produces; the rest is not computed at all.
+struct FocalOutputs {
+  bool loss;
+  bool grad_inputs;
+  bool grad_targets;
+};
+
+template <typename V>
+struct FocalTerms {
+  V loss;
+  V grad_inputs;
+  V grad_targets;
+};
+
+template <typename Math, GammaMode kGamma, bool kGradInputs, bool kGradTargets, typename V,
+          typename S>
+FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, const FocalCoeffs<S>& coeffs) {
+  const V zero(S(0));
+  const V one(S(1));
+  const V e = Math::exp(zero - Math::abs(x));  // exp(-|x|), in (0, 1]
+  const V u = one + e;
+  const V sig_abs = one / u;  // sigmoid(|x|)
+  // log1p(e) through log(u) * e / (u - 1): as exact as log1p, at the cost of a log (ATen's
+  // vectorized log1p is several times slower than its log).
+  const V log1p_e = Math::select(u == one, e, Math::log(u) * (e / (u - one)));
+  const auto x_nonneg = x >= zero;
+  const V p = Math::select(x_nonneg, sig_abs, e * sig_abs);   // sigmoid(x)
+  const V pm = Math::select(x_nonneg, e * sig_abs, sig_abs);  // sigmoid(-x) = 1 - p, no cancellation
+  const V tm = one - t;
+  // softplus(-x) = log1p(e) + max(-x, 0), softplus(x) = log1p(e) + max(x, 0): a sum of
+  // non-negative terms for t in [0, 1].
+  const V ce = log1p_e + t * Math::max(zero - x, zero) + tm * Math::max(x, zero);
+  const V q = t * pm + tm * p;  // 1 - p_t without subtracting from 1
+  const V alpha_t = V(coeffs.alpha_offset) + V(coeffs.alpha_slope) * t;
+  const V gamma(coeffs.gamma);
+  V q_gamma;
+  if constexpr (kGamma == GammaMode::Two) {
+    q_gamma = q * q;
+  } else {
+    q_gamma = Math::pow(q, gamma);  // pow(0, 0) = 1, pow(0, gamma > 0) = 0
+  }
+
+  FocalTerms<V> terms{zero, zero, zero};
+  terms.loss = alpha_t * q_gamma * ce;
+  const auto q_positive = q > zero;
+  if constexpr (kGradInputs) {
+    // p(1-p)/q in [0, 1]; where q == 0 the factor q^gamma (gamma > 0) or gamma (gamma == 0)
+    // already zeroes the term, so any finite value does.
+    const V ratio = Math::select(q_positive, p * pm / q, zero);
+    const V p_minus_t = tm * p - t * pm;  // exact near t = 1, where p - 1 would cancel
+    terms.grad_inputs = alpha_t * q_gamma * (p_minus_t + gamma * (tm - t) * ce * ratio);
+  }
+  if constexpr (kGradTargets) {
+    // CE / q is bounded as q -> 0 (CE vanishes with q there); the same q^gamma argument applies.
+    const V ce_over_q = Math::select(q_positive, ce / q, zero);
+    terms.grad_targets =
+        q_gamma * (V(coeffs.alpha_slope) * ce + alpha_t * (gamma * (pm - p) * ce_over_q - x));
+  }
+  return terms;
+}
+
+}  // namespace focal

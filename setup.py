@@ -1,0 +1,192 @@
+"""Build focal_cuda: one extension module, focal_cuda._C.
+
+Environment knobs:
+  FORCE_CUDA=1            build the CUDA kernels even when no toolkit is detected (fails if none).
+  FORCE_CPU=1             build the CPU kernels only.
+  CUDA_HOME               CUDA toolkit root; otherwise the real location behind `nvcc`, then
+                          /usr/local/cuda.
+  TORCH_CUDA_ARCH_LIST    GPU architectures, e.g. "8.0;9.0+PTX"; default: the visible GPUs, or
+                          DEFAULT_CUDA_ARCHS below when none is visible.
+  MAX_JOBS                parallel compile jobs (ninja).
+"""
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent.resolve()
+# Turing, Ampere and Hopper (H100/H200) as cubins, plus Hopper PTX that newer GPUs JIT-compile.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
+
+
+def env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def find_cuda_home():
+    """CUDA_HOME, else the toolkit that `nvcc` really runs from, else /usr/local/cuda.
+
+    PyTorch guesses CUDA_HOME as the parent of the `nvcc` on PATH, which is wrong when that
+    `nvcc` is a wrapper script (e.g. /usr/local/bin/nvcc exec-ing the real one); nvcc's own
+    dry run names its installation directory, so ask it.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        try:
+            dry_run = subprocess.run(
+                [nvcc, "-dryrun", "--version"], capture_output=True, text=True, timeout=60
+            )
+            match = re.search(r"^#\$ TOP=(.+)$", dry_run.stdout + dry_run.stderr, re.M)
+            if match:
+                top = Path(match.group(1).strip()).resolve()
+                if (top / "bin" / "nvcc").exists():
+                    return str(top)
+        except (OSError, subprocess.SubprocessError):
+            pass
+        candidate = Path(os.path.realpath(nvcc)).parent.parent
+        if (candidate / "include" / "cuda_runtime.h").exists():
+            return str(candidate)
+    if Path("/usr/local/cuda/bin/nvcc").exists():
+        return "/usr/local/cuda"
+    return None
+
+
+def read_version():
+    text = (ROOT / "focal_cuda" / "_version.py").read_text()
+    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+
+
+FORCE_CUDA = env_flag("FORCE_CUDA")
+FORCE_CPU = env_flag("FORCE_CPU")
+if FORCE_CUDA and FORCE_CPU:
+    sys.exit("setup.py: FORCE_CUDA=1 and FORCE_CPU=1 contradict each other; set one of them.")
+
+CUDA_HOME = None if FORCE_CPU else find_cuda_home()
+if CUDA_HOME:
+    # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def decide_cuda():
+    if FORCE_CPU:
+        return False, "FORCE_CPU=1"
+    if torch.version.cuda is None:
+        if FORCE_CUDA:
+            sys.exit(
+                f"setup.py: FORCE_CUDA=1 but the installed torch {torch.__version__} is a CPU-only "
+                "build; install a CUDA build of torch first."
+            )
+        return False, f"torch {torch.__version__} is a CPU-only build"
+    if CUDA_HOME is None:
+        if FORCE_CUDA:
+            sys.exit("setup.py: FORCE_CUDA=1 but no CUDA toolkit was found; set CUDA_HOME.")
+        return False, "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    return True, f"toolkit at {CUDA_HOME}"
+
+
+WITH_CUDA, CUDA_REASON = decide_cuda()
+if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in caps) + "+PTX"
+    else:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+CUDA_ARCHS = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if WITH_CUDA else ""
+
+# The CPU kernels are compiled once per instruction set and chosen at run time: the default
+# extension flags enable no AVX, which would leave at::vec::Vectorized (and its SLEEF exp/log)
+# running lane by lane. Flags follow how PyTorch builds its own per-ISA kernels.
+CPU_KERNEL_SOURCE = "csrc/cpu/focal_cpu_kernels.cpp"
+if platform.machine().lower() in ("x86_64", "amd64"):
+    CPU_ISA_FLAGS = {
+        "DEFAULT": ["-DFOCAL_CPU_ISA=DEFAULT"],
+        "AVX2": ["-DFOCAL_CPU_ISA=AVX2", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2",
+                 "-mavx2", "-mfma", "-mf16c"],
+        "AVX512": ["-DFOCAL_CPU_ISA=AVX512", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+                   "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    }
+else:
+    CPU_ISA_FLAGS = {"DEFAULT": ["-DFOCAL_CPU_ISA=DEFAULT"]}
+
+OPENMP_FLAGS = [] if sys.platform == "darwin" else ["-fopenmp"]
+CXX_FLAGS = ["-O3"] + OPENMP_FLAGS  # the C++ standard is the one torch asks for
+# No --use_fast_math: the kernels call the accurate expf/logf/powf on purpose (exactness first).
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+
+DEFINES = [
+    ("FOCAL_CUDA_VERSION_STR", f'"{read_version()}"'),
+    ("FOCAL_CUDA_ARCH_LIST", f'"{CUDA_ARCHS}"'),
+    ("FOCAL_CPU_ISAS", '"' + ",".join(CPU_ISA_FLAGS) + '"'),
+]
+for isa in CPU_ISA_FLAGS:
+    DEFINES.append((f"FOCAL_HAVE_CPU_{isa}", "1"))
+
+sources = ["csrc/bindings.cpp", "csrc/focal_ops.cpp", "csrc/cpu/focal_cpu.cpp"]
+if WITH_CUDA:
+    sources.append("csrc/cuda/focal_cuda.cu")
+    DEFINES.append(("FOCAL_WITH_CUDA", "1"))
+
+
+class FocalBuildExtension(BuildExtension):
+    """BuildExtension that also compiles the CPU kernel source once per instruction set."""
+
+    def build_extension(self, ext):
+        for isa, isa_flags in CPU_ISA_FLAGS.items():
+            cxx_flags = ext.extra_compile_args["cxx"] + isa_flags
+            ext.extra_objects += self.compiler.compile(
+                [CPU_KERNEL_SOURCE],
+                output_dir=os.path.join(self.build_temp, f"isa_{isa.lower()}"),
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs,
+                extra_postargs={"cxx": cxx_flags, "nvcc": []} if self.use_ninja else cxx_flags,
+                depends=ext.depends,
+            )
+        super().build_extension(ext)
+
+
+print(
+    "focal_cuda build configuration:\n"
+    f"  torch {torch.__version__} (CUDA {torch.version.cuda})\n"
+    f"  CUDA kernels: {'yes' if WITH_CUDA else 'no'} ({CUDA_REASON})\n"
+    f"  CUDA architectures: {CUDA_ARCHS or '-'}\n"
+    f"  CPU kernels: {', '.join(CPU_ISA_FLAGS)} (chosen at run time)\n"
+    f"  MAX_JOBS: {os.environ.get('MAX_JOBS', 'default')}",
+    flush=True,
+)
+
+extension_cls = CUDAExtension if WITH_CUDA else CppExtension
+extension = extension_cls(
+    name="focal_cuda._C",
+    sources=sources,
+    include_dirs=[str(ROOT / "csrc")],
+    define_macros=DEFINES,
+    depends=[str(p) for p in (ROOT / "csrc").rglob("*.h")] + [CPU_KERNEL_SOURCE],
+    extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+    extra_link_args=OPENMP_FLAGS,
+)
+
+setup(
+    name="focal_cuda",
+    version=read_version(),
+    description="Fused sigmoid focal loss (RetinaNet) with analytic gradient, CUDA and CPU kernels",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=["focal_cuda"],
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+    ext_modules=[extension],
+    cmdclass={"build_ext": FocalBuildExtension},
+    zip_safe=False,
+)
