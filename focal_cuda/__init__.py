@@ -2,7 +2,16 @@
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C, reference
+try:
+    from . import _C
+except ImportError as error:  # pragma: no cover - depends on how the package was installed
+    raise ImportError(
+        "focal_cuda's compiled extension (focal_cuda._C) could not be loaded. Build and install it "
+        "with `pip install --no-build-isolation .`; when running from the source tree, make sure "
+        "the installed package, not the source folder, is the one imported."
+    ) from error
+
+from . import reference
 from ._version import __version__
 from .loss import sigmoid_focal_loss
 

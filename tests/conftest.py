@@ -1,0 +1,51 @@
+"""Shared parametrization and helpers: devices, dtypes with their tolerances, reference results."""
+
+import pytest
+import torch
+
+import focal_cuda
+
+CUDA_AVAILABLE = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA device")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+REDUCTIONS = ["none", "mean", "sum"]
+GAMMAS = [0.0, 0.5, 2.0, 3.5]
+
+# Against the float64 reference evaluated on the same (rounded) values: the kernels compute in
+# float32 (float64 for float64), so what remains is the rounding of the stored result.
+TOLERANCES = {
+    torch.float16: dict(rtol=2e-3, atol=1e-5),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
+    torch.float32: dict(rtol=2e-5, atol=1e-7),
+    torch.float64: dict(rtol=1e-10, atol=1e-13),
+}
+
+
+def assert_matches(actual, expected, dtype=None):
+    """actual (any dtype) against an expected float64 tensor, at the tolerance of dtype."""
+    tolerance = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), **tolerance)
+
+
+def random_case(shape, dtype, device, *, seed=0, scale=4.0, soft=False, positive_rate=0.3):
+    """Logits ~ N(0, scale^2) and hard (or soft) targets, generated on CPU for reproducibility."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+    if soft:
+        targets = torch.rand(shape, generator=generator, dtype=torch.float64)
+    else:
+        targets = (torch.rand(shape, generator=generator) < positive_rate).double()
+    return inputs.to(device=device, dtype=dtype), targets.to(device=device, dtype=dtype)
+
+
+def reference_results(inputs, targets, alpha, gamma, reduction, grad_output=None):
+    """Loss and gradients of focal_cuda.reference in float64 on the same values."""
+    x = inputs.detach().double().requires_grad_()
+    t = targets.detach().double().requires_grad_()
+    loss = focal_cuda.reference.sigmoid_focal_loss(x, t, alpha, gamma, reduction)
+    if grad_output is None:
+        grad_output = torch.ones_like(loss)
+    grad_x, grad_t = torch.autograd.grad(loss, (x, t), grad_output.double())
+    return loss.detach(), grad_x, grad_t

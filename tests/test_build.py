@@ -1,0 +1,64 @@
+"""What the build reports, and every compiled CPU kernel variant computing the same loss."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import focal_cuda
+
+
+def test_version_and_backends():
+    info = focal_cuda.backends()
+    assert focal_cuda.__version__ == info["version"]
+    assert set(info) >= {"cuda", "cuda_version", "cuda_arch_list", "cpu_isas", "cpu_active_isa", "cuda_available"}
+    assert info["cpu_active_isa"] in info["cpu_isas"].split(",")
+    if info["cuda"]:
+        assert info["cuda_arch_list"], "a CUDA build names the architectures it was compiled for"
+
+
+CHECK_SCRIPT = """
+import json, torch, focal_cuda
+g = torch.Generator().manual_seed(0)
+x = (torch.randn(1000, 80, generator=g, dtype=torch.float64) * 4).requires_grad_()
+t = (torch.rand(1000, 80, generator=g) < 0.1).double()
+results = {}
+for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    xd = x.detach().to(dtype).requires_grad_()
+    loss = focal_cuda.sigmoid_focal_loss(xd, t.to(dtype), 0.25, 1.5, "sum")
+    loss.backward()
+    results[str(dtype)] = [loss.item(), xd.grad.double().abs().sum().item()]
+print(json.dumps({"isa": focal_cuda.backends()["cpu_active_isa"], "results": results}))
+"""
+
+
+def run_with_capability(capability, cwd):
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    # Run outside the source tree, so that the installed package is the one imported.
+    output = subprocess.run(
+        [sys.executable, "-c", CHECK_SCRIPT], env=env, cwd=cwd, capture_output=True, text=True,
+        check=True,
+    ).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+ISA_ORDER = ["DEFAULT", "AVX2", "AVX512"]
+
+
+def test_every_compiled_cpu_variant_agrees(tmp_path):
+    machine = torch.backends.cpu.get_cpu_capability()
+    machine_level = ISA_ORDER.index(machine) if machine in ISA_ORDER else 0
+    runnable = [
+        isa for isa in focal_cuda.backends()["cpu_isas"].split(",")
+        if ISA_ORDER.index(isa) <= machine_level
+    ]
+    runs = {isa: run_with_capability(isa.lower(), tmp_path) for isa in runnable}
+    baseline = runs["DEFAULT"]["results"]
+    for isa, run in runs.items():
+        assert run["isa"] == isa, f"ATEN_CPU_CAPABILITY={isa.lower()} should select the {isa} kernels"
+        for dtype, values in run["results"].items():
+            rtol = 1e-2 if "bfloat16" in dtype else 1e-5
+            assert values == pytest.approx(baseline[dtype], rel=rtol), (isa, dtype)

@@ -1,0 +1,89 @@
+"""Every bad argument raises a clear error that names it, what was expected and what was got."""
+
+import re
+
+import pytest
+import torch
+
+import focal_cuda
+
+X = torch.zeros(4, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(targets=torch.zeros(4, 3)), ValueError,
+         "targets must have the same shape as inputs, got [4, 4] and [4, 3]"),
+        (dict(targets=torch.zeros(4)), ValueError,
+         "targets must have the same shape as inputs, got [4, 4] and [4]"),
+        (dict(inputs=torch.zeros(4, 4, dtype=torch.long)), ValueError,
+         "inputs must be a floating-point tensor (float16, bfloat16, float32 or float64), got torch.int64"),
+        (dict(targets=torch.zeros(4, 4, dtype=torch.bool)), ValueError,
+         "targets must be a floating-point tensor (float16, bfloat16, float32 or float64), got torch.bool"),
+        (dict(inputs=[[0.0]]), TypeError, "inputs must be a torch.Tensor, got list"),
+        (dict(targets=0.5), TypeError, "targets must be a torch.Tensor, got float"),
+        (dict(alpha=1.5), ValueError, "alpha must be in [0, 1], or -1 or None to disable the weighting, got 1.5"),
+        (dict(alpha=-0.5), ValueError, "got -0.5"),
+        (dict(alpha=float("nan")), ValueError, "got nan"),
+        (dict(alpha="0.25"), ValueError, "got '0.25'"),
+        (dict(gamma=-1.0), ValueError, "gamma must be a finite number >= 0, got -1.0"),
+        (dict(gamma=float("inf")), ValueError, "gamma must be a finite number >= 0, got inf"),
+        (dict(gamma=None), ValueError, "gamma must be a finite number >= 0, got None"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of 'none', 'mean', 'sum', got 'avg'"),
+        (dict(reduction=None), ValueError, "reduction must be one of 'none', 'mean', 'sum', got None"),
+    ],
+)
+def test_bad_arguments(kwargs, error, message):
+    arguments = dict(inputs=X, targets=X, alpha=0.25, gamma=2.0, reduction="none") | kwargs
+    with pytest.raises(error, match=re.escape(message)):
+        focal_cuda.sigmoid_focal_loss(**arguments)
+
+
+def test_device_mismatch():
+    meta = torch.zeros(4, 4, device="meta")
+    with pytest.raises(ValueError, match=re.escape("targets must be on the same device as inputs, got cpu and meta")):
+        focal_cuda.sigmoid_focal_loss(X, meta)
+
+
+def test_unsupported_device():
+    meta = torch.zeros(4, 4, device="meta")
+    with pytest.raises(RuntimeError, match="focal_cuda runs on CPU and CUDA tensors, got meta"):
+        focal_cuda._C.sigmoid_focal_loss_forward(meta, meta, 0.25, 2.0, 0, False, False)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: focal_cuda._C.sigmoid_focal_loss_forward(X, X, 2.0, 2.0, 0, False, False),
+         "alpha must be in [0, 1], or -1 to disable the weighting, got 2"),
+        (lambda: focal_cuda._C.sigmoid_focal_loss_forward(X, X, 0.25, -2.0, 0, False, False),
+         "gamma must be a finite number >= 0, got -2"),
+        (lambda: focal_cuda._C.sigmoid_focal_loss_forward(X, X, 0.25, 2.0, 3, False, False),
+         "reduction must be 0 (none), 1 (mean) or 2 (sum), got 3"),
+        (lambda: focal_cuda._C.sigmoid_focal_loss_forward(X, torch.zeros(2), 0.25, 2.0, 0, False, False),
+         "targets must have the same shape as inputs, got [4, 4] and [2]"),
+        (lambda: focal_cuda._C.sigmoid_focal_loss_backward(torch.zeros(3), X, 0),
+         "grad_output must have the shape of the loss, got [3] and [4, 4]"),
+        (lambda: focal_cuda._C.sigmoid_focal_loss_backward(torch.zeros(3), X, 2),
+         "grad_output of a reduced loss must have one element, got shape [3]"),
+    ],
+)
+def test_op_level_checks(call, message):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        call()
+
+
+def test_backward_without_saved_gradient_explains():
+    x = torch.zeros(3, requires_grad=True)
+    loss, _, _ = torch.ops.focal_cuda.sigmoid_focal_loss_forward(x, torch.zeros(3), 0.25, 2.0, 2, False, False)
+    with pytest.raises(RuntimeError, match="compute_grad_inputs=False"):
+        loss.backward()
+
+
+@pytest.mark.skipif(focal_cuda.backends()["cuda"], reason="this build has CUDA kernels")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_only_build_on_cuda_tensors_says_how_to_rebuild():
+    x = torch.zeros(3, device="cuda")
+    with pytest.raises(RuntimeError, match="FORCE_CUDA=1 pip install"):
+        focal_cuda.sigmoid_focal_loss(x, x)

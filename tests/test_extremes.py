@@ -1,0 +1,112 @@
+"""Saturated logits, exact zeros, the BCE special case, finite gradients where torchvision NaNs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import focal_cuda
+from conftest import DEVICES, DTYPES, REDUCTIONS, assert_matches, reference_results
+
+EXTREME_LOGITS = [-100.0, -30.0, -17.0, -1e-3, 0.0, 1e-3, 17.0, 30.0, 100.0]
+
+
+def grid(dtype, device):
+    """Every extreme logit against targets 0, 1 and 0.5."""
+    x = torch.tensor(EXTREME_LOGITS, dtype=torch.float64).repeat_interleave(3)
+    t = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64).repeat(len(EXTREME_LOGITS))
+    return x.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 1.0, 2.0, 3.5])
+def test_extreme_logits_are_finite_and_exact(device, dtype, gamma):
+    inputs, targets = grid(dtype, device)
+    x = inputs.clone().requires_grad_()
+    t = targets.clone().requires_grad_()
+    loss = focal_cuda.sigmoid_focal_loss(x, t, 0.25, gamma)
+    loss.backward(torch.ones_like(loss))
+    assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all() and torch.isfinite(t.grad).all()
+    expected_loss, expected_grad_x, _ = exact_loss_and_grad(inputs, targets, 0.25, gamma)
+    assert_matches(loss, expected_loss)
+    assert_matches(x.grad, expected_grad_x)
+
+
+def exact_loss_and_grad(inputs, targets, alpha, gamma):
+    """Loss and d/dx in float64 from the analytic formula, written independently with math.*."""
+    losses, grads = [], []
+    for x, t in zip(inputs.double().tolist(), targets.double().tolist()):
+        p = 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+        pm = 1 / (1 + math.exp(x)) if x <= 0 else math.exp(-x) / (1 + math.exp(-x))
+        ce = t * (math.log1p(math.exp(-abs(x))) + max(-x, 0)) + (1 - t) * (
+            math.log1p(math.exp(-abs(x))) + max(x, 0)
+        )
+        q = t * pm + (1 - t) * p
+        alpha_t = alpha * t + (1 - alpha) * (1 - t)
+        qg = q**gamma
+        ratio = p * pm / q if q > 0 else 0.0
+        losses.append(alpha_t * qg * ce)
+        grads.append(alpha_t * qg * ((1 - t) * p - t * pm + gamma * (1 - 2 * t) * ce * ratio))
+    return torch.tensor(losses, dtype=torch.float64), torch.tensor(grads, dtype=torch.float64), None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_exact_zeros(device, dtype):
+    x = torch.tensor([100.0, -100.0, 3.0, -3.0], device=device, dtype=dtype).requires_grad_()
+    t = torch.tensor([1.0, 0.0, 0.0, 1.0], device=device, dtype=dtype)
+    # Confidently right: q = sigmoid(-100) underflows float32, so q^2 and everything it scales is 0.
+    loss = focal_cuda.sigmoid_focal_loss(x, t, 0.25, 2.0)
+    loss.sum().backward()
+    assert loss[:2].tolist() == [0.0, 0.0] and x.grad[:2].tolist() == [0.0, 0.0]
+    # alpha = 1 zeroes the negatives, alpha = 0 the positives: exactly.
+    for alpha, zero_where in ((1.0, t == 0), (0.0, t == 1)):
+        x.grad = None
+        loss = focal_cuda.sigmoid_focal_loss(x, t, alpha, 2.0)
+        loss.sum().backward()
+        assert (loss[zero_where] == 0).all() and (x.grad[zero_where] == 0).all()
+        assert (loss[~zero_where] != 0).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gamma_zero_without_alpha_is_bce_with_logits(device, dtype, reduction):
+    generator = torch.Generator().manual_seed(3)
+    x = (torch.randn(40, 30, generator=generator) * 5).to(device=device, dtype=dtype)
+    t = torch.rand(40, 30, generator=generator).to(device=device, dtype=dtype)
+    ours_x, bce_x = x.clone().requires_grad_(), x.clone().double().requires_grad_()
+    ours_t, bce_t = t.clone().requires_grad_(), t.clone().double().requires_grad_()
+    ours = focal_cuda.sigmoid_focal_loss(ours_x, ours_t, None, 0.0, reduction)
+    bce = F.binary_cross_entropy_with_logits(bce_x, bce_t, reduction=reduction)
+    ours.backward(torch.ones_like(ours))
+    bce.backward(torch.ones_like(bce))
+    assert_matches(ours, bce)
+    assert_matches(ours_x.grad, bce_x.grad)
+    assert_matches(ours_t.grad, bce_t.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 0.9])
+def test_fractional_gamma_saturated_gradient_is_finite_and_true(device, gamma):
+    # Where q = 1 - p_t underflows, the composite form computes 0 * inf = NaN for 0 < gamma < 1.
+    x = torch.tensor([40.0, -40.0, 120.0, -120.0], device=device, dtype=torch.float64)
+    t = torch.tensor([1.0, 0.0, 1.0, 0.0], device=device, dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        xd = x.to(dtype).requires_grad_()
+        focal_cuda.sigmoid_focal_loss(xd, t.to(dtype), 0.25, gamma).sum().backward()
+        _, expected, _ = exact_loss_and_grad(x, t, 0.25, gamma)
+        assert torch.isfinite(xd.grad).all()
+        assert_matches(xd.grad, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_moderate_logits_match_the_reference_in_every_dtype(device):
+    inputs, targets = grid(torch.float64, device)
+    keep = inputs.abs() < 20
+    for dtype in DTYPES:
+        x, t = inputs[keep].to(dtype), targets[keep].to(dtype)
+        loss = focal_cuda.sigmoid_focal_loss(x, t, 0.25, 2.0)
+        assert_matches(loss, reference_results(x, t, 0.25, 2.0, "none")[0])

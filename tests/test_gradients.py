@@ -1,0 +1,99 @@
+"""Autograd: float64 gradcheck and gradgradcheck, what the forward computes, backward reuse."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import focal_cuda
+from conftest import DEVICES, GAMMAS, REDUCTIONS, random_case
+
+
+def focal_fn(alpha, gamma, reduction):
+    return lambda x, t: focal_cuda.sigmoid_focal_loss(x, t, alpha, gamma, reduction)
+
+
+def soft_case(device, seed=0):
+    # Targets inside (0, 1) so that finite differences in t stay in the valid range.
+    inputs, targets = random_case((4, 7), torch.float64, device, seed=seed, scale=3.0, soft=True)
+    return inputs.requires_grad_(), (0.05 + 0.9 * targets).requires_grad_()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("gamma", GAMMAS)
+@pytest.mark.parametrize("alpha", [0.25, -1.0])
+def test_gradcheck_inputs_and_targets(device, reduction, gamma, alpha):
+    inputs, targets = soft_case(device)
+    assert torch.autograd.gradcheck(focal_fn(alpha, gamma, reduction), (inputs, targets))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("gamma", GAMMAS)
+def test_gradcheck_inputs_with_hard_targets(device, reduction, gamma):
+    inputs, targets = random_case((5, 6), torch.float64, device, seed=1, scale=3.0)
+    inputs.requires_grad_()
+    assert torch.autograd.gradcheck(focal_fn(0.25, gamma, reduction), (inputs, targets))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_gradgradcheck(device, reduction, gamma):
+    inputs, targets = soft_case(device, seed=2)
+    assert torch.autograd.gradgradcheck(focal_fn(0.25, gamma, reduction), (inputs, targets))
+
+
+class RecordFocalOps(TorchDispatchMode):
+    """Records the calls of the focal_cuda ops with their arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "focal_cuda":
+            self.calls.append((func.__name__, args))
+        return func(*args, **(kwargs or {}))
+
+
+def recorded_gradient_flags(inputs, targets):
+    with RecordFocalOps() as recorder:
+        focal_cuda.sigmoid_focal_loss(inputs, targets, reduction="sum")
+    (name, args), = recorder.calls
+    assert name.startswith("sigmoid_focal_loss_forward")
+    return args[5], args[6]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_computes_only_the_gradients_needed(device):
+    inputs, targets = random_case((3, 4), torch.float32, device)
+    assert recorded_gradient_flags(inputs, targets) == (False, False)
+    assert recorded_gradient_flags(inputs.requires_grad_(), targets) == (True, False)
+    assert recorded_gradient_flags(inputs, targets.requires_grad_()) == (True, True)
+    with torch.no_grad():
+        assert recorded_gradient_flags(inputs, targets) == (False, False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_backward_twice_with_retain_graph_gives_the_same_gradient(device, reduction):
+    inputs, targets = random_case((50, 9), torch.float32, device)
+    inputs.requires_grad_()
+    loss = focal_cuda.sigmoid_focal_loss(inputs, targets, reduction=reduction)
+    grad_output = torch.full_like(loss, 0.5)
+    first = torch.autograd.grad(loss, inputs, grad_output, retain_graph=True)[0]
+    first_copy = first.clone()
+    second = torch.autograd.grad(loss, inputs, grad_output)[0]
+    assert torch.equal(first, first_copy), "the first gradient was modified by the second backward"
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_accumulates_across_calls(device):
+    inputs, targets = random_case((8, 8), torch.float64, device)
+    inputs.requires_grad_()
+    focal_cuda.sigmoid_focal_loss(inputs, targets, reduction="sum").backward()
+    once = inputs.grad.clone()
+    focal_cuda.sigmoid_focal_loss(inputs, targets, reduction="sum").backward()
+    torch.testing.assert_close(inputs.grad, 2 * once)

@@ -1,0 +1,158 @@
+"""Loss values and gradients against the float64 reference, across devices, dtypes and options."""
+
+import pytest
+import torch
+
+import focal_cuda
+from conftest import (
+    DEVICES,
+    DTYPES,
+    GAMMAS,
+    REDUCTIONS,
+    assert_matches,
+    random_case,
+    reference_results,
+    requires_cuda,
+)
+
+
+def run(inputs, targets, alpha, gamma, reduction, grad_output=None, grad_targets=True):
+    """Our loss and gradients for inputs and (optionally) targets."""
+    x = inputs.detach().clone().requires_grad_()
+    t = targets.detach().clone().requires_grad_(grad_targets)
+    loss = focal_cuda.sigmoid_focal_loss(x, t, alpha, gamma, reduction)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), x.grad, t.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("gamma", GAMMAS)
+@pytest.mark.parametrize("alpha", [0.25, -1.0])
+def test_matches_reference(device, dtype, reduction, gamma, alpha):
+    # 3001 elements: full packs/vectors plus a ragged tail on every backend.
+    inputs, targets = random_case((3, 1000 + 1), dtype, device, soft=alpha < 0)
+    loss_shape = inputs.shape if reduction == "none" else ()
+    grad_output = torch.randn(loss_shape, dtype=torch.float64).to(device=device, dtype=dtype)
+    loss, grad_x, grad_t = run(inputs, targets, alpha, gamma, reduction, grad_output)
+    ref_loss, ref_grad_x, ref_grad_t = reference_results(
+        inputs, targets, alpha, gamma, reduction, grad_output
+    )
+    assert loss.dtype == dtype and loss.shape == loss_shape
+    assert grad_x.dtype == dtype and grad_t.dtype == dtype
+    assert_matches(loss, ref_loss)
+    assert_matches(grad_x, ref_grad_x)
+    assert_matches(grad_t, ref_grad_t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "input_dtype,target_dtype",
+    [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float16),
+        (torch.float32, torch.float64),
+        (torch.float16, torch.bfloat16),
+    ],
+)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_mixed_dtypes_promote_like_torch(device, input_dtype, target_dtype, reduction):
+    inputs, targets = random_case((7, 33), torch.float64, device, soft=True)
+    inputs, targets = inputs.to(input_dtype), targets.to(target_dtype)
+    loss, grad_x, grad_t = run(inputs, targets, 0.25, 2.0, reduction)
+    ref_loss, ref_grad_x, ref_grad_t = reference_results(inputs, targets, 0.25, 2.0, reduction)
+    assert loss.dtype == torch.promote_types(input_dtype, target_dtype)
+    assert grad_x.dtype == input_dtype and grad_t.dtype == target_dtype
+    assert_matches(loss, ref_loss)
+    assert_matches(grad_x, ref_grad_x)
+    assert_matches(grad_t, ref_grad_t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_non_contiguous_and_misaligned_views(device, reduction):
+    base_x, base_t = random_case((9, 40, 6), torch.float32, device)
+    views = [
+        (base_x.transpose(0, 2), base_t.transpose(0, 2)),  # permuted
+        (base_x[:, ::3, 1:], base_t[:, ::3, 1:]),  # strided slices
+        (base_x.reshape(-1)[1:], base_t.reshape(-1)[1:]),  # contiguous, off by one element
+        (base_x.reshape(-1)[1:], base_t.reshape(-1)[:-1]),  # misaligned differently
+        (base_x[0, 0].expand(5, 6), base_t[0, 0].expand(5, 6)),  # zero strides
+    ]
+    for inputs, targets in views:
+        loss, grad_x, grad_t = run(inputs, targets, 0.25, 2.0, reduction)
+        ref_loss, ref_grad_x, ref_grad_t = reference_results(inputs, targets, 0.25, 2.0, reduction)
+        assert grad_x.shape == inputs.shape
+        assert_matches(loss, ref_loss)
+        assert_matches(grad_x, ref_grad_x)
+        assert_matches(grad_t, ref_grad_t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(), (1,), (0,), (0, 80), (2, 0, 3), (5, 1, 1, 3)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_shapes_including_scalar_and_empty(device, shape, reduction):
+    inputs, targets = random_case(shape, torch.float32, device)
+    loss, grad_x, grad_t = run(inputs, targets, 0.25, 2.0, reduction)
+    ref_loss, ref_grad_x, ref_grad_t = reference_results(inputs, targets, 0.25, 2.0, reduction)
+    assert loss.shape == ref_loss.shape
+    assert grad_x.shape == inputs.shape and grad_t.shape == targets.shape
+    torch.testing.assert_close(loss.double(), ref_loss, equal_nan=True, rtol=2e-5, atol=1e-7)
+    assert_matches(grad_x, ref_grad_x)
+    assert_matches(grad_t, ref_grad_t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_mean_is_nan_and_sum_is_zero(device):
+    inputs = torch.empty(0, 4, device=device)
+    assert torch.isnan(focal_cuda.sigmoid_focal_loss(inputs, inputs, reduction="mean"))
+    assert focal_cuda.sigmoid_focal_loss(inputs, inputs, reduction="sum").item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0, -1.0, None])
+def test_alpha_values(device, alpha):
+    inputs, targets = random_case((6, 50), torch.float64, device, soft=True)
+    loss, grad_x, grad_t = run(inputs, targets, alpha, 1.5, "sum")
+    ref_loss, ref_grad_x, ref_grad_t = reference_results(inputs, targets, alpha, 1.5, "sum")
+    assert_matches(loss, ref_loss)
+    assert_matches(grad_x, ref_grad_x)
+    assert_matches(grad_t, ref_grad_t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_expanded_grad_output_from_sum_of_elementwise_loss(device):
+    inputs, targets = random_case((64, 80), torch.float32, device)
+    x = inputs.clone().requires_grad_()
+    (focal_cuda.sigmoid_focal_loss(x, targets) * 3.0).sum().backward()
+    _, ref_grad_x, _ = reference_results(inputs, targets, 0.25, 2.0, "sum", torch.tensor(3.0))
+    assert_matches(x.grad, ref_grad_x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_positional_arguments_in_torchvision_order(device):
+    inputs, targets = random_case((4, 5), torch.float64, device)
+    positional = focal_cuda.sigmoid_focal_loss(inputs, targets, 0.5, 1.0, "sum")
+    keyword = focal_cuda.sigmoid_focal_loss(
+        inputs=inputs, targets=targets, alpha=0.5, gamma=1.0, reduction="sum"
+    )
+    assert torch.equal(positional, keyword)
+    assert_matches(positional, reference_results(inputs, targets, 0.5, 1.0, "sum")[0])
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cuda_matches_cpu(dtype, reduction):
+    inputs, targets = random_case((257, 81), dtype, "cpu", soft=True)
+    cpu = run(inputs, targets, 0.25, 2.0, reduction)
+    cuda = run(inputs.cuda(), targets.cuda(), 0.25, 2.0, reduction)
+    for on_cpu, on_cuda in zip(cpu, cuda):
+        torch.testing.assert_close(on_cuda.cpu().double(), on_cpu.double(), **{
+            torch.float16: dict(rtol=2e-3, atol=1e-5),
+            torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
+            torch.float32: dict(rtol=1e-5, atol=1e-7),
+            torch.float64: dict(rtol=1e-12, atol=1e-14),
+        }[dtype])
