@@ -55,8 +55,10 @@ def _(grad_output, saved_grad, reduction):
 def _forward_setup_context(ctx, inputs, output):
     x, t, alpha, gamma, reduction, _, _ = inputs
     _, grad_inputs, grad_targets = output
-    # The gradients are outputs only to carry them to backward; they are not differentiable.
+    # The gradients are outputs only to carry them to backward; they are not differentiable,
+    # and autograd must not materialise full-size zero gradients for them.
     ctx.mark_non_differentiable(grad_inputs, grad_targets)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, t, grad_inputs, grad_targets)
     ctx.alpha, ctx.gamma, ctx.reduction = alpha, gamma, reduction
 
@@ -73,6 +75,8 @@ def _saved_or_error(saved, like, name):
 def _forward_backward(ctx, grad_loss, _grad_of_grad_inputs, _grad_of_grad_targets):
     x, t, saved_grad_inputs, saved_grad_targets = ctx.saved_tensors
     needs_x, needs_t = ctx.needs_input_grad[:2]
+    if grad_loss is None:
+        return (None,) * 7
     if torch.is_grad_enabled():
         # create_graph=True: higher derivatives through the differentiable reference formula.
         return _differentiable_grads(ctx, x, t, grad_loss, needs_x, needs_t) + (None,) * 5

@@ -1,0 +1,330 @@
+"""Benchmark focal_cuda against torchvision's sigmoid_focal_loss, eager and compiled.
+
+    python bench/bench.py --device cpu            # default CPU sweep, a few minutes on 2 cores
+    python bench/bench.py --device cuda           # 1e4 .. 1.6e8 elements
+
+For every size (rows x 80 classes) and implementation it times a training step (forward +
+backward, reduction="sum" by default) and a no-grad forward, interleaving the implementations in
+one process after a warm-up, and reports the median and the spread (min, max) of the repeats, the
+time per element, the effective bandwidth of the bytes each design must move against the
+measured copy bandwidth, the peak memory of a training step above the inputs, and speedups.
+Writes results.json and plot.png to --out.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import focal_cuda
+
+try:
+    import torchvision
+    from torchvision.ops import sigmoid_focal_loss as torchvision_focal_loss
+except ImportError:
+    sys.exit("the benchmark compares with torchvision: pip install torchvision")
+
+CLASSES = 80
+DEFAULT_ROWS = {
+    "cpu": [125, 1_250, 12_500, 100_000],
+    "cuda": [125, 1_250, 12_500, 125_000, 500_000, 2_000_000],
+}
+
+
+def element_bytes(dtype):
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+# Each implementation: how to call it and the bytes per element its design must move in a
+# training step (read inputs and targets, write and re-read what backward needs, write the
+# gradient) and in a forward without grad.
+def focal_float(x, t, gamma, reduction):
+    return focal_cuda.sigmoid_focal_loss(x, t, 0.25, gamma, reduction)
+
+
+def torchvision_eager(x, t, gamma, reduction):
+    return torchvision_focal_loss(x, t, 0.25, gamma, reduction)
+
+
+def minimum_bytes(dtype):
+    size = element_bytes(dtype)
+    # forward: read x, t, write saved grad; backward: read saved grad, write grad.
+    train = 5 * size
+    forward = 2 * size
+    return train, forward
+
+
+IMPLEMENTATIONS = {
+    "focal_cuda": focal_float,
+    "torchvision": torchvision_eager,
+    "torchvision+compile": None,  # filled in main(): torch.compile(torchvision_eager)
+}
+
+
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Timer:
+    """Wall time of one call: CUDA events on GPU, perf_counter on CPU."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __call__(self, fn):
+        if self.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+
+def copy_bandwidth_gbs(device, numel=50_000_000):
+    """Device-to-device (or memory-to-memory on CPU) copy bandwidth: bytes read + written."""
+    src = torch.empty(numel, device=device, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    timer = Timer(device)
+    for _ in range(3):
+        dst.copy_(src)
+    synchronize(device)
+    times = [timer(lambda: dst.copy_(src)) for _ in range(10)]
+    return 2 * src.numel() * src.element_size() / (statistics.median(times) * 1e-3) / 1e9
+
+
+def make_inputs(rows, device, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, CLASSES, generator=generator).to(device=device, dtype=dtype)
+    t = (torch.rand(rows, CLASSES, generator=generator) < 0.01).to(device=device, dtype=dtype)
+    return x, t
+
+
+def train_step(fn, x, t, gamma, reduction):
+    def run():
+        x.grad = None
+        loss = fn(x, t, gamma, reduction)
+        (loss if loss.dim() == 0 else loss.sum()).backward()
+
+    return run
+
+
+def forward_only(fn, x, t, gamma, reduction):
+    def run():
+        with torch.no_grad():
+            fn(x, t, gamma, reduction)
+
+    return run
+
+
+PEAK_MEMORY_SCRIPT = r"""
+import gc, json, os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import bench
+name, rows, dtype, gamma, reduction = sys.argv[2], int(sys.argv[3]), getattr(torch, sys.argv[4]), float(sys.argv[5]), sys.argv[6]
+fn = bench.implementation(name)
+x, t = bench.make_inputs(rows, "cpu", dtype)
+x.requires_grad_()
+step = bench.train_step(fn, x, t, gamma, reduction)
+step(); step()          # warm-up (and compilation) outside the measured window
+x.grad = None
+gc.collect()
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")        # resets the peak RSS (VmHWM) to the current RSS
+baseline = status("VmRSS:")
+step()
+print(json.dumps({"peak_extra_bytes": status("VmHWM:") - baseline}))
+"""
+
+
+def cpu_peak_extra_bytes(name, rows, dtype, gamma, reduction):
+    """Peak RSS of a training step above the inputs, in a fresh process per implementation."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # freed buffers go back to the OS
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_MEMORY_SCRIPT, str(Path(__file__).parent), name, str(rows),
+         str(dtype).split(".")[1], str(gamma), reduction],
+        capture_output=True, text=True, env=env,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"peak memory measurement of {name} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+def cuda_peak_extra_bytes(step):
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - baseline
+
+
+_COMPILED = {}
+
+
+def implementation(name):
+    if name == "torchvision+compile":
+        if name not in _COMPILED:
+            _COMPILED[name] = torch.compile(torchvision_eager)
+        return _COMPILED[name]
+    return IMPLEMENTATIONS[name]
+
+
+def describe_machine(device):
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "torchvision": torchvision.__version__,
+        "focal_cuda": focal_cuda.__version__,
+        "focal_cuda_backends": focal_cuda.backends(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": device,
+    }
+    try:
+        model = next(line for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        info["cpu"] = model.split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run(args):
+    device, dtype = args.device, getattr(torch, args.dtype)
+    names = list(IMPLEMENTATIONS)
+    timer = Timer(device)
+    copy_gbs = copy_bandwidth_gbs(device)
+    print(f"copy bandwidth on {device}: {copy_gbs:.1f} GB/s", flush=True)
+    train_bytes, forward_bytes = minimum_bytes(dtype)
+    cases = []
+    for rows in args.rows:
+        numel = rows * CLASSES
+        x, t = make_inputs(rows, device, dtype)
+        x.requires_grad_()
+        steps = {}
+        for name in names:
+            fn = implementation(name)
+            steps[(name, "train")] = train_step(fn, x, t, args.gamma, args.reduction)
+            steps[(name, "forward")] = forward_only(fn, x, t, args.gamma, args.reduction)
+        for step in steps.values():  # warm-up, compilation included
+            for _ in range(args.warmup):
+                step()
+        synchronize(device)
+        samples = {key: [] for key in steps}
+        for _ in range(args.repeats):  # interleaved: each round times every implementation once
+            for key, step in steps.items():
+                samples[key].append(timer(step))
+        for (name, mode), times in samples.items():
+            median = statistics.median(times)
+            moved = (train_bytes if mode == "train" else forward_bytes) * numel
+            case = {
+                "implementation": name, "mode": mode, "rows": rows, "classes": CLASSES,
+                "elements": numel, "dtype": args.dtype, "gamma": args.gamma,
+                "reduction": args.reduction, "median_ms": median, "min_ms": min(times),
+                "max_ms": max(times), "ns_per_element": median * 1e6 / numel,
+                "design_bytes": moved if name == "focal_cuda" else None,
+                "effective_gbs": moved / (median * 1e-3) / 1e9 if name == "focal_cuda" else None,
+            }
+            cases.append(case)
+        line = [f"{numel:>11,} elements"]
+        for mode in ("train", "forward"):
+            ours = statistics.median(samples[("focal_cuda", mode)])
+            parts = [f"{mode}: ours {ours:.3f} ms"]
+            for name in names[1:]:
+                theirs = statistics.median(samples[(name, mode)])
+                parts.append(f"{name} {theirs:.3f} ms ({theirs / ours:.1f}x)")
+            line.append(", ".join(parts))
+        print(" | ".join(line), flush=True)
+        if args.memory:
+            for name in names:
+                if device == "cuda":
+                    extra = cuda_peak_extra_bytes(steps[(name, "train")])
+                else:
+                    extra = cpu_peak_extra_bytes(name, rows, dtype, args.gamma, args.reduction)
+                grad_bytes = numel * element_bytes(dtype)
+                for case in cases:
+                    if case["implementation"] == name and case["rows"] == rows and case["mode"] == "train":
+                        case["peak_extra_bytes"] = extra
+                        case["peak_extra_in_grad_buffers"] = extra / grad_bytes
+                print(f"    peak memory above inputs, {name}: {extra / 2**20:.1f} MiB "
+                      f"({extra / grad_bytes:.2f} gradient-sized buffers)", flush=True)
+        del x, t, steps
+    return {"machine": describe_machine(device), "copy_gbs": copy_gbs, "cases": cases}
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for axis, mode in zip(axes, ("train", "forward")):
+        for name in IMPLEMENTATIONS:
+            points = sorted(
+                (c["elements"], c["median_ms"]) for c in results["cases"]
+                if c["implementation"] == name and c["mode"] == mode
+            )
+            if points:
+                axis.loglog(*zip(*points), marker="o", label=name)
+        axis.set_title(f"{'training step' if mode == 'train' else 'no-grad forward'}")
+        axis.set_xlabel("elements (rows x 80)")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("median time (ms)")
+    axes[0].legend()
+    machine = results["machine"]
+    where = machine.get("gpu") if machine["device"] == "cuda" else f"{machine['cpu']}, {machine['cpu_threads']} threads"
+    fig.suptitle(f"sigmoid focal loss, {results['cases'][0]['dtype']}, reduction={results['cases'][0]['reduction']}: {where}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--rows", type=int, nargs="+", help="rows of 80 classes (default: a sweep)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    parser.add_argument("--gamma", type=float, default=2.0)
+    parser.add_argument("--reduction", default="sum", choices=["none", "mean", "sum"])
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 CPU, 30 GPU)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak memory")
+    parser.add_argument("--out", type=Path, default=None, help="directory for results.json and plot.png")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device visible")
+    args.rows = args.rows or DEFAULT_ROWS[args.device]
+    args.repeats = args.repeats or (7 if args.device == "cpu" else 30)
+    args.out = args.out or Path("bench/scratch") / f"{args.device}-{args.dtype}-gamma{args.gamma:g}"
+
+    results = run(args)
+    results["command"] = " ".join(["python"] + sys.argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / "plot.png")
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'plot.png'}")
+
+
+if __name__ == "__main__":
+    main()
