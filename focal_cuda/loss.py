@@ -60,7 +60,8 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none")
         reduction: ``"none"`` (loss per element), ``"mean"`` (over all elements) or ``"sum"``.
 
     Returns:
-        The loss, in the dtype PyTorch promotion gives ``inputs`` and ``targets``; the shape of
+        The loss, in the dtype PyTorch promotion gives ``inputs`` and ``targets`` (float32 for
+        16-bit operands under ``torch.autocast``, as torchvision's is there); the shape of
         ``inputs`` for ``"none"``, else 0-d. Differentiable with respect to ``inputs`` and
         ``targets``; the gradient is computed in the forward pass only when one of them
         requires grad, and is finite for every gamma >= 0 and every finite logit.
@@ -76,6 +77,14 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none")
         raise ValueError(
             f"targets must be on the same device as inputs, got {inputs.device} and {targets.device}"
         )
+    if torch.is_autocast_enabled(inputs.device.type) and torch.result_type(inputs, targets) in (
+        torch.float16,
+        torch.bfloat16,
+    ):
+        # Autocast computes BCE-with-logits in float32, so torchvision's loss comes out float32
+        # there. Same result dtype here, from float32 targets (a copy of the targets only: the
+        # kernels read the 16-bit logits directly, and always compute in float32).
+        targets = targets.float()
     grad_enabled = torch.is_grad_enabled()
     loss, _, _ = _ops.sigmoid_focal_loss_forward(
         inputs,
