@@ -32,12 +32,15 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "focal_cuda kernels; use focal_cuda.sigmoid_focal_loss, not these directly.";
   m.def("sigmoid_focal_loss_forward", &focal::sigmoid_focal_loss_forward, pybind11::arg("inputs"),
-        pybind11::arg("targets"), pybind11::arg("alpha"), pybind11::arg("gamma"),
-        pybind11::arg("reduction"), pybind11::arg("compute_grad_inputs"),
-        pybind11::arg("compute_grad_targets"),
-        "Fused sigmoid focal loss: (loss, dloss/dinputs, dloss/dtargets), gradients unscaled.");
+        pybind11::arg("targets"), pybind11::arg("weight"), pybind11::arg("alpha"),
+        pybind11::arg("gamma"), pybind11::arg("reduction"), pybind11::arg("ignore_index"),
+        pybind11::arg("label_smoothing"), pybind11::arg("float32_loss"),
+        pybind11::arg("compute_grad_inputs"), pybind11::arg("compute_grad_targets"),
+        pybind11::arg("compute_unweighted_loss"),
+        "Fused sigmoid focal loss: (loss, dloss/dinputs, dloss/dtargets, loss before weight, "
+        "count), gradients unscaled.");
   m.def("sigmoid_focal_loss_backward", &focal::sigmoid_focal_loss_backward,
-        pybind11::arg("grad_output"), pybind11::arg("saved_grad"), pybind11::arg("reduction"),
-        "saved_grad scaled by grad_output (and 1/N for mean).");
+        pybind11::arg("grad_output"), pybind11::arg("saved_grad"), pybind11::arg("count"),
+        pybind11::arg("reduction"), "saved_grad scaled by grad_output (divided by count for mean).");
   m.def("build_info", &build_info, "What this build of focal_cuda contains.");
 }

@@ -10,25 +10,44 @@
 
 namespace focal {
 
-// All tensors contiguous, shapes and dtypes already checked, outputs allocated by the caller.
-struct ForwardArgs {
-  at::Tensor inputs;
-  at::Tensor targets;  // same numel as inputs
-  double alpha;        // < 0: no alpha weighting
-  double gamma;
-  Reduction reduction;
-  at::Tensor loss;          // inputs' shape for Reduction::None, else 0-d
-  at::Tensor grad_inputs;   // undefined when not requested; dloss/dinputs, unscaled
-  at::Tensor grad_targets;  // undefined when not requested; dloss/dtargets, unscaled
+// How the weight tensor is indexed: the kernels read it without materialising its broadcast.
+enum class WeightKind : int {
+  None,     // no weight (all ones)
+  Element,  // one weight per element of inputs
+  Row,      // one weight per row (all leading dimensions), shared by the classes
+  Class,    // one weight per class (last dimension), shared by the rows
 };
 
-// out = saved_grad * scale * grad_output, elementwise or with one grad_output value for all.
+// All tensors contiguous, shapes and dtypes already checked, outputs allocated by the caller.
+// inputs is seen as rows x classes (classes = its last dimension, 1 for a 0-d tensor).
+struct ForwardArgs {
+  at::Tensor inputs;
+  at::Tensor targets;  // floating, inputs' numel; or int64 class labels, one per row
+  bool labels;         // targets holds class labels: class c of row r is positive iff label == c
+  int64_t classes;
+  int64_t ignore_index;  // label of rows that contribute nothing (labels only)
+  at::Tensor weight;     // math dtype (float32/float64), indexed per weight_kind; or undefined
+  WeightKind weight_kind;
+  double alpha;  // < 0: no alpha weighting
+  double gamma;
+  double label_smoothing;
+  Reduction reduction;
+  at::Tensor loss;             // inputs' shape for Reduction::None, else 0-d
+  at::Tensor grad_inputs;      // undefined when not requested; dloss/dinputs, unscaled
+  at::Tensor grad_targets;     // undefined when not requested; dloss/dtargets, unscaled
+  at::Tensor unweighted_loss;  // undefined when not requested; the loss before the weight
+  at::Tensor count;            // 0-d int64: the elements not ignored, the divisor of the mean
+};
+
+// out = saved_grad * grad_output, elementwise or with one grad_output value for all; divided by
+// *divisor (a 0-d int64 tensor on the device: the mean's count) when divisor is defined, with
+// a zero count giving zero.
 struct BackwardArgs {
-  at::Tensor grad_output;      // one element when grad_output_is_scalar, else saved_grad's numel
+  at::Tensor grad_output;  // one element when grad_output_is_scalar, else saved_grad's numel
   bool grad_output_is_scalar;
   at::Tensor saved_grad;
-  double scale;                // 1/N for Reduction::Mean, else 1
-  at::Tensor out;              // saved_grad's dtype and numel
+  at::Tensor divisor;
+  at::Tensor out;  // saved_grad's dtype and numel
 };
 
 // Turns the run-time choices that shape a kernel's inner loop into template arguments:

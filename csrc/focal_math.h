@@ -5,7 +5,8 @@
 // Everything a value type needs beyond + - * / and comparisons comes from a Math policy:
 // exp, log, pow, abs, max, select(mask, if_true, if_false).
 //
-// With p = sigmoid(x), t the target:
+// With p = sigmoid(x), t the target (after label smoothing), w the element's weight (the loss and
+// its derivatives below are multiplied by it):
 //   CE      = t * softplus(-x) + (1 - t) * softplus(x)
 //   q       = 1 - p_t = t * sigmoid(-x) + (1 - t) * sigmoid(x)
 //   alpha_t = alpha * t + (1 - alpha) * (1 - t)          (1 when alpha < 0)
@@ -36,18 +37,24 @@ inline GammaMode gamma_mode(double gamma) {
   return gamma == 2.0 ? GammaMode::Two : GammaMode::General;
 }
 
-// alpha_t = alpha_offset + alpha_slope * t, which is alpha * t + (1 - alpha) * (1 - t), or 1 when
-// the weighting is off; exact at t = 0 and t = 1, so alpha = 0 or 1 gives exact zeros.
+// Scalar parameters of the loss, in the math type S.
+//   alpha_t = alpha_offset + alpha_slope * t: alpha * t + (1 - alpha) * (1 - t), or 1 when the
+//     weighting is off; exact at t = 0 and t = 1, so alpha = 0 or 1 gives exact zeros.
+//   label smoothing: the loss sees t * target_scale + target_offset = t * (1 - eps) + eps / 2.
 template <typename S>
 struct FocalCoeffs {
   S alpha_offset;
   S alpha_slope;
   S gamma;
+  S target_scale;
+  S target_offset;
 
-  FocalCoeffs(double alpha, double gamma_)
+  FocalCoeffs(double alpha, double gamma_, double label_smoothing)
       : alpha_offset(static_cast<S>(alpha < 0 ? 1.0 : 1.0 - alpha)),
         alpha_slope(static_cast<S>(alpha < 0 ? 0.0 : 2.0 * alpha - 1.0)),
-        gamma(static_cast<S>(gamma_)) {}
+        gamma(static_cast<S>(gamma_)),
+        target_scale(static_cast<S>(1.0 - label_smoothing)),
+        target_offset(static_cast<S>(label_smoothing / 2.0)) {}
 };
 
 template <typename S>
@@ -74,31 +81,30 @@ struct ScalarMath<float> {
   }
 };
 
-// Which outputs a kernel instance produces; the rest is not computed at all.
-struct FocalOutputs {
-  bool loss;
-  bool grad_inputs;
-  bool grad_targets;
-};
-
 template <typename V>
 struct FocalTerms {
-  V loss;
-  V grad_inputs;
-  V grad_targets;
+  V loss;             // weight * focal loss
+  V unweighted_loss;  // the loss before the weight: d(loss)/d(weight)
+  V grad_inputs;      // d(loss)/d(inputs)
+  V grad_targets;     // d(loss)/d(targets), through the label smoothing
 };
 
+// x: logit; t: target before label smoothing; weight: the element's weight (1 when there is
+// none); valid: 0 for an ignored element (no loss, no gradient), else 1.
 template <typename Math, GammaMode kGamma, bool kGradInputs, bool kGradTargets, typename V,
           typename S>
-FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, const FocalCoeffs<S>& coeffs) {
+FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
+                                            const FocalCoeffs<S>& coeffs) {
   const V zero(S(0));
   const V one(S(1));
+  t = t * V(coeffs.target_scale) + V(coeffs.target_offset);
   const V e = Math::exp(zero - Math::abs(x));  // exp(-|x|), in (0, 1]
   const V u = one + e;
   const V sig_abs = one / u;  // sigmoid(|x|)
-  // log1p(e) through log(u) * e / (u - 1): as exact as log1p, at the cost of a log (ATen's
-  // vectorized log1p is several times slower than its log).
-  const V log1p_e = Math::select(u == one, e, Math::log(u) * (e / (u - one)));
+  // log1p(e) = log(u) + log(1 + (e - (u - 1)) / u), where e - (u - 1) is exactly the rounding
+  // error of u: as exact as log1p (also when u rounds to 1), for one log and no division
+  // (ATen's vectorized log1p is several times slower than its log).
+  const V log1p_e = Math::log(u) + (e - (u - one)) * sig_abs;
   const auto x_nonneg = x >= zero;
   const V p = Math::select(x_nonneg, sig_abs, e * sig_abs);   // sigmoid(x)
   const V pm = Math::select(x_nonneg, e * sig_abs, sig_abs);  // sigmoid(-x) = 1 - p, no cancellation
@@ -116,21 +122,25 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, const FocalCoeffs<S>& coef
     q_gamma = Math::pow(q, gamma);  // pow(0, 0) = 1, pow(0, gamma > 0) = 0
   }
 
-  FocalTerms<V> terms{zero, zero, zero};
-  terms.loss = alpha_t * q_gamma * ce;
+  FocalTerms<V> terms{zero, zero, zero, zero};
+  terms.unweighted_loss = valid * alpha_t * q_gamma * ce;
+  terms.loss = weight * terms.unweighted_loss;
+  const V weight_valid = weight * valid;
   const auto q_positive = q > zero;
   if constexpr (kGradInputs) {
     // p(1-p)/q in [0, 1]; where q == 0 the factor q^gamma (gamma > 0) or gamma (gamma == 0)
     // already zeroes the term, so any finite value does.
     const V ratio = Math::select(q_positive, p * pm / q, zero);
     const V p_minus_t = tm * p - t * pm;  // exact near t = 1, where p - 1 would cancel
-    terms.grad_inputs = alpha_t * q_gamma * (p_minus_t + gamma * (tm - t) * ce * ratio);
+    terms.grad_inputs =
+        weight_valid * alpha_t * q_gamma * (p_minus_t + gamma * (tm - t) * ce * ratio);
   }
   if constexpr (kGradTargets) {
     // CE / q is bounded as q -> 0 (CE vanishes with q there); the same q^gamma argument applies.
     const V ce_over_q = Math::select(q_positive, ce / q, zero);
     terms.grad_targets =
-        q_gamma * (V(coeffs.alpha_slope) * ce + alpha_t * (gamma * (pm - p) * ce_over_q - x));
+        weight_valid * V(coeffs.target_scale) * q_gamma *
+        (V(coeffs.alpha_slope) * ce + alpha_t * (gamma * (pm - p) * ce_over_q - x));
   }
   return terms;
 }

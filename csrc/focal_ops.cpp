@@ -17,9 +17,9 @@ constexpr const char* kRebuildWithCuda =
     "FORCE_CUDA=1 pip install --no-build-isolation --force-reinstall --no-deps .";
 
 void check_floating(const at::Tensor& tensor, const char* name) {
-  TORCH_CHECK(at::isFloatingType(tensor.scalar_type()), name,
-              " must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
-              tensor.scalar_type());
+  TORCH_CHECK_VALUE(at::isFloatingType(tensor.scalar_type()), name,
+                    " must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
+                    tensor.scalar_type());
 }
 
 void check_device(const at::Tensor& tensor) {
@@ -30,17 +30,79 @@ void check_device(const at::Tensor& tensor) {
 #endif
 }
 
+void check_same_device(const at::Tensor& tensor, const at::Tensor& inputs, const char* name) {
+  TORCH_CHECK_VALUE(tensor.device() == inputs.device(), name,
+                    " must be on the same device as inputs, got ", tensor.device(), " and ",
+                    inputs.device());
+}
+
 Reduction checked_reduction(int64_t reduction) {
-  TORCH_CHECK(reduction >= 0 && reduction <= 2,
-              "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2,
+                    "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   return static_cast<Reduction>(reduction);
 }
 
-// CUDA kernels read a fixed set of dtype pairs directly; others are converted to the promoted
-// dtype first (rare: mixed precision other than 16-bit inputs with float32 targets).
+at::ScalarType math_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Every label must name a class (0..C-1), the background (C) or be ignore_index. Checked on CPU
+// only: on CUDA the kernel asserts, so that the host never waits for the device.
+void check_labels_on_cpu(const at::Tensor& labels, int64_t classes, int64_t ignore_index) {
+  if (!labels.is_cpu() || labels.numel() == 0) {
+    return;
+  }
+  const at::Tensor bad = ((labels < 0) | (labels > classes)) & (labels != ignore_index);
+  if (bad.any().item<bool>()) {
+    const int64_t value = labels.masked_select(bad)[0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "targets holds the class label ", value, "; valid labels are 0 to ",
+                      classes - 1, " (the ", classes, " classes of inputs' last dimension), ",
+                      classes, " (background) and ignore_index (", ignore_index, ")");
+  }
+}
+
+// The weight as the kernels read it: per class, per row or per element, in the math dtype,
+// contiguous. Only a weight that varies along both rows and classes without covering every
+// element (e.g. (A, C) for inputs (N, A, C)) is materialised at full size.
+std::pair<WeightKind, at::Tensor> weight_for_kernels(const at::Tensor& weight,
+                                                     const at::Tensor& inputs,
+                                                     at::ScalarType dtype) {
+  const auto shape = inputs.sizes();
+  bool broadcastable = weight.dim() <= inputs.dim();
+  for (int64_t d = 1; broadcastable && d <= weight.dim(); ++d) {
+    const int64_t size = weight.size(-d);
+    broadcastable = size == 1 || size == shape[shape.size() - d];
+  }
+  TORCH_CHECK_VALUE(broadcastable, "weight must be broadcastable to the shape of inputs ", shape,
+                    ", got ", weight.sizes());
+  const at::Tensor expanded = weight.to(dtype).expand(shape);
+  const int64_t rank = expanded.dim();
+  const int64_t classes = rank == 0 ? 1 : shape.back();
+  const bool varies_with_class = rank > 0 && classes > 1 && expanded.stride(-1) != 0;
+  bool varies_with_row = false;
+  for (int64_t d = 0; d + 1 < rank; ++d) {
+    varies_with_row = varies_with_row || (shape[d] > 1 && expanded.stride(d) != 0);
+  }
+  if (!varies_with_row) {
+    const at::Tensor per_class = expanded.as_strided(
+        {classes}, {varies_with_class ? expanded.stride(-1) : 0}, expanded.storage_offset());
+    return {WeightKind::Class, per_class.contiguous()};
+  }
+  if (!varies_with_class) {
+    const auto leading = rank - 1;
+    const at::Tensor per_row = expanded.as_strided(
+        shape.slice(0, leading), expanded.strides().slice(0, leading), expanded.storage_offset());
+    return {WeightKind::Row, per_row.contiguous()};
+  }
+  return {WeightKind::Element, expanded.contiguous()};
+}
+
+// CUDA kernels read a fixed set of dtype combinations directly; others are converted to the
+// promoted dtype first (rare: mixed precision other than 16-bit inputs with float32 targets).
 std::pair<at::Tensor, at::Tensor> readable_pair(const at::Tensor& first, const at::Tensor& second) {
 #ifdef FOCAL_WITH_CUDA
-  if (first.is_cuda() && !cuda::reads_dtype_pair(first.scalar_type(), second.scalar_type())) {
+  if (first.is_cuda() && at::isFloatingType(second.scalar_type()) &&
+      !cuda::reads_dtype_pair(first.scalar_type(), second.scalar_type())) {
     const auto promoted = at::result_type(first, second);
     return {first.to(promoted), second.to(promoted)};
   }
@@ -70,42 +132,86 @@ void run_backward(const BackwardArgs& args) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_forward(
-    const at::Tensor& inputs, const at::Tensor& targets, double alpha, double gamma,
-    int64_t reduction, bool compute_grad_inputs, bool compute_grad_targets) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_forward(
+    const at::Tensor& inputs, const at::Tensor& targets, const std::optional<at::Tensor>& weight,
+    double alpha, double gamma, int64_t reduction, int64_t ignore_index, double label_smoothing,
+    bool float32_loss, bool compute_grad_inputs, bool compute_grad_targets,
+    bool compute_unweighted_loss) {
   check_floating(inputs, "inputs");
-  check_floating(targets, "targets");
-  TORCH_CHECK(inputs.sizes() == targets.sizes(),
-              "targets must have the same shape as inputs, got ", inputs.sizes(), " and ",
-              targets.sizes());
-  TORCH_CHECK(inputs.device() == targets.device(),
-              "targets must be on the same device as inputs, got ", inputs.device(), " and ",
-              targets.device());
+  check_same_device(targets, inputs, "targets");
   check_device(inputs);
-  TORCH_CHECK(alpha == -1.0 || (alpha >= 0.0 && alpha <= 1.0),
-              "alpha must be in [0, 1], or -1 to disable the weighting, got ", alpha);
-  TORCH_CHECK(gamma >= 0.0 && gamma < std::numeric_limits<double>::infinity(),
-              "gamma must be a finite number >= 0, got ", gamma);
+  const bool labels = at::isIntegralType(targets.scalar_type(), /*includeBool=*/false);
+  if (labels) {
+    TORCH_CHECK_VALUE(inputs.dim() >= 1 && targets.sizes() == inputs.sizes().slice(0, inputs.dim() - 1),
+                      "integer targets (class labels) must have the shape of inputs without its "
+                      "last (class) dimension, got ", targets.sizes(), " for inputs ",
+                      inputs.sizes());
+    TORCH_CHECK_VALUE(!compute_grad_targets, "integer targets (class labels) have no gradient");
+  } else {
+    TORCH_CHECK_VALUE(at::isFloatingType(targets.scalar_type()),
+                      "targets must be a floating-point tensor, or an integer tensor of class "
+                      "labels, got ", targets.scalar_type());
+    TORCH_CHECK_VALUE(inputs.sizes() == targets.sizes(),
+                      "targets must have the same shape as inputs, got ", inputs.sizes(), " and ",
+                      targets.sizes());
+  }
+  TORCH_CHECK_VALUE(alpha == -1.0 || (alpha >= 0.0 && alpha <= 1.0),
+                    "alpha must be in [0, 1], or -1 to disable the weighting, got ", alpha);
+  TORCH_CHECK_VALUE(gamma >= 0.0 && gamma < std::numeric_limits<double>::infinity(),
+                    "gamma must be a finite number >= 0, got ", gamma);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
+                    "label_smoothing must be in [0, 1), got ", label_smoothing);
   const Reduction mode = checked_reduction(reduction);
 
-  const auto loss_dtype = at::result_type(inputs, targets);
-  const auto [x, t] = readable_pair(inputs.contiguous(), targets.contiguous());
   ForwardArgs args;
-  args.inputs = x;
-  args.targets = t;
+  args.labels = labels;
+  args.classes = inputs.dim() == 0 ? 1 : inputs.size(-1);
+  args.ignore_index = ignore_index;
   args.alpha = alpha;
   args.gamma = gamma;
+  args.label_smoothing = label_smoothing;
   args.reduction = mode;
-  args.loss = mode == Reduction::None ? at::empty(x.sizes(), x.options().dtype(loss_dtype))
-                                      : at::empty({}, x.options().dtype(loss_dtype));
+
+  at::ScalarType loss_dtype = labels ? inputs.scalar_type() : at::result_type(inputs, targets);
+  at::Tensor floating_targets = targets;
+  if (float32_loss && (loss_dtype == at::kHalf || loss_dtype == at::kBFloat16)) {
+    // Autocast's float32 result: float32 targets give it (only the targets are converted).
+    loss_dtype = at::kFloat;
+    floating_targets = labels ? targets : targets.to(at::kFloat);
+  }
+  if (labels) {
+    check_labels_on_cpu(targets, args.classes, ignore_index);
+    args.inputs = inputs.contiguous();
+    args.targets = targets.to(at::kLong).contiguous();
+  } else {
+    std::tie(args.inputs, args.targets) =
+        readable_pair(inputs.contiguous(), floating_targets.contiguous());
+  }
+  args.weight_kind = WeightKind::None;
+  if (weight.has_value() && weight->defined()) {
+    check_floating(*weight, "weight");
+    check_same_device(*weight, inputs, "weight");
+    std::tie(args.weight_kind, args.weight) =
+        weight_for_kernels(*weight, inputs, math_dtype(args.inputs.scalar_type()));
+  }
+
+  const auto& x = args.inputs;
+  const auto loss_options = x.options().dtype(loss_dtype);
+  args.loss = mode == Reduction::None ? at::empty(x.sizes(), loss_options)
+                                      : at::empty({}, loss_options);
   if (compute_grad_inputs) {
     args.grad_inputs = at::empty(x.sizes(), x.options());
   }
   if (compute_grad_targets) {
-    args.grad_targets = at::empty(t.sizes(), t.options());
+    args.grad_targets = at::empty(args.targets.sizes(), args.targets.options());
   }
+  if (compute_unweighted_loss) {
+    args.unweighted_loss = at::empty(x.sizes(), loss_options);
+  }
+  args.count = at::empty({}, x.options().dtype(at::kLong));
 
   if (x.numel() == 0) {
+    args.count.fill_(0);
     if (mode != Reduction::None) {
       // torch's mean of nothing is NaN, its sum 0.
       args.loss.fill_(mode == Reduction::Mean ? std::numeric_limits<double>::quiet_NaN() : 0.0);
@@ -114,28 +220,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_forward(
     run_forward(args);
   }
 
-  // A gradient computed in a converted dtype goes back to the dtype of what it differentiates.
-  auto finish_grad = [](const at::Tensor& grad, const at::Tensor& like) {
-    return grad.defined() ? grad.to(like.scalar_type()) : at::empty({0}, like.options());
+  // Outputs not requested are empty; a gradient computed in a converted dtype goes back to the
+  // dtype of what it differentiates.
+  auto finish = [](const at::Tensor& output, const at::Tensor& like) {
+    return output.defined() ? output.to(like.scalar_type()) : at::empty({0}, like.options());
   };
-  return {args.loss, finish_grad(args.grad_inputs, inputs),
-          finish_grad(args.grad_targets, targets)};
+  return {args.loss, finish(args.grad_inputs, inputs), finish(args.grad_targets, targets),
+          finish(args.unweighted_loss, args.loss), args.count};
 }
 
 at::Tensor sigmoid_focal_loss_backward(const at::Tensor& grad_output, const at::Tensor& saved_grad,
-                                       int64_t reduction) {
+                                       const at::Tensor& count, int64_t reduction) {
   check_floating(grad_output, "grad_output");
   check_floating(saved_grad, "saved_grad");
-  TORCH_CHECK(grad_output.device() == saved_grad.device(),
-              "grad_output must be on the same device as saved_grad, got ", grad_output.device(),
-              " and ", saved_grad.device());
+  TORCH_CHECK(grad_output.device() == saved_grad.device() && count.device() == saved_grad.device(),
+              "grad_output, saved_grad and count must be on one device, got ", grad_output.device(),
+              ", ", saved_grad.device(), " and ", count.device());
   check_device(saved_grad);
   TORCH_CHECK(saved_grad.is_contiguous(), "saved_grad must be contiguous (as the forward op returns it)");
+  TORCH_CHECK(count.numel() == 1 && count.scalar_type() == at::kLong,
+              "count must be the 0-d int64 tensor the forward op returns, got ", count.scalar_type(),
+              " of shape ", count.sizes());
   const Reduction mode = checked_reduction(reduction);
   const int64_t n = saved_grad.numel();
 
   BackwardArgs args;
-  args.scale = mode == Reduction::Mean ? 1.0 / static_cast<double>(n) : 1.0;
+  if (mode == Reduction::Mean) {
+    args.divisor = count.reshape({});
+  }
   if (mode == Reduction::None) {
     TORCH_CHECK(grad_output.sizes() == saved_grad.sizes(),
                 "grad_output must have the shape of the loss, got ", grad_output.sizes(),
@@ -154,16 +266,14 @@ at::Tensor sigmoid_focal_loss_backward(const at::Tensor& grad_output, const at::
   }
   if (args.grad_output_is_scalar) {
     // One value, taken in the math type of saved_grad (float64 or float32): read as it is.
-    const auto math_dtype = saved_grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     args.saved_grad = saved_grad;
-    args.grad_output =
-        grad_output.as_strided({}, {}, grad_output.storage_offset()).to(math_dtype);
+    args.grad_output = grad_output.as_strided({}, {}, grad_output.storage_offset())
+                           .to(math_dtype(saved_grad.scalar_type()));
   } else {
     std::tie(args.saved_grad, args.grad_output) =
         readable_pair(saved_grad, grad_output.contiguous());
   }
-  const at::Tensor& saved = args.saved_grad;
-  args.out = at::empty(saved.sizes(), saved.options());
+  args.out = at::empty(args.saved_grad.sizes(), args.saved_grad.options());
   if (n > 0) {
     run_backward(args);
   }

@@ -3,20 +3,30 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 namespace focal {
 
-// Sigmoid focal loss in one pass. Returns (loss, grad_inputs, grad_targets): loss has inputs'
-// shape for reduction None (0), else is 0-d (Mean 1, Sum 2), in the promoted dtype of inputs
-// and targets; the gradients are d(elementwise loss)/d(inputs, targets), unscaled, contiguous,
-// in the dtype of inputs and targets, or empty 1-d tensors when not requested.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_forward(
-    const at::Tensor& inputs, const at::Tensor& targets, double alpha, double gamma,
-    int64_t reduction, bool compute_grad_inputs, bool compute_grad_targets);
+// Sigmoid focal loss in one pass. targets: floating, of inputs' shape; or integer class labels
+// of shape inputs.shape[:-1] (label C = classes means background, ignore_index ignores the
+// row). weight: optional, broadcastable to inputs. Returns
+//   (loss, grad_inputs, grad_targets, unweighted_loss, count):
+// loss has inputs' shape for reduction None (0), else is 0-d (Mean 1, Sum 2); its dtype is the
+// promoted dtype of inputs and floating targets (inputs' dtype with labels), or float32 when
+// float32_loss. The gradients are d(elementwise loss)/d(inputs, targets), unscaled, contiguous,
+// in the dtype of what they differentiate; unweighted_loss (d loss/d weight, elementwise) has
+// the loss dtype. Outputs not requested are empty 1-d tensors. count is a 0-d int64 tensor on the
+// inputs' device: the elements not ignored, the mean's divisor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_forward(
+    const at::Tensor& inputs, const at::Tensor& targets, const std::optional<at::Tensor>& weight,
+    double alpha, double gamma, int64_t reduction, int64_t ignore_index, double label_smoothing,
+    bool float32_loss, bool compute_grad_inputs, bool compute_grad_targets,
+    bool compute_unweighted_loss);
 
-// saved_grad * grad_output (elementwise for reduction None, else one value), times 1/N for Mean.
+// saved_grad * grad_output (elementwise for reduction None, else one value), divided by count
+// for Mean (zero where count is 0).
 at::Tensor sigmoid_focal_loss_backward(const at::Tensor& grad_output, const at::Tensor& saved_grad,
-                                       int64_t reduction);
+                                       const at::Tensor& count, int64_t reduction);
 
 }  // namespace focal

@@ -13,9 +13,9 @@ except ImportError as error:  # pragma: no cover - depends on how the package wa
 
 from . import reference
 from ._version import __version__
-from .loss import sigmoid_focal_loss
+from .loss import SigmoidFocalLoss, sigmoid_focal_loss
 
-__all__ = ["__version__", "backends", "reference", "sigmoid_focal_loss"]
+__all__ = ["SigmoidFocalLoss", "__version__", "backends", "reference", "sigmoid_focal_loss"]
 
 
 def backends():

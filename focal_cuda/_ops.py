@@ -4,7 +4,7 @@ Registered this way, the fused kernels work in eager mode, under torch.compile(f
 and under torch.library.opcheck. Codes for `reduction`: 0 none, 1 mean, 2 sum.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -12,91 +12,130 @@ from . import _C, reference
 
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 _REDUCTION_NAMES = {code: name for name, code in REDUCTION_CODES.items()}
+_MEAN = REDUCTION_CODES["mean"]
 
 
 @torch.library.custom_op("focal_cuda::sigmoid_focal_loss_forward", mutates_args=())
 def sigmoid_focal_loss_forward(
     inputs: torch.Tensor,
     targets: torch.Tensor,
+    weight: Optional[torch.Tensor],
     alpha: float,
     gamma: float,
     reduction: int,
+    ignore_index: int,
+    label_smoothing: float,
+    float32_loss: bool,
     compute_grad_inputs: bool,
     compute_grad_targets: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, dloss/dinputs, dloss/dtargets) in one pass; gradients unscaled, or empty."""
+    compute_unweighted_loss: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dloss/dinputs, dloss/dtargets, loss before weight, count) in one pass.
+
+    Gradients are unscaled; outputs not requested are empty; count is the number of elements
+    not ignored (the mean's divisor), a 0-d int64 tensor on the inputs' device.
+    """
     return _C.sigmoid_focal_loss_forward(
-        inputs, targets, alpha, gamma, reduction, compute_grad_inputs, compute_grad_targets
+        inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
+        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss,
     )
 
 
+def loss_dtype(inputs, targets, float32_loss):
+    labels = not targets.is_floating_point()
+    dtype = inputs.dtype if labels else torch.result_type(inputs, targets)
+    if float32_loss and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
 @sigmoid_focal_loss_forward.register_fake
-def _(inputs, targets, alpha, gamma, reduction, compute_grad_inputs, compute_grad_targets):
-    loss_dtype = torch.result_type(inputs, targets)
-    loss = inputs.new_empty(inputs.shape if reduction == 0 else (), dtype=loss_dtype)
+def _(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
+      float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss):
+    dtype = loss_dtype(inputs, targets, float32_loss)
+    loss = inputs.new_empty(inputs.shape if reduction == 0 else (), dtype=dtype)
     grad_inputs = inputs.new_empty(inputs.shape if compute_grad_inputs else (0,))
     grad_targets = targets.new_empty(targets.shape if compute_grad_targets else (0,))
-    return loss, grad_inputs, grad_targets
+    unweighted = inputs.new_empty(inputs.shape if compute_unweighted_loss else (0,), dtype=dtype)
+    count = inputs.new_empty((), dtype=torch.int64)
+    return loss, grad_inputs, grad_targets, unweighted, count
 
 
 @torch.library.custom_op("focal_cuda::sigmoid_focal_loss_backward", mutates_args=())
 def sigmoid_focal_loss_backward(
-    grad_output: torch.Tensor, saved_grad: torch.Tensor, reduction: int
+    grad_output: torch.Tensor, saved_grad: torch.Tensor, count: torch.Tensor, reduction: int
 ) -> torch.Tensor:
-    """saved_grad * grad_output (times 1/N for mean), without recomputing the loss."""
-    return _C.sigmoid_focal_loss_backward(grad_output, saved_grad, reduction)
+    """saved_grad * grad_output (divided by count for mean), without recomputing the loss."""
+    return _C.sigmoid_focal_loss_backward(grad_output, saved_grad, count, reduction)
 
 
 @sigmoid_focal_loss_backward.register_fake
-def _(grad_output, saved_grad, reduction):
+def _(grad_output, saved_grad, count, reduction):
     return saved_grad.new_empty(saved_grad.shape)
 
 
+def _mean_scale(grad_output, count, reduction):
+    """grad_output, divided by count for the mean (0 where nothing counted)."""
+    if reduction != _MEAN:
+        return grad_output
+    return torch.where(count > 0, grad_output / count.clamp_min(1), torch.zeros_like(grad_output))
+
+
 def _forward_setup_context(ctx, inputs, output):
-    x, t, alpha, gamma, reduction, _, _ = inputs
-    _, grad_inputs, grad_targets = output
-    # The gradients are outputs only to carry them to backward; they are not differentiable,
-    # and autograd must not materialise full-size zero gradients for them.
-    ctx.mark_non_differentiable(grad_inputs, grad_targets)
+    x, t, weight, alpha, gamma, reduction, ignore_index, label_smoothing = inputs[:8]
+    _, grad_inputs, grad_targets, unweighted, count = output
+    # Every output but the loss only carries what backward needs; none is differentiable, and
+    # autograd must not materialise full-size zero gradients for them.
+    ctx.mark_non_differentiable(grad_inputs, grad_targets, unweighted, count)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, t, grad_inputs, grad_targets)
-    ctx.alpha, ctx.gamma, ctx.reduction = alpha, gamma, reduction
+    ctx.save_for_backward(x, t, weight, grad_inputs, grad_targets, unweighted, count)
+    ctx.options = dict(alpha=alpha, gamma=gamma, reduction=reduction, ignore_index=ignore_index,
+                       label_smoothing=label_smoothing)
 
 
 def _saved_or_error(saved, like, name):
     if saved.shape != like.shape:
         raise RuntimeError(
-            f"focal_cuda: backward needs d(loss)/d({name}), but the forward op was called with "
-            f"compute_grad_{name}=False; call focal_cuda.sigmoid_focal_loss instead of the op"
+            f"focal_cuda: backward needs d(loss)/d({name}), but the forward op was called without "
+            f"computing it; call focal_cuda.sigmoid_focal_loss instead of the op"
         )
     return saved
 
 
-def _forward_backward(ctx, grad_loss, _grad_of_grad_inputs, _grad_of_grad_targets):
-    x, t, saved_grad_inputs, saved_grad_targets = ctx.saved_tensors
-    needs_x, needs_t = ctx.needs_input_grad[:2]
+def _forward_backward(ctx, grad_loss, *_grads_of_saved_outputs):
+    x, t, weight, saved_grad_inputs, saved_grad_targets, unweighted, count = ctx.saved_tensors
+    needs_x, needs_t, needs_weight = ctx.needs_input_grad[:3]
+    no_grads = (None,) * 12
     if grad_loss is None:
-        return (None,) * 7
+        return no_grads
+    reduction = ctx.options["reduction"]
     if torch.is_grad_enabled():
         # create_graph=True: higher derivatives through the differentiable reference formula.
-        return _differentiable_grads(ctx, x, t, grad_loss, needs_x, needs_t) + (None,) * 5
-    grad_inputs = grad_targets = None
+        grads = _differentiable_grads(ctx, x, t, weight, grad_loss, (needs_x, needs_t, needs_weight))
+        return grads + no_grads[3:]
+    grad_inputs = grad_targets = grad_weight = None
     if needs_x:
         saved = _saved_or_error(saved_grad_inputs, x, "inputs")
-        grad_inputs = sigmoid_focal_loss_backward(grad_loss, saved, ctx.reduction)
+        grad_inputs = sigmoid_focal_loss_backward(grad_loss, saved, count, reduction)
     if needs_t:
         saved = _saved_or_error(saved_grad_targets, t, "targets")
-        grad_targets = sigmoid_focal_loss_backward(grad_loss, saved, ctx.reduction)
-    return grad_inputs, grad_targets, None, None, None, None, None
+        grad_targets = sigmoid_focal_loss_backward(grad_loss, saved, count, reduction)
+    if needs_weight:
+        unweighted = _saved_or_error(unweighted, x, "weight")
+        math_dtype = torch.float64 if unweighted.dtype == torch.float64 else torch.float32
+        scale = _mean_scale(grad_loss.to(math_dtype), count, reduction)
+        grad_weight = (unweighted.to(math_dtype) * scale).sum_to_size(weight.shape).to(weight.dtype)
+    return (grad_inputs, grad_targets, grad_weight) + no_grads[3:]
 
 
-def _differentiable_grads(ctx, x, t, grad_loss, needs_x, needs_t):
-    wrt = [tensor for tensor, needed in ((x, needs_x), (t, needs_t)) if needed]
-    loss = reference.sigmoid_focal_loss(
-        x, t, ctx.alpha, ctx.gamma, _REDUCTION_NAMES[ctx.reduction]
-    )
+def _differentiable_grads(ctx, x, t, weight, grad_loss, needed):
+    options = dict(ctx.options)
+    options["reduction"] = _REDUCTION_NAMES[options["reduction"]]
+    candidates = (x, t, weight)
+    wrt = [tensor for tensor, need in zip(candidates, needed) if need]
+    loss = reference.sigmoid_focal_loss(x, t, weight=weight, **options)
     grads = iter(torch.autograd.grad(loss, wrt, grad_loss, create_graph=True))
-    return (next(grads) if needs_x else None, next(grads) if needs_t else None)
+    return tuple(next(grads) if need else None for need in needed)
 
 
 sigmoid_focal_loss_forward.register_autograd(
@@ -105,24 +144,24 @@ sigmoid_focal_loss_forward.register_autograd(
 
 
 def _backward_setup_context(ctx, inputs, output):
-    grad_output, saved_grad, reduction = inputs
-    ctx.save_for_backward(grad_output, saved_grad)
+    grad_output, saved_grad, count, reduction = inputs
+    ctx.save_for_backward(grad_output, saved_grad, count)
     ctx.reduction = reduction
 
 
 def _backward_backward(ctx, grad_of_out):
-    # out = saved_grad * grad_output * scale, with grad_output broadcast when it is one value.
-    grad_output, saved_grad = ctx.saved_tensors
-    scale = 1.0 / saved_grad.numel() if ctx.reduction == 1 else 1.0
+    # out = saved_grad * grad_output [/ count], grad_output broadcast when it is one value.
+    grad_output, saved_grad, count = ctx.saved_tensors
     grad_of_grad_output = grad_of_saved = None
     if ctx.needs_input_grad[0]:
-        product = grad_of_out * saved_grad * scale
-        if ctx.reduction != 0:
-            product = product.sum().reshape(grad_output.shape)
-        grad_of_grad_output = product.to(grad_output.dtype)
+        product = _mean_scale(grad_of_out * saved_grad, count, ctx.reduction)
+        if grad_output.numel() == 1 and saved_grad.numel() != 1:
+            product = product.sum()
+        grad_of_grad_output = product.reshape(grad_output.shape).to(grad_output.dtype)
     if ctx.needs_input_grad[1]:
-        grad_of_saved = (grad_of_out * grad_output * scale).to(saved_grad.dtype)
-    return grad_of_grad_output, grad_of_saved, None
+        grad_of_saved = _mean_scale(grad_of_out * grad_output, count, ctx.reduction)
+        grad_of_saved = grad_of_saved.to(saved_grad.dtype)
+    return grad_of_grad_output, grad_of_saved, None, None
 
 
 sigmoid_focal_loss_backward.register_autograd(

@@ -1,4 +1,4 @@
-"""The public sigmoid focal loss: argument checks, then the fused op."""
+"""The public sigmoid focal loss and its nn.Module: argument checks, then the fused op."""
 
 import math
 import numbers
@@ -11,88 +11,185 @@ from . import _ops
 def _check_tensor(value, name):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
+
+
+def _check_inputs(inputs):
+    _check_tensor(inputs, "inputs")
+    if not inputs.is_floating_point():
         raise ValueError(
-            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
-            f"got {value.dtype}"
+            "inputs must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got {inputs.dtype}"
         )
 
 
-def _checked_alpha(alpha):
+def _check_targets(targets, inputs):
+    _check_tensor(targets, "targets")
+    if targets.is_floating_point():
+        if targets.shape != inputs.shape:
+            raise ValueError(
+                f"targets must have the same shape as inputs, got {list(inputs.shape)} and "
+                f"{list(targets.shape)}"
+            )
+    elif targets.dtype == torch.bool or targets.is_complex():
+        raise ValueError(
+            "targets must be a floating-point tensor, or an integer tensor of class labels, "
+            f"got {targets.dtype}"
+        )
+    elif inputs.dim() == 0 or targets.shape != inputs.shape[:-1]:
+        raise ValueError(
+            "integer targets (class labels) must have the shape of inputs without its last "
+            f"(class) dimension, got {list(targets.shape)} for inputs {list(inputs.shape)}"
+        )
+    if targets.device != inputs.device:
+        raise ValueError(
+            f"targets must be on the same device as inputs, got {inputs.device} and {targets.device}"
+        )
+
+
+def _check_weight(weight, inputs):
+    if weight is None:
+        return
+    _check_tensor(weight, "weight")
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    try:
+        broadcast = torch.broadcast_shapes(weight.shape, inputs.shape) == inputs.shape
+    except RuntimeError:
+        broadcast = False
+    if not broadcast:
+        raise ValueError(
+            f"weight must be broadcastable to the shape of inputs {list(inputs.shape)}, "
+            f"got {list(weight.shape)}"
+        )
+    if weight.device != inputs.device:
+        raise ValueError(
+            f"weight must be on the same device as inputs, got {inputs.device} and {weight.device}"
+        )
+
+
+def _real_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def checked_alpha(alpha):
     if alpha is None:
         return -1.0
-    if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
-        if alpha == -1 or 0 <= alpha <= 1:
-            return float(alpha)
+    if _real_number(alpha) and (alpha == -1 or 0 <= alpha <= 1):
+        return float(alpha)
     raise ValueError(f"alpha must be in [0, 1], or -1 or None to disable the weighting, got {alpha!r}")
 
 
-def _checked_gamma(gamma):
-    if isinstance(gamma, numbers.Real) and not isinstance(gamma, bool):
-        if 0 <= gamma < math.inf:
-            return float(gamma)
+def checked_gamma(gamma):
+    if _real_number(gamma) and 0 <= gamma < math.inf:
+        return float(gamma)
     raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
 
 
-def _checked_reduction(reduction):
+def checked_reduction(reduction):
     if isinstance(reduction, str) and reduction in _ops.REDUCTION_CODES:
         return _ops.REDUCTION_CODES[reduction]
     raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
 
 
-def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
+def checked_ignore_index(ignore_index):
+    if isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool):
+        return int(ignore_index)
+    raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
+
+
+def checked_label_smoothing(label_smoothing):
+    if _real_number(label_smoothing) and 0 <= label_smoothing < 1:
+        return float(label_smoothing)
+    raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+
+
+def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none", *, weight=None,
+                       ignore_index=-100, label_smoothing=0.0):
     """Sigmoid focal loss (Lin et al., RetinaNet), fused with its gradient in one kernel pass.
 
     A drop-in for ``torchvision.ops.sigmoid_focal_loss``, equivalent to
     ``focal_cuda.reference.sigmoid_focal_loss``::
 
-        p = sigmoid(inputs)
-        ce = binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-        q = targets * sigmoid(-inputs) + (1 - targets) * p          # 1 - p_t
-        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)     # 1 if alpha is -1/None
-        loss = alpha_t * q ** gamma * ce, then reduced
+        t = targets * (1 - label_smoothing) + label_smoothing / 2
+        ce = binary_cross_entropy_with_logits(inputs, t, reduction="none")
+        q = t * sigmoid(-inputs) + (1 - t) * sigmoid(inputs)        # 1 - p_t
+        alpha_t = alpha * t + (1 - alpha) * (1 - t)                 # 1 if alpha is -1/None
+        loss = weight * alpha_t * q ** gamma * ce, then reduced
 
     Args:
         inputs: logits, a float16/bfloat16/float32/float64 tensor of any shape and strides.
-        targets: same shape as ``inputs``, floating, in [0, 1] (soft targets allowed).
+        targets: either floating, of the shape of ``inputs``, in [0, 1] (soft targets allowed);
+            or integer class labels of shape ``inputs.shape[:-1]`` over the C classes of the
+            last dimension: label c makes class c positive and the others negative, label C is
+            background (all negative), ``ignore_index`` drops the row. No one-hot is built.
         alpha: weight of the positive class in [0, 1]; -1 or None switches the weighting off.
         gamma: focusing exponent >= 0, fractional values included.
-        reduction: ``"none"`` (loss per element), ``"mean"`` (over all elements) or ``"sum"``.
+        reduction: ``"none"`` (loss per element), ``"mean"`` (over the elements not ignored) or
+            ``"sum"``.
+        weight: optional floating tensor broadcastable to ``inputs`` (per class ``(C,)``, per
+            row ``(N, 1)``, per element), multiplying the elementwise loss. Differentiable.
+        ignore_index: with integer targets, the label of rows that contribute no loss and no
+            gradient and are left out of the mean.
+        label_smoothing: in [0, 1); targets become ``t * (1 - eps) + eps / 2``.
 
     Returns:
-        The loss, in the dtype PyTorch promotion gives ``inputs`` and ``targets`` (float32 for
-        16-bit operands under ``torch.autocast``, as torchvision's is there); the shape of
-        ``inputs`` for ``"none"``, else 0-d. Differentiable with respect to ``inputs`` and
-        ``targets``; the gradient is computed in the forward pass only when one of them
-        requires grad, and is finite for every gamma >= 0 and every finite logit.
+        The loss: the shape of ``inputs`` for ``"none"``, else 0-d. Its dtype is the one PyTorch
+        promotion gives ``inputs`` and floating ``targets`` (the dtype of ``inputs`` with
+        labels), float32 for 16-bit operands under ``torch.autocast`` as torchvision's is there.
+        Differentiable with respect to ``inputs``, floating ``targets`` and ``weight``; the
+        gradients are computed in the forward pass only when needed, and are finite for every
+        gamma >= 0 and every finite logit.
+
+    Raises:
+        ValueError: an argument outside what is accepted above; on CPU also a label that is not
+            a class, the background or ``ignore_index`` (on CUDA a device-side assertion).
     """
-    _check_tensor(inputs, "inputs")
-    _check_tensor(targets, "targets")
-    if inputs.shape != targets.shape:
-        raise ValueError(
-            f"targets must have the same shape as inputs, got {list(inputs.shape)} and "
-            f"{list(targets.shape)}"
-        )
-    if inputs.device != targets.device:
-        raise ValueError(
-            f"targets must be on the same device as inputs, got {inputs.device} and {targets.device}"
-        )
-    if torch.is_autocast_enabled(inputs.device.type) and torch.result_type(inputs, targets) in (
-        torch.float16,
-        torch.bfloat16,
-    ):
-        # Autocast computes BCE-with-logits in float32, so torchvision's loss comes out float32
-        # there. Same result dtype here, from float32 targets (a copy of the targets only: the
-        # kernels read the 16-bit logits directly, and always compute in float32).
-        targets = targets.float()
+    _check_inputs(inputs)
+    _check_targets(targets, inputs)
+    _check_weight(weight, inputs)
     grad_enabled = torch.is_grad_enabled()
-    loss, _, _ = _ops.sigmoid_focal_loss_forward(
+    loss, _, _, _, _ = _ops.sigmoid_focal_loss_forward(
         inputs,
         targets,
-        _checked_alpha(alpha),
-        _checked_gamma(gamma),
-        _checked_reduction(reduction),
+        weight,
+        checked_alpha(alpha),
+        checked_gamma(gamma),
+        checked_reduction(reduction),
+        checked_ignore_index(ignore_index),
+        checked_label_smoothing(label_smoothing),
+        torch.is_autocast_enabled(inputs.device.type),
         grad_enabled and inputs.requires_grad,
         grad_enabled and targets.requires_grad,
+        grad_enabled and weight is not None and weight.requires_grad,
     )
     return loss
+
+
+class SigmoidFocalLoss(torch.nn.Module):
+    """``sigmoid_focal_loss`` as a module: ``SigmoidFocalLoss(...)(inputs, targets, weight=None)``."""
+
+    def __init__(self, alpha=0.25, gamma=2.0, reduction="none", ignore_index=-100,
+                 label_smoothing=0.0):
+        super().__init__()
+        checked_alpha(alpha)
+        checked_gamma(gamma)
+        checked_reduction(reduction)
+        checked_ignore_index(ignore_index)
+        checked_label_smoothing(label_smoothing)
+        self.alpha = alpha
+        self.gamma = gamma
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+
+    def forward(self, inputs, targets, weight=None):
+        return sigmoid_focal_loss(
+            inputs, targets, self.alpha, self.gamma, self.reduction, weight=weight,
+            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+        )
+
+    def extra_repr(self):
+        return (
+            f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}, "
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
+        )

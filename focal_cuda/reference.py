@@ -1,10 +1,10 @@
 """Pure-PyTorch sigmoid focal loss with the semantics of focal_cuda.sigmoid_focal_loss.
 
 The tests' oracle and the documentation of what the kernels compute. It is composed of ordinary
-PyTorch ops (so autograd differentiates it, twice if asked) and computes in float32, or float64
-for float64 tensors, like the kernels. Its autograd gradient inherits the weak spot of the
-composite form: NaN where q == 0 exactly and 0 < gamma < 1; the kernels' analytic gradient is
-finite there.
+PyTorch ops (so autograd differentiates it, twice if asked), builds the one-hot targets that the
+kernels never materialise, and computes in float32, or float64 for float64 tensors, like the
+kernels. Its autograd gradient inherits the weak spot of the composite form: NaN where q == 0
+exactly and 0 < gamma < 1; the kernels' analytic gradient is finite there.
 """
 
 import torch
@@ -13,19 +13,41 @@ import torch.nn.functional as F
 REDUCTIONS = ("none", "mean", "sum")
 
 
-def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
-    """Focal loss of Lin et al.: alpha_t * (1 - p_t)^gamma * BCE(sigmoid(inputs), targets)."""
-    out_dtype = torch.result_type(inputs, targets)
+def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none", *, weight=None,
+                       ignore_index=-100, label_smoothing=0.0):
+    """Focal loss of Lin et al.: weight * alpha_t * (1 - p_t)^gamma * BCE(sigmoid(inputs), t).
+
+    Integer targets are class labels over the last dimension of inputs (C classes): label c
+    makes class c positive, label C is background (all negative), ignore_index drops the row
+    (no loss, and not counted in the mean).
+    """
+    labels = not targets.is_floating_point()
+    out_dtype = inputs.dtype if labels else torch.result_type(inputs, targets)
     math_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
     x = inputs.to(math_dtype)
-    t = targets.to(math_dtype)
+    valid = None
+    if labels:
+        classes = inputs.shape[-1]
+        valid = targets != ignore_index
+        background = torch.full_like(targets, classes)
+        one_hot = F.one_hot(torch.where(valid, targets, background).long(), classes + 1)
+        t = one_hot[..., :classes].to(math_dtype)
+        valid = valid.unsqueeze(-1).to(math_dtype)
+    else:
+        t = targets.to(math_dtype)
+    t = t * (1 - label_smoothing) + label_smoothing / 2
     ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
     q = t * torch.sigmoid(-x) + (1 - t) * torch.sigmoid(x)  # 1 - p_t, without cancellation
     loss = q.pow(gamma) * ce
     if alpha is not None and alpha >= 0:
         loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+    if valid is not None:
+        loss = loss * valid
+    if weight is not None:
+        loss = loss * weight.to(math_dtype)
     if reduction == "mean":
-        loss = loss.mean()
+        count = loss.numel() if valid is None else valid.sum() * inputs.shape[-1]
+        loss = loss.sum() / count
     elif reduction == "sum":
         loss = loss.sum()
     elif reduction != "none":

@@ -20,7 +20,23 @@ X = torch.zeros(4, 4)
         (dict(inputs=torch.zeros(4, 4, dtype=torch.long)), ValueError,
          "inputs must be a floating-point tensor (float16, bfloat16, float32 or float64), got torch.int64"),
         (dict(targets=torch.zeros(4, 4, dtype=torch.bool)), ValueError,
-         "targets must be a floating-point tensor (float16, bfloat16, float32 or float64), got torch.bool"),
+         "targets must be a floating-point tensor, or an integer tensor of class labels, got torch.bool"),
+        (dict(targets=torch.zeros(4, 4, dtype=torch.long)), ValueError,
+         "integer targets (class labels) must have the shape of inputs without its last (class) "
+         "dimension, got [4, 4] for inputs [4, 4]"),
+        (dict(inputs=torch.zeros(()), targets=torch.zeros((), dtype=torch.long)), ValueError,
+         "integer targets (class labels) must have the shape of inputs without its last (class) "
+         "dimension, got [] for inputs []"),
+        (dict(weight=torch.ones(3)), ValueError,
+         "weight must be broadcastable to the shape of inputs [4, 4], got [3]"),
+        (dict(weight=torch.ones(2, 4, 4)), ValueError,
+         "weight must be broadcastable to the shape of inputs [4, 4], got [2, 4, 4]"),
+        (dict(weight=torch.ones(4, dtype=torch.long)), ValueError,
+         "weight must be a floating-point tensor, got torch.int64"),
+        (dict(weight=[1.0]), TypeError, "weight must be a torch.Tensor, got list"),
+        (dict(label_smoothing=1.0), ValueError, "label_smoothing must be in [0, 1), got 1.0"),
+        (dict(label_smoothing=-0.1), ValueError, "label_smoothing must be in [0, 1), got -0.1"),
+        (dict(ignore_index=1.5), ValueError, "ignore_index must be an integer, got 1.5"),
         (dict(inputs=[[0.0]]), TypeError, "inputs must be a torch.Tensor, got list"),
         (dict(targets=0.5), TypeError, "targets must be a torch.Tensor, got float"),
         (dict(alpha=1.5), ValueError, "alpha must be in [0, 1], or -1 or None to disable the weighting, got 1.5"),
@@ -46,38 +62,60 @@ def test_device_mismatch():
         focal_cuda.sigmoid_focal_loss(X, meta)
 
 
+def forward_op(inputs, targets, alpha=0.25, gamma=2.0, reduction=0, weight=None, label_smoothing=0.0):
+    return focal_cuda._C.sigmoid_focal_loss_forward(
+        inputs, targets, weight, alpha, gamma, reduction, -100, label_smoothing, False, False,
+        False, False,
+    )
+
+
 def test_unsupported_device():
     meta = torch.zeros(4, 4, device="meta")
     with pytest.raises(RuntimeError, match="focal_cuda runs on CPU and CUDA tensors, got meta"):
-        focal_cuda._C.sigmoid_focal_loss_forward(meta, meta, 0.25, 2.0, 0, False, False)
+        forward_op(meta, meta)
 
 
 @pytest.mark.parametrize(
     "call,message",
     [
-        (lambda: focal_cuda._C.sigmoid_focal_loss_forward(X, X, 2.0, 2.0, 0, False, False),
-         "alpha must be in [0, 1], or -1 to disable the weighting, got 2"),
-        (lambda: focal_cuda._C.sigmoid_focal_loss_forward(X, X, 0.25, -2.0, 0, False, False),
-         "gamma must be a finite number >= 0, got -2"),
-        (lambda: focal_cuda._C.sigmoid_focal_loss_forward(X, X, 0.25, 2.0, 3, False, False),
-         "reduction must be 0 (none), 1 (mean) or 2 (sum), got 3"),
-        (lambda: focal_cuda._C.sigmoid_focal_loss_forward(X, torch.zeros(2), 0.25, 2.0, 0, False, False),
-         "targets must have the same shape as inputs, got [4, 4] and [2]"),
-        (lambda: focal_cuda._C.sigmoid_focal_loss_backward(torch.zeros(3), X, 0),
-         "grad_output must have the shape of the loss, got [3] and [4, 4]"),
-        (lambda: focal_cuda._C.sigmoid_focal_loss_backward(torch.zeros(3), X, 2),
-         "grad_output of a reduced loss must have one element, got shape [3]"),
+        (lambda: forward_op(X, X, alpha=2.0), "alpha must be in [0, 1], or -1 to disable the weighting, got 2"),
+        (lambda: forward_op(X, X, gamma=-2.0), "gamma must be a finite number >= 0, got -2"),
+        (lambda: forward_op(X, X, reduction=3), "reduction must be 0 (none), 1 (mean) or 2 (sum), got 3"),
+        (lambda: forward_op(X, torch.zeros(2)), "targets must have the same shape as inputs, got [4, 4] and [2]"),
+        (lambda: forward_op(X, X, weight=torch.ones(3)),
+         "weight must be broadcastable to the shape of inputs [4, 4], got [3]"),
+        (lambda: forward_op(X, X, label_smoothing=1.0), "label_smoothing must be in [0, 1), got 1"),
+        (lambda: forward_op(X, torch.zeros(4, 4, dtype=torch.long)),
+         "integer targets (class labels) must have the shape of inputs without its last (class) dimension"),
     ],
 )
-def test_op_level_checks(call, message):
+def test_op_level_checks_raise_value_error(call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: focal_cuda._C.sigmoid_focal_loss_backward(torch.zeros(3), X, torch.tensor(16), 0),
+         "grad_output must have the shape of the loss, got [3] and [4, 4]"),
+        (lambda: focal_cuda._C.sigmoid_focal_loss_backward(torch.zeros(3), X, torch.tensor(16), 2),
+         "grad_output of a reduced loss must have one element, got shape [3]"),
+        (lambda: focal_cuda._C.sigmoid_focal_loss_backward(torch.zeros(()), X, torch.tensor(1.0), 2),
+         "count must be the 0-d int64 tensor the forward op returns, got Float"),
+    ],
+)
+def test_backward_op_checks(call, message):
     with pytest.raises(RuntimeError, match=re.escape(message)):
         call()
 
 
 def test_backward_without_saved_gradient_explains():
     x = torch.zeros(3, requires_grad=True)
-    loss, _, _ = torch.ops.focal_cuda.sigmoid_focal_loss_forward(x, torch.zeros(3), 0.25, 2.0, 2, False, False)
-    with pytest.raises(RuntimeError, match="compute_grad_inputs=False"):
+    loss = torch.ops.focal_cuda.sigmoid_focal_loss_forward(
+        x, torch.zeros(3), None, 0.25, 2.0, 2, -100, 0.0, False, False, False, False
+    )[0]
+    with pytest.raises(RuntimeError, match="forward op was called without computing it"):
         loss.backward()
 
 

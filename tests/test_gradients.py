@@ -62,7 +62,7 @@ def recorded_gradient_flags(inputs, targets):
         focal_cuda.sigmoid_focal_loss(inputs, targets, reduction="sum")
     (name, args), = recorder.calls
     assert name.startswith("sigmoid_focal_loss_forward")
-    return args[5], args[6]
+    return args[9], args[10]
 
 
 @pytest.mark.parametrize("device", DEVICES)

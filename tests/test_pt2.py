@@ -18,7 +18,8 @@ def test_opcheck_forward(device, dtype, reduction, requires_grad):
     inputs, targets = random_case((6, 5), dtype, device)
     inputs.requires_grad_(requires_grad)
     targets.requires_grad_(requires_grad)
-    args = (inputs, targets, 0.25, 2.0, reduction, requires_grad, requires_grad)
+    args = (inputs, targets, None, 0.25, 2.0, reduction, -100, 0.0, False, requires_grad,
+            requires_grad, False)
     torch.library.opcheck(forward_op, args)
 
 
@@ -30,7 +31,9 @@ def test_opcheck_backward(device, dtype, reduction, requires_grad):
     saved, _ = random_case((6, 5), dtype, device)
     grad_output = torch.rand((6, 5) if reduction == 0 else (), dtype=torch.float64)
     grad_output = grad_output.to(device=device, dtype=dtype).requires_grad_(requires_grad)
-    torch.library.opcheck(backward_op, (grad_output, saved.requires_grad_(requires_grad), reduction))
+    count = torch.tensor(saved.numel(), device=device)
+    args = (grad_output, saved.requires_grad_(requires_grad), count, reduction)
+    torch.library.opcheck(backward_op, args)
 
 
 def training_step(inputs, targets, reduction, alpha, gamma):
@@ -72,3 +75,44 @@ def test_compile_with_inductor(device):
     result.backward()
     torch.testing.assert_close(result, eager)
     torch.testing.assert_close(compiled_x.grad, eager_x.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_forward_with_labels_and_weight(device, dtype, requires_grad):
+    inputs, _ = random_case((6, 5), dtype, device)
+    labels = torch.tensor([0, 5, 2, -100, 4, 1], device=device)
+    weight = torch.rand(5, device=device, dtype=dtype).requires_grad_(requires_grad)
+    inputs.requires_grad_(requires_grad)
+    for reduction in (0, 1, 2):
+        args = (inputs, labels, weight, 0.25, 2.0, reduction, -100, 0.1, False, requires_grad,
+                False, requires_grad)
+        torch.library.opcheck(forward_op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_compile_fullgraph_with_labels_and_weight(device, reduction):
+    torch._dynamo.reset()
+
+    def step(inputs, labels, weight):
+        loss = focal_cuda.sigmoid_focal_loss(inputs, labels, 0.25, 2.0, reduction, weight=weight,
+                                             label_smoothing=0.05)
+        return loss.sum() if reduction == "none" else loss
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
+    for rows in (16, 24):
+        inputs, _ = random_case((rows, 80), torch.float32, device, seed=rows)
+        labels = torch.randint(0, 81, (rows,), device=device)
+        labels[0] = -100
+        weight = torch.rand(80, device=device)
+        weights = [weight.clone().requires_grad_() for _ in range(2)]
+        xs = [inputs.clone().requires_grad_() for _ in range(2)]
+        eager = step(xs[0], labels, weights[0])
+        result = compiled(xs[1], labels, weights[1])
+        eager.backward()
+        result.backward()
+        torch.testing.assert_close(result, eager, rtol=0, atol=0)
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=0, atol=0)
+        torch.testing.assert_close(weights[1].grad, weights[0].grad)

@@ -77,20 +77,75 @@ void store_block(const at::Tensor& dst, int64_t offset, int64_t n, const S* comp
   });
 }
 
-// Computes n elements; writes the loss where loss is non-null and the requested gradients;
-// returns the sum of the loss over the block, added in a fixed order.
+// Row and class of the element at a flat offset, advanced one element at a time.
+struct RowClass {
+  int64_t row;
+  int64_t cls;
+  int64_t classes;
+
+  RowClass(int64_t offset, int64_t classes_)
+      : row(offset / classes_), cls(offset % classes_), classes(classes_) {}
+
+  void next() {
+    if (++cls == classes) {
+      cls = 0;
+      ++row;
+    }
+  }
+};
+
+// Targets of n elements from offset on, from class labels: 1 for the labelled class, else 0;
+// valid is 0 in ignored rows, else 1. Returns how many elements are not ignored.
+template <typename S>
+int64_t label_targets(const ForwardArgs& args, int64_t offset, int64_t n, S* targets, S* valid) {
+  const int64_t* labels = args.targets.const_data_ptr<int64_t>();
+  RowClass position(offset, args.classes);
+  int64_t counted = 0;
+  for (int64_t i = 0; i < n; ++i, position.next()) {
+    const int64_t label = labels[position.row];
+    const bool ignored = label == args.ignore_index;
+    targets[i] = label == position.cls ? S(1) : S(0);
+    valid[i] = ignored ? S(0) : S(1);
+    counted += ignored ? 0 : 1;
+  }
+  return counted;
+}
+
+// Weights of n elements from offset on (there is a weight tensor).
+template <typename S>
+void element_weights(const ForwardArgs& args, int64_t offset, int64_t n, S* weights) {
+  const S* weight = args.weight.const_data_ptr<S>();
+  if (args.weight_kind == WeightKind::Element) {
+    std::copy(weight + offset, weight + offset + n, weights);
+    return;
+  }
+  RowClass position(offset, args.classes);
+  const bool per_row = args.weight_kind == WeightKind::Row;
+  for (int64_t i = 0; i < n; ++i, position.next()) {
+    weights[i] = weight[per_row ? position.row : position.cls];
+  }
+}
+
+// Computes n elements; writes the loss where loss is non-null, the unweighted loss where
+// unweighted is non-null and the requested gradients; returns the sum of the loss over the
+// block, added in a fixed order.
 template <typename S, GammaMode kGamma, bool kGradInputs, bool kGradTargets>
-double compute_block(const S* x, const S* t, int64_t n, const FocalCoeffs<S>& coeffs, S* loss,
-                     S* grad_inputs, S* grad_targets) {
+double compute_block(const S* x, const S* t, const S* w, const S* v, int64_t n,
+                     const FocalCoeffs<S>& coeffs, S* loss, S* unweighted, S* grad_inputs,
+                     S* grad_targets) {
   using Vec = Vectorized<S>;
   Vec vec_sum(S(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const auto terms = focal_terms<VecMath<S>, kGamma, kGradInputs, kGradTargets>(
-        Vec::loadu(x + i), Vec::loadu(t + i), coeffs);
+        Vec::loadu(x + i), Vec::loadu(t + i), w != nullptr ? Vec::loadu(w + i) : Vec(S(1)),
+        v != nullptr ? Vec::loadu(v + i) : Vec(S(1)), coeffs);
     vec_sum = vec_sum + terms.loss;
     if (loss != nullptr) {
       terms.loss.store(loss + i);
+    }
+    if (unweighted != nullptr) {
+      terms.unweighted_loss.store(unweighted + i);
     }
     if constexpr (kGradInputs) {
       terms.grad_inputs.store(grad_inputs + i);
@@ -106,11 +161,14 @@ double compute_block(const S* x, const S* t, int64_t n, const FocalCoeffs<S>& co
     sum += lanes[lane];
   }
   for (; i < n; ++i) {  // the block's last partial vector
-    const auto terms =
-        focal_terms<ScalarMath<S>, kGamma, kGradInputs, kGradTargets>(x[i], t[i], coeffs);
+    const auto terms = focal_terms<ScalarMath<S>, kGamma, kGradInputs, kGradTargets>(
+        x[i], t[i], w != nullptr ? w[i] : S(1), v != nullptr ? v[i] : S(1), coeffs);
     sum += terms.loss;
     if (loss != nullptr) {
       loss[i] = terms.loss;
+    }
+    if (unweighted != nullptr) {
+      unweighted[i] = terms.unweighted_loss;
     }
     if constexpr (kGradInputs) {
       grad_inputs[i] = terms.grad_inputs;
@@ -125,22 +183,37 @@ double compute_block(const S* x, const S* t, int64_t n, const FocalCoeffs<S>& co
 template <typename S, GammaMode kGamma, bool kGradInputs, bool kGradTargets>
 void forward_impl(const ForwardArgs& args) {
   const int64_t n = args.inputs.numel();
-  const FocalCoeffs<S> coeffs(args.alpha, args.gamma);
+  const FocalCoeffs<S> coeffs(args.alpha, args.gamma, args.label_smoothing);
   const bool elementwise = args.reduction == Reduction::None;
+  const bool weighted = args.weight_kind != WeightKind::None;
   const int64_t num_chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> chunk_sums(num_chunks, 0.0);
+  std::vector<int64_t> chunk_counts(num_chunks, 0);
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    S x_buffer[kBlock], t_buffer[kBlock], loss_buffer[kBlock];
-    S grad_inputs_buffer[kBlock], grad_targets_buffer[kBlock];
+    S x_buffer[kBlock], t_buffer[kBlock], w_buffer[kBlock], v_buffer[kBlock], loss_buffer[kBlock];
+    S unweighted_buffer[kBlock], grad_inputs_buffer[kBlock], grad_targets_buffer[kBlock];
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       const int64_t chunk_stop = std::min(n, (chunk + 1) * kChunk);
       double chunk_sum = 0;
+      int64_t chunk_count = 0;
       for (int64_t offset = chunk * kChunk; offset < chunk_stop; offset += kBlock) {
         const int64_t len = std::min(kBlock, chunk_stop - offset);
         const S* x = read_block(args.inputs, offset, len, x_buffer);
-        const S* t = read_block(args.targets, offset, len, t_buffer);
+        if (weighted) {
+          element_weights(args, offset, len, w_buffer);
+        }
+        const S* t = t_buffer;
+        if (args.labels) {
+          chunk_count += label_targets(args, offset, len, t_buffer, v_buffer);
+        } else {
+          t = read_block(args.targets, offset, len, t_buffer);
+          chunk_count += len;
+        }
         S* loss = elementwise ? block_destination(args.loss, offset, loss_buffer) : nullptr;
+        S* unweighted = args.unweighted_loss.defined()
+                            ? block_destination(args.unweighted_loss, offset, unweighted_buffer)
+                            : nullptr;
         S* grad_inputs = kGradInputs
                              ? block_destination(args.grad_inputs, offset, grad_inputs_buffer)
                              : nullptr;
@@ -148,9 +221,13 @@ void forward_impl(const ForwardArgs& args) {
                               ? block_destination(args.grad_targets, offset, grad_targets_buffer)
                               : nullptr;
         chunk_sum += compute_block<S, kGamma, kGradInputs, kGradTargets>(
-            x, t, len, coeffs, loss, grad_inputs, grad_targets);
+            x, t, weighted ? w_buffer : nullptr, args.labels ? v_buffer : nullptr, len, coeffs, loss,
+            unweighted, grad_inputs, grad_targets);
         if (elementwise) {
           store_block(args.loss, offset, len, loss);
+        }
+        if (unweighted != nullptr) {
+          store_block(args.unweighted_loss, offset, len, unweighted);
         }
         if constexpr (kGradInputs) {
           store_block(args.grad_inputs, offset, len, grad_inputs);
@@ -160,16 +237,20 @@ void forward_impl(const ForwardArgs& args) {
         }
       }
       chunk_sums[chunk] = chunk_sum;
+      chunk_counts[chunk] = chunk_count;
     }
   });
 
+  double total = 0;
+  int64_t count = 0;
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+    total += chunk_sums[chunk];
+    count += chunk_counts[chunk];
+  }
+  args.count.fill_(count);
   if (!elementwise) {
-    double total = 0;
-    for (const double chunk_sum : chunk_sums) {
-      total += chunk_sum;
-    }
     if (args.reduction == Reduction::Mean) {
-      total /= static_cast<double>(n);  // NaN for an empty input, as torch.mean gives
+      total /= static_cast<double>(count);  // NaN when nothing counts, as torch.mean of nothing
     }
     args.loss.fill_(total);
   }
@@ -178,12 +259,14 @@ void forward_impl(const ForwardArgs& args) {
 template <typename S>
 void backward_impl(const BackwardArgs& args) {
   const int64_t n = args.out.numel();
-  // One grad_output value for all elements (mean/sum, or an expanded scalar): fold it into the
-  // scale once. On CPU reading it is free; there is no device to synchronise with.
-  const S uniform_factor = args.grad_output_is_scalar
-                               ? static_cast<S>(args.scale * args.grad_output.item<double>())
-                               : S(0);
-  const S scale = static_cast<S>(args.scale);
+  // One grad_output value for all elements (mean/sum, or an expanded scalar): fold it and the
+  // mean's divisor into one factor. On CPU reading them is free: no device to wait for.
+  double factor = args.grad_output_is_scalar ? args.grad_output.item<double>() : 1.0;
+  if (args.divisor.defined()) {
+    const int64_t divisor = args.divisor.item<int64_t>();
+    factor = divisor > 0 ? factor / static_cast<double>(divisor) : 0.0;
+  }
+  const S scale = static_cast<S>(factor);
   const int64_t num_blocks = (n + kBlock - 1) / kBlock;
   at::parallel_for(0, num_blocks, kChunk / kBlock, [&](int64_t block_begin, int64_t block_end) {
     S saved_buffer[kBlock], grad_buffer[kBlock], out_buffer[kBlock];
@@ -194,7 +277,7 @@ void backward_impl(const BackwardArgs& args) {
       S* out = block_destination(args.out, offset, out_buffer);
       if (args.grad_output_is_scalar) {
         for (int64_t i = 0; i < len; ++i) {
-          out[i] = saved[i] * uniform_factor;
+          out[i] = saved[i] * scale;
         }
       } else {
         const S* grad = read_block(args.grad_output, offset, len, grad_buffer);

@@ -21,7 +21,8 @@ namespace focal::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxBlocksPerSM = 2048 / kThreads;
+// The kernels use 48-68 registers a thread (ptxas, sm_90): about 4 resident blocks of 256.
+constexpr int kMaxBlocksPerSM = 4;
 
 template <typename T>
 using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -51,10 +52,12 @@ int grid_size(int64_t work_items) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, sm_count * kMaxBlocksPerSM)));
 }
 
-// Sum over the block, combined in a fixed order; the result is valid in thread 0.
+// Sum over a block of kThreads threads, combined in a fixed order; the result is valid in
+// thread 0. Every thread of the block must call it.
 template <typename A>
 __device__ A block_sum(A value) {
   __shared__ A warp_sums[kThreads / 32];
+  __syncthreads();  // an earlier call's readers are done with warp_sums
   for (int offset = 16; offset > 0; offset /= 2) {
     value += __shfl_down_sync(0xffffffffu, value, offset);
   }
@@ -73,95 +76,197 @@ __device__ A block_sum(A value) {
   return value;
 }
 
-// The loss takes the targets' dtype: in every pair read directly it is the promoted dtype.
-template <typename x_t, typename t_t, GammaMode kGamma, bool kGradInputs, bool kGradTargets,
-          bool kElementwise, int kPack>
+// Everything a forward kernel reads and writes. x_t: inputs; t_t: floating targets, or int64
+// class labels; out_t: loss (and unweighted loss); S: math type. Null output pointers are
+// outputs not requested; null block_sums means an elementwise loss.
+template <typename x_t, typename t_t, typename out_t>
+struct ForwardPointers {
+  using S = math_t<x_t>;
+  const x_t* inputs;
+  const t_t* targets;
+  const S* weight;
+  WeightKind weight_kind;
+  int64_t classes;
+  int64_t ignore_index;
+  int64_t n;
+  FocalCoeffs<S> coeffs;
+  out_t* loss;
+  out_t* unweighted_loss;
+  x_t* grad_inputs;
+  t_t* grad_targets;
+  S* block_sums;
+  int64_t* block_counts;
+};
+
+template <typename t_t>
+constexpr bool kIsLabels = std::is_same_v<t_t, int64_t>;
+
+// The value of element (index, row, cls) of every output, plus whether it counts for the mean.
+template <GammaMode kGamma, bool kGradInputs, typename x_t, typename t_t, typename out_t>
+__device__ __forceinline__ FocalTerms<math_t<x_t>> element_terms(
+    const ForwardPointers<x_t, t_t, out_t>& p, x_t x, int64_t index, int64_t row, int64_t cls,
+    bool& counted) {
+  using S = math_t<x_t>;
+  S target;
+  S valid(1);
+  if constexpr (kIsLabels<t_t>) {
+    const int64_t label = p.targets[row];
+    counted = label != p.ignore_index;
+    if (counted && (label < 0 || label > p.classes)) {
+      printf("focal_cuda: targets holds the class label %lld; valid labels are 0 to %lld, %lld "
+             "(background) and ignore_index (%lld)\n",
+             static_cast<long long>(label), static_cast<long long>(p.classes - 1),
+             static_cast<long long>(p.classes), static_cast<long long>(p.ignore_index));
+      CUDA_KERNEL_ASSERT(label >= 0 && label <= p.classes && "class label out of range");
+    }
+    valid = counted ? S(1) : S(0);
+    target = label == cls ? S(1) : S(0);
+  } else {
+    counted = true;
+    target = static_cast<S>(p.targets[index]);
+  }
+  S weight(1);
+  switch (p.weight_kind) {
+    case WeightKind::None: break;
+    case WeightKind::Element: weight = p.weight[index]; break;
+    case WeightKind::Row: weight = p.weight[row]; break;
+    case WeightKind::Class: weight = p.weight[cls]; break;
+  }
+  if (p.grad_targets != nullptr) {
+    return focal_terms<ScalarMath<S>, kGamma, kGradInputs, true>(static_cast<S>(x), target, weight,
+                                                                 valid, p.coeffs);
+  }
+  return focal_terms<ScalarMath<S>, kGamma, kGradInputs, false>(static_cast<S>(x), target, weight,
+                                                                valid, p.coeffs);
+}
+
+template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGradInputs, int kPack>
 __global__ void __launch_bounds__(kThreads)
-    focal_forward_kernel(const x_t* __restrict__ inputs, const t_t* __restrict__ targets, int64_t n,
-                         FocalCoeffs<math_t<x_t>> coeffs, t_t* __restrict__ loss,
-                         math_t<x_t>* __restrict__ block_sums, x_t* __restrict__ grad_inputs,
-                         t_t* __restrict__ grad_targets) {
+    focal_forward_kernel(const ForwardPointers<x_t, t_t, out_t> p) {
   using S = math_t<x_t>;
   S sum(0);
-  auto element = [&](x_t x, t_t t, t_t& loss_out, x_t& grad_inputs_out, t_t& grad_targets_out) {
-    const auto terms = focal_terms<ScalarMath<S>, kGamma, kGradInputs, kGradTargets>(
-        static_cast<S>(x), static_cast<S>(t), coeffs);
-    sum += terms.loss;
-    loss_out = static_cast<t_t>(terms.loss);
-    grad_inputs_out = static_cast<x_t>(terms.grad_inputs);
-    grad_targets_out = static_cast<t_t>(terms.grad_targets);
+  int64_t count = 0;
+  // Row and class are needed for labels and per-row/per-class weights: one division per pack.
+  const bool needs_position = kIsLabels<t_t> || p.weight_kind == WeightKind::Row ||
+                              p.weight_kind == WeightKind::Class;
+
+  auto process = [&](int64_t first, int num, const x_t* xs, out_t* losses, out_t* unweighted,
+                     x_t* grads_inputs, t_t* grads_targets) {
+    int64_t row = needs_position ? first / p.classes : 0;
+    int64_t cls = needs_position ? first - row * p.classes : 0;
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      if (k < num) {
+        bool counted;
+        const auto terms =
+            element_terms<kGamma, kGradInputs>(p, xs[k], first + k, row, cls, counted);
+        sum += terms.loss;
+        count += counted ? 1 : 0;
+        losses[k] = static_cast<out_t>(terms.loss);
+        unweighted[k] = static_cast<out_t>(terms.unweighted_loss);
+        grads_inputs[k] = static_cast<x_t>(terms.grad_inputs);
+        if constexpr (!kIsLabels<t_t>) {
+          grads_targets[k] = static_cast<t_t>(terms.grad_targets);
+        }
+        if (needs_position && ++cls == p.classes) {
+          cls = 0;
+          ++row;
+        }
+      }
+    }
   };
 
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t num_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t num_packs = n / kPack;
+  const int64_t num_packs = p.n / kPack;
   for (int64_t pack = thread; pack < num_packs; pack += num_threads) {
-    const auto xs = reinterpret_cast<const Pack<x_t, kPack>*>(inputs)[pack];
-    const auto ts = reinterpret_cast<const Pack<t_t, kPack>*>(targets)[pack];
-    Pack<t_t, kPack> losses;
+    const auto xs = reinterpret_cast<const Pack<x_t, kPack>*>(p.inputs)[pack];
+    Pack<out_t, kPack> losses, unweighted;
     Pack<x_t, kPack> grads_inputs;
     Pack<t_t, kPack> grads_targets;
-#pragma unroll
-    for (int k = 0; k < kPack; ++k) {
-      element(xs.v[k], ts.v[k], losses.v[k], grads_inputs.v[k], grads_targets.v[k]);
+    process(pack * kPack, kPack, xs.v, losses.v, unweighted.v, grads_inputs.v, grads_targets.v);
+    if (p.loss != nullptr) {
+      reinterpret_cast<Pack<out_t, kPack>*>(p.loss)[pack] = losses;
     }
-    if constexpr (kElementwise) {
-      reinterpret_cast<Pack<t_t, kPack>*>(loss)[pack] = losses;
+    if (p.unweighted_loss != nullptr) {
+      reinterpret_cast<Pack<out_t, kPack>*>(p.unweighted_loss)[pack] = unweighted;
     }
     if constexpr (kGradInputs) {
-      reinterpret_cast<Pack<x_t, kPack>*>(grad_inputs)[pack] = grads_inputs;
+      reinterpret_cast<Pack<x_t, kPack>*>(p.grad_inputs)[pack] = grads_inputs;
     }
-    if constexpr (kGradTargets) {
-      reinterpret_cast<Pack<t_t, kPack>*>(grad_targets)[pack] = grads_targets;
+    if constexpr (!kIsLabels<t_t>) {
+      if (p.grad_targets != nullptr) {
+        reinterpret_cast<Pack<t_t, kPack>*>(p.grad_targets)[pack] = grads_targets;
+      }
     }
   }
   // The last n % kPack elements (fewer than the threads of one block).
   const int64_t tail = num_packs * kPack + thread;
-  if (tail < n) {
-    t_t loss_value;
+  if (tail < p.n) {
+    out_t loss_value, unweighted_value;
     x_t grad_inputs_value;
     t_t grad_targets_value;
-    element(inputs[tail], targets[tail], loss_value, grad_inputs_value, grad_targets_value);
-    if constexpr (kElementwise) {
-      loss[tail] = loss_value;
+    process(tail, 1, p.inputs + tail, &loss_value, &unweighted_value, &grad_inputs_value,
+            &grad_targets_value);
+    if (p.loss != nullptr) {
+      p.loss[tail] = loss_value;
+    }
+    if (p.unweighted_loss != nullptr) {
+      p.unweighted_loss[tail] = unweighted_value;
     }
     if constexpr (kGradInputs) {
-      grad_inputs[tail] = grad_inputs_value;
+      p.grad_inputs[tail] = grad_inputs_value;
     }
-    if constexpr (kGradTargets) {
-      grad_targets[tail] = grad_targets_value;
+    if constexpr (!kIsLabels<t_t>) {
+      if (p.grad_targets != nullptr) {
+        p.grad_targets[tail] = grad_targets_value;
+      }
     }
   }
 
-  if constexpr (!kElementwise) {
-    sum = block_sum(sum);
-    if (threadIdx.x == 0) {
-      block_sums[blockIdx.x] = sum;
-    }
+  sum = block_sum(sum);
+  count = block_sum(count);
+  if (threadIdx.x == 0) {
+    p.block_sums[blockIdx.x] = sum;
+    p.block_counts[blockIdx.x] = count;
   }
 }
 
-// One block adds the per-block sums in a fixed order, in double, and divides (mean) on device.
+// One block adds the per-block sums and counts in a fixed order (the sums in double), writes
+// the count, and the loss (divided by the count for the mean) when it is reduced.
 template <typename S, typename out_t>
 __global__ void __launch_bounds__(kThreads)
-    finish_sum_kernel(const S* __restrict__ block_sums, int num_blocks, double divisor,
-                      out_t* __restrict__ out) {
+    finish_forward_kernel(const S* __restrict__ block_sums,
+                          const int64_t* __restrict__ block_counts, int num_blocks, bool mean,
+                          out_t* __restrict__ reduced_loss, int64_t* __restrict__ count) {
   double sum = 0;
+  int64_t total = 0;
   for (int i = threadIdx.x; i < num_blocks; i += kThreads) {
     sum += static_cast<double>(block_sums[i]);
+    total += block_counts[i];
   }
   sum = block_sum(sum);
+  total = block_sum(total);
   if (threadIdx.x == 0) {
-    *out = static_cast<out_t>(sum / divisor);
+    *count = total;
+    if (reduced_loss != nullptr) {
+      // The mean of nothing is NaN (0 / 0), as in torch.
+      *reduced_loss = static_cast<out_t>(mean ? sum / static_cast<double>(total) : sum);
+    }
   }
 }
 
-// out = saved * grad_output * scale; grad_output is one value in math_t<s_t> when kScalarGrad.
+// out = saved * grad_output [/ divisor]; grad_output is one value in math_t<s_t> when
+// kScalarGrad; divisor (the mean's count) is null for none/sum, and a zero count gives zero.
 template <typename s_t, typename g_t, bool kScalarGrad, int kPack>
 __global__ void __launch_bounds__(kThreads)
     focal_backward_kernel(const s_t* __restrict__ saved, const g_t* __restrict__ grad_output,
-                          math_t<s_t> scale, int64_t n, s_t* __restrict__ out) {
+                          const int64_t* __restrict__ divisor, int64_t n, s_t* __restrict__ out) {
   using S = math_t<s_t>;
+  S scale(1);
+  if (divisor != nullptr) {
+    scale = *divisor > 0 ? S(1) / static_cast<S>(*divisor) : S(0);
+  }
   const S uniform_factor = kScalarGrad ? static_cast<S>(grad_output[0]) * scale : scale;
   auto element = [&](int64_t i, s_t saved_value) {
     const S factor = kScalarGrad ? uniform_factor : static_cast<S>(grad_output[i]) * scale;
@@ -185,9 +290,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Calls fn(first_t{}, second_t{}) for the dtype pairs the kernels read directly: equal dtypes,
-// and 16-bit inputs (or saved gradients) with float32 targets (or grad_output), the pair that
-// mixed-precision training produces. Returns false for any other pair.
+// Calls fn(first_t{}, second_t{}) for the floating dtype pairs the kernels read directly: equal
+// dtypes, and 16-bit inputs (or saved gradients) with float32 targets (or grad_output), the
+// pair mixed-precision training produces. Returns false for any other pair.
 template <typename Fn>
 bool dispatch_dtype_pair(at::ScalarType first, at::ScalarType second, Fn&& fn) {
   using at::BFloat16;
@@ -212,6 +317,29 @@ bool dispatch_dtype_pair(at::ScalarType first, at::ScalarType second, Fn&& fn) {
   return false;
 }
 
+// fn(x_t{}, t_t{}, out_t{}) for the forward's combinations: floating targets in a pair above
+// (the loss takes the targets' dtype, the promoted one), or int64 labels (the loss takes the
+// inputs' dtype, or float32 for 16-bit inputs under autocast).
+template <typename Fn>
+bool dispatch_forward_types(const ForwardArgs& args, Fn&& fn) {
+  if (!args.labels) {
+    return dispatch_dtype_pair(args.inputs.scalar_type(), args.targets.scalar_type(),
+                               [&](auto x_value, auto t_value) { fn(x_value, t_value, t_value); });
+  }
+  const bool float_loss = args.loss.scalar_type() == at::kFloat;
+  return dispatch_dtype_pair(args.inputs.scalar_type(), args.inputs.scalar_type(),
+                             [&](auto x_value, auto) {
+                               using x_t = decltype(x_value);
+                               if constexpr (std::is_same_v<math_t<x_t>, x_t>) {
+                                 fn(x_value, int64_t{}, x_value);  // float, double
+                               } else if (float_loss) {
+                                 fn(x_value, int64_t{}, float{});
+                               } else {
+                                 fn(x_value, int64_t{}, x_value);
+                               }
+                             });
+}
+
 template <typename T>
 T* data_or_null(const at::Tensor& tensor) {
   return tensor.defined() ? tensor.mutable_data_ptr<T>() : nullptr;
@@ -228,68 +356,66 @@ void forward(const ForwardArgs& args) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = args.inputs.numel();
   const bool elementwise = args.reduction == Reduction::None;
-  TORCH_INTERNAL_ASSERT(args.loss.scalar_type() == args.targets.scalar_type());
 
-  const bool dispatched = dispatch_dtype_pair(
-      args.inputs.scalar_type(), args.targets.scalar_type(), [&](auto x_value, auto t_value) {
-        using x_t = decltype(x_value);
-        using t_t = decltype(t_value);
-        using S = math_t<x_t>;
-        constexpr int kPack = pack_size<x_t>();
-        const x_t* inputs = args.inputs.const_data_ptr<x_t>();
-        const t_t* targets = args.targets.const_data_ptr<t_t>();
-        t_t* loss = elementwise ? args.loss.mutable_data_ptr<t_t>() : nullptr;
-        x_t* grad_inputs = data_or_null<x_t>(args.grad_inputs);
-        t_t* grad_targets = data_or_null<t_t>(args.grad_targets);
-        const bool packed =
-            is_aligned_for_pack<x_t, kPack>(inputs) && is_aligned_for_pack<t_t, kPack>(targets) &&
-            is_aligned_for_pack<t_t, kPack>(loss) && is_aligned_for_pack<x_t, kPack>(grad_inputs) &&
-            is_aligned_for_pack<t_t, kPack>(grad_targets);
-        const int grid = grid_size(packed ? n / kPack : n);
-        at::Tensor block_sums;
-        if (!elementwise) {
-          block_sums = at::empty({grid}, args.inputs.options().dtype(c10::CppTypeToScalarType<S>::value));
-        }
-        S* block_sums_ptr = elementwise ? nullptr : block_sums.mutable_data_ptr<S>();
-        const FocalCoeffs<S> coeffs(args.alpha, args.gamma);
+  const bool dispatched = dispatch_forward_types(args, [&](auto x_value, auto t_value, auto out_value) {
+    using x_t = decltype(x_value);
+    using t_t = decltype(t_value);
+    using out_t = decltype(out_value);
+    using S = math_t<x_t>;
+    constexpr int kPack = pack_size<x_t>();
+    ForwardPointers<x_t, t_t, out_t> p{
+        args.inputs.const_data_ptr<x_t>(),
+        args.targets.const_data_ptr<t_t>(),
+        args.weight.defined() ? args.weight.const_data_ptr<S>() : nullptr,
+        args.weight_kind,
+        args.classes,
+        args.ignore_index,
+        n,
+        FocalCoeffs<S>(args.alpha, args.gamma, args.label_smoothing),
+        elementwise ? args.loss.mutable_data_ptr<out_t>() : nullptr,
+        data_or_null<out_t>(args.unweighted_loss),
+        data_or_null<x_t>(args.grad_inputs),
+        kIsLabels<t_t> ? nullptr : data_or_null<t_t>(args.grad_targets),
+        nullptr,
+        nullptr,
+    };
+    // Packs of inputs are loaded whole; the other per-element arrays must then be aligned too.
+    const bool packed =
+        is_aligned_for_pack<x_t, kPack>(p.inputs) && is_aligned_for_pack<x_t, kPack>(p.grad_inputs) &&
+        (kIsLabels<t_t> || is_aligned_for_pack<t_t, kPack>(p.targets)) &&
+        is_aligned_for_pack<t_t, kPack>(p.grad_targets) &&
+        is_aligned_for_pack<out_t, kPack>(p.loss) && is_aligned_for_pack<out_t, kPack>(p.unweighted_loss);
+    const int grid = grid_size(packed ? n / kPack : n);
+    const at::Tensor block_sums =
+        at::empty({grid}, args.inputs.options().dtype(c10::CppTypeToScalarType<S>::value));
+    const at::Tensor block_counts = at::empty({grid}, args.inputs.options().dtype(at::kLong));
+    p.block_sums = block_sums.mutable_data_ptr<S>();
+    p.block_counts = block_counts.mutable_data_ptr<int64_t>();
 
-        dispatch_focal_variant(
-            args.gamma, grad_inputs != nullptr, grad_targets != nullptr,
-            [&](auto gamma_mode, auto grad_inputs_flag, auto grad_targets_flag) {
-              constexpr GammaMode kGamma = decltype(gamma_mode)::value;
-              constexpr bool kGradInputs = decltype(grad_inputs_flag)::value;
-              constexpr bool kGradTargets = decltype(grad_targets_flag)::value;
-              auto launch = [&](auto elementwise_flag, auto pack_constant) {
-                focal_forward_kernel<x_t, t_t, kGamma, kGradInputs, kGradTargets,
-                                     decltype(elementwise_flag)::value,
-                                     decltype(pack_constant)::value>
-                    <<<grid, kThreads, 0, stream>>>(inputs, targets, n, coeffs, loss,
-                                                    block_sums_ptr, grad_inputs, grad_targets);
-                C10_CUDA_KERNEL_LAUNCH_CHECK();
-              };
-              auto with_pack = [&](auto elementwise_flag) {
-                if (packed) {
-                  launch(elementwise_flag, std::integral_constant<int, kPack>{});
-                } else {
-                  launch(elementwise_flag, std::integral_constant<int, 1>{});
-                }
-              };
-              if (elementwise) {
-                with_pack(std::true_type{});
-              } else {
-                with_pack(std::false_type{});
-              }
-            });
-
-        if (!elementwise) {
-          const double divisor = args.reduction == Reduction::Mean ? static_cast<double>(n) : 1.0;
-          finish_sum_kernel<S, t_t><<<1, kThreads, 0, stream>>>(
-              block_sums_ptr, grid, divisor, args.loss.mutable_data_ptr<t_t>());
+    dispatch_focal_variant(
+        args.gamma, p.grad_inputs != nullptr, false,
+        [&](auto gamma_mode, auto grad_inputs_flag, auto) {
+          constexpr GammaMode kGamma = decltype(gamma_mode)::value;
+          constexpr bool kGradInputs = decltype(grad_inputs_flag)::value;
+          if (packed) {
+            focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, kPack>
+                <<<grid, kThreads, 0, stream>>>(p);
+          } else {
+            focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, 1>
+                <<<grid, kThreads, 0, stream>>>(p);
+          }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-      });
-  TORCH_INTERNAL_ASSERT(dispatched, "focal_cuda: dtype pair ", args.inputs.scalar_type(), ", ",
-                        args.targets.scalar_type(), " reached the CUDA forward unconverted");
+        });
+
+    finish_forward_kernel<S, out_t><<<1, kThreads, 0, stream>>>(
+        p.block_sums, p.block_counts, grid, args.reduction == Reduction::Mean,
+        elementwise ? nullptr : args.loss.mutable_data_ptr<out_t>(),
+        args.count.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  TORCH_INTERNAL_ASSERT(dispatched, "focal_cuda: dtypes ", args.inputs.scalar_type(), ", ",
+                        args.targets.scalar_type(), " -> ", args.loss.scalar_type(),
+                        " reached the CUDA forward unconverted");
 }
 
 void backward(const BackwardArgs& args) {
@@ -301,19 +427,18 @@ void backward(const BackwardArgs& args) {
       args.saved_grad.scalar_type(), args.grad_output.scalar_type(), [&](auto s_value, auto g_value) {
         using s_t = decltype(s_value);
         using g_t = decltype(g_value);
-        using S = math_t<s_t>;
         constexpr int kPack = pack_size<s_t>();
         const s_t* saved = args.saved_grad.const_data_ptr<s_t>();
         const g_t* grad_output = args.grad_output.const_data_ptr<g_t>();
+        const int64_t* divisor = args.divisor.defined() ? args.divisor.const_data_ptr<int64_t>() : nullptr;
         s_t* out = args.out.mutable_data_ptr<s_t>();
         const bool packed = is_aligned_for_pack<s_t, kPack>(saved) &&
                             is_aligned_for_pack<s_t, kPack>(out);
         const int grid = grid_size(packed ? n / kPack : n);
-        const S scale = static_cast<S>(args.scale);
         auto launch = [&](auto scalar_flag, auto pack_constant) {
           focal_backward_kernel<s_t, g_t, decltype(scalar_flag)::value,
                                 decltype(pack_constant)::value>
-              <<<grid, kThreads, 0, stream>>>(saved, grad_output, scale, n, out);
+              <<<grid, kThreads, 0, stream>>>(saved, grad_output, divisor, n, out);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
         auto with_pack = [&](auto scalar_flag) {
