@@ -43,30 +43,46 @@ def element_bytes(dtype):
     return torch.tensor([], dtype=dtype).element_size()
 
 
-# Each implementation: how to call it and the bytes per element its design must move in a
-# training step (read inputs and targets, write and re-read what backward needs, write the
-# gradient) and in a forward without grad.
-def focal_float(x, t, gamma, reduction):
-    return focal_cuda.sigmoid_focal_loss(x, t, 0.25, gamma, reduction)
+# Each implementation takes (logits, float one-hot targets, integer labels, gamma, reduction)
+# and uses the targets it is designed for.
+def focal_float(x, targets, labels, gamma, reduction):
+    return focal_cuda.sigmoid_focal_loss(x, targets, 0.25, gamma, reduction)
 
 
-def torchvision_eager(x, t, gamma, reduction):
-    return torchvision_focal_loss(x, t, 0.25, gamma, reduction)
+def focal_labels(x, targets, labels, gamma, reduction):
+    return focal_cuda.sigmoid_focal_loss(x, labels, 0.25, gamma, reduction)
 
 
-def minimum_bytes(dtype):
-    size = element_bytes(dtype)
-    # forward: read x, t, write saved grad; backward: read saved grad, write grad.
-    train = 5 * size
-    forward = 2 * size
-    return train, forward
+def torchvision_eager(x, targets, labels, gamma, reduction):
+    return torchvision_focal_loss(x, targets, 0.25, gamma, reduction)
+
+
+def torchvision_one_hot(x, targets, labels, gamma, reduction):
+    """What a labels user of torchvision writes: build the one-hot, then the loss."""
+    one_hot = torch.nn.functional.one_hot(labels, CLASSES + 1)[:, :CLASSES].to(x.dtype)
+    return torchvision_focal_loss(x, one_hot, 0.25, gamma, reduction)
 
 
 IMPLEMENTATIONS = {
     "focal_cuda": focal_float,
+    "focal_cuda labels": focal_labels,
     "torchvision": torchvision_eager,
-    "torchvision+compile": None,  # filled in main(): torch.compile(torchvision_eager)
+    "torchvision+compile": torchvision_eager,
+    "torchvision+compile one-hot": torchvision_one_hot,
 }
+COMPILED = {"torchvision+compile", "torchvision+compile one-hot"}
+
+
+def design_bytes(name, dtype):
+    """Bytes per element the fused design must move: a training step, a no-grad forward."""
+    size = element_bytes(dtype)
+    label = 8 / CLASSES  # one int64 label per row of CLASSES logits
+    if name == "focal_cuda":
+        # forward: read x, t, write the saved gradient; backward: read it, write the gradient.
+        return 5 * size, 2 * size
+    if name == "focal_cuda labels":
+        return 3 * size + label, size + label
+    return None, None
 
 
 def synchronize(device):
@@ -106,25 +122,28 @@ def copy_bandwidth_gbs(device, numel=50_000_000):
 
 
 def make_inputs(rows, device, dtype, seed=0):
+    """Logits, and the same targets as labels (class CLASSES = background) and as a one-hot."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, CLASSES, generator=generator).to(device=device, dtype=dtype)
-    t = (torch.rand(rows, CLASSES, generator=generator) < 0.01).to(device=device, dtype=dtype)
-    return x, t
+    labels = torch.randint(0, CLASSES + 1, (rows,), generator=generator)
+    labels[torch.rand(rows, generator=generator) < 0.9] = CLASSES  # mostly background anchors
+    t = torch.nn.functional.one_hot(labels, CLASSES + 1)[:, :CLASSES].to(dtype)
+    return x, t.to(device), labels.to(device)
 
 
-def train_step(fn, x, t, gamma, reduction):
+def train_step(fn, x, t, labels, gamma, reduction):
     def run():
         x.grad = None
-        loss = fn(x, t, gamma, reduction)
+        loss = fn(x, t, labels, gamma, reduction)
         (loss if loss.dim() == 0 else loss.sum()).backward()
 
     return run
 
 
-def forward_only(fn, x, t, gamma, reduction):
+def forward_only(fn, x, t, labels, gamma, reduction):
     def run():
         with torch.no_grad():
-            fn(x, t, gamma, reduction)
+            fn(x, t, labels, gamma, reduction)
 
     return run
 
@@ -135,9 +154,9 @@ sys.path.insert(0, sys.argv[1])
 import bench
 name, rows, dtype, gamma, reduction = sys.argv[2], int(sys.argv[3]), getattr(torch, sys.argv[4]), float(sys.argv[5]), sys.argv[6]
 fn = bench.implementation(name)
-x, t = bench.make_inputs(rows, "cpu", dtype)
+x, t, labels = bench.make_inputs(rows, "cpu", dtype)
 x.requires_grad_()
-step = bench.train_step(fn, x, t, gamma, reduction)
+step = bench.train_step(fn, x, t, labels, gamma, reduction)
 step(); step()          # warm-up (and compilation) outside the measured window
 x.grad = None
 gc.collect()
@@ -180,9 +199,9 @@ _COMPILED = {}
 
 
 def implementation(name):
-    if name == "torchvision+compile":
+    if name in COMPILED:
         if name not in _COMPILED:
-            _COMPILED[name] = torch.compile(torchvision_eager)
+            _COMPILED[name] = torch.compile(IMPLEMENTATIONS[name])
         return _COMPILED[name]
     return IMPLEMENTATIONS[name]
 
@@ -216,17 +235,16 @@ def run(args):
     timer = Timer(device)
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"copy bandwidth on {device}: {copy_gbs:.1f} GB/s", flush=True)
-    train_bytes, forward_bytes = minimum_bytes(dtype)
     cases = []
     for rows in args.rows:
         numel = rows * CLASSES
-        x, t = make_inputs(rows, device, dtype)
+        x, t, labels = make_inputs(rows, device, dtype)
         x.requires_grad_()
         steps = {}
         for name in names:
             fn = implementation(name)
-            steps[(name, "train")] = train_step(fn, x, t, args.gamma, args.reduction)
-            steps[(name, "forward")] = forward_only(fn, x, t, args.gamma, args.reduction)
+            steps[(name, "train")] = train_step(fn, x, t, labels, args.gamma, args.reduction)
+            steps[(name, "forward")] = forward_only(fn, x, t, labels, args.gamma, args.reduction)
         for step in steps.values():  # warm-up, compilation included
             for _ in range(args.warmup):
                 step()
@@ -237,26 +255,29 @@ def run(args):
                 samples[key].append(timer(step))
         for (name, mode), times in samples.items():
             median = statistics.median(times)
-            moved = (train_bytes if mode == "train" else forward_bytes) * numel
+            train_bytes, forward_bytes = design_bytes(name, dtype)
+            per_element = train_bytes if mode == "train" else forward_bytes
+            moved = None if per_element is None else per_element * numel
             case = {
                 "implementation": name, "mode": mode, "rows": rows, "classes": CLASSES,
                 "elements": numel, "dtype": args.dtype, "gamma": args.gamma,
                 "reduction": args.reduction, "median_ms": median, "min_ms": min(times),
                 "max_ms": max(times), "ns_per_element": median * 1e6 / numel,
-                "design_bytes": moved if name == "focal_cuda" else None,
-                "effective_gbs": moved / (median * 1e-3) / 1e9 if name == "focal_cuda" else None,
+                "design_bytes": moved,
+                "effective_gbs": None if moved is None else moved / (median * 1e-3) / 1e9,
+                "copy_fraction": None if moved is None else moved / (median * 1e-3) / 1e9 / copy_gbs,
             }
             cases.append(case)
         line = [f"{numel:>11,} elements"]
         for mode in ("train", "forward"):
             ours = statistics.median(samples[("focal_cuda", mode)])
-            parts = [f"{mode}: ours {ours:.3f} ms"]
-            for name in names[1:]:
-                theirs = statistics.median(samples[(name, mode)])
-                parts.append(f"{name} {theirs:.3f} ms ({theirs / ours:.1f}x)")
-            line.append(", ".join(parts))
-        print(" | ".join(line), flush=True)
-        if args.memory:
+            parts = [f"{mode}: " + ", ".join(
+                f"{name} {statistics.median(samples[(name, mode)]):.3f} ms" for name in names)]
+            parts.append(f"speedup vs torchvision {statistics.median(samples[('torchvision', mode)]) / ours:.1f}x, "
+                         f"vs compiled {statistics.median(samples[('torchvision+compile', mode)]) / ours:.1f}x")
+            line.append("; ".join(parts))
+        print("\n    ".join(line), flush=True)
+        if args.memory and rows == max(args.rows):  # peak memory at the largest size
             for name in names:
                 if device == "cuda":
                     extra = cuda_peak_extra_bytes(steps[(name, "train")])
@@ -309,7 +330,8 @@ def main():
     parser.add_argument("--reduction", default="sum", choices=["none", "mean", "sum"])
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 CPU, 30 GPU)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak memory")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the peak memory measurement (made at the largest size)")
     parser.add_argument("--out", type=Path, default=None, help="directory for results.json and plot.png")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -66,10 +66,16 @@ void dispatch_focal_variant(double gamma, bool grad_inputs, bool grad_targets, F
       fn(gamma_mode_constant, std::false_type{}, std::false_type{});
     }
   };
-  if (gamma_mode(gamma) == GammaMode::Two) {
-    with_gamma(std::integral_constant<GammaMode, GammaMode::Two>{});
-  } else {
-    with_gamma(std::integral_constant<GammaMode, GammaMode::General>{});
+  switch (gamma_mode(gamma)) {
+    case GammaMode::Zero:
+      with_gamma(std::integral_constant<GammaMode, GammaMode::Zero>{});
+      break;
+    case GammaMode::Two:
+      with_gamma(std::integral_constant<GammaMode, GammaMode::Two>{});
+      break;
+    case GammaMode::General:
+      with_gamma(std::integral_constant<GammaMode, GammaMode::General>{});
+      break;
   }
 }
 

@@ -30,11 +30,12 @@ namespace focal {
 // Matches at::Reduction so the codes cross the Python boundary unchanged.
 enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };
 
-// gamma == 2 (the RetinaNet default) squares instead of calling pow.
-enum class GammaMode : int { Two, General };
+// gamma == 2 (the RetinaNet default) squares and gamma == 0 (weighted BCE) skips the power,
+// instead of calling pow.
+enum class GammaMode : int { Zero, Two, General };
 
 inline GammaMode gamma_mode(double gamma) {
-  return gamma == 2.0 ? GammaMode::Two : GammaMode::General;
+  return gamma == 0.0 ? GammaMode::Zero : gamma == 2.0 ? GammaMode::Two : GammaMode::General;
 }
 
 // Scalar parameters of the loss, in the math type S.
@@ -116,31 +117,40 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
   const V alpha_t = V(coeffs.alpha_offset) + V(coeffs.alpha_slope) * t;
   const V gamma(coeffs.gamma);
   V q_gamma;
-  if constexpr (kGamma == GammaMode::Two) {
+  if constexpr (kGamma == GammaMode::Zero) {
+    q_gamma = one;
+  } else if constexpr (kGamma == GammaMode::Two) {
     q_gamma = q * q;
   } else {
-    q_gamma = Math::pow(q, gamma);  // pow(0, 0) = 1, pow(0, gamma > 0) = 0
+    q_gamma = Math::pow(q, gamma);  // gamma > 0 here: pow(0, gamma) = 0
   }
 
   FocalTerms<V> terms{zero, zero, zero, zero};
   terms.unweighted_loss = valid * alpha_t * q_gamma * ce;
   terms.loss = weight * terms.unweighted_loss;
   const V weight_valid = weight * valid;
-  const auto q_positive = q > zero;
+  // The modulating factor's derivative, gamma * q^(gamma-1) * dq, written as q^gamma times a
+  // bounded ratio; it vanishes for gamma == 0.
+  constexpr bool kModulated = kGamma != GammaMode::Zero;
   if constexpr (kGradInputs) {
-    // p(1-p)/q in [0, 1]; where q == 0 the factor q^gamma (gamma > 0) or gamma (gamma == 0)
-    // already zeroes the term, so any finite value does.
-    const V ratio = Math::select(q_positive, p * pm / q, zero);
-    const V p_minus_t = tm * p - t * pm;  // exact near t = 1, where p - 1 would cancel
-    terms.grad_inputs =
-        weight_valid * alpha_t * q_gamma * (p_minus_t + gamma * (tm - t) * ce * ratio);
+    V bracket = tm * p - t * pm;  // p - t, exact near t = 1 where p - 1 would cancel
+    if constexpr (kModulated) {
+      // p(1-p)/q in [0, 1]; where q == 0 the factor q^gamma already zeroes the term, so any
+      // finite value does.
+      const V ratio = Math::select(q > zero, p * pm / q, zero);
+      bracket = bracket + gamma * (tm - t) * ce * ratio;
+    }
+    terms.grad_inputs = weight_valid * alpha_t * q_gamma * bracket;
   }
   if constexpr (kGradTargets) {
-    // CE / q is bounded as q -> 0 (CE vanishes with q there); the same q^gamma argument applies.
-    const V ce_over_q = Math::select(q_positive, ce / q, zero);
-    terms.grad_targets =
-        weight_valid * V(coeffs.target_scale) * q_gamma *
-        (V(coeffs.alpha_slope) * ce + alpha_t * (gamma * (pm - p) * ce_over_q - x));
+    V bracket = zero - x;
+    if constexpr (kModulated) {
+      // CE / q is bounded as q -> 0 (CE vanishes with q there); the same q^gamma argument.
+      const V ce_over_q = Math::select(q > zero, ce / q, zero);
+      bracket = bracket + gamma * (pm - p) * ce_over_q;
+    }
+    terms.grad_targets = weight_valid * V(coeffs.target_scale) * q_gamma *
+                         (V(coeffs.alpha_slope) * ce + alpha_t * bracket);
   }
   return terms;
 }
