@@ -15,6 +15,10 @@
 #include <algorithm>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 #include "focal.h"
 
 #ifndef FOCAL_CPU_ISA
@@ -42,6 +46,23 @@ struct VecMath {
   static Vec select(const Vec& mask, const Vec& if_true, const Vec& if_false) {
     return Vec::blendv(if_false, if_true, mask);
   }
+};
+
+// Flushes subnormal floats to zero (FTZ, DAZ) on this thread while alive. Saturated logits make
+// subnormal intermediates (e.g. exp(-95), or q^2 * CE near 1e-39), which x86 cores handle in
+// microcode at up to 5x the cost of the whole loss; values below 1.2e-38 (float32) are
+// meaningless for a loss or its gradient, so they become 0.
+class FlushSubnormals {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFlushToZero | kDenormalsAreZero); }
+  ~FlushSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFlushToZero = 0x8000;
+  static constexpr unsigned kDenormalsAreZero = 0x0040;
+  unsigned saved_;
+#endif
 };
 
 template <typename S>
@@ -196,6 +217,7 @@ void forward_impl(const ForwardArgs& args) {
   std::vector<int64_t> chunk_counts(num_chunks, 0);
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    const FlushSubnormals flush_subnormals;
     S x_buffer[kBlock], t_buffer[kBlock], w_buffer[kBlock], v_buffer[kBlock], loss_buffer[kBlock];
     S unweighted_buffer[kBlock], grad_inputs_buffer[kBlock], grad_targets_buffer[kBlock];
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -274,6 +296,7 @@ void backward_impl(const BackwardArgs& args) {
   const S scale = static_cast<S>(factor);
   const int64_t num_blocks = (n + kBlock - 1) / kBlock;
   at::parallel_for(0, num_blocks, kChunk / kBlock, [&](int64_t block_begin, int64_t block_end) {
+    const FlushSubnormals flush_subnormals;
     S saved_buffer[kBlock], grad_buffer[kBlock], out_buffer[kBlock];
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t offset = block * kBlock;
