@@ -3,7 +3,7 @@
 // Used by the CUDA kernels (V = float/double), the CPU kernels (V = at::vec::Vectorized<float/double>)
 // and their scalar tails (V = float/double), so the CPU tests exercise the very formulas the GPU runs.
 // Everything a value type needs beyond + - * / and comparisons comes from a Math policy:
-// exp, log, pow, abs, max, select(mask, if_true, if_false).
+// exp, log, pow, reciprocal, abs, max, select(mask, if_true, if_false).
 //
 // With p = sigmoid(x), t the target (after label smoothing), w the element's weight (the loss and
 // its derivatives below are multiplied by it):
@@ -63,6 +63,7 @@ struct ScalarMath {
   static FOCAL_HOST_DEVICE S exp(S v) { return ::exp(v); }
   static FOCAL_HOST_DEVICE S log(S v) { return ::log(v); }
   static FOCAL_HOST_DEVICE S pow(S base, S exponent) { return ::pow(base, exponent); }
+  static FOCAL_HOST_DEVICE S reciprocal(S v) { return S(1) / v; }
   static FOCAL_HOST_DEVICE S abs(S v) { return ::fabs(v); }
   static FOCAL_HOST_DEVICE S max(S a, S b) { return a > b ? a : b; }
   static FOCAL_HOST_DEVICE S select(bool mask, S if_true, S if_false) {
@@ -75,6 +76,7 @@ struct ScalarMath<float> {
   static FOCAL_HOST_DEVICE float exp(float v) { return ::expf(v); }
   static FOCAL_HOST_DEVICE float log(float v) { return ::logf(v); }
   static FOCAL_HOST_DEVICE float pow(float base, float exponent) { return ::powf(base, exponent); }
+  static FOCAL_HOST_DEVICE float reciprocal(float v) { return 1.0f / v; }
   static FOCAL_HOST_DEVICE float abs(float v) { return ::fabsf(v); }
   static FOCAL_HOST_DEVICE float max(float a, float b) { return a > b ? a : b; }
   static FOCAL_HOST_DEVICE float select(bool mask, float if_true, float if_false) {
@@ -101,7 +103,7 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
   t = t * V(coeffs.target_scale) + V(coeffs.target_offset);
   const V e = Math::exp(zero - Math::abs(x));  // exp(-|x|), in (0, 1]
   const V u = one + e;
-  const V sig_abs = one / u;  // sigmoid(|x|)
+  const V sig_abs = Math::reciprocal(u);  // sigmoid(|x|)
   // log1p(e) = log(u) + log(1 + (e - (u - 1)) / u), where e - (u - 1) is exactly the rounding
   // error of u: as exact as log1p (also when u rounds to 1), for one log and no division
   // (ATen's vectorized log1p is several times slower than its log).
@@ -137,7 +139,7 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
     if constexpr (kModulated) {
       // p(1-p)/q in [0, 1]; where q == 0 the factor q^gamma already zeroes the term, so any
       // finite value does.
-      const V ratio = Math::select(q > zero, p * pm / q, zero);
+      const V ratio = Math::select(q > zero, p * pm * Math::reciprocal(q), zero);
       bracket = bracket + gamma * (tm - t) * ce * ratio;
     }
     terms.grad_inputs = weight_valid * alpha_t * q_gamma * bracket;
@@ -146,7 +148,7 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
     V bracket = zero - x;
     if constexpr (kModulated) {
       // CE / q is bounded as q -> 0 (CE vanishes with q there); the same q^gamma argument.
-      const V ce_over_q = Math::select(q > zero, ce / q, zero);
+      const V ce_over_q = Math::select(q > zero, ce * Math::reciprocal(q), zero);
       bracket = bracket + gamma * (pm - p) * ce_over_q;
     }
     terms.grad_targets = weight_valid * V(coeffs.target_scale) * q_gamma *

@@ -30,8 +30,31 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr int64_t kBlock = 256;
+constexpr int64_t kBlock = 512;
 constexpr int64_t kChunk = 64 * kBlock;
+
+// 1 / v. A division has a throughput of ~10 cycles per vector on x86 cores; the hardware
+// reciprocal estimate refined by a Newton step costs ~3 and is within 2 ulp of 1 / v for the
+// positive, normal v it gets here (1 + exp(-|x|) and q).
+template <typename S>
+Vectorized<S> fast_reciprocal(const Vectorized<S>& v) {
+  return Vectorized<S>(S(1)) / v;
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+Vectorized<float> fast_reciprocal(const Vectorized<float>& v) {
+  const __m512 estimate = _mm512_rcp14_ps(v);  // relative error < 2^-14
+  // r' = r * (2 - v * r): squares the relative error
+  return _mm512_mul_ps(estimate, _mm512_fnmadd_ps(v, estimate, _mm512_set1_ps(2.0f)));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+template <>
+Vectorized<float> fast_reciprocal(const Vectorized<float>& v) {
+  const __m256 estimate = _mm256_rcp_ps(v);  // relative error < 1.5 * 2^-12
+  return _mm256_mul_ps(estimate, _mm256_fnmadd_ps(v, estimate, _mm256_set1_ps(2.0f)));
+}
+#endif
 
 template <typename S>
 struct VecMath {
@@ -41,6 +64,7 @@ struct VecMath {
   // exp(exponent * log(base)): several times faster than SLEEF's pow, and exact enough for the
   // base in [0, 1] and exponent > 0 it gets (pow(0, e) = exp(-inf) = 0).
   static Vec pow(const Vec& base, const Vec& exponent) { return (exponent * base.log()).exp(); }
+  static Vec reciprocal(const Vec& v) { return fast_reciprocal(v); }
   static Vec abs(const Vec& v) { return v.abs(); }
   static Vec max(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
   static Vec select(const Vec& mask, const Vec& if_true, const Vec& if_false) {
@@ -65,20 +89,30 @@ class FlushSubnormals {
 #endif
 };
 
-template <typename S>
-bool holds(const at::Tensor& tensor) {
-  return tensor.scalar_type() == c10::CppTypeToScalarType<S>::value;
-}
+// A contiguous tensor's data and dtype, looked up once per call rather than once per block.
+struct RawTensor {
+  void* data;
+  at::ScalarType dtype;
+
+  explicit RawTensor(const at::Tensor& tensor)
+      : data(tensor.defined() ? tensor.data_ptr() : nullptr),
+        dtype(tensor.defined() ? tensor.scalar_type() : at::ScalarType::Undefined) {}
+
+  template <typename S>
+  bool holds() const {
+    return dtype == c10::CppTypeToScalarType<S>::value;
+  }
+};
 
 // n values of src from offset on, as S: src's own memory when it already holds S, else a
 // conversion into buffer.
 template <typename S>
-const S* read_block(const at::Tensor& src, int64_t offset, int64_t n, S* buffer) {
-  if (holds<S>(src)) {
-    return src.const_data_ptr<S>() + offset;
+const S* read_block(const RawTensor& src, int64_t offset, int64_t n, S* buffer) {
+  if (src.holds<S>()) {
+    return static_cast<const S*>(src.data) + offset;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "focal_read", [&] {
-    at::vec::convert(src.const_data_ptr<scalar_t>() + offset, buffer, n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.dtype, "focal_read", [&] {
+    at::vec::convert(static_cast<const scalar_t*>(src.data) + offset, buffer, n);
   });
   return buffer;
 }
@@ -86,17 +120,17 @@ const S* read_block(const at::Tensor& src, int64_t offset, int64_t n, S* buffer)
 // Where to compute n values of dst from offset on: dst's own memory when it holds S, else
 // buffer, which store_block then converts into dst.
 template <typename S>
-S* block_destination(const at::Tensor& dst, int64_t offset, S* buffer) {
-  return holds<S>(dst) ? dst.mutable_data_ptr<S>() + offset : buffer;
+S* block_destination(const RawTensor& dst, int64_t offset, S* buffer) {
+  return dst.holds<S>() ? static_cast<S*>(dst.data) + offset : buffer;
 }
 
 template <typename S>
-void store_block(const at::Tensor& dst, int64_t offset, int64_t n, const S* computed) {
-  if (holds<S>(dst)) {
+void store_block(const RawTensor& dst, int64_t offset, int64_t n, const S* computed) {
+  if (dst.holds<S>()) {
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "focal_store", [&] {
-    at::vec::convert(computed, dst.mutable_data_ptr<scalar_t>() + offset, n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.dtype, "focal_store", [&] {
+    at::vec::convert(computed, static_cast<scalar_t*>(dst.data) + offset, n);
   });
 }
 
@@ -116,8 +150,8 @@ void for_each_row_run(int64_t offset, int64_t n, int64_t classes, Fn&& fn) {
 // Targets of n elements from offset on, from class labels: 1 for the labelled class, else 0;
 // valid is 0 in ignored rows, else 1. Returns how many elements are not ignored.
 template <typename S>
-int64_t label_targets(const ForwardArgs& args, int64_t offset, int64_t n, S* targets, S* valid) {
-  const int64_t* labels = args.targets.const_data_ptr<int64_t>();
+int64_t label_targets(const ForwardArgs& args, const int64_t* labels, int64_t offset, int64_t n,
+                      S* targets, S* valid) {
   std::fill(targets, targets + n, S(0));
   int64_t counted = 0;
   for_each_row_run(offset, n, args.classes, [&](int64_t i, int64_t row, int64_t first_class,
@@ -135,8 +169,8 @@ int64_t label_targets(const ForwardArgs& args, int64_t offset, int64_t n, S* tar
 
 // Weights of n elements from offset on (there is a weight tensor).
 template <typename S>
-void element_weights(const ForwardArgs& args, int64_t offset, int64_t n, S* weights) {
-  const S* weight = args.weight.const_data_ptr<S>();
+void element_weights(const ForwardArgs& args, const S* weight, int64_t offset, int64_t n,
+                     S* weights) {
   if (args.weight_kind == WeightKind::Element) {
     std::copy(weight + offset, weight + offset + n, weights);
     return;
@@ -215,6 +249,9 @@ void forward_impl(const ForwardArgs& args) {
   const int64_t num_chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> chunk_sums(num_chunks, 0.0);
   std::vector<int64_t> chunk_counts(num_chunks, 0);
+  const RawTensor inputs(args.inputs), targets(args.targets), loss_out(args.loss);
+  const RawTensor unweighted_out(args.unweighted_loss), grad_inputs_out(args.grad_inputs);
+  const RawTensor grad_targets_out(args.grad_targets), weight(args.weight);
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     const FlushSubnormals flush_subnormals;
@@ -226,41 +263,42 @@ void forward_impl(const ForwardArgs& args) {
       int64_t chunk_count = 0;
       for (int64_t offset = chunk * kChunk; offset < chunk_stop; offset += kBlock) {
         const int64_t len = std::min(kBlock, chunk_stop - offset);
-        const S* x = read_block(args.inputs, offset, len, x_buffer);
+        const S* x = read_block(inputs, offset, len, x_buffer);
         if (weighted) {
-          element_weights(args, offset, len, w_buffer);
+          element_weights(args, static_cast<const S*>(weight.data), offset, len, w_buffer);
         }
         const S* t = t_buffer;
         if (args.labels) {
-          chunk_count += label_targets(args, offset, len, t_buffer, v_buffer);
+          chunk_count += label_targets(args, static_cast<const int64_t*>(targets.data), offset,
+                                       len, t_buffer, v_buffer);
         } else {
-          t = read_block(args.targets, offset, len, t_buffer);
+          t = read_block(targets, offset, len, t_buffer);
           chunk_count += len;
         }
-        S* loss = elementwise ? block_destination(args.loss, offset, loss_buffer) : nullptr;
-        S* unweighted = args.unweighted_loss.defined()
-                            ? block_destination(args.unweighted_loss, offset, unweighted_buffer)
+        S* loss = elementwise ? block_destination(loss_out, offset, loss_buffer) : nullptr;
+        S* unweighted = unweighted_out.data != nullptr
+                            ? block_destination(unweighted_out, offset, unweighted_buffer)
                             : nullptr;
         S* grad_inputs = kGradInputs
-                             ? block_destination(args.grad_inputs, offset, grad_inputs_buffer)
+                             ? block_destination(grad_inputs_out, offset, grad_inputs_buffer)
                              : nullptr;
         S* grad_targets = kGradTargets
-                              ? block_destination(args.grad_targets, offset, grad_targets_buffer)
+                              ? block_destination(grad_targets_out, offset, grad_targets_buffer)
                               : nullptr;
         chunk_sum += compute_block<S, kGamma, kGradInputs, kGradTargets>(
             x, t, weighted ? w_buffer : nullptr, args.labels ? v_buffer : nullptr, len, coeffs, loss,
             unweighted, grad_inputs, grad_targets);
         if (elementwise) {
-          store_block(args.loss, offset, len, loss);
+          store_block(loss_out, offset, len, loss);
         }
         if (unweighted != nullptr) {
-          store_block(args.unweighted_loss, offset, len, unweighted);
+          store_block(unweighted_out, offset, len, unweighted);
         }
         if constexpr (kGradInputs) {
-          store_block(args.grad_inputs, offset, len, grad_inputs);
+          store_block(grad_inputs_out, offset, len, grad_inputs);
         }
         if constexpr (kGradTargets) {
-          store_block(args.grad_targets, offset, len, grad_targets);
+          store_block(grad_targets_out, offset, len, grad_targets);
         }
       }
       chunk_sums[chunk] = chunk_sum;
@@ -295,25 +333,26 @@ void backward_impl(const BackwardArgs& args) {
   }
   const S scale = static_cast<S>(factor);
   const int64_t num_blocks = (n + kBlock - 1) / kBlock;
+  const RawTensor saved_grad(args.saved_grad), grad_output(args.grad_output), out_tensor(args.out);
   at::parallel_for(0, num_blocks, kChunk / kBlock, [&](int64_t block_begin, int64_t block_end) {
     const FlushSubnormals flush_subnormals;
     S saved_buffer[kBlock], grad_buffer[kBlock], out_buffer[kBlock];
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t offset = block * kBlock;
       const int64_t len = std::min(kBlock, n - offset);
-      const S* saved = read_block(args.saved_grad, offset, len, saved_buffer);
-      S* out = block_destination(args.out, offset, out_buffer);
+      const S* saved = read_block(saved_grad, offset, len, saved_buffer);
+      S* out = block_destination(out_tensor, offset, out_buffer);
       if (args.grad_output_is_scalar) {
         for (int64_t i = 0; i < len; ++i) {
           out[i] = saved[i] * scale;
         }
       } else {
-        const S* grad = read_block(args.grad_output, offset, len, grad_buffer);
+        const S* grad = read_block(grad_output, offset, len, grad_buffer);
         for (int64_t i = 0; i < len; ++i) {
           out[i] = saved[i] * grad[i] * scale;
         }
       }
-      store_block(args.out, offset, len, out);
+      store_block(out_tensor, offset, len, out);
     }
   });
 }
