@@ -42,5 +42,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sigmoid_focal_loss_backward", &focal::sigmoid_focal_loss_backward,
         pybind11::arg("grad_output"), pybind11::arg("saved_grad"), pybind11::arg("count"),
         pybind11::arg("reduction"), "saved_grad scaled by grad_output (divided by count for mean).");
+  m.def("sigmoid_focal_loss_backward_", &focal::sigmoid_focal_loss_backward_,
+        pybind11::arg("grad_output"), pybind11::arg("saved_grad"), pybind11::arg("count"),
+        pybind11::arg("reduction"), "sigmoid_focal_loss_backward, written into saved_grad.");
   m.def("build_info", &build_info, "What this build of focal_cuda contains.");
 }

@@ -229,8 +229,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
           finish(args.unweighted_loss, args.loss), args.count};
 }
 
-at::Tensor sigmoid_focal_loss_backward(const at::Tensor& grad_output, const at::Tensor& saved_grad,
-                                       const at::Tensor& count, int64_t reduction) {
+namespace {
+
+// Checks the backward's arguments and fills args but for out. grad_output is read as it is
+// where the kernels can; otherwise it is converted (saved_grad too when not in_place).
+BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& saved_grad,
+                              const at::Tensor& count, int64_t reduction, bool in_place) {
   check_floating(grad_output, "grad_output");
   check_floating(saved_grad, "saved_grad");
   TORCH_CHECK(grad_output.device() == saved_grad.device() && count.device() == saved_grad.device(),
@@ -264,20 +268,42 @@ at::Tensor sigmoid_focal_loss_backward(const at::Tensor& grad_output, const at::
                 grad_output.sizes());
     args.grad_output_is_scalar = true;
   }
+  args.saved_grad = saved_grad;
   if (args.grad_output_is_scalar) {
     // One value, taken in the math type of saved_grad (float64 or float32): read as it is.
-    args.saved_grad = saved_grad;
     args.grad_output = grad_output.as_strided({}, {}, grad_output.storage_offset())
                            .to(math_dtype(saved_grad.scalar_type()));
+  } else if (in_place) {
+    const auto [unchanged, readable_grad] = readable_pair(saved_grad, grad_output.contiguous());
+    args.grad_output = unchanged.scalar_type() == saved_grad.scalar_type()
+                           ? readable_grad
+                           : grad_output.to(saved_grad.scalar_type()).contiguous();
   } else {
     std::tie(args.saved_grad, args.grad_output) =
         readable_pair(saved_grad, grad_output.contiguous());
   }
+  return args;
+}
+
+}  // namespace
+
+at::Tensor sigmoid_focal_loss_backward(const at::Tensor& grad_output, const at::Tensor& saved_grad,
+                                       const at::Tensor& count, int64_t reduction) {
+  BackwardArgs args = prepare_backward(grad_output, saved_grad, count, reduction, false);
   args.out = at::empty(args.saved_grad.sizes(), args.saved_grad.options());
-  if (n > 0) {
+  if (args.out.numel() > 0) {
     run_backward(args);
   }
   return args.out.to(saved_grad.scalar_type());
+}
+
+void sigmoid_focal_loss_backward_(const at::Tensor& grad_output, const at::Tensor& saved_grad,
+                                  const at::Tensor& count, int64_t reduction) {
+  BackwardArgs args = prepare_backward(grad_output, saved_grad, count, reduction, true);
+  args.out = saved_grad;  // each element is read, then written, by the same thread
+  if (args.out.numel() > 0) {
+    run_backward(args);
+  }
 }
 
 }  // namespace focal

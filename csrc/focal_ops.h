@@ -29,4 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
 at::Tensor sigmoid_focal_loss_backward(const at::Tensor& grad_output, const at::Tensor& saved_grad,
                                        const at::Tensor& count, int64_t reduction);
 
+// The same, written into saved_grad: for a backward that is the saved gradient's last use.
+void sigmoid_focal_loss_backward_(const at::Tensor& grad_output, const at::Tensor& saved_grad,
+                                  const at::Tensor& count, int64_t reduction);
+
 }  // namespace focal

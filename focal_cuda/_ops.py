@@ -4,6 +4,8 @@ Registered this way, the fused kernels work in eager mode, under torch.compile(f
 and under torch.library.opcheck. Codes for `reduction`: 0 none, 1 mean, 2 sum.
 """
 
+import contextlib
+import contextvars
 from typing import Optional, Tuple
 
 import torch
@@ -74,6 +76,51 @@ def _(grad_output, saved_grad, count, reduction):
     return saved_grad.new_empty(saved_grad.shape)
 
 
+@torch.library.custom_op("focal_cuda::sigmoid_focal_loss_backward_", mutates_args=("saved_grad",))
+def sigmoid_focal_loss_backward_(
+    grad_output: torch.Tensor, saved_grad: torch.Tensor, count: torch.Tensor, reduction: int
+) -> None:
+    """sigmoid_focal_loss_backward written into saved_grad, for its last use."""
+    _C.sigmoid_focal_loss_backward_(grad_output, saved_grad, count, reduction)
+
+
+@sigmoid_focal_loss_backward_.register_fake
+def _(grad_output, saved_grad, count, reduction):
+    return None
+
+
+# Set while focal_cuda.sigmoid_focal_loss calls the forward op: it drops the op's gradient
+# outputs, so backward is their only user. (A direct caller of the op may hold them.)
+_GRADIENTS_PRIVATE = contextvars.ContextVar("focal_cuda_gradients_private", default=False)
+
+
+@contextlib.contextmanager
+def private_gradients():
+    token = _GRADIENTS_PRIVATE.set(True)
+    try:
+        yield
+    finally:
+        _GRADIENTS_PRIVATE.reset(token)
+
+
+def _last_use_of(ctx, saved):
+    """True in an eager backward that frees the graph (retain_graph=False) of a forward whose
+    gradient outputs nobody else holds: the saved gradient is then used for the last time and
+    can become the gradient itself, so a training step holds one gradient-sized buffer instead
+    of two. Never while tracing (torch.compile, AOT, opcheck): graphs stay functional."""
+    if not ctx.gradients_private or torch.compiler.is_compiling() or type(saved) is not torch.Tensor:
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and not keep_graph()
+
+
+def _scaled_saved_grad(ctx, grad_loss, saved, count, reduction):
+    if _last_use_of(ctx, saved):
+        sigmoid_focal_loss_backward_(grad_loss, saved, count, reduction)
+        return saved
+    return sigmoid_focal_loss_backward(grad_loss, saved, count, reduction)
+
+
 def _mean_scale(grad_output, count, reduction):
     """grad_output, divided by count for the mean (0 where nothing counted)."""
     if reduction != _MEAN:
@@ -89,6 +136,7 @@ def _forward_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(grad_inputs, grad_targets, unweighted, count)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, t, weight, grad_inputs, grad_targets, unweighted, count)
+    ctx.gradients_private = _GRADIENTS_PRIVATE.get()
     ctx.options = dict(alpha=alpha, gamma=gamma, reduction=reduction, ignore_index=ignore_index,
                        label_smoothing=label_smoothing)
 
@@ -116,10 +164,10 @@ def _forward_backward(ctx, grad_loss, *_grads_of_saved_outputs):
     grad_inputs = grad_targets = grad_weight = None
     if needs_x:
         saved = _saved_or_error(saved_grad_inputs, x, "inputs")
-        grad_inputs = sigmoid_focal_loss_backward(grad_loss, saved, count, reduction)
+        grad_inputs = _scaled_saved_grad(ctx, grad_loss, saved, count, reduction)
     if needs_t:
         saved = _saved_or_error(saved_grad_targets, t, "targets")
-        grad_targets = sigmoid_focal_loss_backward(grad_loss, saved, count, reduction)
+        grad_targets = _scaled_saved_grad(ctx, grad_loss, saved, count, reduction)
     if needs_weight:
         unweighted = _saved_or_error(unweighted, x, "weight")
         math_dtype = torch.float64 if unweighted.dtype == torch.float64 else torch.float32

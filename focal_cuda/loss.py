@@ -1,5 +1,6 @@
 """The public sigmoid focal loss and its nn.Module: argument checks, then the fused op."""
 
+import contextlib
 import math
 import numbers
 
@@ -148,21 +149,25 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none",
     _check_targets(targets, inputs)
     _check_weight(weight, inputs)
     grad_enabled = torch.is_grad_enabled()
-    loss, _, _, _, _ = _ops.sigmoid_focal_loss_forward(
-        inputs,
-        targets,
-        weight,
-        checked_alpha(alpha),
-        checked_gamma(gamma),
-        checked_reduction(reduction),
-        checked_ignore_index(ignore_index),
-        checked_label_smoothing(label_smoothing),
-        torch.is_autocast_enabled(inputs.device.type),
-        grad_enabled and inputs.requires_grad,
-        grad_enabled and targets.requires_grad,
-        grad_enabled and weight is not None and weight.requires_grad,
-    )
-    return loss
+    # Eagerly, this call drops the gradient outputs, so backward may turn them into the
+    # gradients in place (see _ops._last_use_of); traced graphs stay functional.
+    private = contextlib.nullcontext() if torch.compiler.is_compiling() else _ops.private_gradients()
+    with private:
+        outputs = _ops.sigmoid_focal_loss_forward(
+            inputs,
+            targets,
+            weight,
+            checked_alpha(alpha),
+            checked_gamma(gamma),
+            checked_reduction(reduction),
+            checked_ignore_index(ignore_index),
+            checked_label_smoothing(label_smoothing),
+            torch.is_autocast_enabled(inputs.device.type),
+            grad_enabled and inputs.requires_grad,
+            grad_enabled and targets.requires_grad,
+            grad_enabled and weight is not None and weight.requires_grad,
+        )
+    return outputs[0]
 
 
 class SigmoidFocalLoss(torch.nn.Module):

@@ -36,7 +36,11 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none",
     else:
         t = targets.to(math_dtype)
     t = t * (1 - label_smoothing) + label_smoothing / 2
-    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    # CE = BCE-with-logits = t * softplus(-x) + (1 - t) * softplus(x), with softplus(v) as
+    # logaddexp(v, 0): torch's binary_cross_entropy_with_logits forms log(1 + exp(-|x|))
+    # without log1p, and F.softplus turns linear past |v| = 20; both lose digits there.
+    zero = torch.zeros_like(x)
+    ce = t * torch.logaddexp(-x, zero) + (1 - t) * torch.logaddexp(x, zero)
     q = t * torch.sigmoid(-x) + (1 - t) * torch.sigmoid(x)  # 1 - p_t, without cancellation
     loss = q.pow(gamma) * ce
     if alpha is not None and alpha >= 0:

@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import focal_cuda
-from conftest import DEVICES, GAMMAS, REDUCTIONS, random_case
+from conftest import DEVICES, GAMMAS, REDUCTIONS, random_case, requires_cuda
 
 
 def focal_fn(alpha, gamma, reduction):
@@ -97,3 +97,47 @@ def test_gradient_accumulates_across_calls(device):
     once = inputs.grad.clone()
     focal_cuda.sigmoid_focal_loss(inputs, targets, reduction="sum").backward()
     torch.testing.assert_close(inputs.grad, 2 * once)
+
+
+def backward_ops_called(backward):
+    with RecordFocalOps() as recorder:
+        backward()
+    return [name.split(".")[0] for name, _ in recorder.calls]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_saved_gradient_becomes_the_gradient_only_on_its_last_use(device):
+    inputs, targets = random_case((40, 8), torch.float32, device)
+    x = inputs.clone().requires_grad_()
+    loss = focal_cuda.sigmoid_focal_loss(x, targets, reduction="mean")
+    # A backward that keeps the graph must leave the saved gradient intact...
+    assert backward_ops_called(lambda: loss.backward(retain_graph=True)) == ["sigmoid_focal_loss_backward"]
+    first = x.grad.clone()
+    # ...the one that frees it may scale it in place and hand it over: no second buffer.
+    assert backward_ops_called(loss.backward) == ["sigmoid_focal_loss_backward_"]
+    torch.testing.assert_close(x.grad, 2 * first)
+    # Whoever calls the op itself may hold its gradient outputs: never reused.
+    op_outputs = torch.ops.focal_cuda.sigmoid_focal_loss_forward(
+        x, targets, None, 0.25, 2.0, 1, -100, 0.0, False, True, False, False
+    )
+    saved = op_outputs[1].clone()
+    assert backward_ops_called(op_outputs[0].backward) == ["sigmoid_focal_loss_backward"]
+    assert torch.equal(op_outputs[1], saved)
+
+
+@requires_cuda
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_training_step_peak_memory_is_one_gradient_buffer(reduction):
+    inputs, targets = random_case((100_000, 80), torch.float32, "cuda")
+    x = inputs.clone().requires_grad_()
+    gradient_bytes = x.numel() * x.element_size()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    loss = focal_cuda.sigmoid_focal_loss(x, targets, reduction=reduction)
+    loss.backward(torch.ones_like(loss) if reduction == "none" else None)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - baseline
+    # The elementwise loss of "none" is an output the caller asked for, on top.
+    allowed = 1.1 * gradient_bytes + (2 * gradient_bytes if reduction == "none" else 0)
+    assert extra <= allowed, f"peak {extra / gradient_bytes:.2f} gradient buffers"

@@ -258,10 +258,12 @@ __global__ void __launch_bounds__(kThreads)
 
 // out = saved * grad_output [/ divisor]; grad_output is one value in math_t<s_t> when
 // kScalarGrad; divisor (the mean's count) is null for none/sum, and a zero count gives zero.
+// out may be saved itself (no __restrict__ on them): each element is read, then written, by
+// one thread.
 template <typename s_t, typename g_t, bool kScalarGrad, int kPack>
 __global__ void __launch_bounds__(kThreads)
-    focal_backward_kernel(const s_t* __restrict__ saved, const g_t* __restrict__ grad_output,
-                          const int64_t* __restrict__ divisor, int64_t n, s_t* __restrict__ out) {
+    focal_backward_kernel(const s_t* saved, const g_t* __restrict__ grad_output,
+                          const int64_t* __restrict__ divisor, int64_t n, s_t* out) {
   using S = math_t<s_t>;
   S scale(1);
   if (divisor != nullptr) {
