@@ -8,6 +8,7 @@ from conftest import DEVICES, DTYPES, REDUCTIONS, random_case
 
 forward_op = torch.ops.focal_cuda.sigmoid_focal_loss_forward.default
 backward_op = torch.ops.focal_cuda.sigmoid_focal_loss_backward.default
+backward_in_place_op = torch.ops.focal_cuda.sigmoid_focal_loss_backward_.default
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -34,6 +35,20 @@ def test_opcheck_backward(device, dtype, reduction, requires_grad):
     count = torch.tensor(saved.numel(), device=device)
     args = (grad_output, saved.requires_grad_(requires_grad), count, reduction)
     torch.library.opcheck(backward_op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck_backward_in_place(device, dtype, reduction):
+    saved, _ = random_case((6, 5), dtype, device)
+    grad_output = torch.rand((6, 5) if reduction == 0 else (), dtype=torch.float64)
+    grad_output = grad_output.to(device=device, dtype=dtype)
+    count = torch.tensor(saved.numel(), device=device)
+    expected = backward_op(grad_output, saved, count, reduction)
+    torch.library.opcheck(backward_in_place_op, (grad_output, saved.clone(), count, reduction))
+    backward_in_place_op(grad_output, saved, count, reduction)
+    torch.testing.assert_close(saved, expected, rtol=0, atol=0)
 
 
 def training_step(inputs, targets, reduction, alpha, gamma):
