@@ -31,7 +31,10 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "focal_cuda kernels; use focal_cuda.sigmoid_focal_loss, not these directly.";
-  m.def("sigmoid_focal_loss_forward", &focal::sigmoid_focal_loss_forward, pybind11::arg("inputs"),
+  // The kernels run without the GIL, so Python threads can compute losses concurrently.
+  using release_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("sigmoid_focal_loss_forward", &focal::sigmoid_focal_loss_forward, release_gil(),
+        pybind11::arg("inputs"),
         pybind11::arg("targets"), pybind11::arg("weight"), pybind11::arg("alpha"),
         pybind11::arg("gamma"), pybind11::arg("reduction"), pybind11::arg("ignore_index"),
         pybind11::arg("label_smoothing"), pybind11::arg("float32_loss"),
@@ -39,10 +42,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("compute_unweighted_loss"),
         "Fused sigmoid focal loss: (loss, dloss/dinputs, dloss/dtargets, loss before weight, "
         "count), gradients unscaled.");
-  m.def("sigmoid_focal_loss_backward", &focal::sigmoid_focal_loss_backward,
+  m.def("sigmoid_focal_loss_backward", &focal::sigmoid_focal_loss_backward, release_gil(),
         pybind11::arg("grad_output"), pybind11::arg("saved_grad"), pybind11::arg("count"),
         pybind11::arg("reduction"), "saved_grad scaled by grad_output (divided by count for mean).");
-  m.def("sigmoid_focal_loss_backward_", &focal::sigmoid_focal_loss_backward_,
+  m.def("sigmoid_focal_loss_backward_", &focal::sigmoid_focal_loss_backward_, release_gil(),
         pybind11::arg("grad_output"), pybind11::arg("saved_grad"), pybind11::arg("count"),
         pybind11::arg("reduction"), "sigmoid_focal_loss_backward, written into saved_grad.");
   m.def("build_info", &build_info, "What this build of focal_cuda contains.");

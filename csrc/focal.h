@@ -26,7 +26,8 @@ struct ForwardArgs {
   bool labels;         // targets holds class labels: class c of row r is positive iff label == c
   int64_t classes;
   int64_t ignore_index;  // label of rows that contribute nothing (labels only)
-  at::Tensor weight;     // math dtype (float32/float64), indexed per weight_kind; or undefined
+  at::Tensor weight;     // in the math dtype of the loss (float64 for a float64 loss, else
+                         // float32), indexed per weight_kind; or undefined
   WeightKind weight_kind;
   double alpha;  // < 0: no alpha weighting
   double gamma;

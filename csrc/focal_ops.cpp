@@ -61,8 +61,8 @@ void check_labels_on_cpu(const at::Tensor& labels, int64_t classes, int64_t igno
   }
 }
 
-// The weight as the kernels read it: per class, per row or per element, in the math dtype,
-// contiguous. Only a weight that varies along both rows and classes without covering every
+// The weight as the kernels read it: per class, per row or per element, in the dtype the
+// kernels compute in (float32, or float64 for a float64 loss), contiguous. Only a weight that varies along both rows and classes without covering every
 // element (e.g. (A, C) for inputs (N, A, C)) is materialised at full size.
 std::pair<WeightKind, at::Tensor> weight_for_kernels(const at::Tensor& weight,
                                                      const at::Tensor& inputs,
@@ -97,17 +97,24 @@ std::pair<WeightKind, at::Tensor> weight_for_kernels(const at::Tensor& weight,
   return {WeightKind::Element, expanded.contiguous()};
 }
 
-// CUDA kernels read a fixed set of dtype combinations directly; others are converted to the
-// promoted dtype first (rare: mixed precision other than 16-bit inputs with float32 targets).
-std::pair<at::Tensor, at::Tensor> readable_pair(const at::Tensor& first, const at::Tensor& second) {
+// Whether the kernels read this pair of floating dtypes as it is: always on CPU; on CUDA a fixed
+// set (equal dtypes, 16-bit with float32).
+bool reads_directly(const at::Tensor& first, const at::Tensor& second) {
 #ifdef FOCAL_WITH_CUDA
-  if (first.is_cuda() && at::isFloatingType(second.scalar_type()) &&
-      !cuda::reads_dtype_pair(first.scalar_type(), second.scalar_type())) {
-    const auto promoted = at::result_type(first, second);
-    return {first.to(promoted), second.to(promoted)};
-  }
+  return !first.is_cuda() || cuda::reads_dtype_pair(first.scalar_type(), second.scalar_type());
+#else
+  return true;
 #endif
-  return {first, second};
+}
+
+// The pair as the kernels can read it: unchanged, or both converted to the promoted dtype
+// (rare: mixed precision on CUDA other than 16-bit inputs with float32 targets).
+std::pair<at::Tensor, at::Tensor> readable_pair(const at::Tensor& first, const at::Tensor& second) {
+  if (reads_directly(first, second)) {
+    return {first, second};
+  }
+  const auto promoted = at::result_type(first, second);
+  return {first.to(promoted), second.to(promoted)};
 }
 
 void run_forward(const ForwardArgs& args) {
@@ -180,9 +187,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     floating_targets = labels ? targets : targets.to(at::kFloat);
   }
   if (labels) {
-    check_labels_on_cpu(targets, args.classes, ignore_index);
     args.inputs = inputs.contiguous();
-    args.targets = targets.to(at::kLong).contiguous();
+    args.targets = targets.to(at::kLong).contiguous();  // before any comparison: no wrapping
+    check_labels_on_cpu(args.targets, args.classes, ignore_index);
   } else {
     std::tie(args.inputs, args.targets) =
         readable_pair(inputs.contiguous(), floating_targets.contiguous());
@@ -192,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     check_floating(*weight, "weight");
     check_same_device(*weight, inputs, "weight");
     std::tie(args.weight_kind, args.weight) =
-        weight_for_kernels(*weight, inputs, math_dtype(args.inputs.scalar_type()));
+        weight_for_kernels(*weight, inputs, math_dtype(loss_dtype));
   }
 
   const auto& x = args.inputs;
@@ -274,10 +281,11 @@ BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& s
     args.grad_output = grad_output.as_strided({}, {}, grad_output.storage_offset())
                            .to(math_dtype(saved_grad.scalar_type()));
   } else if (in_place) {
-    const auto [unchanged, readable_grad] = readable_pair(saved_grad, grad_output.contiguous());
-    args.grad_output = unchanged.scalar_type() == saved_grad.scalar_type()
-                           ? readable_grad
-                           : grad_output.to(saved_grad.scalar_type()).contiguous();
+    // saved_grad stays as it is; an unreadable grad_output is taken in its math type.
+    args.grad_output = grad_output.contiguous();
+    if (!reads_directly(saved_grad, args.grad_output)) {
+      args.grad_output = args.grad_output.to(math_dtype(saved_grad.scalar_type()));
+    }
   } else {
     std::tie(args.saved_grad, args.grad_output) =
         readable_pair(saved_grad, grad_output.contiguous());

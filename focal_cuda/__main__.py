@@ -108,6 +108,9 @@ def main():
           f"threads: {torch.get_num_threads()}")
 
     failures = []
+    if torch.cuda.is_available() and not info["cuda"]:
+        failures.append("a GPU is visible but this build has no CUDA kernels: rebuild with "
+                        "FORCE_CUDA=1 pip install --no-build-isolation .")
     for device in devices():
         device_failures = check_device(device)
         status = "ok" if not device_failures else f"{len(device_failures)} failures"

@@ -9,6 +9,7 @@ import contextvars
 from typing import Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import _C, reference
 
@@ -108,7 +109,12 @@ def _last_use_of(ctx, saved):
     gradient outputs nobody else holds: the saved gradient is then used for the last time and
     can become the gradient itself, so a training step holds one gradient-sized buffer instead
     of two. Never while tracing (torch.compile, AOT, opcheck): graphs stay functional."""
-    if not ctx.gradients_private or torch.compiler.is_compiling() or type(saved) is not torch.Tensor:
+    tracing = (
+        torch.compiler.is_compiling()
+        or type(saved) is not torch.Tensor
+        or _get_current_dispatch_mode() is not None
+    )
+    if not ctx.gradients_private or tracing:
         return False
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return keep_graph is not None and not keep_graph()
@@ -129,7 +135,7 @@ def _mean_scale(grad_output, count, reduction):
 
 
 def _forward_setup_context(ctx, inputs, output):
-    x, t, weight, alpha, gamma, reduction, ignore_index, label_smoothing = inputs[:8]
+    x, t, weight, alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss = inputs[:9]
     _, grad_inputs, grad_targets, unweighted, count = output
     # Every output but the loss only carries what backward needs; none is differentiable, and
     # autograd must not materialise full-size zero gradients for them.
@@ -137,6 +143,7 @@ def _forward_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, t, weight, grad_inputs, grad_targets, unweighted, count)
     ctx.gradients_private = _GRADIENTS_PRIVATE.get()
+    ctx.float32_loss = float32_loss
     ctx.options = dict(alpha=alpha, gamma=gamma, reduction=reduction, ignore_index=ignore_index,
                        label_smoothing=label_smoothing)
 
@@ -181,6 +188,10 @@ def _differentiable_grads(ctx, x, t, weight, grad_loss, needed):
     options["reduction"] = _REDUCTION_NAMES[options["reduction"]]
     candidates = (x, t, weight)
     wrt = [tensor for tensor, need in zip(candidates, needed) if need]
+    if loss_dtype(x, t, ctx.float32_loss) != loss_dtype(x, t, False):
+        # The loss was float32 (autocast): differentiate a float32 loss too, so that a scaled
+        # grad_loss is not rounded to 16 bits. The casts are differentiable.
+        x, t = x.float(), (t.float() if t.is_floating_point() else t)
     loss = reference.sigmoid_focal_loss(x, t, weight=weight, **options)
     grads = iter(torch.autograd.grad(loss, wrt, grad_loss, create_graph=True))
     return tuple(next(grads) if need else None for need in needed)

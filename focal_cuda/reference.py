@@ -28,9 +28,10 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none",
     valid = None
     if labels:
         classes = inputs.shape[-1]
+        targets = targets.long()  # compare in int64: narrower labels must not wrap ignore_index
         valid = targets != ignore_index
         background = torch.full_like(targets, classes)
-        one_hot = F.one_hot(torch.where(valid, targets, background).long(), classes + 1)
+        one_hot = F.one_hot(torch.where(valid, targets, background), classes + 1)
         t = one_hot[..., :classes].to(math_dtype)
         valid = valid.unsqueeze(-1).to(math_dtype)
     else:
@@ -50,8 +51,12 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none",
     if weight is not None:
         loss = loss * weight.to(math_dtype)
     if reduction == "mean":
-        count = loss.numel() if valid is None else valid.sum() * inputs.shape[-1]
-        loss = loss.sum() / count
+        if valid is None:
+            loss = loss.sum() / loss.numel()
+        else:  # over the elements not ignored; NaN, with zero gradients, when none is left
+            count = valid.sum() * inputs.shape[-1]
+            mean = loss.sum() / count.clamp_min(1)
+            loss = torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
     elif reduction == "sum":
         loss = loss.sum()
     elif reduction != "none":

@@ -101,14 +101,37 @@ def test_ignored_rows_give_nothing_and_leave_the_mean(device, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("label_dtype", [torch.int8, torch.int16, torch.int32, torch.uint8])
+def test_narrow_label_dtypes_compare_as_integers(device, label_dtype):
+    inputs = torch.randn(4, 300, device=device, dtype=torch.float64)
+    ignore_index = 255 if label_dtype == torch.uint8 else -100
+    largest = 127 if label_dtype == torch.int8 else 250
+    labels = torch.tensor([0, 120, ignore_index, largest], device=device).to(label_dtype)
+    ours = loss_and_grads(inputs, labels, "mean", ignore_index=ignore_index)
+    expected = reference_loss_and_grads(inputs, labels.long(), "mean", ignore_index=ignore_index)
+    assert (ours[1][2] == 0).all()  # the ignored row
+    assert_matches(ours[0], expected[0])
+    assert_matches(ours[1], expected[1])
+
+
+def test_uint8_label_never_matches_a_negative_ignore_index():
+    # 156 is -100 wrapped to 8 bits: a real label (here out of range), not an ignored row.
+    with pytest.raises(ValueError, match="class label 156"):
+        focal_cuda.sigmoid_focal_loss(torch.zeros(2, 3), torch.tensor([156, 0], dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_every_row_ignored(device, reduction):
-    inputs = torch.randn(6, CLASSES, device=device, requires_grad=True)
+    inputs = torch.randn(6, CLASSES, device=device, dtype=torch.float64, requires_grad=True)
     labels = torch.full((6,), -1, device=device)
     loss = focal_cuda.sigmoid_focal_loss(inputs, labels, reduction=reduction, ignore_index=-1)
-    loss.backward()
     assert torch.isnan(loss) if reduction == "mean" else loss.item() == 0.0
-    assert (inputs.grad == 0).all()
+    first, = torch.autograd.grad(loss, inputs, create_graph=False, retain_graph=True)
+    assert (first == 0).all()
+    # The differentiable path (create_graph) agrees: zero gradients, not NaN.
+    second, = torch.autograd.grad(loss, inputs, create_graph=True)
+    assert (second == 0).all()
 
 
 WEIGHT_SHAPES = [(), (CLASSES,), (1, CLASSES), (12, 1), (12, CLASSES), (1, 1)]
@@ -137,6 +160,30 @@ def test_weight_shapes_against_reference(device, reduction, input_shape, weight_
         if expected_value is not None:
             assert our_value.shape == expected_value.shape
             assert_matches(our_value, expected_value)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "input_dtype,target_dtype,weight_dtype",
+    [(torch.float32, torch.float64, torch.float32), (torch.float16, torch.float64, torch.float16),
+     (torch.bfloat16, torch.float32, torch.float64), (torch.float64, torch.float32, torch.float16)],
+)
+@pytest.mark.parametrize("weight_shape", [(CLASSES,), (30, 1), (30, CLASSES)])
+def test_weight_with_mixed_dtypes(device, input_dtype, target_dtype, weight_dtype, weight_shape):
+    generator = torch.Generator().manual_seed(10)
+    inputs = (torch.randn(30, CLASSES, generator=generator, dtype=torch.float64) * 3).to(device, input_dtype)
+    targets = torch.rand(30, CLASSES, generator=generator, dtype=torch.float64).to(device, target_dtype)
+    weight = (torch.rand(weight_shape, generator=generator, dtype=torch.float64) + 0.5).to(device, weight_dtype)
+    ours = loss_and_grads(inputs, targets, "sum", weight=weight)
+    expected = reference_loss_and_grads(inputs, targets, "sum", weight=weight)
+    loss_dtype = torch.promote_types(input_dtype, target_dtype)
+    assert ours[0].dtype == loss_dtype and ours[3].dtype == weight_dtype
+    assert_matches(ours[0], expected[0])
+    assert_matches(ours[1], expected[1])
+    assert_matches(ours[2], expected[2])
+    # d loss / d weight is computed in the loss's precision, then stored in the weight's dtype.
+    coarser = max((weight_dtype, loss_dtype), key=lambda dtype: torch.finfo(dtype).eps)
+    assert_matches(ours[3], expected[3], dtype=coarser)
 
 
 @pytest.mark.parametrize("device", DEVICES)

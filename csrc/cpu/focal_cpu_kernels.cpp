@@ -251,7 +251,8 @@ void forward_impl(const ForwardArgs& args) {
   std::vector<int64_t> chunk_counts(num_chunks, 0);
   const RawTensor inputs(args.inputs), targets(args.targets), loss_out(args.loss);
   const RawTensor unweighted_out(args.unweighted_loss), grad_inputs_out(args.grad_inputs);
-  const RawTensor grad_targets_out(args.grad_targets), weight(args.weight);
+  const RawTensor grad_targets_out(args.grad_targets);
+  const S* weight = args.weight.defined() ? args.weight.const_data_ptr<S>() : nullptr;
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     const FlushSubnormals flush_subnormals;
@@ -265,7 +266,7 @@ void forward_impl(const ForwardArgs& args) {
         const int64_t len = std::min(kBlock, chunk_stop - offset);
         const S* x = read_block(inputs, offset, len, x_buffer);
         if (weighted) {
-          element_weights(args, static_cast<const S*>(weight.data), offset, len, w_buffer);
+          element_weights(args, weight, offset, len, w_buffer);
         }
         const S* t = t_buffer;
         if (args.labels) {
