@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import focal_cuda
-from conftest import DEVICES, DTYPES, REDUCTIONS, random_case
+from conftest import DEVICES, DTYPES, REDUCTIONS, random_case, requires_cuda
 
 
 def loss_and_grad(inputs, targets, reduction):
@@ -39,3 +39,13 @@ def test_cpu_result_does_not_depend_on_thread_count(dtype, reduction):
         torch.set_num_threads(threads)
     for count in (2, 3):
         assert all(torch.equal(a, b) for a, b in zip(results[1], results[count]))
+
+
+@requires_cuda
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_hundred_calls_at_retinanet_scale_are_bitwise_identical(reduction):
+    inputs, targets = random_case((2_000_000, 80), torch.float32, "cuda")  # 1.6e8 elements
+    first = loss_and_grad(inputs, targets, reduction)
+    for _ in range(100):
+        again = loss_and_grad(inputs, targets, reduction)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
