@@ -51,32 +51,30 @@ struct BackwardArgs {
   at::Tensor out;  // saved_grad's dtype and numel
 };
 
-// Turns the run-time choices that shape a kernel's inner loop into template arguments:
-// fn(std::integral_constant<GammaMode, ...>, std::bool_constant<grad_inputs>,
-//    std::bool_constant<grad_targets>).
+// Turns gamma into the GammaMode template argument of a kernel:
+// fn(std::integral_constant<GammaMode, ...>).
 template <typename Fn>
-void dispatch_focal_variant(double gamma, bool grad_inputs, bool grad_targets, Fn&& fn) {
-  auto with_gamma = [&](auto gamma_mode_constant) {
-    if (grad_inputs && grad_targets) {
-      fn(gamma_mode_constant, std::true_type{}, std::true_type{});
-    } else if (grad_inputs) {
-      fn(gamma_mode_constant, std::true_type{}, std::false_type{});
-    } else if (grad_targets) {
-      fn(gamma_mode_constant, std::false_type{}, std::true_type{});
-    } else {
-      fn(gamma_mode_constant, std::false_type{}, std::false_type{});
-    }
-  };
+void dispatch_gamma_mode(double gamma, Fn&& fn) {
   switch (gamma_mode(gamma)) {
     case GammaMode::Zero:
-      with_gamma(std::integral_constant<GammaMode, GammaMode::Zero>{});
+      fn(std::integral_constant<GammaMode, GammaMode::Zero>{});
       break;
     case GammaMode::Two:
-      with_gamma(std::integral_constant<GammaMode, GammaMode::Two>{});
+      fn(std::integral_constant<GammaMode, GammaMode::Two>{});
       break;
     case GammaMode::General:
-      with_gamma(std::integral_constant<GammaMode, GammaMode::General>{});
+      fn(std::integral_constant<GammaMode, GammaMode::General>{});
       break;
+  }
+}
+
+// fn(std::true_type{}) or fn(std::false_type{}): a run-time flag as a template argument.
+template <typename Fn>
+void dispatch_flag(bool flag, Fn&& fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
   }
 }
 

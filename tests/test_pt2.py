@@ -24,16 +24,22 @@ def test_opcheck_forward(device, dtype, reduction, requires_grad):
     torch.library.opcheck(forward_op, args)
 
 
+def backward_case(device, dtype, reduction):
+    """(grad_output, saved gradient, count) as the backward ops receive them."""
+    saved, _ = random_case((6, 5), dtype, device)
+    grad_output = torch.rand((6, 5) if reduction == 0 else (), dtype=torch.float64)
+    count = torch.tensor(saved.numel(), device=device)
+    return grad_output.to(device=device, dtype=dtype), saved, count
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck_backward(device, dtype, reduction, requires_grad):
-    saved, _ = random_case((6, 5), dtype, device)
-    grad_output = torch.rand((6, 5) if reduction == 0 else (), dtype=torch.float64)
-    grad_output = grad_output.to(device=device, dtype=dtype).requires_grad_(requires_grad)
-    count = torch.tensor(saved.numel(), device=device)
-    args = (grad_output, saved.requires_grad_(requires_grad), count, reduction)
+    grad_output, saved, count = backward_case(device, dtype, reduction)
+    args = (grad_output.requires_grad_(requires_grad), saved.requires_grad_(requires_grad), count,
+            reduction)
     torch.library.opcheck(backward_op, args)
 
 
@@ -41,10 +47,7 @@ def test_opcheck_backward(device, dtype, reduction, requires_grad):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 def test_opcheck_backward_in_place(device, dtype, reduction):
-    saved, _ = random_case((6, 5), dtype, device)
-    grad_output = torch.rand((6, 5) if reduction == 0 else (), dtype=torch.float64)
-    grad_output = grad_output.to(device=device, dtype=dtype)
-    count = torch.tensor(saved.numel(), device=device)
+    grad_output, saved, count = backward_case(device, dtype, reduction)
     expected = backward_op(grad_output, saved, count, reduction)
     torch.library.opcheck(backward_in_place_op, (grad_output, saved.clone(), count, reduction))
     backward_in_place_op(grad_output, saved, count, reduction)

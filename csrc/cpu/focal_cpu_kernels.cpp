@@ -373,12 +373,14 @@ void with_math_type(const at::Tensor& tensor, Fn&& fn) {
 void forward(const ForwardArgs& args) {
   with_math_type(args.loss, [&](auto math_type) {
     using S = decltype(math_type);
-    dispatch_focal_variant(
-        args.gamma, args.grad_inputs.defined(), args.grad_targets.defined(),
-        [&](auto gamma_mode, auto grad_inputs, auto grad_targets) {
+    dispatch_gamma_mode(args.gamma, [&](auto gamma_mode) {
+      dispatch_flag(args.grad_inputs.defined(), [&](auto grad_inputs) {
+        dispatch_flag(args.grad_targets.defined(), [&](auto grad_targets) {
           forward_impl<S, decltype(gamma_mode)::value, decltype(grad_inputs)::value,
                        decltype(grad_targets)::value>(args);
         });
+      });
+    });
   });
 }
 

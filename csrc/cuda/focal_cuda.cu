@@ -394,20 +394,22 @@ void forward(const ForwardArgs& args) {
     p.block_sums = block_sums.mutable_data_ptr<S>();
     p.block_counts = block_counts.mutable_data_ptr<int64_t>();
 
-    dispatch_focal_variant(
-        args.gamma, p.grad_inputs != nullptr, false,
-        [&](auto gamma_mode, auto grad_inputs_flag, auto) {
-          constexpr GammaMode kGamma = decltype(gamma_mode)::value;
-          constexpr bool kGradInputs = decltype(grad_inputs_flag)::value;
-          if (packed) {
-            focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, kPack>
-                <<<grid, kThreads, 0, stream>>>(p);
-          } else {
-            focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, 1>
-                <<<grid, kThreads, 0, stream>>>(p);
-          }
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+    // grad_targets is a run-time branch inside the kernel (rarely wanted; it saves compiling a
+    // second copy of every kernel).
+    dispatch_gamma_mode(args.gamma, [&](auto gamma_mode) {
+      dispatch_flag(p.grad_inputs != nullptr, [&](auto grad_inputs_flag) {
+        constexpr GammaMode kGamma = decltype(gamma_mode)::value;
+        constexpr bool kGradInputs = decltype(grad_inputs_flag)::value;
+        if (packed) {
+          focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, kPack>
+              <<<grid, kThreads, 0, stream>>>(p);
+        } else {
+          focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, 1>
+              <<<grid, kThreads, 0, stream>>>(p);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
 
     finish_forward_kernel<S, out_t><<<1, kThreads, 0, stream>>>(
         p.block_sums, p.block_counts, grid, args.reduction == Reduction::Mean,
@@ -437,24 +439,17 @@ void backward(const BackwardArgs& args) {
         const bool packed = is_aligned_for_pack<s_t, kPack>(saved) &&
                             is_aligned_for_pack<s_t, kPack>(out);
         const int grid = grid_size(packed ? n / kPack : n);
-        auto launch = [&](auto scalar_flag, auto pack_constant) {
-          focal_backward_kernel<s_t, g_t, decltype(scalar_flag)::value,
-                                decltype(pack_constant)::value>
-              <<<grid, kThreads, 0, stream>>>(saved, grad_output, divisor, n, out);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        };
-        auto with_pack = [&](auto scalar_flag) {
+        dispatch_flag(args.grad_output_is_scalar, [&](auto scalar_flag) {
+          constexpr bool kScalarGrad = decltype(scalar_flag)::value;
           if (packed) {
-            launch(scalar_flag, std::integral_constant<int, kPack>{});
+            focal_backward_kernel<s_t, g_t, kScalarGrad, kPack>
+                <<<grid, kThreads, 0, stream>>>(saved, grad_output, divisor, n, out);
           } else {
-            launch(scalar_flag, std::integral_constant<int, 1>{});
+            focal_backward_kernel<s_t, g_t, kScalarGrad, 1>
+                <<<grid, kThreads, 0, stream>>>(saved, grad_output, divisor, n, out);
           }
-        };
-        if (args.grad_output_is_scalar) {
-          with_pack(std::true_type{});
-        } else {
-          with_pack(std::false_type{});
-        }
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
   TORCH_INTERNAL_ASSERT(dispatched, "focal_cuda: dtype pair ", args.saved_grad.scalar_type(), ", ",
                         args.grad_output.scalar_type(), " reached the CUDA backward unconverted");
