@@ -3,7 +3,8 @@
 // Used by the CUDA kernels (V = float/double), the CPU kernels (V = at::vec::Vectorized<float/double>)
 // and their scalar tails (V = float/double), so the CPU tests exercise the very formulas the GPU runs.
 // Everything a value type needs beyond + - * / and comparisons comes from a Math policy:
-// exp, log, pow, reciprocal, abs, max, select(mask, if_true, if_false).
+// exp, log1p (called only for arguments in [0, 1]), pow, reciprocal, abs, max,
+// select(mask, if_true, if_false).
 //
 // With p = sigmoid(x), t the target (after label smoothing), w the element's weight (the loss and
 // its derivatives below are multiplied by it):
@@ -61,7 +62,7 @@ struct FocalCoeffs {
 template <typename S>
 struct ScalarMath {
   static FOCAL_HOST_DEVICE S exp(S v) { return ::exp(v); }
-  static FOCAL_HOST_DEVICE S log(S v) { return ::log(v); }
+  static FOCAL_HOST_DEVICE S log1p(S v) { return ::log1p(v); }
   static FOCAL_HOST_DEVICE S pow(S base, S exponent) { return ::pow(base, exponent); }
   static FOCAL_HOST_DEVICE S reciprocal(S v) { return S(1) / v; }
   static FOCAL_HOST_DEVICE S abs(S v) { return ::fabs(v); }
@@ -74,7 +75,7 @@ struct ScalarMath {
 template <>
 struct ScalarMath<float> {
   static FOCAL_HOST_DEVICE float exp(float v) { return ::expf(v); }
-  static FOCAL_HOST_DEVICE float log(float v) { return ::logf(v); }
+  static FOCAL_HOST_DEVICE float log1p(float v) { return ::log1pf(v); }
   static FOCAL_HOST_DEVICE float pow(float base, float exponent) { return ::powf(base, exponent); }
   static FOCAL_HOST_DEVICE float reciprocal(float v) { return 1.0f / v; }
   static FOCAL_HOST_DEVICE float abs(float v) { return ::fabsf(v); }
@@ -104,10 +105,7 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
   const V e = Math::exp(zero - Math::abs(x));  // exp(-|x|), in (0, 1]
   const V u = one + e;
   const V sig_abs = Math::reciprocal(u);  // sigmoid(|x|)
-  // log1p(e) = log(u) + log(1 + (e - (u - 1)) / u), where e - (u - 1) is exactly the rounding
-  // error of u: as exact as log1p (also when u rounds to 1), for one log and no division
-  // (ATen's vectorized log1p is several times slower than its log).
-  const V log1p_e = Math::log(u) + (e - (u - one)) * sig_abs;
+  const V log1p_e = Math::log1p(e);
   const auto x_nonneg = x >= zero;
   const V p = Math::select(x_nonneg, sig_abs, e * sig_abs);   // sigmoid(x)
   const V pm = Math::select(x_nonneg, e * sig_abs, sig_abs);  // sigmoid(-x) = 1 - p, no cancellation

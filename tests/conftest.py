@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import focal_cuda
 
@@ -49,3 +50,20 @@ def reference_results(inputs, targets, alpha, gamma, reduction, grad_output=None
         grad_output = torch.ones_like(loss)
     grad_x, grad_t = torch.autograd.grad(loss, (x, t), grad_output.double())
     return loss.detach(), grad_x, grad_t
+
+
+def worst_float32_softplus_sigmoid_ulp(device):
+    """With gamma 0, no alpha and target 0 the loss is softplus(x) and its gradient sigmoid(x):
+    the kernels' exp, log1p and reciprocal. Their worst error in float32 units in the last place,
+    over logits whose results are not subnormal."""
+    generator = torch.Generator().manual_seed(7)
+    uniform = torch.rand(100_000, generator=generator) * 8 - 4
+    x = torch.cat([torch.linspace(-87, 87, 200_001), uniform]).to(device).requires_grad_()
+    loss = focal_cuda.sigmoid_focal_loss(x, torch.zeros_like(x), None, 0.0)
+    loss.sum().backward()
+    exact_x = x.detach().double()
+    worst = 0.0
+    for ours, exact in [(loss, F.softplus(exact_x)), (x.grad, torch.sigmoid(exact_x))]:
+        ulp = torch.finfo(torch.float32).eps * 2.0 ** torch.floor(torch.log2(exact))
+        worst = max(worst, ((ours.double() - exact).abs() / ulp).max().item())
+    return worst

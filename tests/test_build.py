@@ -21,7 +21,9 @@ def test_version_and_backends():
 
 
 CHECK_SCRIPT = """
-import json, torch, focal_cuda
+import json, sys, torch, focal_cuda
+sys.path.insert(0, TESTS_DIR)
+from conftest import worst_float32_softplus_sigmoid_ulp
 g = torch.Generator().manual_seed(0)
 x = (torch.randn(1000, 80, generator=g, dtype=torch.float64) * 4).requires_grad_()
 t = (torch.rand(1000, 80, generator=g) < 0.1).double()
@@ -31,16 +33,17 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16):
     loss = focal_cuda.sigmoid_focal_loss(xd, t.to(dtype), 0.25, 1.5, "sum")
     loss.backward()
     results[str(dtype)] = [loss.item(), xd.grad.double().abs().sum().item()]
-print(json.dumps({"isa": focal_cuda.backends()["cpu_active_isa"], "results": results}))
+isa = focal_cuda.backends()["cpu_active_isa"]
+print(json.dumps({"isa": isa, "results": results, "worst_ulp": worst_float32_softplus_sigmoid_ulp("cpu")}))
 """
 
 
 def run_with_capability(capability, cwd):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     # Run outside the source tree, so that the installed package is the one imported.
+    script = CHECK_SCRIPT.replace("TESTS_DIR", repr(os.path.dirname(__file__)))
     output = subprocess.run(
-        [sys.executable, "-c", CHECK_SCRIPT], env=env, cwd=cwd, capture_output=True, text=True,
-        check=True,
+        [sys.executable, "-c", script], env=env, cwd=cwd, capture_output=True, text=True, check=True
     ).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -59,6 +62,7 @@ def test_every_compiled_cpu_variant_agrees(tmp_path):
     baseline = runs["DEFAULT"]["results"]
     for isa, run in runs.items():
         assert run["isa"] == isa, f"ATEN_CPU_CAPABILITY={isa.lower()} should select the {isa} kernels"
+        assert run["worst_ulp"] <= 4, (isa, run["worst_ulp"])
         for dtype, values in run["results"].items():
             rtol = 1e-2 if "bfloat16" in dtype else 1e-5
             assert values == pytest.approx(baseline[dtype], rel=rtol), (isa, dtype)

@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 import focal_cuda
-from conftest import DEVICES, DTYPES, REDUCTIONS, assert_matches, reference_results
+from conftest import (
+    DEVICES,
+    DTYPES,
+    REDUCTIONS,
+    assert_matches,
+    reference_results,
+    worst_float32_softplus_sigmoid_ulp,
+)
 
 EXTREME_LOGITS = [-100.0, -30.0, -17.0, -1e-3, 0.0, 1e-3, 17.0, 30.0, 100.0]
 
@@ -110,3 +117,9 @@ def test_moderate_logits_match_the_reference_in_every_dtype(device):
         x, t = inputs[keep].to(dtype), targets[keep].to(dtype)
         loss = focal_cuda.sigmoid_focal_loss(x, t, 0.25, 2.0)
         assert_matches(loss, reference_results(x, t, 0.25, 2.0, "none")[0])
+
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_softplus_and_sigmoid_are_within_4_ulp(device):
+    assert worst_float32_softplus_sigmoid_ulp(device) <= 4
