@@ -13,6 +13,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -117,11 +118,11 @@ Vectorized<S> log1p_unit(const Vectorized<S>& v) {
   return u.log() + (v - (u - one)) / u;
 }
 
-// float: log1p(v) = 2 atanh(s) with s = v / (2 + v) in [0, 1/3]. In h = 2s (s itself would be
-// subnormal for v < 2.4e-38, and flushed to 0): log1p(v) = h + h^3 R(h^2), R a cubic fitted to
-// (2 atanh(h/2) - h) / h^3 on [0, 4/9] (fit error < 5e-9 relative). No log, no range reduction
-// and a third of the cost of SLEEF's log; within 2.5 ulp of log1p on [0, 1], relative accuracy
-// kept for tiny v (tests/test_extremes.py checks the loss to 4 ulp).
+// float: log1p(v) = 2 atanh(s) with s = v / (2 + v), for v in [-0.25, 1] (|s| <= 1/3). In h = 2s
+// (s itself would be subnormal for v < 2.4e-38, and flushed to 0): log1p(v) = h + h^3 R(h^2), R a
+// cubic fitted to (2 atanh(h/2) - h) / h^3 on [0, 4/9] (fit error < 5e-9 relative). No log and
+// no range reduction: a third of the cost of SLEEF's log; within 2.5 ulp of log1p, relative
+// accuracy kept for tiny v (tests/test_extremes.py checks the loss to 4 ulp).
 template <>
 Vectorized<float> log1p_unit(const Vectorized<float>& v) {
   using Vec = Vectorized<float>;
@@ -133,6 +134,44 @@ Vectorized<float> log1p_unit(const Vectorized<float>& v) {
   return at::vec::fmadd(h * h2, r, h);
 }
 
+// log(v) for v in [0, 1] (q in q^gamma): SLEEF's log where nothing faster is written.
+template <typename S>
+Vectorized<S> log_unit(const Vectorized<S>& v) {
+  return v.log();
+}
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// float: v = m * 2^k with m in [0.75, 1.5), log(v) = k ln 2 + log1p(m - 1), where m - 1 is exact
+// and lies in log1p_unit's domain. Half the cost of SLEEF's log (which SLEEF spends on 1-ulp
+// accuracy that exp(gamma * log(q)) cannot keep anyway: log q near -87 is only good to ~4e-6).
+template <>
+Vectorized<float> log_unit(const Vectorized<float>& v) {
+  using Vec = Vectorized<float>;
+#if defined(CPU_CAPABILITY_AVX512)
+  // getexp(0) = -inf, so log(0) = -inf and q^gamma = 0 there.
+  const Vec m = _mm512_getmant_ps(v, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
+  const __m512 exponent = _mm512_getexp_ps(v);  // floor(log2(v)); m < 1 halved the mantissa
+  const Vec k = _mm512_mask_add_ps(exponent, _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.0f), _CMP_LT_OQ),
+                                   exponent, _mm512_set1_ps(1.0f));
+#else
+  // Subtracting the bits of 0.75 puts k in the exponent field and m's bits in the rest.
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i shifted = _mm256_sub_epi32(bits, _mm256_set1_epi32(0x3f400000));
+  const __m256i k_bits = _mm256_srai_epi32(shifted, 23);
+  const Vec m = _mm256_castsi256_ps(_mm256_sub_epi32(bits, _mm256_slli_epi32(k_bits, 23)));
+  const Vec k = _mm256_cvtepi32_ps(k_bits);
+#endif
+  const Vec log_v = at::vec::fmadd(k, Vec(0.693145751953125f),
+                                   at::vec::fmadd(k, Vec(1.42860677e-06f), log1p_unit(m - Vec(1.0f))));
+#if defined(CPU_CAPABILITY_AVX512)
+  return log_v;
+#else
+  // The bit split needs a normal v; 0 (and the subnormals flush-to-zero makes 0) give -inf.
+  return Vec::blendv(log_v, Vec(-std::numeric_limits<float>::infinity()), v < Vec(1.17549435e-38f));
+#endif
+}
+#endif
+
 template <typename S>
 struct VecMath {
   using Vec = Vectorized<S>;
@@ -141,7 +180,7 @@ struct VecMath {
   // exp(exponent * log(base)): several times faster than SLEEF's pow, and exact enough for the
   // base in [0, 1] and exponent > 0 it gets (pow(0, e) = exp(-inf) = 0).
   static Vec pow(const Vec& base, const Vec& exponent) {
-    return exp_nonpositive(exponent * base.log());
+    return exp_nonpositive(exponent * log_unit(base));
   }
   static Vec reciprocal(const Vec& v) { return fast_reciprocal(v); }
   static Vec abs(const Vec& v) { return v.abs(); }
