@@ -226,7 +226,22 @@ def describe_machine(device):
         pass
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+    info["commit"] = source_commit()
     return info
+
+
+def source_commit():
+    """The git commit of the benchmarked source, marked dirty with uncommitted changes; None
+    outside a git checkout (a copied tree, an installed package)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
 
 
 def run(args):
