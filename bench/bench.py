@@ -343,7 +343,7 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     parser.add_argument("--gamma", type=float, default=2.0)
     parser.add_argument("--reduction", default="sum", choices=["none", "mean", "sum"])
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 CPU, 30 GPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 21 CPU, 30 GPU)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the peak memory measurement (made at the largest size)")
@@ -352,7 +352,7 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible")
     args.rows = args.rows or DEFAULT_ROWS[args.device]
-    args.repeats = args.repeats or (7 if args.device == "cpu" else 30)
+    args.repeats = args.repeats or (21 if args.device == "cpu" else 30)
     args.out = args.out or Path("bench/scratch") / f"{args.device}-{args.dtype}-gamma{args.gamma:g}"
 
     results = run(args)
