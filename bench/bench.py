@@ -230,14 +230,17 @@ def describe_machine(device):
     return info
 
 
+SOURCE_PATHS = ["csrc", "focal_cuda", "setup.py", "bench/bench.py"]
+
+
 def source_commit():
-    """The git commit of the benchmarked source, marked dirty with uncommitted changes; None
-    outside a git checkout (a copied tree, an installed package)."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    """The git commit of the benchmarked source, marked dirty when the source differs from it
+    (results already written under bench/results do not count); None outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *SOURCE_PATHS], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
