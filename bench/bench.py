@@ -81,7 +81,8 @@ def design_bytes(name, dtype):
         # forward: read x, t, write the saved gradient; backward: read it, write the gradient.
         return 5 * size, 2 * size
     if name == "focal_cuda labels":
-        return 3 * size + label, size + label
+        # The same with one label per row in place of a target per element.
+        return 4 * size + label, size + label
     return None, None
 
 
