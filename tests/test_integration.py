@@ -2,6 +2,8 @@
 
 import concurrent.futures
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -167,3 +169,15 @@ def test_more_than_2_pow_31_elements_on_gpu():
         for i in range(0, numel, 2**28)
     )
     torch.testing.assert_close(total.double(), chunked, rtol=1e-2, atol=0)
+
+
+def test_the_cuda_kernel_driver_checks_itself_on_cpu():
+    # tests/drive_cuda_kernels.py is what compute-sanitizer runs on a GPU; its CPU mode keeps its
+    # cases and checks working where no GPU is (every case must pass against the reference).
+    script = os.path.join(os.path.dirname(__file__), "drive_cuda_kernels.py")
+    result = subprocess.run(
+        [sys.executable, script, "--device", "cpu"], cwd=os.path.dirname(__file__),
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "kernel-driving calls, 0 failures" in result.stdout

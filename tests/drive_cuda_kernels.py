@@ -1,0 +1,170 @@
+"""Runs every CUDA kernel variant on small, awkward inputs and checks each result: the program
+to run under compute-sanitizer, where the test suite would take hours.
+
+    compute-sanitizer --tool memcheck python tests/drive_cuda_kernels.py
+
+Covers input dtypes x target kinds (float targets of the inputs' dtype, float32 targets with
+16-bit inputs, int64 and int32 labels) x gamma modes (0, 2, fractional) x gradients (none,
+inputs, inputs and targets) on aligned tensors (the vectorised loads) and misaligned views (the
+scalar path) at a size no vector width divides, with the weight kinds and reductions cycled
+through; then the functional and in-place backward with elementwise and scalar grad_output, an
+all-ignored mean and an empty tensor. Every loss and gradient is compared with the float64
+reference at the tolerance of tests/conftest.py. Prints one line per failure and a summary;
+exits 1 on any failure.
+"""
+
+import itertools
+import sys
+
+import torch
+
+import focal_cuda
+from conftest import TOLERANCES
+
+ROWS, CLASSES = 37, 13  # 481 elements: odd, so every vector loop has a tail
+DEVICE = "cuda"
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+GAMMAS = [0.0, 2.0, 1.5]
+REDUCTIONS = ["none", "mean", "sum"]
+WEIGHT_KINDS = [None, "element", "row", "class"]
+
+
+def placed(values, misaligned):
+    """values on the GPU, at an odd element offset into its allocation when misaligned."""
+    storage = torch.empty(values.numel() + 1, dtype=values.dtype, device=DEVICE)
+    start = 1 if misaligned else 0
+    view = storage[start:start + values.numel()].view(values.shape)
+    view.copy_(values)
+    return view
+
+
+def make_case(dtype, target_kind, misaligned, generator):
+    x = torch.randn(ROWS, CLASSES, generator=generator, dtype=torch.float64) * 4
+    if target_kind in ("int64", "int32"):
+        labels = torch.randint(0, CLASSES + 1, (ROWS,), generator=generator)
+        labels[::5] = -100  # ignored rows
+        targets = labels.to(getattr(torch, target_kind))
+    else:
+        target_dtype = dtype if target_kind == "same" else torch.float32
+        targets = torch.rand(ROWS, CLASSES, generator=generator, dtype=torch.float64).to(target_dtype)
+    return placed(x.to(dtype), misaligned), placed(targets, misaligned)
+
+
+def make_weight(kind, dtype, generator):
+    shapes = {"element": (ROWS, CLASSES), "row": (ROWS, 1), "class": (CLASSES,)}
+    if kind is None:
+        return None
+    return (torch.rand(shapes[kind], generator=generator, dtype=torch.float64) + 0.5).to(dtype).to(DEVICE)
+
+
+def synchronize():
+    """Surfaces an asynchronous kernel error at the call that caused it."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def compare(name, actual, expected, dtype, failures):
+    tolerance = TOLERANCES[dtype]
+    try:
+        torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), **tolerance)
+    except AssertionError as error:
+        failures.append(f"{name}: {str(error).splitlines()[0]}")
+
+
+def run_forward_cases(failures):
+    generator = torch.Generator().manual_seed(0)
+    cycle = itertools.count()
+    calls = 0
+    for dtype, target_kind, gamma, grads, misaligned in itertools.product(
+        FLOAT_DTYPES, ["same", "float32", "int64", "int32"], GAMMAS,
+        ["none", "inputs", "inputs+targets"], [False, True],
+    ):
+        labels = target_kind.startswith("int")
+        if (target_kind == "float32" and dtype in (torch.float32, torch.float64)) or (
+            labels and grads == "inputs+targets"
+        ):
+            continue
+        step = next(cycle)
+        reduction = REDUCTIONS[step % len(REDUCTIONS)]
+        weight_kind = WEIGHT_KINDS[step % len(WEIGHT_KINDS)]
+        x, targets = make_case(dtype, target_kind, misaligned, generator)
+        weight = make_weight(weight_kind, dtype, generator)
+        x.requires_grad_(grads != "none")
+        targets.requires_grad_(grads == "inputs+targets")
+        name = (f"{dtype} targets={target_kind} gamma={gamma} grads={grads} misaligned={misaligned} "
+                f"reduction={reduction} weight={weight_kind}")
+        try:
+            loss = focal_cuda.sigmoid_focal_loss(x, targets, 0.25, gamma, reduction, weight=weight)
+            reference_inputs = [x.detach().cpu().double().requires_grad_(grads != "none")]
+            reference_targets = targets.detach().cpu()
+            if not labels:
+                reference_targets = reference_targets.double().requires_grad_(grads == "inputs+targets")
+            expected = focal_cuda.reference.sigmoid_focal_loss(
+                reference_inputs[0], reference_targets, 0.25, gamma, reduction,
+                weight=None if weight is None else weight.cpu().double(),
+            )
+            compare(name + " loss", loss, expected.detach(), dtype, failures)
+            if grads != "none":
+                grad_output = torch.rand(loss.shape, generator=generator, dtype=torch.float64) + 0.5
+                wrt = [x] + ([targets] if grads == "inputs+targets" else [])
+                expected_wrt = reference_inputs + ([reference_targets] if grads == "inputs+targets" else [])
+                actual_grads = torch.autograd.grad(loss, wrt, grad_output.to(loss.dtype).to(DEVICE))
+                expected_grads = torch.autograd.grad(expected, expected_wrt, grad_output)
+                for index, (actual, wanted) in enumerate(zip(actual_grads, expected_grads)):
+                    compare(f"{name} grad[{index}]", actual, wanted, dtype, failures)
+            synchronize()
+        except Exception as error:  # a launch or device-side error: report it and go on
+            failures.append(f"{name}: raised {type(error).__name__}: {error}")
+        calls += 1
+    return calls
+
+
+def run_backward_and_edge_cases(failures):
+    generator = torch.Generator().manual_seed(1)
+    calls = 0
+    for dtype, misaligned, reduction in itertools.product(FLOAT_DTYPES, [False, True], [0, 1, 2]):
+        # reduction codes of the ops: 0 none (elementwise grad_output), 1 mean, 2 sum (0-d)
+        x, targets = make_case(dtype, "same", misaligned, generator)
+        args = (x, targets, None, 0.25, 2.0, reduction, -100, 0.0, False, True, False, False)
+        _, saved, _, _, count = torch.ops.focal_cuda.sigmoid_focal_loss_forward(*args)
+        shape = (ROWS, CLASSES) if reduction == 0 else ()
+        grad_output = placed(torch.rand(shape, generator=generator).to(dtype), misaligned)
+        expected = saved.double() * grad_output.double() / (count.double() if reduction == 1 else 1)
+        name = f"{dtype} misaligned={misaligned} reduction code {reduction}"
+        try:
+            functional = torch.ops.focal_cuda.sigmoid_focal_loss_backward(grad_output, saved, count, reduction)
+            compare(f"backward {name}", functional, expected, dtype, failures)
+            torch.ops.focal_cuda.sigmoid_focal_loss_backward_(grad_output, saved, count, reduction)
+            compare(f"in-place backward {name}", saved, expected, dtype, failures)
+            synchronize()
+        except Exception as error:
+            failures.append(f"backward {name}: raised {type(error).__name__}: {error}")
+        calls += 3
+    labels = torch.full((ROWS,), -100, device=DEVICE)  # every row ignored: the mean is NaN
+    x = torch.randn(ROWS, CLASSES, device=DEVICE, requires_grad=True)
+    mean = focal_cuda.sigmoid_focal_loss(x, labels, 0.25, 2.0, "mean")
+    mean.backward()
+    if not (torch.isnan(mean).item() and (x.grad == 0).all().item()):
+        failures.append("all-ignored mean: expected NaN loss and zero gradient")
+    empty = torch.empty(0, CLASSES, device=DEVICE, requires_grad=True)
+    focal_cuda.sigmoid_focal_loss(empty, torch.empty(0, CLASSES, device=DEVICE), reduction="sum").backward()
+    synchronize()
+    return calls + 2
+
+
+def main():
+    global DEVICE
+    if sys.argv[1:] == ["--device", "cpu"]:  # the driver's own check, where there is no GPU
+        DEVICE = "cpu"
+    elif not torch.cuda.is_available():
+        sys.exit("drive_cuda_kernels.py: no CUDA device visible (--device cpu checks the driver)")
+    failures = []
+    calls = run_forward_cases(failures) + run_backward_and_edge_cases(failures)
+    for failure in failures:
+        print("FAIL", failure)
+    print(f"{calls} kernel-driving calls, {len(failures)} failures")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
