@@ -94,9 +94,9 @@ def test_concurrent_calls_from_threads_are_correct():
             assert_matches(grad, expected[index][1])
 
 
-def _ddp_worker(rank, world_size, port, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def _ddp_worker(rank, world_size, store_path, result_path):
+    # A file rendezvous: no TCP port that another process (a concurrent test run) could take.
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(12, 5).double())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -121,13 +121,8 @@ def _ddp_batch():
 
 
 def test_distributed_data_parallel_matches_one_process(tmp_path):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     result_path = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, port, result_path), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), result_path), nprocs=2, join=True)
 
     torch.manual_seed(0)
     model = torch.nn.Linear(12, 5).double()
