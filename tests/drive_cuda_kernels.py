@@ -46,7 +46,8 @@ def make_case(dtype, target_kind, misaligned, generator):
         targets = labels.to(getattr(torch, target_kind))
     else:
         target_dtype = dtype if target_kind == "same" else torch.float32
-        targets = torch.rand(ROWS, CLASSES, generator=generator, dtype=torch.float64).to(target_dtype)
+        targets = torch.rand(ROWS, CLASSES, generator=generator, dtype=torch.float64)
+        targets = targets.to(target_dtype)
     return placed(x.to(dtype), misaligned), placed(targets, misaligned)
 
 
@@ -54,7 +55,8 @@ def make_weight(kind, dtype, generator):
     shapes = {"element": (ROWS, CLASSES), "row": (ROWS, 1), "class": (CLASSES,)}
     if kind is None:
         return None
-    return (torch.rand(shapes[kind], generator=generator, dtype=torch.float64) + 0.5).to(dtype).to(DEVICE)
+    weight = torch.rand(shapes[kind], generator=generator, dtype=torch.float64) + 0.5
+    return weight.to(dtype).to(DEVICE)
 
 
 def synchronize():
@@ -89,25 +91,27 @@ def run_forward_cases(failures):
         weight_kind = WEIGHT_KINDS[step % len(WEIGHT_KINDS)]
         x, targets = make_case(dtype, target_kind, misaligned, generator)
         weight = make_weight(weight_kind, dtype, generator)
-        x.requires_grad_(grads != "none")
-        targets.requires_grad_(grads == "inputs+targets")
-        name = (f"{dtype} targets={target_kind} gamma={gamma} grads={grads} misaligned={misaligned} "
-                f"reduction={reduction} weight={weight_kind}")
+        grad_inputs, grad_targets = grads != "none", grads == "inputs+targets"
+        x.requires_grad_(grad_inputs)
+        targets.requires_grad_(grad_targets)
+        name = (f"{dtype} targets={target_kind} gamma={gamma} grads={grads} "
+                f"misaligned={misaligned} reduction={reduction} weight={weight_kind}")
         try:
             loss = focal_cuda.sigmoid_focal_loss(x, targets, 0.25, gamma, reduction, weight=weight)
-            reference_inputs = [x.detach().cpu().double().requires_grad_(grads != "none")]
-            reference_targets = targets.detach().cpu()
+            reference_x = x.detach().cpu().double().requires_grad_(grad_inputs)
+            reference_t = targets.detach().cpu()
             if not labels:
-                reference_targets = reference_targets.double().requires_grad_(grads == "inputs+targets")
+                reference_t = reference_t.double().requires_grad_(grad_targets)
             expected = focal_cuda.reference.sigmoid_focal_loss(
-                reference_inputs[0], reference_targets, 0.25, gamma, reduction,
+                reference_x, reference_t, 0.25, gamma, reduction,
                 weight=None if weight is None else weight.cpu().double(),
             )
             compare(name + " loss", loss, expected.detach(), dtype, failures)
-            if grads != "none":
+            if grad_inputs:
                 grad_output = torch.rand(loss.shape, generator=generator, dtype=torch.float64) + 0.5
-                wrt = [x] + ([targets] if grads == "inputs+targets" else [])
-                expected_wrt = reference_inputs + ([reference_targets] if grads == "inputs+targets" else [])
+                wrt, expected_wrt = [x], [reference_x]
+                if grad_targets:
+                    wrt, expected_wrt = wrt + [targets], expected_wrt + [reference_t]
                 actual_grads = torch.autograd.grad(loss, wrt, grad_output.to(loss.dtype).to(DEVICE))
                 expected_grads = torch.autograd.grad(expected, expected_wrt, grad_output)
                 for index, (actual, wanted) in enumerate(zip(actual_grads, expected_grads)):
@@ -132,9 +136,10 @@ def run_backward_and_edge_cases(failures):
         expected = saved.double() * grad_output.double() / (count.double() if reduction == 1 else 1)
         name = f"{dtype} misaligned={misaligned} reduction code {reduction}"
         try:
-            functional = torch.ops.focal_cuda.sigmoid_focal_loss_backward(grad_output, saved, count, reduction)
+            backward_args = (grad_output, saved, count, reduction)
+            functional = torch.ops.focal_cuda.sigmoid_focal_loss_backward(*backward_args)
             compare(f"backward {name}", functional, expected, dtype, failures)
-            torch.ops.focal_cuda.sigmoid_focal_loss_backward_(grad_output, saved, count, reduction)
+            torch.ops.focal_cuda.sigmoid_focal_loss_backward_(*backward_args)
             compare(f"in-place backward {name}", saved, expected, dtype, failures)
             synchronize()
         except Exception as error:
@@ -147,7 +152,8 @@ def run_backward_and_edge_cases(failures):
     if not (torch.isnan(mean).item() and (x.grad == 0).all().item()):
         failures.append("all-ignored mean: expected NaN loss and zero gradient")
     empty = torch.empty(0, CLASSES, device=DEVICE, requires_grad=True)
-    focal_cuda.sigmoid_focal_loss(empty, torch.empty(0, CLASSES, device=DEVICE), reduction="sum").backward()
+    empty_targets = torch.empty(0, CLASSES, device=DEVICE)
+    focal_cuda.sigmoid_focal_loss(empty, empty_targets, reduction="sum").backward()
     synchronize()
     return calls + 2
 

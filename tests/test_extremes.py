@@ -123,3 +123,8 @@ def test_moderate_logits_match_the_reference_in_every_dtype(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_float32_softplus_and_sigmoid_are_within_4_ulp(device):
     assert worst_float32_softplus_sigmoid_ulp(device) <= 4
+
+
+def test_float32_softplus_and_sigmoid_are_within_4_ulp_on_the_cpu_scalar_path():
+    # 7 elements per call: less than any CPU vector, so the scalar code of focal_math.h runs.
+    assert worst_float32_softplus_sigmoid_ulp("cpu", elements_per_call=7) <= 4

@@ -56,11 +56,41 @@ Vectorized<float> fast_reciprocal(const Vectorized<float>& v) {
   // Relative error < 1.5 * 2^-12: one Newton step would leave ~2^-23, so take two.
   __m256 estimate = _mm256_rcp_ps(v);
   for (int step = 0; step < 2; ++step) {
-    estimate = _mm256_fmadd_ps(estimate, _mm256_fnmadd_ps(v, estimate, _mm256_set1_ps(1.0f)), estimate);
+    const __m256 error = _mm256_fnmadd_ps(v, estimate, _mm256_set1_ps(1.0f));
+    estimate = _mm256_fmadd_ps(estimate, error, estimate);
   }
   return estimate;
 }
 #endif
+
+// The vector Math policy of focal_terms (focal_math.h); its transcendental functions follow.
+template <typename S>
+Vectorized<S> exp_nonpositive(const Vectorized<S>& v);
+template <typename S>
+Vectorized<S> log1p_unit(const Vectorized<S>& v);
+template <typename S>
+Vectorized<S> log_unit(const Vectorized<S>& v);
+
+template <typename S>
+struct VecMath {
+  using Vec = Vectorized<S>;
+  static Vec exp(const Vec& v) { return exp_nonpositive(v); }
+  static Vec log1p(const Vec& v) { return log1p_unit(v); }
+  // exp(exponent * log(base)): several times faster than SLEEF's pow, and exact enough for the
+  // base in [0, 1] and exponent > 0 it gets (pow(0, e) = exp(-inf) = 0).
+  static Vec pow(const Vec& base, const Vec& exponent) {
+    return exp_nonpositive(exponent * log_unit(base));
+  }
+  static Vec reciprocal(const Vec& v) { return fast_reciprocal(v); }
+  static Vec fma(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
+  static Vec abs(const Vec& v) { return v.abs(); }
+  // One instruction, where at::vec::maximum spends three on NaN in b; a NaN in a still
+  // propagates.
+  static Vec max(const Vec& a, const Vec& b) { return at::vec::clamp_min(a, b); }
+  static Vec select(const Vec& mask, const Vec& if_true, const Vec& if_false) {
+    return Vec::blendv(if_false, if_true, mask);
+  }
+};
 
 // exp(v) for v <= 0, all the loss needs (exp(-|x|), and q^gamma = exp(gamma log q) with q <= 1):
 // SLEEF's exp where nothing faster is written.
@@ -69,11 +99,16 @@ Vectorized<S> exp_nonpositive(const Vectorized<S>& v) {
   return v.exp();
 }
 
+// ln 2 = kLn2High + kLn2Low, the high part with 16 significant bits so that k * kLn2High is exact
+// for the |k| <= 150 of float exponents.
+constexpr float kLn2High = 0.693145751953125f;
+constexpr float kLn2Low = 1.42860677e-06f;
+
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// float: exp(v) = 2^n * exp(r) with n = round(v / ln 2), r = v - n ln 2 in [-ln2/2, ln2/2] (ln 2
-// split in two so that n * ln2_hi is exact), exp(r) = 1 + r + r^2 Q(r), Q a quartic fitted to
-// (exp(r) - 1 - r) / r^2 (fit error < 4e-9 relative). Half the instructions of SLEEF's exp
-// (which also serves positive and huge arguments); within 1.1 ulp of exp.
+// float: exp(v) = 2^n * exp(r) with n = round(v / ln 2), r = v - n ln 2 in [-ln2/2, ln2/2],
+// exp(r) = 1 + r + r^2 Q(r), Q a quartic fitted to (exp(r) - 1 - r) / r^2 (fit error < 4e-9
+// relative). Half the instructions of SLEEF's exp (which also serves positive and huge
+// arguments); within 1.1 ulp of exp.
 template <>
 Vectorized<float> exp_nonpositive(const Vectorized<float>& v) {
   using Vec = Vectorized<float>;
@@ -90,8 +125,8 @@ Vectorized<float> exp_nonpositive(const Vectorized<float>& v) {
   const Vec n = _mm256_round_ps(clamped * Vec(1.44269504f),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #endif
-  Vec r = at::vec::fnmadd(n, Vec(0.693145751953125f), clamped);
-  r = at::vec::fnmadd(n, Vec(1.42860677e-06f), r);
+  Vec r = at::vec::fnmadd(n, Vec(kLn2High), clamped);
+  r = at::vec::fnmadd(n, Vec(kLn2Low), r);
   Vec poly = at::vec::fmadd(r, Vec(0.0013950478f), Vec(0.0083688820f));
   poly = at::vec::fmadd(r, poly, Vec(0.041666206f));
   poly = at::vec::fmadd(r, poly, Vec(0.16666518f));
@@ -118,20 +153,10 @@ Vectorized<S> log1p_unit(const Vectorized<S>& v) {
   return u.log() + (v - (u - one)) / u;
 }
 
-// float: log1p(v) = 2 atanh(s) with s = v / (2 + v), for v in [-0.25, 1] (|s| <= 1/3). In h = 2s
-// (s itself would be subnormal for v < 2.4e-38, and flushed to 0): log1p(v) = h + h^3 R(h^2), R a
-// cubic fitted to (2 atanh(h/2) - h) / h^3 on [0, 4/9] (fit error < 5e-9 relative). No log and
-// no range reduction: a third of the cost of SLEEF's log; within 2.5 ulp of log1p, relative
-// accuracy kept for tiny v (tests/test_extremes.py checks the loss to 4 ulp).
+// float: the shared polynomial (focal_math.h), also for v in [-0.25, 0) as log_unit needs.
 template <>
 Vectorized<float> log1p_unit(const Vectorized<float>& v) {
-  using Vec = Vectorized<float>;
-  const Vec h = (v + v) * fast_reciprocal(Vec(2.0f) + v);
-  const Vec h2 = h * h;
-  Vec r = at::vec::fmadd(h2, Vec(0.00054735790f), Vec(0.0021874290f));
-  r = at::vec::fmadd(h2, r, Vec(0.012506782f));
-  r = at::vec::fmadd(h2, r, Vec(0.083333015f));
-  return at::vec::fmadd(h * h2, r, h);
+  return log1p_float<VecMath<float>>(v);
 }
 
 // log(v) for v in [0, 1] (q in q^gamma): SLEEF's log where nothing faster is written.
@@ -151,8 +176,8 @@ Vectorized<float> log_unit(const Vectorized<float>& v) {
   // getexp(0) = -inf, so log(0) = -inf and q^gamma = 0 there.
   const Vec m = _mm512_getmant_ps(v, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
   const __m512 exponent = _mm512_getexp_ps(v);  // floor(log2(v)); m < 1 halved the mantissa
-  const Vec k = _mm512_mask_add_ps(exponent, _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.0f), _CMP_LT_OQ),
-                                   exponent, _mm512_set1_ps(1.0f));
+  const __mmask16 halved = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.0f), _CMP_LT_OQ);
+  const Vec k = _mm512_mask_add_ps(exponent, halved, exponent, _mm512_set1_ps(1.0f));
 #else
   // Subtracting the bits of 0.75 puts k in the exponent field and m's bits in the rest.
   const __m256i bits = _mm256_castps_si256(v);
@@ -161,8 +186,8 @@ Vectorized<float> log_unit(const Vectorized<float>& v) {
   const Vec m = _mm256_castsi256_ps(_mm256_sub_epi32(bits, _mm256_slli_epi32(k_bits, 23)));
   const Vec k = _mm256_cvtepi32_ps(k_bits);
 #endif
-  const Vec log_v = at::vec::fmadd(k, Vec(0.693145751953125f),
-                                   at::vec::fmadd(k, Vec(1.42860677e-06f), log1p_unit(m - Vec(1.0f))));
+  const Vec log_m = log1p_unit(m - Vec(1.0f));
+  const Vec log_v = at::vec::fmadd(k, Vec(kLn2High), at::vec::fmadd(k, Vec(kLn2Low), log_m));
 #if defined(CPU_CAPABILITY_AVX512)
   return log_v;
 #else
@@ -172,25 +197,6 @@ Vectorized<float> log_unit(const Vectorized<float>& v) {
 }
 #endif
 
-template <typename S>
-struct VecMath {
-  using Vec = Vectorized<S>;
-  static Vec exp(const Vec& v) { return exp_nonpositive(v); }
-  static Vec log1p(const Vec& v) { return log1p_unit(v); }
-  // exp(exponent * log(base)): several times faster than SLEEF's pow, and exact enough for the
-  // base in [0, 1] and exponent > 0 it gets (pow(0, e) = exp(-inf) = 0).
-  static Vec pow(const Vec& base, const Vec& exponent) {
-    return exp_nonpositive(exponent * log_unit(base));
-  }
-  static Vec reciprocal(const Vec& v) { return fast_reciprocal(v); }
-  static Vec abs(const Vec& v) { return v.abs(); }
-  // One instruction, where at::vec::maximum spends three on NaN in b; a NaN in a still
-  // propagates.
-  static Vec max(const Vec& a, const Vec& b) { return at::vec::clamp_min(a, b); }
-  static Vec select(const Vec& mask, const Vec& if_true, const Vec& if_false) {
-    return Vec::blendv(if_false, if_true, mask);
-  }
-};
 
 // Flushes subnormal floats to zero (FTZ, DAZ) on this thread while alive. Saturated logits make
 // subnormal intermediates (e.g. exp(-95), or q^2 * CE near 1e-39), which x86 cores handle in
