@@ -1,16 +1,17 @@
 """Runs every CUDA kernel variant on small, awkward inputs and checks each result: the program
 to run under compute-sanitizer, where the test suite would take hours.
 
-    compute-sanitizer --tool memcheck python tests/drive_cuda_kernels.py
+    cd tests && compute-sanitizer --tool memcheck python drive_cuda_kernels.py
 
 Covers input dtypes x target kinds (float targets of the inputs' dtype, float32 targets with
 16-bit inputs, int64 and int32 labels) x gamma modes (0, 2, fractional) x gradients (none,
 inputs, inputs and targets) on aligned tensors (the vectorised loads) and misaligned views (the
 scalar path) at a size no vector width divides, with the weight kinds and reductions cycled
-through; then the functional and in-place backward with elementwise and scalar grad_output, an
-all-ignored mean and an empty tensor. Every loss and gradient is compared with the float64
-reference at the tolerance of tests/conftest.py. Prints one line per failure and a summary;
-exits 1 on any failure.
+through (weights requiring grad, so the unweighted loss is written too); then the functional and
+in-place backward with elementwise and scalar grad_output on aligned and misaligned buffers,
+autocast with labels (16-bit logits, float32 loss), an all-ignored mean and an empty tensor.
+Every loss and gradient is compared with the float64 reference at the tolerance of
+tests/conftest.py. Prints one line per failure and a summary; exits 1 on any failure.
 """
 
 import itertools
@@ -88,12 +89,15 @@ def run_forward_cases(failures):
             continue
         step = next(cycle)
         reduction = REDUCTIONS[step % len(REDUCTIONS)]
-        weight_kind = WEIGHT_KINDS[step % len(WEIGHT_KINDS)]
+        # A case and its misaligned twin are consecutive steps: both get the same weight kind.
+        weight_kind = WEIGHT_KINDS[(step // 2) % len(WEIGHT_KINDS)]
         x, targets = make_case(dtype, target_kind, misaligned, generator)
         weight = make_weight(weight_kind, dtype, generator)
         grad_inputs, grad_targets = grads != "none", grads == "inputs+targets"
         x.requires_grad_(grad_inputs)
         targets.requires_grad_(grad_targets)
+        if weight is not None:
+            weight.requires_grad_(grad_inputs)  # the kernels then also write the unweighted loss
         name = (f"{dtype} targets={target_kind} gamma={gamma} grads={grads} "
                 f"misaligned={misaligned} reduction={reduction} weight={weight_kind}")
         try:
@@ -102,9 +106,11 @@ def run_forward_cases(failures):
             reference_t = targets.detach().cpu()
             if not labels:
                 reference_t = reference_t.double().requires_grad_(grad_targets)
+            reference_w = None
+            if weight is not None:
+                reference_w = weight.detach().cpu().double().requires_grad_(grad_inputs)
             expected = focal_cuda.reference.sigmoid_focal_loss(
-                reference_x, reference_t, 0.25, gamma, reduction,
-                weight=None if weight is None else weight.cpu().double(),
+                reference_x, reference_t, 0.25, gamma, reduction, weight=reference_w
             )
             compare(name + " loss", loss, expected.detach(), dtype, failures)
             if grad_inputs:
@@ -112,6 +118,8 @@ def run_forward_cases(failures):
                 wrt, expected_wrt = [x], [reference_x]
                 if grad_targets:
                     wrt, expected_wrt = wrt + [targets], expected_wrt + [reference_t]
+                if weight is not None:
+                    wrt, expected_wrt = wrt + [weight], expected_wrt + [reference_w]
                 actual_grads = torch.autograd.grad(loss, wrt, grad_output.to(loss.dtype).to(DEVICE))
                 expected_grads = torch.autograd.grad(expected, expected_wrt, grad_output)
                 for index, (actual, wanted) in enumerate(zip(actual_grads, expected_grads)):
@@ -123,14 +131,16 @@ def run_forward_cases(failures):
     return calls
 
 
-def run_backward_and_edge_cases(failures):
+def run_backward_cases(failures):
+    """The functional and in-place backward ops, packed (aligned) and element by element."""
     generator = torch.Generator().manual_seed(1)
     calls = 0
     for dtype, misaligned, reduction in itertools.product(FLOAT_DTYPES, [False, True], [0, 1, 2]):
         # reduction codes of the ops: 0 none (elementwise grad_output), 1 mean, 2 sum (0-d)
-        x, targets = make_case(dtype, "same", misaligned, generator)
+        x, targets = make_case(dtype, "same", False, generator)
         args = (x, targets, None, 0.25, 2.0, reduction, -100, 0.0, False, True, False, False)
         _, saved, _, _, count = torch.ops.focal_cuda.sigmoid_focal_loss_forward(*args)
+        saved = placed(saved, misaligned)  # the packed path needs the saved gradient aligned
         shape = (ROWS, CLASSES) if reduction == 0 else ()
         grad_output = placed(torch.rand(shape, generator=generator).to(dtype), misaligned)
         expected = saved.double() * grad_output.double() / (count.double() if reduction == 1 else 1)
@@ -145,6 +155,28 @@ def run_backward_and_edge_cases(failures):
         except Exception as error:
             failures.append(f"backward {name}: raised {type(error).__name__}: {error}")
         calls += 3
+    return calls
+
+
+def run_edge_cases(failures):
+    """Autocast with labels (16-bit logits, float32 loss), an all-ignored mean, empty input."""
+    generator = torch.Generator().manual_seed(2)
+    autocast_dtypes = [torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" else [])
+    for dtype in autocast_dtypes:
+        x, labels = make_case(dtype, "int64", False, generator)
+        x.requires_grad_()
+        with torch.autocast(DEVICE, dtype=dtype):
+            loss = focal_cuda.sigmoid_focal_loss(x, labels, 0.25, 2.0, "sum")
+        loss.backward()
+        reference_x = x.detach().cpu().double().requires_grad_()
+        expected = focal_cuda.reference.sigmoid_focal_loss(
+            reference_x, labels.cpu(), 0.25, 2.0, "sum"
+        )
+        expected.backward()
+        if loss.dtype != torch.float32:
+            failures.append(f"autocast {dtype} labels: loss dtype {loss.dtype}, expected float32")
+        compare(f"autocast {dtype} labels loss", loss, expected.detach(), dtype, failures)
+        compare(f"autocast {dtype} labels grad", x.grad, reference_x.grad, dtype, failures)
     labels = torch.full((ROWS,), -100, device=DEVICE)  # every row ignored: the mean is NaN
     x = torch.randn(ROWS, CLASSES, device=DEVICE, requires_grad=True)
     mean = focal_cuda.sigmoid_focal_loss(x, labels, 0.25, 2.0, "mean")
@@ -153,9 +185,12 @@ def run_backward_and_edge_cases(failures):
         failures.append("all-ignored mean: expected NaN loss and zero gradient")
     empty = torch.empty(0, CLASSES, device=DEVICE, requires_grad=True)
     empty_targets = torch.empty(0, CLASSES, device=DEVICE)
-    focal_cuda.sigmoid_focal_loss(empty, empty_targets, reduction="sum").backward()
+    empty_loss = focal_cuda.sigmoid_focal_loss(empty, empty_targets, reduction="sum")
+    empty_loss.backward()
+    if empty_loss.item() != 0 or empty.grad.shape != empty.shape:
+        failures.append("empty input: expected a zero sum and an empty gradient")
     synchronize()
-    return calls + 2
+    return len(autocast_dtypes) + 2
 
 
 def main():
@@ -165,7 +200,7 @@ def main():
     elif not torch.cuda.is_available():
         sys.exit("drive_cuda_kernels.py: no CUDA device visible (--device cpu checks the driver)")
     failures = []
-    calls = run_forward_cases(failures) + run_backward_and_edge_cases(failures)
+    calls = run_forward_cases(failures) + run_backward_cases(failures) + run_edge_cases(failures)
     for failure in failures:
         print("FAIL", failure)
     print(f"{calls} kernel-driving calls, {len(failures)} failures")

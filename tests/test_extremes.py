@@ -11,6 +11,7 @@ from conftest import (
     DEVICES,
     DTYPES,
     REDUCTIONS,
+    TOLERANCES,
     assert_matches,
     reference_results,
     worst_float32_softplus_sigmoid_ulp,
@@ -128,3 +129,15 @@ def test_float32_softplus_and_sigmoid_are_within_4_ulp(device):
 def test_float32_softplus_and_sigmoid_are_within_4_ulp_on_the_cpu_scalar_path():
     # 7 elements per call: less than any CPU vector, so the scalar code of focal_math.h runs.
     assert worst_float32_softplus_sigmoid_ulp("cpu", elements_per_call=7) <= 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_targets_outside_0_1_give_what_the_reference_gives_in_every_lane(device):
+    # Not a supported input, but no element may depend on whether it sits in a vector or in the
+    # scalar tail: q < 0 makes q^gamma NaN everywhere, as in the reference.
+    x = torch.linspace(-6, 6, 37, dtype=torch.float32, device=device)
+    for target in (1.5, -0.5):
+        t = torch.full_like(x, target)
+        ours = focal_cuda.sigmoid_focal_loss(x, t, 0.25, 1.5)
+        expected = focal_cuda.reference.sigmoid_focal_loss(x.double(), t.double(), 0.25, 1.5)
+        torch.testing.assert_close(ours.double(), expected, equal_nan=True, **TOLERANCES[torch.float32])

@@ -37,6 +37,7 @@ constexpr int64_t kChunk = 64 * kBlock;
 // 1 / v. A division has a throughput of ~10 cycles per vector on x86 cores; the hardware
 // reciprocal estimate refined by Newton steps, r + r * (1 - v * r), costs 3-5 and is within
 // 1 ulp of 1 / v for the positive, normal v it gets here (1 + exp(-|x|), 2 + exp(-|x|) and q).
+// For v = 0 or inf it gives NaN, not inf or 0: q = 0 is masked out where 1 / q is used.
 template <typename S>
 Vectorized<S> fast_reciprocal(const Vectorized<S>& v) {
   return Vectorized<S>(S(1)) / v;
@@ -103,6 +104,7 @@ Vectorized<S> exp_nonpositive(const Vectorized<S>& v) {
 // for the |k| <= 150 of float exponents.
 constexpr float kLn2High = 0.693145751953125f;
 constexpr float kLn2Low = 1.42860677e-06f;
+constexpr float kLogFloatMin = -87.3365402f;  // ln(FLT_MIN), rounded up: exp of it is normal
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // float: exp(v) = 2^n * exp(r) with n = round(v / ln 2), r = v - n ln 2 in [-ln2/2, ln2/2],
@@ -119,9 +121,9 @@ Vectorized<float> exp_nonpositive(const Vectorized<float>& v) {
   const Vec n = _mm512_roundscale_ps(clamped * Vec(1.44269504f),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
-  // 2^n is built in the exponent bits, which need n >= -126: below -87.3 (exp < 1.2e-38, the
-  // flush-to-zero threshold) the result is 0.
-  const Vec clamped = _mm256_max_ps(_mm256_set1_ps(-87.0f), v);
+  // 2^n is built in the exponent bits, which need n >= -126: below ln(FLT_MIN) = -87.3365
+  // (exp < 1.2e-38, the flush-to-zero threshold) the result is 0.
+  const Vec clamped = _mm256_max_ps(_mm256_set1_ps(kLogFloatMin), v);
   const Vec n = _mm256_round_ps(clamped * Vec(1.44269504f),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #endif
@@ -138,7 +140,7 @@ Vectorized<float> exp_nonpositive(const Vectorized<float>& v) {
   const __m256i exponent = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const Vec scaled = Vec(exp_r) * Vec(_mm256_castsi256_ps(exponent));
-  return Vec::blendv(scaled, Vec(0.0f), v < Vec(-87.0f));
+  return Vec::blendv(scaled, Vec(0.0f), v < Vec(kLogFloatMin));
 #endif
 }
 #endif
@@ -173,8 +175,9 @@ template <>
 Vectorized<float> log_unit(const Vectorized<float>& v) {
   using Vec = Vectorized<float>;
 #if defined(CPU_CAPABILITY_AVX512)
-  // getexp(0) = -inf, so log(0) = -inf and q^gamma = 0 there.
-  const Vec m = _mm512_getmant_ps(v, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
+  // getexp(0) = -inf, so log(0) = -inf and q^gamma = 0 there; a negative v (q of targets
+  // outside [0, 1]) gives NaN, as the scalar pow does.
+  const Vec m = _mm512_getmant_ps(v, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_nan);
   const __m512 exponent = _mm512_getexp_ps(v);  // floor(log2(v)); m < 1 halved the mantissa
   const __mmask16 halved = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.0f), _CMP_LT_OQ);
   const Vec k = _mm512_mask_add_ps(exponent, halved, exponent, _mm512_set1_ps(1.0f));
@@ -191,8 +194,11 @@ Vectorized<float> log_unit(const Vectorized<float>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   return log_v;
 #else
-  // The bit split needs a normal v; 0 (and the subnormals flush-to-zero makes 0) give -inf.
-  return Vec::blendv(log_v, Vec(-std::numeric_limits<float>::infinity()), v < Vec(1.17549435e-38f));
+  // The bit split needs a normal v: 0 (and the subnormals flush-to-zero makes 0) give -inf; a
+  // negative or NaN v gives NaN, as the scalar pow does.
+  const Vec log_normal = Vec::blendv(log_v, Vec(-std::numeric_limits<float>::infinity()),
+                                     v < Vec(std::numeric_limits<float>::min()));
+  return Vec::blendv(Vec(std::numeric_limits<float>::quiet_NaN()), log_normal, v >= Vec(0.0f));
 #endif
 }
 #endif
