@@ -277,14 +277,15 @@ def run(args):
             train_bytes, forward_bytes = design_bytes(name, dtype)
             per_element = train_bytes if mode == "train" else forward_bytes
             moved = None if per_element is None else per_element * numel
+            effective_gbs = None if moved is None else moved / (median * 1e-3) / 1e9
             case = {
                 "implementation": name, "mode": mode, "rows": rows, "classes": CLASSES,
                 "elements": numel, "dtype": args.dtype, "gamma": args.gamma,
                 "reduction": args.reduction, "median_ms": median, "min_ms": min(times),
                 "max_ms": max(times), "ns_per_element": median * 1e6 / numel,
                 "design_bytes": moved,
-                "effective_gbs": None if moved is None else moved / (median * 1e-3) / 1e9,
-                "copy_fraction": None if moved is None else moved / (median * 1e-3) / 1e9 / copy_gbs,
+                "effective_gbs": effective_gbs,
+                "copy_fraction": None if effective_gbs is None else effective_gbs / copy_gbs,
             }
             cases.append(case)
         line = [f"{numel:>11,} elements"]

@@ -62,8 +62,9 @@ void check_labels_on_cpu(const at::Tensor& labels, int64_t classes, int64_t igno
 }
 
 // The weight as the kernels read it: per class, per row or per element, in the dtype the
-// kernels compute in (float32, or float64 for a float64 loss), contiguous. Only a weight that varies along both rows and classes without covering every
-// element (e.g. (A, C) for inputs (N, A, C)) is materialised at full size.
+// kernels compute in (float32, or float64 for a float64 loss), contiguous. Only a weight that
+// varies along both rows and classes without covering every element (e.g. (A, C) for inputs
+// (N, A, C)) is materialised at full size.
 std::pair<WeightKind, at::Tensor> weight_for_kernels(const at::Tensor& weight,
                                                      const at::Tensor& inputs,
                                                      at::ScalarType dtype) {

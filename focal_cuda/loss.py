@@ -14,6 +14,13 @@ def _check_tensor(value, name):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
+def _check_same_device(tensor, inputs, name):
+    if tensor.device != inputs.device:
+        raise ValueError(
+            f"{name} must be on the same device as inputs, got {inputs.device} and {tensor.device}"
+        )
+
+
 def _check_inputs(inputs):
     _check_tensor(inputs, "inputs")
     if not inputs.is_floating_point():
@@ -41,10 +48,7 @@ def _check_targets(targets, inputs):
             "integer targets (class labels) must have the shape of inputs without its last "
             f"(class) dimension, got {list(targets.shape)} for inputs {list(inputs.shape)}"
         )
-    if targets.device != inputs.device:
-        raise ValueError(
-            f"targets must be on the same device as inputs, got {inputs.device} and {targets.device}"
-        )
+    _check_same_device(targets, inputs, "targets")
 
 
 def _check_weight(weight, inputs):
@@ -62,10 +66,7 @@ def _check_weight(weight, inputs):
             f"weight must be broadcastable to the shape of inputs {list(inputs.shape)}, "
             f"got {list(weight.shape)}"
         )
-    if weight.device != inputs.device:
-        raise ValueError(
-            f"weight must be on the same device as inputs, got {inputs.device} and {weight.device}"
-        )
+    _check_same_device(weight, inputs, "weight")
 
 
 def _real_number(value):

@@ -203,7 +203,6 @@ Vectorized<float> log_unit(const Vectorized<float>& v) {
 }
 #endif
 
-
 // Flushes subnormal floats to zero (FTZ, DAZ) on this thread while alive. Saturated logits make
 // subnormal intermediates (e.g. exp(-95), or q^2 * CE near 1e-39), which x86 cores handle in
 // microcode at up to 5x the cost of the whole loss; values below 1.2e-38 (float32) are
@@ -299,23 +298,24 @@ int64_t label_targets(const ForwardArgs& args, const int64_t* labels, int64_t of
   return counted;
 }
 
-// Weights of n elements from offset on (there is a weight tensor).
+// Weights of n elements from offset on (there is a weight tensor): the weight's own memory
+// when it has one per element, else the per-row or per-class values spread into buffer.
 template <typename S>
-void element_weights(const ForwardArgs& args, const S* weight, int64_t offset, int64_t n,
-                     S* weights) {
+const S* element_weights(const ForwardArgs& args, const S* weight, int64_t offset, int64_t n,
+                         S* buffer) {
   if (args.weight_kind == WeightKind::Element) {
-    std::copy(weight + offset, weight + offset + n, weights);
-    return;
+    return weight + offset;
   }
   const bool per_row = args.weight_kind == WeightKind::Row;
   for_each_row_run(offset, n, args.classes, [&](int64_t i, int64_t row, int64_t first_class,
                                                 int64_t length) {
     if (per_row) {
-      std::fill(weights + i, weights + i + length, weight[row]);
+      std::fill(buffer + i, buffer + i + length, weight[row]);
     } else {
-      std::copy(weight + first_class, weight + first_class + length, weights + i);
+      std::copy(weight + first_class, weight + first_class + length, buffer + i);
     }
   });
+  return buffer;
 }
 
 // Computes n elements; writes the loss where loss is non-null, the unweighted loss where
@@ -397,9 +397,7 @@ void forward_impl(const ForwardArgs& args) {
       for (int64_t offset = chunk * kChunk; offset < chunk_stop; offset += kBlock) {
         const int64_t len = std::min(kBlock, chunk_stop - offset);
         const S* x = read_block(inputs, offset, len, x_buffer);
-        if (weighted) {
-          element_weights(args, weight, offset, len, w_buffer);
-        }
+        const S* w = weighted ? element_weights(args, weight, offset, len, w_buffer) : nullptr;
         const S* t = t_buffer;
         if (args.labels) {
           chunk_count += label_targets(args, static_cast<const int64_t*>(targets.data), offset,
@@ -419,8 +417,8 @@ void forward_impl(const ForwardArgs& args) {
                               ? block_destination(grad_targets_out, offset, grad_targets_buffer)
                               : nullptr;
         chunk_sum += compute_block<S, kGamma, kGradInputs, kGradTargets>(
-            x, t, weighted ? w_buffer : nullptr, args.labels ? v_buffer : nullptr, len, coeffs, loss,
-            unweighted, grad_inputs, grad_targets);
+            x, t, w, args.labels ? v_buffer : nullptr, len, coeffs, loss, unweighted, grad_inputs,
+            grad_targets);
         if (elementwise) {
           store_block(loss_out, offset, len, loss);
         }
