@@ -26,10 +26,58 @@ TOLERANCES = {
 }
 
 
-def assert_matches(actual, expected, dtype=None):
-    """actual (any dtype) against an expected float64 tensor, at the tolerance of dtype."""
+def assert_matches(actual, expected, dtype=None, scale=None):
+    """actual (any dtype) against an expected float64 tensor, at the tolerance of dtype.
+
+    scale: where the expected value is a sum of terms that may cancel (a derivative), the
+    elementwise sum of their magnitudes (derivative_term_scales): the rounding of a result
+    computed in float32 is relative to it, not to the possibly tiny result. Then an element
+    passes when |actual - expected| <= atol + rtol * max(|expected|, scale)."""
     tolerance = TOLERANCES[dtype or actual.dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), **tolerance)
+    if scale is None:
+        torch.testing.assert_close(actual.double(), expected.double(), **tolerance)
+        return
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    allowed = tolerance["atol"] + tolerance["rtol"] * torch.maximum(expected.abs(), scale.double())
+    both_nan = actual.isnan() & expected.isnan()
+    bad = ~((actual - expected).abs() <= allowed) & ~both_nan
+    if bad.any():
+        worst = torch.where(bad, (actual - expected).abs() / allowed, torch.zeros_like(allowed))
+        index = int(worst.nan_to_num(math.inf).flatten().argmax())
+        raise AssertionError(
+            f"{int(bad.sum())} of {bad.numel()} elements differ beyond atol + rtol * max(|expected|, "
+            f"scale) ({tolerance}); worst at flat index {index}: {actual.flatten()[index].item()!r} vs "
+            f"{expected.flatten()[index].item()!r} (scale {scale.double().flatten()[index].item():.3g})"
+        )
+
+
+def derivative_term_scales(inputs, targets, alpha, gamma, *, weight=None, label_smoothing=0.0,
+                           valid=None):
+    """Elementwise sums of the magnitudes of the terms that d(loss)/d(inputs) and
+    d(loss)/d(targets) add up (the formulas of csrc/focal_math.h, in float64): (scale_inputs,
+    scale_targets). targets: dense floating targets; valid: 0 where a row is ignored."""
+    x = inputs.detach().double()
+    t = targets.detach().double() * (1 - label_smoothing) + label_smoothing / 2
+    zero = torch.zeros_like(x)
+    ce = t * torch.logaddexp(-x, zero) + (1 - t) * torch.logaddexp(x, zero)
+    p, pm = torch.sigmoid(x), torch.sigmoid(-x)
+    q = t * pm + (1 - t) * p
+    if alpha is None or alpha < 0:
+        alpha_t, alpha_slope = torch.ones_like(x), 0.0
+    else:
+        alpha_t, alpha_slope = alpha * t + (1 - alpha) * (1 - t), 2 * alpha - 1
+    q_gamma = q.pow(gamma)
+    ratio = torch.where(q > 0, p * pm / q, zero)
+    ce_over_q = torch.where(q > 0, ce / q, zero)
+    factor = torch.ones_like(x) if weight is None else weight.detach().double().abs().expand_as(x)
+    if valid is not None:
+        factor = factor * valid
+    scale_inputs = factor * alpha_t * q_gamma * ((1 - t) * p + t * pm + gamma * (1 - 2 * t).abs() * ce * ratio)
+    scale_targets = factor * (1 - label_smoothing) * q_gamma * (
+        abs(alpha_slope) * ce + alpha_t * (x.abs() + gamma * (pm - p).abs() * ce_over_q)
+    )
+    return scale_inputs, scale_targets
 
 
 def random_case(shape, dtype, device, *, seed=0, scale=4.0, soft=False, positive_rate=0.3):

@@ -17,6 +17,12 @@
 
 #include "focal.h"
 
+// Every launch goes through this macro so that the CUDA emulation (tests/cuda_emulation), which
+// runs this very source on the CPU, can put its own launcher in place of <<<>>>.
+#ifndef FOCAL_LAUNCH
+#define FOCAL_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
+#endif
+
 namespace focal::cuda {
 namespace {
 
@@ -401,17 +407,17 @@ void forward(const ForwardArgs& args) {
         constexpr GammaMode kGamma = decltype(gamma_mode)::value;
         constexpr bool kGradInputs = decltype(grad_inputs_flag)::value;
         if (packed) {
-          focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, kPack>
-              <<<grid, kThreads, 0, stream>>>(p);
+          FOCAL_LAUNCH(grid, kThreads, stream,
+                       focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, kPack>)(p);
         } else {
-          focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, 1>
-              <<<grid, kThreads, 0, stream>>>(p);
+          FOCAL_LAUNCH(grid, kThreads, stream,
+                       focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, 1>)(p);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
 
-    finish_forward_kernel<S, out_t><<<1, kThreads, 0, stream>>>(
+    FOCAL_LAUNCH(1, kThreads, stream, finish_forward_kernel<S, out_t>)(
         p.block_sums, p.block_counts, grid, args.reduction == Reduction::Mean,
         elementwise ? nullptr : args.loss.mutable_data_ptr<out_t>(),
         args.count.mutable_data_ptr<int64_t>());
@@ -441,12 +447,17 @@ void backward(const BackwardArgs& args) {
         const int grid = grid_size(packed ? n / kPack : n);
         dispatch_flag(args.grad_output_is_scalar, [&](auto scalar_flag) {
           constexpr bool kScalarGrad = decltype(scalar_flag)::value;
-          if (packed) {
-            focal_backward_kernel<s_t, g_t, kScalarGrad, kPack>
-                <<<grid, kThreads, 0, stream>>>(saved, grad_output, divisor, n, out);
+          // The op layer hands a scalar grad_output over in the math type of saved_grad, so
+          // (16-bit, 16-bit) pairs never launch with one: no instances for them.
+          if constexpr (kScalarGrad && !std::is_same_v<g_t, math_t<s_t>>) {
+            TORCH_INTERNAL_ASSERT(false, "focal_cuda: a scalar grad_output of dtype ",
+                                  args.grad_output.scalar_type(), " reached the CUDA backward");
+          } else if (packed) {
+            FOCAL_LAUNCH(grid, kThreads, stream, focal_backward_kernel<s_t, g_t, kScalarGrad, kPack>)(
+                saved, grad_output, divisor, n, out);
           } else {
-            focal_backward_kernel<s_t, g_t, kScalarGrad, 1>
-                <<<grid, kThreads, 0, stream>>>(saved, grad_output, divisor, n, out);
+            FOCAL_LAUNCH(grid, kThreads, stream, focal_backward_kernel<s_t, g_t, kScalarGrad, 1>)(
+                saved, grad_output, divisor, n, out);
           }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });

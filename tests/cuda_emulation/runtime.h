@@ -1,0 +1,30 @@
+// What the harness and the emulator's self-test control in the emulated device (runtime.cpp).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace focal_emu {
+
+// The order in which the blocks of a grid, and the runnable threads of a block, take turns.
+// A kernel whose results depend on it has a race.
+enum class Schedule : int { Forward, Reverse, Shuffled };
+void set_schedule(Schedule schedule, std::uint64_t seed);
+
+// What cudaDevAttrMultiProcessorCount reports: sizes the grids of the kernel glue.
+void set_multiprocessor_count(int count);
+int multiprocessor_count();
+
+// Every kernel instance the module can launch, with how often each was launched.
+std::vector<std::pair<std::string, long>> kernel_instances();
+void reset_launch_counts();
+
+// Clears the sticky error a device-side assert leaves, which on a GPU only a new process does.
+void reset_device();
+
+// How many __shared__ variables the runtime found (and poisons before every block).
+int shared_variable_count();
+
+}  // namespace focal_emu

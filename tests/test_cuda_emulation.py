@@ -1,0 +1,421 @@
+"""The CUDA kernels, run on the CPU under the CUDA emulation (tests/cuda_emulation): every kernel
+instance the op layer can launch, through the real op layer and kernel glue, checked against the
+float64 reference and the CPU kernels, and re-run under a second schedule to be bitwise equal.
+
+    pytest -m cuda_emulation tests                       # or tests/cuda_emulation/sweep.py
+    python tests/cuda_emulation/sweep.py --sanitized     # under ASan + UBSan
+
+The last test fails if any kernel instance was never launched.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import cuda_emulation
+import focal_cuda
+from conftest import assert_matches, derivative_term_scales
+
+pytestmark = pytest.mark.cuda_emulation
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+CPP_TYPES = {F16: "c10::Half", BF16: "c10::BFloat16", F32: "float", F64: "double", torch.int64: "long int"}
+GAMMA_MODES = {"zero": [0.0], "two": [2.0], "general": [0.5, 1.5, 3.5]}
+GAMMA_NAMES = {"zero": "Zero", "two": "Two", "general": "General"}
+WEIGHT_KINDS = {"none": 0, "element": 1, "row": 2, "class": 3}
+REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+
+# (inputs dtype, targets: a floating dtype or "labels", float32_loss): the combinations the CUDA
+# forward reads as they are. The loss dtype (and kernel out_t) follows from them.
+FORWARD_TYPES = [
+    (F16, F16, False), (BF16, BF16, False), (F32, F32, False), (F64, F64, False),
+    (F16, F32, False), (BF16, F32, False),
+    (F16, "labels", False), (BF16, "labels", False), (F32, "labels", False), (F64, "labels", False),
+    (F16, "labels", True), (BF16, "labels", True),  # autocast: 16-bit logits, float32 loss
+]
+# Shapes (with tails for every pack size, sub-block, one element, 0-d) and emulated SM counts
+# (1 and 2 give grids of 1-8 blocks, so grid-stride loops iterate; 132 is an H100).
+SHAPES = [(50, 101), (37, 13), (3, 5), (1, 1), (7, 1), (9, 3, 7), ()]
+MULTIPROCESSORS = [1, 2, 132, 1]
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    module = cuda_emulation.load()
+    module.reset_launch_counts()
+    module.set_schedule("forward", 0)
+    yield module
+    module.set_multiprocessor_count(132)
+    module.set_schedule("forward", 0)
+
+
+def pack_size(dtype):
+    return max(2, 16 // torch.empty((), dtype=dtype).element_size())
+
+
+def placed(values, misaligned):
+    """A contiguous copy of values, starting one element into its storage when misaligned."""
+    storage = torch.empty(values.numel() + 1, dtype=values.dtype)
+    start = 1 if misaligned else 0
+    view = storage[start:start + values.numel()].view(values.shape)
+    view.copy_(values)
+    return view
+
+
+def loss_dtype(x_dtype, targets, float32_loss):
+    dtype = x_dtype if targets == "labels" else torch.promote_types(x_dtype, targets)
+    return F32 if float32_loss and dtype in (F16, BF16) else dtype
+
+
+def forward_kernel_name(x_dtype, targets, float32_loss, gamma_mode, grad_inputs, pack):
+    t_type = CPP_TYPES[torch.int64 if targets == "labels" else targets]
+    out = CPP_TYPES[loss_dtype(x_dtype, targets, float32_loss)]
+    return (f"focal::cuda::{{anonymous}}::focal_forward_kernel<{CPP_TYPES[x_dtype]}, {t_type}, {out}, "
+            f"focal::GammaMode::{GAMMA_NAMES[gamma_mode]}, {str(grad_inputs).lower()}, {pack}>")
+
+
+def launches_during(module, call):
+    """What call launched: {instance name: count}."""
+    before = module.kernel_instances()
+    call()
+    after = module.kernel_instances()
+    return {name: after[name] - before[name] for name in after if after[name] != before[name]}
+
+
+class Case:
+    """One forward call: its arguments, and the float64 expectations of every output."""
+
+    def __init__(self, *, x_dtype, targets, float32_loss, gamma, shape, misaligned, reduction,
+                 weight_kind, alpha, label_smoothing, grad_inputs, grad_targets, ignore,
+                 label_dtype=torch.int64, ignore_index=-100, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        labels = targets == "labels"
+        self.shape = shape
+        x = torch.randn(shape, generator=generator, dtype=F64) * 6
+        if x.numel() > 2:  # saturated logits too
+            x.view(-1)[:2] = torch.tensor([-40.0, 35.0], dtype=F64)
+        self.inputs = placed(x.to(x_dtype), misaligned)
+        classes = shape[-1] if shape else 1
+        if labels:
+            rows = shape[:-1]
+            label_values = torch.randint(0, classes + 1, rows, generator=generator)  # C: background
+            flat = label_values.view(-1)
+            placements = {"none": [], "first": [0], "last": [flat.numel() - 1],
+                          "spread": list(range(0, flat.numel(), 3)), "all": list(range(flat.numel()))}
+            flat[placements[ignore]] = ignore_index
+            self.targets = placed(label_values.to(label_dtype), misaligned)
+            self.dense_targets = torch.nn.functional.one_hot(
+                torch.where(label_values == ignore_index, classes, label_values), classes + 1
+            )[..., :classes].double()
+            self.valid = (label_values != ignore_index).double().unsqueeze(-1).expand(shape)
+        else:
+            soft = torch.rand(shape, generator=generator, dtype=F64)
+            hard = (torch.rand(shape, generator=generator) < 0.3).double()
+            values = torch.where(torch.rand(shape, generator=generator) < 0.5, soft, hard)
+            self.targets = placed(values.to(targets), misaligned)
+            self.dense_targets = self.targets.double()
+            self.valid = None
+        weight_shapes = {"element": shape, "row": shape[:-1] + (1,) if shape else (), "class": shape[-1:],
+                         "scalar": ()}
+        self.weight = None
+        if weight_kind != "none":
+            self.weight = (torch.rand(weight_shapes[weight_kind], generator=generator, dtype=F64) + 0.5).to(x_dtype)
+        self.options = dict(alpha=alpha, gamma=gamma, reduction=REDUCTION_CODES[reduction],
+                            ignore_index=ignore_index, label_smoothing=label_smoothing,
+                            float32_loss=float32_loss)
+        self.flags = dict(compute_grad_inputs=grad_inputs, compute_grad_targets=grad_targets,
+                          compute_unweighted_loss=self.weight is not None and grad_inputs)
+        self.reduction = reduction
+        self.loss_dtype = loss_dtype(x_dtype, targets, float32_loss)
+        self.x_dtype = x_dtype
+        self.target_dtype = None if labels else targets
+        self.describe = (f"x={x_dtype} targets={targets}{'/' + str(label_dtype) if labels else ''} "
+                         f"float32_loss={float32_loss} gamma={gamma} shape={shape} misaligned={misaligned} "
+                         f"reduction={reduction} weight={weight_kind} alpha={alpha} smoothing={label_smoothing} "
+                         f"grads=({grad_inputs}, {grad_targets}) ignore={ignore}")
+
+    def arguments(self):
+        o = self.options
+        return (self.inputs, self.targets, self.weight, o["alpha"], o["gamma"], o["reduction"],
+                o["ignore_index"], o["label_smoothing"], o["float32_loss"],
+                self.flags["compute_grad_inputs"], self.flags["compute_grad_targets"],
+                self.flags["compute_unweighted_loss"])
+
+    def expected(self):
+        """(loss, grad_inputs, grad_targets, unweighted_loss, count) in float64; the gradients
+        elementwise and unscaled, as the op returns them."""
+        o = self.options
+        x = self.inputs.double().requires_grad_()
+        labels = self.target_dtype is None
+        t = self.targets if labels else self.targets.double().requires_grad_()
+        weight = None if self.weight is None else self.weight.double()
+        options = dict(alpha=o["alpha"], gamma=o["gamma"], ignore_index=o["ignore_index"],
+                       label_smoothing=o["label_smoothing"])
+        elementwise = focal_cuda.reference.sigmoid_focal_loss(x, t, weight=weight, **options)
+        loss = focal_cuda.reference.sigmoid_focal_loss(x, t, weight=weight, reduction=self.reduction, **options)
+        wrt = [x] if labels else [x, t]
+        grads = torch.autograd.grad(elementwise.sum(), wrt, allow_unused=True)
+        unweighted = focal_cuda.reference.sigmoid_focal_loss(x.detach(), t.detach() if not labels else t,
+                                                             weight=None, **options)
+        count = self.inputs.numel() if self.valid is None else int(self.valid.sum())
+        return (loss.detach(), grads[0], None if labels else grads[1], unweighted, count)
+
+    def scales(self):
+        o = self.options
+        return derivative_term_scales(self.inputs, self.dense_targets, o["alpha"], o["gamma"],
+                                      weight=self.weight, label_smoothing=o["label_smoothing"],
+                                      valid=self.valid)
+
+
+def check_outputs(case, outputs, label):
+    """Every output of the forward op against the float64 expectations."""
+    loss, grad_inputs, grad_targets, unweighted, count = outputs
+    expected_loss, expected_gx, expected_gt, expected_unweighted, expected_count = case.expected()
+    scale_inputs, scale_targets = case.scales()
+    assert loss.dtype == case.loss_dtype, f"{label}: loss dtype"
+    assert count.item() == expected_count, f"{label}: count"
+    if expected_loss.isnan().all():  # the mean of nothing: every row ignored
+        assert loss.isnan().all(), f"{label}: expected NaN, got {loss}"
+    else:
+        assert_matches(loss, expected_loss.view(loss.shape), case.loss_dtype)
+    if case.flags["compute_grad_inputs"]:
+        assert grad_inputs.dtype == case.x_dtype
+        assert_matches(grad_inputs, expected_gx, case.x_dtype, scale=scale_inputs)
+    else:
+        assert grad_inputs.numel() == 0
+    if case.flags["compute_grad_targets"]:
+        assert grad_targets.dtype == case.target_dtype
+        assert_matches(grad_targets, expected_gt, case.target_dtype, scale=scale_targets)
+    else:
+        assert grad_targets.numel() == 0
+    if case.flags["compute_unweighted_loss"]:
+        assert_matches(unweighted, expected_unweighted, case.loss_dtype)
+
+
+def check_against_cpu_kernels(case, outputs):
+    """The same call on focal_cuda's CPU kernels: both within the tolerance of each other."""
+    cpu = torch.ops.focal_cuda.sigmoid_focal_loss_forward(*case.arguments())
+    scale_inputs, scale_targets = case.scales()
+    scales = [None, scale_inputs, scale_targets, None, None]
+    dtypes = [case.loss_dtype, case.x_dtype, case.target_dtype, case.loss_dtype, None]
+    for ours, theirs, scale, dtype in zip(outputs, cpu, scales, dtypes):
+        assert ours.shape == theirs.shape
+        if dtype is None or ours.isnan().all():
+            assert torch.equal(bits(ours), bits(theirs.to(ours.dtype)))
+        elif ours.numel():
+            assert_matches(ours, theirs.double(), dtype, scale=scale)
+
+
+def bits(tensor):
+    """The stored bytes, for bitwise comparison (NaN included)."""
+    return tensor.contiguous().view(-1).view(torch.uint8) if tensor.numel() else tensor
+
+
+def assert_same_bits(first, second, label):
+    for index, (a, b) in enumerate(zip(first, second)):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b)), \
+            f"{label}: output {index} differs between schedules (a race, or an order-dependent sum)"
+
+
+def run_case(module, case, schedule_seed):
+    """Forward schedule, checks, then a second schedule that must give the same bits."""
+    module.set_schedule("forward", 0)
+    outputs = module.sigmoid_focal_loss_forward(*case.arguments())
+    check_outputs(case, outputs, case.describe)
+    check_against_cpu_kernels(case, outputs)
+    second = ("reverse", 0) if schedule_seed % 2 else ("shuffled", schedule_seed)
+    module.set_schedule(*second)
+    try:
+        again = module.sigmoid_focal_loss_forward(*case.arguments())
+    finally:
+        module.set_schedule("forward", 0)
+    assert_same_bits(outputs, again, f"{case.describe} under {second}")
+    return outputs
+
+
+FORWARD_INSTANCES = [
+    (types, gamma_mode, grad_inputs, packed)
+    for types, gamma_mode, grad_inputs, packed in itertools.product(
+        FORWARD_TYPES, GAMMA_MODES, [False, True], [True, False])
+]
+
+
+@pytest.mark.parametrize(
+    "types, gamma_mode, grad_inputs, packed", FORWARD_INSTANCES,
+    ids=[f"{t[0]}-{t[1]}-{'f32loss' if t[2] else 'loss'}-{g}-{'grad' if gi else 'nograd'}-"
+         f"{'packed' if p else 'element'}".replace("torch.", "")
+         for t, g, gi, p in FORWARD_INSTANCES],
+)
+def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
+    """Each forward kernel instance, launched by the op layer in several configurations."""
+    x_dtype, targets, float32_loss = types
+    labels = targets == "labels"
+    index = FORWARD_INSTANCES.index((types, gamma_mode, grad_inputs, packed))
+    expected_kernel = forward_kernel_name(x_dtype, targets, float32_loss, gamma_mode, grad_inputs,
+                                          pack_size(x_dtype) if packed else 1)
+    for variant in range(3):
+        step = index * 3 + variant
+        shape = SHAPES[step % len(SHAPES)]
+        if labels and not shape:
+            shape = (1, 4)  # labels need a class dimension
+        if not packed and shape in ((), (1, 1)):
+            shape = (5, 7)  # one element is always aligned: give the misaligned view more
+        case = Case(
+            x_dtype=x_dtype, targets=targets, float32_loss=float32_loss,
+            gamma=GAMMA_MODES[gamma_mode][step % len(GAMMA_MODES[gamma_mode])],
+            shape=shape, misaligned=not packed,
+            reduction=["none", "mean", "sum"][step % 3],
+            weight_kind=["none", "element", "row", "class", "scalar"][step % 5],
+            alpha=[0.25, -1.0, 0.0, 1.0][step % 4],
+            label_smoothing=0.1 if step % 4 == 3 else 0.0,
+            grad_inputs=grad_inputs,
+            grad_targets=not labels and step % 2 == 0,
+            ignore=["none", "first", "last", "spread", "all"][step % 5],
+            label_dtype=[torch.int64, torch.int32][step % 2],
+            ignore_index=[-100, -1][step // 2 % 2],
+            seed=step,
+        )
+        emulated.set_multiprocessor_count(MULTIPROCESSORS[step % len(MULTIPROCESSORS)])
+        launched = launches_during(emulated, lambda: run_case(emulated, case, step))
+        assert launched.get(expected_kernel) == 2, f"{case.describe}: launched {launched}"
+
+
+@pytest.mark.parametrize("x_dtype, target_dtype", [
+    (F16, F64), (F32, F16), (BF16, F16), (F64, F32), (F32, BF16), (F16, BF16), (F32, F64),
+])
+def test_converted_dtype_pairs(emulated, x_dtype, target_dtype):
+    """Pairs the CUDA kernels do not read directly are converted to the promoted dtype first."""
+    assert not emulated.reads_dtype_pair(x_dtype, target_dtype)
+    case = Case(x_dtype=x_dtype, targets=target_dtype, float32_loss=False, gamma=2.0, shape=(37, 13),
+                misaligned=False, reduction="sum", weight_kind="class", alpha=0.25, label_smoothing=0.0,
+                grad_inputs=True, grad_targets=True, ignore="none")
+    outputs = run_case(emulated, case, 1)
+    assert outputs[1].dtype == x_dtype and outputs[2].dtype == target_dtype
+
+
+@pytest.mark.parametrize("output", ["loss", "grad_inputs", "grad_targets", "unweighted_loss"])
+@pytest.mark.parametrize("dtype", [F16, F32, F64])
+def test_one_misaligned_output_takes_the_element_path(emulated, output, dtype):
+    """Aligned inputs, one output placed one element off: the kernel must not store it in packs
+    (the sanitized sweep's alignment check would catch a misaligned 16-byte store)."""
+    case = Case(x_dtype=dtype, targets=dtype, float32_loss=False, gamma=2.0, shape=(37, 13),
+                misaligned=False, reduction="none", weight_kind="element", alpha=0.25,
+                label_smoothing=0.0, grad_inputs=True, grad_targets=True, ignore="none")
+    n = case.inputs.numel()
+    outputs = {name: placed(torch.zeros(n, dtype=dtype), name == output).view(case.shape)
+               for name in ("loss", "grad_inputs", "grad_targets", "unweighted_loss")}
+    count = torch.zeros((), dtype=torch.int64)
+    weight = case.weight.double() if dtype == F64 else case.weight.float()
+    name = forward_kernel_name(dtype, dtype, False, "two", True, 1)
+    launched = launches_during(emulated, lambda: emulated.forward_into(
+        case.inputs, case.targets, weight, WEIGHT_KINDS["element"], 0.25, 2.0, 0.0, 0, -100,
+        outputs["loss"], outputs["grad_inputs"], outputs["grad_targets"], outputs["unweighted_loss"], count))
+    assert launched.get(name) == 1, launched
+    check_outputs(case, (outputs["loss"], outputs["grad_inputs"], outputs["grad_targets"],
+                         outputs["unweighted_loss"], count), case.describe)
+
+
+@pytest.mark.parametrize("x_dtype, shape", [(F32, (4000, 80)), (F64, (2000, 80))])
+def test_grids_of_more_than_256_blocks(emulated, x_dtype, shape):
+    """At an H100's 132 SMs these grids have >256 blocks, so the finish kernel's loop iterates."""
+    emulated.set_multiprocessor_count(132)
+    case = Case(x_dtype=x_dtype, targets=x_dtype, float32_loss=False, gamma=2.0, shape=shape,
+                misaligned=False, reduction="mean", weight_kind="none", alpha=0.25, label_smoothing=0.0,
+                grad_inputs=False, grad_targets=False, ignore="none")
+    blocks = case.inputs.numel() // pack_size(x_dtype) // 256
+    assert blocks > 256
+    run_case(emulated, case, 2)
+
+
+# The backward: (saved dtype, grad_output dtype) pairs the kernels read, elementwise or one value.
+BACKWARD_PAIRS = [(F16, F16), (BF16, BF16), (F32, F32), (F64, F64), (F16, F32), (BF16, F32)]
+
+
+@pytest.mark.parametrize("saved_dtype, grad_dtype", BACKWARD_PAIRS + [(F32, F16), (F16, F64)])
+@pytest.mark.parametrize("reduction", ["none", "expanded", "single", "mean", "sum"])
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_backward(emulated, saved_dtype, grad_dtype, reduction, misaligned):
+    """Functional and in-place backward: elementwise grad_output (none), one value (an expanded
+    scalar, a single-element loss, mean, sum); packed and element paths."""
+    generator = torch.Generator().manual_seed(5)
+    shape = (1,) if reduction == "single" else (37, 13)
+    saved = placed((torch.randn(shape, generator=generator, dtype=F64) * 3).to(saved_dtype), misaligned)
+    code = {"none": 0, "expanded": 0, "single": 0, "mean": 1, "sum": 2}[reduction]
+    if reduction == "none":
+        grad_output = placed(torch.rand(shape, generator=generator, dtype=F64).to(grad_dtype), misaligned)
+    elif reduction == "expanded":
+        grad_output = torch.tensor(0.75, dtype=grad_dtype).expand(shape)
+    elif reduction == "single":
+        grad_output = torch.tensor([0.75], dtype=grad_dtype)
+    else:
+        grad_output = torch.tensor(0.75, dtype=grad_dtype)
+    count = torch.tensor(123, dtype=torch.int64)
+    expected = saved.double() * grad_output.double() / (123 if reduction == "mean" else 1)
+    tolerance_dtype = saved_dtype
+    functional = emulated.sigmoid_focal_loss_backward(grad_output, saved, count, code)
+    cpu = torch.ops.focal_cuda.sigmoid_focal_loss_backward(grad_output, saved, count, code)
+    assert functional.dtype == saved_dtype
+    assert_matches(functional, expected, tolerance_dtype)
+    assert_matches(functional, cpu.double(), tolerance_dtype)
+    emulated.set_schedule("reverse", 0)
+    try:
+        assert torch.equal(bits(functional), bits(emulated.sigmoid_focal_loss_backward(grad_output, saved, count, code)))
+    finally:
+        emulated.set_schedule("forward", 0)
+    emulated.sigmoid_focal_loss_backward_(grad_output, saved, count, code)
+    assert_matches(saved, expected, tolerance_dtype)
+
+
+@pytest.mark.parametrize("dtype", [F16, F32, F64])
+def test_mean_with_zero_count_gives_zero_gradient(emulated, dtype):
+    saved = torch.randn(37, 13).to(dtype)
+    zero = torch.tensor(0, dtype=torch.int64)
+    grad = emulated.sigmoid_focal_loss_backward(torch.tensor(1.0, dtype=dtype), saved, zero, 1)
+    assert torch.equal(grad, torch.zeros_like(saved))
+    emulated.sigmoid_focal_loss_backward_(torch.tensor(1.0, dtype=dtype), saved, zero, 1)
+    assert torch.equal(saved, torch.zeros_like(saved))
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 5])
+def test_all_rows_ignored_mean_is_nan_with_zero_count(emulated, ignore_index):
+    x = torch.randn(37, 13)
+    labels = torch.full((37,), ignore_index, dtype=torch.int64)
+    loss, grad, _, _, count = emulated.sigmoid_focal_loss_forward(
+        x, labels, None, 0.25, 2.0, 1, ignore_index, 0.0, False, True, False, False)
+    assert torch.isnan(loss) and count.item() == 0 and torch.equal(grad, torch.zeros_like(x))
+
+
+def test_empty_inputs_launch_nothing(emulated):
+    x = torch.empty(0, 13)
+    launched = launches_during(emulated, lambda: emulated.sigmoid_focal_loss_forward(
+        x, torch.empty(0, 13), None, 0.25, 2.0, 2, -100, 0.0, False, True, False, False))
+    assert launched == {}
+
+
+@pytest.mark.parametrize("bad_label", [14, -1, -7])
+def test_bad_label_raises_the_device_assert(emulated, capfd, bad_label):
+    """As on a GPU: the kernel asserts, the error is sticky until the context is reset."""
+    x = torch.randn(37, 13)
+    labels = torch.randint(0, 14, (37,))
+    labels[20] = bad_label
+    with pytest.raises(RuntimeError, match="device-side assert triggered"):
+        emulated.sigmoid_focal_loss_forward(x, labels, None, 0.25, 2.0, 0, -100, 0.0, False, True, False, False)
+    printed = capfd.readouterr().out
+    assert f"targets holds the class label {bad_label}; valid labels are 0 to 12, 13 (background)" in printed
+    assert "Assertion `label >= 0 && label <= p.classes" in printed
+    good = torch.randint(0, 14, (37,))
+    with pytest.raises(RuntimeError, match="device-side assert triggered"):  # sticky
+        emulated.sigmoid_focal_loss_forward(x, good, None, 0.25, 2.0, 0, -100, 0.0, False, True, False, False)
+    emulated.reset_device()
+    emulated.sigmoid_focal_loss_forward(x, good, None, 0.25, 2.0, 0, -100, 0.0, False, True, False, False)
+
+
+def test_every_kernel_instance_was_launched(emulated):
+    """Runs last: every focal_cuda kernel instance compiled into the module was launched by the
+    tests above (a new instance without a case fails here)."""
+    instances = {name: count for name, count in emulated.kernel_instances().items()
+                 if name.startswith("focal::cuda::")}
+    never = sorted(name for name, count in instances.items() if count == 0)
+    assert len(instances) == 168, f"{len(instances)} kernel instances; update this count with the kernels"
+    assert not never, f"{len(never)} of {len(instances)} kernel instances never launched: {never}"
