@@ -52,13 +52,23 @@ def assert_matches(actual, expected, dtype=None, scale=None):
         )
 
 
-def derivative_term_scales(inputs, targets, alpha, gamma, *, weight=None, label_smoothing=0.0,
-                           valid=None):
+def derivative_term_scales(inputs, targets, alpha, gamma, *, weight=None, ignore_index=-100,
+                           label_smoothing=0.0, reduction="none", grad_output=None):
     """Elementwise sums of the magnitudes of the terms that d(loss)/d(inputs) and
     d(loss)/d(targets) add up (the formulas of csrc/focal_math.h, in float64): (scale_inputs,
-    scale_targets). targets: dense floating targets; valid: 0 where a row is ignored."""
+    scale_targets), for assert_matches. targets: floating, or integer class labels. For the
+    gradients that autograd gives (not the op's unscaled ones), pass reduction and grad_output."""
     x = inputs.detach().double()
-    t = targets.detach().double() * (1 - label_smoothing) + label_smoothing / 2
+    valid = torch.ones_like(x)
+    if targets.is_floating_point():
+        t = targets.detach().double()
+    else:
+        classes = x.shape[-1]
+        labels = targets.long()
+        ignored = labels == ignore_index
+        t = F.one_hot(torch.where(ignored, classes, labels), classes + 1)[..., :classes].double()
+        valid = (~ignored).double().unsqueeze(-1).expand_as(x)
+    t = t * (1 - label_smoothing) + label_smoothing / 2
     zero = torch.zeros_like(x)
     ce = t * torch.logaddexp(-x, zero) + (1 - t) * torch.logaddexp(x, zero)
     p, pm = torch.sigmoid(x), torch.sigmoid(-x)
@@ -70,9 +80,11 @@ def derivative_term_scales(inputs, targets, alpha, gamma, *, weight=None, label_
     q_gamma = q.pow(gamma)
     ratio = torch.where(q > 0, p * pm / q, zero)
     ce_over_q = torch.where(q > 0, ce / q, zero)
-    factor = torch.ones_like(x) if weight is None else weight.detach().double().abs().expand_as(x)
-    if valid is not None:
-        factor = factor * valid
+    factor = valid if weight is None else valid * weight.detach().double().abs()
+    if grad_output is not None:
+        factor = factor * grad_output.detach().double().abs()
+    if reduction == "mean":
+        factor = factor / valid.sum().clamp_min(1)
     scale_inputs = factor * alpha_t * q_gamma * ((1 - t) * p + t * pm + gamma * (1 - 2 * t).abs() * ce * ratio)
     scale_targets = factor * (1 - label_smoothing) * q_gamma * (
         abs(alpha_slope) * ce + alpha_t * (x.abs() + gamma * (pm - p).abs() * ce_over_q)

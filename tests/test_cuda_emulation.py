@@ -105,17 +105,13 @@ class Case:
                           "spread": list(range(0, flat.numel(), 3)), "all": list(range(flat.numel()))}
             flat[placements[ignore]] = ignore_index
             self.targets = placed(label_values.to(label_dtype), misaligned)
-            self.dense_targets = torch.nn.functional.one_hot(
-                torch.where(label_values == ignore_index, classes, label_values), classes + 1
-            )[..., :classes].double()
-            self.valid = (label_values != ignore_index).double().unsqueeze(-1).expand(shape)
+            self.count = int((label_values != ignore_index).sum()) * classes
         else:
             soft = torch.rand(shape, generator=generator, dtype=F64)
             hard = (torch.rand(shape, generator=generator) < 0.3).double()
             values = torch.where(torch.rand(shape, generator=generator) < 0.5, soft, hard)
             self.targets = placed(values.to(targets), misaligned)
-            self.dense_targets = self.targets.double()
-            self.valid = None
+            self.count = self.inputs.numel()
         weight_shapes = {"element": shape, "row": shape[:-1] + (1,) if shape else (), "class": shape[-1:],
                          "scalar": ()}
         self.weight = None
@@ -158,14 +154,12 @@ class Case:
         grads = torch.autograd.grad(elementwise.sum(), wrt, allow_unused=True)
         unweighted = focal_cuda.reference.sigmoid_focal_loss(x.detach(), t.detach() if not labels else t,
                                                              weight=None, **options)
-        count = self.inputs.numel() if self.valid is None else int(self.valid.sum())
-        return (loss.detach(), grads[0], None if labels else grads[1], unweighted, count)
+        return (loss.detach(), grads[0], None if labels else grads[1], unweighted, self.count)
 
     def scales(self):
         o = self.options
-        return derivative_term_scales(self.inputs, self.dense_targets, o["alpha"], o["gamma"],
-                                      weight=self.weight, label_smoothing=o["label_smoothing"],
-                                      valid=self.valid)
+        return derivative_term_scales(self.inputs, self.targets, o["alpha"], o["gamma"], weight=self.weight,
+                                      ignore_index=o["ignore_index"], label_smoothing=o["label_smoothing"])
 
 
 def check_outputs(case, outputs, label):

@@ -47,12 +47,16 @@ def sanitizer_preload():
     return ":".join(libraries)
 
 
-def load(variant=None, kernel_source=None, build_directory=None, verbose=False):
-    """Builds (if needed) and imports the emulation module of `variant`. kernel_source: another
-    copy of focal_cuda.cu to compile instead (the mutation check)."""
+def load(variant=None, verbose=False):
+    """Builds (if needed) and imports the emulation module of `variant`.
+
+    FOCAL_EMULATED_KERNEL_SOURCE names another copy of focal_cuda.cu to compile instead, and
+    FOCAL_CUDA_EMULATION_BUILD another build directory (the mutation check uses both)."""
     from torch.utils import cpp_extension
 
     variant = variant or variant_from_environment()
+    kernel_source = os.environ.get("FOCAL_EMULATED_KERNEL_SOURCE")
+    build_directory = os.environ.get("FOCAL_CUDA_EMULATION_BUILD")
     if variant == "sanitized" and "libasan" not in Path("/proc/self/maps").read_text():
         raise RuntimeError(
             "the sanitized CUDA emulation must run in a process that preloads the sanitizer "
@@ -62,7 +66,7 @@ def load(variant=None, kernel_source=None, build_directory=None, verbose=False):
     name = f"focal_cuda_emulated_{variant}"
     if kernel_source is not None:
         flags.append(f'-DFOCAL_EMULATED_KERNEL_SOURCE="{Path(kernel_source).resolve()}"')
-        name += "_" + Path(kernel_source).stem.replace("-", "_").replace(".", "_")
+        name += "_mutant"
     build_directory = Path(build_directory or ROOT / "build" / "cuda_emulation" / variant)
     build_directory.mkdir(parents=True, exist_ok=True)
     # The build's compilers must not run under the sanitizer this process may preload.

@@ -77,6 +77,52 @@ struct Fiber {
 #endif
 };
 
+// The runnable threads of a block, as a bit set: the schedule takes the lowest, the highest or a
+// random one.
+class RunQueue {
+ public:
+  void clear(unsigned threads) {
+    words_.assign((threads + 63) / 64, 0);
+    count_ = 0;
+  }
+  void add(unsigned t) {
+    words_[t / 64] |= 1ull << (t % 64);
+    ++count_;
+  }
+  bool empty() const { return count_ == 0; }
+  unsigned take(Schedule schedule, std::mt19937_64& random) {
+    unsigned t = 0;
+    if (schedule == Schedule::Forward) {
+      t = nth(0);
+    } else if (schedule == Schedule::Reverse) {
+      t = nth(count_ - 1);
+    } else {
+      t = nth(static_cast<unsigned>(random() % count_));
+    }
+    words_[t / 64] &= ~(1ull << (t % 64));
+    --count_;
+    return t;
+  }
+
+ private:
+  unsigned nth(unsigned n) const {
+    for (std::size_t w = 0; w < words_.size(); ++w) {
+      const unsigned in_word = static_cast<unsigned>(__builtin_popcountll(words_[w]));
+      if (n < in_word) {
+        std::uint64_t word = words_[w];
+        for (unsigned skip = 0; skip < n; ++skip) {
+          word &= word - 1;
+        }
+        return static_cast<unsigned>(w * 64 + __builtin_ctzll(word));
+      }
+      n -= in_word;
+    }
+    std::abort();  // n < count_ always
+  }
+  std::vector<std::uint64_t> words_;
+  unsigned count_ = 0;
+};
+
 struct Device {
   std::mutex mutex;  // one launch at a time: __shared__ statics and the builtins are global
   Schedule schedule = Schedule::Forward;
@@ -100,6 +146,9 @@ struct Device {
   Fiber* current = nullptr;
   ucontext_t scheduler;
   bool stopped = false;
+  RunQueue run_queue;
+  unsigned exited = 0;
+  unsigned at_barrier = 0;
 #ifdef FOCAL_EMU_ASAN
   const void* scheduler_stack = nullptr;
   std::size_t scheduler_stack_size = 0;
@@ -303,7 +352,7 @@ void poison_shared_variables() {
   }
 }
 
-// ---- Barriers and warp operations, resolved between rounds ---------------------------------------
+// ---- Barriers and warp operations, resolved as threads arrive ------------------------------------
 
 // The lane a shuffle reads, or -1 for the lane's own value (the PTX ISA's shfl.sync, and the
 // CUDA programming guide's words for width < 32).
@@ -342,101 +391,91 @@ std::string operation_name(const Fiber& fiber) {
          ") at " + site(fiber.file, fiber.line);
 }
 
-// Completes every warp operation whose mask's lanes have all arrived (exited lanes excepted, as
-// in shfl.sync and bar.warp.sync). Returns whether any thread was released.
-bool complete_warp_operations() {
+// Completes the warp operations of the warp starting at thread `base` whose mask's lanes have all
+// arrived (exited lanes excepted, as in shfl.sync and bar.warp.sync). False when it stopped the grid.
+bool complete_warp_operations(unsigned base) {
   Device& d = device();
-  bool progress = false;
-  for (unsigned base = 0; base < d.threads; base += kWarpSize) {
-    const unsigned lanes = std::min(kWarpSize, d.threads - base);
-    Fiber* warp = &d.fibers[base];
-    for (unsigned lane = 0; lane < lanes; ++lane) {
-      const Fiber& first = warp[lane];
-      if (first.state != ThreadState::AtWarpOp) {
+  const unsigned lanes = std::min(kWarpSize, d.threads - base);
+  Fiber* warp = &d.fibers[base];
+  for (unsigned lane = 0; lane < lanes; ++lane) {
+    const Fiber& first = warp[lane];
+    if (first.state != ThreadState::AtWarpOp) {
+      continue;
+    }
+    bool ready = true;
+    for (unsigned other = 0; other < lanes && ready; ++other) {
+      const Fiber& peer = warp[other];
+      if (!(first.mask >> other & 1u) || peer.state == ThreadState::Exited) {
         continue;
       }
-      bool ready = true;
-      for (unsigned other = 0; other < lanes && ready; ++other) {
-        const Fiber& peer = warp[other];
-        if (!(first.mask >> other & 1u) || peer.state == ThreadState::Exited) {
-          continue;
-        }
-        if (peer.state != ThreadState::AtWarpOp) {
-          ready = false;  // still to arrive (or stuck at a barrier: a deadlock if nothing moves)
-        } else if (peer.mask != first.mask || peer.op != first.op ||
-                   (first.op == WarpOp::Shuffle && (peer.mode != first.mode || peer.width != first.width))) {
-          d.current = &warp[other];
-          stop_grid(cudaErrorLaunchFailure,
-                    "lanes " + std::to_string(lane) + " and " + std::to_string(other) +
-                        " of warp " + std::to_string(base / kWarpSize) +
-                        " meet at different warp operations: " + operation_name(first) + " and " +
-                        operation_name(peer));
-          d.current = nullptr;
-          return false;
-        }
+      if (peer.state != ThreadState::AtWarpOp) {
+        ready = false;  // still to arrive (or stuck at a barrier: a deadlock if nothing moves)
+      } else if (peer.mask != first.mask || peer.op != first.op ||
+                 (first.op == WarpOp::Shuffle && (peer.mode != first.mode || peer.width != first.width))) {
+        d.current = &warp[other];
+        stop_grid(cudaErrorLaunchFailure,
+                  "lanes " + std::to_string(lane) + " and " + std::to_string(other) + " of warp " +
+                      std::to_string(base / kWarpSize) + " meet at different warp operations: " +
+                      operation_name(first) + " and " + operation_name(peer));
+        d.current = nullptr;
+        return false;
       }
-      if (!ready) {
+    }
+    if (!ready) {
+      continue;
+    }
+    const unsigned mask = first.mask;
+    for (unsigned other = 0; other < lanes; ++other) {
+      Fiber& peer = warp[other];
+      if (!(mask >> other & 1u) || peer.state != ThreadState::AtWarpOp || peer.op != WarpOp::Shuffle) {
         continue;
       }
-      const unsigned mask = first.mask;
-      for (unsigned other = 0; other < lanes; ++other) {
-        Fiber& peer = warp[other];
-        if (!(mask >> other & 1u) || peer.state != ThreadState::AtWarpOp || peer.op != WarpOp::Shuffle) {
-          continue;
-        }
-        const int source = source_lane(peer.mode, static_cast<int>(other), peer.operand, peer.width);
-        if (source < 0 || source == static_cast<int>(other)) {
-          peer.result = peer.value;
-          continue;
-        }
-        const bool in_mask = mask >> source & 1u;
-        const bool alive = source < static_cast<int>(lanes) && warp[source].state == ThreadState::AtWarpOp;
-        if (!in_mask || !alive) {
-          d.current = &peer;
-          stop_grid(cudaErrorLaunchFailure,
-                    "lane " + std::to_string(other) + " reads lane " + std::to_string(source) + " in " +
-                        operation_name(peer) + ", which " +
-                        (!in_mask ? "is outside the mask" : "has exited or does not exist") +
-                        " (undefined in the PTX ISA)");
-          d.current = nullptr;
-          return false;
-        }
-        peer.result = warp[source].value;
+      const int source = source_lane(peer.mode, static_cast<int>(other), peer.operand, peer.width);
+      if (source < 0 || source == static_cast<int>(other)) {
+        peer.result = peer.value;
+        continue;
       }
-      for (unsigned other = 0; other < lanes; ++other) {
-        if ((mask >> other & 1u) && warp[other].state == ThreadState::AtWarpOp) {
-          warp[other].state = ThreadState::Runnable;
-        }
+      const bool in_mask = mask >> source & 1u;
+      const bool alive = source < static_cast<int>(lanes) && warp[source].state == ThreadState::AtWarpOp;
+      if (!in_mask || !alive) {
+        d.current = &peer;
+        stop_grid(cudaErrorLaunchFailure,
+                  "lane " + std::to_string(other) + " reads lane " + std::to_string(source) + " in " +
+                      operation_name(peer) + ", which " +
+                      (!in_mask ? "is outside the mask" : "has exited or does not exist") +
+                      " (undefined in the PTX ISA)");
+        d.current = nullptr;
+        return false;
       }
-      progress = true;
+      peer.result = warp[source].value;
+    }
+    for (unsigned other = 0; other < lanes; ++other) {
+      if ((mask >> other & 1u) && warp[other].state == ThreadState::AtWarpOp) {
+        warp[other].state = ThreadState::Runnable;
+        d.run_queue.add(base + other);
+      }
     }
   }
-  return progress;
+  return true;
 }
 
-// Releases a barrier that every thread of the block waits at, from one call site.
-bool release_barrier() {
+// Releases the barrier once every thread of the block waits at it, from one call site. False
+// when it stopped the grid.
+bool release_barrier_if_complete() {
   Device& d = device();
+  if (d.at_barrier == 0 || d.at_barrier + d.exited < d.threads) {
+    return true;
+  }
   std::map<std::string, unsigned> sites;
-  unsigned waiting = 0, exited = 0, in_warp_operations = 0;
   for (unsigned t = 0; t < d.threads; ++t) {
-    const Fiber& fiber = d.fibers[t];
-    if (fiber.state == ThreadState::AtBarrier) {
-      ++waiting;
-      ++sites[site(fiber.file, fiber.line)];
-    } else if (fiber.state == ThreadState::Exited) {
-      ++exited;
-    } else if (fiber.state == ThreadState::AtWarpOp) {
-      ++in_warp_operations;
+    if (d.fibers[t].state == ThreadState::AtBarrier) {
+      ++sites[site(d.fibers[t].file, d.fibers[t].line)];
     }
   }
-  if (waiting == 0 || in_warp_operations > 0) {
-    return false;
-  }
-  if (exited > 0) {
+  if (d.exited > 0) {
     stop_grid(cudaErrorLaunchFailure,
-              "__syncthreads at " + sites.begin()->first + " is reached by " + std::to_string(waiting) +
-                  " threads while " + std::to_string(exited) +
+              "__syncthreads at " + sites.begin()->first + " is reached by " + std::to_string(d.at_barrier) +
+                  " threads while " + std::to_string(d.exited) +
                   " have exited: a barrier must be reached by the whole block (CUDA programming guide)");
     return false;
   }
@@ -450,7 +489,9 @@ bool release_barrier() {
   }
   for (unsigned t = 0; t < d.threads; ++t) {
     d.fibers[t].state = ThreadState::Runnable;
+    d.run_queue.add(t);
   }
+  d.at_barrier = 0;
   return true;
 }
 
@@ -483,10 +524,16 @@ void arrange(std::vector<unsigned>& order, std::mt19937_64& random) {
   }
 }
 
-// Runs one block to its end; false when an error stopped the grid.
+// Runs one block to its end; false when an error stopped the grid. The schedule picks the next
+// thread among the runnable ones each time a thread stops: the lowest (forward), the highest
+// (reverse) or a random one (shuffled). Barriers and warp operations complete as soon as their
+// last thread arrives, so one warp may run far ahead of the others, as on a GPU.
 bool run_block(std::mt19937_64& random) {
   Device& d = device();
   poison_shared_variables();
+  d.run_queue.clear(d.threads);
+  d.exited = 0;
+  d.at_barrier = 0;
   for (unsigned t = 0; t < d.threads; ++t) {
     Fiber& fiber = d.fibers[t];
     fiber.state = ThreadState::Runnable;
@@ -496,31 +543,30 @@ bool run_block(std::mt19937_64& random) {
     fiber.context.uc_stack.ss_size = kStackBytes;
     fiber.context.uc_link = nullptr;
     makecontext(&fiber.context, fiber_entry, 0);
+    d.run_queue.add(t);
   }
-  std::vector<unsigned> order(d.threads);
-  for (;;) {
-    arrange(order, random);
-    bool any_alive = false;
-    for (const unsigned t : order) {
-      if (d.fibers[t].state == ThreadState::Runnable) {
-        resume(d.fibers[t]);
-        if (d.stopped) {
-          return false;
-        }
-      }
-      any_alive = any_alive || d.fibers[t].state != ThreadState::Exited;
+  while (!d.run_queue.empty()) {
+    const unsigned t = d.run_queue.take(d.schedule, random);
+    resume(d.fibers[t]);
+    if (d.stopped) {
+      return false;
     }
-    if (!any_alive) {
-      return true;
+    switch (d.fibers[t].state) {
+      case ThreadState::Exited: ++d.exited; break;
+      case ThreadState::AtBarrier: ++d.at_barrier; break;
+      case ThreadState::AtWarpOp:
+      case ThreadState::Runnable: break;
     }
-    if (complete_warp_operations() || release_barrier()) {
-      continue;
+    // An arrival or an exit can complete its warp's operations, and the block's barrier.
+    if (!complete_warp_operations(t - t % kWarpSize) || !release_barrier_if_complete()) {
+      return false;
     }
-    if (!d.stopped) {
-      report_deadlock();
-    }
-    return false;
   }
+  if (d.exited == d.threads) {
+    return true;
+  }
+  report_deadlock();
+  return false;
 }
 
 std::string check_configuration(dim3 grid, dim3 block) {

@@ -1,0 +1,117 @@
+"""Mutation check of the CUDA emulation: plants one known kernel bug at a time in a copy of
+csrc/cuda/focal_cuda.cu, rebuilds the emulation against the copy, and runs the sweep (plain, and
+sanitized when the plain sweep misses it). A sweep that fails has caught the bug.
+
+    python tests/cuda_emulation/mutate.py                    # every mutant, a markdown table
+    python tests/cuda_emulation/mutate.py --only tail_skip   # some of them
+
+Each mutant takes a rebuild of the kernel source (about a minute on 2 cores) and a sweep that
+stops at its first failure. A mutant whose text no longer matches the source fails the script:
+update it with the kernels. The table of the last run is in docs/cuda-emulation.md.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+KERNEL_SOURCE = ROOT / "csrc" / "cuda" / "focal_cuda.cu"
+
+# name, what the bug is, text in the source, its replacement
+MUTANTS = [
+    ("no_publish_barrier", "block_sum: the barrier between writing and reading the per-warp sums removed",
+     "    warp_sums[warp] = value;\n  }\n  __syncthreads();\n", "    warp_sums[warp] = value;\n  }\n"),
+    ("no_reuse_barrier", "block_sum: the barrier before reusing the per-warp sums removed "
+     "(redundant today: each call sums another type, so uses another array)",
+     "  __syncthreads();  // an earlier call's readers are done with warp_sums\n", ""),
+    ("shuffle_mask", "block_sum: the second-stage shuffle's mask leaves out lanes 16-31",
+     "    for (int offset = kThreads / 64; offset > 0; offset /= 2) {\n"
+     "      value += __shfl_down_sync(0xffffffffu, value, offset);",
+     "    for (int offset = kThreads / 64; offset > 0; offset /= 2) {\n"
+     "      value += __shfl_down_sync(0x0000ffffu, value, offset);"),
+    ("shuffle_offsets", "block_sum: the warp reduction starts at offset 8 (half the warp lost)",
+     "  for (int offset = 16; offset > 0; offset /= 2) {", "  for (int offset = 8; offset > 0; offset /= 2) {"),
+    ("warp_sums_bound", "block_sum: reads one per-warp sum past the array (lane <= 8)",
+     "value = lane < kThreads / 32 ? warp_sums[lane] : A(0);",
+     "value = lane <= kThreads / 32 ? warp_sums[lane] : A(0);"),
+    ("tail_skip", "forward: the tail starts one element late (last element never written)",
+     "  const int64_t tail = num_packs * kPack + thread;\n  if (tail < p.n) {",
+     "  const int64_t tail = num_packs * kPack + thread + 1;\n  if (tail < p.n) {"),
+    ("tail_overrun", "forward: the tail bound off by one (reads and writes one element past the end)",
+     "  if (tail < p.n) {", "  if (tail <= p.n) {"),
+    ("grid_stride", "forward: the grid-stride loop strides by one block instead of the whole grid",
+     "  for (int64_t pack = thread; pack < num_packs; pack += num_threads) {\n"
+     "    const auto xs = ",
+     "  for (int64_t pack = thread; pack < num_packs; pack += blockDim.x) {\n"
+     "    const auto xs = "),
+    ("misaligned_packed_store", "forward: the loss pointer left out of the alignment check of the packed path",
+     "is_aligned_for_pack<out_t, kPack>(p.loss) && ", ""),
+    ("class_wrap", "forward: the class index does not wrap to 0 at a new row",
+     "          cls = 0;\n          ++row;", "          ++row;"),
+    ("block_sum_writer", "forward: thread 1 instead of thread 0 writes the block's partial sums",
+     "  count = block_sum(count);\n  if (threadIdx.x == 0) {", "  count = block_sum(count);\n  if (threadIdx.x == 1) {"),
+    ("finish_no_loop", "finish: one partial sum per thread, no loop (grids over 256 blocks lose sums)",
+     "  for (int i = threadIdx.x; i < num_blocks; i += kThreads) {",
+     "  for (int i = threadIdx.x; i < num_blocks && i < kThreads; i += kThreads) {"),
+    ("backward_tail", "backward: the last tail element is not scaled",
+     "  if (tail < n) {\n    out[tail]", "  if (tail + 1 < n) {\n    out[tail]"),
+]
+
+
+def plant(name, old, new, directory):
+    source = KERNEL_SOURCE.read_text()
+    occurrences = source.count(old)
+    if occurrences != 1:
+        sys.exit(f"mutant {name}: its text occurs {occurrences} times in {KERNEL_SOURCE}; update it")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "focal_cuda.cu"
+    path.write_text(source.replace(old, new))
+    return path
+
+
+def sweep(variant, kernel_source, log):
+    """Runs the sweep on the mutated source; returns (caught, first failing test)."""
+    environment = dict(os.environ, FOCAL_EMULATED_KERNEL_SOURCE=str(kernel_source),
+                       FOCAL_CUDA_EMULATION_BUILD=str(ROOT / "build" / "cuda_emulation" / f"mutant-{variant}"))
+    command = [sys.executable, str(HERE / "sweep.py")] + (["--sanitized"] if variant == "sanitized" else [])
+    command += ["--", "-x", str(ROOT / "tests" / "test_cuda_emulation.py")]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, cwd=ROOT)
+    log.write(result.stdout + result.stderr)
+    if "built in" not in result.stdout:
+        raise RuntimeError(f"the {variant} build of {kernel_source} failed:\n{result.stderr[-3000:]}")
+    failed = re.search(r"^(?:FAILED|ERROR) (\S+)", result.stdout, re.M)
+    crashed = result.returncode < 0 or "AddressSanitizer" in result.stderr or "runtime error:" in result.stderr
+    reason = failed.group(1).split("::")[-1] if failed else ("sanitizer report" if crashed else "")
+    return result.returncode != 0, reason
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", help="mutant names")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.only or m[0] in args.only]
+    work = ROOT / "build" / "cuda_emulation" / "mutants"
+    rows = []
+    with open(work.parent / "mutate.log", "w") as log:
+        for name, description, old, new in chosen:
+            started = time.monotonic()
+            source = plant(name, old, new, work)
+            caught, by = sweep("plain", source, log)
+            how = "plain sweep"
+            if not caught:
+                caught, by = sweep("sanitized", source, log)
+                how = "sanitized sweep"
+            verdict = f"caught ({how}: {by})" if caught else "missed"
+            rows.append(f"| `{name}` | {description} | {verdict} |")
+            print(f"{name}: {verdict} [{time.monotonic() - started:.0f} s]", flush=True)
+    print("\n| mutant | planted bug | result |\n|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
