@@ -9,6 +9,8 @@ The last test fails if any kernel instance was never launched.
 """
 
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -407,9 +409,12 @@ def test_bad_label_raises_the_device_assert(emulated, capfd, bad_label):
 
 def test_every_kernel_instance_was_launched(emulated):
     """Runs last: every focal_cuda kernel instance compiled into the module was launched by the
-    tests above (a new instance without a case fails here)."""
+    tests above (a new instance without a case fails here). Writes the launch counts next to the
+    module (coverage.json), which sweep.py summarises."""
     instances = {name: count for name, count in emulated.kernel_instances().items()
                  if name.startswith("focal::cuda::")}
+    report = Path(emulated.__file__).with_name("coverage.json")
+    report.write_text(json.dumps(instances, indent=1, sort_keys=True))
     never = sorted(name for name, count in instances.items() if count == 0)
     assert len(instances) == 168, f"{len(instances)} kernel instances; update this count with the kernels"
     assert not never, f"{len(never)} of {len(instances)} kernel instances never launched: {never}"

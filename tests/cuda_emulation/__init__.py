@@ -47,6 +47,11 @@ def sanitizer_preload():
     return ":".join(libraries)
 
 
+def build_directory(variant):
+    """Where the module of `variant` is built (FOCAL_CUDA_EMULATION_BUILD overrides it)."""
+    return Path(os.environ.get("FOCAL_CUDA_EMULATION_BUILD") or ROOT / "build" / "cuda_emulation" / variant)
+
+
 def load(variant=None, verbose=False):
     """Builds (if needed) and imports the emulation module of `variant`.
 
@@ -56,7 +61,6 @@ def load(variant=None, verbose=False):
 
     variant = variant or variant_from_environment()
     kernel_source = os.environ.get("FOCAL_EMULATED_KERNEL_SOURCE")
-    build_directory = os.environ.get("FOCAL_CUDA_EMULATION_BUILD")
     if variant == "sanitized" and "libasan" not in Path("/proc/self/maps").read_text():
         raise RuntimeError(
             "the sanitized CUDA emulation must run in a process that preloads the sanitizer "
@@ -65,10 +69,11 @@ def load(variant=None, verbose=False):
     flags = VARIANT_FLAGS[variant] + ["-DFOCAL_WITH_CUDA=1", "-Wno-unused-function"]
     name = f"focal_cuda_emulated_{variant}"
     if kernel_source is not None:
-        flags.append(f'-DFOCAL_EMULATED_KERNEL_SOURCE="{Path(kernel_source).resolve()}"')
+        # Escaped: ninja runs the compiler through a shell.
+        flags.append(f'-DFOCAL_EMULATED_KERNEL_SOURCE=\\"{Path(kernel_source).resolve()}\\"')
         name += "_mutant"
-    build_directory = Path(build_directory or ROOT / "build" / "cuda_emulation" / variant)
-    build_directory.mkdir(parents=True, exist_ok=True)
+    directory = build_directory(variant)
+    directory.mkdir(parents=True, exist_ok=True)
     # The build's compilers must not run under the sanitizer this process may preload.
     preload = os.environ.pop("LD_PRELOAD", None)
     try:
@@ -78,7 +83,7 @@ def load(variant=None, verbose=False):
             extra_include_paths=[str(HERE / "shim"), str(HERE), str(ROOT / "csrc")],
             extra_cflags=flags,
             extra_ldflags=SANITIZER_FLAGS if variant == "sanitized" else [],
-            build_directory=str(build_directory),
+            build_directory=str(directory),
             with_cuda=False,
             verbose=verbose,
         )
