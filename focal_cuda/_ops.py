@@ -4,8 +4,6 @@ Registered this way, the fused kernels work in eager mode, under torch.compile(f
 and under torch.library.opcheck. Codes for `reduction`: 0 none, 1 mean, 2 sum.
 """
 
-import contextlib
-import contextvars
 from typing import Optional, Tuple
 
 import torch
@@ -90,18 +88,43 @@ def _(grad_output, saved_grad, count, reduction):
     return None
 
 
-# Set while focal_cuda.sigmoid_focal_loss calls the forward op: it drops the op's gradient
-# outputs, so backward is their only user. (A direct caller of the op may hold them.)
-_GRADIENTS_PRIVATE = contextvars.ContextVar("focal_cuda_gradients_private", default=False)
+def _batch_first(tensor, batch_dim, batch_size):
+    """tensor with its vmap batch dimension first (expanded when it has none)."""
+    if batch_dim is None:
+        return tensor.expand((batch_size,) + tuple(tensor.shape))
+    return tensor.movedim(batch_dim, 0)
 
 
-@contextlib.contextmanager
-def private_gradients():
-    token = _GRADIENTS_PRIVATE.set(True)
-    try:
-        yield
-    finally:
-        _GRADIENTS_PRIVATE.reset(token)
+@sigmoid_focal_loss_forward.register_vmap
+def _(info, in_dims, inputs, targets, weight, alpha, gamma, reduction, ignore_index,
+      label_smoothing, float32_loss, compute_grad_inputs, compute_grad_targets,
+      compute_unweighted_loss):
+    # One call on the whole batch, elementwise; "mean" and "sum" then reduce each sample.
+    x = _batch_first(inputs, in_dims[0], info.batch_size)
+    t = _batch_first(targets, in_dims[1], info.batch_size)
+    if weight is not None and in_dims[2] is not None:
+        per_sample = weight.movedim(in_dims[2], 0)
+        # Broadcast against a sample of x as the unbatched weight would.
+        weight = per_sample.reshape(
+            (info.batch_size,) + (1,) * (x.dim() - per_sample.dim()) + tuple(per_sample.shape[1:])
+        )
+    loss, grad_inputs, grad_targets, unweighted, _ = sigmoid_focal_loss_forward(
+        x, t, weight, alpha, gamma, REDUCTION_CODES["none"], ignore_index, label_smoothing,
+        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss,
+    )
+    samples = info.batch_size
+    if t.is_floating_point():
+        count = torch.full((samples,), x[0].numel(), dtype=torch.int64, device=x.device)
+    else:
+        count = (t != ignore_index).reshape(samples, -1).sum(1) * (x.shape[-1] if x.dim() > 1 else 1)
+    if reduction != REDUCTION_CODES["none"]:
+        math_dtype = torch.float64 if loss.dtype == torch.float64 else torch.float32
+        total = loss.reshape(samples, -1).sum(1, dtype=math_dtype)
+        if reduction == _MEAN:
+            total = total / count  # 0 / 0 is NaN: the mean of nothing, as unbatched
+        loss = total.to(loss.dtype)
+    outputs = (loss, grad_inputs, grad_targets, unweighted, count)
+    return outputs, tuple(0 if output.numel() else None for output in outputs)
 
 
 def _last_use_of(ctx, saved):
@@ -134,7 +157,7 @@ def _mean_scale(grad_output, count, reduction):
     return torch.where(count > 0, grad_output / count.clamp_min(1), torch.zeros_like(grad_output))
 
 
-def _forward_setup_context(ctx, inputs, output):
+def forward_setup_context(ctx, inputs, output):
     x, t, weight, alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss = inputs[:9]
     _, grad_inputs, grad_targets, unweighted, count = output
     # Every output but the loss only carries what backward needs; none is differentiable, and
@@ -142,7 +165,9 @@ def _forward_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(grad_inputs, grad_targets, unweighted, count)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, t, weight, grad_inputs, grad_targets, unweighted, count)
-    ctx.gradients_private = _GRADIENTS_PRIVATE.get()
+    # A caller of the op may hold its gradient outputs: backward never writes into them. (The
+    # public function's autograd.Function, which drops them, sets this to True.)
+    ctx.gradients_private = False
     ctx.float32_loss = float32_loss
     ctx.options = dict(alpha=alpha, gamma=gamma, reduction=reduction, ignore_index=ignore_index,
                        label_smoothing=label_smoothing)
@@ -157,7 +182,7 @@ def _saved_or_error(saved, like, name):
     return saved
 
 
-def _forward_backward(ctx, grad_loss, *_grads_of_saved_outputs):
+def forward_backward(ctx, grad_loss, *_grads_of_saved_outputs):
     x, t, weight, saved_grad_inputs, saved_grad_targets, unweighted, count = ctx.saved_tensors
     needs_x, needs_t, needs_weight = ctx.needs_input_grad[:3]
     no_grads = (None,) * 12
@@ -184,22 +209,29 @@ def _forward_backward(ctx, grad_loss, *_grads_of_saved_outputs):
 
 
 def _differentiable_grads(ctx, x, t, weight, grad_loss, needed):
+    """The vector-Jacobian product of the reference formula: differentiable again, by autograd
+    (create_graph=True) and by torch.func transforms (which always build graphs)."""
     options = dict(ctx.options)
     options["reduction"] = _REDUCTION_NAMES[options["reduction"]]
+    float32_loss = loss_dtype(x, t, ctx.float32_loss) != loss_dtype(x, t, False)
     candidates = (x, t, weight)
     wrt = [tensor for tensor, need in zip(candidates, needed) if need]
-    if loss_dtype(x, t, ctx.float32_loss) != loss_dtype(x, t, False):
-        # The loss was float32 (autocast): differentiate a float32 loss too, so that a scaled
-        # grad_loss is not rounded to 16 bits. The casts are differentiable.
-        x, t = x.float(), (t.float() if t.is_floating_point() else t)
-    loss = reference.sigmoid_focal_loss(x, t, weight=weight, **options)
-    grads = iter(torch.autograd.grad(loss, wrt, grad_loss, create_graph=True))
+
+    def loss_of(*differentiated):
+        values = iter(differentiated)
+        x_, t_, weight_ = (next(values) if need else tensor for tensor, need in zip(candidates, needed))
+        if float32_loss:
+            # The loss was float32 (autocast): differentiate a float32 loss too, so that a
+            # scaled grad_loss is not rounded to 16 bits. The casts are differentiable.
+            x_, t_ = x_.float(), (t_.float() if t_.is_floating_point() else t_)
+        return reference.sigmoid_focal_loss(x_, t_, weight=weight_, **options)
+
+    _, vjp = torch.func.vjp(loss_of, *wrt)
+    grads = iter(vjp(grad_loss))
     return tuple(next(grads) if need else None for need in needed)
 
 
-sigmoid_focal_loss_forward.register_autograd(
-    _forward_backward, setup_context=_forward_setup_context
-)
+sigmoid_focal_loss_forward.register_autograd(forward_backward, setup_context=forward_setup_context)
 
 
 def _backward_setup_context(ctx, inputs, output):

@@ -1,12 +1,13 @@
 """The public sigmoid focal loss and its nn.Module: argument checks, then the fused op."""
 
-import contextlib
 import math
 import numbers
+from typing import Optional
 
 import torch
 
 from . import _ops
+from ._function import SigmoidFocalLossFunction
 
 
 def _check_tensor(value, name):
@@ -105,8 +106,16 @@ def checked_label_smoothing(label_smoothing):
     raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
 
 
-def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none", *, weight=None,
-                       ignore_index=-100, label_smoothing=0.0):
+def sigmoid_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: Optional[float] = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Sigmoid focal loss (Lin et al., RetinaNet), fused with its gradient in one kernel pass.
 
     A drop-in for ``torchvision.ops.sigmoid_focal_loss``, equivalent to
@@ -146,53 +155,90 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none",
         ValueError: an argument outside what is accepted above; on CPU also a label that is not
             a class, the background or ``ignore_index`` (on CUDA a device-side assertion).
     """
+    if torch.jit.is_scripting():
+        return _scripted_sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction, weight,
+                                            ignore_index, label_smoothing)
     _check_inputs(inputs)
     _check_targets(targets, inputs)
     _check_weight(weight, inputs)
     grad_enabled = torch.is_grad_enabled()
-    # Eagerly, this call drops the gradient outputs, so backward may turn them into the
-    # gradients in place (see _ops._last_use_of); traced graphs stay functional.
-    private = contextlib.nullcontext() if torch.compiler.is_compiling() else _ops.private_gradients()
-    with private:
-        outputs = _ops.sigmoid_focal_loss_forward(
-            inputs,
-            targets,
-            weight,
-            checked_alpha(alpha),
-            checked_gamma(gamma),
-            checked_reduction(reduction),
-            checked_ignore_index(ignore_index),
-            checked_label_smoothing(label_smoothing),
-            torch.is_autocast_enabled(inputs.device.type),
-            grad_enabled and inputs.requires_grad,
-            grad_enabled and targets.requires_grad,
-            grad_enabled and weight is not None and weight.requires_grad,
-        )
+    # Dynamo cannot trace an autograd.Function with a jvp rule (a graph break): compiled code
+    # calls the op, whose registered autograd uses the Function's own setup_context/backward.
+    apply = _ops.sigmoid_focal_loss_forward if torch.compiler.is_compiling() else SigmoidFocalLossFunction.apply
+    outputs = apply(
+        inputs,
+        targets,
+        weight,
+        checked_alpha(alpha),
+        checked_gamma(gamma),
+        checked_reduction(reduction),
+        checked_ignore_index(ignore_index),
+        checked_label_smoothing(label_smoothing),
+        torch.is_autocast_enabled(inputs.device.type),
+        grad_enabled and inputs.requires_grad,
+        grad_enabled and targets.requires_grad,
+        grad_enabled and weight is not None and weight.requires_grad,
+    )
+    return outputs[0]
+
+
+def _scripted_sigmoid_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: Optional[float],
+    gamma: float,
+    reduction: str,
+    weight: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """The function as TorchScript runs it: the forward op with its own autograd formula (the
+    op checks the arguments; the saved gradient is not reused in place)."""
+    codes = {"none": 0, "mean": 1, "sum": 2}
+    if reduction not in codes:
+        raise ValueError("reduction must be one of 'none', 'mean', 'sum', got '" + reduction + "'")
+    grad_enabled = torch.is_grad_enabled()
+    outputs = torch.ops.focal_cuda.sigmoid_focal_loss_forward(
+        inputs,
+        targets,
+        weight,
+        -1.0 if alpha is None else alpha,
+        gamma,
+        codes[reduction],
+        ignore_index,
+        label_smoothing,
+        torch.is_autocast_enabled(),
+        grad_enabled and inputs.requires_grad,
+        grad_enabled and targets.requires_grad,
+        grad_enabled and weight is not None and weight.requires_grad,
+    )
     return outputs[0]
 
 
 class SigmoidFocalLoss(torch.nn.Module):
     """``sigmoid_focal_loss`` as a module: ``SigmoidFocalLoss(...)(inputs, targets, weight=None)``."""
 
-    def __init__(self, alpha=0.25, gamma=2.0, reduction="none", ignore_index=-100,
-                 label_smoothing=0.0):
-        super().__init__()
-        checked_alpha(alpha)
-        checked_gamma(gamma)
-        checked_reduction(reduction)
-        checked_ignore_index(ignore_index)
-        checked_label_smoothing(label_smoothing)
-        self.alpha = alpha
-        self.gamma = gamma
-        self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
+    alpha: Optional[float]
+    gamma: float
+    reduction: str
+    ignore_index: int
+    label_smoothing: float
 
-    def forward(self, inputs, targets, weight=None):
-        return sigmoid_focal_loss(
-            inputs, targets, self.alpha, self.gamma, self.reduction, weight=weight,
-            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-        )
+    def __init__(self, alpha: Optional[float] = 0.25, gamma: float = 2.0, reduction: str = "none",
+                 ignore_index: int = -100, label_smoothing: float = 0.0):
+        super().__init__()
+        checked_reduction(reduction)
+        # Stored in the types of the annotations, so that TorchScript can script the module.
+        self.alpha = None if checked_alpha(alpha) == -1.0 else float(alpha)
+        self.gamma = checked_gamma(gamma)
+        self.reduction = reduction
+        self.ignore_index = checked_ignore_index(ignore_index)
+        self.label_smoothing = checked_label_smoothing(label_smoothing)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return sigmoid_focal_loss(inputs, targets, self.alpha, self.gamma, self.reduction, weight,
+                                  self.ignore_index, self.label_smoothing)
 
     def extra_repr(self):
         return (

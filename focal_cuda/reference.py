@@ -8,7 +8,6 @@ exactly and 0 < gamma < 1; the kernels' analytic gradient is finite there.
 """
 
 import torch
-import torch.nn.functional as F
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -30,9 +29,10 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none",
         classes = inputs.shape[-1]
         targets = targets.long()  # compare in int64: narrower labels must not wrap ignore_index
         valid = targets != ignore_index
-        background = torch.full_like(targets, classes)
-        one_hot = F.one_hot(torch.where(valid, targets, background), classes + 1)
-        t = one_hot[..., :classes].to(math_dtype)
+        # One-hot by comparison (not F.one_hot, whose range check vmap cannot batch): ignored
+        # rows and the background C match no class.
+        classes_range = torch.arange(classes, device=targets.device)
+        t = ((targets.unsqueeze(-1) == classes_range) & valid.unsqueeze(-1)).to(math_dtype)
         valid = valid.unsqueeze(-1).to(math_dtype)
     else:
         t = targets.to(math_dtype)

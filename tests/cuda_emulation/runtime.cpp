@@ -27,6 +27,7 @@
 #include "runtime.h"
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define FOCAL_EMU_ASAN 1
 #endif
@@ -48,11 +49,7 @@ namespace {
 constexpr unsigned kWarpSize = 32;
 constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr std::size_t kMaxStaticShared = 48 * 1024;
-#ifdef FOCAL_EMU_ASAN
-constexpr std::size_t kStackBytes = 1 << 20;  // sanitizer frames are larger
-#else
 constexpr std::size_t kStackBytes = 256 << 10;
-#endif
 
 enum class ThreadState { Runnable, AtBarrier, AtWarpOp, Exited };
 enum class WarpOp { SyncWarp, Shuffle };
@@ -543,6 +540,13 @@ bool run_block(std::mt19937_64& random) {
     fiber.context.uc_stack.ss_size = kStackBytes;
     fiber.context.uc_link = nullptr;
     makecontext(&fiber.context, fiber_entry, 0);
+#ifdef FOCAL_EMU_ASAN
+    // AddressSanitizer's swapcontext clears the shadow of the whole target stack at every
+    // switch (most of the sanitized sweep's time). Clear it once, here, where the stack is
+    // reused, and give the switches no stack to clear.
+    __asan_unpoison_memory_region(fiber.stack, kStackBytes);
+    fiber.context.uc_stack.ss_size = 0;
+#endif
     d.run_queue.add(t);
   }
   while (!d.run_queue.empty()) {
@@ -641,7 +645,18 @@ void print_context_at_death() {
     std::fprintf(stderr, "focal_emu: the error above happened in %s\n", kernel_context().c_str());
   }
 }
-const bool death_callback_installed = (__sanitizer_set_death_callback(print_context_at_death), true);
+// GCC links UBSan as a runtime of its own, with its own list of callbacks: register with both.
+bool install_death_callbacks() {
+  __sanitizer_set_death_callback(print_context_at_death);
+  if (void* ubsan = dlopen("libubsan.so.1", RTLD_NOW | RTLD_NOLOAD)) {
+    using Setter = void (*)(void (*)());
+    if (auto set = reinterpret_cast<Setter>(dlsym(ubsan, "__sanitizer_set_death_callback"))) {
+      set(print_context_at_death);
+    }
+  }
+  return true;
+}
+const bool death_callbacks_installed = install_death_callbacks();
 #endif
 
 }  // namespace

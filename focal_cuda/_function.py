@@ -1,0 +1,182 @@
+"""The public function's autograd: a torch.autograd.Function around the fused forward op.
+
+Its forward/setup_context/backward are the op's own autograd formulas (focal_cuda._ops); on top
+it has a forward-mode rule (jvp) built from the derivatives the fused forward computes, and a
+vmap rule generated from the op's. So eager autograd, torch.func (grad, vmap, jacrev, jacfwd,
+hessian), torch.autograd.forward_ad and torch.compile all take the same kernels.
+"""
+
+import torch
+
+from . import _ops, reference
+
+_NONE = _ops.REDUCTION_CODES["none"]
+_MEAN = _ops.REDUCTION_CODES["mean"]
+
+
+class SigmoidFocalLossFunction(torch.autograd.Function):
+    """apply(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
+    float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss) ->
+    the outputs of focal_cuda::sigmoid_focal_loss_forward; only the loss is differentiable."""
+
+    # The forward calls an op with a vmap rule, and setup_context, backward and jvp use ops
+    # that vmap supports: functorch can batch the whole Function.
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
+                float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss):
+        return _ops.sigmoid_focal_loss_forward(
+            inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
+            float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss,
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _ops.forward_setup_context(ctx, inputs, output)
+        # The public function keeps only the loss: backward is the gradients' only user.
+        ctx.gradients_private = True
+        ctx.save_for_forward(*inputs[:3], *output[1:])
+        ctx.arguments = inputs[3:9]
+
+    @staticmethod
+    def backward(ctx, grad_loss, *grads_of_saved_outputs):
+        return _ops.forward_backward(ctx, grad_loss, *grads_of_saved_outputs)
+
+    @staticmethod
+    def jvp(ctx, inputs_tangent, targets_tangent, weight_tangent, *_):
+        # d(loss) = dL/dx . dx + dL/dt . dt + (loss before weight) . dw, summed for "sum",
+        # divided by the count for "mean". The derivatives come from one more fused pass,
+        # through _Derivatives, so that an outer transform can differentiate them again.
+        _refuse_forward_over_forward()
+        x, t, weight, _, _, _, count = ctx.saved_tensors
+        alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss = ctx.arguments
+        tangents = (inputs_tangent, targets_tangent, weight_tangent)
+        derivatives = _Derivatives.apply(
+            x, t, weight, alpha, gamma, ignore_index, label_smoothing, float32_loss,
+            *(tangent is not None for tangent in tangents),
+        )
+        loss_dtype = _ops.loss_dtype(x, t, float32_loss)
+        math_dtype = torch.float64 if loss_dtype == torch.float64 else torch.float32
+        total = None
+        for tangent, derivative in zip(tangents, derivatives):
+            if tangent is not None:
+                term = derivative.to(math_dtype) * tangent.to(math_dtype)
+                total = term if total is None else total + term
+        if reduction != _NONE:
+            total = total.sum()
+            if reduction == _MEAN:
+                total = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+        return (total.to(loss_dtype), None, None, None, None)
+
+
+def _refuse_forward_over_forward():
+    """Inside an autograd.Function's jvp rule PyTorch drops the tangents of an enclosing
+    forward-mode transform: jacfwd(jacfwd(f)) would be silently 0. Refuse it instead."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    forward_levels = [i for i in retrieve_all_functorch_interpreters() if i.key() == TransformType.Jvp]
+    if len(forward_levels) > 1:
+        raise RuntimeError(
+            "focal_cuda.sigmoid_focal_loss does not support forward-over-forward "
+            "differentiation (e.g. jacfwd(jacfwd(f))): PyTorch drops the outer tangent inside an "
+            "autograd.Function's jvp rule. Use torch.func.hessian (forward-over-reverse) or "
+            "jacrev(jacrev(f))."
+        )
+
+
+class _Derivatives(torch.autograd.Function):
+    """(dL/dinputs, dL/dtargets, L before weight) of the elementwise loss L, as the fused op
+    computes them; differentiable again (backward, jvp) through the reference formula."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(inputs, targets, weight, alpha, gamma, ignore_index, label_smoothing,
+                float32_loss, need_inputs, need_targets, need_weight):
+        _, grad_inputs, grad_targets, unweighted, _ = _ops.sigmoid_focal_loss_forward(
+            inputs, targets, weight, alpha, gamma, _NONE, ignore_index, label_smoothing,
+            float32_loss, need_inputs, need_targets, need_weight,
+        )
+        return grad_inputs, grad_targets, unweighted
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3])
+        ctx.save_for_forward(*inputs[:3])
+        ctx.arguments = inputs[3:8]
+        ctx.computed = inputs[8:]
+        if not inputs[1].is_floating_point():
+            ctx.mark_non_differentiable(output[1])  # labels: an empty integer tensor
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        x, t, weight = ctx.saved_tensors
+        primals, rebuild = _differentiable_primals(x, t, weight)
+        outputs, vjp = torch.func.vjp(_reference_derivatives(ctx, rebuild), *primals)
+        cotangents = [torch.zeros_like(output) if cotangent is None else cotangent
+                      for cotangent, output in zip(cotangents, outputs)]
+        grads = iter(vjp(tuple(cotangents)))
+        return tuple(next(grads) if _differentiable(value) else None for value in (x, t, weight)) + (None,) * 8
+
+    @staticmethod
+    def jvp(ctx, inputs_tangent, targets_tangent, weight_tangent, *_):
+        x, t, weight = ctx.saved_tensors
+        primals, rebuild = _differentiable_primals(x, t, weight)
+        tangents = [torch.zeros_like(value) if tangent is None else tangent
+                    for value, tangent in zip((x, t, weight), (inputs_tangent, targets_tangent, weight_tangent))
+                    if _differentiable(value)]
+        _, output_tangents = torch.func.jvp(_reference_derivatives(ctx, rebuild), tuple(primals), tuple(tangents))
+        if not t.is_floating_point():
+            return output_tangents[0], None, output_tangents[2]
+        return output_tangents
+
+
+def _differentiable(value):
+    return value is not None and value.is_floating_point()
+
+
+def _differentiable_primals(x, t, weight):
+    """The floating tensors among (x, t, weight), and how to put (x, t, weight) back together."""
+    primals = [value for value in (x, t, weight) if _differentiable(value)]
+
+    def rebuild(*values):
+        values = iter(values)
+        return tuple(next(values) if _differentiable(value) else value for value in (x, t, weight))
+
+    return primals, rebuild
+
+
+def _reference_derivatives(ctx, rebuild):
+    """(x, t, weight) -> what _Derivatives.forward computes, in differentiable reference ops."""
+    alpha, gamma, ignore_index, label_smoothing, float32_loss = ctx.arguments
+
+    def derivatives(*primals):
+        inputs, targets, weight = rebuild(*primals)
+        x, t = inputs, targets
+        dtype = _ops.loss_dtype(x, t, float32_loss)
+        if dtype != _ops.loss_dtype(x, t, False):  # autocast's float32 loss from 16-bit operands
+            x, t = x.float(), (t.float() if t.is_floating_point() else t)
+        options = dict(alpha=alpha, gamma=gamma, ignore_index=ignore_index, label_smoothing=label_smoothing)
+
+        def elementwise(x_, t_):
+            return reference.sigmoid_focal_loss(x_, t_, weight=weight, **options)
+
+        # Each element of the loss depends on its own logit and target only: the elementwise
+        # derivative is the vector-Jacobian product with ones.
+        if t.is_floating_point():
+            loss, vjp = torch.func.vjp(elementwise, x, t)
+            grad_inputs, grad_targets = vjp(torch.ones_like(loss))
+        else:
+            loss, vjp = torch.func.vjp(lambda x_: elementwise(x_, t), x)
+            (grad_inputs,), grad_targets = vjp(torch.ones_like(loss)), None
+        unweighted = reference.sigmoid_focal_loss(x, t, **options)
+        # In the dtypes of the op's outputs, and empty where the op computed nothing (a
+        # floating placeholder for labels, which have no derivative: functorch wants floats).
+        outputs = (grad_inputs.to(inputs.dtype), grad_targets, unweighted.to(dtype))
+        likes = (inputs, targets if targets.is_floating_point() else inputs, unweighted.to(dtype))
+        return tuple(output if computed else like.new_empty(0)
+                     for output, computed, like in zip(outputs, ctx.computed, likes))
+
+    return derivatives

@@ -1,0 +1,248 @@
+"""Every way PyTorch users take derivatives: torch.func (grad, vmap, jacrev, jacfwd, hessian),
+torch.autograd.forward_ad and TorchScript, each against the reference differentiated the same
+way (and forward mode against finite differences)."""
+
+import pytest
+import torch
+from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
+
+import focal_cuda
+from conftest import DEVICES, assert_matches
+
+REFERENCE = focal_cuda.reference.sigmoid_focal_loss
+F64 = torch.float64
+
+
+def make_case(kind, device, rows=5, classes=4, seed=0):
+    """(inputs, targets, weight, options) for the kinds of call users make."""
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, classes, generator=generator, dtype=F64) * 3).to(device)
+    options = dict(alpha=0.25, gamma=2.0)
+    weight = None
+    if kind == "labels":
+        targets = torch.randint(0, classes + 1, (rows,), generator=generator)
+        targets[1] = -100
+        targets = targets.to(device)
+    else:
+        targets = torch.rand(rows, classes, generator=generator, dtype=F64).to(device)
+    if kind == "weight":
+        weight = (torch.rand(classes, generator=generator, dtype=F64) + 0.5).to(device)
+    if kind == "fractional":
+        options = dict(alpha=-1.0, gamma=1.5, label_smoothing=0.1)
+    return x, targets, weight, options
+
+
+KINDS = ["soft", "labels", "weight", "fractional"]
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+def both(kind, reduction, device):
+    """(ours, reference) as functions of (x, t, w); t and w pass through when not floating."""
+    x, t, w, options = make_case(kind, device)
+
+    def ours(x_, t_, w_):
+        return focal_cuda.sigmoid_focal_loss(x_, t_, reduction=reduction, weight=w_, **options)
+
+    def theirs(x_, t_, w_):
+        return REFERENCE(x_, t_, reduction=reduction, weight=w_, **options)
+
+    return ours, theirs, (x, t, w)
+
+
+def differentiable_argnums(args):
+    x, t, w = args
+    return tuple(i for i, value in enumerate((x, t, w)) if value is not None and value.is_floating_point())
+
+
+def assert_all_match(actual, expected):
+    actual = actual if isinstance(actual, (tuple, list)) else (actual,)
+    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert_matches(a, e, F64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_func_grad(device, kind, reduction):
+    ours, theirs, args = both(kind, reduction, device)
+    argnums = differentiable_argnums(args)
+    assert_all_match(grad(ours, argnums)(*args), grad(theirs, argnums)(*args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_vmap_forward(device, kind, reduction):
+    """A batch of independent losses: vmap over the first dimension of inputs and targets."""
+    ours, theirs, (x, t, w) = both(kind, reduction, device)
+    batch = torch.stack([x, x.flip(0)]), torch.stack([t, t.flip(0)])
+    in_dims = (0, 0, None)
+    assert_matches(vmap(ours, in_dims)(*batch, w), vmap(theirs, in_dims)(*batch, w), F64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_vmap_with_batched_weight_and_shared_targets(device, reduction):
+    ours, theirs, (x, t, w) = both("weight", reduction, device)
+    xs = torch.stack([x, 2 * x, -x])
+    ws = torch.stack([w, w.flip(0), 2 * w])
+    in_dims = (0, None, 0)
+    assert_matches(vmap(ours, in_dims)(xs, t, ws), vmap(theirs, in_dims)(xs, t, ws), F64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_sample_gradients(device, kind, reduction):
+    """vmap(grad(f)): the gradient of each sample's loss, as in DP-SGD."""
+    ours, theirs, (x, t, w) = both(kind, reduction, device)
+    xs, ts = torch.stack([x, -x, 0.5 * x]), torch.stack([t, t, t])
+    expected = vmap(grad(theirs), (0, 0, None))(xs, ts, w)
+    assert_matches(vmap(grad(ours), (0, 0, None))(xs, ts, w), expected, F64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_jacrev_of_the_elementwise_loss(device, kind):
+    ours, theirs, args = both(kind, "none", device)
+    argnums = differentiable_argnums(args)
+    assert_all_match(jacrev(ours, argnums)(*args), jacrev(theirs, argnums)(*args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_jvp_with_tangents_on_every_argument(device, kind, reduction):
+    ours, theirs, args = both(kind, reduction, device)
+    generator = torch.Generator().manual_seed(3)
+    tangents = tuple(
+        torch.randn(value.shape, generator=generator, dtype=F64).to(device)
+        if i in differentiable_argnums(args) else None
+        for i, value in enumerate(args)
+    )
+
+    def only_differentiable(function):
+        def call(*differentiable):
+            values = iter(differentiable)
+            return function(*(next(values) if i in differentiable_argnums(args) else value
+                              for i, value in enumerate(args)))
+        return call
+
+    primals = tuple(args[i] for i in differentiable_argnums(args))
+    directions = tuple(tangents[i] for i in differentiable_argnums(args))
+    value, tangent = jvp(only_differentiable(ours), primals, directions)
+    expected_value, expected_tangent = jvp(only_differentiable(theirs), primals, directions)
+    assert_matches(value, expected_value, F64)
+    assert_matches(tangent, expected_tangent, F64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_jacfwd(device, kind):
+    ours, theirs, (x, t, w) = both(kind, "sum", device)
+    assert_matches(jacfwd(ours)(x, t, w), jacfwd(theirs)(x, t, w), F64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_mode_matches_finite_differences(device, kind):
+    ours, _, (x, t, w) = both(kind, "sum", device)
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=F64).to(device)
+    _, tangent = jvp(lambda x_: ours(x_, t, w), (x,), (direction,))
+    step = 1e-6
+    central = (ours(x + step * direction, t, w) - ours(x - step * direction, t, w)) / (2 * step)
+    torch.testing.assert_close(tangent, central, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("second_order", ["hessian", "jacrev(jacrev)", "jacrev(jacfwd)"])
+def test_second_derivatives(device, kind, second_order):
+    """hessian is forward-over-reverse; reverse-over-reverse and reverse-over-forward too."""
+    ours, theirs, (x, t, w) = both(kind, "sum", device)
+    transform = {"hessian": hessian, "jacrev(jacrev)": lambda f: jacrev(jacrev(f)),
+                 "jacrev(jacfwd)": lambda f: jacrev(jacfwd(f))}[second_order]
+    expected = hessian(theirs)(x, t, w)
+    assert_matches(transform(ours)(x, t, w), expected, F64)
+
+
+def test_forward_over_forward_raises_instead_of_returning_zeros():
+    ours, _, (x, t, w) = both("soft", "sum", "cpu")
+    with pytest.raises(RuntimeError, match="forward-over-forward"):
+        jacfwd(jacfwd(ours))(x, t, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_autograd_forward_ad(device, kind, reduction):
+    import torch.autograd.forward_ad as forward_ad
+
+    ours, theirs, (x, t, w) = both(kind, reduction, device)
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=F64).to(device)
+    _, expected = jvp(lambda x_: theirs(x_, t, w), (x,), (direction,))
+    with forward_ad.dual_level():
+        loss = ours(forward_ad.make_dual(x, direction), t, w)
+        tangent = forward_ad.unpack_dual(loss).tangent
+    assert tangent is not None
+    assert_matches(tangent, expected, F64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_ad_then_backward_of_the_tangent(device):
+    """Reverse over eager forward AD: the tangent's own gradient (a Hessian-vector product)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    ours, theirs, (x, t, w) = both("soft", "sum", device)
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(6), dtype=F64).to(device)
+    x = x.clone().requires_grad_()
+    with forward_ad.dual_level():
+        tangent = forward_ad.unpack_dual(ours(forward_ad.make_dual(x, direction), t, w)).tangent
+    (hvp,) = torch.autograd.grad(tangent, x)
+    expected = hessian(theirs)(x.detach(), t, w).reshape(x.numel(), x.numel()) @ direction.flatten()
+    assert_matches(hvp.flatten(), expected, F64)
+
+
+# ---- TorchScript --------------------------------------------------------------------------------
+
+# torch.jit.script warns that it is deprecated; what is tested is that it works.
+ignore_script_deprecation = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+
+@ignore_script_deprecation
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_scripted_function_matches_eager(device, kind, reduction):
+    x, t, w, options = make_case(kind, device)
+    scripted = torch.jit.script(focal_cuda.sigmoid_focal_loss)
+    args = dict(alpha=options["alpha"], gamma=options["gamma"], reduction=reduction, weight=w,
+                label_smoothing=options.get("label_smoothing", 0.0))
+    results = []
+    for function in (scripted, focal_cuda.sigmoid_focal_loss):
+        x_ = x.clone().requires_grad_()
+        loss = function(x_, t, **args)
+        (gradient,) = torch.autograd.grad(loss.sum(), x_)
+        results.append((loss.detach(), gradient))
+    assert torch.equal(results[0][0], results[1][0])
+    assert_matches(results[0][1], results[1][1], F64)
+
+
+@ignore_script_deprecation
+def test_scripted_function_rejects_a_bad_reduction():
+    scripted = torch.jit.script(focal_cuda.sigmoid_focal_loss)
+    x = torch.zeros(2, 3)
+    with pytest.raises(Exception, match="reduction must be one of 'none', 'mean', 'sum', got 'avg'"):
+        scripted(x, x, 0.25, 2.0, "avg")
+
+
+@ignore_script_deprecation
+@pytest.mark.parametrize("alpha", [0.25, None])
+def test_scripted_module_matches_eager(alpha):
+    module = focal_cuda.SigmoidFocalLoss(alpha=alpha, gamma=2, reduction="mean")
+    scripted = torch.jit.script(module)
+    x, t, w, _ = make_case("labels", "cpu")
+    assert torch.equal(scripted(x, t), module(x, t))
+    x2, t2, w2, _ = make_case("weight", "cpu")
+    assert torch.equal(scripted(x2, t2, w2), module(x2, t2, w2))
