@@ -46,6 +46,13 @@ at::ScalarType math_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The dtype of what the forward saves for backward (gradients, the loss before the weight):
+// float32 for float16, whose range would flush small values before backward multiplies them
+// by a loss scale; the dtype itself otherwise (bfloat16 has float32's range).
+at::ScalarType saved_dtype(at::ScalarType dtype) {
+  return dtype == at::kHalf ? at::kFloat : dtype;
+}
+
 // Every label must name a class (0..C-1), the background (C) or be ignore_index. Checked on CPU
 // only: on CUDA the kernel asserts, so that the host never waits for the device.
 void check_labels_on_cpu(const at::Tensor& labels, int64_t classes, int64_t ignore_index) {
@@ -208,13 +215,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
   args.loss = mode == Reduction::None ? at::empty(x.sizes(), loss_options)
                                       : at::empty({}, loss_options);
   if (compute_grad_inputs) {
-    args.grad_inputs = at::empty(x.sizes(), x.options());
+    args.grad_inputs = at::empty(x.sizes(), x.options().dtype(saved_dtype(x.scalar_type())));
   }
   if (compute_grad_targets) {
-    args.grad_targets = at::empty(args.targets.sizes(), args.targets.options());
+    args.grad_targets = at::empty(args.targets.sizes(),
+                                  args.targets.options().dtype(saved_dtype(args.targets.scalar_type())));
   }
   if (compute_unweighted_loss) {
-    args.unweighted_loss = at::empty(x.sizes(), loss_options);
+    args.unweighted_loss = at::empty(x.sizes(), loss_options.dtype(saved_dtype(loss_dtype)));
   }
   args.count = at::empty({}, x.options().dtype(at::kLong));
 
@@ -228,10 +236,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     run_forward(args);
   }
 
-  // Outputs not requested are empty; a gradient computed in a converted dtype goes back to the
+  // Outputs not requested are empty; one computed in a converted dtype goes back to the saved
   // dtype of what it differentiates.
   auto finish = [](const at::Tensor& output, const at::Tensor& like) {
-    return output.defined() ? output.to(like.scalar_type()) : at::empty({0}, like.options());
+    const auto dtype = saved_dtype(like.scalar_type());
+    return output.defined() ? output.to(dtype) : at::empty({0}, like.options().dtype(dtype));
   };
   return {args.loss, finish(args.grad_inputs, inputs), finish(args.grad_targets, targets),
           finish(args.unweighted_loss, args.loss), args.count};

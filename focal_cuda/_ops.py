@@ -42,6 +42,12 @@ def sigmoid_focal_loss_forward(
     )
 
 
+def saved_dtype(dtype):
+    """What the forward stores d(loss)/d(.) and the loss before the weight in: float32 for
+    float16 (see csrc/focal_ops.h), the dtype itself otherwise."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def loss_dtype(inputs, targets, float32_loss):
     labels = not targets.is_floating_point()
     dtype = inputs.dtype if labels else torch.result_type(inputs, targets)
@@ -55,9 +61,12 @@ def _(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoo
       float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss):
     dtype = loss_dtype(inputs, targets, float32_loss)
     loss = inputs.new_empty(inputs.shape if reduction == 0 else (), dtype=dtype)
-    grad_inputs = inputs.new_empty(inputs.shape if compute_grad_inputs else (0,))
-    grad_targets = targets.new_empty(targets.shape if compute_grad_targets else (0,))
-    unweighted = inputs.new_empty(inputs.shape if compute_unweighted_loss else (0,), dtype=dtype)
+    grad_inputs = inputs.new_empty(inputs.shape if compute_grad_inputs else (0,),
+                                   dtype=saved_dtype(inputs.dtype))
+    grad_targets = targets.new_empty(targets.shape if compute_grad_targets else (0,),
+                                     dtype=saved_dtype(targets.dtype))
+    unweighted = inputs.new_empty(inputs.shape if compute_unweighted_loss else (0,),
+                                  dtype=saved_dtype(dtype))
     count = inputs.new_empty((), dtype=torch.int64)
     return loss, grad_inputs, grad_targets, unweighted, count
 
@@ -194,12 +203,13 @@ def forward_backward(ctx, grad_loss, *_grads_of_saved_outputs):
         grads = _differentiable_grads(ctx, x, t, weight, grad_loss, (needs_x, needs_t, needs_weight))
         return grads + no_grads[3:]
     grad_inputs = grad_targets = grad_weight = None
+    # Saved in float32 for float16 operands: scaled there, rounded to float16 only then.
     if needs_x:
         saved = _saved_or_error(saved_grad_inputs, x, "inputs")
-        grad_inputs = _scaled_saved_grad(ctx, grad_loss, saved, count, reduction)
+        grad_inputs = _scaled_saved_grad(ctx, grad_loss, saved, count, reduction).to(x.dtype)
     if needs_t:
         saved = _saved_or_error(saved_grad_targets, t, "targets")
-        grad_targets = _scaled_saved_grad(ctx, grad_loss, saved, count, reduction)
+        grad_targets = _scaled_saved_grad(ctx, grad_loss, saved, count, reduction).to(t.dtype)
     if needs_weight:
         unweighted = _saved_or_error(unweighted, x, "weight")
         math_dtype = torch.float64 if unweighted.dtype == torch.float64 else torch.float32

@@ -52,6 +52,11 @@ def emulated():
     module.set_schedule("forward", 0)
 
 
+def saved_dtype(dtype):
+    """What the forward stores gradients and the unweighted loss in (float32 for float16)."""
+    return F32 if dtype == F16 else dtype
+
+
 def pack_size(dtype):
     return max(2, 16 // torch.empty((), dtype=dtype).element_size())
 
@@ -176,17 +181,18 @@ def check_outputs(case, outputs, label):
     else:
         assert_matches(loss, expected_loss.view(loss.shape), case.loss_dtype)
     if case.flags["compute_grad_inputs"]:
-        assert grad_inputs.dtype == case.x_dtype
-        assert_matches(grad_inputs, expected_gx, case.x_dtype, scale=scale_inputs)
+        assert grad_inputs.dtype == saved_dtype(case.x_dtype)
+        assert_matches(grad_inputs, expected_gx, saved_dtype(case.x_dtype), scale=scale_inputs)
     else:
         assert grad_inputs.numel() == 0
     if case.flags["compute_grad_targets"]:
-        assert grad_targets.dtype == case.target_dtype
-        assert_matches(grad_targets, expected_gt, case.target_dtype, scale=scale_targets)
+        assert grad_targets.dtype == saved_dtype(case.target_dtype)
+        assert_matches(grad_targets, expected_gt, saved_dtype(case.target_dtype), scale=scale_targets)
     else:
         assert grad_targets.numel() == 0
     if case.flags["compute_unweighted_loss"]:
-        assert_matches(unweighted, expected_unweighted, case.loss_dtype)
+        assert unweighted.dtype == saved_dtype(case.loss_dtype)
+        assert_matches(unweighted, expected_unweighted, saved_dtype(case.loss_dtype))
 
 
 def check_against_cpu_kernels(case, outputs):
@@ -194,7 +200,8 @@ def check_against_cpu_kernels(case, outputs):
     cpu = torch.ops.focal_cuda.sigmoid_focal_loss_forward(*case.arguments())
     scale_inputs, scale_targets = case.scales()
     scales = [None, scale_inputs, scale_targets, None, None]
-    dtypes = [case.loss_dtype, case.x_dtype, case.target_dtype, case.loss_dtype, None]
+    dtypes = [case.loss_dtype, saved_dtype(case.x_dtype), case.target_dtype and saved_dtype(case.target_dtype),
+              saved_dtype(case.loss_dtype), None]
     for ours, theirs, scale, dtype in zip(outputs, cpu, scales, dtypes):
         assert ours.shape == theirs.shape
         if dtype is None or ours.isnan().all():
@@ -287,7 +294,7 @@ def test_converted_dtype_pairs(emulated, x_dtype, target_dtype):
                 misaligned=False, reduction="sum", weight_kind="class", alpha=0.25, label_smoothing=0.0,
                 grad_inputs=True, grad_targets=True, ignore="none")
     outputs = run_case(emulated, case, 1)
-    assert outputs[1].dtype == x_dtype and outputs[2].dtype == target_dtype
+    assert outputs[1].dtype == saved_dtype(x_dtype) and outputs[2].dtype == saved_dtype(target_dtype)
 
 
 @pytest.mark.parametrize("output", ["loss", "grad_inputs", "grad_targets", "unweighted_loss"])
@@ -299,7 +306,8 @@ def test_one_misaligned_output_takes_the_element_path(emulated, output, dtype):
                 misaligned=False, reduction="none", weight_kind="element", alpha=0.25,
                 label_smoothing=0.0, grad_inputs=True, grad_targets=True, ignore="none")
     n = case.inputs.numel()
-    outputs = {name: placed(torch.zeros(n, dtype=dtype), name == output).view(case.shape)
+    outputs = {name: placed(torch.zeros(n, dtype=dtype if name == "loss" else saved_dtype(dtype)),
+                            name == output).view(case.shape)
                for name in ("loss", "grad_inputs", "grad_targets", "unweighted_loss")}
     count = torch.zeros((), dtype=torch.int64)
     weight = case.weight.double() if dtype == F64 else case.weight.float()
@@ -371,6 +379,22 @@ def test_mean_with_zero_count_gives_zero_gradient(emulated, dtype):
     assert torch.equal(grad, torch.zeros_like(saved))
     emulated.sigmoid_focal_loss_backward_(torch.tensor(1.0, dtype=dtype), saved, zero, 1)
     assert torch.equal(saved, torch.zeros_like(saved))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("targets", ["float32", "labels"])
+def test_float16_gradients_survive_a_loss_scale(emulated, reduction, targets):
+    """float16 logits: the saved gradient is float32, so scaling by GradScaler's 2^16 in the
+    backward and rounding to float16 afterwards keeps what float16 storage would have flushed."""
+    from test_loss_scaling import LOSS_SCALE, check_scaled_float16_gradient, float16_case
+
+    x, t = float16_case(targets)
+    code = REDUCTION_CODES[reduction]
+    _, saved, _, _, count = emulated.sigmoid_focal_loss_forward(
+        x, t, None, 0.25, 2.0, code, -100, 0.0, False, True, False, False)
+    assert saved.dtype == F32
+    scaled = emulated.sigmoid_focal_loss_backward(torch.tensor(float(LOSS_SCALE)), saved, count, code)
+    check_scaled_float16_gradient(scaled.to(F16), x, t, reduction)
 
 
 @pytest.mark.parametrize("ignore_index", [-100, 5])

@@ -33,6 +33,12 @@ constexpr int kMaxBlocksPerSM = 4;
 template <typename T>
 using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// What the forward saves for backward (gradients, the loss before the weight) is stored as
+// float32 for float16 operands: float16 would flush small values to zero before backward
+// multiplies them by a loss scale (GradScaler's 2^16). bfloat16 has float32's range.
+template <typename T>
+using saved_t = std::conditional_t<std::is_same_v<T, at::Half>, float, T>;
+
 // Elements per thread per iteration: 16 bytes of inputs.
 template <typename T>
 constexpr int pack_size() {
@@ -83,7 +89,7 @@ __device__ A block_sum(A value) {
 }
 
 // Everything a forward kernel reads and writes. x_t: inputs; t_t: floating targets, or int64
-// class labels; out_t: loss (and unweighted loss); S: math type. Null output pointers are
+// class labels; out_t: loss; S: math type; what backward reads in saved_t of each. Null output pointers are
 // outputs not requested; null block_sums means an elementwise loss.
 template <typename x_t, typename t_t, typename out_t>
 struct ForwardPointers {
@@ -97,9 +103,9 @@ struct ForwardPointers {
   int64_t n;
   FocalCoeffs<S> coeffs;
   out_t* loss;
-  out_t* unweighted_loss;
-  x_t* grad_inputs;
-  t_t* grad_targets;
+  saved_t<out_t>* unweighted_loss;
+  saved_t<x_t>* grad_inputs;
+  saved_t<t_t>* grad_targets;
   S* block_sums;
   int64_t* block_counts;
 };
@@ -156,8 +162,9 @@ __global__ void __launch_bounds__(kThreads)
   const bool needs_position = kIsLabels<t_t> || p.weight_kind == WeightKind::Row ||
                               p.weight_kind == WeightKind::Class;
 
-  auto process = [&](int64_t first, int num, const x_t* xs, out_t* losses, out_t* unweighted,
-                     x_t* grads_inputs, t_t* grads_targets) {
+  auto process = [&](int64_t first, int num, const x_t* xs, out_t* losses,
+                     saved_t<out_t>* unweighted, saved_t<x_t>* grads_inputs,
+                     saved_t<t_t>* grads_targets) {
     int64_t row = needs_position ? first / p.classes : 0;
     int64_t cls = needs_position ? first - row * p.classes : 0;
 #pragma unroll
@@ -169,10 +176,10 @@ __global__ void __launch_bounds__(kThreads)
         sum += terms.loss;
         count += counted ? 1 : 0;
         losses[k] = static_cast<out_t>(terms.loss);
-        unweighted[k] = static_cast<out_t>(terms.unweighted_loss);
-        grads_inputs[k] = static_cast<x_t>(terms.grad_inputs);
+        unweighted[k] = static_cast<saved_t<out_t>>(terms.unweighted_loss);
+        grads_inputs[k] = static_cast<saved_t<x_t>>(terms.grad_inputs);
         if constexpr (!kIsLabels<t_t>) {
-          grads_targets[k] = static_cast<t_t>(terms.grad_targets);
+          grads_targets[k] = static_cast<saved_t<t_t>>(terms.grad_targets);
         }
         if (needs_position && ++cls == p.classes) {
           cls = 0;
@@ -187,31 +194,33 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t num_packs = p.n / kPack;
   for (int64_t pack = thread; pack < num_packs; pack += num_threads) {
     const auto xs = reinterpret_cast<const Pack<x_t, kPack>*>(p.inputs)[pack];
-    Pack<out_t, kPack> losses, unweighted;
-    Pack<x_t, kPack> grads_inputs;
-    Pack<t_t, kPack> grads_targets;
+    Pack<out_t, kPack> losses;
+    Pack<saved_t<out_t>, kPack> unweighted;
+    Pack<saved_t<x_t>, kPack> grads_inputs;
+    Pack<saved_t<t_t>, kPack> grads_targets;
     process(pack * kPack, kPack, xs.v, losses.v, unweighted.v, grads_inputs.v, grads_targets.v);
     if (p.loss != nullptr) {
       reinterpret_cast<Pack<out_t, kPack>*>(p.loss)[pack] = losses;
     }
     if (p.unweighted_loss != nullptr) {
-      reinterpret_cast<Pack<out_t, kPack>*>(p.unweighted_loss)[pack] = unweighted;
+      reinterpret_cast<Pack<saved_t<out_t>, kPack>*>(p.unweighted_loss)[pack] = unweighted;
     }
     if constexpr (kGradInputs) {
-      reinterpret_cast<Pack<x_t, kPack>*>(p.grad_inputs)[pack] = grads_inputs;
+      reinterpret_cast<Pack<saved_t<x_t>, kPack>*>(p.grad_inputs)[pack] = grads_inputs;
     }
     if constexpr (!kIsLabels<t_t>) {
       if (p.grad_targets != nullptr) {
-        reinterpret_cast<Pack<t_t, kPack>*>(p.grad_targets)[pack] = grads_targets;
+        reinterpret_cast<Pack<saved_t<t_t>, kPack>*>(p.grad_targets)[pack] = grads_targets;
       }
     }
   }
   // The last n % kPack elements (fewer than the threads of one block).
   const int64_t tail = num_packs * kPack + thread;
   if (tail < p.n) {
-    out_t loss_value, unweighted_value;
-    x_t grad_inputs_value;
-    t_t grad_targets_value;
+    out_t loss_value;
+    saved_t<out_t> unweighted_value;
+    saved_t<x_t> grad_inputs_value;
+    saved_t<t_t> grad_targets_value;
     process(tail, 1, p.inputs + tail, &loss_value, &unweighted_value, &grad_inputs_value,
             &grad_targets_value);
     if (p.loss != nullptr) {
@@ -381,18 +390,20 @@ void forward(const ForwardArgs& args) {
         n,
         FocalCoeffs<S>(args.alpha, args.gamma, args.label_smoothing),
         elementwise ? args.loss.mutable_data_ptr<out_t>() : nullptr,
-        data_or_null<out_t>(args.unweighted_loss),
-        data_or_null<x_t>(args.grad_inputs),
-        kIsLabels<t_t> ? nullptr : data_or_null<t_t>(args.grad_targets),
+        data_or_null<saved_t<out_t>>(args.unweighted_loss),
+        data_or_null<saved_t<x_t>>(args.grad_inputs),
+        kIsLabels<t_t> ? nullptr : data_or_null<saved_t<t_t>>(args.grad_targets),
         nullptr,
         nullptr,
     };
     // Packs of inputs are loaded whole; the other per-element arrays must then be aligned too.
     const bool packed =
-        is_aligned_for_pack<x_t, kPack>(p.inputs) && is_aligned_for_pack<x_t, kPack>(p.grad_inputs) &&
+        is_aligned_for_pack<x_t, kPack>(p.inputs) &&
+        is_aligned_for_pack<saved_t<x_t>, kPack>(p.grad_inputs) &&
         (kIsLabels<t_t> || is_aligned_for_pack<t_t, kPack>(p.targets)) &&
-        is_aligned_for_pack<t_t, kPack>(p.grad_targets) &&
-        is_aligned_for_pack<out_t, kPack>(p.loss) && is_aligned_for_pack<out_t, kPack>(p.unweighted_loss);
+        is_aligned_for_pack<saved_t<t_t>, kPack>(p.grad_targets) &&
+        is_aligned_for_pack<out_t, kPack>(p.loss) &&
+        is_aligned_for_pack<saved_t<out_t>, kPack>(p.unweighted_loss);
     const int grid = grid_size(packed ? n / kPack : n);
     const at::Tensor block_sums =
         at::empty({grid}, args.inputs.options().dtype(c10::CppTypeToScalarType<S>::value));

@@ -50,7 +50,7 @@ MUTANTS = [
      "  for (int64_t pack = thread; pack < num_packs; pack += blockDim.x) {\n"
      "    const auto xs = "),
     ("misaligned_packed_store", "forward: the loss pointer left out of the alignment check of the packed path",
-     "is_aligned_for_pack<out_t, kPack>(p.loss) && ", ""),
+     "        is_aligned_for_pack<out_t, kPack>(p.loss) &&\n", ""),
     ("class_wrap", "forward: the class index does not wrap to 0 at a new row",
      "          cls = 0;\n          ++row;", "          ++row;"),
     ("block_sum_writer", "forward: thread 1 instead of thread 0 writes the block's partial sums",
