@@ -134,3 +134,29 @@ def test_compile_fullgraph_with_labels_and_weight(device, reduction):
         torch.testing.assert_close(result, eager, rtol=0, atol=0)
         torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=0, atol=0)
         torch.testing.assert_close(weights[1].grad, weights[0].grad)
+
+
+class DetectorLoss(torch.nn.Module):
+    """A classification head and its focal loss, as a detector's training graph holds them."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(8, 5)
+        self.criterion = focal_cuda.SigmoidFocalLoss(reduction="mean")
+
+    def forward(self, features, labels):
+        return self.criterion(self.head(features), labels)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_export(device):
+    """torch.export captures the custom op; the exported program computes the eager loss and
+    its graph holds the fused op."""
+    torch.manual_seed(0)
+    model = DetectorLoss().to(device)
+    features = torch.randn(4, 7, 8, device=device)
+    labels = torch.randint(0, 6, (4, 7), device=device)
+    exported = torch.export.export(model, (features, labels))
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert any("focal_cuda.sigmoid_focal_loss_forward" in target for target in targets), targets
+    torch.testing.assert_close(exported.module()(features, labels), model(features, labels))
