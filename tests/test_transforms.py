@@ -9,6 +9,10 @@ from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 import focal_cuda
 from conftest import DEVICES, assert_matches
 
+# torch.jit.script warns that it is deprecated (also when torch's forward AD scripts its own
+# decompositions on first use); what is tested here is that it works.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+
 REFERENCE = focal_cuda.reference.sigmoid_focal_loss
 F64 = torch.float64
 
@@ -207,10 +211,8 @@ def test_forward_ad_then_backward_of_the_tangent(device):
 
 # ---- TorchScript --------------------------------------------------------------------------------
 
-# torch.jit.script warns that it is deprecated; what is tested is that it works.
-ignore_script_deprecation = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
-@ignore_script_deprecation
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", KINDS)
@@ -229,7 +231,6 @@ def test_scripted_function_matches_eager(device, kind, reduction):
     assert_matches(results[0][1], results[1][1], F64)
 
 
-@ignore_script_deprecation
 def test_scripted_function_rejects_a_bad_reduction():
     scripted = torch.jit.script(focal_cuda.sigmoid_focal_loss)
     x = torch.zeros(2, 3)
@@ -237,7 +238,6 @@ def test_scripted_function_rejects_a_bad_reduction():
         scripted(x, x, 0.25, 2.0, "avg")
 
 
-@ignore_script_deprecation
 @pytest.mark.parametrize("alpha", [0.25, None])
 def test_scripted_module_matches_eager(alpha):
     module = focal_cuda.SigmoidFocalLoss(alpha=alpha, gamma=2, reduction="mean")
