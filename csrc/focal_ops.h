@@ -17,7 +17,8 @@ namespace focal {
 // float32_loss. The gradients are d(elementwise loss)/d(inputs, targets), unscaled, contiguous,
 // in the dtype of what they differentiate; unweighted_loss (d loss/d weight, elementwise) has
 // the loss dtype; float32 instead of float16 for all three, so that a loss scale applied in
-// backward cannot meet values float16 already flushed. Outputs not requested are empty 1-d tensors. count is a 0-d int64 tensor on the
+// backward cannot meet values float16 already flushed. Outputs not requested are empty 1-d
+// tensors. count is a 0-d int64 tensor on the
 // inputs' device: the elements not ignored, the mean's divisor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_forward(
     const at::Tensor& inputs, const at::Tensor& targets, const std::optional<at::Tensor>& weight,

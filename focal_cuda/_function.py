@@ -88,7 +88,8 @@ def _refuse_forward_over_forward():
 
 class _Derivatives(torch.autograd.Function):
     """(dL/dinputs, dL/dtargets, L before weight) of the elementwise loss L, as the fused op
-    computes them; differentiable again (backward, jvp) through the reference formula."""
+    computes them; differentiable again, in reverse mode, through the reference formula. (No jvp:
+    forward over forward is refused before one could be needed.)"""
 
     generate_vmap_rule = True
 
@@ -104,11 +105,8 @@ class _Derivatives(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:3])
-        ctx.save_for_forward(*inputs[:3])
         ctx.arguments = inputs[3:8]
         ctx.computed = inputs[8:]
-        if not inputs[1].is_floating_point():
-            ctx.mark_non_differentiable(output[1])  # labels: an empty integer tensor
 
     @staticmethod
     def backward(ctx, *cotangents):
@@ -119,18 +117,6 @@ class _Derivatives(torch.autograd.Function):
                       for cotangent, output in zip(cotangents, outputs)]
         grads = iter(vjp(tuple(cotangents)))
         return tuple(next(grads) if _differentiable(value) else None for value in (x, t, weight)) + (None,) * 8
-
-    @staticmethod
-    def jvp(ctx, inputs_tangent, targets_tangent, weight_tangent, *_):
-        x, t, weight = ctx.saved_tensors
-        primals, rebuild = _differentiable_primals(x, t, weight)
-        tangents = [torch.zeros_like(value) if tangent is None else tangent
-                    for value, tangent in zip((x, t, weight), (inputs_tangent, targets_tangent, weight_tangent))
-                    if _differentiable(value)]
-        _, output_tangents = torch.func.jvp(_reference_derivatives(ctx, rebuild), tuple(primals), tuple(tangents))
-        if not t.is_floating_point():
-            return output_tangents[0], None, output_tangents[2]
-        return output_tangents
 
 
 def _differentiable(value):
@@ -172,11 +158,13 @@ def _reference_derivatives(ctx, rebuild):
             loss, vjp = torch.func.vjp(lambda x_: elementwise(x_, t), x)
             (grad_inputs,), grad_targets = vjp(torch.ones_like(loss)), None
         unweighted = reference.sigmoid_focal_loss(x, t, **options)
-        # In the dtypes of the op's outputs, and empty where the op computed nothing (a
-        # floating placeholder for labels, which have no derivative: functorch wants floats).
-        outputs = (grad_inputs.to(inputs.dtype), grad_targets, unweighted.to(dtype))
-        likes = (inputs, targets if targets.is_floating_point() else inputs, unweighted.to(dtype))
-        return tuple(output if computed else like.new_empty(0)
-                     for output, computed, like in zip(outputs, ctx.computed, likes))
+        saved = _ops.saved_dtype  # the dtypes of the op's outputs
+        grad_inputs = grad_inputs.to(saved(inputs.dtype))
+        # Labels have no derivative: a floating placeholder, since torch.func.vjp wants floats.
+        grad_targets = grad_inputs.new_empty(0) if grad_targets is None else grad_targets.to(saved(targets.dtype))
+        unweighted = unweighted.to(saved(dtype))
+        # Empty where the op computed nothing, as its outputs are.
+        return tuple(output if computed else output.new_empty(0)
+                     for output, computed in zip((grad_inputs, grad_targets, unweighted), ctx.computed))
 
     return derivatives

@@ -133,10 +133,11 @@ def _(info, in_dims, inputs, targets, weight, alpha, gamma, reduction, ignore_in
             total = total / count  # 0 / 0 is NaN: the mean of nothing, as unbatched
         loss = total.to(loss.dtype)
     outputs = (loss, grad_inputs, grad_targets, unweighted, count)
-    return outputs, tuple(0 if output.numel() else None for output in outputs)
+    computed = (True, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, True)
+    return outputs, tuple(0 if batched else None for batched in computed)
 
 
-def _last_use_of(ctx, saved):
+def _last_use_of(ctx, saved, grad_loss):
     """True in an eager backward that frees the graph (retain_graph=False) of a forward whose
     gradient outputs nobody else holds: the saved gradient is then used for the last time and
     can become the gradient itself, so a training step holds one gradient-sized buffer instead
@@ -145,6 +146,10 @@ def _last_use_of(ctx, saved):
         torch.compiler.is_compiling()
         or type(saved) is not torch.Tensor
         or _get_current_dispatch_mode() is not None
+        # Batched backward passes (torch.func transforms; is_grads_batched and vectorized
+        # jacobians, whose legacy vmap batches grad_output): no in-place op on batched tensors.
+        or torch._C._are_functorch_transforms_active()
+        or torch._C._functorch.is_legacy_batchedtensor(grad_loss)
     )
     if not ctx.gradients_private or tracing:
         return False
@@ -153,7 +158,7 @@ def _last_use_of(ctx, saved):
 
 
 def _scaled_saved_grad(ctx, grad_loss, saved, count, reduction):
-    if _last_use_of(ctx, saved):
+    if _last_use_of(ctx, saved, grad_loss):
         sigmoid_focal_loss_backward_(grad_loss, saved, count, reduction)
         return saved
     return sigmoid_focal_loss_backward(grad_loss, saved, count, reduction)
@@ -185,8 +190,10 @@ def forward_setup_context(ctx, inputs, output):
 def _saved_or_error(saved, like, name):
     if saved.shape != like.shape:
         raise RuntimeError(
-            f"focal_cuda: backward needs d(loss)/d({name}), but the forward op was called without "
-            f"computing it; call focal_cuda.sigmoid_focal_loss instead of the op"
+            f"focal_cuda: backward needs d(loss)/d({name}) of shape {list(like.shape)}, but the "
+            f"forward op saved one of shape {list(saved.shape)} (it was called with "
+            f"compute_grad_{'unweighted_loss' if name == 'weight' else name}=False); call "
+            f"focal_cuda.sigmoid_focal_loss, which asks for what backward needs"
         )
     return saved
 

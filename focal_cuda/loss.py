@@ -162,6 +162,9 @@ def sigmoid_focal_loss(
     _check_targets(targets, inputs)
     _check_weight(weight, inputs)
     grad_enabled = torch.is_grad_enabled()
+    # Under torch.func transforms (vmap, ...) the tensors seen here may not report the
+    # requires_grad of what they wrap: then compute every derivative a backward could ask for.
+    transformed = grad_enabled and torch._C._are_functorch_transforms_active()
     # Dynamo cannot trace an autograd.Function with a jvp rule (a graph break): compiled code
     # calls the op, whose registered autograd uses the Function's own setup_context/backward.
     apply = _ops.sigmoid_focal_loss_forward if torch.compiler.is_compiling() else SigmoidFocalLossFunction.apply
@@ -175,9 +178,9 @@ def sigmoid_focal_loss(
         checked_ignore_index(ignore_index),
         checked_label_smoothing(label_smoothing),
         torch.is_autocast_enabled(inputs.device.type),
-        grad_enabled and inputs.requires_grad,
-        grad_enabled and targets.requires_grad,
-        grad_enabled and weight is not None and weight.requires_grad,
+        grad_enabled and (inputs.requires_grad or transformed),
+        grad_enabled and (targets.requires_grad or transformed and targets.is_floating_point()),
+        grad_enabled and weight is not None and (weight.requires_grad or transformed),
     )
     return outputs[0]
 
@@ -193,8 +196,10 @@ def _scripted_sigmoid_focal_loss(
     label_smoothing: float,
 ) -> torch.Tensor:
     """The function as TorchScript runs it: the forward op with its own autograd formula (the
-    op checks the arguments; the saved gradient is not reused in place)."""
-    codes = {"none": 0, "mean": 1, "sum": 2}
+    op checks the arguments; the saved gradient is not reused in place). Autocast: TorchScript's
+    torch.is_autocast_enabled() reports CUDA autocast only, so a scripted call under CPU
+    autocast gives the loss in the dtype of its operands."""
+    codes = {"none": 0, "mean": 1, "sum": 2}  # _ops.REDUCTION_CODES: TorchScript reads no globals
     if reduction not in codes:
         raise ValueError("reduction must be one of 'none', 'mean', 'sum', got '" + reduction + "'")
     grad_enabled = torch.is_grad_enabled()

@@ -138,3 +138,12 @@ def worst_float32_softplus_sigmoid_ulp(device, elements_per_call=None):
         errors = (ours.cpu().double() - exact).abs() / ulp
         worst = max(worst, errors.nan_to_num(nan=math.inf).max().item())  # NaN fails
     return worst
+
+
+def pytest_terminal_summary(terminalreporter):
+    """After a CUDA emulation sweep: how many kernel instances it launched."""
+    import cuda_emulation
+
+    if cuda_emulation.launch_counts is not None:
+        summary = cuda_emulation.coverage_summary(cuda_emulation.launch_counts)
+        terminalreporter.write_line(f"CUDA emulation ({cuda_emulation.variant_from_environment()}): {summary}")

@@ -9,8 +9,6 @@ The last test fails if any kernel instance was never launched.
 """
 
 import itertools
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,7 +35,9 @@ FORWARD_TYPES = [
     (F16, "labels", True), (BF16, "labels", True),  # autocast: 16-bit logits, float32 loss
 ]
 # Shapes (with tails for every pack size, sub-block, one element, 0-d) and emulated SM counts
-# (1 and 2 give grids of 1-8 blocks, so grid-stride loops iterate; 132 is an H100).
+# (1 and 2 give grids of 1-8 blocks; 132 is an H100). Each instance's first case is the
+# GRID_STRIDE shape at one SM: more packs than the grid has threads, so its loop iterates.
+GRID_STRIDE = (100, 101)
 SHAPES = [(50, 101), (37, 13), (3, 5), (1, 1), (7, 1), (9, 3, 7), ()]
 MULTIPROCESSORS = [1, 2, 132, 1]
 
@@ -50,6 +50,17 @@ def emulated():
     yield module
     module.set_multiprocessor_count(132)
     module.set_schedule("forward", 0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_context(emulated):
+    """An error inside a kernel is sticky, as on a GPU: each test starts as a new process would."""
+    emulated.reset_device()
+
+
+def grid_blocks(module, work_items):
+    """The grid the kernel glue launches for work_items (packs, or elements): its grid_size."""
+    return max(1, min(-(-work_items // 256), module.multiprocessor_count() * 4))
 
 
 def saved_dtype(dtype):
@@ -127,8 +138,9 @@ class Case:
         self.options = dict(alpha=alpha, gamma=gamma, reduction=REDUCTION_CODES[reduction],
                             ignore_index=ignore_index, label_smoothing=label_smoothing,
                             float32_loss=float32_loss)
+        # The loss before the weight is also wanted alone: a weight requiring grad, inputs not.
         self.flags = dict(compute_grad_inputs=grad_inputs, compute_grad_targets=grad_targets,
-                          compute_unweighted_loss=self.weight is not None and grad_inputs)
+                          compute_unweighted_loss=self.weight is not None and (grad_inputs or seed % 2 == 0))
         self.reduction = reduction
         self.loss_dtype = loss_dtype(x_dtype, targets, float32_loss)
         self.x_dtype = x_dtype
@@ -259,7 +271,7 @@ def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
                                           pack_size(x_dtype) if packed else 1)
     for variant in range(3):
         step = index * 3 + variant
-        shape = SHAPES[step % len(SHAPES)]
+        shape = GRID_STRIDE if variant == 0 else SHAPES[step % len(SHAPES)]
         if labels and not shape:
             shape = (1, 4)  # labels need a class dimension
         if not packed and shape in ((), (1, 1)):
@@ -279,7 +291,10 @@ def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
             ignore_index=[-100, -1][step // 2 % 2],
             seed=step,
         )
-        emulated.set_multiprocessor_count(MULTIPROCESSORS[step % len(MULTIPROCESSORS)])
+        emulated.set_multiprocessor_count(1 if variant == 0 else MULTIPROCESSORS[step % len(MULTIPROCESSORS)])
+        if variant == 0:
+            work = case.inputs.numel() // (pack_size(x_dtype) if packed else 1)
+            assert work > grid_blocks(emulated, work) * 256, "the grid-stride loop must iterate"
         launched = launches_during(emulated, lambda: run_case(emulated, case, step))
         assert launched.get(expected_kernel) == 2, f"{case.describe}: launched {launched}"
 
@@ -336,15 +351,19 @@ def test_grids_of_more_than_256_blocks(emulated, x_dtype, shape):
 BACKWARD_PAIRS = [(F16, F16), (BF16, BF16), (F32, F32), (F64, F64), (F16, F32), (BF16, F32)]
 
 
-@pytest.mark.parametrize("saved_dtype, grad_dtype", BACKWARD_PAIRS + [(F32, F16), (F16, F64)])
+@pytest.mark.parametrize("stored, grad_dtype", BACKWARD_PAIRS + [(F32, F16), (F16, F64)])
 @pytest.mark.parametrize("reduction", ["none", "expanded", "single", "mean", "sum"])
 @pytest.mark.parametrize("misaligned", [False, True])
-def test_backward(emulated, saved_dtype, grad_dtype, reduction, misaligned):
-    """Functional and in-place backward: elementwise grad_output (none), one value (an expanded
-    scalar, a single-element loss, mean, sum); packed and element paths."""
+def test_backward(emulated, stored, grad_dtype, reduction, misaligned):
+    """Functional and in-place backward of a saved gradient stored in `stored`: elementwise
+    grad_output (none), one value (an expanded scalar, a single-element loss, mean, sum); packed
+    and element paths; at one SM, so that the grid-stride loop iterates."""
     generator = torch.Generator().manual_seed(5)
-    shape = (1,) if reduction == "single" else (37, 13)
-    saved = placed((torch.randn(shape, generator=generator, dtype=F64) * 3).to(saved_dtype), misaligned)
+    shape = (1,) if reduction == "single" else (64, 130)
+    saved = placed((torch.randn(shape, generator=generator, dtype=F64) * 3).to(stored), misaligned)
+    emulated.set_multiprocessor_count(1)
+    work = saved.numel() // (1 if misaligned else pack_size(stored))
+    assert reduction == "single" or work > grid_blocks(emulated, work) * 256
     code = {"none": 0, "expanded": 0, "single": 0, "mean": 1, "sum": 2}[reduction]
     if reduction == "none":
         grad_output = placed(torch.rand(shape, generator=generator, dtype=F64).to(grad_dtype), misaligned)
@@ -356,19 +375,18 @@ def test_backward(emulated, saved_dtype, grad_dtype, reduction, misaligned):
         grad_output = torch.tensor(0.75, dtype=grad_dtype)
     count = torch.tensor(123, dtype=torch.int64)
     expected = saved.double() * grad_output.double() / (123 if reduction == "mean" else 1)
-    tolerance_dtype = saved_dtype
     functional = emulated.sigmoid_focal_loss_backward(grad_output, saved, count, code)
     cpu = torch.ops.focal_cuda.sigmoid_focal_loss_backward(grad_output, saved, count, code)
-    assert functional.dtype == saved_dtype
-    assert_matches(functional, expected, tolerance_dtype)
-    assert_matches(functional, cpu.double(), tolerance_dtype)
+    assert functional.dtype == stored
+    assert_matches(functional, expected, stored)
+    assert_matches(functional, cpu.double(), stored)
     emulated.set_schedule("reverse", 0)
     try:
         assert torch.equal(bits(functional), bits(emulated.sigmoid_focal_loss_backward(grad_output, saved, count, code)))
     finally:
         emulated.set_schedule("forward", 0)
     emulated.sigmoid_focal_loss_backward_(grad_output, saved, count, code)
-    assert_matches(saved, expected, tolerance_dtype)
+    assert_matches(saved, expected, stored)
 
 
 @pytest.mark.parametrize("dtype", [F16, F32, F64])
@@ -433,12 +451,11 @@ def test_bad_label_raises_the_device_assert(emulated, capfd, bad_label):
 
 def test_every_kernel_instance_was_launched(emulated):
     """Runs last: every focal_cuda kernel instance compiled into the module was launched by the
-    tests above (a new instance without a case fails here). Writes the launch counts next to the
-    module (coverage.json), which sweep.py summarises."""
+    tests above (a new instance without a case fails here). The counts go into the session's
+    summary (tests/conftest.py)."""
     instances = {name: count for name, count in emulated.kernel_instances().items()
                  if name.startswith("focal::cuda::")}
-    report = Path(emulated.__file__).with_name("coverage.json")
-    report.write_text(json.dumps(instances, indent=1, sort_keys=True))
+    cuda_emulation.launch_counts = instances
     never = sorted(name for name, count in instances.items() if count == 0)
     assert len(instances) == 168, f"{len(instances)} kernel instances; update this count with the kernels"
     assert not never, f"{len(never)} of {len(instances)} kernel instances never launched: {never}"

@@ -26,6 +26,14 @@ def emulator():
     module.set_schedule("forward", 0)
 
 
+@pytest.fixture(autouse=True)
+def fresh_context(emulator):
+    """Errors inside a kernel are sticky, as on a GPU: each test starts as a new process would."""
+    emulator.reset_device()
+    yield
+    emulator.reset_device()
+
+
 def shuffled(emulator, mode, mask, operand, width, threads=32, threads_that_exit=0):
     out = torch.full((threads,), -1, dtype=torch.int64)
     emulator.self_test.shuffle(out, mode, mask, operand, width, threads, threads_that_exit)
@@ -33,8 +41,8 @@ def shuffled(emulator, mode, mask, operand, width, threads=32, threads_that_exit
 
 
 def guide_source_lane(mode, lane, operand, width):
-    """The CUDA programming guide's description of each shuffle, for lane `lane`: the lane whose
-    value it gets (its own where the guide says the value is unchanged)."""
+    """The CUDA programming guide's description of each shuffle, for lane `lane` and an operand
+    in [0, 32) (idx: any): the lane whose value it gets (its own where the value is unchanged)."""
     start = lane // width * width
     if mode == INDEX:  # "srcLane modulo width", within the lane's own group of width lanes
         return start + operand % width
@@ -43,7 +51,16 @@ def guide_source_lane(mode, lane, operand, width):
     if mode == DOWN:  # "the upper delta lanes will remain unchanged"
         return lane if lane - start + operand >= width else lane + operand
     source = lane ^ operand  # XOR: "elements from earlier groups", later groups give their own
-    return lane if source >= 32 or source // width > lane // width else source
+    return lane if source // width > lane // width else source
+
+
+def test_shuffle_operands_use_their_low_five_bits(emulator):
+    """The PTX ISA's shfl.sync reads b[4:0]: a delta of 33 is a delta of 1, -1 is 31."""
+    for mode in (UP, DOWN, XOR):
+        for operand, same_as in [(32, 0), (33, 1), (-1, 31), (47, 15)]:
+            for width in (32, 8):
+                assert shuffled(emulator, mode, FULL, operand, width) == \
+                    shuffled(emulator, mode, FULL, same_as, width), (mode, operand, width)
 
 
 @pytest.mark.parametrize("width", [1, 2, 4, 8, 16, 32])
@@ -95,6 +112,7 @@ def test_partial_warp_missing_lanes_are_not_readable(emulator):
     """A block of 20 threads: lanes 20-31 do not exist; reading one is an error."""
     with pytest.raises(RuntimeError, match="lane 19 reads lane 20 .* has exited or does not exist"):
         shuffled(emulator, DOWN, FULL, 1, 32, threads=20)
+    emulator.reset_device()
     assert shuffled(emulator, INDEX, FULL, 3, 32, threads=20) == [307] * 20
 
 
@@ -173,14 +191,28 @@ def test_grid_stride_loop_visits_each_element_once(emulator, blocks, threads, n)
     ("divergent_barrier", 64, r"divergent __syncthreads: 16 threads at .*self_test.cpp:\d+, 48 threads at"),
     ("exited_barrier", 64, "reached by 32 threads while 32 have exited"),
     ("deadlock", 64, r"deadlock: .*__shfl_xor_sync\(mask 0xffffffff.*__syncthreads at"),
-    ("mismatched_shuffle", 32, "meet at different warp operations: __shfl_down_sync.* and __shfl_xor_sync"),
+    ("mismatched_shuffle", 32, "deadlock: lanes 0 and 1 of warp 0 meet at different warp operations: "
+                               "__shfl_down_sync.* and __shfl_xor_sync"),
 ])
 def test_synchronisation_errors_name_kernel_block_and_thread(emulator, name, block, message):
     with pytest.raises(RuntimeError, match=message) as error:
         emulator.self_test.launch(name, torch.zeros(block, dtype=torch.int64), [1, 1, 1], [block, 1, 1])
     assert f"kernel {{anonymous}}::{name}_kernel" in str(error.value) and "block (0,0,0)" in str(error.value)
     assert "unspecified launch failure" in str(error.value)
-    emulator.self_test.launch("syncwarp", torch.zeros(32, dtype=torch.int64), [1, 1, 1], [32, 1, 1])  # not sticky
+    with pytest.raises(RuntimeError, match="unspecified launch failure"):  # sticky, as error 719 is
+        emulator.self_test.launch("syncwarp", torch.zeros(32, dtype=torch.int64), [1, 1, 1], [32, 1, 1])
+
+
+@pytest.mark.parametrize("schedule", [("forward", 0), ("reverse", 0), ("shuffled", 3)])
+def test_lanes_may_meet_at_other_warp_operations_first(emulator, schedule):
+    """sm_70+: lanes 4 and 5 sync among themselves while the warp waits in a shuffle."""
+    emulator.set_schedule(*schedule)
+    out = torch.zeros(32, dtype=torch.int64)
+    try:
+        emulator.self_test.launch("partial_syncwarp", out, [1, 1, 1], [32, 1, 1])
+    finally:
+        emulator.set_schedule("forward", 0)
+    assert out.tolist() == [lane ^ 1 for lane in range(32)]
 
 
 def test_device_assert_prints_stops_the_grid_and_is_sticky(emulator, capfd):

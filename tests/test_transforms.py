@@ -97,6 +97,42 @@ def test_vmap_with_batched_weight_and_shared_targets(device, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_vmap_then_ordinary_backward(device, kind, reduction):
+    """Inside vmap the batched tensors do not report requires_grad: the forward must still save
+    what an ordinary backward of the vmapped result needs."""
+    ours, theirs, (x, t, w) = both(kind, reduction, device)
+    grads = []
+    for function in (ours, theirs):
+        xs = torch.stack([x, -x]).requires_grad_()
+        vmap(function, (0, None, None))(xs, t, w).sum().backward()
+        grads.append(xs.grad)
+    assert_matches(grads[0], grads[1], F64)
+
+
+def test_vmap_of_empty_inputs_keeps_their_shape():
+    ours, theirs, _ = both("soft", "none", "cpu")
+    xs, ts = torch.empty(3, 0, 4, dtype=F64), torch.empty(3, 0, 4, dtype=F64)
+    assert vmap(ours, (0, 0, None))(xs, ts, None).shape == (3, 0, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_backward_passes(device, kind):
+    """Vectorized jacobians and is_grads_batched run backward on batched gradients."""
+    ours, theirs, (x, t, w) = both(kind, "none", device)
+    for function in (ours, theirs):
+        function.jacobian = torch.autograd.functional.jacobian(
+            lambda x_: function(x_, t, w), x, vectorize=True)
+    assert_matches(ours.jacobian, theirs.jacobian, F64)
+    x = x.clone().requires_grad_()
+    basis = torch.eye(x.numel(), dtype=F64, device=device).reshape(x.numel(), *x.shape)
+    (batched,) = torch.autograd.grad(ours(x, t, w), x, basis, is_grads_batched=True)
+    assert_matches(batched, ours.jacobian.reshape(x.numel(), *x.shape), F64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_per_sample_gradients(device, kind, reduction):

@@ -47,6 +47,23 @@ def sanitizer_preload():
     return ":".join(libraries)
 
 
+# Launch counts of every kernel instance, recorded by the sweep's last test for the summary
+# that tests/conftest.py prints.
+launch_counts = None
+
+
+def coverage_summary(counts):
+    """'launched/total' per kernel template, from {instance name: launches}."""
+    per_kernel = {}
+    for name, launches in counts.items():
+        kernel = name.split("<")[0].rsplit("::", 1)[-1]
+        launched, total = per_kernel.get(kernel, (0, 0))
+        per_kernel[kernel] = (launched + (launches > 0), total + 1)
+    launched = sum(launches > 0 for launches in counts.values())
+    details = ", ".join(f"{kernel} {done}/{total}" for kernel, (done, total) in sorted(per_kernel.items()))
+    return f"{launched}/{len(counts)} kernel instances launched ({details})"
+
+
 def build_directory(variant):
     """Where the module of `variant` is built (FOCAL_CUDA_EMULATION_BUILD overrides it)."""
     return Path(os.environ.get("FOCAL_CUDA_EMULATION_BUILD") or ROOT / "build" / "cuda_emulation" / variant)

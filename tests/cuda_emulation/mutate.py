@@ -58,6 +58,11 @@ MUTANTS = [
     ("finish_no_loop", "finish: one partial sum per thread, no loop (grids over 256 blocks lose sums)",
      "  for (int i = threadIdx.x; i < num_blocks; i += kThreads) {",
      "  for (int i = threadIdx.x; i < num_blocks && i < kThreads; i += kThreads) {"),
+    ("backward_grid_stride", "backward: the grid-stride loop strides by one block instead of the whole grid",
+     "  for (int64_t pack = thread; pack < num_packs; pack += num_threads) {\n"
+     "    const auto saved_values",
+     "  for (int64_t pack = thread; pack < num_packs; pack += blockDim.x) {\n"
+     "    const auto saved_values"),
     ("backward_tail", "backward: the last tail element is not scaled",
      "  if (tail < n) {\n    out[tail]", "  if (tail + 1 < n) {\n    out[tail]"),
 ]

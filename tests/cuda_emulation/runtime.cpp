@@ -6,6 +6,7 @@
 
 #include <dlfcn.h>
 #include <elf.h>
+#include <link.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -129,7 +130,6 @@ struct Device {
   cudaError_t sticky_error = cudaSuccess;
   std::string error_detail = "no error";
 
-  bool shared_found = false;
   std::vector<std::pair<unsigned char*, std::size_t>> shared_variables;
   char* stacks = nullptr;
   unsigned fibers_allocated = 0;
@@ -186,12 +186,14 @@ std::string kernel_context() {
   return text;
 }
 
-// Records an error as cudaGetLastError will report it; a device-side assert is sticky.
+// Records an error as cudaGetLastError will report it. As on a GPU, an error inside a kernel
+// (device assert, or what stands in here for a fault or a hang: cudaErrorLaunchFailure) is
+// sticky; a refused launch is not.
 void set_error(cudaError_t code, const std::string& detail) {
   Device& d = device();
   d.last_error = code;
   d.error_detail = detail;
-  if (code == cudaErrorAssert) {
+  if (code == cudaErrorAssert || code == cudaErrorLaunchFailure) {
     d.sticky_error = code;
   }
 }
@@ -290,12 +292,13 @@ void ensure_fibers() {
 
 // ---- __shared__ variables ------------------------------------------------------------------------
 
-// The tagged statics, from this module's own symbol table.
+// The tagged statics, from this module's own symbol table, at the module's load bias.
 void find_shared_variables() {
   Device& d = device();
-  d.shared_found = true;
   Dl_info module{};
-  if (dladdr(reinterpret_cast<void*>(&find_shared_variables), &module) == 0 || !module.dli_fname) {
+  link_map* map = nullptr;
+  if (dladdr1(reinterpret_cast<void*>(&find_shared_variables), &module, reinterpret_cast<void**>(&map),
+              RTLD_DL_LINKMAP) == 0 || !module.dli_fname || map == nullptr) {
     std::fprintf(stderr, "focal_emu: cannot locate the emulation module to find its __shared__ variables\n");
     std::abort();
   }
@@ -320,7 +323,7 @@ void find_shared_variables() {
       const Elf64_Sym& symbol = symbols[i];
       if (ELF64_ST_TYPE(symbol.st_info) == STT_OBJECT && symbol.st_size > 0 &&
           std::strstr(names + symbol.st_name, "B16focal_emu_shared") != nullptr) {
-        auto* address = static_cast<unsigned char*>(module.dli_fbase) + symbol.st_value;
+        auto* address = reinterpret_cast<unsigned char*>(map->l_addr + symbol.st_value);
         d.shared_variables.emplace_back(address, symbol.st_size);
       }
     }
@@ -333,6 +336,9 @@ void find_shared_variables() {
   d.shared_variables.erase(std::unique(d.shared_variables.begin(), d.shared_variables.end()),
                            d.shared_variables.end());
 }
+
+// At load: the file is the one just loaded (read later, a rebuild in place could differ).
+const bool shared_variables_found = (find_shared_variables(), true);
 
 std::size_t shared_bytes() {
   std::size_t total = 0;
@@ -351,25 +357,24 @@ void poison_shared_variables() {
 
 // ---- Barriers and warp operations, resolved as threads arrive ------------------------------------
 
-// The lane a shuffle reads, or -1 for the lane's own value (the PTX ISA's shfl.sync, and the
-// CUDA programming guide's words for width < 32).
+// The lane a shuffle reads, or -1 for the lane's own value: the pseudo-code of shfl.sync in the
+// PTX ISA, with the c operand that __shfl_*_sync pass for `width` (segment mask 32 - width;
+// clamp 0 for up, 31 otherwise). Only the low 5 bits of the lane operand count.
 int source_lane(ShuffleMode mode, int lane, int operand, int width) {
-  const int segment = lane & ~(width - 1);
-  const int position = lane & (width - 1);
+  const int b = operand & 31;
+  const int segment_mask = (32 - width) & 31;
+  const int clamp = mode == ShuffleMode::Up ? 0 : 31;
+  const int max_lane = (lane & segment_mask) | (clamp & ~segment_mask);
+  const int min_lane = lane & segment_mask;
+  int source = lane;
+  bool in_range = false;
   switch (mode) {
-    case ShuffleMode::Index:
-      return segment + (operand & (width - 1));
-    case ShuffleMode::Up:
-      return operand < 0 || position < operand ? -1 : lane - operand;
-    case ShuffleMode::Down:
-      return operand < 0 || position + operand >= width ? -1 : lane + operand;
-    case ShuffleMode::Xor: {
-      const int source = lane ^ operand;
-      // Earlier groups can be read; a later group (or past the warp) gives the own value.
-      return source >= static_cast<int>(kWarpSize) || (source & ~(width - 1)) > segment ? -1 : source;
-    }
+    case ShuffleMode::Up: source = lane - b; in_range = source >= max_lane; break;
+    case ShuffleMode::Down: source = lane + b; in_range = source <= max_lane; break;
+    case ShuffleMode::Xor: source = lane ^ b; in_range = source <= max_lane; break;
+    case ShuffleMode::Index: source = min_lane | (b & ~segment_mask); in_range = source <= max_lane; break;
   }
-  return -1;
+  return in_range ? source : -1;
 }
 
 const char* shuffle_name(ShuffleMode mode) {
@@ -386,6 +391,11 @@ std::string operation_name(const Fiber& fiber) {
   return (fiber.op == WarpOp::SyncWarp ? std::string("__syncwarp") : shuffle_name(fiber.mode)) +
          "(mask " + hex(fiber.mask) + (fiber.op == WarpOp::Shuffle ? ", width " + std::to_string(fiber.width) : "") +
          ") at " + site(fiber.file, fiber.line);
+}
+
+bool same_warp_operation(const Fiber& a, const Fiber& b) {
+  return a.mask == b.mask && a.op == b.op &&
+         (a.op != WarpOp::Shuffle || (a.mode == b.mode && a.width == b.width));
 }
 
 // Completes the warp operations of the warp starting at thread `base` whose mask's lanes have all
@@ -405,18 +415,9 @@ bool complete_warp_operations(unsigned base) {
       if (!(first.mask >> other & 1u) || peer.state == ThreadState::Exited) {
         continue;
       }
-      if (peer.state != ThreadState::AtWarpOp) {
-        ready = false;  // still to arrive (or stuck at a barrier: a deadlock if nothing moves)
-      } else if (peer.mask != first.mask || peer.op != first.op ||
-                 (first.op == WarpOp::Shuffle && (peer.mode != first.mode || peer.width != first.width))) {
-        d.current = &warp[other];
-        stop_grid(cudaErrorLaunchFailure,
-                  "lanes " + std::to_string(lane) + " and " + std::to_string(other) + " of warp " +
-                      std::to_string(base / kWarpSize) + " meet at different warp operations: " +
-                      operation_name(first) + " and " + operation_name(peer));
-        d.current = nullptr;
-        return false;
-      }
+      // Still to arrive, or waiting at another warp operation or the barrier first (sm_70 and
+      // later let a lane's other warp operations complete in between): a deadlock if nothing moves.
+      ready = peer.state == ThreadState::AtWarpOp && same_warp_operation(first, peer);
     }
     if (!ready) {
       continue;
@@ -494,6 +495,22 @@ bool release_barrier_if_complete() {
 
 void report_deadlock() {
   Device& d = device();
+  // Lanes of one mask stuck at different warp operations: the likely cause, named first.
+  for (unsigned t = 0; t < d.threads; ++t) {
+    const Fiber& first = d.fibers[t];
+    const unsigned base = t - t % kWarpSize;
+    for (unsigned other = base; first.state == ThreadState::AtWarpOp && other < std::min(base + kWarpSize, d.threads); ++other) {
+      const Fiber& peer = d.fibers[other];
+      if ((first.mask >> (other - base) & 1u) && peer.state == ThreadState::AtWarpOp &&
+          !same_warp_operation(first, peer)) {
+        stop_grid(cudaErrorLaunchFailure,
+                  "deadlock: lanes " + std::to_string(t - base) + " and " + std::to_string(other - base) +
+                      " of warp " + std::to_string(base / kWarpSize) + " meet at different warp operations: " +
+                      operation_name(first) + " and " + operation_name(peer));
+        return;
+      }
+    }
+  }
   std::map<std::string, unsigned> waits;
   for (unsigned t = 0; t < d.threads; ++t) {
     const Fiber& fiber = d.fibers[t];
@@ -744,13 +761,9 @@ KernelInstance& register_instance(const char* pretty_function) {
 void launch(KernelInstance& instance, dim3 grid, dim3 block, cudaStream_t, KernelThunk run, const void* params) {
   Device& d = device();
   std::lock_guard<std::mutex> lock(d.mutex);
-  ++instance.launches;
   if (d.sticky_error != cudaSuccess) {
     d.last_error = d.sticky_error;  // a context with a sticky error runs nothing more
     return;
-  }
-  if (!d.shared_found) {
-    find_shared_variables();
   }
   const std::string bad_configuration = check_configuration(grid, block);
   if (!bad_configuration.empty()) {
@@ -763,6 +776,7 @@ void launch(KernelInstance& instance, dim3 grid, dim3 block, cudaStream_t, Kerne
     return;
   }
   ensure_fibers();
+  ++instance.launches;
   d.instance = &instance;
   d.run = run;
   d.params = params;
@@ -833,9 +847,6 @@ void reset_device() {
 int shared_variable_count() {
   Device& d = device();
   std::lock_guard<std::mutex> lock(d.mutex);
-  if (!d.shared_found) {
-    find_shared_variables();
-  }
   return static_cast<int>(d.shared_variables.size());
 }
 

@@ -87,6 +87,15 @@ __global__ void mismatched_shuffle_kernel(int64_t* out) {
                                           : __shfl_xor_sync(0xffffffffu, value, 1);
 }
 
+// Legal on sm_70 and later: lanes 4 and 5 meet at a __syncwarp of their own while the rest of
+// the warp already waits in a shuffle they join afterwards.
+__global__ void partial_syncwarp_kernel(int64_t* out) {
+  if (threadIdx.x == 4 || threadIdx.x == 5) {
+    __syncwarp(0x30u);
+  }
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<int64_t>(threadIdx.x), 1);
+}
+
 __global__ void syncwarp_kernel(int64_t* out) {
   __shared__ int64_t slots[32];
   slots[threadIdx.x] = threadIdx.x;
@@ -161,6 +170,8 @@ void add_self_tests(pybind11::module& module) {
       FOCAL_LAUNCH(g, b, nullptr, deadlock_kernel)(data(out));
     } else if (name == "mismatched_shuffle") {
       FOCAL_LAUNCH(g, b, nullptr, mismatched_shuffle_kernel)(data(out));
+    } else if (name == "partial_syncwarp") {
+      FOCAL_LAUNCH(g, b, nullptr, partial_syncwarp_kernel)(data(out));
     } else if (name == "syncwarp") {
       FOCAL_LAUNCH(g, b, nullptr, syncwarp_kernel)(data(out));
     } else if (name == "assert") {

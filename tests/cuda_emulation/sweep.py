@@ -9,7 +9,6 @@ Exits with pytest's status.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -47,25 +46,7 @@ def main():
     command += paths + args.pytest_args
     print("+ " + " ".join(command), flush=True)
     result = subprocess.run(command, env=environment, cwd=HERE.parents[1])
-    report_coverage(variant)
     sys.exit(result.returncode)
-
-
-def report_coverage(variant):
-    """The launch counts the sweep's last test wrote, per kernel template."""
-    path = cuda_emulation.build_directory(variant) / "coverage.json"
-    if not path.exists():
-        print("kernel instance coverage: no report (the sweep did not reach its last test)")
-        return
-    counts = json.loads(path.read_text())
-    per_kernel = {}
-    for name, launches in counts.items():
-        kernel = name.split("<")[0].rsplit("::", 1)[-1]
-        launched, total = per_kernel.get(kernel, (0, 0))
-        per_kernel[kernel] = (launched + (launches > 0), total + 1)
-    launched = sum(count > 0 for count in counts.values())
-    details = ", ".join(f"{kernel} {done}/{total}" for kernel, (done, total) in sorted(per_kernel.items()))
-    print(f"kernel instance coverage ({variant}): {launched}/{len(counts)} launched ({details})")
 
 
 if __name__ == "__main__":
