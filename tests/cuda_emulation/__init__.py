@@ -70,13 +70,24 @@ def build_directory(variant):
 
 
 def load(variant=None, verbose=False):
-    """Builds (if needed) and imports the emulation module of `variant`.
+    """Builds (if needed) and imports the emulation module of `variant`, once per process.
 
     FOCAL_EMULATED_KERNEL_SOURCE names another copy of focal_cuda.cu to compile instead, and
     FOCAL_CUDA_EMULATION_BUILD another build directory (the mutation check uses both)."""
+    variant = variant or variant_from_environment()
+    if variant not in _loaded:
+        _loaded[variant] = _build_and_import(variant, verbose)
+    return _loaded[variant]
+
+
+# A second torch.utils.cpp_extension.load of the same module in one process was seen to bump
+# its version and rebuild it from scratch (sanitized variant): load each variant once.
+_loaded = {}
+
+
+def _build_and_import(variant, verbose):
     from torch.utils import cpp_extension
 
-    variant = variant or variant_from_environment()
     kernel_source = os.environ.get("FOCAL_EMULATED_KERNEL_SOURCE")
     if variant == "sanitized" and "libasan" not in Path("/proc/self/maps").read_text():
         raise RuntimeError(
