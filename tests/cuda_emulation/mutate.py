@@ -90,8 +90,10 @@ def sweep(variant, kernel_source, log):
     if "built in" not in result.stdout:
         raise RuntimeError(f"the {variant} build of {kernel_source} failed:\n{result.stderr[-3000:]}")
     failed = re.search(r"^(?:FAILED|ERROR) (\S+)", result.stdout, re.M)
-    crashed = result.returncode < 0 or "AddressSanitizer" in result.stderr or "runtime error:" in result.stderr
-    reason = failed.group(1).split("::")[-1] if failed else ("sanitizer report" if crashed else "")
+    # A process that died: the sanitizer's or the emulator's own account of it.
+    died = re.search(r"ERROR: AddressSanitizer: [\w-]+|runtime error: [^\n]+|focal_emu: signal \d+ \(\w+",
+                     result.stdout + result.stderr)
+    reason = failed.group(1).split("::")[-1] if failed else (died.group(0) if died else "exit status only")
     return result.returncode != 0, reason
 
 

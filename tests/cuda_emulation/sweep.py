@@ -42,7 +42,10 @@ def main():
     print(f"built in {time.monotonic() - started:.0f} s", flush=True)
 
     paths = [] if any(not arg.startswith("-") for arg in args.pytest_args) else [str(HERE.parent)]
-    command = [sys.executable, "-m", "pytest", "-m", "cuda_emulation", "-q", "-p", "no:cacheprovider"]
+    # --capture=sys: what the kernels' C code writes to the file descriptors (a fault's kernel,
+    # block and thread, a sanitizer's report) reaches the terminal even when the process dies.
+    command = [sys.executable, "-m", "pytest", "-m", "cuda_emulation", "-q", "-p", "no:cacheprovider",
+               "--capture=sys"]
     command += paths + args.pytest_args
     print("+ " + " ".join(command), flush=True)
     result = subprocess.run(command, env=environment, cwd=HERE.parents[1])
