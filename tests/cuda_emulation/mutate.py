@@ -91,7 +91,7 @@ def sweep(variant, kernel_source, log):
         raise RuntimeError(f"the {variant} build of {kernel_source} failed:\n{result.stderr[-3000:]}")
     failed = re.search(r"^(?:FAILED|ERROR) (\S+)", result.stdout, re.M)
     # A process that died: the sanitizer's or the emulator's own account of it.
-    died = re.search(r"ERROR: AddressSanitizer: [\w-]+|runtime error: [^\n]+|focal_emu: signal \d+ \(\w+",
+    died = re.search(r"ERROR: AddressSanitizer: [\w-]+|runtime error: [^\n]+|focal_emu: signal \d+ \([^)]*\)",
                      result.stdout + result.stderr)
     reason = failed.group(1).split("::")[-1] if failed else (died.group(0) if died else "exit status only")
     return result.returncode != 0, reason
