@@ -282,3 +282,14 @@ def test_scripted_module_matches_eager(alpha):
     assert torch.equal(scripted(x, t), module(x, t))
     x2, t2, w2, _ = make_case("weight", "cpu")
     assert torch.equal(scripted(x2, t2, w2), module(x2, t2, w2))
+
+
+def test_scripted_function_sees_cuda_autocast_only():
+    """Documented: under CPU autocast eager gives a float32 loss for bfloat16 logits, the
+    scripted function (TorchScript reads CUDA autocast only) a bfloat16 one."""
+    x, t, _, _ = make_case("labels", "cpu")
+    x = x.to(torch.bfloat16)
+    scripted = torch.jit.script(focal_cuda.sigmoid_focal_loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert focal_cuda.sigmoid_focal_loss(x, t).dtype == torch.float32
+        assert scripted(x, t, 0.25, 2.0, "none").dtype == torch.bfloat16
