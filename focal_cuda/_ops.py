@@ -104,6 +104,22 @@ def _batch_first(tensor, batch_dim, batch_size):
     return tensor.movedim(batch_dim, 0)
 
 
+@sigmoid_focal_loss_backward.register_vmap
+def _(info, in_dims, grad_output, saved_grad, count, reduction):
+    # One elementwise call on the whole batch: for "mean"/"sum" each sample's one grad_output
+    # value (divided by its count for the mean) spread over the sample's elements.
+    saved = _batch_first(saved_grad, in_dims[1], info.batch_size)
+    grad = _batch_first(grad_output, in_dims[0], info.batch_size)
+    if reduction != REDUCTION_CODES["none"]:
+        per_sample = (info.batch_size,) + (1,) * (saved.dim() - 1)
+        counts = count if in_dims[2] is None else count.movedim(in_dims[2], 0).reshape(per_sample)
+        grad = _mean_scale(grad.reshape(per_sample), counts, reduction).expand_as(saved)
+    unused_count = torch.zeros((), dtype=torch.int64, device=saved.device)
+    out = sigmoid_focal_loss_backward(grad.contiguous(), saved.contiguous(), unused_count,
+                                      REDUCTION_CODES["none"])
+    return out, 0
+
+
 @sigmoid_focal_loss_forward.register_vmap
 def _(info, in_dims, inputs, targets, weight, alpha, gamma, reduction, ignore_index,
       label_smoothing, float32_loss, compute_grad_inputs, compute_grad_targets,

@@ -117,8 +117,6 @@ def test_vmap_of_empty_inputs_keeps_their_shape():
     assert vmap(ours, (0, 0, None))(xs, ts, None).shape == (3, 0, 4)
 
 
-# The functional backward op has no vmap rule of its own: PyTorch runs it per sample, and says so.
-@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_batched_backward_passes(device, kind):
