@@ -114,8 +114,11 @@ def tracked_files():
 
 
 def build_sdist(out_dir):
-    subprocess.run([sys.executable, "-m", "build", "--sdist", "--outdir", str(out_dir), str(REPO)],
-                   check=True, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--outdir", str(out_dir), str(REPO)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, f"python -m build --sdist:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     (sdist,) = out_dir.glob("focal_cuda-*.tar.gz")
     return sdist
 
