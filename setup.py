@@ -8,8 +8,13 @@ Environment knobs:
   TORCH_CUDA_ARCH_LIST    GPU architectures, e.g. "8.0;9.0+PTX"; default: the visible GPUs, or
                           DEFAULT_CUDA_ARCHS below when none is visible.
   MAX_JOBS                parallel compile jobs (ninja).
+
+The extension is built against the torch that setup.py imports: under pip, the environment's own
+torch, also with build isolation (build_backend/focal_backend.py). Without torch (an sdist, or
+metadata only) the package description still works; compiling then stops with what to install.
 """
 
+import json
 import os
 import platform
 import re
@@ -18,9 +23,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
+MIN_TORCH = (2, 4)
+# Written next to the built extension: the torch it was compiled against, which
+# focal_cuda/__init__.py compares with the running torch before loading the extension.
+BUILD_RECORD = "_build.json"
 # Turing, Ampere and Hopper (H100/H200) as cubins, plus Hopper PTX that newer GPUs JIT-compile.
 DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
 
@@ -75,11 +85,21 @@ if CUDA_HOME:
     # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
     os.environ["CUDA_HOME"] = CUDA_HOME
 
-import torch  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
-
+try:
+    import torch  # noqa: E402
+    from torch.utils.cpp_extension import (  # noqa: E402
+        BuildExtension,
+        CppExtension,
+        CUDAExtension,
+        include_paths,
+    )
+except ImportError:  # enough for an sdist or the metadata; FocalBuildExtension.run stops
+    torch = None
+    BuildExtension = build_ext
 
 def decide_cuda():
+    if torch is None:
+        return False, "torch is not installed"
     if FORCE_CPU:
         return False, "FORCE_CPU=1"
     if torch.version.cuda is None:
@@ -122,6 +142,12 @@ else:
 
 OPENMP_FLAGS = [] if sys.platform == "darwin" else ["-fopenmp"]
 CXX_FLAGS = ["-O3"] + OPENMP_FLAGS  # the C++ standard is the one torch asks for
+# gcc 12 reports its own AVX-512 intrinsics (the _mm512_undefined_* idiom in avx512fintrin.h)
+# as maybe-uninitialized once inlined into at::vec (GCC bug 105593): ~200
+# warnings that are not ours. Off for the AVX-512 variant only; the other variants compile the
+# same source with the warning on.
+if "AVX512" in CPU_ISA_FLAGS:
+    CPU_ISA_FLAGS["AVX512"].append("-Wno-maybe-uninitialized")
 # No --use_fast_math: the kernels call the accurate expf/logf/powf on purpose (exactness first).
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 
@@ -139,8 +165,46 @@ if WITH_CUDA:
     DEFINES.append(("FOCAL_WITH_CUDA", "1"))
 
 
+def torch_version_tuple(version):
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+
+
+if torch is not None:
+    if torch_version_tuple(torch.__version__) < MIN_TORCH:
+        minimum = ".".join(map(str, MIN_TORCH))
+        sys.exit(
+            f"setup.py: focal_cuda needs torch >= {minimum}, found torch {torch.__version__} at "
+            f"{os.path.dirname(torch.__file__)}; upgrade it (`python -m pip install "
+            f"'torch>={minimum}'`) and build again."
+        )
+    # torch's headers as system headers for the C++ compiles, so that their warnings (unknown
+    # `#pragma unroll` in at::vec, ~70 per build) do not bury ours; -I of the same directory,
+    # which torch adds, is then ignored by gcc and clang. nvcc's flags are left as they are.
+    for directory in include_paths():
+        CXX_FLAGS += ["-isystem", directory]
+
+
+def write_build_record(package_dir):
+    record = {"torch_version": torch.__version__}
+    Path(package_dir, BUILD_RECORD).write_text(json.dumps(record) + "\n")
+
+
 class FocalBuildExtension(BuildExtension):
-    """BuildExtension that also compiles the CPU kernel source once per instruction set."""
+    """BuildExtension that also compiles the CPU kernel source once per instruction set, and
+    records the torch it compiled against beside the extension."""
+
+    def run(self):
+        if torch is None:
+            sys.exit(
+                "setup.py: compiling focal_cuda needs torch in the environment it builds in, and "
+                f"`import torch` fails there ({sys.executable}). Install torch first "
+                "(`python -m pip install -r requirements.txt`), then build again; `pip install .` "
+                "with build isolation builds against the torch of the environment it installs into."
+            )
+        super().run()
+        write_build_record(os.path.join(self.build_lib, "focal_cuda"))
+        if self.inplace:  # an editable install imports the extension from the source tree
+            write_build_record(self.get_finalized_command("build_py").get_package_dir("focal_cuda"))
 
     def build_extension(self, ext):
         for isa, isa_flags in CPU_ISA_FLAGS.items():
@@ -156,23 +220,32 @@ class FocalBuildExtension(BuildExtension):
         super().build_extension(ext)
 
 
-print(
-    "focal_cuda build configuration:\n"
-    f"  torch {torch.__version__} (CUDA {torch.version.cuda})\n"
-    f"  CUDA kernels: {'yes' if WITH_CUDA else 'no'} ({CUDA_REASON})\n"
-    f"  CUDA architectures: {CUDA_ARCHS or '-'}\n"
-    f"  CPU kernels: {', '.join(CPU_ISA_FLAGS)} (chosen at run time)\n"
-    f"  MAX_JOBS: {os.environ.get('MAX_JOBS', 'default')}",
-    flush=True,
-)
+if torch is not None:
+    print(
+        "focal_cuda build configuration:\n"
+        f"  torch {torch.__version__} (CUDA {torch.version.cuda}) at {os.path.dirname(torch.__file__)}\n"
+        f"  CUDA kernels: {'yes' if WITH_CUDA else 'no'} ({CUDA_REASON})\n"
+        f"  CUDA architectures: {CUDA_ARCHS or '-'}\n"
+        f"  CPU kernels: {', '.join(CPU_ISA_FLAGS)} (chosen at run time)\n"
+        f"  MAX_JOBS: {os.environ.get('MAX_JOBS', 'default')}",
+        flush=True,
+    )
+    extension_cls = CUDAExtension if WITH_CUDA else CppExtension
+    # The wheel runs only with the torch it was compiled against: require that release (any
+    # local build label, +cpu or +cu130, matches; focal_cuda/__init__.py checks the label).
+    torch_requirement = "torch==" + torch.__version__.split("+")[0]
+else:
+    extension_cls = Extension
+    torch_requirement = "torch>=" + ".".join(map(str, MIN_TORCH))  # an sdist's metadata
 
-extension_cls = CUDAExtension if WITH_CUDA else CppExtension
 extension = extension_cls(
     name="focal_cuda._C",
     sources=sources,
     include_dirs=[str(ROOT / "csrc")],
     define_macros=DEFINES,
-    depends=[str(p) for p in (ROOT / "csrc").rglob("*.h")] + [CPU_KERNEL_SOURCE],
+    # Relative, so that an sdist lists them too.
+    depends=[p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "csrc").rglob("*.h"))]
+    + [CPU_KERNEL_SOURCE],
     extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
     extra_link_args=OPENMP_FLAGS,
 )
@@ -181,11 +254,28 @@ setup(
     name="focal_cuda",
     version=read_version(),
     description="Fused sigmoid focal loss (RetinaNet) with analytic gradient, CUDA and CPU kernels",
-    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
+    author="The focal_cuda maintainers",
+    license="BSD-3-Clause",
+    license_files=["LICENSE"],
+    keywords=["focal loss", "RetinaNet", "object detection", "pytorch", "cuda", "extension"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Intended Audience :: Developers",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: C++",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Typing :: Typed",
+    ],
     packages=["focal_cuda"],
+    package_data={"focal_cuda": ["py.typed"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    # numpy: torch warns "Failed to initialize NumPy" on import without it.
+    install_requires=[torch_requirement, "numpy"],
     ext_modules=[extension],
     cmdclass={"build_ext": FocalBuildExtension},
     zip_safe=False,

@@ -26,11 +26,14 @@ import torch
 
 import focal_cuda
 
+# Checked before minutes of timing, not when the results are plotted.
 try:
+    import matplotlib
     import torchvision
     from torchvision.ops import sigmoid_focal_loss as torchvision_focal_loss
-except ImportError:
-    sys.exit("the benchmark compares with torchvision: pip install torchvision")
+except ImportError as error:
+    sys.exit(f"the benchmark needs {error.name} (it compares with torchvision and plots with "
+             "matplotlib): pip install -r requirements-bench.txt")
 
 CLASSES = 80
 DEFAULT_ROWS = {
@@ -315,8 +318,6 @@ def run(args):
 
 
 def plot(results, path):
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -19,7 +19,7 @@ classifier's bias:
 - RetinaNet's prior (probability 0.01): the remedy the paper pairs with focal loss, under which
   plain BCE trains too on this easy, separable toy problem.
 
-Runs on CPU in about a minute:
+Runs on CPU in about a minute and a half (2 cores):
 
     python examples/imbalanced_detection.py
 """

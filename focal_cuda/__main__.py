@@ -1,8 +1,10 @@
-"""`python -m focal_cuda`: what was built, a correctness check on every device, a quick timing.
+"""`python -m focal_cuda`: what was built, a correctness check on each device it can run, what
+it did not check, and a timing against torchvision (or the plain-PyTorch reference without it).
 
 Exits 0 and prints PASS when every check passes, else prints FAIL and exits 1.
 """
 
+import os
 import sys
 import time
 
@@ -13,7 +15,7 @@ from focal_cuda import reference
 
 try:
     from torchvision.ops import sigmoid_focal_loss as torchvision_focal_loss
-except ImportError:  # the composite reference stands in for the timing
+except ImportError:  # the plain-PyTorch reference stands in for the timing, and says so
     torchvision_focal_loss = None
 
 CHECK_TOLERANCE = {
@@ -53,29 +55,67 @@ def check_device(device):
     return failures
 
 
-def median_ms(step, device, repeats):
+def timed_rounds(steps, device, rounds):
+    """Milliseconds of each step in each of `rounds` rounds, after one warm-up call each.
+
+    The steps alternate within a round (their order flips every round), so a slow spell of a
+    shared machine lands on both sides instead of skewing the ratio."""
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
-    step()  # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    for step in steps:
         step()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+    sync()
+    times = [[] for _ in steps]
+    for round_index in range(rounds):
+        order = range(len(steps)) if round_index % 2 == 0 else reversed(range(len(steps)))
+        for index in order:
+            start = time.perf_counter()
+            steps[index]()
+            sync()
+            times[index].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
-def time_device(device):
+def cpu_seconds():
+    """(CPU seconds used by the whole machine, by this process) so far; the first is None where
+    /proc/stat is not available (not Linux)."""
+    ours = os.times().user + os.times().system
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(value) for value in stat.readline().split()[1:]]
+    except OSError:
+        return None, ours
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), ours
+
+
+def others_share(before, after, seconds):
+    """Share of the machine's CPUs that other processes used between two cpu_seconds()."""
+    if before[0] is None or after[0] is None:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(others, 0.0) / (seconds * (os.cpu_count() or 1))
+
+
+def spread(values):
+    """(median, first quartile, third quartile) of a list of numbers: the middle half of the
+    rounds, which one stall of a shared machine does not stretch as it does min-max."""
+    ordered = sorted(values)
+    count = len(ordered)
+    return ordered[count // 2], ordered[count // 4], ordered[(3 * count) // 4]
+
+
+def time_device(device, rounds):
     rows = 2_000_000 if device == "cuda" else 100_000
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, 80, generator=generator).to(device).requires_grad_()
     t = (torch.rand(rows, 80, generator=generator) < 0.01).float().to(device)
-    other_name = "torchvision" if torchvision_focal_loss else "reference (torchvision missing)"
-    other = torchvision_focal_loss or reference.sigmoid_focal_loss
+    if torchvision_focal_loss is not None:
+        other_name, other = "torchvision.ops.sigmoid_focal_loss", torchvision_focal_loss
+    else:
+        other_name, other = "focal_cuda.reference (plain PyTorch)", reference.sigmoid_focal_loss
 
     def step(function):
         def run():
@@ -84,13 +124,40 @@ def time_device(device):
 
         return run
 
-    repeats = 20 if device == "cuda" else 5
-    ours = median_ms(step(focal_cuda.sigmoid_focal_loss), device, repeats)
-    theirs = median_ms(step(other), device, repeats)
+    before, start = cpu_seconds(), time.perf_counter()
+    ours, theirs = timed_rounds([step(focal_cuda.sigmoid_focal_loss), step(other)], device, rounds)
+    share = others_share(before, cpu_seconds(), time.perf_counter() - start)
+    if share is None:
+        load = "    load from other processes: not measured (no /proc/stat)"
+    else:
+        load = f"    other processes used {share:.0%} of the {os.cpu_count()} CPUs meanwhile" + (
+            ": the timing is unreliable, rerun on a quiet machine" if share > 0.1 else "")
+    ratios = [b / a for a, b in zip(ours, theirs)]
+    (ours_ms, ours_low, ours_high), (theirs_ms, theirs_low, theirs_high) = spread(ours), spread(theirs)
+    ratio, ratio_low, ratio_high = spread(ratios)
     return (
-        f"  {device}: {rows} x 80 float32, forward + backward, reduction='sum': "
-        f"focal_cuda {ours:.2f} ms, {other_name} {theirs:.2f} ms ({theirs / ours:.1f}x)"
+        f"  {device}: training step (forward + backward, reduction='sum') on {rows:,} x 80 float32, "
+        f"median of {rounds} interleaved rounds (middle half of the rounds):\n"
+        f"    focal_cuda {ours_ms:.2f} ms ({ours_low:.2f}-{ours_high:.2f})\n"
+        f"    {other_name} {theirs_ms:.2f} ms ({theirs_low:.2f}-{theirs_high:.2f})\n"
+        f"    speed-up {ratio:.1f}x (per round {ratio_low:.1f}x-{ratio_high:.1f}x)\n"
+        f"{load}"
     )
+
+
+def unchecked(info):
+    """What this run does not exercise, and why."""
+    lines = []
+    if not torch.cuda.is_available():
+        if info["cuda"]:
+            lines.append("CUDA kernels: compiled, but no GPU is visible, so they did not run here")
+        else:
+            lines.append("CUDA kernels: not in this build, and no GPU is visible")
+    others = [isa for isa in info["cpu_isas"].split(",") if isa != info["cpu_active_isa"]]
+    if others:
+        lines.append(f"CPU kernels {', '.join(others)}: compiled, not used on this CPU "
+                     "(`pytest tests/test_build.py` runs each variant)")
+    return lines
 
 
 def main():
@@ -118,10 +185,14 @@ def main():
         failures += device_failures
     for failure in failures:
         print(f"  {failure}")
+    for line in unchecked(info):
+        print(f"not checked: {line}")
 
     print("speed:")
     for device in devices():
-        print(time_device(device))
+        print(time_device(device, rounds=50 if device == "cuda" else 21))
+    if torchvision_focal_loss is None:
+        print("  (torchvision is not installed: `pip install torchvision` to time against it)")
 
     print("PASS" if not failures else "FAIL")
     return 0 if not failures else 1

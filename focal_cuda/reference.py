@@ -7,13 +7,24 @@ kernels. Its autograd gradient inherits the weak spot of the composite form: NaN
 exactly and 0 < gamma < 1; the kernels' analytic gradient is finite there.
 """
 
+from typing import Optional
+
 import torch
 
 REDUCTIONS = ("none", "mean", "sum")
 
 
-def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none", *, weight=None,
-                       ignore_index=-100, label_smoothing=0.0):
+def sigmoid_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: Optional[float] = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+    *,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Focal loss of Lin et al.: weight * alpha_t * (1 - p_t)^gamma * BCE(sigmoid(inputs), t).
 
     Integer targets are class labels over the last dimension of inputs (C classes): label c
