@@ -20,7 +20,6 @@ def sigmoid_focal_loss(
     alpha: Optional[float] = 0.25,
     gamma: float = 2.0,
     reduction: str = "none",
-    *,
     weight: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
