@@ -3,7 +3,8 @@
 Its forward/setup_context/backward are the op's own autograd formulas (focal_cuda._ops); on top
 it has a forward-mode rule (jvp) built from the derivatives the fused forward computes, and a
 vmap rule generated from the op's. So eager autograd, torch.func (grad, vmap, jacrev, jacfwd,
-hessian), torch.autograd.forward_ad and torch.compile all take the same kernels.
+hessian) and torch.autograd.forward_ad take the same kernels. (torch.compile and TorchScript
+call the op directly: see focal_cuda/loss.py.)
 """
 
 import torch
@@ -140,10 +141,8 @@ def _reference_derivatives(ctx, rebuild):
 
     def derivatives(*primals):
         inputs, targets, weight = rebuild(*primals)
-        x, t = inputs, targets
-        dtype = _ops.loss_dtype(x, t, float32_loss)
-        if dtype != _ops.loss_dtype(x, t, False):  # autocast's float32 loss from 16-bit operands
-            x, t = x.float(), (t.float() if t.is_floating_point() else t)
+        dtype = _ops.loss_dtype(inputs, targets, float32_loss)
+        x, t = _ops.loss_operands(inputs, targets, float32_loss)
         options = dict(alpha=alpha, gamma=gamma, ignore_index=ignore_index, label_smoothing=label_smoothing)
 
         def elementwise(x_, t_):

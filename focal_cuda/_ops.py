@@ -241,22 +241,27 @@ def forward_backward(ctx, grad_loss, *_grads_of_saved_outputs):
     return (grad_inputs, grad_targets, grad_weight) + no_grads[3:]
 
 
+def loss_operands(x, t, float32_loss):
+    """x and t as the reference formula differentiates them: float32 where the op's loss was
+    (autocast with 16-bit operands), so that a scaled grad_loss is not rounded to 16 bits.
+    The casts are differentiable."""
+    if loss_dtype(x, t, float32_loss) != loss_dtype(x, t, False):
+        return x.float(), (t.float() if t.is_floating_point() else t)
+    return x, t
+
+
 def _differentiable_grads(ctx, x, t, weight, grad_loss, needed):
     """The vector-Jacobian product of the reference formula: differentiable again, by autograd
     (create_graph=True) and by torch.func transforms (which always build graphs)."""
     options = dict(ctx.options)
     options["reduction"] = _REDUCTION_NAMES[options["reduction"]]
-    float32_loss = loss_dtype(x, t, ctx.float32_loss) != loss_dtype(x, t, False)
     candidates = (x, t, weight)
     wrt = [tensor for tensor, need in zip(candidates, needed) if need]
 
     def loss_of(*differentiated):
         values = iter(differentiated)
         x_, t_, weight_ = (next(values) if need else tensor for tensor, need in zip(candidates, needed))
-        if float32_loss:
-            # The loss was float32 (autocast): differentiate a float32 loss too, so that a
-            # scaled grad_loss is not rounded to 16 bits. The casts are differentiable.
-            x_, t_ = x_.float(), (t_.float() if t_.is_floating_point() else t_)
+        x_, t_ = loss_operands(x_, t_, ctx.float32_loss)
         return reference.sigmoid_focal_loss(x_, t_, weight=weight_, **options)
 
     _, vjp = torch.func.vjp(loss_of, *wrt)
