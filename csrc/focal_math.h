@@ -3,7 +3,7 @@
 // Used by the CUDA kernels (V = float/double), the CPU kernels (V = at::vec::Vectorized<float/double>)
 // and their scalar tails (V = float/double), so the CPU tests exercise the very formulas the GPU runs.
 // Everything a value type needs beyond + - * / and comparisons comes from a Math policy:
-// exp, log1p (called only for arguments in [0, 1]), pow, reciprocal, abs, max,
+// exp, log1p (called only for arguments in [0, 1]), pow, sqrt, reciprocal, abs, max,
 // select(mask, if_true, if_false).
 //
 // With p = sigmoid(x), t the target (after label smoothing), w the element's weight (the loss and
@@ -31,8 +31,9 @@ namespace focal {
 // Matches at::Reduction so the codes cross the Python boundary unchanged.
 enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };
 
-// gamma == 2 (the RetinaNet default) squares and gamma == 0 (weighted BCE) skips the power,
-// instead of calling pow.
+// gamma == 2 (the RetinaNet default) squares and gamma == 0 (weighted BCE) skips the power, each
+// in a kernel of its own. Every other gamma shares the General kernels, which decide at run time
+// (the same way for all elements) between products and pow: see FocalCoeffs.
 enum class GammaMode : int { Zero, Two, General };
 
 inline GammaMode gamma_mode(double gamma) {
@@ -43,6 +44,11 @@ inline GammaMode gamma_mode(double gamma) {
 //   alpha_t = alpha_offset + alpha_slope * t: alpha * t + (1 - alpha) * (1 - t), or 1 when the
 //     weighting is off; exact at t = 0 and t = 1, so alpha = 0 or 1 gives exact zeros.
 //   label smoothing: the loss sees t * target_scale + target_offset = t * (1 - eps) + eps / 2.
+//   q^gamma for a multiple of 1/2 up to kMaxProductGamma (the exponents in use: 0.5, 1, 1.5, 2.5,
+//     3, 4, ...) is q^whole_powers times sqrt(q) when half_power: no exp and no log, and exact to
+//     a few ulp; whole_powers is -1 for any other gamma, which takes pow.
+constexpr int kMaxProductGamma = 8;
+
 template <typename S>
 struct FocalCoeffs {
   S alpha_offset;
@@ -50,13 +56,21 @@ struct FocalCoeffs {
   S gamma;
   S target_scale;
   S target_offset;
+  int whole_powers;
+  bool half_power;
 
   FocalCoeffs(double alpha, double gamma_, double label_smoothing)
       : alpha_offset(static_cast<S>(alpha < 0 ? 1.0 : 1.0 - alpha)),
         alpha_slope(static_cast<S>(alpha < 0 ? 0.0 : 2.0 * alpha - 1.0)),
         gamma(static_cast<S>(gamma_)),
         target_scale(static_cast<S>(1.0 - label_smoothing)),
-        target_offset(static_cast<S>(label_smoothing / 2.0)) {}
+        target_offset(static_cast<S>(label_smoothing / 2.0)),
+        whole_powers(is_product_gamma(gamma_) ? static_cast<int>(gamma_) : -1),
+        half_power(is_product_gamma(gamma_) && gamma_ != static_cast<int>(gamma_)) {}
+
+  static bool is_product_gamma(double gamma_) {
+    return gamma_ > 0 && gamma_ <= kMaxProductGamma && 2 * gamma_ == static_cast<int>(2 * gamma_);
+  }
 };
 
 // log(1 + v) for float v in [-0.25, 1]: 2 atanh(s) with s = v / (2 + v), |s| <= 1/3. In h = 2s
@@ -81,6 +95,7 @@ struct ScalarMath {
   static FOCAL_HOST_DEVICE S log1p(S v) { return ::log1p(v); }
   static FOCAL_HOST_DEVICE S fma(S a, S b, S c) { return ::fma(a, b, c); }
   static FOCAL_HOST_DEVICE S pow(S base, S exponent) { return ::pow(base, exponent); }
+  static FOCAL_HOST_DEVICE S sqrt(S v) { return ::sqrt(v); }
   static FOCAL_HOST_DEVICE S reciprocal(S v) { return S(1) / v; }
   static FOCAL_HOST_DEVICE S abs(S v) { return ::fabs(v); }
   static FOCAL_HOST_DEVICE S max(S a, S b) { return a > b ? a : b; }
@@ -95,6 +110,7 @@ struct ScalarMath<float> {
   static FOCAL_HOST_DEVICE float log1p(float v) { return log1p_float<ScalarMath<float>>(v); }
   static FOCAL_HOST_DEVICE float fma(float a, float b, float c) { return ::fmaf(a, b, c); }
   static FOCAL_HOST_DEVICE float pow(float base, float exponent) { return ::powf(base, exponent); }
+  static FOCAL_HOST_DEVICE float sqrt(float v) { return ::sqrtf(v); }
   static FOCAL_HOST_DEVICE float reciprocal(float v) { return 1.0f / v; }
   static FOCAL_HOST_DEVICE float abs(float v) { return ::fabsf(v); }
   static FOCAL_HOST_DEVICE float max(float a, float b) { return a > b ? a : b; }
@@ -139,6 +155,11 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
     q_gamma = one;
   } else if constexpr (kGamma == GammaMode::Two) {
     q_gamma = q * q;
+  } else if (coeffs.whole_powers >= 0) {
+    q_gamma = coeffs.half_power ? Math::sqrt(q) : one;
+    for (int i = 0; i < coeffs.whole_powers; ++i) {
+      q_gamma = q_gamma * q;
+    }
   } else {
     q_gamma = Math::pow(q, gamma);  // gamma > 0 here: pow(0, gamma) = 0
   }
