@@ -42,17 +42,24 @@ def sigmoid_focal_loss_forward(
     )
 
 
-def direct_call_allowed(*tensors):
+# nn.Parameter overrides no torch function: the op sees it as the tensor it is.
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def direct_call_allowed(inputs, *tensors):
     """Whether a call may go straight to the C++ op rather than through the dispatcher, which
-    costs tens of microseconds a call in Python: in eager mode, with plain tensors (or None),
-    and with no torch.func transform, dispatch or function mode, or profiler for it to serve."""
+    costs tens of microseconds a call in Python: in eager mode (not compiling, not tracing),
+    on CPU or CUDA tensors that are plain (or parameters, or None), with no torch.func
+    transform, dispatch or function mode, or profiler for the dispatcher to serve."""
     return (
-        not torch._C._are_functorch_transforms_active()
+        not torch.compiler.is_compiling()  # first: Dynamo must not trace the probes below
+        and not torch._C._get_tracing_state()
+        and not torch._C._are_functorch_transforms_active()
         and _get_current_dispatch_mode() is None
         and not torch._C._is_torch_function_mode_enabled()
-        and not torch.autograd.profiler._is_profiler_enabled
-        and not torch.compiler.is_compiling()
-        and all(tensor is None or type(tensor) is torch.Tensor for tensor in tensors)
+        and not torch.autograd._profiler_enabled()
+        and inputs.device.type in ("cpu", "cuda")
+        and all(tensor is None or type(tensor) in _PLAIN_TENSOR_TYPES for tensor in (inputs,) + tensors)
     )
 
 
@@ -196,8 +203,9 @@ def _last_use_of(ctx, saved, grad_loss):
 
 def _scaled_saved_grad(ctx, grad_loss, saved, count, reduction):
     if _last_use_of(ctx, saved, grad_loss):
-        if direct_call_allowed(grad_loss, saved, count):
+        if direct_call_allowed(saved, grad_loss, count):
             _C.sigmoid_focal_loss_backward_(grad_loss, saved, count, reduction)
+            torch.autograd.graph.increment_version(saved)  # as the in-place op's dispatch does
         else:
             sigmoid_focal_loss_backward_(grad_loss, saved, count, reduction)
         return saved

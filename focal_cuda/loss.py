@@ -165,19 +165,21 @@ def sigmoid_focal_loss(
     # Under torch.func transforms (vmap, ...) the tensors seen here may not report the
     # requires_grad of what they wrap: then compute every derivative a backward could ask for.
     transformed = grad_enabled and torch._C._are_functorch_transforms_active()
+    # Autocast exists for CPU and CUDA only (meta tensors, e.g. for shape inference, have none).
+    autocast = inputs.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(inputs.device.type)
     needs = (
         grad_enabled and (inputs.requires_grad or transformed),
         grad_enabled and (targets.requires_grad or transformed and targets.is_floating_point()),
         grad_enabled and weight is not None and (weight.requires_grad or transformed),
     )
+    # Dynamo cannot trace an autograd.Function with a jvp rule (a graph break): compiled code
+    # calls the op, whose registered autograd uses the Function's own setup_context/backward.
     # Without a gradient to compute (and no forward-mode AD level, whose tangents the Function's
-    # jvp carries) there is no autograd to set up: the op alone. Dynamo cannot trace an
-    # autograd.Function with a jvp rule (a graph break): compiled code calls the op, whose
-    # registered autograd uses the Function's own setup_context/backward.
-    if not any(needs) and torch.autograd.forward_ad._current_level < 0:
-        apply = _ops.forward
-    elif torch.compiler.is_compiling():
+    # jvp carries) there is no autograd to set up: the op alone.
+    if torch.compiler.is_compiling():
         apply = _ops.sigmoid_focal_loss_forward
+    elif not any(needs) and torch.autograd.forward_ad._current_level < 0:
+        apply = _ops.forward
     else:
         apply = SigmoidFocalLossFunction.apply
     outputs = apply(
@@ -189,7 +191,7 @@ def sigmoid_focal_loss(
         checked_reduction(reduction),
         checked_ignore_index(ignore_index),
         checked_label_smoothing(label_smoothing),
-        torch.is_autocast_enabled(inputs.device.type),
+        autocast,
         *needs,
     )
     return outputs[0]

@@ -1,6 +1,10 @@
 """Plain eager calls go straight to the C++ op (the dispatcher's Python path costs tens of
 microseconds a call); whatever the dispatcher serves still sees the op: dispatch and function
-modes, the profiler, torch.func transforms, tensor subclasses. Both paths give the same bits."""
+modes, the profiler, tensor subclasses, meta tensors, torch.jit.trace, torch.compile of a call
+without gradient (torch.func transforms: tests/test_transforms.py). Both paths give the same
+bits."""
+
+import contextlib
 
 import pytest
 import torch
@@ -90,4 +94,29 @@ def test_subclass_inputs_take_the_dispatcher(operands):
 
     x, t = operands
     loss = focal_cuda.sigmoid_focal_loss(x.as_subclass(Tagged), t, 0.25, 2.0, "sum")
+    assert type(loss) is Tagged  # the dispatcher's __torch_function__ wrapped the result
     assert torch.equal(loss.as_subclass(torch.Tensor), focal_cuda.sigmoid_focal_loss(x, t, 0.25, 2.0, "sum"))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_meta_tensors_give_meta_results(requires_grad):
+    x = torch.empty(37, 13, device="meta", requires_grad=requires_grad)
+    loss = focal_cuda.sigmoid_focal_loss(x, torch.empty(37, 13, device="meta"), 0.25, 2.0, "none")
+    assert loss.device.type == "meta" and loss.shape == x.shape
+
+
+def test_jit_trace_records_the_op(operands):
+    x, t = operands
+    traced = torch.jit.trace(lambda x_: focal_cuda.sigmoid_focal_loss(x_, t, 0.25, 2.0, "sum"), (x,))
+    assert "focal_cuda::sigmoid_focal_loss_forward" in str(traced.graph)
+    other = torch.randn_like(x)
+    assert torch.equal(traced(other), focal_cuda.sigmoid_focal_loss(other, t, 0.25, 2.0, "sum"))
+
+
+@pytest.mark.parametrize("no_grad", [True, False], ids=["under-no_grad", "inputs-without-grad"])
+def test_compile_fullgraph_without_gradient(operands, no_grad):
+    x, t = operands
+    compiled = torch.compile(lambda x_, t_: focal_cuda.sigmoid_focal_loss(x_, t_, 0.25, 2.0, "sum"),
+                             fullgraph=True, backend="aot_eager")
+    with torch.no_grad() if no_grad else contextlib.nullcontext():
+        assert torch.equal(compiled(x, t), focal_cuda.sigmoid_focal_loss(x, t, 0.25, 2.0, "sum"))
