@@ -45,8 +45,8 @@ inline GammaMode gamma_mode(double gamma) {
 //     weighting is off; exact at t = 0 and t = 1, so alpha = 0 or 1 gives exact zeros.
 //   label smoothing: the loss sees t * target_scale + target_offset = t * (1 - eps) + eps / 2.
 //   q^gamma for a multiple of 1/2 up to kMaxProductGamma (the exponents in use: 0.5, 1, 1.5, 2.5,
-//     3, 4, ...) is q^whole_powers times sqrt(q) when half_power: no exp and no log, and exact to
-//     a few ulp; whole_powers is -1 for any other gamma, which takes pow.
+//     3, 4, ...) is q^whole_powers times sqrt(q) when half_power: no exp and no log, and at most
+//     7 roundings; whole_powers is -1 for any other gamma, which takes pow.
 constexpr int kMaxProductGamma = 8;
 
 template <typename S>
@@ -156,9 +156,14 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
   } else if constexpr (kGamma == GammaMode::Two) {
     q_gamma = q * q;
   } else if (coeffs.whole_powers >= 0) {
+    // q^whole_powers by squaring: at most 4 products each way for whole_powers <= 8.
     q_gamma = coeffs.half_power ? Math::sqrt(q) : one;
-    for (int i = 0; i < coeffs.whole_powers; ++i) {
-      q_gamma = q_gamma * q;
+    V square = q;
+    for (int bits = coeffs.whole_powers; bits > 0; bits >>= 1) {
+      if (bits & 1) {
+        q_gamma = q_gamma * square;
+      }
+      square = square * square;
     }
   } else {
     q_gamma = Math::pow(q, gamma);  // gamma > 0 here: pow(0, gamma) = 0
