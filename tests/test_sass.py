@@ -45,11 +45,34 @@ def loop_bodies(kernel):
     return [[t for a, t in kernel.instructions if first <= a <= last] for first, last in spans]
 
 
-def test_registers_fit_the_grid_and_no_local_memory(kernels):
+# The instances that spill under the register cap, with their stack bytes (bench/NOTES.md: a
+# few words per pack, L1 hits, against a partial second wave without the cap). (GammaMode)1 is
+# Two.
+SPILLING = {"focal_forward_kernel<double, double, double, (GammaMode)1, true, 2>": 16}
+
+
+def instance(kernel):
+    return kernel.name[len("void "):kernel.name.index(">(") + 1]
+
+
+def test_registers_fit_the_grid(kernels):
     too_many = {n: k.registers for n, k in kernels.items() if k.registers > MAX_REGISTERS}
     assert not too_many, f"kernels above {MAX_REGISTERS} registers (a second wave): {too_many}"
-    local = {n: k.local for n, k in kernels.items() if k.local}
-    assert not local, f"kernels with local memory: {local}"
+
+
+def test_stack_only_where_known(kernels):
+    """No kernel uses local memory but the label kernels (the out-of-line report's printf
+    buffer) and SPILLING, within its bound."""
+    unexpected = {}
+    for name, kernel in kernels.items():
+        allowed = SPILLING.get(instance(kernel), 0)
+        if ", long," in name:
+            allowed = max(allowed, 48)  # printf's argument buffer (plus alignment)
+        if kernel.local or kernel.stack > allowed:
+            unexpected[name] = (kernel.stack, kernel.local)
+    assert not unexpected, f"kernels with unexpected local memory (stack, local): {unexpected}"
+    present = {instance(k) for k in kernels.values()}
+    assert set(SPILLING) <= present, f"SPILLING names instances the build lacks: {set(SPILLING) - present}"
 
 
 def test_packed_loops_load_inputs_and_targets_in_16_byte_vectors(kernels):
@@ -70,20 +93,12 @@ def test_label_check_is_out_of_the_hot_loop(kernels):
         for body in loop_bodies(kernel):
             inline_report = [t for t in body if re.search(r"\bCALL\.ABS|\bSTL\b", t)]
             assert not inline_report, f"{name}: printf/assert inlined in the packed loop: {inline_report[:3]}"
-            if "<double," in name:
-                continue  # float64 weights are 64-bit loads too: labels are not told apart
-            label_loads = sum("LDG.E.64" in t for t in body)
-            # One at the pack's first row, one per row the pack may reach after it.
-            assert label_loads <= sass.pack_of(kernel), f"{name}: {label_loads} label loads per pack"
 
 
-def test_no_spills_in_the_main_paths(kernels):
-    """float32 kernels, label kernels and every kernel without gradient keep their packed loop
-    free of local-memory traffic (the three 16-bit/float64 gradient kernels that spill a word
-    under the register cap are listed in bench/NOTES.md)."""
+def test_no_spills_in_the_packed_loops(kernels):
+    """Local-memory traffic inside a packed grid-stride loop only in the SPILLING instances."""
     for name, kernel in packed_forward_kernels(kernels).items():
-        arguments = [a.strip() for a in kernel.template_arguments.split(",")]
-        if arguments[0] != "float" and arguments[1] != "long" and arguments[4] == "true":
+        if instance(kernel) in SPILLING:
             continue
         for body in loop_bodies(kernel):
             spills = [t for t in body if re.search(r"\b(LDL|STL)\b", t)]

@@ -59,7 +59,6 @@ bool is_aligned_for_pack(const void* ptr) {
 // Blocks for work_items grid-stride items on the current device: one wave at most.
 // cudaDeviceGetAttribute is the lightweight per-attribute query (cudaGetDeviceProperties the
 // slow one); ATen's cached properties need headers (cuBLAS, cuSPARSE) a bare toolkit may lack.
-// Not yet timed on a GPU.
 int grid_size(int64_t work_items) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -94,8 +93,8 @@ __device__ A block_sum(A value) {
 }
 
 // Everything a forward kernel reads and writes. x_t: inputs; t_t: floating targets, or int64
-// class labels; out_t: loss; S: math type; what backward reads in saved_t of each. Null output pointers are
-// outputs not requested; null block_sums means an elementwise loss.
+// class labels; out_t: loss; S: math type; what backward reads in saved_t of each. Null output
+// pointers are outputs not requested (loss: a reduced loss, which only block_sums carries).
 template <typename x_t, typename t_t, typename out_t>
 struct ForwardPointers {
   using S = math_t<x_t>;
@@ -146,8 +145,7 @@ struct Partial {
   int64_t count;
 };
 
-// A thread's share of the forward: every output of its elements, and their Partial. target
-// holds an element's floating target, or its row's label for labels.
+// A thread's share of the forward: every output of its elements, and their Partial.
 template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGradInputs,
           bool kGradTargets, int kPack>
 __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
@@ -270,8 +268,10 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
   // grad_targets is decided here, once, rather than compiled into a kernel of its own (it is
   // rarely wanted) or tested per element; labels have no target gradient.
   Partial<math_t<x_t>> partial;
-  if (!kIsLabels<t_t> && p.grad_targets != nullptr) {
-    partial = forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, !kIsLabels<t_t>, kPack>(p);
+  if constexpr (kIsLabels<t_t>) {
+    partial = forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, kPack>(p);
+  } else if (p.grad_targets != nullptr) {
+    partial = forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, kPack>(p);
   } else {
     partial = forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, kPack>(p);
   }
