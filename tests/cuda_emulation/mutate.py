@@ -66,6 +66,15 @@ MUTANTS = [
      "    const auto saved_values"),
     ("backward_tail", "backward: the last tail element is not scaled",
      "  if (tail < n) {\n    out[tail]", "  if (tail + 1 < n) {\n    out[tail]"),
+    ("label_past_the_end", "forward: the next row's label read even where the pack ends with the tensor",
+     "            if (k + 1 < num) {  // the next row, if this pack reaches it (it may not exist)\n"
+     "              label = row_label(p, row);\n            }",
+     "            label = row_label(p, row);"),
+    ("unaligned_target_packs", "forward: the targets left out of the alignment check of the packed path",
+     "        (kIsLabels<t_t> || is_aligned_for_pack<t_t, kPack>(p.targets)) &&\n", ""),
+    ("partials_overlap", "forward: the per-block sums placed over the per-block counts",
+     "p.block_sums = reinterpret_cast<S*>(p.block_counts + grid);",
+     "p.block_sums = reinterpret_cast<S*>(p.block_counts);"),
 ]
 
 
