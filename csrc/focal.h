@@ -29,8 +29,10 @@ struct ForwardArgs {
   at::Tensor weight;     // in the math dtype of the loss (float64 for a float64 loss, else
                          // float32), indexed per weight_kind; or undefined
   WeightKind weight_kind;
-  double alpha;  // < 0: no alpha weighting
-  double gamma;
+  LossForm form;
+  double alpha;  // < 0: no alpha weighting (focal loss, FL*); VFL: the negatives' weight
+  double gamma;  // the modulating exponent (FL, QFL's beta, VFL), or FL*'s gamma
+  double beta;   // FL*'s beta
   double label_smoothing;
   Reduction reduction;
   at::Tensor loss;             // inputs' shape for Reduction::None, else 0-d

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <limits>
 
 #include "focal.h"
@@ -51,6 +52,47 @@ at::ScalarType math_dtype(at::ScalarType dtype) {
 // by a loss scale; the dtype itself otherwise (bfloat16 has float32's range).
 at::ScalarType saved_dtype(at::ScalarType dtype) {
   return dtype == at::kHalf ? at::kFloat : dtype;
+}
+
+// Checks the scalar arguments of the form (see focal_ops.h) and returns the form.
+LossForm checked_form_arguments(int64_t form, double alpha, double gamma, double beta,
+                                double label_smoothing) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  TORCH_CHECK_VALUE(form >= 0 && form <= 3,
+                    "form must be 0 (focal loss), 1 (FL*), 2 (quality focal loss) or 3 (varifocal "
+                    "loss), got ", form);
+  const auto loss_form = static_cast<LossForm>(form);
+  switch (loss_form) {
+    case LossForm::Focal:
+    case LossForm::Star:
+      TORCH_CHECK_VALUE(alpha == -1.0 || (alpha >= 0.0 && alpha <= 1.0),
+                        "alpha must be in [0, 1], or -1 to disable the weighting, got ", alpha);
+      break;
+    case LossForm::Quality:
+      TORCH_CHECK_VALUE(alpha == -1.0, "the quality focal loss has no alpha: pass -1, got ", alpha);
+      break;
+    case LossForm::Varifocal:
+      TORCH_CHECK_VALUE(alpha >= 0.0 && alpha < kInf,
+                        "alpha (the varifocal loss's weight of negatives) must be a finite number "
+                        ">= 0, got ", alpha);
+      break;
+  }
+  if (loss_form == LossForm::Star) {
+    TORCH_CHECK_VALUE(gamma > 0.0 && gamma < kInf, "gamma of FL* must be a finite number > 0, got ",
+                      gamma);
+    TORCH_CHECK_VALUE(std::abs(beta) < kInf, "beta of FL* must be a finite number, got ", beta);
+  } else {
+    TORCH_CHECK_VALUE(gamma >= 0.0 && gamma < kInf, "gamma must be a finite number >= 0, got ",
+                      gamma);
+    TORCH_CHECK_VALUE(beta == 0.0, "beta is FL*'s shift; the other forms take 0, got ", beta);
+  }
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
+                    "label_smoothing must be in [0, 1), got ", label_smoothing);
+  TORCH_CHECK_VALUE(label_smoothing == 0.0 || loss_form == LossForm::Focal ||
+                        loss_form == LossForm::Star,
+                    "label_smoothing must be 0 for the quality focal and varifocal losses, whose "
+                    "targets are soft scores already, got ", label_smoothing);
+  return loss_form;
 }
 
 // Every label must name a class (0..C-1), the background (C) or be ignore_index. Checked on CPU
@@ -151,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     const at::Tensor& inputs, const at::Tensor& targets, const std::optional<at::Tensor>& weight,
     double alpha, double gamma, int64_t reduction, int64_t ignore_index, double label_smoothing,
     bool float32_loss, bool compute_grad_inputs, bool compute_grad_targets,
-    bool compute_unweighted_loss) {
+    bool compute_unweighted_loss, int64_t form, double beta) {
   check_floating(inputs, "inputs");
   check_same_device(targets, inputs, "targets");
   check_device(inputs);
@@ -170,20 +212,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
                       "targets must have the same shape as inputs, got ", inputs.sizes(), " and ",
                       targets.sizes());
   }
-  TORCH_CHECK_VALUE(alpha == -1.0 || (alpha >= 0.0 && alpha <= 1.0),
-                    "alpha must be in [0, 1], or -1 to disable the weighting, got ", alpha);
-  TORCH_CHECK_VALUE(gamma >= 0.0 && gamma < std::numeric_limits<double>::infinity(),
-                    "gamma must be a finite number >= 0, got ", gamma);
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
-                    "label_smoothing must be in [0, 1), got ", label_smoothing);
+  const LossForm loss_form = checked_form_arguments(form, alpha, gamma, beta, label_smoothing);
   const Reduction mode = checked_reduction(reduction);
 
   ForwardArgs args;
   args.labels = labels;
   args.classes = inputs.dim() == 0 ? 1 : inputs.size(-1);
   args.ignore_index = ignore_index;
+  args.form = loss_form;
   args.alpha = alpha;
   args.gamma = gamma;
+  args.beta = beta;
   args.label_smoothing = label_smoothing;
   args.reduction = mode;
 

@@ -17,8 +17,9 @@ _MEAN = _ops.REDUCTION_CODES["mean"]
 
 class SigmoidFocalLossFunction(torch.autograd.Function):
     """apply(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-    float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss) ->
-    the outputs of focal_cuda::sigmoid_focal_loss_forward; only the loss is differentiable."""
+    float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form,
+    beta) -> the outputs of focal_cuda::sigmoid_focal_loss_forward; only the loss is
+    differentiable."""
 
     # The forward calls an op with a vmap rule, and setup_context, backward and jvp use ops
     # that vmap supports: functorch can batch the whole Function.
@@ -26,10 +27,12 @@ class SigmoidFocalLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-                float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss):
+                float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss,
+                form, beta):
         return _ops.sigmoid_focal_loss_forward(
             inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-            float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss,
+            float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form,
+            beta,
         )
 
     @staticmethod
@@ -38,7 +41,7 @@ class SigmoidFocalLossFunction(torch.autograd.Function):
         # The public function keeps only the loss: backward is the gradients' only user.
         ctx.gradients_private = True
         ctx.save_for_forward(*inputs[:3], *output[1:])
-        ctx.arguments = inputs[3:9]
+        ctx.arguments = inputs[3:9] + inputs[12:14]
 
     @staticmethod
     def backward(ctx, grad_loss, *grads_of_saved_outputs):
@@ -51,10 +54,10 @@ class SigmoidFocalLossFunction(torch.autograd.Function):
         # through _Derivatives, so that an outer transform can differentiate them again.
         _refuse_forward_over_forward()
         x, t, weight, _, _, _, count = ctx.saved_tensors
-        alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss = ctx.arguments
+        alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss, form, beta = ctx.arguments
         tangents = (inputs_tangent, targets_tangent, weight_tangent)
         derivatives = _Derivatives.apply(
-            x, t, weight, alpha, gamma, ignore_index, label_smoothing, float32_loss,
+            x, t, weight, alpha, gamma, ignore_index, label_smoothing, float32_loss, form, beta,
             *(tangent is not None for tangent in tangents),
         )
         loss_dtype = _ops.loss_dtype(x, t, float32_loss)
@@ -96,18 +99,18 @@ class _Derivatives(torch.autograd.Function):
 
     @staticmethod
     def forward(inputs, targets, weight, alpha, gamma, ignore_index, label_smoothing,
-                float32_loss, need_inputs, need_targets, need_weight):
+                float32_loss, form, beta, need_inputs, need_targets, need_weight):
         _, grad_inputs, grad_targets, unweighted, _ = _ops.sigmoid_focal_loss_forward(
             inputs, targets, weight, alpha, gamma, _NONE, ignore_index, label_smoothing,
-            float32_loss, need_inputs, need_targets, need_weight,
+            float32_loss, need_inputs, need_targets, need_weight, form, beta,
         )
         return grad_inputs, grad_targets, unweighted
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:3])
-        ctx.arguments = inputs[3:8]
-        ctx.computed = inputs[8:]
+        ctx.arguments = inputs[3:10]
+        ctx.computed = inputs[10:]
 
     @staticmethod
     def backward(ctx, *cotangents):
@@ -117,7 +120,7 @@ class _Derivatives(torch.autograd.Function):
         cotangents = [torch.zeros_like(output) if cotangent is None else cotangent
                       for cotangent, output in zip(cotangents, outputs)]
         grads = iter(vjp(tuple(cotangents)))
-        return tuple(next(grads) if _differentiable(value) else None for value in (x, t, weight)) + (None,) * 8
+        return tuple(next(grads) if _differentiable(value) else None for value in (x, t, weight)) + (None,) * 10
 
 
 def _differentiable(value):
@@ -137,16 +140,17 @@ def _differentiable_primals(x, t, weight):
 
 def _reference_derivatives(ctx, rebuild):
     """(x, t, weight) -> what _Derivatives.forward computes, in differentiable reference ops."""
-    alpha, gamma, ignore_index, label_smoothing, float32_loss = ctx.arguments
+    alpha, gamma, ignore_index, label_smoothing, float32_loss, form, beta = ctx.arguments
 
     def derivatives(*primals):
         inputs, targets, weight = rebuild(*primals)
         dtype = _ops.loss_dtype(inputs, targets, float32_loss)
         x, t = _ops.loss_operands(inputs, targets, float32_loss)
-        options = dict(alpha=alpha, gamma=gamma, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        options = dict(form=form, alpha=alpha, gamma=gamma, beta=beta, reduction="none",
+                       ignore_index=ignore_index, label_smoothing=label_smoothing)
 
         def elementwise(x_, t_):
-            return reference.sigmoid_focal_loss(x_, t_, weight=weight, **options)
+            return reference.family_loss(inputs=x_, targets=t_, weight=weight, **options)
 
         # Each element of the loss depends on its own logit and target only: the elementwise
         # derivative is the vector-Jacobian product with ones.
@@ -156,7 +160,7 @@ def _reference_derivatives(ctx, rebuild):
         else:
             loss, vjp = torch.func.vjp(lambda x_: elementwise(x_, t), x)
             (grad_inputs,), grad_targets = vjp(torch.ones_like(loss)), None
-        unweighted = reference.sigmoid_focal_loss(x, t, **options)
+        unweighted = reference.family_loss(inputs=x, targets=t, weight=None, **options)
         saved = _ops.saved_dtype  # the dtypes of the op's outputs
         grad_inputs = grad_inputs.to(saved(inputs.dtype))
         # Labels have no derivative: a floating placeholder, since torch.func.vjp wants floats.

@@ -30,15 +30,21 @@ def sigmoid_focal_loss_forward(
     compute_grad_inputs: bool,
     compute_grad_targets: bool,
     compute_unweighted_loss: bool,
+    form: int = 0,
+    beta: float = 0.0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dloss/dinputs, dloss/dtargets, loss before weight, count) in one pass.
 
     Gradients are unscaled; outputs not requested are empty; count is the number of elements
-    not ignored (the mean's divisor), a 0-d int64 tensor on the inputs' device.
+    not ignored (the mean's divisor), a 0-d int64 tensor on the inputs' device. form: the
+    loss of the family (reference.FORMS); gamma is the modulating exponent (the quality focal
+    loss's beta) or FL*'s gamma, beta FL*'s beta, alpha the varifocal loss's weight of
+    negatives (csrc/focal_ops.h).
     """
     return _C.sigmoid_focal_loss_forward(
         inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss,
+        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form,
+        beta,
     )
 
 
@@ -58,7 +64,8 @@ def loss_dtype(inputs, targets, float32_loss):
 
 @sigmoid_focal_loss_forward.register_fake
 def _(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-      float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss):
+      float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form=0,
+      beta=0.0):
     dtype = loss_dtype(inputs, targets, float32_loss)
     loss = inputs.new_empty(inputs.shape if reduction == 0 else (), dtype=dtype)
     grad_inputs = inputs.new_empty(inputs.shape if compute_grad_inputs else (0,),
@@ -123,7 +130,7 @@ def _(info, in_dims, grad_output, saved_grad, count, reduction):
 @sigmoid_focal_loss_forward.register_vmap
 def _(info, in_dims, inputs, targets, weight, alpha, gamma, reduction, ignore_index,
       label_smoothing, float32_loss, compute_grad_inputs, compute_grad_targets,
-      compute_unweighted_loss):
+      compute_unweighted_loss, form=0, beta=0.0):
     # One call on the whole batch, elementwise; "mean" and "sum" then reduce each sample.
     x = _batch_first(inputs, in_dims[0], info.batch_size)
     t = _batch_first(targets, in_dims[1], info.batch_size)
@@ -135,7 +142,7 @@ def _(info, in_dims, inputs, targets, weight, alpha, gamma, reduction, ignore_in
         )
     loss, grad_inputs, grad_targets, unweighted, _ = sigmoid_focal_loss_forward(
         x, t, weight, alpha, gamma, REDUCTION_CODES["none"], ignore_index, label_smoothing,
-        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss,
+        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form, beta,
     )
     samples = info.batch_size
     if t.is_floating_point():
@@ -189,6 +196,7 @@ def _mean_scale(grad_output, count, reduction):
 
 def forward_setup_context(ctx, inputs, output):
     x, t, weight, alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss = inputs[:9]
+    form, beta = inputs[12:14] if len(inputs) > 12 else (0, 0.0)
     _, grad_inputs, grad_targets, unweighted, count = output
     # Every output but the loss only carries what backward needs; none is differentiable, and
     # autograd must not materialise full-size zero gradients for them.
@@ -199,8 +207,8 @@ def forward_setup_context(ctx, inputs, output):
     # public function's autograd.Function, which drops them, sets this to True.)
     ctx.gradients_private = False
     ctx.float32_loss = float32_loss
-    ctx.options = dict(alpha=alpha, gamma=gamma, reduction=reduction, ignore_index=ignore_index,
-                       label_smoothing=label_smoothing)
+    ctx.options = dict(form=form, alpha=alpha, gamma=gamma, beta=beta, reduction=reduction,
+                       ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
 def _saved_or_error(saved, like, name):
@@ -217,7 +225,7 @@ def _saved_or_error(saved, like, name):
 def forward_backward(ctx, grad_loss, *_grads_of_saved_outputs):
     x, t, weight, saved_grad_inputs, saved_grad_targets, unweighted, count = ctx.saved_tensors
     needs_x, needs_t, needs_weight = ctx.needs_input_grad[:3]
-    no_grads = (None,) * 12
+    no_grads = (None,) * 14
     if grad_loss is None:
         return no_grads
     reduction = ctx.options["reduction"]
@@ -262,7 +270,7 @@ def _differentiable_grads(ctx, x, t, weight, grad_loss, needed):
         values = iter(differentiated)
         x_, t_, weight_ = (next(values) if need else tensor for tensor, need in zip(candidates, needed))
         x_, t_ = loss_operands(x_, t_, ctx.float32_loss)
-        return reference.sigmoid_focal_loss(x_, t_, weight=weight_, **options)
+        return reference.family_loss(inputs=x_, targets=t_, weight=weight_, **options)
 
     _, vjp = torch.func.vjp(loss_of, *wrt)
     grads = iter(vjp(grad_loss))

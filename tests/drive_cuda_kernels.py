@@ -5,7 +5,8 @@ to run under compute-sanitizer, where the test suite would take hours.
 
 Covers input dtypes x target kinds (float targets of the inputs' dtype, float32 targets with
 16-bit inputs, int64 and int32 labels) x gamma modes (0, 2, fractional) x gradients (none,
-inputs, inputs and targets) on aligned tensors (the vectorised loads) and misaligned views (the
+inputs, inputs and targets) x the loss forms (focal loss, FL*, quality focal, varifocal, in
+turn) on aligned tensors (the vectorised loads) and misaligned views (the
 scalar path) at a size no vector width divides, with the weight kinds and reductions cycled
 through (weights requiring grad, so the unweighted loss is written too); then the functional and
 in-place backward with elementwise and scalar grad_output on aligned and misaligned buffers,
@@ -20,7 +21,7 @@ import sys
 import torch
 
 import focal_cuda
-from conftest import assert_matches, derivative_term_scales
+from conftest import assert_matches, derivative_term_scales, family_term_scales
 
 ROWS, CLASSES = 37, 13  # 481 elements: odd, so every vector loop has a tail
 DEVICE = "cuda"
@@ -28,6 +29,27 @@ FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 GAMMAS = [0.0, 2.0, 1.5]
 REDUCTIONS = ["none", "mean", "sum"]
 WEIGHT_KINDS = [None, "element", "row", "class"]
+# The public functions of the forms, with arguments each takes (FL* needs gamma > 0: at gamma 0
+# the quality focal loss, plain BCE then, takes its turn). The form is a run-time switch inside
+# every kernel instance.
+FORMS = ["focal", "star", "quality", "varifocal"]
+
+
+def form_call(form, gamma):
+    """(form, the public function with its options bound, op-level (alpha, gamma, beta))."""
+    if form == "star" and gamma == 0:
+        form = "quality"
+    if form == "focal":
+        return form, lambda x, t, reduction, weight: focal_cuda.sigmoid_focal_loss(
+            x, t, 0.25, gamma, reduction, weight=weight), (0.25, gamma, 0.0)
+    if form == "star":
+        return form, lambda x, t, reduction, weight: focal_cuda.sigmoid_focal_loss_star(
+            x, t, 0.25, gamma, reduction, beta=0.5, weight=weight), (0.25, gamma, 0.5)
+    if form == "quality":
+        return form, lambda x, t, reduction, weight: focal_cuda.quality_focal_loss(
+            x, t, gamma, reduction, weight=weight), (-1.0, gamma, 0.0)
+    return form, lambda x, t, reduction, weight: focal_cuda.varifocal_loss(
+        x, t, 0.75, gamma, reduction, weight=weight), (0.75, gamma, 0.0)
 
 
 def placed(values, misaligned):
@@ -98,10 +120,12 @@ def run_forward_cases(failures):
         targets.requires_grad_(grad_targets)
         if weight is not None:
             weight.requires_grad_(grad_inputs)  # the kernels then also write the unweighted loss
-        name = (f"{dtype} targets={target_kind} gamma={gamma} grads={grads} "
+        form, loss_fn, (alpha, op_gamma, beta) = form_call(FORMS[step % len(FORMS)], gamma)
+        code = focal_cuda.reference.FORMS[form]
+        name = (f"{form} {dtype} targets={target_kind} gamma={gamma} grads={grads} "
                 f"misaligned={misaligned} reduction={reduction} weight={weight_kind}")
         try:
-            loss = focal_cuda.sigmoid_focal_loss(x, targets, 0.25, gamma, reduction, weight=weight)
+            loss = loss_fn(x, targets, reduction, weight)
             reference_x = x.detach().cpu().double().requires_grad_(grad_inputs)
             reference_t = targets.detach().cpu()
             if not labels:
@@ -109,10 +133,17 @@ def run_forward_cases(failures):
             reference_w = None
             if weight is not None:
                 reference_w = weight.detach().cpu().double().requires_grad_(grad_inputs)
-            expected = focal_cuda.reference.sigmoid_focal_loss(
-                reference_x, reference_t, 0.25, gamma, reduction, weight=reference_w
+            expected = focal_cuda.reference.family_loss(
+                code, reference_x, reference_t, alpha, op_gamma, beta, reduction, reference_w, -100, 0.0
             )
-            compare(name + " loss", loss, expected.detach(), dtype, failures)
+            scale_loss = None
+            if form != "focal":
+                scale_loss = family_term_scales(code, reference_x, reference_t, alpha, op_gamma, beta,
+                                                weight=reference_w)[0]
+                if reduction != "none":
+                    counted = int((reference_t != -100).sum()) * CLASSES if labels else scale_loss.numel()
+                    scale_loss = scale_loss.sum() / (max(counted, 1) if reduction == "mean" else 1)
+            compare(name + " loss", loss, expected.detach(), dtype, failures, scale=scale_loss)
             if grad_inputs:
                 grad_output = torch.rand(loss.shape, generator=generator, dtype=torch.float64) + 0.5
                 wrt, expected_wrt = [x], [reference_x]
@@ -123,8 +154,13 @@ def run_forward_cases(failures):
                 actual_grads = torch.autograd.grad(loss, wrt, grad_output.to(loss.dtype).to(DEVICE))
                 expected_grads = torch.autograd.grad(expected, expected_wrt, grad_output)
                 # Derivatives of inputs and targets are sums of terms that can cancel.
-                scales = derivative_term_scales(reference_x, reference_t, 0.25, gamma, weight=reference_w,
-                                                reduction=reduction, grad_output=grad_output)
+                if form == "focal":
+                    scales = derivative_term_scales(reference_x, reference_t, alpha, op_gamma, weight=reference_w,
+                                                    reduction=reduction, grad_output=grad_output)
+                else:
+                    scales = family_term_scales(code, reference_x, reference_t, alpha, op_gamma, beta,
+                                                weight=reference_w, reduction=reduction,
+                                                grad_output=grad_output)[1:]
                 scales = scales[:1 + grad_targets] + (None,)
                 for index, (actual, wanted) in enumerate(zip(actual_grads, expected_grads)):
                     compare(f"{name} grad[{index}]", actual, wanted, dtype, failures, scale=scales[index])

@@ -323,13 +323,13 @@ const S* element_weights(const ForwardArgs& args, const S* weight, int64_t offse
 // block, added in a fixed order.
 template <typename S, GammaMode kGamma, bool kGradInputs, bool kGradTargets>
 double compute_block(const S* x, const S* t, const S* w, const S* v, int64_t n,
-                     const FocalCoeffs<S>& coeffs, S* loss, S* unweighted, S* grad_inputs,
+                     const LossCoeffs<S>& coeffs, S* loss, S* unweighted, S* grad_inputs,
                      S* grad_targets) {
   using Vec = Vectorized<S>;
   Vec vec_sum(S(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const auto terms = focal_terms<VecMath<S>, kGamma, kGradInputs, kGradTargets>(
+    const auto terms = loss_terms<VecMath<S>, kGamma, kGradInputs, kGradTargets>(
         Vec::loadu(x + i), Vec::loadu(t + i), w != nullptr ? Vec::loadu(w + i) : Vec(S(1)),
         v != nullptr ? Vec::loadu(v + i) : Vec(S(1)), coeffs);
     vec_sum = vec_sum + terms.loss;
@@ -353,7 +353,7 @@ double compute_block(const S* x, const S* t, const S* w, const S* v, int64_t n,
     sum += lanes[lane];
   }
   for (; i < n; ++i) {  // the block's last partial vector
-    const auto terms = focal_terms<ScalarMath<S>, kGamma, kGradInputs, kGradTargets>(
+    const auto terms = loss_terms<ScalarMath<S>, kGamma, kGradInputs, kGradTargets>(
         x[i], t[i], w != nullptr ? w[i] : S(1), v != nullptr ? v[i] : S(1), coeffs);
     sum += terms.loss;
     if (loss != nullptr) {
@@ -375,7 +375,7 @@ double compute_block(const S* x, const S* t, const S* w, const S* v, int64_t n,
 template <typename S, GammaMode kGamma, bool kGradInputs, bool kGradTargets>
 void forward_impl(const ForwardArgs& args) {
   const int64_t n = args.inputs.numel();
-  const FocalCoeffs<S> coeffs(args.alpha, args.gamma, args.label_smoothing);
+  const LossCoeffs<S> coeffs(args.form, args.alpha, args.gamma, args.beta, args.label_smoothing);
   const bool elementwise = args.reduction == Reduction::None;
   const bool weighted = args.weight_kind != WeightKind::None;
   const int64_t num_chunks = (n + kChunk - 1) / kChunk;

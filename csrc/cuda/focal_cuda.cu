@@ -101,7 +101,7 @@ struct ForwardPointers {
   int64_t classes;
   int64_t ignore_index;
   int64_t n;
-  FocalCoeffs<S> coeffs;
+  LossCoeffs<S> coeffs;
   out_t* loss;
   saved_t<out_t>* unweighted_loss;
   saved_t<x_t>* grad_inputs;
@@ -145,10 +145,10 @@ __device__ __forceinline__ FocalTerms<math_t<x_t>> element_terms(
     case WeightKind::Class: weight = p.weight[cls]; break;
   }
   if (p.grad_targets != nullptr) {
-    return focal_terms<ScalarMath<S>, kGamma, kGradInputs, true>(static_cast<S>(x), target, weight,
+    return loss_terms<ScalarMath<S>, kGamma, kGradInputs, true>(static_cast<S>(x), target, weight,
                                                                  valid, p.coeffs);
   }
-  return focal_terms<ScalarMath<S>, kGamma, kGradInputs, false>(static_cast<S>(x), target, weight,
+  return loss_terms<ScalarMath<S>, kGamma, kGradInputs, false>(static_cast<S>(x), target, weight,
                                                                 valid, p.coeffs);
 }
 
@@ -388,7 +388,7 @@ void forward(const ForwardArgs& args) {
         args.classes,
         args.ignore_index,
         n,
-        FocalCoeffs<S>(args.alpha, args.gamma, args.label_smoothing),
+        LossCoeffs<S>(args.form, args.alpha, args.gamma, args.beta, args.label_smoothing),
         elementwise ? args.loss.mutable_data_ptr<out_t>() : nullptr,
         data_or_null<saved_t<out_t>>(args.unweighted_loss),
         data_or_null<saved_t<x_t>>(args.grad_inputs),
