@@ -193,17 +193,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     const at::Tensor& inputs, const at::Tensor& targets, const std::optional<at::Tensor>& weight,
     double alpha, double gamma, int64_t reduction, int64_t ignore_index, double label_smoothing,
     bool float32_loss, bool compute_grad_inputs, bool compute_grad_targets,
-    bool compute_unweighted_loss, int64_t form, double beta) {
+    bool compute_unweighted_loss, int64_t form, double beta,
+    const std::optional<at::Tensor>& scores) {
   check_floating(inputs, "inputs");
   check_same_device(targets, inputs, "targets");
   check_device(inputs);
   const bool labels = at::isIntegralType(targets.scalar_type(), /*includeBool=*/false);
+  const bool has_scores = scores.has_value() && scores->defined();
+  if (has_scores) {
+    TORCH_CHECK_VALUE(labels, "scores go with integer targets (class labels), got targets of dtype ",
+                      targets.scalar_type());
+    check_floating(*scores, "scores");
+    check_same_device(*scores, inputs, "scores");
+    TORCH_CHECK_VALUE(scores->sizes() == targets.sizes(),
+                      "scores must have the shape of the class labels, got ", scores->sizes(),
+                      " and ", targets.sizes());
+  }
   if (labels) {
     TORCH_CHECK_VALUE(inputs.dim() >= 1 && targets.sizes() == inputs.sizes().slice(0, inputs.dim() - 1),
                       "integer targets (class labels) must have the shape of inputs without its "
                       "last (class) dimension, got ", targets.sizes(), " for inputs ",
                       inputs.sizes());
-    TORCH_CHECK_VALUE(!compute_grad_targets, "integer targets (class labels) have no gradient");
+    TORCH_CHECK_VALUE(!compute_grad_targets || has_scores,
+                      "integer targets (class labels) have no gradient (scores may have one)");
   } else {
     TORCH_CHECK_VALUE(at::isFloatingType(targets.scalar_type()),
                       "targets must be a floating-point tensor, or an integer tensor of class "
@@ -237,6 +249,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     args.inputs = inputs.contiguous();
     args.targets = targets.to(at::kLong).contiguous();  // before any comparison: no wrapping
     check_labels_on_cpu(args.targets, args.classes, ignore_index);
+    if (has_scores) {
+      args.scores = scores->to(math_dtype(loss_dtype)).contiguous();
+    }
   } else {
     std::tie(args.inputs, args.targets) =
         readable_pair(inputs.contiguous(), floating_targets.contiguous());
@@ -256,7 +271,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
   if (compute_grad_inputs) {
     args.grad_inputs = at::empty(x.sizes(), x.options().dtype(saved_dtype(x.scalar_type())));
   }
-  if (compute_grad_targets) {
+  if (compute_grad_targets && labels) {
+    args.grad_scores = at::zeros(args.scores.sizes(), args.scores.options());
+  } else if (compute_grad_targets) {
     args.grad_targets = at::empty(args.targets.sizes(),
                                   args.targets.options().dtype(saved_dtype(args.targets.scalar_type())));
   }
@@ -281,7 +298,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     const auto dtype = saved_dtype(like.scalar_type());
     return output.defined() ? output.to(dtype) : at::empty({0}, like.options().dtype(dtype));
   };
-  return {args.loss, finish(args.grad_inputs, inputs), finish(args.grad_targets, targets),
+  const at::Tensor grad_targets = has_scores ? finish(args.grad_scores, *scores)
+                                            : finish(args.grad_targets, targets);
+  return {args.loss, finish(args.grad_inputs, inputs), grad_targets,
           finish(args.unweighted_loss, args.loss), args.count};
 }
 

@@ -33,6 +33,30 @@ def _check_inputs(inputs):
         )
 
 
+def _split_targets(targets, inputs):
+    """(targets, scores): a pair (labels, scores) checked and split, else (targets, None)."""
+    if not isinstance(targets, (tuple, list)):
+        _check_targets(targets, inputs)
+        return targets, None
+    if len(targets) != 2:
+        raise ValueError(f"targets given as a pair must be (labels, scores), got {len(targets)} items")
+    labels, scores = targets
+    _check_tensor(labels, "the labels of targets")
+    _check_tensor(scores, "the scores of targets")
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"the labels of a (labels, scores) pair must be an integer tensor, got {labels.dtype}")
+    _check_targets(labels, inputs)
+    if not scores.is_floating_point():
+        raise ValueError(f"the scores of a (labels, scores) pair must be a floating-point tensor, got {scores.dtype}")
+    if scores.shape != labels.shape:
+        raise ValueError(
+            f"the scores of a (labels, scores) pair must have the labels' shape {list(labels.shape)}, "
+            f"got {list(scores.shape)}"
+        )
+    _check_same_device(scores, inputs, "the scores of targets")
+    return labels, scores
+
+
 def _check_targets(targets, inputs):
     _check_tensor(targets, "targets")
     if targets.is_floating_point():
@@ -145,6 +169,10 @@ def sigmoid_focal_loss(
             or integer class labels of shape ``inputs.shape[:-1]`` over the C classes of the
             last dimension: label c makes class c positive and the others negative, label C is
             background (all negative), ``ignore_index`` drops the row. No one-hot is built.
+            Or a pair ``(labels, scores)``, scores floating of the labels' shape: class c of a
+            row labelled c gets the target ``scores[row]`` (e.g. an IoU), the others 0, as the
+            dense soft target would, without building it; differentiable w.r.t. the scores.
+            The loss then has the dtype of ``inputs`` (as with labels). Not under TorchScript.
         alpha: weight of the positive class in [0, 1]; -1 or None switches the weighting off.
         gamma: focusing exponent >= 0, fractional values included.
         reduction: ``"none"`` (loss per element), ``"mean"`` (over the elements not ignored) or
@@ -266,8 +294,10 @@ def _fused_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ig
     """Checks the tensors and the common options, then runs the fused op (alpha, gamma and beta
     already checked, in the op's meaning: see _ops.sigmoid_focal_loss_forward)."""
     _check_inputs(inputs)
-    _check_targets(targets, inputs)
+    targets, scores = _split_targets(targets, inputs)
     _check_weight(weight, inputs)
+    # What the op differentiates as the targets: the scores of a pair.
+    differentiable_targets = targets if scores is None else scores
     grad_enabled = torch.is_grad_enabled()
     # Under torch.func transforms (vmap, ...) the tensors seen here may not report the
     # requires_grad of what they wrap: then compute every derivative a backward could ask for.
@@ -286,10 +316,12 @@ def _fused_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ig
         checked_label_smoothing(label_smoothing),
         torch.is_autocast_enabled(inputs.device.type),
         grad_enabled and (inputs.requires_grad or transformed),
-        grad_enabled and (targets.requires_grad or transformed and targets.is_floating_point()),
+        grad_enabled and (differentiable_targets.requires_grad
+                          or transformed and differentiable_targets.is_floating_point()),
         grad_enabled and weight is not None and (weight.requires_grad or transformed),
         form,
         beta,
+        scores,
     )
     return outputs[0]
 

@@ -31,7 +31,8 @@ def sigmoid_focal_loss(
 
     Integer targets are class labels over the last dimension of inputs (C classes): label c
     makes class c positive, label C is background (all negative), ignore_index drops the row
-    (no loss, and not counted in the mean).
+    (no loss, and not counted in the mean). A pair (labels, scores) gives class c the target
+    scores[row] instead of 1 (every function of the family takes the same targets).
     """
     return family_loss(FORMS["focal"], inputs, targets, alpha, gamma, 0.0, reduction, weight,
                        ignore_index, label_smoothing)
@@ -82,9 +83,12 @@ def varifocal_loss(
 
 
 def family_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ignore_index,
-                label_smoothing):
+                label_smoothing, scores=None):
     """The loss of form (a FORMS code) with the op's arguments: gamma is the modulating
-    exponent (QFL's beta) or FL*'s gamma, beta FL*'s beta, alpha VFL's weight of negatives."""
+    exponent (QFL's beta) or FL*'s gamma, beta FL*'s beta, alpha VFL's weight of negatives.
+    targets: floating, integer labels, or a pair (labels, scores) (or the labels and scores)."""
+    if isinstance(targets, (tuple, list)):
+        targets, scores = targets
     labels = not targets.is_floating_point()
     out_dtype = inputs.dtype if labels else torch.result_type(inputs, targets)
     math_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
@@ -98,6 +102,8 @@ def family_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ig
         # rows and the background C match no class.
         classes_range = torch.arange(classes, device=targets.device)
         t = ((targets.unsqueeze(-1) == classes_range) & valid.unsqueeze(-1)).to(math_dtype)
+        if scores is not None:
+            t = t * scores.to(math_dtype).unsqueeze(-1)
         valid = valid.unsqueeze(-1).to(math_dtype)
     else:
         t = targets.to(math_dtype)

@@ -52,9 +52,10 @@ def assert_matches(actual, expected, dtype=None, scale=None):
         )
 
 
-def dense_targets(inputs, targets, ignore_index=-100, label_smoothing=0.0):
-    """(t, valid) in float64: targets (floating, or integer class labels) as the dense target the
-    loss sees after label smoothing, and 0 for the elements of ignored rows, else 1."""
+def dense_targets(inputs, targets, ignore_index=-100, label_smoothing=0.0, scores=None):
+    """(t, valid) in float64: targets (floating, or integer class labels with optional per-row
+    scores) as the dense target the loss sees after label smoothing, and 0 for the elements of
+    ignored rows, else 1."""
     x = inputs.detach().double()
     valid = torch.ones_like(x)
     if targets.is_floating_point():
@@ -64,18 +65,20 @@ def dense_targets(inputs, targets, ignore_index=-100, label_smoothing=0.0):
         labels = targets.long()
         ignored = labels == ignore_index
         t = F.one_hot(torch.where(ignored, classes, labels), classes + 1)[..., :classes].double()
+        if scores is not None:
+            t = t * scores.detach().double().unsqueeze(-1)
         valid = (~ignored).double().unsqueeze(-1).expand_as(x)
     return t * (1 - label_smoothing) + label_smoothing / 2, valid
 
 
 def derivative_term_scales(inputs, targets, alpha, gamma, *, weight=None, ignore_index=-100,
-                           label_smoothing=0.0, reduction="none", grad_output=None):
+                           label_smoothing=0.0, reduction="none", grad_output=None, scores=None):
     """Elementwise sums of the magnitudes of the terms that d(loss)/d(inputs) and
     d(loss)/d(targets) add up (the formulas of csrc/focal_math.h, in float64): (scale_inputs,
     scale_targets), for assert_matches. targets: floating, or integer class labels. For the
     gradients that autograd gives (not the op's unscaled ones), pass reduction and grad_output."""
     x = inputs.detach().double()
-    t, valid = dense_targets(inputs, targets, ignore_index, label_smoothing)
+    t, valid = dense_targets(inputs, targets, ignore_index, label_smoothing, scores)
     zero = torch.zeros_like(x)
     ce = t * torch.logaddexp(-x, zero) + (1 - t) * torch.logaddexp(x, zero)
     p, pm = torch.sigmoid(x), torch.sigmoid(-x)
@@ -100,7 +103,8 @@ def derivative_term_scales(inputs, targets, alpha, gamma, *, weight=None, ignore
 
 
 def family_term_scales(form, inputs, targets, alpha, gamma, beta=0.0, *, weight=None,
-                       ignore_index=-100, label_smoothing=0.0, reduction="none", grad_output=None):
+                       ignore_index=-100, label_smoothing=0.0, reduction="none", grad_output=None,
+                       scores=None):
     """For the forms of focal_cuda.reference.FORMS other than the focal loss: elementwise bounds
     (scale_loss, scale_inputs, scale_targets) on the rounding of the loss and its derivatives
     in the kernels' math type, relative to their unit roundoff (for assert_matches; the op's
@@ -112,7 +116,7 @@ def family_term_scales(form, inputs, targets, alpha, gamma, beta=0.0, *, weight=
     FL*: z = gamma (2t - 1) x + beta is known to eps * (|gamma (2t - 1) x| + |beta|), and
     softplus(-z), sigmoid(-z) to that relative error (d log / dz <= 1 for both)."""
     x = inputs.detach().double()
-    t, valid = dense_targets(inputs, targets, ignore_index, label_smoothing)
+    t, valid = dense_targets(inputs, targets, ignore_index, label_smoothing, scores)
     eps = torch.finfo(torch.float64 if inputs.dtype == torch.float64 else torch.float32).eps / 2
     zero = torch.zeros_like(x)
     p, pm = torch.sigmoid(x), torch.sigmoid(-x)

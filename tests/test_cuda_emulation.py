@@ -107,7 +107,8 @@ class Case:
 
     def __init__(self, *, x_dtype, targets, float32_loss, gamma, shape, misaligned, reduction,
                  weight_kind, alpha, label_smoothing, grad_inputs, grad_targets, ignore,
-                 label_dtype=torch.int64, ignore_index=-100, seed=0, form="focal", beta=0.0):
+                 label_dtype=torch.int64, ignore_index=-100, seed=0, form="focal", beta=0.0,
+                 scores=False):
         generator = torch.Generator().manual_seed(seed)
         labels = targets == "labels"
         self.shape = shape
@@ -125,12 +126,17 @@ class Case:
             flat[placements[ignore]] = ignore_index
             self.targets = placed(label_values.to(label_dtype), misaligned)
             self.count = int((label_values != ignore_index).sum()) * classes
+            # (labels, scores): in [0, 1], with exact zeros (VFL's negatives at the label).
+            score_values = torch.rand(rows, generator=generator, dtype=F64)
+            score_values.view(-1)[1::4] = 0.0
+            self.scores = placed(score_values.to(x_dtype), misaligned) if scores else None
         else:
             soft = torch.rand(shape, generator=generator, dtype=F64)
             hard = (torch.rand(shape, generator=generator) < 0.3).double()
             values = torch.where(torch.rand(shape, generator=generator) < 0.5, soft, hard)
             self.targets = placed(values.to(targets), misaligned)
             self.count = self.inputs.numel()
+            self.scores = None
         weight_shapes = {"element": shape, "row": shape[:-1] + (1,) if shape else (), "class": shape[-1:],
                          "scalar": ()}
         self.weight = None
@@ -145,8 +151,11 @@ class Case:
         self.reduction = reduction
         self.loss_dtype = loss_dtype(x_dtype, targets, float32_loss)
         self.x_dtype = x_dtype
-        self.target_dtype = None if labels else targets
+        self.labels = labels
+        # The dtype of what d(loss)/d(targets) differentiates: floating targets, or scores.
+        self.target_dtype = x_dtype if self.scores is not None else None if labels else targets
         self.describe = (f"form={form} beta={beta} x={x_dtype} targets={targets}{'/' + str(label_dtype) if labels else ''} "
+                         f"scores={scores} "
                          f"float32_loss={float32_loss} gamma={gamma} shape={shape} misaligned={misaligned} "
                          f"reduction={reduction} weight={weight_kind} alpha={alpha} smoothing={label_smoothing} "
                          f"grads=({grad_inputs}, {grad_targets}) ignore={ignore}")
@@ -156,38 +165,46 @@ class Case:
         return (self.inputs, self.targets, self.weight, o["alpha"], o["gamma"], o["reduction"],
                 o["ignore_index"], o["label_smoothing"], o["float32_loss"],
                 self.flags["compute_grad_inputs"], self.flags["compute_grad_targets"],
-                self.flags["compute_unweighted_loss"], o["form"], o["beta"])
+                self.flags["compute_unweighted_loss"], o["form"], o["beta"], self.scores)
 
     def expected(self):
         """(loss, grad_inputs, grad_targets, unweighted_loss, count) in float64; the gradients
         elementwise and unscaled, as the op returns them."""
         o = self.options
         x = self.inputs.double().requires_grad_()
-        labels = self.target_dtype is None
-        t = self.targets if labels else self.targets.double().requires_grad_()
+        t = self.targets if self.labels else self.targets.double().requires_grad_()
+        scores = None if self.scores is None else self.scores.double().requires_grad_()
         weight = None if self.weight is None else self.weight.double()
         options = dict(form=o["form"], alpha=o["alpha"], gamma=o["gamma"], beta=o["beta"],
                        ignore_index=o["ignore_index"], label_smoothing=o["label_smoothing"])
         loss_of = focal_cuda.reference.family_loss
-        elementwise = loss_of(inputs=x, targets=t, weight=weight, reduction="none", **options)
-        loss = loss_of(inputs=x, targets=t, weight=weight, reduction=self.reduction, **options)
-        wrt = [x] if labels else [x, t]
+        elementwise = loss_of(inputs=x, targets=t, weight=weight, reduction="none", scores=scores, **options)
+        loss = loss_of(inputs=x, targets=t, weight=weight, reduction=self.reduction, scores=scores, **options)
+        differentiable = None if self.target_dtype is None else scores if self.labels else t
+        wrt = [x] if differentiable is None else [x, differentiable]
         grads = torch.autograd.grad(elementwise.sum(), wrt, allow_unused=True)
-        unweighted = loss_of(inputs=x.detach(), targets=t.detach() if not labels else t, weight=None,
-                             reduction="none", **options)
-        return (loss.detach(), grads[0], None if labels else grads[1], unweighted, self.count)
+        unweighted = loss_of(inputs=x.detach(), targets=t.detach(), weight=None, reduction="none",
+                             scores=None if scores is None else scores.detach(), **options)
+        return (loss.detach(), grads[0], None if differentiable is None else grads[1], unweighted, self.count)
 
     def scales(self):
         """(loss, d/dinputs, d/dtargets) rounding scales for assert_matches: the loss's None
         for the focal loss (a product of well-conditioned factors), reduced like the loss."""
         o = self.options
-        options = dict(weight=self.weight, ignore_index=o["ignore_index"], label_smoothing=o["label_smoothing"])
+        options = dict(weight=self.weight, ignore_index=o["ignore_index"], label_smoothing=o["label_smoothing"],
+                       scores=self.scores)
         if o["form"] == FORMS["focal"]:
-            return (None,) + derivative_term_scales(self.inputs, self.targets, o["alpha"], o["gamma"], **options)
-        loss, scale_inputs, scale_targets = family_term_scales(
-            o["form"], self.inputs, self.targets, o["alpha"], o["gamma"], o["beta"], **options)
-        if self.reduction != "none":
-            loss = loss.sum() / (max(self.count, 1) if self.reduction == "mean" else 1)
+            loss = None
+            scale_inputs, scale_targets = derivative_term_scales(self.inputs, self.targets, o["alpha"],
+                                                                 o["gamma"], **options)
+        else:
+            loss, scale_inputs, scale_targets = family_term_scales(
+                o["form"], self.inputs, self.targets, o["alpha"], o["gamma"], o["beta"], **options)
+            if self.reduction != "none":
+                loss = loss.sum() / (max(self.count, 1) if self.reduction == "mean" else 1)
+        if self.scores is not None:  # d/dscores: the labelled element's d/dtarget
+            classes = torch.arange(self.inputs.shape[-1])
+            scale_targets = (scale_targets * (self.targets.long().unsqueeze(-1) == classes)).sum(-1)
         return loss, scale_inputs, scale_targets
 
     def unweighted_scale(self):
@@ -196,7 +213,8 @@ class Case:
         if o["form"] == FORMS["focal"]:
             return None
         return family_term_scales(o["form"], self.inputs, self.targets, o["alpha"], o["gamma"], o["beta"],
-                                  ignore_index=o["ignore_index"], label_smoothing=o["label_smoothing"])[0]
+                                  ignore_index=o["ignore_index"], label_smoothing=o["label_smoothing"],
+                                  scores=self.scores)[0]
 
 
 def check_outputs(case, outputs, label):
@@ -320,7 +338,8 @@ def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
             weight_kind=["none", "element", "row", "class", "scalar"][step % 5],
             alpha=alpha, form=form, beta=beta, label_smoothing=label_smoothing,
             grad_inputs=grad_inputs,
-            grad_targets=not labels and step % 2 == 0,
+            grad_targets=step % 2 == 0 and (not labels or step // 4 % 2 == 0),
+            scores=labels and step // 4 % 2 == 0,  # (labels, scores) pairs, in every form
             ignore=["none", "first", "last", "spread", "all"][step % 5],
             label_dtype=[torch.int64, torch.int32][step % 2],
             ignore_index=[-100, -1][step // 2 % 2],

@@ -97,6 +97,7 @@ struct ForwardPointers {
   const x_t* inputs;
   const t_t* targets;
   const S* weight;
+  const S* scores;  // labels only: the labelled class's target per row; null: 1
   WeightKind weight_kind;
   int64_t classes;
   int64_t ignore_index;
@@ -106,6 +107,7 @@ struct ForwardPointers {
   saved_t<out_t>* unweighted_loss;
   saved_t<x_t>* grad_inputs;
   saved_t<t_t>* grad_targets;
+  S* grad_scores;  // labels only: d(loss)/d(scores) per row, written by the labelled element
   S* block_sums;
   int64_t* block_counts;
 };
@@ -132,7 +134,7 @@ __device__ __forceinline__ FocalTerms<math_t<x_t>> element_terms(
       CUDA_KERNEL_ASSERT(label >= 0 && label <= p.classes && "class label out of range");
     }
     valid = counted ? S(1) : S(0);
-    target = label == cls ? S(1) : S(0);
+    target = label != cls ? S(0) : p.scores != nullptr ? p.scores[row] : S(1);
   } else {
     counted = true;
     target = static_cast<S>(p.targets[index]);
@@ -144,12 +146,19 @@ __device__ __forceinline__ FocalTerms<math_t<x_t>> element_terms(
     case WeightKind::Row: weight = p.weight[row]; break;
     case WeightKind::Class: weight = p.weight[cls]; break;
   }
-  if (p.grad_targets != nullptr) {
-    return loss_terms<ScalarMath<S>, kGamma, kGradInputs, true>(static_cast<S>(x), target, weight,
-                                                                 valid, p.coeffs);
+  if (p.grad_targets == nullptr && p.grad_scores == nullptr) {
+    return loss_terms<ScalarMath<S>, kGamma, kGradInputs, false>(static_cast<S>(x), target,
+                                                                  weight, valid, p.coeffs);
   }
-  return loss_terms<ScalarMath<S>, kGamma, kGradInputs, false>(static_cast<S>(x), target, weight,
-                                                                valid, p.coeffs);
+  const auto terms = loss_terms<ScalarMath<S>, kGamma, kGradInputs, true>(
+      static_cast<S>(x), target, weight, valid, p.coeffs);
+  if constexpr (kIsLabels<t_t>) {
+    // One element per row is labelled: the row's only writer.
+    if (p.grad_scores != nullptr && counted && p.targets[row] == cls) {
+      p.grad_scores[row] = terms.grad_targets;
+    }
+  }
+  return terms;
 }
 
 template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGradInputs, int kPack>
@@ -384,6 +393,7 @@ void forward(const ForwardArgs& args) {
         args.inputs.const_data_ptr<x_t>(),
         args.targets.const_data_ptr<t_t>(),
         args.weight.defined() ? args.weight.const_data_ptr<S>() : nullptr,
+        args.scores.defined() ? args.scores.const_data_ptr<S>() : nullptr,
         args.weight_kind,
         args.classes,
         args.ignore_index,
@@ -393,6 +403,7 @@ void forward(const ForwardArgs& args) {
         data_or_null<saved_t<out_t>>(args.unweighted_loss),
         data_or_null<saved_t<x_t>>(args.grad_inputs),
         kIsLabels<t_t> ? nullptr : data_or_null<saved_t<t_t>>(args.grad_targets),
+        data_or_null<S>(args.grad_scores),
         nullptr,
         nullptr,
     };
