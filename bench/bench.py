@@ -2,13 +2,15 @@
 
     python bench/bench.py --device cpu            # default CPU sweep, a few minutes on 2 cores
     python bench/bench.py --device cuda           # 1e4 .. 1.6e8 elements
+    python bench/bench.py --tiny                  # per-call overhead: 80 .. 1e4 elements
 
 For every size (rows x 80 classes) and implementation it times a training step (forward +
 backward, reduction="sum" by default) and a no-grad forward, interleaving the implementations in
 one process after a warm-up, and reports the median and the spread (min, max) of the repeats, the
 time per element, the effective bandwidth of the bytes each design must move against the
-measured copy bandwidth, the peak memory of a training step above the inputs, and speedups.
-Writes results.json and plot.png to --out.
+measured copy bandwidth (and the time's ratio to that floor), the peak memory of a training step
+above the inputs, and speedups. --tiny times sizes where the per-call overhead is the cost, each
+sample the mean of many back-to-back calls. Writes results.json, then plot.png, to --out.
 """
 
 import argparse
@@ -40,6 +42,8 @@ DEFAULT_ROWS = {
     "cpu": [125, 1_250, 12_500, 100_000],
     "cuda": [125, 1_250, 12_500, 125_000, 500_000, 2_000_000],
 }
+TINY_ROWS = [1, 12, 125]  # 80 .. 1e4 elements
+TINY_CALLS = 200  # back-to-back calls per timed sample
 
 
 def element_bytes(dtype):
@@ -95,22 +99,26 @@ def synchronize(device):
 
 
 class Timer:
-    """Wall time of one call: CUDA events on GPU, perf_counter on CPU."""
+    """Wall time per call of `calls` back-to-back calls, in ms: CUDA events on GPU,
+    perf_counter on CPU."""
 
-    def __init__(self, device):
+    def __init__(self, device, calls=1):
         self.device = device
+        self.calls = calls
 
     def __call__(self, fn):
         if self.device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(self.calls):
+                fn()
             end.record()
             end.synchronize()
-            return start.elapsed_time(end)
+            return start.elapsed_time(end) / self.calls
         start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
+        for _ in range(self.calls):
+            fn()
+        return (time.perf_counter() - start) * 1e3 / self.calls
 
 
 def copy_bandwidth_gbs(device, numel=50_000_000):
@@ -254,7 +262,7 @@ def source_commit():
 def run(args):
     device, dtype = args.device, getattr(torch, args.dtype)
     names = list(IMPLEMENTATIONS)
-    timer = Timer(device)
+    timer = Timer(device, calls=TINY_CALLS if args.tiny else 1)
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"copy bandwidth on {device}: {copy_gbs:.1f} GB/s", flush=True)
     cases = []
@@ -284,23 +292,27 @@ def run(args):
             case = {
                 "implementation": name, "mode": mode, "rows": rows, "classes": CLASSES,
                 "elements": numel, "dtype": args.dtype, "gamma": args.gamma,
-                "reduction": args.reduction, "median_ms": median, "min_ms": min(times),
+                "reduction": args.reduction, "calls_per_sample": timer.calls,
+                "median_ms": median, "min_ms": min(times),
                 "max_ms": max(times), "ns_per_element": median * 1e6 / numel,
                 "design_bytes": moved,
                 "effective_gbs": effective_gbs,
                 "copy_fraction": None if effective_gbs is None else effective_gbs / copy_gbs,
             }
             cases.append(case)
-        line = [f"{numel:>11,} elements"]
+        print(f"{numel:>11,} elements: median (min-max) {'us' if args.tiny else 'ms'} per call", flush=True)
+        unit = 1e3 if args.tiny else 1.0
         for mode in ("train", "forward"):
+            for name in names:
+                times = samples[(name, mode)]
+                case = next(c for c in cases if c["implementation"] == name and c["mode"] == mode and c["rows"] == rows)
+                floor = "" if case["copy_fraction"] is None else f", {1 / case['copy_fraction']:.2f}x its floor"
+                print(f"    {mode:<8} {name:<28} {statistics.median(times) * unit:9.3f} "
+                      f"({min(times) * unit:.3f}-{max(times) * unit:.3f}){floor}", flush=True)
             ours = statistics.median(samples[("focal_cuda", mode)])
-            parts = [f"{mode}: " + ", ".join(
-                f"{name} {statistics.median(samples[(name, mode)]):.3f} ms" for name in names)]
-            parts.append(f"speedup vs torchvision {statistics.median(samples[('torchvision', mode)]) / ours:.1f}x, "
-                         f"vs compiled {statistics.median(samples[('torchvision+compile', mode)]) / ours:.1f}x")
-            line.append("; ".join(parts))
-        print("\n    ".join(line), flush=True)
-        if args.memory and rows == max(args.rows):  # peak memory at the largest size
+            print(f"    {mode:<8} speedup vs torchvision {statistics.median(samples[('torchvision', mode)]) / ours:.1f}x, "
+                  f"vs compiled {statistics.median(samples[('torchvision+compile', mode)]) / ours:.1f}x", flush=True)
+        if args.memory and not args.tiny and rows == max(args.rows):  # peak memory at the largest size
             for name in names:
                 if device == "cuda":
                     extra = cuda_peak_extra_bytes(steps[(name, "train")])
@@ -354,12 +366,15 @@ def main():
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the peak memory measurement (made at the largest size)")
     parser.add_argument("--out", type=Path, default=None, help="directory for results.json and plot.png")
+    parser.add_argument("--tiny", action="store_true",
+                        help=f"per-call overhead: rows {TINY_ROWS}, each sample {TINY_CALLS} calls")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible")
-    args.rows = args.rows or DEFAULT_ROWS[args.device]
+    args.rows = args.rows or (TINY_ROWS if args.tiny else DEFAULT_ROWS[args.device])
     args.repeats = args.repeats or (21 if args.device == "cpu" else 30)
-    args.out = args.out or Path("bench/scratch") / f"{args.device}-{args.dtype}-gamma{args.gamma:g}"
+    args.out = args.out or Path("bench/scratch") / (
+        f"{args.device}-{args.dtype}-gamma{args.gamma:g}" + ("-tiny" if args.tiny else ""))
 
     results = run(args)
     results["command"] = " ".join(["python"] + sys.argv)

@@ -4,7 +4,7 @@
 // Used by the CUDA kernels (V = float/double), the CPU kernels (V = at::vec::Vectorized<float/double>)
 // and their scalar tails (V = float/double), so the CPU tests exercise the very formulas the GPU runs.
 // Everything a value type needs beyond + - * / and comparisons comes from a Math policy:
-// exp, log1p (called only for arguments in [0, 1]), pow, reciprocal, abs, max,
+// exp, log1p (called only for arguments in [0, 1]), pow, sqrt, reciprocal, abs, max,
 // select(mask, if_true, if_false).
 //
 // With p = sigmoid(x), t the target (after label smoothing), w the element's weight (the loss and
@@ -32,8 +32,9 @@ namespace focal {
 // Matches at::Reduction so the codes cross the Python boundary unchanged.
 enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };
 
-// gamma == 2 (the RetinaNet default) squares and gamma == 0 (weighted BCE) skips the power,
-// instead of calling pow.
+// gamma == 2 (the RetinaNet default) squares and gamma == 0 (weighted BCE) skips the power, each
+// in a kernel of its own. Every other gamma shares the General kernels, which decide at run time
+// (the same way for all elements) between products and pow: see FocalCoeffs.
 enum class GammaMode : int { Zero, Two, General };
 
 inline GammaMode gamma_mode(double gamma) {
@@ -44,6 +45,11 @@ inline GammaMode gamma_mode(double gamma) {
 //   alpha_t = alpha_offset + alpha_slope * t: alpha * t + (1 - alpha) * (1 - t), or 1 when the
 //     weighting is off; exact at t = 0 and t = 1, so alpha = 0 or 1 gives exact zeros.
 //   label smoothing: the loss sees t * target_scale + target_offset = t * (1 - eps) + eps / 2.
+//   q^gamma for a multiple of 1/2 up to kMaxProductGamma (the exponents in use: 0.5, 1, 1.5, 2.5,
+//     3, 4, ...) is q^whole_powers times sqrt(q) when half_power: no exp and no log, and exact to
+//     a few ulp; whole_powers is -1 for any other gamma, which takes pow.
+constexpr int kMaxProductGamma = 8;
+
 template <typename S>
 struct FocalCoeffs {
   S alpha_offset;
@@ -51,13 +57,21 @@ struct FocalCoeffs {
   S gamma;
   S target_scale;
   S target_offset;
+  int whole_powers;
+  bool half_power;
 
   FocalCoeffs(double alpha, double gamma_, double label_smoothing)
       : alpha_offset(static_cast<S>(alpha < 0 ? 1.0 : 1.0 - alpha)),
         alpha_slope(static_cast<S>(alpha < 0 ? 0.0 : 2.0 * alpha - 1.0)),
         gamma(static_cast<S>(gamma_)),
         target_scale(static_cast<S>(1.0 - label_smoothing)),
-        target_offset(static_cast<S>(label_smoothing / 2.0)) {}
+        target_offset(static_cast<S>(label_smoothing / 2.0)),
+        whole_powers(is_product_gamma(gamma_) ? static_cast<int>(gamma_) : -1),
+        half_power(is_product_gamma(gamma_) && gamma_ != static_cast<int>(gamma_)) {}
+
+  static bool is_product_gamma(double gamma_) {
+    return gamma_ > 0 && gamma_ <= kMaxProductGamma && 2 * gamma_ == static_cast<int>(2 * gamma_);
+  }
 };
 
 // The member of the family a launch computes: a run-time switch, the same for every element of
@@ -105,6 +119,7 @@ struct ScalarMath {
   static FOCAL_HOST_DEVICE S log1p(S v) { return ::log1p(v); }
   static FOCAL_HOST_DEVICE S fma(S a, S b, S c) { return ::fma(a, b, c); }
   static FOCAL_HOST_DEVICE S pow(S base, S exponent) { return ::pow(base, exponent); }
+  static FOCAL_HOST_DEVICE S sqrt(S v) { return ::sqrt(v); }
   static FOCAL_HOST_DEVICE S reciprocal(S v) { return S(1) / v; }
   static FOCAL_HOST_DEVICE S abs(S v) { return ::fabs(v); }
   static FOCAL_HOST_DEVICE S max(S a, S b) { return a > b ? a : b; }
@@ -119,6 +134,7 @@ struct ScalarMath<float> {
   static FOCAL_HOST_DEVICE float log1p(float v) { return log1p_float<ScalarMath<float>>(v); }
   static FOCAL_HOST_DEVICE float fma(float a, float b, float c) { return ::fmaf(a, b, c); }
   static FOCAL_HOST_DEVICE float pow(float base, float exponent) { return ::powf(base, exponent); }
+  static FOCAL_HOST_DEVICE float sqrt(float v) { return ::sqrtf(v); }
   static FOCAL_HOST_DEVICE float reciprocal(float v) { return 1.0f / v; }
   static FOCAL_HOST_DEVICE float abs(float v) { return ::fabsf(v); }
   static FOCAL_HOST_DEVICE float max(float a, float b) { return a > b ? a : b; }
@@ -156,15 +172,23 @@ FOCAL_HOST_DEVICE Logistic<V> logistic(V x, V t) {
           Math::log1p(e) + t * Math::max(zero - x, zero) + (one - t) * Math::max(x, zero)};
 }
 
-// base^exponent for base in [0, 1] and the launch's exponent: 1 for Zero, a square for Two.
-template <typename Math, GammaMode kGamma, typename V>
-FOCAL_HOST_DEVICE V gamma_power(V base, V exponent) {
+// base^gamma for base in [0, 1] and the launch's exponent coeffs.gamma: 1 for Zero, a square for
+// Two, products (and one sqrt) for a multiple of 1/2 up to kMaxProductGamma, else pow.
+template <typename Math, GammaMode kGamma, typename V, typename S>
+FOCAL_HOST_DEVICE V gamma_power(V base, const FocalCoeffs<S>& coeffs) {
   if constexpr (kGamma == GammaMode::Zero) {
-    return V(1.0f);
+    return V(S(1));
   } else if constexpr (kGamma == GammaMode::Two) {
     return base * base;
   } else {
-    return Math::pow(base, exponent);  // exponent > 0 here: pow(0, exponent) = 0
+    if (coeffs.whole_powers >= 0) {
+      V power = coeffs.half_power ? Math::sqrt(base) : V(S(1));
+      for (int i = 0; i < coeffs.whole_powers; ++i) {
+        power = power * base;
+      }
+      return power;
+    }
+    return Math::pow(base, V(coeffs.gamma));  // gamma > 0 here: pow(0, gamma) = 0
   }
 }
 
@@ -185,7 +209,7 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
   const V q = t * pm + tm * p;  // 1 - p_t without subtracting from 1
   const V alpha_t = V(coeffs.alpha_offset) + V(coeffs.alpha_slope) * t;
   const V gamma(coeffs.gamma);
-  const V q_gamma = gamma_power<Math, kGamma>(q, gamma);
+  const V q_gamma = gamma_power<Math, kGamma>(q, coeffs);
 
   FocalTerms<V> terms{zero, zero, zero, zero};
   terms.unweighted_loss = valid * alpha_t * q_gamma * ce;
@@ -280,7 +304,7 @@ FOCAL_HOST_DEVICE FormTerms<V> quality_terms(V x, V t, const Logistic<V>& logit,
   const V d = (V(S(1)) - t) * logit.p - t * logit.pm;  // p - t, exact near t = 1
   const V a = Math::abs(d);
   const V gamma(coeffs.gamma);
-  const V a_gamma = gamma_power<Math, kGamma>(a, gamma);
+  const V a_gamma = gamma_power<Math, kGamma>(a, coeffs);
   FormTerms<V> terms{a_gamma * logit.ce, zero, zero};
   V signed_ratio = zero;  // g * sign(d) * CE / a
   if constexpr (kGamma != GammaMode::Zero && (kGradInputs || kGradTargets)) {

@@ -7,6 +7,8 @@ hessian) and torch.autograd.forward_ad take the same kernels. (torch.compile and
 call the op directly: see focal_cuda/loss.py.)
 """
 
+import inspect
+
 import torch
 
 from . import _ops, reference
@@ -26,14 +28,10 @@ class SigmoidFocalLossFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-                float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss,
-                form, beta, scores):
-        return _ops.sigmoid_focal_loss_forward(
-            inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-            float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form,
-            beta, scores,
-        )
+    def forward(*arguments):
+        # One variadic parameter: apply binds the arguments to this signature on every call
+        # (for setup_context), and binding one parameter costs far less than binding twelve.
+        return _ops.forward(*arguments)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -78,6 +76,10 @@ class SigmoidFocalLossFunction(torch.autograd.Function):
             if reduction == _MEAN:
                 total = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
         return (total.to(loss_dtype), None, None, None, None)
+
+
+# A stored signature saves inspect.signature rebuilding it for apply's binding on every call.
+SigmoidFocalLossFunction.forward.__signature__ = inspect.signature(SigmoidFocalLossFunction.forward)
 
 
 def _refuse_forward_over_forward():

@@ -296,15 +296,28 @@ def _fused_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ig
     _check_inputs(inputs)
     targets, scores = _split_targets(targets, inputs)
     _check_weight(weight, inputs)
-    # What the op differentiates as the targets: the scores of a pair.
-    differentiable_targets = targets if scores is None else scores
     grad_enabled = torch.is_grad_enabled()
     # Under torch.func transforms (vmap, ...) the tensors seen here may not report the
     # requires_grad of what they wrap: then compute every derivative a backward could ask for.
     transformed = grad_enabled and torch._C._are_functorch_transforms_active()
-    # Dynamo cannot trace an autograd.Function with a jvp rule (a graph break): compiled code
-    # calls the op, whose registered autograd uses the Function's own setup_context/backward.
-    apply = _ops.sigmoid_focal_loss_forward if torch.compiler.is_compiling() else SigmoidFocalLossFunction.apply
+    # What the op differentiates as the targets: the scores of a pair.
+    differentiable_targets = targets if scores is None else scores
+    needs = (
+        grad_enabled and (inputs.requires_grad or transformed),
+        grad_enabled and (differentiable_targets.requires_grad
+                          or transformed and differentiable_targets.is_floating_point()),
+        grad_enabled and weight is not None and (weight.requires_grad or transformed),
+    )
+    # Without a gradient to compute (and no forward-mode AD level, whose tangents the Function's
+    # jvp carries) there is no autograd to set up: the op alone. Dynamo cannot trace an
+    # autograd.Function with a jvp rule (a graph break): compiled code calls the op, whose
+    # registered autograd uses the Function's own setup_context/backward.
+    if not any(needs) and torch.autograd.forward_ad._current_level < 0:
+        apply = _ops.forward
+    elif torch.compiler.is_compiling():
+        apply = _ops.sigmoid_focal_loss_forward
+    else:
+        apply = SigmoidFocalLossFunction.apply
     outputs = apply(
         inputs,
         targets,
@@ -315,10 +328,7 @@ def _fused_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ig
         checked_ignore_index(ignore_index),
         checked_label_smoothing(label_smoothing),
         torch.is_autocast_enabled(inputs.device.type),
-        grad_enabled and (inputs.requires_grad or transformed),
-        grad_enabled and (differentiable_targets.requires_grad
-                          or transformed and differentiable_targets.is_floating_point()),
-        grad_enabled and weight is not None and (weight.requires_grad or transformed),
+        *needs,
         form,
         beta,
         scores,

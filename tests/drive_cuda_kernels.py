@@ -4,13 +4,14 @@ to run under compute-sanitizer, where the test suite would take hours.
     cd tests && compute-sanitizer --tool memcheck python drive_cuda_kernels.py
 
 Covers input dtypes x target kinds (float targets of the inputs' dtype, float32 targets with
-16-bit inputs, int64 and int32 labels, (int64 labels, scores) pairs) x gamma modes (0, 2, fractional) x gradients (none,
-inputs, inputs and targets) x the loss forms (focal loss, FL*, quality focal, varifocal, in
-turn) on aligned tensors (the vectorised loads) and misaligned views (the
-scalar path) at a size no vector width divides, with the weight kinds and reductions cycled
-through (weights requiring grad, so the unweighted loss is written too); then the functional and
-in-place backward with elementwise and scalar grad_output on aligned and misaligned buffers,
-autocast with labels (16-bit logits, float32 loss), an all-ignored mean and an empty tensor.
+16-bit inputs, int64 and int32 labels, (int64 labels, scores) pairs) x gamma modes (0, 2; 1.5 by
+products, 0.75 by pow) x gradients (none, inputs, inputs and targets) x the loss forms (focal
+loss, FL*, quality focal, varifocal, in turn) on aligned tensors (the vectorised loads) and
+misaligned views (the scalar path) at a size no vector width divides, with the weight kinds and
+reductions cycled through (weights requiring grad, so the unweighted loss is written too); then
+the functional and in-place backward with elementwise and scalar grad_output on aligned and
+misaligned buffers, autocast with labels (16-bit logits, float32 loss), an all-ignored mean and
+an empty tensor.
 Every loss and gradient is compared with the float64 reference at the tolerance of
 tests/conftest.py. Prints one line per failure and a summary; exits 1 on any failure.
 """
@@ -26,7 +27,7 @@ from conftest import assert_matches, derivative_term_scales, family_term_scales
 ROWS, CLASSES = 37, 13  # 481 elements: odd, so every vector loop has a tail
 DEVICE = "cuda"
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-GAMMAS = [0.0, 2.0, 1.5]
+GAMMAS = [0.0, 2.0, 1.5, 0.75]
 REDUCTIONS = ["none", "mean", "sum"]
 WEIGHT_KINDS = [None, "element", "row", "class"]
 # The public functions of the forms, with arguments each takes (FL* needs gamma > 0: at gamma 0

@@ -82,6 +82,7 @@ struct VecMath {
   static Vec pow(const Vec& base, const Vec& exponent) {
     return exp_nonpositive(exponent * log_unit(base));
   }
+  static Vec sqrt(const Vec& v) { return v.sqrt(); }
   static Vec reciprocal(const Vec& v) { return fast_reciprocal(v); }
   static Vec fma(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
   static Vec abs(const Vec& v) { return v.abs(); }

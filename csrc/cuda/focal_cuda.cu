@@ -27,7 +27,8 @@ namespace focal::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-// The kernels use 48-68 registers a thread (ptxas, sm_90): about 4 resident blocks of 256.
+// Resident blocks per SM the grid of the forward and backward kernels is sized for; their
+// __launch_bounds__ hold ptxas to it (64 registers a thread on sm_90), so the grid is one wave.
 constexpr int kMaxBlocksPerSM = 4;
 
 template <typename T>
@@ -55,6 +56,10 @@ bool is_aligned_for_pack(const void* ptr) {
   return ptr == nullptr || reinterpret_cast<std::uintptr_t>(ptr) % alignof(Pack<T, N>) == 0;
 }
 
+// Blocks for work_items grid-stride items on the current device: one wave at most.
+// cudaDeviceGetAttribute is the lightweight per-attribute query (cudaGetDeviceProperties the
+// slow one); ATen's cached properties need headers (cuBLAS, cuSPARSE) a bare toolkit may lack.
+// Not yet timed on a GPU.
 int grid_size(int64_t work_items) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -115,55 +120,40 @@ struct ForwardPointers {
 template <typename t_t>
 constexpr bool kIsLabels = std::is_same_v<t_t, int64_t>;
 
-// The value of element (index, row, cls) of every output, plus whether it counts for the mean.
-template <GammaMode kGamma, bool kGradInputs, typename x_t, typename t_t, typename out_t>
-__device__ __forceinline__ FocalTerms<math_t<x_t>> element_terms(
-    const ForwardPointers<x_t, t_t, out_t>& p, x_t x, int64_t index, int64_t row, int64_t cls,
-    bool& counted) {
-  using S = math_t<x_t>;
-  S target;
-  S valid(1);
-  if constexpr (kIsLabels<t_t>) {
-    const int64_t label = p.targets[row];
-    counted = label != p.ignore_index;
-    if (counted && (label < 0 || label > p.classes)) {
-      printf("focal_cuda: targets holds the class label %lld; valid labels are 0 to %lld, %lld "
-             "(background) and ignore_index (%lld)\n",
-             static_cast<long long>(label), static_cast<long long>(p.classes - 1),
-             static_cast<long long>(p.classes), static_cast<long long>(p.ignore_index));
-      CUDA_KERNEL_ASSERT(label >= 0 && label <= p.classes && "class label out of range");
-    }
-    valid = counted ? S(1) : S(0);
-    target = label != cls ? S(0) : p.scores != nullptr ? p.scores[row] : S(1);
-  } else {
-    counted = true;
-    target = static_cast<S>(p.targets[index]);
-  }
-  S weight(1);
-  switch (p.weight_kind) {
-    case WeightKind::None: break;
-    case WeightKind::Element: weight = p.weight[index]; break;
-    case WeightKind::Row: weight = p.weight[row]; break;
-    case WeightKind::Class: weight = p.weight[cls]; break;
-  }
-  if (p.grad_targets == nullptr && p.grad_scores == nullptr) {
-    return loss_terms<ScalarMath<S>, kGamma, kGradInputs, false>(static_cast<S>(x), target,
-                                                                  weight, valid, p.coeffs);
-  }
-  const auto terms = loss_terms<ScalarMath<S>, kGamma, kGradInputs, true>(
-      static_cast<S>(x), target, weight, valid, p.coeffs);
-  if constexpr (kIsLabels<t_t>) {
-    // One element per row is labelled: the row's only writer.
-    if (p.grad_scores != nullptr && counted && p.targets[row] == cls) {
-      p.grad_scores[row] = terms.grad_targets;
-    }
-  }
-  return terms;
+// The GPU's report of a label that is no class, not the background and not ignore_index: out of
+// line, so that the kernels hold only a branch to it (no printf buffer, no registers).
+__device__ __noinline__ void report_bad_label(int64_t label, int64_t classes, int64_t ignore_index) {
+  printf("focal_cuda: targets holds the class label %lld; valid labels are 0 to %lld, %lld "
+         "(background) and ignore_index (%lld)\n",
+         static_cast<long long>(label), static_cast<long long>(classes - 1),
+         static_cast<long long>(classes), static_cast<long long>(ignore_index));
+  CUDA_KERNEL_ASSERT(label >= 0 && label <= classes && "class label out of range");
 }
 
-template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGradInputs, int kPack>
-__global__ void __launch_bounds__(kThreads)
-    focal_forward_kernel(const ForwardPointers<x_t, t_t, out_t> p) {
+// The label of a row, checked: read once per row a thread visits, not once per element.
+template <typename x_t, typename out_t>
+__device__ __forceinline__ int64_t row_label(const ForwardPointers<x_t, int64_t, out_t>& p,
+                                             int64_t row) {
+  const int64_t label = p.targets[row];
+  if (label != p.ignore_index && (label < 0 || label > p.classes)) {
+    report_bad_label(label, p.classes, p.ignore_index);
+  }
+  return label;
+}
+
+// The sum of the loss over a thread's elements, and how many of them count for the mean.
+template <typename S>
+struct Partial {
+  S sum;
+  int64_t count;
+};
+
+// A thread's share of the forward: every output of its elements, and their Partial. target
+// holds an element's floating target, or its row's label for labels.
+template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGradInputs,
+          bool kGradTargets, int kPack>
+__device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
+    const ForwardPointers<x_t, t_t, out_t>& p) {
   using S = math_t<x_t>;
   S sum(0);
   int64_t count = 0;
@@ -171,28 +161,58 @@ __global__ void __launch_bounds__(kThreads)
   const bool needs_position = kIsLabels<t_t> || p.weight_kind == WeightKind::Row ||
                               p.weight_kind == WeightKind::Class;
 
-  auto process = [&](int64_t first, int num, const x_t* xs, out_t* losses,
+  auto process = [&](int64_t first, int num, const x_t* xs, const t_t* ts, out_t* losses,
                      saved_t<out_t>* unweighted, saved_t<x_t>* grads_inputs,
                      saved_t<t_t>* grads_targets) {
     int64_t row = needs_position ? first / p.classes : 0;
     int64_t cls = needs_position ? first - row * p.classes : 0;
+    int64_t label = 0;
+    if constexpr (kIsLabels<t_t>) {
+      label = row_label(p, row);
+    }
 #pragma unroll
     for (int k = 0; k < kPack; ++k) {
       if (k < num) {
-        bool counted;
-        const auto terms =
-            element_terms<kGamma, kGradInputs>(p, xs[k], first + k, row, cls, counted);
+        S target;
+        S valid(1);
+        if constexpr (kIsLabels<t_t>) {
+          const bool counted = label != p.ignore_index;
+          count += counted ? 1 : 0;
+          valid = counted ? S(1) : S(0);
+          target = label != cls ? S(0) : p.scores != nullptr ? p.scores[row] : S(1);
+        } else {
+          ++count;
+          target = static_cast<S>(ts[k]);
+        }
+        S weight(1);
+        switch (p.weight_kind) {
+          case WeightKind::None: break;
+          case WeightKind::Element: weight = p.weight[first + k]; break;
+          case WeightKind::Row: weight = p.weight[row]; break;
+          case WeightKind::Class: weight = p.weight[cls]; break;
+        }
+        const auto terms = loss_terms<ScalarMath<S>, kGamma, kGradInputs, kGradTargets>(
+            static_cast<S>(xs[k]), target, weight, valid, p.coeffs);
         sum += terms.loss;
-        count += counted ? 1 : 0;
         losses[k] = static_cast<out_t>(terms.loss);
         unweighted[k] = static_cast<saved_t<out_t>>(terms.unweighted_loss);
         grads_inputs[k] = static_cast<saved_t<x_t>>(terms.grad_inputs);
-        if constexpr (!kIsLabels<t_t>) {
+        if constexpr (kGradTargets && kIsLabels<t_t>) {
+          // The scores' gradient: one element per row is labelled, the row's only writer.
+          if (label == cls && label != p.ignore_index) {
+            p.grad_scores[row] = terms.grad_targets;
+          }
+        } else if constexpr (kGradTargets) {
           grads_targets[k] = static_cast<saved_t<t_t>>(terms.grad_targets);
         }
         if (needs_position && ++cls == p.classes) {
           cls = 0;
           ++row;
+          if constexpr (kIsLabels<t_t>) {
+            if (k + 1 < num) {  // the next row, if this pack reaches it (it may not exist)
+              label = row_label(p, row);
+            }
+          }
         }
       }
     }
@@ -203,11 +223,16 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t num_packs = p.n / kPack;
   for (int64_t pack = thread; pack < num_packs; pack += num_threads) {
     const auto xs = reinterpret_cast<const Pack<x_t, kPack>*>(p.inputs)[pack];
+    Pack<t_t, kPack> ts;
+    if constexpr (!kIsLabels<t_t>) {
+      ts = reinterpret_cast<const Pack<t_t, kPack>*>(p.targets)[pack];
+    }
     Pack<out_t, kPack> losses;
     Pack<saved_t<out_t>, kPack> unweighted;
     Pack<saved_t<x_t>, kPack> grads_inputs;
     Pack<saved_t<t_t>, kPack> grads_targets;
-    process(pack * kPack, kPack, xs.v, losses.v, unweighted.v, grads_inputs.v, grads_targets.v);
+    process(pack * kPack, kPack, xs.v, ts.v, losses.v, unweighted.v, grads_inputs.v,
+            grads_targets.v);
     if (p.loss != nullptr) {
       reinterpret_cast<Pack<out_t, kPack>*>(p.loss)[pack] = losses;
     }
@@ -217,10 +242,8 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (kGradInputs) {
       reinterpret_cast<Pack<saved_t<x_t>, kPack>*>(p.grad_inputs)[pack] = grads_inputs;
     }
-    if constexpr (!kIsLabels<t_t>) {
-      if (p.grad_targets != nullptr) {
-        reinterpret_cast<Pack<saved_t<t_t>, kPack>*>(p.grad_targets)[pack] = grads_targets;
-      }
+    if constexpr (kGradTargets && !kIsLabels<t_t>) {
+      reinterpret_cast<Pack<saved_t<t_t>, kPack>*>(p.grad_targets)[pack] = grads_targets;
     }
   }
   // The last n % kPack elements (fewer than the threads of one block).
@@ -230,8 +253,8 @@ __global__ void __launch_bounds__(kThreads)
     saved_t<out_t> unweighted_value;
     saved_t<x_t> grad_inputs_value;
     saved_t<t_t> grad_targets_value;
-    process(tail, 1, p.inputs + tail, &loss_value, &unweighted_value, &grad_inputs_value,
-            &grad_targets_value);
+    process(tail, 1, p.inputs + tail, kIsLabels<t_t> ? nullptr : p.targets + tail, &loss_value,
+            &unweighted_value, &grad_inputs_value, &grad_targets_value);
     if (p.loss != nullptr) {
       p.loss[tail] = loss_value;
     }
@@ -241,15 +264,27 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (kGradInputs) {
       p.grad_inputs[tail] = grad_inputs_value;
     }
-    if constexpr (!kIsLabels<t_t>) {
-      if (p.grad_targets != nullptr) {
-        p.grad_targets[tail] = grad_targets_value;
-      }
+    if constexpr (kGradTargets && !kIsLabels<t_t>) {
+      p.grad_targets[tail] = grad_targets_value;
     }
   }
+  return {sum, count};
+}
 
-  sum = block_sum(sum);
-  count = block_sum(count);
+template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGradInputs, int kPack>
+__global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
+    focal_forward_kernel(const ForwardPointers<x_t, t_t, out_t> p) {
+  // The target gradient (of floating targets, or of the scores of labels) is decided here,
+  // once, rather than compiled into a kernel of its own (it is rarely wanted) or tested per
+  // element.
+  Partial<math_t<x_t>> partial;
+  if (p.grad_targets != nullptr || p.grad_scores != nullptr) {
+    partial = forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, kPack>(p);
+  } else {
+    partial = forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, kPack>(p);
+  }
+  const auto sum = block_sum(partial.sum);
+  const auto count = block_sum(partial.count);
   if (threadIdx.x == 0) {
     p.block_sums[blockIdx.x] = sum;
     p.block_counts[blockIdx.x] = count;
@@ -285,7 +320,7 @@ __global__ void __launch_bounds__(kThreads)
 // out may be saved itself (no __restrict__ on them): each element is read, then written, by
 // one thread.
 template <typename s_t, typename g_t, bool kScalarGrad, int kPack>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
     focal_backward_kernel(const s_t* saved, const g_t* __restrict__ grad_output,
                           const int64_t* __restrict__ divisor, int64_t n, s_t* out) {
   using S = math_t<s_t>;
@@ -416,14 +451,11 @@ void forward(const ForwardArgs& args) {
         is_aligned_for_pack<out_t, kPack>(p.loss) &&
         is_aligned_for_pack<saved_t<out_t>, kPack>(p.unweighted_loss);
     const int grid = grid_size(packed ? n / kPack : n);
-    const at::Tensor block_sums =
-        at::empty({grid}, args.inputs.options().dtype(c10::CppTypeToScalarType<S>::value));
-    const at::Tensor block_counts = at::empty({grid}, args.inputs.options().dtype(at::kLong));
-    p.block_sums = block_sums.mutable_data_ptr<S>();
-    p.block_counts = block_counts.mutable_data_ptr<int64_t>();
+    // One allocation for the per-block counts and partial sums (S: 4 or 8 bytes).
+    const at::Tensor partials = at::empty({2 * grid}, args.inputs.options().dtype(at::kLong));
+    p.block_counts = partials.mutable_data_ptr<int64_t>();
+    p.block_sums = reinterpret_cast<S*>(p.block_counts + grid);
 
-    // grad_targets is a run-time branch inside the kernel (rarely wanted; it saves compiling a
-    // second copy of every kernel).
     dispatch_gamma_mode(args.gamma, [&](auto gamma_mode) {
       dispatch_flag(p.grad_inputs != nullptr, [&](auto grad_inputs_flag) {
         constexpr GammaMode kGamma = decltype(gamma_mode)::value;

@@ -30,6 +30,9 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+// A code-generation hint the emulator needs no copy of (and glibc's headers spell
+// __attribute__((__noinline__)), which a non-empty definition would break).
+#define __noinline__
 #define __launch_bounds__(...)
 // The abi tag puts "focal_emu_shared" into the variable's symbol: how the runtime finds it.
 #define __shared__ static __attribute__((abi_tag("focal_emu_shared")))

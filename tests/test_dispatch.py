@@ -1,0 +1,93 @@
+"""Plain eager calls go straight to the C++ op (the dispatcher's Python path costs tens of
+microseconds a call); whatever the dispatcher serves still sees the op: dispatch and function
+modes, the profiler, torch.func transforms, tensor subclasses. Both paths give the same bits."""
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import focal_cuda
+
+FORWARD = "focal_cuda.sigmoid_focal_loss_forward.default"
+# Under a mode the saved gradient is not reused in place (see _ops._last_use_of).
+BACKWARD = "focal_cuda.sigmoid_focal_loss_backward.default"
+
+
+class RecordingDispatchMode(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class RecordingFunctionMode(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def training_step(x, t, reduction="sum"):
+    x = x.detach().requires_grad_()
+    loss = focal_cuda.sigmoid_focal_loss(x, t, 0.25, 2.0, reduction)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.fixture
+def operands():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 13, generator=generator)
+    t = (torch.rand(37, 13, generator=generator) < 0.2).float()
+    return x, t
+
+
+def test_dispatch_mode_sees_the_ops_and_the_bits_match(operands):
+    direct = training_step(*operands)
+    mode = RecordingDispatchMode()
+    with mode:
+        dispatched = training_step(*operands)
+    assert {FORWARD, BACKWARD} <= mode.seen, mode.seen
+    for a, b in zip(direct, dispatched):
+        assert torch.equal(a, b)
+
+
+def test_function_mode_sees_the_forward_op(operands):
+    mode = RecordingFunctionMode()
+    with mode:
+        training_step(*operands)
+    assert any("sigmoid_focal_loss_forward" in name for name in mode.seen), mode.seen
+
+
+def test_profiler_records_the_ops(operands):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        training_step(*operands)
+    names = {event.name for event in profile.events()}
+    assert {"focal_cuda::sigmoid_focal_loss_forward", "focal_cuda::sigmoid_focal_loss_backward_"} <= names
+
+
+def test_no_grad_call_matches_the_dispatched_op(operands):
+    x, t = operands
+    with torch.no_grad():
+        direct = focal_cuda.sigmoid_focal_loss(x, t, 0.25, 2.0, "none")
+        mode = RecordingDispatchMode()
+        with mode:
+            dispatched = focal_cuda.sigmoid_focal_loss(x, t, 0.25, 2.0, "none")
+    assert FORWARD in mode.seen
+    assert torch.equal(direct, dispatched)
+
+
+def test_subclass_inputs_take_the_dispatcher(operands):
+    class Tagged(torch.Tensor):
+        pass
+
+    x, t = operands
+    loss = focal_cuda.sigmoid_focal_loss(x.as_subclass(Tagged), t, 0.25, 2.0, "sum")
+    assert torch.equal(loss.as_subclass(torch.Tensor), focal_cuda.sigmoid_focal_loss(x, t, 0.25, 2.0, "sum"))
