@@ -223,7 +223,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
   const int64_t num_packs = p.n / kPack;
   for (int64_t pack = thread; pack < num_packs; pack += num_threads) {
     const auto xs = reinterpret_cast<const Pack<x_t, kPack>*>(p.inputs)[pack];
-    Pack<t_t, kPack> ts;
+    Pack<t_t, kPack> ts;  // unused for labels, which are read per row
     if constexpr (!kIsLabels<t_t>) {
       ts = reinterpret_cast<const Pack<t_t, kPack>*>(p.targets)[pack];
     }
