@@ -39,7 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("gamma"), pybind11::arg("reduction"), pybind11::arg("ignore_index"),
         pybind11::arg("label_smoothing"), pybind11::arg("float32_loss"),
         pybind11::arg("compute_grad_inputs"), pybind11::arg("compute_grad_targets"),
-        pybind11::arg("compute_unweighted_loss"),
+        pybind11::arg("compute_unweighted_loss"), pybind11::arg("form") = 0, pybind11::arg("beta") = 0.0,
+        pybind11::arg("scores") = pybind11::none(),
         "Fused sigmoid focal loss: (loss, dloss/dinputs, dloss/dtargets, loss before weight, "
         "count), gradients unscaled.");
   m.def("sigmoid_focal_loss_backward", &focal::sigmoid_focal_loss_backward, release_gil(),

@@ -24,18 +24,25 @@ struct ForwardArgs {
   at::Tensor inputs;
   at::Tensor targets;  // floating, inputs' numel; or int64 class labels, one per row
   bool labels;         // targets holds class labels: class c of row r is positive iff label == c
+  at::Tensor scores;   // labels only, optional: one target per row for its labelled class (the
+                       // others get 0), in the math dtype; undefined: 1
   int64_t classes;
   int64_t ignore_index;  // label of rows that contribute nothing (labels only)
   at::Tensor weight;     // in the math dtype of the loss (float64 for a float64 loss, else
                          // float32), indexed per weight_kind; or undefined
   WeightKind weight_kind;
-  double alpha;  // < 0: no alpha weighting
-  double gamma;
+  LossForm form;
+  double alpha;  // < 0: no alpha weighting (focal loss, FL*); VFL: the negatives' weight
+  double gamma;  // the modulating exponent (FL, QFL's beta, VFL), or FL*'s gamma
+  double beta;   // FL*'s beta
   double label_smoothing;
   Reduction reduction;
   at::Tensor loss;             // inputs' shape for Reduction::None, else 0-d
   at::Tensor grad_inputs;      // undefined when not requested; dloss/dinputs, unscaled
   at::Tensor grad_targets;     // undefined when not requested; dloss/dtargets, unscaled
+  at::Tensor grad_scores;      // undefined when not requested; dloss/dscores per row, unscaled,
+                               // in the math dtype, zero-filled by the caller (the kernels
+                               // write the rows whose label is a class)
   at::Tensor unweighted_loss;  // undefined when not requested; the loss before the weight
   at::Tensor count;            // 0-d int64: the elements not ignored, the divisor of the mean
 };

@@ -1,4 +1,5 @@
-// The elementwise sigmoid focal loss and its analytic derivatives: the one place the formulas live.
+// The elementwise sigmoid focal loss, its family (FL*, quality focal loss, varifocal loss) and
+// their analytic derivatives: the one place the formulas live.
 //
 // Used by the CUDA kernels (V = float/double), the CPU kernels (V = at::vec::Vectorized<float/double>)
 // and their scalar tails (V = float/double), so the CPU tests exercise the very formulas the GPU runs.
@@ -73,6 +74,29 @@ struct FocalCoeffs {
   }
 };
 
+// The member of the family a launch computes: a run-time switch, the same for every element of
+// a launch (no divergence on a GPU, no extra template instances). The codes cross the Python
+// boundary unchanged.
+enum class LossForm : int { Focal = 0, Star = 1, Quality = 2, Varifocal = 3 };
+
+// FocalCoeffs plus what the other forms need. gamma (FocalCoeffs) is the exponent of the
+// modulating factor (the focal loss's gamma, QFL's beta, VFL's gamma), or FL*'s gamma; alpha
+// is alpha_t's (focal loss, FL*) or VFL's weight of the negatives (its alpha_t is off).
+template <typename S>
+struct LossCoeffs : FocalCoeffs<S> {
+  LossForm form;
+  S star_beta;       // FL*'s beta
+  S star_inv_gamma;  // FL*'s 1 / gamma (gamma > 0 there)
+  S negative_scale;  // VFL's alpha
+
+  LossCoeffs(LossForm form_, double alpha, double gamma_, double beta, double label_smoothing)
+      : FocalCoeffs<S>(form_ == LossForm::Varifocal ? -1.0 : alpha, gamma_, label_smoothing),
+        form(form_),
+        star_beta(static_cast<S>(beta)),
+        star_inv_gamma(static_cast<S>(gamma_ > 0.0 ? 1.0 / gamma_ : 0.0)),
+        negative_scale(static_cast<S>(alpha)) {}
+};
+
 // log(1 + v) for float v in [-0.25, 1]: 2 atanh(s) with s = v / (2 + v), |s| <= 1/3. In h = 2s
 // (s itself would be subnormal for v < 2.4e-38, and flushed to 0 on the CPU): log1p(v) =
 // h + h^3 R(h^2), R a cubic fitted to (2 atanh(h/2) - h) / h^3 on [0, 4/9] (fit error < 5e-9
@@ -127,6 +151,52 @@ struct FocalTerms {
   V grad_targets;     // d(loss)/d(targets), through the label smoothing
 };
 
+// sigmoid(x), sigmoid(-x) and the binary cross-entropy CE(x, t), without cancellation.
+template <typename V>
+struct Logistic {
+  V p;   // sigmoid(x)
+  V pm;  // sigmoid(-x) = 1 - p
+  V ce;  // t * softplus(-x) + (1 - t) * softplus(x)
+};
+
+template <typename Math, typename V>
+FOCAL_HOST_DEVICE Logistic<V> logistic(V x, V t) {
+  const V zero(0.0f);
+  const V one(1.0f);
+  const V e = Math::exp(zero - Math::abs(x));  // exp(-|x|), in (0, 1]
+  const V sig_abs = Math::reciprocal(one + e);  // sigmoid(|x|)
+  const auto x_nonneg = x >= zero;
+  // softplus(-x) = log1p(e) + max(-x, 0), softplus(x) = log1p(e) + max(x, 0): a sum of
+  // non-negative terms for t in [0, 1].
+  return {Math::select(x_nonneg, sig_abs, e * sig_abs), Math::select(x_nonneg, e * sig_abs, sig_abs),
+          Math::log1p(e) + t * Math::max(zero - x, zero) + (one - t) * Math::max(x, zero)};
+}
+
+// base^gamma for base in [0, 1] and the launch's exponent coeffs.gamma: 1 for Zero, a square for
+// Two, products (and one sqrt) for a multiple of 1/2 up to kMaxProductGamma, else pow.
+template <typename Math, GammaMode kGamma, typename V, typename S>
+FOCAL_HOST_DEVICE V gamma_power(V base, const FocalCoeffs<S>& coeffs) {
+  if constexpr (kGamma == GammaMode::Zero) {
+    return V(S(1));
+  } else if constexpr (kGamma == GammaMode::Two) {
+    return base * base;
+  } else {
+    if (coeffs.whole_powers >= 0) {
+      // base^whole_powers by squaring: at most 4 products each way for whole_powers <= 8.
+      V power = coeffs.half_power ? Math::sqrt(base) : V(S(1));
+      V square = base;
+      for (int bits = coeffs.whole_powers; bits > 0; bits >>= 1) {
+        if (bits & 1) {
+          power = power * square;
+        }
+        square = square * square;
+      }
+      return power;
+    }
+    return Math::pow(base, V(coeffs.gamma));  // gamma > 0 here: pow(0, gamma) = 0
+  }
+}
+
 // x: logit; t: target before label smoothing; weight: the element's weight (1 when there is
 // none); valid: 0 for an ignored element (no loss, no gradient), else 1.
 template <typename Math, GammaMode kGamma, bool kGradInputs, bool kGradTargets, typename V,
@@ -136,38 +206,15 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
   const V zero(S(0));
   const V one(S(1));
   t = t * V(coeffs.target_scale) + V(coeffs.target_offset);
-  const V e = Math::exp(zero - Math::abs(x));  // exp(-|x|), in (0, 1]
-  const V u = one + e;
-  const V sig_abs = Math::reciprocal(u);  // sigmoid(|x|)
-  const V log1p_e = Math::log1p(e);
-  const auto x_nonneg = x >= zero;
-  const V p = Math::select(x_nonneg, sig_abs, e * sig_abs);   // sigmoid(x)
-  const V pm = Math::select(x_nonneg, e * sig_abs, sig_abs);  // sigmoid(-x) = 1 - p, no cancellation
+  const Logistic<V> logit = logistic<Math>(x, t);
+  const V p = logit.p;
+  const V pm = logit.pm;
+  const V ce = logit.ce;
   const V tm = one - t;
-  // softplus(-x) = log1p(e) + max(-x, 0), softplus(x) = log1p(e) + max(x, 0): a sum of
-  // non-negative terms for t in [0, 1].
-  const V ce = log1p_e + t * Math::max(zero - x, zero) + tm * Math::max(x, zero);
   const V q = t * pm + tm * p;  // 1 - p_t without subtracting from 1
   const V alpha_t = V(coeffs.alpha_offset) + V(coeffs.alpha_slope) * t;
   const V gamma(coeffs.gamma);
-  V q_gamma;
-  if constexpr (kGamma == GammaMode::Zero) {
-    q_gamma = one;
-  } else if constexpr (kGamma == GammaMode::Two) {
-    q_gamma = q * q;
-  } else if (coeffs.whole_powers >= 0) {
-    // q^whole_powers by squaring: at most 4 products each way for whole_powers <= 8.
-    q_gamma = coeffs.half_power ? Math::sqrt(q) : one;
-    V square = q;
-    for (int bits = coeffs.whole_powers; bits > 0; bits >>= 1) {
-      if (bits & 1) {
-        q_gamma = q_gamma * square;
-      }
-      square = square * square;
-    }
-  } else {
-    q_gamma = Math::pow(q, gamma);  // gamma > 0 here: pow(0, gamma) = 0
-  }
+  const V q_gamma = gamma_power<Math, kGamma>(q, coeffs);
 
   FocalTerms<V> terms{zero, zero, zero, zero};
   terms.unweighted_loss = valid * alpha_t * q_gamma * ce;
@@ -197,6 +244,134 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
                          (V(coeffs.alpha_slope) * ce + alpha_t * bracket);
   }
   return terms;
+}
+
+// The other forms' elementwise results before the weight and the ignored rows: the loss and
+// its derivatives w.r.t. the logit and the (smoothed) target.
+template <typename V>
+struct FormTerms {
+  V loss;
+  V d_inputs;
+  V d_targets;
+};
+
+// FocalTerms from FormTerms: weight and validity applied, d/dt taken through the smoothing.
+template <typename V, typename S>
+FOCAL_HOST_DEVICE FocalTerms<V> weighted_terms(const FormTerms<V>& form, V weight, V valid,
+                                               const FocalCoeffs<S>& coeffs) {
+  const V weight_valid = weight * valid;
+  return {weight_valid * form.loss, valid * form.loss, weight_valid * form.d_inputs,
+          weight_valid * V(coeffs.target_scale) * form.d_targets};
+}
+
+// FL* (Lin et al., appendix A), with y = 2t - 1 (+-1 for hard targets, continued linearly for
+// soft ones as fvcore does) and z = gamma * y * x + beta:
+//   loss  = alpha_t * softplus(-z) / gamma                       (-log(p*_t) / gamma)
+//   dL/dx = -alpha_t * y * sigmoid(-z)                           (appendix B: y (p*_t - 1))
+//   dL/dt = alpha_slope * softplus(-z) / gamma - 2 alpha_t x sigmoid(-z)   (dz/dt = 2 gamma x)
+// softplus(-z) and sigmoid(-z) from exp(-|z|): finite and without cancellation at any z.
+template <typename Math, bool kGradInputs, bool kGradTargets, typename V, typename S>
+FOCAL_HOST_DEVICE FormTerms<V> star_terms(V x, V t, const LossCoeffs<S>& coeffs) {
+  const V zero(S(0));
+  const V one(S(1));
+  const V y = t + t - one;
+  const V z = V(coeffs.gamma) * y * x + V(coeffs.star_beta);
+  const V e = Math::exp(zero - Math::abs(z));
+  const V sig_abs = Math::reciprocal(one + e);                // sigmoid(|z|)
+  const V sig_neg = Math::select(z >= zero, e * sig_abs, sig_abs);  // sigmoid(-z)
+  const V softplus_neg = Math::log1p(e) + Math::max(zero - z, zero);
+  const V alpha_t = V(coeffs.alpha_offset) + V(coeffs.alpha_slope) * t;
+  const V star = softplus_neg * V(coeffs.star_inv_gamma);
+  FormTerms<V> terms{alpha_t * star, zero, zero};
+  if constexpr (kGradInputs) {
+    terms.d_inputs = zero - alpha_t * y * sig_neg;
+  }
+  if constexpr (kGradTargets) {
+    terms.d_targets = V(coeffs.alpha_slope) * star - V(S(2)) * alpha_t * x * sig_neg;
+  }
+  return terms;
+}
+
+// CE * |p - t|^g, QFL's loss (Li et al., GFL) and VFL's on negatives (without its alpha). With
+// d = p - t, a = |d|, dCE/dx = d, dCE/dt = -x, da/dx = sign(d) p(1-p), da/dt = -sign(d):
+//   loss  = a^g * CE
+//   dL/dx = a^g * [d + g * sign(d) * (CE / a) * p(1-p)]
+//   dL/dt = a^g * [-x - g * sign(d) * (CE / a)]
+// At a saturated logit with a hard target CE vanishes like a (CE / a -> 1), so the gradient
+// stays finite for fractional g; at a == 0 the sign(d) terms are 0 (abs'(0) = 0, as autograd
+// takes it). Near sigmoid(x) == t with a soft target and g < 1 the derivative of a^g is
+// unbounded: a property of the loss, not of its evaluation.
+template <typename Math, GammaMode kGamma, bool kGradInputs, bool kGradTargets, typename V,
+          typename S>
+FOCAL_HOST_DEVICE FormTerms<V> quality_terms(V x, V t, const Logistic<V>& logit,
+                                             const FocalCoeffs<S>& coeffs) {
+  const V zero(S(0));
+  const V d = (V(S(1)) - t) * logit.p - t * logit.pm;  // p - t, exact near t = 1
+  const V a = Math::abs(d);
+  const V gamma(coeffs.gamma);
+  const V a_gamma = gamma_power<Math, kGamma>(a, coeffs);
+  FormTerms<V> terms{a_gamma * logit.ce, zero, zero};
+  V signed_ratio = zero;  // g * sign(d) * CE / a
+  if constexpr (kGamma != GammaMode::Zero && (kGradInputs || kGradTargets)) {
+    const V ratio = Math::select(a > zero, gamma * logit.ce * Math::reciprocal(a), zero);
+    signed_ratio = Math::select(d < zero, zero - ratio, ratio);
+  }
+  if constexpr (kGradInputs) {
+    terms.d_inputs = a_gamma * (d + signed_ratio * logit.p * logit.pm);
+  }
+  if constexpr (kGradTargets) {
+    terms.d_targets = a_gamma * (zero - x - signed_ratio);
+  }
+  return terms;
+}
+
+// VFL (Zhang et al., VarifocalNet): a positive (t > 0, t its IoU score) weighs CE by t, a
+// negative by alpha * |p - t|^gamma:
+//   t > 0: loss = t * CE, dL/dx = t * (p - t), dL/dt = CE - t * x
+//   else:  alpha * quality_terms
+// The loss jumps at t = 0; there d/dt is the negative branch's, as autograd of the composite
+// form gives it.
+template <typename Math, GammaMode kGamma, bool kGradInputs, bool kGradTargets, typename V,
+          typename S>
+FOCAL_HOST_DEVICE FormTerms<V> varifocal_terms(V x, V t, const LossCoeffs<S>& coeffs) {
+  const V zero(S(0));
+  const Logistic<V> logit = logistic<Math>(x, t);
+  const FormTerms<V> negative =
+      quality_terms<Math, kGamma, kGradInputs, kGradTargets>(x, t, logit, coeffs);
+  const V alpha(coeffs.negative_scale);
+  const auto positive = t > zero;
+  FormTerms<V> terms{Math::select(positive, t * logit.ce, alpha * negative.loss), zero, zero};
+  if constexpr (kGradInputs) {
+    const V d = (V(S(1)) - t) * logit.p - t * logit.pm;
+    terms.d_inputs = Math::select(positive, t * d, alpha * negative.d_inputs);
+  }
+  if constexpr (kGradTargets) {
+    terms.d_targets = Math::select(positive, logit.ce - t * x, alpha * negative.d_targets);
+  }
+  return terms;
+}
+
+// The loss of coeffs.form: what the kernels call for every element.
+template <typename Math, GammaMode kGamma, bool kGradInputs, bool kGradTargets, typename V,
+          typename S>
+FOCAL_HOST_DEVICE FocalTerms<V> loss_terms(V x, V t, V weight, V valid,
+                                           const LossCoeffs<S>& coeffs) {
+  switch (coeffs.form) {
+    case LossForm::Star: {
+      t = t * V(coeffs.target_scale) + V(coeffs.target_offset);
+      return weighted_terms(star_terms<Math, kGradInputs, kGradTargets>(x, t, coeffs), weight,
+                            valid, coeffs);
+    }
+    case LossForm::Quality:  // no label smoothing (the op refuses it): t as it is
+      return weighted_terms(quality_terms<Math, kGamma, kGradInputs, kGradTargets>(
+                                x, t, logistic<Math>(x, t), coeffs),
+                            weight, valid, coeffs);
+    case LossForm::Varifocal:
+      return weighted_terms(varifocal_terms<Math, kGamma, kGradInputs, kGradTargets>(x, t, coeffs),
+                            weight, valid, coeffs);
+    default:
+      return focal_terms<Math, kGamma, kGradInputs, kGradTargets>(x, t, weight, valid, coeffs);
+  }
 }
 
 }  // namespace focal

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <limits>
 
 #include "focal.h"
@@ -51,6 +52,47 @@ at::ScalarType math_dtype(at::ScalarType dtype) {
 // by a loss scale; the dtype itself otherwise (bfloat16 has float32's range).
 at::ScalarType saved_dtype(at::ScalarType dtype) {
   return dtype == at::kHalf ? at::kFloat : dtype;
+}
+
+// Checks the scalar arguments of the form (see focal_ops.h) and returns the form.
+LossForm checked_form_arguments(int64_t form, double alpha, double gamma, double beta,
+                                double label_smoothing) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  TORCH_CHECK_VALUE(form >= 0 && form <= 3,
+                    "form must be 0 (focal loss), 1 (FL*), 2 (quality focal loss) or 3 (varifocal "
+                    "loss), got ", form);
+  const auto loss_form = static_cast<LossForm>(form);
+  switch (loss_form) {
+    case LossForm::Focal:
+    case LossForm::Star:
+      TORCH_CHECK_VALUE(alpha == -1.0 || (alpha >= 0.0 && alpha <= 1.0),
+                        "alpha must be in [0, 1], or -1 to disable the weighting, got ", alpha);
+      break;
+    case LossForm::Quality:
+      TORCH_CHECK_VALUE(alpha == -1.0, "the quality focal loss has no alpha: pass -1, got ", alpha);
+      break;
+    case LossForm::Varifocal:
+      TORCH_CHECK_VALUE(alpha >= 0.0 && alpha < kInf,
+                        "alpha (the varifocal loss's weight of negatives) must be a finite number "
+                        ">= 0, got ", alpha);
+      break;
+  }
+  if (loss_form == LossForm::Star) {
+    TORCH_CHECK_VALUE(gamma > 0.0 && gamma < kInf, "gamma of FL* must be a finite number > 0, got ",
+                      gamma);
+    TORCH_CHECK_VALUE(std::abs(beta) < kInf, "beta of FL* must be a finite number, got ", beta);
+  } else {
+    TORCH_CHECK_VALUE(gamma >= 0.0 && gamma < kInf, "gamma must be a finite number >= 0, got ",
+                      gamma);
+    TORCH_CHECK_VALUE(beta == 0.0, "beta is FL*'s shift; the other forms take 0, got ", beta);
+  }
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
+                    "label_smoothing must be in [0, 1), got ", label_smoothing);
+  TORCH_CHECK_VALUE(label_smoothing == 0.0 || loss_form == LossForm::Focal ||
+                        loss_form == LossForm::Star,
+                    "label_smoothing must be 0 for the quality focal and varifocal losses, whose "
+                    "targets are soft scores already, got ", label_smoothing);
+  return loss_form;
 }
 
 // Every label must name a class (0..C-1), the background (C) or be ignore_index. Checked on CPU
@@ -151,17 +193,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     const at::Tensor& inputs, const at::Tensor& targets, const std::optional<at::Tensor>& weight,
     double alpha, double gamma, int64_t reduction, int64_t ignore_index, double label_smoothing,
     bool float32_loss, bool compute_grad_inputs, bool compute_grad_targets,
-    bool compute_unweighted_loss) {
+    bool compute_unweighted_loss, int64_t form, double beta,
+    const std::optional<at::Tensor>& scores) {
   check_floating(inputs, "inputs");
   check_same_device(targets, inputs, "targets");
   check_device(inputs);
   const bool labels = at::isIntegralType(targets.scalar_type(), /*includeBool=*/false);
+  const bool has_scores = scores.has_value() && scores->defined();
+  if (has_scores) {
+    TORCH_CHECK_VALUE(labels, "scores go with integer targets (class labels), got targets of dtype ",
+                      targets.scalar_type());
+    check_floating(*scores, "scores");
+    check_same_device(*scores, inputs, "scores");
+    TORCH_CHECK_VALUE(scores->sizes() == targets.sizes(),
+                      "scores must have the shape of the class labels, got ", scores->sizes(),
+                      " and ", targets.sizes());
+  }
   if (labels) {
     TORCH_CHECK_VALUE(inputs.dim() >= 1 && targets.sizes() == inputs.sizes().slice(0, inputs.dim() - 1),
                       "integer targets (class labels) must have the shape of inputs without its "
                       "last (class) dimension, got ", targets.sizes(), " for inputs ",
                       inputs.sizes());
-    TORCH_CHECK_VALUE(!compute_grad_targets, "integer targets (class labels) have no gradient");
+    TORCH_CHECK_VALUE(!compute_grad_targets || has_scores,
+                      "integer targets (class labels) have no gradient (scores may have one)");
   } else {
     TORCH_CHECK_VALUE(at::isFloatingType(targets.scalar_type()),
                       "targets must be a floating-point tensor, or an integer tensor of class "
@@ -170,20 +224,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
                       "targets must have the same shape as inputs, got ", inputs.sizes(), " and ",
                       targets.sizes());
   }
-  TORCH_CHECK_VALUE(alpha == -1.0 || (alpha >= 0.0 && alpha <= 1.0),
-                    "alpha must be in [0, 1], or -1 to disable the weighting, got ", alpha);
-  TORCH_CHECK_VALUE(gamma >= 0.0 && gamma < std::numeric_limits<double>::infinity(),
-                    "gamma must be a finite number >= 0, got ", gamma);
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
-                    "label_smoothing must be in [0, 1), got ", label_smoothing);
+  const LossForm loss_form = checked_form_arguments(form, alpha, gamma, beta, label_smoothing);
   const Reduction mode = checked_reduction(reduction);
 
   ForwardArgs args;
   args.labels = labels;
   args.classes = inputs.dim() == 0 ? 1 : inputs.size(-1);
   args.ignore_index = ignore_index;
+  args.form = loss_form;
   args.alpha = alpha;
   args.gamma = gamma;
+  args.beta = beta;
   args.label_smoothing = label_smoothing;
   args.reduction = mode;
 
@@ -198,6 +249,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     args.inputs = inputs.contiguous();
     args.targets = targets.to(at::kLong).contiguous();  // before any comparison: no wrapping
     check_labels_on_cpu(args.targets, args.classes, ignore_index);
+    if (has_scores) {
+      args.scores = scores->to(math_dtype(loss_dtype)).contiguous();
+    }
   } else {
     std::tie(args.inputs, args.targets) =
         readable_pair(inputs.contiguous(), floating_targets.contiguous());
@@ -217,7 +271,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
   if (compute_grad_inputs) {
     args.grad_inputs = at::empty(x.sizes(), x.options().dtype(saved_dtype(x.scalar_type())));
   }
-  if (compute_grad_targets) {
+  if (compute_grad_targets && labels) {
+    args.grad_scores = at::zeros(args.scores.sizes(), args.scores.options());
+  } else if (compute_grad_targets) {
     args.grad_targets = at::empty(args.targets.sizes(),
                                   args.targets.options().dtype(saved_dtype(args.targets.scalar_type())));
   }
@@ -242,7 +298,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     const auto dtype = saved_dtype(like.scalar_type());
     return output.defined() ? output.to(dtype) : at::empty({0}, like.options().dtype(dtype));
   };
-  return {args.loss, finish(args.grad_inputs, inputs), finish(args.grad_targets, targets),
+  const at::Tensor grad_targets = has_scores ? finish(args.grad_scores, *scores)
+                                            : finish(args.grad_targets, targets);
+  return {args.loss, finish(args.grad_inputs, inputs), grad_targets,
           finish(args.unweighted_loss, args.loss), args.count};
 }
 

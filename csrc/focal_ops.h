@@ -8,7 +8,8 @@
 
 namespace focal {
 
-// Sigmoid focal loss in one pass. targets: floating, of inputs' shape; or integer class labels
+// Sigmoid focal loss, or another form of its family (form: focal::LossForm's code), in one
+// pass. targets: floating, of inputs' shape; or integer class labels
 // of shape inputs.shape[:-1] (label C = classes means background, ignore_index ignores the
 // row). weight: optional, broadcastable to inputs. Returns
 //   (loss, grad_inputs, grad_targets, unweighted_loss, count):
@@ -20,11 +21,19 @@ namespace focal {
 // backward cannot meet values float16 already flushed. Outputs not requested are empty 1-d
 // tensors. count is a 0-d int64 tensor on the
 // inputs' device: the elements not ignored, the mean's divisor.
+// Per form (ValueError for anything else): focal loss: alpha in [0, 1] or -1, gamma >= 0;
+// FL*: alpha likewise, gamma > 0 its gamma, beta its beta; QFL: gamma its beta >= 0, alpha -1;
+// VFL: alpha >= 0 the negatives' weight, gamma >= 0. beta is 0 but for FL*, label_smoothing 0
+// for QFL and VFL (their targets are already soft scores).
+// scores: with integer labels only, optional, floating, of the labels' shape: the target of the
+// labelled class of each row (the others 0; without scores, 1). Then grad_targets is
+// d(loss)/d(scores), of the scores' shape, and the loss has the inputs' dtype as with labels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_forward(
     const at::Tensor& inputs, const at::Tensor& targets, const std::optional<at::Tensor>& weight,
     double alpha, double gamma, int64_t reduction, int64_t ignore_index, double label_smoothing,
     bool float32_loss, bool compute_grad_inputs, bool compute_grad_targets,
-    bool compute_unweighted_loss);
+    bool compute_unweighted_loss, int64_t form = 0, double beta = 0.0,
+    const std::optional<at::Tensor>& scores = std::nullopt);
 
 // saved_grad * grad_output (elementwise for reduction None, else one value), divided by count
 // for Mean (zero where count is 0).

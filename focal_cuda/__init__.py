@@ -94,9 +94,22 @@ _check_extension()
 from . import _C  # noqa: E402
 
 from . import reference  # noqa: E402
-from .loss import SigmoidFocalLoss, sigmoid_focal_loss  # noqa: E402
+from .loss import (  # noqa: E402
+    QualityFocalLoss,
+    SigmoidFocalLoss,
+    SigmoidFocalLossStar,
+    VarifocalLoss,
+    quality_focal_loss,
+    sigmoid_focal_loss,
+    sigmoid_focal_loss_star,
+    varifocal_loss,
+)
 
-__all__ = ["SigmoidFocalLoss", "__version__", "backends", "reference", "sigmoid_focal_loss"]
+__all__ = [
+    "QualityFocalLoss", "SigmoidFocalLoss", "SigmoidFocalLossStar", "VarifocalLoss", "__version__",
+    "backends", "quality_focal_loss", "reference", "sigmoid_focal_loss", "sigmoid_focal_loss_star",
+    "varifocal_loss",
+]
 
 
 def backends() -> Dict[str, Union[str, bool, None]]:

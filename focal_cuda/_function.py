@@ -19,8 +19,9 @@ _MEAN = _ops.REDUCTION_CODES["mean"]
 
 class SigmoidFocalLossFunction(torch.autograd.Function):
     """apply(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-    float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss) ->
-    the outputs of focal_cuda::sigmoid_focal_loss_forward; only the loss is differentiable."""
+    float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form,
+    beta, scores) -> the outputs of focal_cuda::sigmoid_focal_loss_forward; only the loss is
+    differentiable."""
 
     # The forward calls an op with a vmap rule, and setup_context, backward and jvp use ops
     # that vmap supports: functorch can batch the whole Function.
@@ -37,32 +38,38 @@ class SigmoidFocalLossFunction(torch.autograd.Function):
         _ops.forward_setup_context(ctx, inputs, output)
         # The public function keeps only the loss: backward is the gradients' only user.
         ctx.gradients_private = True
-        ctx.save_for_forward(*inputs[:3], *output[1:])
-        ctx.arguments = inputs[3:9]
+        ctx.save_for_forward(*inputs[:3], inputs[14], *output[1:])
+        ctx.arguments = inputs[3:9] + inputs[12:14]
 
     @staticmethod
     def backward(ctx, grad_loss, *grads_of_saved_outputs):
         return _ops.forward_backward(ctx, grad_loss, *grads_of_saved_outputs)
 
     @staticmethod
-    def jvp(ctx, inputs_tangent, targets_tangent, weight_tangent, *_):
+    def jvp(ctx, inputs_tangent, targets_tangent, weight_tangent, *other_tangents):
         # d(loss) = dL/dx . dx + dL/dt . dt + (loss before weight) . dw, summed for "sum",
-        # divided by the count for "mean". The derivatives come from one more fused pass,
-        # through _Derivatives, so that an outer transform can differentiate them again.
+        # divided by the count for "mean"; with scores, dL/dscores . dscores at each row's
+        # labelled element. The derivatives come from one more fused pass, through
+        # _Derivatives, so that an outer transform can differentiate them again.
         _refuse_forward_over_forward()
-        x, t, weight, _, _, _, count = ctx.saved_tensors
-        alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss = ctx.arguments
+        x, t, weight, scores, _, _, _, count = ctx.saved_tensors
+        alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss, form, beta = ctx.arguments
+        if scores is not None:
+            targets_tangent = other_tangents[11]
         tangents = (inputs_tangent, targets_tangent, weight_tangent)
         derivatives = _Derivatives.apply(
-            x, t, weight, alpha, gamma, ignore_index, label_smoothing, float32_loss,
-            *(tangent is not None for tangent in tangents),
+            x, t, weight, scores, alpha, gamma, ignore_index, label_smoothing, float32_loss, form,
+            beta, *(tangent is not None for tangent in tangents),
         )
         loss_dtype = _ops.loss_dtype(x, t, float32_loss)
         math_dtype = torch.float64 if loss_dtype == torch.float64 else torch.float32
         total = None
-        for tangent, derivative in zip(tangents, derivatives):
+        for index, (tangent, derivative) in enumerate(zip(tangents, derivatives)):
             if tangent is not None:
                 term = derivative.to(math_dtype) * tangent.to(math_dtype)
+                if index == 1 and scores is not None:  # per row: onto the labelled class
+                    classes = torch.arange(x.shape[-1], device=x.device)
+                    term = (t.unsqueeze(-1) == classes).to(math_dtype) * term.unsqueeze(-1)
                 total = term if total is None else total + term
         if reduction != _NONE:
             total = total.sum()
@@ -99,72 +106,77 @@ class _Derivatives(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(inputs, targets, weight, alpha, gamma, ignore_index, label_smoothing,
-                float32_loss, need_inputs, need_targets, need_weight):
+    def forward(inputs, targets, weight, scores, alpha, gamma, ignore_index, label_smoothing,
+                float32_loss, form, beta, need_inputs, need_targets, need_weight):
         _, grad_inputs, grad_targets, unweighted, _ = _ops.sigmoid_focal_loss_forward(
             inputs, targets, weight, alpha, gamma, _NONE, ignore_index, label_smoothing,
-            float32_loss, need_inputs, need_targets, need_weight,
+            float32_loss, need_inputs, need_targets, need_weight, form, beta, scores,
         )
         return grad_inputs, grad_targets, unweighted
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:3])
-        ctx.arguments = inputs[3:8]
-        ctx.computed = inputs[8:]
+        ctx.save_for_backward(*inputs[:4])
+        ctx.arguments = inputs[4:11]
+        ctx.computed = inputs[11:]
 
     @staticmethod
     def backward(ctx, *cotangents):
-        x, t, weight = ctx.saved_tensors
-        primals, rebuild = _differentiable_primals(x, t, weight)
+        operands = ctx.saved_tensors  # x, t, weight, scores
+        primals, rebuild = _differentiable_primals(operands)
         outputs, vjp = torch.func.vjp(_reference_derivatives(ctx, rebuild), *primals)
         cotangents = [torch.zeros_like(output) if cotangent is None else cotangent
                       for cotangent, output in zip(cotangents, outputs)]
         grads = iter(vjp(tuple(cotangents)))
-        return tuple(next(grads) if _differentiable(value) else None for value in (x, t, weight)) + (None,) * 8
+        return tuple(next(grads) if _differentiable(value) else None for value in operands) + (None,) * 10
 
 
 def _differentiable(value):
     return value is not None and value.is_floating_point()
 
 
-def _differentiable_primals(x, t, weight):
-    """The floating tensors among (x, t, weight), and how to put (x, t, weight) back together."""
-    primals = [value for value in (x, t, weight) if _differentiable(value)]
+def _differentiable_primals(operands):
+    """The floating tensors among operands, and how to put operands back together from them."""
+    primals = [value for value in operands if _differentiable(value)]
 
     def rebuild(*values):
         values = iter(values)
-        return tuple(next(values) if _differentiable(value) else value for value in (x, t, weight))
+        return tuple(next(values) if _differentiable(value) else value for value in operands)
 
     return primals, rebuild
 
 
 def _reference_derivatives(ctx, rebuild):
-    """(x, t, weight) -> what _Derivatives.forward computes, in differentiable reference ops."""
-    alpha, gamma, ignore_index, label_smoothing, float32_loss = ctx.arguments
+    """(x, t, weight, scores) -> what _Derivatives.forward computes, in differentiable
+    reference ops."""
+    alpha, gamma, ignore_index, label_smoothing, float32_loss, form, beta = ctx.arguments
 
     def derivatives(*primals):
-        inputs, targets, weight = rebuild(*primals)
+        inputs, targets, weight, scores = rebuild(*primals)
         dtype = _ops.loss_dtype(inputs, targets, float32_loss)
         x, t = _ops.loss_operands(inputs, targets, float32_loss)
-        options = dict(alpha=alpha, gamma=gamma, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        options = dict(form=form, alpha=alpha, gamma=gamma, beta=beta, reduction="none",
+                       ignore_index=ignore_index, label_smoothing=label_smoothing)
+        # What the op differentiates as its targets: the scores when there are some.
+        target = t if scores is None else scores
 
-        def elementwise(x_, t_):
-            return reference.sigmoid_focal_loss(x_, t_, weight=weight, **options)
+        def elementwise(x_, target_):
+            t_, scores_ = (target_, None) if scores is None else (t, target_)
+            return reference.family_loss(inputs=x_, targets=t_, weight=weight, scores=scores_, **options)
 
-        # Each element of the loss depends on its own logit and target only: the elementwise
-        # derivative is the vector-Jacobian product with ones.
-        if t.is_floating_point():
-            loss, vjp = torch.func.vjp(elementwise, x, t)
+        # Each element of the loss depends on its own logit and target only (a score on its
+        # row's labelled element only): the derivative is the vector-Jacobian product with ones.
+        if target.is_floating_point():
+            loss, vjp = torch.func.vjp(elementwise, x, target)
             grad_inputs, grad_targets = vjp(torch.ones_like(loss))
         else:
-            loss, vjp = torch.func.vjp(lambda x_: elementwise(x_, t), x)
+            loss, vjp = torch.func.vjp(lambda x_: elementwise(x_, target), x)
             (grad_inputs,), grad_targets = vjp(torch.ones_like(loss)), None
-        unweighted = reference.sigmoid_focal_loss(x, t, **options)
+        unweighted = reference.family_loss(inputs=x, targets=t, weight=None, scores=scores, **options)
         saved = _ops.saved_dtype  # the dtypes of the op's outputs
         grad_inputs = grad_inputs.to(saved(inputs.dtype))
         # Labels have no derivative: a floating placeholder, since torch.func.vjp wants floats.
-        grad_targets = grad_inputs.new_empty(0) if grad_targets is None else grad_targets.to(saved(targets.dtype))
+        grad_targets = grad_inputs.new_empty(0) if grad_targets is None else grad_targets.to(saved(target.dtype))
         unweighted = unweighted.to(saved(dtype))
         # Empty where the op computed nothing, as its outputs are.
         return tuple(output if computed else output.new_empty(0)

@@ -30,15 +30,23 @@ def sigmoid_focal_loss_forward(
     compute_grad_inputs: bool,
     compute_grad_targets: bool,
     compute_unweighted_loss: bool,
+    form: int = 0,
+    beta: float = 0.0,
+    scores: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dloss/dinputs, dloss/dtargets, loss before weight, count) in one pass.
 
     Gradients are unscaled; outputs not requested are empty; count is the number of elements
-    not ignored (the mean's divisor), a 0-d int64 tensor on the inputs' device.
+    not ignored (the mean's divisor), a 0-d int64 tensor on the inputs' device. form: the
+    loss of the family (reference.FORMS); gamma is the modulating exponent (the quality focal
+    loss's beta) or FL*'s gamma, beta FL*'s beta, alpha the varifocal loss's weight of
+    negatives (csrc/focal_ops.h). scores: with integer labels, the target of each row's
+    labelled class (else 1); dloss/dtargets is then dloss/dscores.
     """
     return _C.sigmoid_focal_loss_forward(
         inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss,
+        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form,
+        beta, scores,
     )
 
 
@@ -65,7 +73,7 @@ def direct_call_allowed(inputs, *tensors):
 
 def forward(inputs, targets, weight, *arguments):
     """sigmoid_focal_loss_forward, called directly where the dispatcher has nothing to do."""
-    if direct_call_allowed(inputs, targets, weight):
+    if direct_call_allowed(inputs, targets, weight, *arguments[11:]):  # scores
         return _C.sigmoid_focal_loss_forward(inputs, targets, weight, *arguments)
     return sigmoid_focal_loss_forward(inputs, targets, weight, *arguments)
 
@@ -86,13 +94,15 @@ def loss_dtype(inputs, targets, float32_loss):
 
 @sigmoid_focal_loss_forward.register_fake
 def _(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-      float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss):
+      float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form=0,
+      beta=0.0, scores=None):
     dtype = loss_dtype(inputs, targets, float32_loss)
     loss = inputs.new_empty(inputs.shape if reduction == 0 else (), dtype=dtype)
     grad_inputs = inputs.new_empty(inputs.shape if compute_grad_inputs else (0,),
                                    dtype=saved_dtype(inputs.dtype))
-    grad_targets = targets.new_empty(targets.shape if compute_grad_targets else (0,),
-                                     dtype=saved_dtype(targets.dtype))
+    differentiated = targets if scores is None else scores
+    grad_targets = differentiated.new_empty(differentiated.shape if compute_grad_targets else (0,),
+                                            dtype=saved_dtype(differentiated.dtype))
     unweighted = inputs.new_empty(inputs.shape if compute_unweighted_loss else (0,),
                                   dtype=saved_dtype(dtype))
     count = inputs.new_empty((), dtype=torch.int64)
@@ -151,10 +161,12 @@ def _(info, in_dims, grad_output, saved_grad, count, reduction):
 @sigmoid_focal_loss_forward.register_vmap
 def _(info, in_dims, inputs, targets, weight, alpha, gamma, reduction, ignore_index,
       label_smoothing, float32_loss, compute_grad_inputs, compute_grad_targets,
-      compute_unweighted_loss):
+      compute_unweighted_loss, form=0, beta=0.0, scores=None):
     # One call on the whole batch, elementwise; "mean" and "sum" then reduce each sample.
     x = _batch_first(inputs, in_dims[0], info.batch_size)
     t = _batch_first(targets, in_dims[1], info.batch_size)
+    if scores is not None:
+        scores = _batch_first(scores, in_dims[14], info.batch_size)
     if weight is not None and in_dims[2] is not None:
         per_sample = weight.movedim(in_dims[2], 0)
         # Broadcast against a sample of x as the unbatched weight would.
@@ -163,7 +175,8 @@ def _(info, in_dims, inputs, targets, weight, alpha, gamma, reduction, ignore_in
         )
     loss, grad_inputs, grad_targets, unweighted, _ = sigmoid_focal_loss_forward(
         x, t, weight, alpha, gamma, REDUCTION_CODES["none"], ignore_index, label_smoothing,
-        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss,
+        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form, beta,
+        scores,
     )
     samples = info.batch_size
     if t.is_floating_point():
@@ -221,18 +234,19 @@ def _mean_scale(grad_output, count, reduction):
 
 def forward_setup_context(ctx, inputs, output):
     x, t, weight, alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss = inputs[:9]
+    form, beta, scores = inputs[12:15]  # the op's defaults are filled in
     _, grad_inputs, grad_targets, unweighted, count = output
     # Every output but the loss only carries what backward needs; none is differentiable, and
     # autograd must not materialise full-size zero gradients for them.
     ctx.mark_non_differentiable(grad_inputs, grad_targets, unweighted, count)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, t, weight, grad_inputs, grad_targets, unweighted, count)
+    ctx.save_for_backward(x, t, weight, scores, grad_inputs, grad_targets, unweighted, count)
     # A caller of the op may hold its gradient outputs: backward never writes into them. (The
     # public function's autograd.Function, which drops them, sets this to True.)
     ctx.gradients_private = False
     ctx.float32_loss = float32_loss
-    ctx.options = dict(alpha=alpha, gamma=gamma, reduction=reduction, ignore_index=ignore_index,
-                       label_smoothing=label_smoothing)
+    ctx.options = dict(form=form, alpha=alpha, gamma=gamma, beta=beta, reduction=reduction,
+                       ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
 def _saved_or_error(saved, like, name):
@@ -246,31 +260,56 @@ def _saved_or_error(saved, like, name):
     return saved
 
 
+def _with_target_gradients(grads, scores):
+    """The op's 15 input gradients from (inputs, targets, weight) ones: the targets' is the
+    scores' when there are scores (the labels have none)."""
+    grad_inputs, grad_targets, grad_weight = grads
+    if scores is None:
+        return (grad_inputs, grad_targets, grad_weight) + (None,) * 12
+    return (grad_inputs, None, grad_weight) + (None,) * 11 + (grad_targets,)
+
+
 def forward_backward(ctx, grad_loss, *_grads_of_saved_outputs):
-    x, t, weight, saved_grad_inputs, saved_grad_targets, unweighted, count = ctx.saved_tensors
+    x, labels_or_t, weight, scores, saved_grad_inputs, saved_grad_targets, unweighted, count = ctx.saved_tensors
+    # With scores, they are the differentiable targets.
+    t = labels_or_t if scores is None else scores
     needs_x, needs_t, needs_weight = ctx.needs_input_grad[:3]
-    no_grads = (None,) * 12
+    if scores is not None:
+        needs_t = ctx.needs_input_grad[14]
     if grad_loss is None:
-        return no_grads
+        return (None,) * 15
     reduction = ctx.options["reduction"]
     if torch.is_grad_enabled():
         # create_graph=True: higher derivatives through the differentiable reference formula.
-        grads = _differentiable_grads(ctx, x, t, weight, grad_loss, (needs_x, needs_t, needs_weight))
-        return grads + no_grads[3:]
+        grads = _differentiable_grads(ctx, x, labels_or_t, weight, scores, grad_loss,
+                                      (needs_x, needs_t, needs_weight))
+        return _with_target_gradients(grads, scores)
     grad_inputs = grad_targets = grad_weight = None
     # Saved in float32 for float16 operands: scaled there, rounded to float16 only then.
     if needs_x:
         saved = _saved_or_error(saved_grad_inputs, x, "inputs")
         grad_inputs = _scaled_saved_grad(ctx, grad_loss, saved, count, reduction).to(x.dtype)
     if needs_t:
-        saved = _saved_or_error(saved_grad_targets, t, "targets")
-        grad_targets = _scaled_saved_grad(ctx, grad_loss, saved, count, reduction).to(t.dtype)
+        saved = _saved_or_error(saved_grad_targets, t, "targets" if scores is None else "scores")
+        grad_output = grad_loss
+        if scores is not None and reduction == REDUCTION_CODES["none"]:
+            grad_output = _at_labelled_class(grad_loss, labels_or_t)
+        grad_targets = _scaled_saved_grad(ctx, grad_output, saved, count, reduction).to(t.dtype)
     if needs_weight:
         unweighted = _saved_or_error(unweighted, x, "weight")
         math_dtype = torch.float64 if unweighted.dtype == torch.float64 else torch.float32
         scale = _mean_scale(grad_loss.to(math_dtype), count, reduction)
         grad_weight = (unweighted.to(math_dtype) * scale).sum_to_size(weight.shape).to(weight.dtype)
-    return (grad_inputs, grad_targets, grad_weight) + no_grads[3:]
+    return _with_target_gradients((grad_inputs, grad_targets, grad_weight), scores)
+
+
+def _at_labelled_class(grad_loss, labels):
+    """An elementwise grad_output's value at each row's labelled class, where a score acts (0 for
+    background rows, whose score gradient is 0 anyway: no inf or NaN of theirs is picked up)."""
+    classes = grad_loss.shape[-1]
+    labelled = (labels >= 0) & (labels < classes)
+    picked = grad_loss.gather(-1, labels.clamp(0, classes - 1).unsqueeze(-1)).squeeze(-1)
+    return torch.where(labelled, picked, torch.zeros_like(picked))
 
 
 def loss_operands(x, t, float32_loss):
@@ -282,19 +321,21 @@ def loss_operands(x, t, float32_loss):
     return x, t
 
 
-def _differentiable_grads(ctx, x, t, weight, grad_loss, needed):
-    """The vector-Jacobian product of the reference formula: differentiable again, by autograd
-    (create_graph=True) and by torch.func transforms (which always build graphs)."""
+def _differentiable_grads(ctx, x, t, weight, scores, grad_loss, needed):
+    """The vector-Jacobian product of the reference formula w.r.t. (inputs, targets or scores,
+    weight): differentiable again, by autograd (create_graph=True) and by torch.func transforms
+    (which always build graphs)."""
     options = dict(ctx.options)
     options["reduction"] = _REDUCTION_NAMES[options["reduction"]]
-    candidates = (x, t, weight)
+    candidates = (x, t if scores is None else scores, weight)
     wrt = [tensor for tensor, need in zip(candidates, needed) if need]
 
     def loss_of(*differentiated):
         values = iter(differentiated)
-        x_, t_, weight_ = (next(values) if need else tensor for tensor, need in zip(candidates, needed))
+        x_, target_, weight_ = (next(values) if need else tensor for tensor, need in zip(candidates, needed))
+        t_, scores_ = (target_, None) if scores is None else (t, target_)
         x_, t_ = loss_operands(x_, t_, ctx.float32_loss)
-        return reference.sigmoid_focal_loss(x_, t_, weight=weight_, **options)
+        return reference.family_loss(inputs=x_, targets=t_, weight=weight_, scores=scores_, **options)
 
     _, vjp = torch.func.vjp(loss_of, *wrt)
     grads = iter(vjp(grad_loss))

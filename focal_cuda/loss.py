@@ -1,4 +1,5 @@
-"""The public sigmoid focal loss and its nn.Module: argument checks, then the fused op."""
+"""The public sigmoid focal loss, its family (FL*, quality focal loss, varifocal loss) and their
+nn.Modules: argument checks, then the fused op."""
 
 import math
 import numbers
@@ -7,6 +8,7 @@ from typing import Optional
 import torch
 
 from . import _ops
+from .reference import FORMS
 from ._function import SigmoidFocalLossFunction
 
 
@@ -29,6 +31,30 @@ def _check_inputs(inputs):
             "inputs must be a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"got {inputs.dtype}"
         )
+
+
+def _split_targets(targets, inputs):
+    """(targets, scores): a pair (labels, scores) checked and split, else (targets, None)."""
+    if not isinstance(targets, (tuple, list)):
+        _check_targets(targets, inputs)
+        return targets, None
+    if len(targets) != 2:
+        raise ValueError(f"targets given as a pair must be (labels, scores), got {len(targets)} items")
+    labels, scores = targets
+    _check_tensor(labels, "the labels of targets")
+    _check_tensor(scores, "the scores of targets")
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"the labels of a (labels, scores) pair must be an integer tensor, got {labels.dtype}")
+    _check_targets(labels, inputs)
+    if not scores.is_floating_point():
+        raise ValueError(f"the scores of a (labels, scores) pair must be a floating-point tensor, got {scores.dtype}")
+    if scores.shape != labels.shape:
+        raise ValueError(
+            f"the scores of a (labels, scores) pair must have the labels' shape {list(labels.shape)}, "
+            f"got {list(scores.shape)}"
+        )
+    _check_same_device(scores, inputs, "the scores of targets")
+    return labels, scores
 
 
 def _check_targets(targets, inputs):
@@ -88,6 +114,16 @@ def checked_gamma(gamma):
     raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
 
 
+def _checked_number(value, name, *, minimum=None, positive=False):
+    """value as a float when it is a finite real number (>= minimum, > 0 if positive)."""
+    # Comparisons, not math.isfinite, which torch.compile cannot trace on a dynamic float.
+    if _real_number(value) and -math.inf < value < math.inf:
+        if (minimum is None or value >= minimum) and (not positive or value > 0):
+            return float(value)
+    bound = " > 0" if positive else f" >= {minimum:g}" if minimum is not None else ""
+    raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
 def checked_reduction(reduction):
     if isinstance(reduction, str) and reduction in _ops.REDUCTION_CODES:
         return _ops.REDUCTION_CODES[reduction]
@@ -133,6 +169,10 @@ def sigmoid_focal_loss(
             or integer class labels of shape ``inputs.shape[:-1]`` over the C classes of the
             last dimension: label c makes class c positive and the others negative, label C is
             background (all negative), ``ignore_index`` drops the row. No one-hot is built.
+            Or a pair ``(labels, scores)``, scores floating of the labels' shape: class c of a
+            row labelled c gets the target ``scores[row]`` (e.g. an IoU), the others 0, as the
+            dense soft target would, without building it; differentiable w.r.t. the scores.
+            The loss then has the dtype of ``inputs`` (as with labels). Not under TorchScript.
         alpha: weight of the positive class in [0, 1]; -1 or None switches the weighting off.
         gamma: focusing exponent >= 0, fractional values included.
         reduction: ``"none"`` (loss per element), ``"mean"`` (over the elements not ignored) or
@@ -158,8 +198,103 @@ def sigmoid_focal_loss(
     if torch.jit.is_scripting():
         return _scripted_sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction, weight,
                                             ignore_index, label_smoothing)
+    return _fused_loss(FORMS["focal"], inputs, targets, checked_alpha(alpha), checked_gamma(gamma),
+                       0.0, reduction, weight, ignore_index, label_smoothing)
+
+
+def sigmoid_focal_loss_star(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: Optional[float] = -1,
+    gamma: float = 1.0,
+    reduction: str = "none",
+    beta: float = 0.0,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """FL*, the focal loss's alternative form (Lin et al., appendix A), fused with its gradient.
+
+    fvcore's ``sigmoid_focal_loss_star`` (same signature and defaults, beta = 0 there) plus the
+    paper's beta; equivalent to ``focal_cuda.reference.sigmoid_focal_loss_star``::
+
+        t = targets * (1 - label_smoothing) + label_smoothing / 2
+        z = gamma * (2 * t - 1) * inputs + beta                     # gamma * x_t + beta
+        alpha_t = alpha * t + (1 - alpha) * (1 - t)                 # 1 if alpha is -1/None
+        loss = weight * alpha_t * softplus(-z) / gamma, then reduced  # -log(sigmoid(z)) / gamma
+
+    gamma must be > 0. ``targets``, ``weight``, ``ignore_index``, ``label_smoothing``, the
+    dtypes and the gradients (w.r.t. inputs, floating targets, weight) as in
+    ``sigmoid_focal_loss``. Not scriptable by TorchScript.
+    """
+    return _fused_loss(FORMS["star"], inputs, targets, checked_alpha(alpha),
+                       _checked_number(gamma, "gamma", positive=True), _checked_number(beta, "beta"),
+                       reduction, weight, ignore_index, label_smoothing)
+
+
+def quality_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    beta: float = 2.0,
+    reduction: str = "mean",
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Quality focal loss (Li et al. 2020, GFL), fused with its gradient.
+
+    For soft (IoU-quality) targets t in [0, 1]; equivalent to
+    ``focal_cuda.reference.quality_focal_loss`` and to mmdet's ``quality_focal_loss`` in its
+    soft-target form::
+
+        loss = weight * BCE(sigmoid(inputs), t) * |t - sigmoid(inputs)| ** beta, then reduced
+
+    beta >= 0. ``targets`` (floating, or integer class labels meaning score 1), ``weight``,
+    ``ignore_index``, the dtypes and the gradients as in ``sigmoid_focal_loss``; no alpha and no
+    label smoothing (the targets are soft scores already). The gradient is finite at saturated
+    logits for every beta; for beta < 1 it is unbounded near sigmoid(inputs) == t, as the
+    loss's is. Not scriptable by TorchScript.
+    """
+    return _fused_loss(FORMS["quality"], inputs, targets, -1.0,
+                       _checked_number(beta, "beta", minimum=0), 0.0, reduction, weight,
+                       ignore_index, 0.0)
+
+
+def varifocal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+    reduction: str = "mean",
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Varifocal loss (Zhang et al. 2021, VarifocalNet), fused with its gradient.
+
+    For soft (IoU-quality) targets t in [0, 1]: positives (t > 0) are weighted by their score,
+    negatives down-weighted focally. Equivalent to ``focal_cuda.reference.varifocal_loss`` and
+    mmdet's ``varifocal_loss`` with ``iou_weighted=True``::
+
+        p = sigmoid(inputs)
+        modulation = t if t > 0 else alpha * |p - t| ** gamma
+        loss = weight * BCE(p, t) * modulation, then reduced
+
+    alpha >= 0, gamma >= 0. ``targets`` (floating, or integer class labels meaning score 1),
+    ``weight``, ``ignore_index``, the dtypes and the gradients as in ``sigmoid_focal_loss``; no
+    label smoothing (it would turn every negative into a positive). The loss jumps at t = 0;
+    the gradient w.r.t. targets there is the negative branch's. Not scriptable by TorchScript.
+    """
+    return _fused_loss(FORMS["varifocal"], inputs, targets,
+                       _checked_number(alpha, "alpha", minimum=0),
+                       _checked_number(gamma, "gamma", minimum=0), 0.0, reduction, weight,
+                       ignore_index, 0.0)
+
+
+def _fused_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ignore_index,
+                label_smoothing):
+    """Checks the tensors and the common options, then runs the fused op (alpha, gamma and beta
+    already checked, in the op's meaning: see _ops.sigmoid_focal_loss_forward)."""
     _check_inputs(inputs)
-    _check_targets(targets, inputs)
+    targets, scores = _split_targets(targets, inputs)
     _check_weight(weight, inputs)
     grad_enabled = torch.is_grad_enabled()
     # Under torch.func transforms (vmap, ...) the tensors seen here may not report the
@@ -167,9 +302,12 @@ def sigmoid_focal_loss(
     transformed = grad_enabled and torch._C._are_functorch_transforms_active()
     # Autocast exists for CPU and CUDA only (meta tensors, e.g. for shape inference, have none).
     autocast = inputs.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(inputs.device.type)
+    # What the op differentiates as the targets: the scores of a pair.
+    differentiable_targets = targets if scores is None else scores
     needs = (
         grad_enabled and (inputs.requires_grad or transformed),
-        grad_enabled and (targets.requires_grad or transformed and targets.is_floating_point()),
+        grad_enabled and (differentiable_targets.requires_grad
+                          or transformed and differentiable_targets.is_floating_point()),
         grad_enabled and weight is not None and (weight.requires_grad or transformed),
     )
     # Dynamo cannot trace an autograd.Function with a jvp rule (a graph break): compiled code
@@ -186,13 +324,16 @@ def sigmoid_focal_loss(
         inputs,
         targets,
         weight,
-        checked_alpha(alpha),
-        checked_gamma(gamma),
+        alpha,
+        gamma,
         checked_reduction(reduction),
         checked_ignore_index(ignore_index),
         checked_label_smoothing(label_smoothing),
         autocast,
         *needs,
+        form,
+        beta,
+        scores,
     )
     return outputs[0]
 
@@ -262,3 +403,69 @@ class SigmoidFocalLoss(torch.nn.Module):
             f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}, "
             f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
         )
+
+
+class SigmoidFocalLossStar(torch.nn.Module):
+    """``sigmoid_focal_loss_star`` as a module: ``SigmoidFocalLossStar(...)(inputs, targets, weight=None)``."""
+
+    def __init__(self, alpha: Optional[float] = -1, gamma: float = 1.0, reduction: str = "none",
+                 beta: float = 0.0, ignore_index: int = -100, label_smoothing: float = 0.0):
+        super().__init__()
+        checked_reduction(reduction)
+        self.alpha = None if checked_alpha(alpha) == -1.0 else float(alpha)
+        self.gamma = _checked_number(gamma, "gamma", positive=True)
+        self.reduction = reduction
+        self.beta = _checked_number(beta, "beta")
+        self.ignore_index = checked_ignore_index(ignore_index)
+        self.label_smoothing = checked_label_smoothing(label_smoothing)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return sigmoid_focal_loss_star(inputs, targets, self.alpha, self.gamma, self.reduction,
+                                       self.beta, weight, self.ignore_index, self.label_smoothing)
+
+    def extra_repr(self):
+        return (
+            f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}, beta={self.beta}, "
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
+        )
+
+
+class QualityFocalLoss(torch.nn.Module):
+    """``quality_focal_loss`` as a module: ``QualityFocalLoss(...)(inputs, targets, weight=None)``."""
+
+    def __init__(self, beta: float = 2.0, reduction: str = "mean", ignore_index: int = -100):
+        super().__init__()
+        checked_reduction(reduction)
+        self.beta = _checked_number(beta, "beta", minimum=0)
+        self.reduction = reduction
+        self.ignore_index = checked_ignore_index(ignore_index)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return quality_focal_loss(inputs, targets, self.beta, self.reduction, weight, self.ignore_index)
+
+    def extra_repr(self):
+        return f"beta={self.beta}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+
+
+class VarifocalLoss(torch.nn.Module):
+    """``varifocal_loss`` as a module: ``VarifocalLoss(...)(inputs, targets, weight=None)``."""
+
+    def __init__(self, alpha: float = 0.75, gamma: float = 2.0, reduction: str = "mean",
+                 ignore_index: int = -100):
+        super().__init__()
+        checked_reduction(reduction)
+        self.alpha = _checked_number(alpha, "alpha", minimum=0)
+        self.gamma = _checked_number(gamma, "gamma", minimum=0)
+        self.reduction = reduction
+        self.ignore_index = checked_ignore_index(ignore_index)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return varifocal_loss(inputs, targets, self.alpha, self.gamma, self.reduction, weight,
+                              self.ignore_index)
+
+    def extra_repr(self):
+        return (f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}")

@@ -1,10 +1,11 @@
-"""Pure-PyTorch sigmoid focal loss with the semantics of focal_cuda.sigmoid_focal_loss.
+"""Pure-PyTorch losses with the semantics of focal_cuda's: the focal loss and its family.
 
-The tests' oracle and the documentation of what the kernels compute. It is composed of ordinary
-PyTorch ops (so autograd differentiates it, twice if asked), builds the one-hot targets that the
-kernels never materialise, and computes in float32, or float64 for float64 tensors, like the
-kernels. Its autograd gradient inherits the weak spot of the composite form: NaN where q == 0
-exactly and 0 < gamma < 1; the kernels' analytic gradient is finite there.
+The tests' oracle and the documentation of what the kernels compute. Composed of ordinary
+PyTorch ops (so autograd differentiates them, twice if asked), they build the one-hot targets
+that the kernels never materialise, and compute in float32, or float64 for float64 tensors,
+like the kernels. Their autograd gradients inherit the weak spots of the composite forms: NaN
+where a modulating base is 0 exactly and its exponent is in (0, 1); the kernels' analytic
+gradients are finite there.
 """
 
 from typing import Optional
@@ -12,6 +13,8 @@ from typing import Optional
 import torch
 
 REDUCTIONS = ("none", "mean", "sum")
+# The op's codes of the forms (csrc/focal_math.h LossForm).
+FORMS = {"focal": 0, "star": 1, "quality": 2, "varifocal": 3}
 
 
 def sigmoid_focal_loss(
@@ -28,8 +31,64 @@ def sigmoid_focal_loss(
 
     Integer targets are class labels over the last dimension of inputs (C classes): label c
     makes class c positive, label C is background (all negative), ignore_index drops the row
-    (no loss, and not counted in the mean).
+    (no loss, and not counted in the mean). A pair (labels, scores) gives class c the target
+    scores[row] instead of 1 (every function of the family takes the same targets).
     """
+    return family_loss(FORMS["focal"], inputs, targets, alpha, gamma, 0.0, reduction, weight,
+                       ignore_index, label_smoothing)
+
+
+def sigmoid_focal_loss_star(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: Optional[float] = -1,
+    gamma: float = 1.0,
+    reduction: str = "none",
+    beta: float = 0.0,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """FL* of Lin et al. (appendix A): alpha_t * softplus(-(gamma * (2t - 1) * x + beta)) / gamma."""
+    return family_loss(FORMS["star"], inputs, targets, alpha, gamma, beta, reduction, weight,
+                       ignore_index, label_smoothing)
+
+
+def quality_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    beta: float = 2.0,
+    reduction: str = "mean",
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Quality focal loss of Li et al. (GFL): BCE(sigmoid(inputs), t) * |t - sigmoid(inputs)|^beta."""
+    return family_loss(FORMS["quality"], inputs, targets, None, beta, 0.0, reduction, weight,
+                       ignore_index, 0.0)
+
+
+def varifocal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+    reduction: str = "mean",
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Varifocal loss of Zhang et al.: BCE(sigmoid(inputs), t) * (t if t > 0, else
+    alpha * |sigmoid(inputs) - t|^gamma)."""
+    return family_loss(FORMS["varifocal"], inputs, targets, alpha, gamma, 0.0, reduction, weight,
+                       ignore_index, 0.0)
+
+
+def family_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ignore_index,
+                label_smoothing, scores=None):
+    """The loss of form (a FORMS code) with the op's arguments: gamma is the modulating
+    exponent (QFL's beta) or FL*'s gamma, beta FL*'s beta, alpha VFL's weight of negatives.
+    targets: floating, integer labels, or a pair (labels, scores) (or the labels and scores)."""
+    if isinstance(targets, (tuple, list)):
+        targets, scores = targets
     labels = not targets.is_floating_point()
     out_dtype = inputs.dtype if labels else torch.result_type(inputs, targets)
     math_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
@@ -43,19 +102,34 @@ def sigmoid_focal_loss(
         # rows and the background C match no class.
         classes_range = torch.arange(classes, device=targets.device)
         t = ((targets.unsqueeze(-1) == classes_range) & valid.unsqueeze(-1)).to(math_dtype)
+        if scores is not None:
+            t = t * scores.to(math_dtype).unsqueeze(-1)
         valid = valid.unsqueeze(-1).to(math_dtype)
     else:
         t = targets.to(math_dtype)
     t = t * (1 - label_smoothing) + label_smoothing / 2
-    # CE = BCE-with-logits = t * softplus(-x) + (1 - t) * softplus(x), with softplus(v) as
-    # logaddexp(v, 0): torch's binary_cross_entropy_with_logits forms log(1 + exp(-|x|))
-    # without log1p, and F.softplus turns linear past |v| = 20; both lose digits there.
     zero = torch.zeros_like(x)
-    ce = t * torch.logaddexp(-x, zero) + (1 - t) * torch.logaddexp(x, zero)
-    q = t * torch.sigmoid(-x) + (1 - t) * torch.sigmoid(x)  # 1 - p_t, without cancellation
-    loss = q.pow(gamma) * ce
-    if alpha is not None and alpha >= 0:
-        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+    alpha_t = None
+    if alpha is not None and alpha >= 0 and form in (FORMS["focal"], FORMS["star"]):
+        alpha_t = alpha * t + (1 - alpha) * (1 - t)
+    if form == FORMS["star"]:
+        loss = torch.logaddexp(-(gamma * (2 * t - 1) * x + beta), zero) / gamma
+    else:
+        # CE = BCE-with-logits = t * softplus(-x) + (1 - t) * softplus(x), with softplus(v) as
+        # logaddexp(v, 0): torch's binary_cross_entropy_with_logits forms log(1 + exp(-|x|))
+        # without log1p, and F.softplus turns linear past |v| = 20; both lose digits there.
+        ce = t * torch.logaddexp(-x, zero) + (1 - t) * torch.logaddexp(x, zero)
+        if form == FORMS["focal"]:
+            q = t * torch.sigmoid(-x) + (1 - t) * torch.sigmoid(x)  # 1 - p_t, without cancellation
+            loss = q.pow(gamma) * ce
+        else:
+            distance = ((1 - t) * torch.sigmoid(x) - t * torch.sigmoid(-x)).abs()  # |p - t|
+            modulation = distance.pow(gamma)
+            if form == FORMS["varifocal"]:
+                modulation = torch.where(t > 0, t, alpha * modulation)
+            loss = modulation * ce
+    if alpha_t is not None:
+        loss = alpha_t * loss
     if valid is not None:
         loss = loss * valid
     if weight is not None:

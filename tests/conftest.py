@@ -52,12 +52,10 @@ def assert_matches(actual, expected, dtype=None, scale=None):
         )
 
 
-def derivative_term_scales(inputs, targets, alpha, gamma, *, weight=None, ignore_index=-100,
-                           label_smoothing=0.0, reduction="none", grad_output=None):
-    """Elementwise sums of the magnitudes of the terms that d(loss)/d(inputs) and
-    d(loss)/d(targets) add up (the formulas of csrc/focal_math.h, in float64): (scale_inputs,
-    scale_targets), for assert_matches. targets: floating, or integer class labels. For the
-    gradients that autograd gives (not the op's unscaled ones), pass reduction and grad_output."""
+def dense_targets(inputs, targets, ignore_index=-100, label_smoothing=0.0, scores=None):
+    """(t, valid) in float64: targets (floating, or integer class labels with optional per-row
+    scores) as the dense target the loss sees after label smoothing, and 0 for the elements of
+    ignored rows, else 1."""
     x = inputs.detach().double()
     valid = torch.ones_like(x)
     if targets.is_floating_point():
@@ -67,8 +65,20 @@ def derivative_term_scales(inputs, targets, alpha, gamma, *, weight=None, ignore
         labels = targets.long()
         ignored = labels == ignore_index
         t = F.one_hot(torch.where(ignored, classes, labels), classes + 1)[..., :classes].double()
+        if scores is not None:
+            t = t * scores.detach().double().unsqueeze(-1)
         valid = (~ignored).double().unsqueeze(-1).expand_as(x)
-    t = t * (1 - label_smoothing) + label_smoothing / 2
+    return t * (1 - label_smoothing) + label_smoothing / 2, valid
+
+
+def derivative_term_scales(inputs, targets, alpha, gamma, *, weight=None, ignore_index=-100,
+                           label_smoothing=0.0, reduction="none", grad_output=None, scores=None):
+    """Elementwise sums of the magnitudes of the terms that d(loss)/d(inputs) and
+    d(loss)/d(targets) add up (the formulas of csrc/focal_math.h, in float64): (scale_inputs,
+    scale_targets), for assert_matches. targets: floating, or integer class labels. For the
+    gradients that autograd gives (not the op's unscaled ones), pass reduction and grad_output."""
+    x = inputs.detach().double()
+    t, valid = dense_targets(inputs, targets, ignore_index, label_smoothing, scores)
     zero = torch.zeros_like(x)
     ce = t * torch.logaddexp(-x, zero) + (1 - t) * torch.logaddexp(x, zero)
     p, pm = torch.sigmoid(x), torch.sigmoid(-x)
@@ -90,6 +100,60 @@ def derivative_term_scales(inputs, targets, alpha, gamma, *, weight=None, ignore
         abs(alpha_slope) * ce + alpha_t * (x.abs() + gamma * (pm - p).abs() * ce_over_q)
     )
     return scale_inputs, scale_targets
+
+
+def family_term_scales(form, inputs, targets, alpha, gamma, beta=0.0, *, weight=None,
+                       ignore_index=-100, label_smoothing=0.0, reduction="none", grad_output=None,
+                       scores=None):
+    """For the forms of focal_cuda.reference.FORMS other than the focal loss: elementwise bounds
+    (scale_loss, scale_inputs, scale_targets) on the rounding of the loss and its derivatives
+    in the kernels' math type, relative to their unit roundoff (for assert_matches; the op's
+    arguments: gamma is QFL's beta). For the sum or mean of the loss, sum scale_loss.
+
+    QFL and VFL's negatives: a = |d|, d = p - t = (1 - t) p - t pm is a difference of terms of
+    total size s = (1 - t) p + t pm, so it is known to eps * s: a^g to a relative g eps s / a,
+    a^(g-1) to (g - 1) eps s / a; below eps * s a cannot be resolved (a_eff = max(a, eps s)).
+    FL*: z = gamma (2t - 1) x + beta is known to eps * (|gamma (2t - 1) x| + |beta|), and
+    softplus(-z), sigmoid(-z) to that relative error (d log / dz <= 1 for both)."""
+    x = inputs.detach().double()
+    t, valid = dense_targets(inputs, targets, ignore_index, label_smoothing, scores)
+    eps = torch.finfo(torch.float64 if inputs.dtype == torch.float64 else torch.float32).eps / 2
+    zero = torch.zeros_like(x)
+    p, pm = torch.sigmoid(x), torch.sigmoid(-x)
+    ce = t * torch.logaddexp(-x, zero) + (1 - t) * torch.logaddexp(x, zero)
+    if form == 1:  # FL*
+        y = 2 * t - 1
+        z = gamma * y * x + beta
+        conditioning = 1 + (gamma * y * x).abs() + abs(beta)
+        star = torch.logaddexp(-z, zero) / gamma
+        sig_neg = torch.sigmoid(-z)
+        alpha_t, slope = (torch.ones_like(x), 0.0) if alpha is None or alpha < 0 else \
+            (alpha * t + (1 - alpha) * (1 - t), 2 * alpha - 1)
+        loss = conditioning * alpha_t * star
+        d_inputs = conditioning * alpha_t * y.abs() * sig_neg
+        d_targets = conditioning * (abs(slope) * star + 2 * alpha_t * x.abs() * sig_neg)
+    else:  # QFL, VFL
+        s = (1 - t) * p + t * pm
+        d = (1 - t) * p - t * pm
+        a = torch.maximum(d.abs(), eps * s)
+        g = gamma
+        a_g, a_g1 = a.pow(g), a.pow(g - 1)
+        amplify, amplify1 = 1 + g * s / a, 1 + abs(g - 1) * s / a
+        loss = ce * a_g * amplify
+        d_inputs = a_g * d.abs() * amplify + g * ce * p * pm * a_g1 * amplify1
+        d_targets = a_g * x.abs() * amplify + g * ce * a_g1 * amplify1
+        if form == 3:  # VFL: t > 0 is a positive, weighted by t
+            positive = t > 0
+            loss = torch.where(positive, t * ce, alpha * loss)
+            d_inputs = torch.where(positive, t * s, alpha * d_inputs)
+            d_targets = torch.where(positive, ce + t * x.abs(), alpha * d_targets)
+    factor = valid if weight is None else valid * weight.detach().double().abs()
+    loss = factor * loss
+    if grad_output is not None:
+        factor = factor * grad_output.detach().double().abs()
+    if reduction == "mean":
+        factor = factor / valid.sum().clamp_min(1)
+    return loss, factor * d_inputs, factor * (1 - label_smoothing) * d_targets
 
 
 def random_case(shape, dtype, device, *, seed=0, scale=4.0, soft=False, positive_rate=0.3):

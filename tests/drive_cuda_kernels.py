@@ -4,12 +4,14 @@ to run under compute-sanitizer, where the test suite would take hours.
     cd tests && compute-sanitizer --tool memcheck python drive_cuda_kernels.py
 
 Covers input dtypes x target kinds (float targets of the inputs' dtype, float32 targets with
-16-bit inputs, int64 and int32 labels) x gamma modes (0, 2; 1.5 by products, 0.75 by pow) x gradients (none,
-inputs, inputs and targets) on aligned tensors (the vectorised loads) and misaligned views (the
-scalar path) at a size no vector width divides, with the weight kinds and reductions cycled
-through (weights requiring grad, so the unweighted loss is written too); then the functional and
-in-place backward with elementwise and scalar grad_output on aligned and misaligned buffers,
-autocast with labels (16-bit logits, float32 loss), an all-ignored mean and an empty tensor.
+16-bit inputs, int64 and int32 labels, (int64 labels, scores) pairs) x gamma modes (0, 2; 1.5 by
+products, 0.75 by pow) x gradients (none, inputs, inputs and targets) x the loss forms (focal
+loss, FL*, quality focal, varifocal, in turn) on aligned tensors (the vectorised loads) and
+misaligned views (the scalar path) at a size no vector width divides, with the weight kinds and
+reductions cycled through (weights requiring grad, so the unweighted loss is written too); then
+the functional and in-place backward with elementwise and scalar grad_output on aligned and
+misaligned buffers, autocast with labels (16-bit logits, float32 loss), an all-ignored mean and
+an empty tensor.
 Every loss and gradient is compared with the float64 reference at the tolerance of
 tests/conftest.py. Prints one line per failure and a summary; exits 1 on any failure.
 """
@@ -20,7 +22,7 @@ import sys
 import torch
 
 import focal_cuda
-from conftest import assert_matches, derivative_term_scales
+from conftest import assert_matches, derivative_term_scales, family_term_scales
 
 ROWS, CLASSES = 37, 13  # 481 elements: odd, so every vector loop has a tail
 DEVICE = "cuda"
@@ -28,6 +30,27 @@ FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 GAMMAS = [0.0, 2.0, 1.5, 0.75]
 REDUCTIONS = ["none", "mean", "sum"]
 WEIGHT_KINDS = [None, "element", "row", "class"]
+# The public functions of the forms, with arguments each takes (FL* needs gamma > 0: at gamma 0
+# the quality focal loss, plain BCE then, takes its turn). The form is a run-time switch inside
+# every kernel instance.
+FORMS = ["focal", "star", "quality", "varifocal"]
+
+
+def form_call(form, gamma):
+    """(form, the public function with its options bound, op-level (alpha, gamma, beta))."""
+    if form == "star" and gamma == 0:
+        form = "quality"
+    if form == "focal":
+        return form, lambda x, t, reduction, weight: focal_cuda.sigmoid_focal_loss(
+            x, t, 0.25, gamma, reduction, weight=weight), (0.25, gamma, 0.0)
+    if form == "star":
+        return form, lambda x, t, reduction, weight: focal_cuda.sigmoid_focal_loss_star(
+            x, t, 0.25, gamma, reduction, beta=0.5, weight=weight), (0.25, gamma, 0.5)
+    if form == "quality":
+        return form, lambda x, t, reduction, weight: focal_cuda.quality_focal_loss(
+            x, t, gamma, reduction, weight=weight), (-1.0, gamma, 0.0)
+    return form, lambda x, t, reduction, weight: focal_cuda.varifocal_loss(
+        x, t, 0.75, gamma, reduction, weight=weight), (0.75, gamma, 0.0)
 
 
 def placed(values, misaligned):
@@ -40,16 +63,20 @@ def placed(values, misaligned):
 
 
 def make_case(dtype, target_kind, misaligned, generator):
+    """(logits, targets, scores): scores (of the inputs' dtype) for a "pair" only, else None."""
     x = torch.randn(ROWS, CLASSES, generator=generator, dtype=torch.float64) * 4
-    if target_kind in ("int64", "int32"):
+    scores = None
+    if target_kind in ("int64", "int32", "pair"):
         labels = torch.randint(0, CLASSES + 1, (ROWS,), generator=generator)
         labels[::5] = -100  # ignored rows
-        targets = labels.to(getattr(torch, target_kind))
+        targets = labels.to(torch.int64 if target_kind == "pair" else getattr(torch, target_kind))
+        if target_kind == "pair":
+            scores = placed(torch.rand(ROWS, generator=generator, dtype=torch.float64).to(dtype), misaligned)
     else:
         target_dtype = dtype if target_kind == "same" else torch.float32
         targets = torch.rand(ROWS, CLASSES, generator=generator, dtype=torch.float64)
         targets = targets.to(target_dtype)
-    return placed(x.to(dtype), misaligned), placed(targets, misaligned)
+    return placed(x.to(dtype), misaligned), placed(targets, misaligned), scores
 
 
 def make_weight(kind, dtype, generator):
@@ -79,52 +106,74 @@ def run_forward_cases(failures):
     cycle = itertools.count()
     calls = 0
     for dtype, target_kind, gamma, grads, misaligned in itertools.product(
-        FLOAT_DTYPES, ["same", "float32", "int64", "int32"], GAMMAS,
+        FLOAT_DTYPES, ["same", "float32", "int64", "int32", "pair"], GAMMAS,
         ["none", "inputs", "inputs+targets"], [False, True],
     ):
-        labels = target_kind.startswith("int")
+        labels = target_kind in ("int64", "int32", "pair")
         if (target_kind == "float32" and dtype in (torch.float32, torch.float64)) or (
-            labels and grads == "inputs+targets"
+            target_kind.startswith("int") and grads == "inputs+targets"
         ):
             continue
         step = next(cycle)
         reduction = REDUCTIONS[step % len(REDUCTIONS)]
         # A case and its misaligned twin are consecutive steps: both get the same weight kind.
         weight_kind = WEIGHT_KINDS[(step // 2) % len(WEIGHT_KINDS)]
-        x, targets = make_case(dtype, target_kind, misaligned, generator)
+        x, targets, scores = make_case(dtype, target_kind, misaligned, generator)
         weight = make_weight(weight_kind, dtype, generator)
         grad_inputs, grad_targets = grads != "none", grads == "inputs+targets"
         x.requires_grad_(grad_inputs)
-        targets.requires_grad_(grad_targets)
+        # What d(loss)/d(targets) differentiates: the scores of a pair.
+        differentiable = targets if scores is None else scores
+        differentiable.requires_grad_(grad_targets)
         if weight is not None:
             weight.requires_grad_(grad_inputs)  # the kernels then also write the unweighted loss
-        name = (f"{dtype} targets={target_kind} gamma={gamma} grads={grads} "
+        form, loss_fn, (alpha, op_gamma, beta) = form_call(FORMS[step % len(FORMS)], gamma)
+        code = focal_cuda.reference.FORMS[form]
+        name = (f"{form} {dtype} targets={target_kind} gamma={gamma} grads={grads} "
                 f"misaligned={misaligned} reduction={reduction} weight={weight_kind}")
         try:
-            loss = focal_cuda.sigmoid_focal_loss(x, targets, 0.25, gamma, reduction, weight=weight)
+            loss = loss_fn(x, targets if scores is None else (targets, scores), reduction, weight)
             reference_x = x.detach().cpu().double().requires_grad_(grad_inputs)
             reference_t = targets.detach().cpu()
             if not labels:
                 reference_t = reference_t.double().requires_grad_(grad_targets)
+            reference_s = None if scores is None else scores.detach().cpu().double().requires_grad_(grad_targets)
             reference_w = None
             if weight is not None:
                 reference_w = weight.detach().cpu().double().requires_grad_(grad_inputs)
-            expected = focal_cuda.reference.sigmoid_focal_loss(
-                reference_x, reference_t, 0.25, gamma, reduction, weight=reference_w
+            expected = focal_cuda.reference.family_loss(
+                code, reference_x, reference_t, alpha, op_gamma, beta, reduction, reference_w, -100, 0.0,
+                scores=reference_s,
             )
-            compare(name + " loss", loss, expected.detach(), dtype, failures)
+            scale_loss = None
+            if form != "focal":
+                scale_loss = family_term_scales(code, reference_x, reference_t, alpha, op_gamma, beta,
+                                                weight=reference_w, scores=reference_s)[0]
+                if reduction != "none":
+                    counted = int((reference_t != -100).sum()) * CLASSES if labels else scale_loss.numel()
+                    scale_loss = scale_loss.sum() / (max(counted, 1) if reduction == "mean" else 1)
+            compare(name + " loss", loss, expected.detach(), dtype, failures, scale=scale_loss)
             if grad_inputs:
                 grad_output = torch.rand(loss.shape, generator=generator, dtype=torch.float64) + 0.5
                 wrt, expected_wrt = [x], [reference_x]
                 if grad_targets:
-                    wrt, expected_wrt = wrt + [targets], expected_wrt + [reference_t]
+                    wrt = wrt + [differentiable]
+                    expected_wrt = expected_wrt + [reference_t if scores is None else reference_s]
                 if weight is not None:
                     wrt, expected_wrt = wrt + [weight], expected_wrt + [reference_w]
                 actual_grads = torch.autograd.grad(loss, wrt, grad_output.to(loss.dtype).to(DEVICE))
                 expected_grads = torch.autograd.grad(expected, expected_wrt, grad_output)
                 # Derivatives of inputs and targets are sums of terms that can cancel.
-                scales = derivative_term_scales(reference_x, reference_t, 0.25, gamma, weight=reference_w,
-                                                reduction=reduction, grad_output=grad_output)
+                scale_options = dict(weight=reference_w, reduction=reduction, grad_output=grad_output,
+                                     scores=reference_s)
+                if form == "focal":
+                    scales = derivative_term_scales(reference_x, reference_t, alpha, op_gamma, **scale_options)
+                else:
+                    scales = family_term_scales(code, reference_x, reference_t, alpha, op_gamma, beta,
+                                                **scale_options)[1:]
+                if scores is not None:  # d/dscores: the labelled element's d/dtarget
+                    labelled = reference_t.unsqueeze(-1) == torch.arange(CLASSES)
+                    scales = (scales[0], (scales[1] * labelled).sum(-1))
                 scales = scales[:1 + grad_targets] + (None,)
                 for index, (actual, wanted) in enumerate(zip(actual_grads, expected_grads)):
                     compare(f"{name} grad[{index}]", actual, wanted, dtype, failures, scale=scales[index])
@@ -141,7 +190,7 @@ def run_backward_cases(failures):
     calls = 0
     for dtype, misaligned, reduction in itertools.product(FLOAT_DTYPES, [False, True], [0, 1, 2]):
         # reduction codes of the ops: 0 none (elementwise grad_output), 1 mean, 2 sum (0-d)
-        x, targets = make_case(dtype, "same", False, generator)
+        x, targets, _ = make_case(dtype, "same", False, generator)
         args = (x, targets, None, 0.25, 2.0, reduction, -100, 0.0, False, True, False, False)
         _, saved, _, _, count = torch.ops.focal_cuda.sigmoid_focal_loss_forward(*args)
         saved = placed(saved, misaligned)  # the packed path needs the saved gradient aligned
@@ -167,7 +216,7 @@ def run_edge_cases(failures):
     generator = torch.Generator().manual_seed(2)
     autocast_dtypes = [torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" else [])
     for dtype in autocast_dtypes:
-        x, labels = make_case(dtype, "int64", False, generator)
+        x, labels, _ = make_case(dtype, "int64", False, generator)
         x.requires_grad_()
         with torch.autocast(DEVICE, dtype=dtype):
             loss = focal_cuda.sigmoid_focal_loss(x, labels, 0.25, 2.0, "sum")

@@ -15,7 +15,7 @@ import torch
 
 import cuda_emulation
 import focal_cuda
-from conftest import assert_matches, derivative_term_scales
+from conftest import assert_matches, derivative_term_scales, family_term_scales
 
 pytestmark = pytest.mark.cuda_emulation
 
@@ -26,6 +26,7 @@ GAMMA_MODES = {"zero": [0.0], "two": [2.0], "general": [0.5, 0.75, 1.0, 3.5, 8.5
 GAMMA_NAMES = {"zero": "Zero", "two": "Two", "general": "General"}
 WEIGHT_KINDS = {"none": 0, "element": 1, "row": 2, "class": 3}
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+FORMS = focal_cuda.reference.FORMS
 
 # (inputs dtype, targets: a floating dtype or "labels", float32_loss): the combinations the CUDA
 # forward reads as they are. The loss dtype (and kernel out_t) follows from them.
@@ -107,7 +108,8 @@ class Case:
 
     def __init__(self, *, x_dtype, targets, float32_loss, gamma, shape, misaligned, reduction,
                  weight_kind, alpha, label_smoothing, grad_inputs, grad_targets, ignore,
-                 label_dtype=torch.int64, ignore_index=-100, seed=0):
+                 label_dtype=torch.int64, ignore_index=-100, seed=0, form="focal", beta=0.0,
+                 scores=False):
         generator = torch.Generator().manual_seed(seed)
         labels = targets == "labels"
         self.shape = shape
@@ -125,12 +127,17 @@ class Case:
             flat[placements[ignore]] = ignore_index
             self.targets = placed(label_values.to(label_dtype), misaligned)
             self.count = int((label_values != ignore_index).sum()) * classes
+            # (labels, scores): in [0, 1], with exact zeros (VFL's negatives at the label).
+            score_values = torch.rand(rows, generator=generator, dtype=F64)
+            score_values.view(-1)[1::4] = 0.0
+            self.scores = placed(score_values.to(x_dtype), misaligned) if scores else None
         else:
             soft = torch.rand(shape, generator=generator, dtype=F64)
             hard = (torch.rand(shape, generator=generator) < 0.3).double()
             values = torch.where(torch.rand(shape, generator=generator) < 0.5, soft, hard)
             self.targets = placed(values.to(targets), misaligned)
             self.count = self.inputs.numel()
+            self.scores = None
         weight_shapes = {"element": shape, "row": shape[:-1] + (1,) if shape else (), "class": shape[-1:],
                          "scalar": ()}
         self.weight = None
@@ -138,15 +145,18 @@ class Case:
             self.weight = (torch.rand(weight_shapes[weight_kind], generator=generator, dtype=F64) + 0.5).to(x_dtype)
         self.options = dict(alpha=alpha, gamma=gamma, reduction=REDUCTION_CODES[reduction],
                             ignore_index=ignore_index, label_smoothing=label_smoothing,
-                            float32_loss=float32_loss)
+                            float32_loss=float32_loss, form=FORMS[form], beta=beta)
         # The loss before the weight is also wanted alone: a weight requiring grad, inputs not.
         self.flags = dict(compute_grad_inputs=grad_inputs, compute_grad_targets=grad_targets,
                           compute_unweighted_loss=self.weight is not None and (grad_inputs or seed % 2 == 0))
         self.reduction = reduction
         self.loss_dtype = loss_dtype(x_dtype, targets, float32_loss)
         self.x_dtype = x_dtype
-        self.target_dtype = None if labels else targets
-        self.describe = (f"x={x_dtype} targets={targets}{'/' + str(label_dtype) if labels else ''} "
+        self.labels = labels
+        # The dtype of what d(loss)/d(targets) differentiates: floating targets, or scores.
+        self.target_dtype = x_dtype if self.scores is not None else None if labels else targets
+        self.describe = (f"form={form} beta={beta} x={x_dtype} targets={targets}{'/' + str(label_dtype) if labels else ''} "
+                         f"scores={scores} "
                          f"float32_loss={float32_loss} gamma={gamma} shape={shape} misaligned={misaligned} "
                          f"reduction={reduction} weight={weight_kind} alpha={alpha} smoothing={label_smoothing} "
                          f"grads=({grad_inputs}, {grad_targets}) ignore={ignore}")
@@ -156,43 +166,70 @@ class Case:
         return (self.inputs, self.targets, self.weight, o["alpha"], o["gamma"], o["reduction"],
                 o["ignore_index"], o["label_smoothing"], o["float32_loss"],
                 self.flags["compute_grad_inputs"], self.flags["compute_grad_targets"],
-                self.flags["compute_unweighted_loss"])
+                self.flags["compute_unweighted_loss"], o["form"], o["beta"], self.scores)
 
     def expected(self):
         """(loss, grad_inputs, grad_targets, unweighted_loss, count) in float64; the gradients
         elementwise and unscaled, as the op returns them."""
         o = self.options
         x = self.inputs.double().requires_grad_()
-        labels = self.target_dtype is None
-        t = self.targets if labels else self.targets.double().requires_grad_()
+        t = self.targets if self.labels else self.targets.double().requires_grad_()
+        scores = None if self.scores is None else self.scores.double().requires_grad_()
         weight = None if self.weight is None else self.weight.double()
-        options = dict(alpha=o["alpha"], gamma=o["gamma"], ignore_index=o["ignore_index"],
-                       label_smoothing=o["label_smoothing"])
-        elementwise = focal_cuda.reference.sigmoid_focal_loss(x, t, weight=weight, **options)
-        loss = focal_cuda.reference.sigmoid_focal_loss(x, t, weight=weight, reduction=self.reduction, **options)
-        wrt = [x] if labels else [x, t]
+        options = dict(form=o["form"], alpha=o["alpha"], gamma=o["gamma"], beta=o["beta"],
+                       ignore_index=o["ignore_index"], label_smoothing=o["label_smoothing"])
+        loss_of = focal_cuda.reference.family_loss
+        elementwise = loss_of(inputs=x, targets=t, weight=weight, reduction="none", scores=scores, **options)
+        loss = loss_of(inputs=x, targets=t, weight=weight, reduction=self.reduction, scores=scores, **options)
+        differentiable = None if self.target_dtype is None else scores if self.labels else t
+        wrt = [x] if differentiable is None else [x, differentiable]
         grads = torch.autograd.grad(elementwise.sum(), wrt, allow_unused=True)
-        unweighted = focal_cuda.reference.sigmoid_focal_loss(x.detach(), t.detach() if not labels else t,
-                                                             weight=None, **options)
-        return (loss.detach(), grads[0], None if labels else grads[1], unweighted, self.count)
+        unweighted = loss_of(inputs=x.detach(), targets=t.detach(), weight=None, reduction="none",
+                             scores=None if scores is None else scores.detach(), **options)
+        return (loss.detach(), grads[0], None if differentiable is None else grads[1], unweighted, self.count)
 
     def scales(self):
+        """(loss, d/dinputs, d/dtargets) rounding scales for assert_matches: the loss's None
+        for the focal loss (a product of well-conditioned factors), reduced like the loss."""
         o = self.options
-        return derivative_term_scales(self.inputs, self.targets, o["alpha"], o["gamma"], weight=self.weight,
-                                      ignore_index=o["ignore_index"], label_smoothing=o["label_smoothing"])
+        options = dict(weight=self.weight, ignore_index=o["ignore_index"], label_smoothing=o["label_smoothing"],
+                       scores=self.scores)
+        if o["form"] == FORMS["focal"]:
+            loss = None
+            scale_inputs, scale_targets = derivative_term_scales(self.inputs, self.targets, o["alpha"],
+                                                                 o["gamma"], **options)
+        else:
+            loss, scale_inputs, scale_targets = family_term_scales(
+                o["form"], self.inputs, self.targets, o["alpha"], o["gamma"], o["beta"], **options)
+            if self.reduction != "none":
+                loss = loss.sum() / (max(self.count, 1) if self.reduction == "mean" else 1)
+        if self.scores is not None:  # d/dscores: the labelled element's d/dtarget
+            classes = torch.arange(self.inputs.shape[-1])
+            scale_targets = (scale_targets * (self.targets.long().unsqueeze(-1) == classes)).sum(-1)
+        return loss, scale_inputs, scale_targets
+
+    def unweighted_scale(self):
+        """The rounding scale of the loss before the weight, elementwise (None: focal loss)."""
+        o = self.options
+        if o["form"] == FORMS["focal"]:
+            return None
+        return family_term_scales(o["form"], self.inputs, self.targets, o["alpha"], o["gamma"], o["beta"],
+                                  ignore_index=o["ignore_index"], label_smoothing=o["label_smoothing"],
+                                  scores=self.scores)[0]
 
 
 def check_outputs(case, outputs, label):
     """Every output of the forward op against the float64 expectations."""
     loss, grad_inputs, grad_targets, unweighted, count = outputs
     expected_loss, expected_gx, expected_gt, expected_unweighted, expected_count = case.expected()
-    scale_inputs, scale_targets = case.scales()
+    scale_loss, scale_inputs, scale_targets = case.scales()
     assert loss.dtype == case.loss_dtype, f"{label}: loss dtype"
     assert count.item() == expected_count, f"{label}: count"
     if expected_loss.isnan().all():  # the mean of nothing: every row ignored
         assert loss.isnan().all(), f"{label}: expected NaN, got {loss}"
     else:
-        assert_matches(loss, expected_loss.view(loss.shape), case.loss_dtype)
+        assert_matches(loss, expected_loss.view(loss.shape), case.loss_dtype,
+                       scale=None if scale_loss is None else scale_loss.view(loss.shape))
     if case.flags["compute_grad_inputs"]:
         assert grad_inputs.dtype == saved_dtype(case.x_dtype)
         assert_matches(grad_inputs, expected_gx, saved_dtype(case.x_dtype), scale=scale_inputs)
@@ -205,14 +242,14 @@ def check_outputs(case, outputs, label):
         assert grad_targets.numel() == 0
     if case.flags["compute_unweighted_loss"]:
         assert unweighted.dtype == saved_dtype(case.loss_dtype)
-        assert_matches(unweighted, expected_unweighted, saved_dtype(case.loss_dtype))
+        assert_matches(unweighted, expected_unweighted, saved_dtype(case.loss_dtype), scale=case.unweighted_scale())
 
 
 def check_against_cpu_kernels(case, outputs):
     """The same call on focal_cuda's CPU kernels: both within the tolerance of each other."""
     cpu = torch.ops.focal_cuda.sigmoid_focal_loss_forward(*case.arguments())
-    scale_inputs, scale_targets = case.scales()
-    scales = [None, scale_inputs, scale_targets, None, None]
+    scale_loss, scale_inputs, scale_targets = case.scales()
+    scales = [scale_loss, scale_inputs, scale_targets, case.unweighted_scale(), None]
     dtypes = [case.loss_dtype, saved_dtype(case.x_dtype), case.target_dtype and saved_dtype(case.target_dtype),
               saved_dtype(case.loss_dtype), None]
     for ours, theirs, scale, dtype in zip(outputs, cpu, scales, dtypes):
@@ -257,6 +294,22 @@ FORWARD_INSTANCES = [
 ]
 
 
+def form_options(step, gamma):
+    """(form, alpha, beta, label_smoothing) of a forward case: the forms in turn (the form is a
+    run-time switch inside every instance), each with the options it takes; FL* needs gamma > 0,
+    so where gamma is 0 the quality focal loss (plain BCE then) takes its turn."""
+    form = ["focal", "star", "quality", "varifocal"][step % 4]
+    if form == "star" and gamma == 0:
+        form = "quality"
+    alpha = [0.25, -1.0, 0.0, 1.0][step // 4 % 4]
+    smoothing = 0.1 if step // 4 % 4 == 3 else 0.0
+    if form == "quality":
+        return form, -1.0, 0.0, 0.0
+    if form == "varifocal":
+        return form, 0.75 if alpha < 0 else alpha, 0.0, 0.0
+    return form, alpha, (0.5 if form == "star" else 0.0), smoothing
+
+
 @pytest.mark.parametrize(
     "types, gamma_mode, grad_inputs, packed", FORWARD_INSTANCES,
     ids=[f"{t[0]}-{t[1]}-{'f32loss' if t[2] else 'loss'}-{g}-{'grad' if gi else 'nograd'}-"
@@ -277,16 +330,17 @@ def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
             shape = (1, 4)  # labels need a class dimension
         if not packed and shape in ((), (1, 1)):
             shape = (5, 7)  # one element is always aligned: give the misaligned view more
+        gamma = GAMMA_MODES[gamma_mode][step % len(GAMMA_MODES[gamma_mode])]
+        form, alpha, beta, label_smoothing = form_options(step, gamma)
         case = Case(
-            x_dtype=x_dtype, targets=targets, float32_loss=float32_loss,
-            gamma=GAMMA_MODES[gamma_mode][step % len(GAMMA_MODES[gamma_mode])],
+            x_dtype=x_dtype, targets=targets, float32_loss=float32_loss, gamma=gamma,
             shape=shape, misaligned=not packed,
             reduction=["none", "mean", "sum"][step % 3],
             weight_kind=["none", "element", "row", "class", "scalar"][step % 5],
-            alpha=[0.25, -1.0, 0.0, 1.0][step % 4],
-            label_smoothing=0.1 if step % 4 == 3 else 0.0,
+            alpha=alpha, form=form, beta=beta, label_smoothing=label_smoothing,
             grad_inputs=grad_inputs,
-            grad_targets=not labels and step % 2 == 0,
+            grad_targets=step % 2 == 0 and (not labels or step // 4 % 2 == 0),
+            scores=labels and step // 4 % 2 == 0,  # (labels, scores) pairs, in every form
             ignore=["none", "first", "last", "spread", "all"][step % 5],
             label_dtype=[torch.int64, torch.int32][step % 2],
             ignore_index=[-100, -1][step // 2 % 2],

@@ -279,11 +279,12 @@ void for_each_row_run(int64_t offset, int64_t n, int64_t classes, Fn&& fn) {
   }
 }
 
-// Targets of n elements from offset on, from class labels: 1 for the labelled class, else 0;
-// valid is 0 in ignored rows, else 1. Returns how many elements are not ignored.
+// Targets of n elements from offset on, from class labels: the row's score (1 without scores)
+// for the labelled class, else 0; valid is 0 in ignored rows, else 1. Returns how many elements
+// are not ignored.
 template <typename S>
-int64_t label_targets(const ForwardArgs& args, const int64_t* labels, int64_t offset, int64_t n,
-                      S* targets, S* valid) {
+int64_t label_targets(const ForwardArgs& args, const int64_t* labels, const S* scores,
+                      int64_t offset, int64_t n, S* targets, S* valid) {
   std::fill(targets, targets + n, S(0));
   int64_t counted = 0;
   for_each_row_run(offset, n, args.classes, [&](int64_t i, int64_t row, int64_t first_class,
@@ -291,12 +292,27 @@ int64_t label_targets(const ForwardArgs& args, const int64_t* labels, int64_t of
     const int64_t label = labels[row];
     const bool ignored = label == args.ignore_index;
     if (!ignored && label >= first_class && label < first_class + length) {
-      targets[i + label - first_class] = S(1);
+      targets[i + label - first_class] = scores != nullptr ? scores[row] : S(1);
     }
     std::fill(valid + i, valid + i + length, ignored ? S(0) : S(1));
     counted += ignored ? 0 : length;
   });
   return counted;
+}
+
+// d(loss)/d(scores) of the rows whose labelled class lies among the n elements from offset
+// on: that element's d(loss)/d(target). Only one element of a row is labelled, so only one
+// block writes each row.
+template <typename S>
+void gather_score_gradients(const ForwardArgs& args, const int64_t* labels, int64_t offset,
+                            int64_t n, const S* grad_targets, S* grad_scores) {
+  for_each_row_run(offset, n, args.classes, [&](int64_t i, int64_t row, int64_t first_class,
+                                                int64_t length) {
+    const int64_t label = labels[row];
+    if (label != args.ignore_index && label >= first_class && label < first_class + length) {
+      grad_scores[row] = grad_targets[i + label - first_class];
+    }
+  });
 }
 
 // Weights of n elements from offset on (there is a weight tensor): the weight's own memory
@@ -324,13 +340,13 @@ const S* element_weights(const ForwardArgs& args, const S* weight, int64_t offse
 // block, added in a fixed order.
 template <typename S, GammaMode kGamma, bool kGradInputs, bool kGradTargets>
 double compute_block(const S* x, const S* t, const S* w, const S* v, int64_t n,
-                     const FocalCoeffs<S>& coeffs, S* loss, S* unweighted, S* grad_inputs,
+                     const LossCoeffs<S>& coeffs, S* loss, S* unweighted, S* grad_inputs,
                      S* grad_targets) {
   using Vec = Vectorized<S>;
   Vec vec_sum(S(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const auto terms = focal_terms<VecMath<S>, kGamma, kGradInputs, kGradTargets>(
+    const auto terms = loss_terms<VecMath<S>, kGamma, kGradInputs, kGradTargets>(
         Vec::loadu(x + i), Vec::loadu(t + i), w != nullptr ? Vec::loadu(w + i) : Vec(S(1)),
         v != nullptr ? Vec::loadu(v + i) : Vec(S(1)), coeffs);
     vec_sum = vec_sum + terms.loss;
@@ -354,7 +370,7 @@ double compute_block(const S* x, const S* t, const S* w, const S* v, int64_t n,
     sum += lanes[lane];
   }
   for (; i < n; ++i) {  // the block's last partial vector
-    const auto terms = focal_terms<ScalarMath<S>, kGamma, kGradInputs, kGradTargets>(
+    const auto terms = loss_terms<ScalarMath<S>, kGamma, kGradInputs, kGradTargets>(
         x[i], t[i], w != nullptr ? w[i] : S(1), v != nullptr ? v[i] : S(1), coeffs);
     sum += terms.loss;
     if (loss != nullptr) {
@@ -376,7 +392,7 @@ double compute_block(const S* x, const S* t, const S* w, const S* v, int64_t n,
 template <typename S, GammaMode kGamma, bool kGradInputs, bool kGradTargets>
 void forward_impl(const ForwardArgs& args) {
   const int64_t n = args.inputs.numel();
-  const FocalCoeffs<S> coeffs(args.alpha, args.gamma, args.label_smoothing);
+  const LossCoeffs<S> coeffs(args.form, args.alpha, args.gamma, args.beta, args.label_smoothing);
   const bool elementwise = args.reduction == Reduction::None;
   const bool weighted = args.weight_kind != WeightKind::None;
   const int64_t num_chunks = (n + kChunk - 1) / kChunk;
@@ -386,6 +402,9 @@ void forward_impl(const ForwardArgs& args) {
   const RawTensor unweighted_out(args.unweighted_loss), grad_inputs_out(args.grad_inputs);
   const RawTensor grad_targets_out(args.grad_targets);
   const S* weight = args.weight.defined() ? args.weight.const_data_ptr<S>() : nullptr;
+  const S* scores = args.scores.defined() ? args.scores.const_data_ptr<S>() : nullptr;
+  S* grad_scores = args.grad_scores.defined() ? args.grad_scores.mutable_data_ptr<S>() : nullptr;
+  const auto* labels = args.labels ? static_cast<const int64_t*>(targets.data) : nullptr;
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     const FlushSubnormals flush_subnormals;
@@ -401,8 +420,7 @@ void forward_impl(const ForwardArgs& args) {
         const S* w = weighted ? element_weights(args, weight, offset, len, w_buffer) : nullptr;
         const S* t = t_buffer;
         if (args.labels) {
-          chunk_count += label_targets(args, static_cast<const int64_t*>(targets.data), offset,
-                                       len, t_buffer, v_buffer);
+          chunk_count += label_targets(args, labels, scores, offset, len, t_buffer, v_buffer);
         } else {
           t = read_block(targets, offset, len, t_buffer);
           chunk_count += len;
@@ -414,9 +432,11 @@ void forward_impl(const ForwardArgs& args) {
         S* grad_inputs = kGradInputs
                              ? block_destination(grad_inputs_out, offset, grad_inputs_buffer)
                              : nullptr;
-        S* grad_targets = kGradTargets
-                              ? block_destination(grad_targets_out, offset, grad_targets_buffer)
-                              : nullptr;
+        // Scores' gradients are gathered from the block's d(loss)/d(target).
+        S* grad_targets = !kGradTargets       ? nullptr
+                          : grad_scores != nullptr ? grad_targets_buffer
+                                                   : block_destination(grad_targets_out, offset,
+                                                                       grad_targets_buffer);
         chunk_sum += compute_block<S, kGamma, kGradInputs, kGradTargets>(
             x, t, w, args.labels ? v_buffer : nullptr, len, coeffs, loss, unweighted, grad_inputs,
             grad_targets);
@@ -430,7 +450,11 @@ void forward_impl(const ForwardArgs& args) {
           store_block(grad_inputs_out, offset, len, grad_inputs);
         }
         if constexpr (kGradTargets) {
-          store_block(grad_targets_out, offset, len, grad_targets);
+          if (grad_scores != nullptr) {
+            gather_score_gradients(args, labels, offset, len, grad_targets, grad_scores);
+          } else {
+            store_block(grad_targets_out, offset, len, grad_targets);
+          }
         }
       }
       chunk_sums[chunk] = chunk_sum;
@@ -506,7 +530,8 @@ void forward(const ForwardArgs& args) {
     using S = decltype(math_type);
     dispatch_gamma_mode(args.gamma, [&](auto gamma_mode) {
       dispatch_flag(args.grad_inputs.defined(), [&](auto grad_inputs) {
-        dispatch_flag(args.grad_targets.defined(), [&](auto grad_targets) {
+        dispatch_flag(args.grad_targets.defined() || args.grad_scores.defined(),
+                      [&](auto grad_targets) {
           forward_impl<S, decltype(gamma_mode)::value, decltype(grad_inputs)::value,
                        decltype(grad_targets)::value>(args);
         });

@@ -101,15 +101,17 @@ struct ForwardPointers {
   const x_t* inputs;
   const t_t* targets;
   const S* weight;
+  const S* scores;  // labels only: the labelled class's target per row; null: 1
   WeightKind weight_kind;
   int64_t classes;
   int64_t ignore_index;
   int64_t n;
-  FocalCoeffs<S> coeffs;
+  LossCoeffs<S> coeffs;
   out_t* loss;
   saved_t<out_t>* unweighted_loss;
   saved_t<x_t>* grad_inputs;
   saved_t<t_t>* grad_targets;
+  S* grad_scores;  // labels only: d(loss)/d(scores) per row, written by the labelled element
   S* block_sums;
   int64_t* block_counts;
 };
@@ -175,7 +177,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
           const bool counted = label != p.ignore_index;
           count += counted ? 1 : 0;
           valid = counted ? S(1) : S(0);
-          target = label == cls ? S(1) : S(0);
+          target = label != cls ? S(0) : p.scores != nullptr ? p.scores[row] : S(1);
         } else {
           ++count;
           target = static_cast<S>(ts[k]);
@@ -187,13 +189,18 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
           case WeightKind::Row: weight = p.weight[row]; break;
           case WeightKind::Class: weight = p.weight[cls]; break;
         }
-        const auto terms = focal_terms<ScalarMath<S>, kGamma, kGradInputs, kGradTargets>(
+        const auto terms = loss_terms<ScalarMath<S>, kGamma, kGradInputs, kGradTargets>(
             static_cast<S>(xs[k]), target, weight, valid, p.coeffs);
         sum += terms.loss;
         losses[k] = static_cast<out_t>(terms.loss);
         unweighted[k] = static_cast<saved_t<out_t>>(terms.unweighted_loss);
         grads_inputs[k] = static_cast<saved_t<x_t>>(terms.grad_inputs);
-        if constexpr (kGradTargets) {
+        if constexpr (kGradTargets && kIsLabels<t_t>) {
+          // The scores' gradient: one element per row is labelled, the row's only writer.
+          if (label == cls && label != p.ignore_index) {
+            p.grad_scores[row] = terms.grad_targets;
+          }
+        } else if constexpr (kGradTargets) {
           grads_targets[k] = static_cast<saved_t<t_t>>(terms.grad_targets);
         }
         if (needs_position && ++cls == p.classes) {
@@ -233,7 +240,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
     if constexpr (kGradInputs) {
       reinterpret_cast<Pack<saved_t<x_t>, kPack>*>(p.grad_inputs)[pack] = grads_inputs;
     }
-    if constexpr (kGradTargets) {
+    if constexpr (kGradTargets && !kIsLabels<t_t>) {
       reinterpret_cast<Pack<saved_t<t_t>, kPack>*>(p.grad_targets)[pack] = grads_targets;
     }
   }
@@ -255,7 +262,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
     if constexpr (kGradInputs) {
       p.grad_inputs[tail] = grad_inputs_value;
     }
-    if constexpr (kGradTargets) {
+    if constexpr (kGradTargets && !kIsLabels<t_t>) {
       p.grad_targets[tail] = grad_targets_value;
     }
   }
@@ -265,12 +272,11 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
 template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGradInputs, int kPack>
 __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
     focal_forward_kernel(const ForwardPointers<x_t, t_t, out_t> p) {
-  // grad_targets is decided here, once, rather than compiled into a kernel of its own (it is
-  // rarely wanted) or tested per element; labels have no target gradient.
+  // The target gradient (of floating targets, or of the scores of labels) is decided here,
+  // once, rather than compiled into a kernel of its own (it is rarely wanted) or tested per
+  // element.
   Partial<math_t<x_t>> partial;
-  if constexpr (kIsLabels<t_t>) {
-    partial = forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, kPack>(p);
-  } else if (p.grad_targets != nullptr) {
+  if (p.grad_targets != nullptr || p.grad_scores != nullptr) {
     partial = forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, kPack>(p);
   } else {
     partial = forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, kPack>(p);
@@ -420,15 +426,17 @@ void forward(const ForwardArgs& args) {
         args.inputs.const_data_ptr<x_t>(),
         args.targets.const_data_ptr<t_t>(),
         args.weight.defined() ? args.weight.const_data_ptr<S>() : nullptr,
+        args.scores.defined() ? args.scores.const_data_ptr<S>() : nullptr,
         args.weight_kind,
         args.classes,
         args.ignore_index,
         n,
-        FocalCoeffs<S>(args.alpha, args.gamma, args.label_smoothing),
+        LossCoeffs<S>(args.form, args.alpha, args.gamma, args.beta, args.label_smoothing),
         elementwise ? args.loss.mutable_data_ptr<out_t>() : nullptr,
         data_or_null<saved_t<out_t>>(args.unweighted_loss),
         data_or_null<saved_t<x_t>>(args.grad_inputs),
         kIsLabels<t_t> ? nullptr : data_or_null<saved_t<t_t>>(args.grad_targets),
+        data_or_null<S>(args.grad_scores),
         nullptr,
         nullptr,
     };

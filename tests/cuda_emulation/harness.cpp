@@ -33,8 +33,10 @@ void forward_into(const at::Tensor& inputs, const at::Tensor& targets,
   args.ignore_index = ignore_index;
   args.weight = weight.value_or(at::Tensor());
   args.weight_kind = static_cast<focal::WeightKind>(weight_kind);
+  args.form = focal::LossForm::Focal;
   args.alpha = alpha;
   args.gamma = gamma;
+  args.beta = 0.0;
   args.label_smoothing = label_smoothing;
   args.reduction = static_cast<focal::Reduction>(reduction);
   args.loss = loss;
@@ -71,7 +73,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sigmoid_focal_loss_forward", &focal::sigmoid_focal_loss_forward, arg("inputs"), arg("targets"),
         arg("weight"), arg("alpha"), arg("gamma"), arg("reduction"), arg("ignore_index"),
         arg("label_smoothing"), arg("float32_loss"), arg("compute_grad_inputs"),
-        arg("compute_grad_targets"), arg("compute_unweighted_loss"));
+        arg("compute_grad_targets"), arg("compute_unweighted_loss"), arg("form") = 0, arg("beta") = 0.0,
+        arg("scores") = pybind11::none());
   m.def("sigmoid_focal_loss_backward", &focal::sigmoid_focal_loss_backward, arg("grad_output"),
         arg("saved_grad"), arg("count"), arg("reduction"));
   m.def("sigmoid_focal_loss_backward_", &focal::sigmoid_focal_loss_backward_, arg("grad_output"),

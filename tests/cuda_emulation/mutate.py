@@ -75,6 +75,17 @@ MUTANTS = [
     ("partials_overlap", "forward: the per-block sums placed over the per-block counts",
      "p.block_sums = reinterpret_cast<S*>(p.block_counts + grid);",
      "p.block_sums = reinterpret_cast<S*>(p.block_counts);"),
+    ("form_ignored", "forward: the focal loss computed whatever the form (FL*, QFL, VFL)",
+     "const auto terms = loss_terms<ScalarMath<S>", "const auto terms = focal_terms<ScalarMath<S>"),
+    ("score_ignored", "forward: a (labels, scores) pair's score not read (target 1, as plain labels)",
+     "target = label != cls ? S(0) : p.scores != nullptr ? p.scores[row] : S(1);",
+     "target = label != cls ? S(0) : S(1);"),
+    ("score_gradient_writer", "forward: every element of a row writes its score's gradient, not the labelled one",
+     "          if (label == cls && label != p.ignore_index) {\n            p.grad_scores[row]",
+     "          if (label != p.ignore_index) {\n            p.grad_scores[row]"),
+    ("score_gradient_off", "forward: the scores' gradient alone does not select the target-gradient pass",
+     "  if (p.grad_targets != nullptr || p.grad_scores != nullptr) {",
+     "  if (p.grad_targets != nullptr) {"),
 ]
 
 

@@ -1,0 +1,469 @@
+"""The focal family: FL* (Lin et al., appendix A), the quality focal loss (Li et al., GFL) and the
+varifocal loss (Zhang et al.). Values and gradients against float64 formulas written here in
+the composite form of the libraries that use them (fvcore, mmdet), gradcheck, fvcore's FL*
+behaviour as data, labels against one-hot targets, saturated logits, errors, modules, and the
+PyTorch 2 paths (opcheck, torch.compile)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import focal_cuda
+from conftest import DEVICES, DTYPES, REDUCTIONS, assert_matches, family_term_scales
+
+FORMS = {"star": 1, "quality": 2, "varifocal": 3}
+FUNCTIONS = {
+    "star": focal_cuda.sigmoid_focal_loss_star,
+    "quality": focal_cuda.quality_focal_loss,
+    "varifocal": focal_cuda.varifocal_loss,
+}
+REFERENCES = {
+    "star": focal_cuda.reference.sigmoid_focal_loss_star,
+    "quality": focal_cuda.reference.quality_focal_loss,
+    "varifocal": focal_cuda.reference.varifocal_loss,
+}
+# Per form, parameter sets: the defaults, and others (fractional exponents, FL*'s beta).
+PARAMETERS = {
+    "star": [dict(), dict(alpha=0.25, gamma=2.0, beta=0.5), dict(alpha=0.75, gamma=0.5, beta=-1.0)],
+    "quality": [dict(), dict(beta=0.5), dict(beta=1.5)],
+    "varifocal": [dict(), dict(alpha=0.5, gamma=1.5), dict(alpha=1.0, gamma=0.5)],
+}
+CASES = [(form, index) for form, sets in PARAMETERS.items() for index in range(len(sets))]
+
+
+def defaults(form):
+    """The public defaults: fvcore's for FL*, mmdet's for QFL and VFL."""
+    return {"star": dict(alpha=-1.0, gamma=1.0, beta=0.0), "quality": dict(beta=2.0),
+            "varifocal": dict(alpha=0.75, gamma=2.0)}[form]
+
+
+def formula(form, x, t, alpha=None, gamma=None, beta=None):
+    """The elementwise loss in the composite form the libraries write it (float64 autograd
+    differentiates it): fvcore's FL* with the paper's beta, mmdet's QFL (soft-target form) and
+    VFL (iou_weighted)."""
+    bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    if form == "star":
+        loss = -F.logsigmoid(gamma * x * (2 * t - 1) + beta) / gamma
+        if alpha >= 0:
+            loss = loss * (alpha * t + (1 - alpha) * (1 - t))
+        return loss
+    if form == "quality":
+        return bce * (t - x.sigmoid()).abs().pow(beta)
+    focal_weight = t * (t > 0).double() + alpha * (x.sigmoid() - t).abs().pow(gamma) * (t <= 0).double()
+    return bce * focal_weight
+
+
+def op_arguments(form, parameters):
+    """(alpha, gamma, beta) in the op's meaning (family_term_scales'): gamma is QFL's beta."""
+    p = dict(defaults(form), **parameters)
+    if form == "star":
+        return (-1.0 if p["alpha"] is None else p["alpha"]), p["gamma"], p["beta"]
+    if form == "quality":
+        return -1.0, p["beta"], 0.0
+    return p["alpha"], p["gamma"], 0.0
+
+
+def one_hot(labels, classes, ignore_index=-100):
+    """(dense float64 targets, valid rows mask) of integer labels: C is background."""
+    ignored = labels == ignore_index
+    dense = F.one_hot(torch.where(ignored, classes, labels), classes + 1)[..., :classes].double()
+    return dense, (~ignored).double().unsqueeze(-1).expand(dense.shape)
+
+
+def make_targets(kind, shape, generator):
+    """Soft scores (with exact zeros: VFL's negatives), hard 0/1 targets, or class labels."""
+    if kind == "labels":
+        labels = torch.randint(0, shape[-1] + 1, shape[:-1], generator=generator)
+        labels.view(-1)[::7] = -100
+        return labels
+    if kind == "hard":
+        return (torch.rand(shape, generator=generator) < 0.3).double()
+    soft = torch.rand(shape, generator=generator, dtype=torch.float64)
+    return torch.where(torch.rand(shape, generator=generator) < 0.6, torch.zeros_like(soft), soft)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["soft", "hard", "labels"])
+@pytest.mark.parametrize("form, index", CASES)
+def test_matches_formula(device, dtype, reduction, kind, form, index):
+    """Loss and gradients w.r.t. inputs, floating targets and a per-class weight."""
+    parameters = PARAMETERS[form][index]
+    if form == "star" and kind == "soft":
+        parameters = dict(parameters, label_smoothing=0.1)
+    generator = torch.Generator().manual_seed(index)
+    shape = (3, 67, 9)  # 1809 elements: full vectors and a ragged tail
+    x = (torch.randn(shape, generator=generator, dtype=torch.float64) * 3).to(dtype)
+    targets = make_targets(kind, shape, generator)
+    if kind != "labels":
+        targets = targets.to(dtype)
+    weight = (torch.rand(shape[-1], generator=generator, dtype=torch.float64) + 0.5).to(dtype)
+    loss_shape = shape if reduction == "none" else ()
+    grad_output = torch.rand(loss_shape, generator=generator, dtype=torch.float64) + 0.5
+
+    ours_x = x.to(device).requires_grad_()
+    ours_t = targets.to(device).requires_grad_(kind != "labels")
+    ours_w = weight.to(device).requires_grad_()
+    loss = FUNCTIONS[form](ours_x, ours_t, reduction=reduction, weight=ours_w, **parameters)
+    wrt = [ours_x, ours_w] + ([ours_t] if kind != "labels" else [])
+    grads = torch.autograd.grad(loss, wrt, grad_output.to(device=device, dtype=loss.dtype))
+
+    # The formula, in float64 on the same rounded values.
+    smoothing = parameters.get("label_smoothing", 0.0)
+    exact_x = x.double().requires_grad_()
+    exact_w = weight.double().requires_grad_()
+    if kind == "labels":
+        exact_t, valid = one_hot(targets, shape[-1])
+    else:
+        exact_t, valid = targets.double().requires_grad_(), torch.ones(shape, dtype=torch.float64)
+    smoothed = exact_t * (1 - smoothing) + smoothing / 2
+    form_parameters = {k: v for k, v in dict(defaults(form), **parameters).items() if k != "label_smoothing"}
+    elementwise = formula(form, exact_x, smoothed, **form_parameters) * valid * exact_w
+    if reduction == "none":
+        expected = elementwise
+    else:
+        expected = elementwise.sum() / (valid.sum() if reduction == "mean" else 1)
+    exact_wrt = [exact_x, exact_w] + ([exact_t] if kind != "labels" else [])
+    expected_grads = torch.autograd.grad(expected, exact_wrt, grad_output)
+
+    alpha, gamma, beta = op_arguments(form, parameters)
+    scale_options = dict(ignore_index=-100, label_smoothing=smoothing)
+    scale_loss, _, _ = family_term_scales(FORMS[form], x, targets, alpha, gamma, beta, weight=weight,
+                                          **scale_options)
+    _, scale_x, scale_t = family_term_scales(FORMS[form], x, targets, alpha, gamma, beta, weight=weight,
+                                             reduction=reduction, grad_output=grad_output, **scale_options)
+    unweighted_scale, _, _ = family_term_scales(FORMS[form], x, targets, alpha, gamma, beta, **scale_options)
+    mean_divisor = valid.sum() if reduction == "mean" else 1
+    scale_w = (unweighted_scale * grad_output / mean_divisor).sum_to_size(weight.shape)
+    if reduction != "none":
+        scale_loss = scale_loss.sum() / mean_divisor
+
+    assert loss.dtype == dtype and loss.shape == loss_shape
+    assert_matches(loss.cpu(), expected.detach(), scale=scale_loss)
+    assert_matches(grads[0].cpu(), expected_grads[0], scale=scale_x)
+    assert_matches(grads[1].cpu(), expected_grads[1], scale=scale_w)
+    if kind != "labels":
+        assert_matches(grads[2].cpu(), expected_grads[2], scale=scale_t)
+
+
+@pytest.mark.parametrize("form, index", CASES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck(form, index, reduction):
+    """Finite differences of the fused loss in float64, and of its gradient (create_graph, which
+    differentiates focal_cuda.reference). VFL jumps at t = 0: its targets stay positive here."""
+    parameters = PARAMETERS[form][index]
+    generator = torch.Generator().manual_seed(10 + index)
+    x = (torch.randn(4, 5, generator=generator, dtype=torch.float64) * 2).requires_grad_()
+    t = (torch.rand(4, 5, generator=generator, dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
+    weight = (torch.rand(5, generator=generator, dtype=torch.float64) + 0.5).requires_grad_()
+
+    def loss(x_, t_, w_):
+        return FUNCTIONS[form](x_, t_, reduction=reduction, weight=w_, **parameters)
+
+    assert torch.autograd.gradcheck(loss, (x, t, weight))
+    assert torch.autograd.gradgradcheck(loss, (x, t, weight))
+    labels = torch.tensor([0, 5, 2, -100])
+    assert torch.autograd.gradcheck(lambda x_: FUNCTIONS[form](x_, labels, reduction=reduction, **parameters),
+                                    (x,))
+
+
+# fvcore's tests of sigmoid_focal_loss_star, as data: (probabilities, targets, gamma, alpha,
+# expected FL*), the expected values from the closed form log(1 + ((1 - p_t) / p_t)^gamma) / gamma
+# (times alpha_t), computed separately with Python's math module.
+FVCORE_STAR_CASES = [
+    # gamma = 1, no alpha: FL* is the cross-entropy, -log(p_t).
+    ([0.95, 0.90, 0.98, 0.99], [1, 1, 1, 1], 1.0, -1.0,
+     [0.05129329438755059, 0.10536051565782628, 0.02020270731751947, 0.01005033585350145]),
+    # gamma = 3: easy examples down-weighted (cross-entropy / FL* > 10).
+    ([0.75, 0.8, 0.12, 0.05], [1, 1, 0, 0], 3.0, -1.0,
+     [0.012122548056958282, 0.005168062178655082, 0.0008441593406259136, 4.8594406869842935e-05]),
+    # gamma = 2: hard examples roughly unchanged (cross-entropy / FL* within 0.1 of 1).
+    ([0.05, 0.12, 0.91, 0.85], [1, 1, 0, 0], 2.0, -1.0,
+     [2.9458221059128853, 2.0016422983532354, 2.3185018786220364, 1.7499344545845925]),
+]
+
+
+def logit(p):
+    return torch.log(p / (1 - p))
+
+
+@pytest.mark.parametrize("probabilities, targets, gamma, alpha, expected", FVCORE_STAR_CASES)
+def test_fvcore_star_cases(probabilities, targets, gamma, alpha, expected):
+    x = logit(torch.tensor(probabilities, dtype=torch.float64))
+    t = torch.tensor(targets, dtype=torch.float64)
+    loss = focal_cuda.sigmoid_focal_loss_star(x, t, gamma=gamma, alpha=alpha)
+    assert_matches(loss, torch.tensor(expected, dtype=torch.float64))
+    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    ratio = ce / loss
+    if gamma == 1.0:
+        assert_matches(loss, ce)
+    elif gamma == 3.0:
+        assert (ratio > 10).all()
+    else:
+        assert ((ratio - 1).abs() < 0.1).all()
+
+
+def test_fvcore_star_defaults_are_the_cross_entropy():
+    """alpha = -1, gamma = 1 (fvcore's defaults): FL* is the BCE, its gradient p - t, and the
+    mean and sum reduce as the BCE's do, also over several classes."""
+    p = torch.tensor([[0.95, 0.55, 0.12, 0.05], [0.09, 0.95, 0.36, 0.11], [0.06, 0.12, 0.56, 0.07]],
+                     dtype=torch.float64)
+    x = logit(p).requires_grad_()
+    t = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], dtype=torch.float64)
+    for reduction in REDUCTIONS:
+        loss = focal_cuda.sigmoid_focal_loss_star(x, t, reduction=reduction)
+        ce = F.binary_cross_entropy_with_logits(x, t, reduction=reduction)
+        assert_matches(loss, ce)
+    (grad,) = torch.autograd.grad(focal_cuda.sigmoid_focal_loss_star(x, t, reduction="sum"), x)
+    assert_matches(grad, p - t)
+
+
+def test_fvcore_star_alpha_weights():
+    """alpha = 0.5 halves every loss; alpha = 1 zeroes the negatives, alpha = 0 the positives."""
+    x = logit(torch.tensor([0.05, 0.12, 0.89, 0.79], dtype=torch.float64))
+    t = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    unweighted = focal_cuda.sigmoid_focal_loss_star(x, t, gamma=2.0)
+    assert_matches(focal_cuda.sigmoid_focal_loss_star(x, t, gamma=2.0, alpha=0.5), unweighted / 2)
+    only_positives = focal_cuda.sigmoid_focal_loss_star(x, t, gamma=3.0, alpha=1.0)
+    only_negatives = focal_cuda.sigmoid_focal_loss_star(x, t, gamma=3.0, alpha=0.0)
+    assert (only_positives[t == 0] == 0).all() and (only_positives[t == 1] > 0).all()
+    assert (only_negatives[t == 1] == 0).all() and (only_negatives[t == 0] > 0).all()
+
+
+def test_star_beta_shifts_the_logit():
+    """FL* with beta is FL* of gamma * x_t + beta: -log(sigmoid(z)) / gamma (the closed form)."""
+    x = logit(torch.tensor([0.3, 0.3], dtype=torch.float64))
+    t = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    loss = focal_cuda.sigmoid_focal_loss_star(x, t, alpha=0.25, gamma=2.0, beta=0.5)
+    # log1p(exp(-z)) / gamma * alpha_t with z = 2 * (+-1) * logit(0.3) + 0.5, by hand.
+    assert_matches(loss, torch.tensor([0.18239146814279728, 0.03960889219575364], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("form, index", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_labels_equal_one_hot(form, index, dtype):
+    """Integer labels give the loss and input gradient of their one-hot targets (score 1),
+    ignored rows nothing, and the mean counts the elements of rows not ignored."""
+    parameters = PARAMETERS[form][index]
+    generator = torch.Generator().manual_seed(index)
+    x = (torch.randn(40, 7, generator=generator, dtype=torch.float64) * 3).to(dtype)
+    labels = torch.randint(0, 8, (40,), generator=generator)
+    labels[::5] = -1
+    dense, valid = one_hot(labels, 7, ignore_index=-1)
+    for reduction in REDUCTIONS:
+        x_labels = x.clone().requires_grad_()
+        x_dense = x.clone().requires_grad_()
+        ours = FUNCTIONS[form](x_labels, labels, reduction=reduction, ignore_index=-1, **parameters)
+        elementwise = FUNCTIONS[form](x_dense, dense.to(dtype), reduction="none", **parameters) * valid.to(dtype)
+        expected = elementwise if reduction == "none" else elementwise.sum() / (valid.sum() if reduction == "mean" else 1)
+        # The same kernels on the same values: only the order of the sums differs.
+        assert_matches(ours, expected.double(), dtype)
+        (grad_labels,) = torch.autograd.grad(ours.sum(), x_labels)
+        (grad_dense,) = torch.autograd.grad(expected.sum(), x_dense)
+        assert_matches(grad_labels, grad_dense.double(), dtype)
+
+
+@pytest.mark.parametrize("form, index", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_saturated_logits_stay_finite(form, index, dtype):
+    """Logits far past saturation, with hard and soft targets: the loss and every gradient are
+    finite (fractional exponents included), and match the formula where it is itself exact."""
+    parameters = PARAMETERS[form][index]
+    big = torch.tensor([-1e4, -500.0, -100.0, -40.0, -17.0, 17.0, 40.0, 100.0, 500.0, 1e4], dtype=dtype)
+    x = big.repeat(3).requires_grad_()
+    t = torch.cat([torch.zeros(10), torch.ones(10), torch.full((10,), 0.25)]).to(dtype).requires_grad_()
+    loss = FUNCTIONS[form](x, t, reduction="none", **parameters)
+    grad_x, grad_t = torch.autograd.grad(loss.sum(), (x, t))
+    for value in (loss, grad_x, grad_t):
+        assert torch.isfinite(value).all(), value
+    # Against focal_cuda.reference in float64 (softplus as logaddexp, |p - t| without
+    # cancellation): exact to ~1e-16 where the composite BCE of the libraries is not (log(1 +
+    # exp(-17)) loses 9 digits). Up to |x| = 100: past it sigmoid(-|x|) is 0 in float64 and the
+    # reference's autograd of |p - t|^beta NaN.
+    moderate = x.detach().abs() <= 100
+    exact_x = x.detach().double().requires_grad_()
+    exact_t = t.detach().double().requires_grad_()
+    expected = REFERENCES[form](exact_x, exact_t, reduction="none", **parameters)
+    expected_x, expected_t = torch.autograd.grad(expected.sum(), (exact_x, exact_t))
+    alpha, gamma, beta = op_arguments(form, parameters)
+    scales = family_term_scales(FORMS[form], x, t, alpha, gamma, beta)
+    for ours, wanted, scale in zip((loss, grad_x, grad_t), (expected, expected_x, expected_t), scales):
+        assert_matches(ours.detach()[moderate], wanted.detach()[moderate], dtype, scale=scale[moderate])
+
+
+def test_quality_gradient_at_exact_target_is_finite():
+    """QFL with beta < 1 where sigmoid(x) == t exactly: the sign(d) term is taken as 0 (abs'(0))."""
+    x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    t = torch.full((3,), 0.5, dtype=torch.float64, requires_grad=True)
+    loss = focal_cuda.quality_focal_loss(x, t, beta=0.5, reduction="sum")
+    grad_x, grad_t = torch.autograd.grad(loss, (x, t))
+    assert loss.item() == 0
+    assert torch.equal(grad_x, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(grad_t, torch.zeros(3, dtype=torch.float64))
+
+
+def test_varifocal_gradient_with_respect_to_targets_at_zero_is_the_negative_branch():
+    """At t = 0: d/dt [alpha |p - t|^gamma CE] = alpha p^gamma (-gamma CE / p - x), by hand."""
+    x = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)
+    t = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    loss = focal_cuda.varifocal_loss(x, t, alpha=0.75, gamma=2.0, reduction="sum")
+    (grad_t,) = torch.autograd.grad(loss, t)
+    p = torch.sigmoid(x)
+    ce = F.softplus(x)
+    assert_matches(grad_t, 0.75 * p**2 * (-2.0 * ce / p - x))
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda x, t: focal_cuda.sigmoid_focal_loss_star(x, t, gamma=0.0), ValueError,
+     "gamma must be a finite number > 0, got 0.0"),
+    (lambda x, t: focal_cuda.sigmoid_focal_loss_star(x, t, gamma=float("inf")), ValueError,
+     "gamma must be a finite number > 0, got inf"),
+    (lambda x, t: focal_cuda.sigmoid_focal_loss_star(x, t, beta=float("nan")), ValueError,
+     "beta must be a finite number, got nan"),
+    (lambda x, t: focal_cuda.sigmoid_focal_loss_star(x, t, alpha=2.0), ValueError,
+     "alpha must be in [0, 1], or -1 or None to disable the weighting, got 2.0"),
+    (lambda x, t: focal_cuda.quality_focal_loss(x, t, beta=-1), ValueError,
+     "beta must be a finite number >= 0, got -1"),
+    (lambda x, t: focal_cuda.quality_focal_loss(x, t, beta="2"), ValueError,
+     "beta must be a finite number >= 0, got '2'"),
+    (lambda x, t: focal_cuda.varifocal_loss(x, t, alpha=-0.5), ValueError,
+     "alpha must be a finite number >= 0, got -0.5"),
+    (lambda x, t: focal_cuda.varifocal_loss(x, t, gamma=None), ValueError,
+     "gamma must be a finite number >= 0, got None"),
+    (lambda x, t: focal_cuda.varifocal_loss(x, t, reduction="avg"), ValueError,
+     "reduction must be one of 'none', 'mean', 'sum', got 'avg'"),
+    (lambda x, t: focal_cuda.quality_focal_loss(x, t[:, :3]), ValueError,
+     "targets must have the same shape as inputs, got [4, 4] and [4, 3]"),
+])
+def test_errors_name_the_argument(call, error, message):
+    with pytest.raises(error) as raised:
+        call(torch.zeros(4, 4), torch.zeros(4, 4))
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(form=4), "form must be 0 (focal loss), 1 (FL*), 2 (quality focal loss) or 3 (varifocal loss), got 4"),
+    (dict(form=2, alpha=0.25), "the quality focal loss has no alpha: pass -1, got 0.25"),
+    (dict(form=1, gamma=0.0), "gamma of FL* must be a finite number > 0, got 0"),
+    (dict(form=0, beta=1.0), "beta is FL*'s shift; the other forms take 0, got 1"),
+    (dict(form=3, alpha=0.75, label_smoothing=0.1), "label_smoothing must be 0 for the quality focal and varifocal losses"),
+    (dict(form=3, alpha=-1.0), "alpha (the varifocal loss's weight of negatives) must be a finite number >= 0, got -1"),
+])
+def test_op_checks_the_form_arguments(arguments, message):
+    """The op itself refuses what its form does not define (ValueError, the argument named)."""
+    options = dict(form=0, alpha=-1.0, gamma=2.0, beta=0.0, label_smoothing=0.0)
+    options.update(arguments)
+    with pytest.raises(ValueError) as raised:
+        torch.ops.focal_cuda.sigmoid_focal_loss_forward(
+            torch.zeros(2, 3), torch.zeros(2, 3), None, options["alpha"], options["gamma"], 0, -100,
+            options["label_smoothing"], False, False, False, False, options["form"], options["beta"])
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("module, function, parameters", [
+    (focal_cuda.SigmoidFocalLossStar, focal_cuda.sigmoid_focal_loss_star, dict(alpha=0.25, gamma=2.0, beta=0.5)),
+    (focal_cuda.QualityFocalLoss, focal_cuda.quality_focal_loss, dict(beta=1.5)),
+    (focal_cuda.VarifocalLoss, focal_cuda.varifocal_loss, dict(alpha=0.5, gamma=1.5)),
+])
+def test_modules(module, function, parameters):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 4, generator=generator, requires_grad=True)
+    t = torch.rand(6, 4, generator=generator)
+    weight = torch.rand(4, generator=generator)
+    for reduction in REDUCTIONS:
+        loss = module(reduction=reduction, **parameters)(x, t, weight)
+        assert torch.equal(loss, function(x, t, reduction=reduction, weight=weight, **parameters))
+    assert "reduction='mean'" in repr(module(reduction="mean", **parameters))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        module(reduction="avg")
+
+
+@pytest.mark.parametrize("form", FUNCTIONS)
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("labels", [False, True])
+def test_opcheck(form, requires_grad, labels):
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 5, generator=generator).requires_grad_(requires_grad)
+    t = torch.randint(0, 6, (6,), generator=generator) if labels else \
+        torch.rand(6, 5, generator=generator).requires_grad_(requires_grad)
+    alpha, gamma, beta = op_arguments(form, PARAMETERS[form][1])
+    args = (x, t, None, alpha, gamma, 1, -100, 0.0, False, requires_grad,
+            requires_grad and not labels, False, FORMS[form], beta)
+    torch.library.opcheck(torch.ops.focal_cuda.sigmoid_focal_loss_forward.default, args)
+
+
+@pytest.mark.parametrize("form", FUNCTIONS)
+@pytest.mark.parametrize("labels", [False, True])
+def test_compile_fullgraph_matches_eager(form, labels):
+    """torch.compile(fullgraph=True, dynamic) of the loss: eager's values and gradients, bitwise,
+    with soft targets (and their gradient) or labels with a class weight."""
+    torch._dynamo.reset()
+    parameters = PARAMETERS[form][1]
+
+    def step(inputs, targets, weight):
+        return FUNCTIONS[form](inputs, targets, reduction="sum", weight=weight, **parameters)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
+    for rows in (16, 24):
+        generator = torch.Generator().manual_seed(rows)
+        inputs = torch.randn(rows, 6, generator=generator)
+        targets = torch.randint(0, 7, (rows,), generator=generator) if labels else \
+            torch.rand(rows, 6, generator=generator)
+        weight = torch.rand(6, generator=generator)
+        copies = [[tensor.clone().requires_grad_(tensor.is_floating_point()) for tensor in (inputs, targets, weight)]
+                  for _ in range(2)]
+        eager, result = step(*copies[0]), compiled(*copies[1])
+        eager.backward()
+        result.backward()
+        torch.testing.assert_close(result, eager, rtol=0, atol=0)
+        for ours, theirs in zip(copies[1], copies[0]):
+            if ours.is_floating_point():
+                torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("form", FUNCTIONS)
+def test_forward_mode_and_functorch(form):
+    """jvp (forward mode) equals the reverse-mode gradient dotted with the tangent; vmap over a
+    batch equals the loop."""
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    t = torch.rand(5, 4, generator=generator, dtype=torch.float64) * 0.9 + 0.05
+    tangent = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    parameters = PARAMETERS[form][2]
+
+    def loss(x_):
+        return FUNCTIONS[form](x_, t, reduction="mean", **parameters)
+
+    _, derivative = torch.func.jvp(loss, (x,), (tangent,))
+    gradient = torch.func.grad(loss)(x)
+    assert_matches(derivative, (gradient * tangent).sum())
+    batched = torch.func.vmap(lambda x_: FUNCTIONS[form](x_, t, reduction="sum", **parameters))(x.expand(3, 5, 4))
+    looped = torch.stack([FUNCTIONS[form](x, t, reduction="sum", **parameters)] * 3)
+    torch.testing.assert_close(batched, looped)
+
+
+@pytest.mark.parametrize("form", FUNCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_gives_a_float32_loss(form, dtype):
+    """Under autocast, 16-bit logits give a float32 loss, as the focal loss does."""
+    x = torch.randn(6, 5).to(dtype).requires_grad_()
+    t = torch.rand(6, 5)
+    with torch.autocast("cpu", dtype=dtype):
+        loss = FUNCTIONS[form](x, t.to(dtype), reduction="sum", **PARAMETERS[form][1])
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+
+
+def test_reference_functions_match_the_fused_ones():
+    """focal_cuda.reference documents the family with the public signatures."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(9, 4, generator=generator, dtype=torch.float64)
+    t = torch.rand(9, 4, generator=generator, dtype=torch.float64)
+    for name in ("sigmoid_focal_loss_star", "quality_focal_loss", "varifocal_loss"):
+        for reduction in REDUCTIONS:
+            ours = getattr(focal_cuda, name)(x, t, reduction=reduction)
+            theirs = getattr(focal_cuda.reference, name)(x, t, reduction=reduction)
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+    assert {name: focal_cuda.reference.FORMS[name] for name in FORMS} == FORMS

@@ -1,0 +1,207 @@
+"""targets as a (labels, scores) pair, for the focal loss and its family: the same loss and
+gradients as the dense soft target it stands for (the score at the labelled class, 0 elsewhere),
+read per row by the kernels without building it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import focal_cuda
+from conftest import DEVICES, DTYPES, REDUCTIONS, assert_matches
+
+# Each function with options it takes (label smoothing where the form takes it).
+FUNCTIONS = {
+    "focal": lambda x, t, **kw: focal_cuda.sigmoid_focal_loss(x, t, 0.25, 1.5, label_smoothing=0.1, **kw),
+    "star": lambda x, t, **kw: focal_cuda.sigmoid_focal_loss_star(x, t, 0.25, 2.0, beta=0.5, **kw),
+    "quality": lambda x, t, **kw: focal_cuda.quality_focal_loss(x, t, 0.5, **kw),
+    "varifocal": lambda x, t, **kw: focal_cuda.varifocal_loss(x, t, 0.75, 2.0, **kw),
+}
+CLASSES = 9
+
+
+def make_pair(rows, generator, ignore_index=-100):
+    """Labels (a class, the background CLASSES, or ignored) and scores in [0, 1] with exact
+    zeros (VFL's negatives at the labelled class)."""
+    labels = torch.randint(0, CLASSES + 1, (rows,), generator=generator)
+    labels[::6] = ignore_index
+    scores = torch.rand(rows, generator=generator, dtype=torch.float64)
+    scores[1::5] = 0.0
+    return labels, scores
+
+
+def dense(labels, scores, ignore_index=-100):
+    """The dense soft target of a pair, and the mask of valid rows' elements."""
+    ignored = labels == ignore_index
+    one_hot = F.one_hot(torch.where(ignored, CLASSES, labels), CLASSES + 1)[..., :CLASSES]
+    return one_hot * scores.unsqueeze(-1), (~ignored).unsqueeze(-1).expand(one_hot.shape)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("form", FUNCTIONS)
+def test_pair_equals_the_dense_soft_target(device, dtype, reduction, form):
+    """Loss, and gradients w.r.t. inputs, weight and scores, equal to those of the dense target
+    (the scores' gradient is the dense target's at the labelled class; 0 for background and
+    ignored rows). Same kernels, same values: only the order of sums may differ."""
+    generator = torch.Generator().manual_seed(len(form))
+    x = (torch.randn(5, 61, CLASSES, generator=generator, dtype=torch.float64) * 3).to(dtype)
+    labels, scores = make_pair(5 * 61, generator)
+    labels, scores = labels.view(5, 61), scores.view(5, 61).to(dtype)
+    weight = (torch.rand(CLASSES, generator=generator, dtype=torch.float64) + 0.5).to(dtype)
+    soft, valid = dense(labels, scores)
+    grad_output = (torch.rand(x.shape if reduction == "none" else (), generator=generator) + 0.5).to(dtype)
+
+    def run(targets, differentiable):  # the loss and its gradients w.r.t. inputs, weight, scores
+        inputs = x.to(device).requires_grad_()
+        w = weight.to(device).requires_grad_()
+        differentiable = differentiable.to(device).requires_grad_()
+        loss = FUNCTIONS[form](inputs, targets(differentiable), reduction=reduction, weight=w)
+        return (loss,) + torch.autograd.grad(loss, (inputs, w, differentiable), grad_output.to(device, loss.dtype))
+
+    ours = run(lambda s: (labels.to(device), s), scores)
+
+    # The dense target of the same rows, the ignored rows' elements weighted 0 and left out of
+    # the mean as the pair's are.
+    def dense_loss(inputs, t, reduction, weight):
+        loss = FUNCTIONS[form](inputs, t, reduction="none", weight=weight * valid.to(device, dtype))
+        if reduction == "none":
+            return loss
+        return loss.sum() / (valid.sum().to(device) if reduction == "mean" else 1)
+
+    inputs = x.to(device).requires_grad_()
+    w = weight.to(device).requires_grad_()
+    t = soft.to(device, dtype).requires_grad_()
+    expected_loss = dense_loss(inputs, t, reduction, w)
+    expected = (expected_loss,) + torch.autograd.grad(expected_loss, (inputs, w, t), grad_output.to(device, expected_loss.dtype))
+    assert ours[0].dtype == dtype
+    for actual, wanted in zip(ours[:3], expected[:3]):  # loss, d/dinputs, d/dweight
+        assert_matches(actual.cpu(), wanted.cpu().double(), dtype)
+    # d/dscores: the dense target's gradient at the labelled class.
+    labelled = valid & (labels.unsqueeze(-1) == torch.arange(CLASSES))
+    expected_scores = (expected[3].cpu().double() * labelled).sum(-1)
+    assert ours[3].dtype == dtype
+    assert_matches(ours[3].cpu(), expected_scores, dtype)
+
+
+@pytest.mark.parametrize("form", FUNCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_labels_are_the_pair_with_unit_scores(form, dtype):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(40, CLASSES, generator=generator, dtype=dtype)
+    labels, _ = make_pair(40, generator)
+    for reduction in REDUCTIONS:
+        plain = FUNCTIONS[form](x, labels, reduction=reduction)
+        pair = FUNCTIONS[form](x, (labels, torch.ones(40, dtype=dtype)), reduction=reduction)
+        assert torch.equal(plain, pair)
+
+
+@pytest.mark.parametrize("form", FUNCTIONS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck(form, reduction):
+    """Finite differences w.r.t. inputs, scores and weight in float64, and of the gradient
+    (create_graph: the reference, which takes the pair too). Scores stay positive: VFL's loss
+    jumps at a score of 0."""
+    generator = torch.Generator().manual_seed(2)
+    x = (torch.randn(6, CLASSES, generator=generator, dtype=torch.float64) * 2).requires_grad_()
+    labels = torch.tensor([0, 3, CLASSES, -100, 8, 3])
+    scores = (torch.rand(6, generator=generator, dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
+    weight = (torch.rand(CLASSES, generator=generator, dtype=torch.float64) + 0.5).requires_grad_()
+
+    def loss(x_, scores_, weight_):
+        return FUNCTIONS[form](x_, (labels, scores_), reduction=reduction, weight=weight_)
+
+    assert torch.autograd.gradcheck(loss, (x, scores, weight))
+    assert torch.autograd.gradgradcheck(loss, (x, scores, weight))
+
+
+@pytest.mark.parametrize("form", FUNCTIONS)
+def test_forward_mode_and_vmap(form):
+    """jvp with a tangent on the scores equals the reverse-mode gradient dotted with it; vmap
+    over a batch of pairs equals the loop."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(7, CLASSES, generator=generator, dtype=torch.float64)
+    labels, _ = make_pair(7, generator)
+    scores = torch.rand(7, generator=generator, dtype=torch.float64) * 0.9 + 0.05
+    x_tangent = torch.randn(7, CLASSES, generator=generator, dtype=torch.float64)
+    s_tangent = torch.randn(7, generator=generator, dtype=torch.float64)
+    for reduction in REDUCTIONS:
+        def loss(x_, s_):
+            return FUNCTIONS[form](x_, (labels, s_), reduction=reduction)
+
+        _, derivative = torch.func.jvp(loss, (x, scores), (x_tangent, s_tangent))
+        _, vjp = torch.func.vjp(loss, x, scores)
+        grad_x, grad_s = vjp(torch.ones_like(loss(x, scores)))
+        assert_matches(derivative.sum(), (grad_x * x_tangent).sum() + (grad_s * s_tangent).sum())
+    batch_labels = torch.stack([labels, labels.roll(1), labels.roll(2)])
+    batch_scores = torch.stack([scores, scores.roll(1), scores.roll(2)])
+    batched = torch.func.vmap(lambda l_, s_: FUNCTIONS[form](x, (l_, s_), reduction="mean"))(batch_labels, batch_scores)
+    looped = torch.stack([FUNCTIONS[form](x, (l_, s_), reduction="mean") for l_, s_ in zip(batch_labels, batch_scores)])
+    torch.testing.assert_close(batched, looped)
+
+
+@pytest.mark.parametrize("form", FUNCTIONS)
+def test_opcheck_and_compile(form):
+    """The op with scores under opcheck, and torch.compile(fullgraph=True) of the pair loss with
+    its backward equal to eager, bitwise."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 5, generator=generator)
+    labels = torch.tensor([0, 5, 2, -100, 4, 1])
+    scores = torch.rand(6, generator=generator)
+    for requires_grad in (False, True):
+        args = (x.clone().requires_grad_(requires_grad), labels, None, 0.25, 2.0, 1, -100, 0.0, False,
+                requires_grad, requires_grad, False, 0, 0.0, scores.clone().requires_grad_(requires_grad))
+        torch.library.opcheck(torch.ops.focal_cuda.sigmoid_focal_loss_forward.default, args)
+    torch._dynamo.reset()
+
+    def step(x_, labels_, scores_):
+        return FUNCTIONS[form](x_, (labels_, scores_), reduction="sum")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
+    eager_args = [x.clone().requires_grad_(), labels, scores.clone().requires_grad_()]
+    compiled_args = [x.clone().requires_grad_(), labels, scores.clone().requires_grad_()]
+    eager, result = step(*eager_args), compiled(*compiled_args)
+    eager.backward()
+    result.backward()
+    torch.testing.assert_close(result, eager, rtol=0, atol=0)
+    for index in (0, 2):
+        torch.testing.assert_close(compiled_args[index].grad, eager_args[index].grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_pair_gives_a_float32_loss_and_scores_gradients_in_their_dtype(dtype):
+    x = torch.randn(6, CLASSES).to(dtype).requires_grad_()
+    labels = torch.tensor([0, 3, CLASSES, -100, 8, 3])
+    scores = torch.rand(6).to(dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        loss = focal_cuda.varifocal_loss(x, (labels, scores), reduction="sum")
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert x.grad.dtype == dtype and scores.grad.dtype == dtype
+    assert scores.grad[2] == 0 and scores.grad[3] == 0  # background, ignored
+
+
+@pytest.mark.parametrize("targets, error, message", [
+    (lambda labels, scores: (labels, scores, scores), ValueError,
+     "targets given as a pair must be (labels, scores), got 3 items"),
+    (lambda labels, scores: (labels.double(), scores), ValueError,
+     "the labels of a (labels, scores) pair must be an integer tensor, got torch.float64"),
+    (lambda labels, scores: (labels, labels), ValueError,
+     "the scores of a (labels, scores) pair must be a floating-point tensor, got torch.int64"),
+    (lambda labels, scores: (labels, scores[:3]), ValueError,
+     "the scores of a (labels, scores) pair must have the labels' shape [4], got [3]"),
+    (lambda labels, scores: (labels[:3], scores[:3]), ValueError,
+     "integer targets (class labels) must have the shape of inputs without its last (class) dimension"),
+    (lambda labels, scores: (labels, [0.5] * 4), TypeError, "the scores of targets must be a torch.Tensor, got list"),
+])
+def test_pair_errors_name_what_is_wrong(targets, error, message):
+    with pytest.raises(error) as raised:
+        focal_cuda.quality_focal_loss(torch.zeros(4, 5), targets(torch.zeros(4, dtype=torch.long), torch.zeros(4)))
+    assert message in str(raised.value)
+
+
+def test_op_refuses_scores_without_labels():
+    with pytest.raises(ValueError, match="scores go with integer targets"):
+        torch.ops.focal_cuda.sigmoid_focal_loss_forward(
+            torch.zeros(2, 3), torch.zeros(2, 3), None, 0.25, 2.0, 0, -100, 0.0, False, False, False,
+            False, 0, 0.0, torch.zeros(2))
