@@ -351,11 +351,16 @@ FOCAL_HOST_DEVICE FormTerms<V> varifocal_terms(V x, V t, const LossCoeffs<S>& co
   return terms;
 }
 
-// The loss of coeffs.form: what the kernels call for every element.
-template <typename Math, GammaMode kGamma, bool kGradInputs, bool kGradTargets, typename V,
-          typename S>
+// The loss of coeffs.form: what the kernels call for every element. The kernels choose kFamily
+// once per launch (or block), so that the focal loss's loop holds no other form's code: kFamily
+// false computes the focal loss alone, kFamily true any form, switching on coeffs.form.
+template <typename Math, GammaMode kGamma, bool kGradInputs, bool kGradTargets, bool kFamily,
+          typename V, typename S>
 FOCAL_HOST_DEVICE FocalTerms<V> loss_terms(V x, V t, V weight, V valid,
                                            const LossCoeffs<S>& coeffs) {
+  if constexpr (!kFamily) {
+    return focal_terms<Math, kGamma, kGradInputs, kGradTargets>(x, t, weight, valid, coeffs);
+  }
   switch (coeffs.form) {
     case LossForm::Star: {
       t = t * V(coeffs.target_scale) + V(coeffs.target_offset);

@@ -390,6 +390,31 @@ def test_one_misaligned_output_takes_the_element_path(emulated, output, dtype):
                          outputs["unweighted_loss"], count), case.describe)
 
 
+@pytest.mark.parametrize("x_dtype, target_dtype", [(F16, F16), (F32, F32), (F64, F64), (BF16, F32)])
+def test_misaligned_targets_take_the_element_path(emulated, x_dtype, target_dtype):
+    """Aligned inputs and outputs, the targets one element off: the kernel must not load them in
+    packs (the emulator reports a misaligned vector load)."""
+    case = Case(x_dtype=x_dtype, targets=target_dtype, float32_loss=False, gamma=2.0, shape=(37, 13),
+                misaligned=False, reduction="none", weight_kind="none", alpha=0.25,
+                label_smoothing=0.0, grad_inputs=True, grad_targets=False, ignore="none")
+    case.targets = placed(case.targets, True).view(case.shape)
+    n = case.inputs.numel()
+    loss = torch.zeros(n, dtype=target_dtype).view(case.shape)
+    grad_inputs = torch.zeros(n, dtype=saved_dtype(x_dtype)).view(case.shape)
+    count = torch.zeros((), dtype=torch.int64)
+    name = forward_kernel_name(x_dtype, target_dtype, False, "two", True, 1)
+    launched = launches_during(emulated, lambda: emulated.forward_into(
+        case.inputs, case.targets, None, WEIGHT_KINDS["none"], 0.25, 2.0, 0.0, 0, -100,
+        loss, grad_inputs, None, None, count))
+    assert launched.get(name) == 1, launched
+    expected_loss, expected_gx, *_ = case.expected()
+    scale_loss, scale_inputs, _ = case.scales()
+    assert_matches(loss, expected_loss.view(loss.shape), case.loss_dtype,
+                   scale=None if scale_loss is None else scale_loss.view(loss.shape))
+    assert_matches(grad_inputs, expected_gx.view(loss.shape), saved_dtype(x_dtype),
+                   scale=None if scale_inputs is None else scale_inputs.view(loss.shape))
+
+
 @pytest.mark.parametrize("x_dtype, shape", [(F32, (4000, 80)), (F64, (2000, 80))])
 def test_grids_of_more_than_256_blocks(emulated, x_dtype, shape):
     """At an H100's 132 SMs these grids have >256 blocks, so the finish kernel's loop iterates."""

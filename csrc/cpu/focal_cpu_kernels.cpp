@@ -338,7 +338,7 @@ const S* element_weights(const ForwardArgs& args, const S* weight, int64_t offse
 // Computes n elements; writes the loss where loss is non-null, the unweighted loss where
 // unweighted is non-null and the requested gradients; returns the sum of the loss over the
 // block, added in a fixed order.
-template <typename S, GammaMode kGamma, bool kGradInputs, bool kGradTargets>
+template <typename S, GammaMode kGamma, bool kGradInputs, bool kGradTargets, bool kFamily>
 double compute_block(const S* x, const S* t, const S* w, const S* v, int64_t n,
                      const LossCoeffs<S>& coeffs, S* loss, S* unweighted, S* grad_inputs,
                      S* grad_targets) {
@@ -346,7 +346,7 @@ double compute_block(const S* x, const S* t, const S* w, const S* v, int64_t n,
   Vec vec_sum(S(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const auto terms = loss_terms<VecMath<S>, kGamma, kGradInputs, kGradTargets>(
+    const auto terms = loss_terms<VecMath<S>, kGamma, kGradInputs, kGradTargets, kFamily>(
         Vec::loadu(x + i), Vec::loadu(t + i), w != nullptr ? Vec::loadu(w + i) : Vec(S(1)),
         v != nullptr ? Vec::loadu(v + i) : Vec(S(1)), coeffs);
     vec_sum = vec_sum + terms.loss;
@@ -370,7 +370,7 @@ double compute_block(const S* x, const S* t, const S* w, const S* v, int64_t n,
     sum += lanes[lane];
   }
   for (; i < n; ++i) {  // the block's last partial vector
-    const auto terms = loss_terms<ScalarMath<S>, kGamma, kGradInputs, kGradTargets>(
+    const auto terms = loss_terms<ScalarMath<S>, kGamma, kGradInputs, kGradTargets, kFamily>(
         x[i], t[i], w != nullptr ? w[i] : S(1), v != nullptr ? v[i] : S(1), coeffs);
     sum += terms.loss;
     if (loss != nullptr) {
@@ -437,9 +437,12 @@ void forward_impl(const ForwardArgs& args) {
                           : grad_scores != nullptr ? grad_targets_buffer
                                                    : block_destination(grad_targets_out, offset,
                                                                        grad_targets_buffer);
-        chunk_sum += compute_block<S, kGamma, kGradInputs, kGradTargets>(
-            x, t, w, args.labels ? v_buffer : nullptr, len, coeffs, loss, unweighted, grad_inputs,
-            grad_targets);
+        // The focal loss in a loop of its own (loss_terms' kFamily), the other forms in another.
+        const auto block = coeffs.form == LossForm::Focal
+                               ? compute_block<S, kGamma, kGradInputs, kGradTargets, false>
+                               : compute_block<S, kGamma, kGradInputs, kGradTargets, true>;
+        chunk_sum += block(x, t, w, args.labels ? v_buffer : nullptr, len, coeffs, loss,
+                           unweighted, grad_inputs, grad_targets);
         if (elementwise) {
           store_block(loss_out, offset, len, loss);
         }

@@ -149,7 +149,7 @@ struct Partial {
 
 // A thread's share of the forward: every output of its elements, and their Partial.
 template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGradInputs,
-          bool kGradTargets, int kPack>
+          bool kGradTargets, bool kFamily, int kPack>
 __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
     const ForwardPointers<x_t, t_t, out_t>& p) {
   using S = math_t<x_t>;
@@ -189,7 +189,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
           case WeightKind::Row: weight = p.weight[row]; break;
           case WeightKind::Class: weight = p.weight[cls]; break;
         }
-        const auto terms = loss_terms<ScalarMath<S>, kGamma, kGradInputs, kGradTargets>(
+        const auto terms = loss_terms<ScalarMath<S>, kGamma, kGradInputs, kGradTargets, kFamily>(
             static_cast<S>(xs[k]), target, weight, valid, p.coeffs);
         sum += terms.loss;
         losses[k] = static_cast<out_t>(terms.loss);
@@ -272,14 +272,20 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
 template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGradInputs, int kPack>
 __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
     focal_forward_kernel(const ForwardPointers<x_t, t_t, out_t> p) {
-  // The target gradient (of floating targets, or of the scores of labels) is decided here,
-  // once, rather than compiled into a kernel of its own (it is rarely wanted) or tested per
-  // element.
+  // The target gradient (of floating targets, or of the scores of labels) and the loss form
+  // are decided here, once, rather than compiled into kernels of their own or tested per
+  // element: four loops, the focal loss's holding no other form's code (small, and kind to the
+  // instruction cache).
   Partial<math_t<x_t>> partial;
-  if (p.grad_targets != nullptr || p.grad_scores != nullptr) {
-    partial = forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, kPack>(p);
+  const bool target_gradient = p.grad_targets != nullptr || p.grad_scores != nullptr;
+  if (p.coeffs.form == LossForm::Focal) {
+    partial = target_gradient
+                  ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, false, kPack>(p)
+                  : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, false, kPack>(p);
   } else {
-    partial = forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, kPack>(p);
+    partial = target_gradient
+                  ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, true, kPack>(p)
+                  : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, true, kPack>(p);
   }
   const auto sum = block_sum(partial.sum);
   const auto count = block_sum(partial.count);

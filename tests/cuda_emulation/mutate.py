@@ -76,7 +76,10 @@ MUTANTS = [
      "p.block_sums = reinterpret_cast<S*>(p.block_counts + grid);",
      "p.block_sums = reinterpret_cast<S*>(p.block_counts);"),
     ("form_ignored", "forward: the focal loss computed whatever the form (FL*, QFL, VFL)",
-     "const auto terms = loss_terms<ScalarMath<S>", "const auto terms = focal_terms<ScalarMath<S>"),
+     "    partial = target_gradient\n                  ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, true, kPack>(p)\n"
+     "                  : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, true, kPack>(p);",
+     "    partial = target_gradient\n                  ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, false, kPack>(p)\n"
+     "                  : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, false, kPack>(p);"),
     ("score_ignored", "forward: a (labels, scores) pair's score not read (target 1, as plain labels)",
      "target = label != cls ? S(0) : p.scores != nullptr ? p.scores[row] : S(1);",
      "target = label != cls ? S(0) : S(1);"),
@@ -84,8 +87,8 @@ MUTANTS = [
      "          if (label == cls && label != p.ignore_index) {\n            p.grad_scores[row]",
      "          if (label != p.ignore_index) {\n            p.grad_scores[row]"),
     ("score_gradient_off", "forward: the scores' gradient alone does not select the target-gradient pass",
-     "  if (p.grad_targets != nullptr || p.grad_scores != nullptr) {",
-     "  if (p.grad_targets != nullptr) {"),
+     "  const bool target_gradient = p.grad_targets != nullptr || p.grad_scores != nullptr;",
+     "  const bool target_gradient = p.grad_targets != nullptr;"),
 ]
 
 
