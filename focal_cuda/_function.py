@@ -4,7 +4,8 @@ Its forward/setup_context/backward are the op's own autograd formulas (focal_cud
 it has a forward-mode rule (jvp) built from the derivatives the fused forward computes, and a
 vmap rule generated from the op's. So eager autograd, torch.func (grad, vmap, jacrev, jacfwd,
 hessian) and torch.autograd.forward_ad take the same kernels. (torch.compile and TorchScript
-call the op directly: see focal_cuda/loss.py.)
+call the registered op instead, and a call without gradient the op alone: see
+focal_cuda/loss.py.)
 """
 
 import inspect
