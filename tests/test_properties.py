@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import focal_cuda
-from conftest import CUDA_AVAILABLE, DTYPES, REDUCTIONS, assert_matches, reference_results
+from conftest import CUDA_AVAILABLE, DTYPES, REDUCTIONS, assert_matches, derivative_term_scales, reference_results
 
 DEVICE_NAMES = ["cpu", "cuda"] if CUDA_AVAILABLE else ["cpu"]
 
@@ -56,5 +56,9 @@ def test_matches_reference_on_random_views(case, dtype, device, reduction, alpha
     ref_loss, ref_grad_x, ref_grad_t = reference_results(inputs, targets, alpha, gamma, reduction)
     assert torch.isfinite(loss).all() and torch.isfinite(grad_x).all() and torch.isfinite(grad_t).all()
     assert_matches(loss, ref_loss)
-    assert_matches(grad_x, ref_grad_x)
-    assert_matches(grad_t, ref_grad_t)
+    # The derivatives sum terms that cancel (e.g. d/dt = (2 alpha - 1) CE - alpha_t x at a soft
+    # target): their rounding is relative to the terms' magnitudes, not to the result.
+    scale_x, scale_t = derivative_term_scales(inputs, targets, alpha, gamma, reduction=reduction,
+                                              grad_output=grad_output)
+    assert_matches(grad_x, ref_grad_x, scale=scale_x)
+    assert_matches(grad_t, ref_grad_t, scale=scale_t)
