@@ -58,11 +58,11 @@ struct BackwardArgs {
   at::Tensor out;  // saved_grad's dtype and numel
 };
 
-// Turns gamma into the GammaMode template argument of a kernel:
+// Turns a GammaMode into the template argument of a kernel:
 // fn(std::integral_constant<GammaMode, ...>).
 template <typename Fn>
-void dispatch_gamma_mode(double gamma, Fn&& fn) {
-  switch (gamma_mode(gamma)) {
+void dispatch_gamma_mode(GammaMode mode, Fn&& fn) {
+  switch (mode) {
     case GammaMode::Zero:
       fn(std::integral_constant<GammaMode, GammaMode::Zero>{});
       break;

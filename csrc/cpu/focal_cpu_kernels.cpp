@@ -531,7 +531,7 @@ void with_math_type(const at::Tensor& tensor, Fn&& fn) {
 void forward(const ForwardArgs& args) {
   with_math_type(args.loss, [&](auto math_type) {
     using S = decltype(math_type);
-    dispatch_gamma_mode(args.gamma, [&](auto gamma_mode) {
+    dispatch_gamma_mode(gamma_mode(args.gamma), [&](auto gamma_mode) {
       dispatch_flag(args.grad_inputs.defined(), [&](auto grad_inputs) {
         dispatch_flag(args.grad_targets.defined() || args.grad_scores.defined(),
                       [&](auto grad_targets) {

@@ -274,18 +274,20 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
     focal_forward_kernel(const ForwardPointers<x_t, t_t, out_t> p) {
   // The target gradient (of floating targets, or of the scores of labels) and the loss form
   // are decided here, once, rather than compiled into kernels of their own or tested per
-  // element: four loops, the focal loss's holding no other form's code (small, and kind to the
-  // instruction cache).
+  // element. The focal loss's loops hold no other form's code (small, and kind to the
+  // instruction cache); the family's, in the General kernels only (the host sends every other
+  // form there), take one element at a time (loads still coalesced across the warp): unrolled
+  // over a pack, and in every kernel, its three forms tripled the build time.
   Partial<math_t<x_t>> partial;
   const bool target_gradient = p.grad_targets != nullptr || p.grad_scores != nullptr;
-  if (p.coeffs.form == LossForm::Focal) {
+  if (kGamma != GammaMode::General || p.coeffs.form == LossForm::Focal) {
     partial = target_gradient
                   ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, false, kPack>(p)
                   : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, false, kPack>(p);
-  } else {
+  } else if constexpr (kGamma == GammaMode::General) {
     partial = target_gradient
-                  ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, true, kPack>(p)
-                  : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, true, kPack>(p);
+                  ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, true, 1>(p)
+                  : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, true, 1>(p);
   }
   const auto sum = block_sum(partial.sum);
   const auto count = block_sum(partial.count);
@@ -460,7 +462,10 @@ void forward(const ForwardArgs& args) {
     p.block_counts = partials.mutable_data_ptr<int64_t>();
     p.block_sums = reinterpret_cast<S*>(p.block_counts + grid);
 
-    dispatch_gamma_mode(args.gamma, [&](auto gamma_mode) {
+    // The family's forms run in the General kernels only (their exponent by products or pow):
+    // the Zero and Two kernels carry the focal loss alone, which halves the build time.
+    const GammaMode mode = args.form == LossForm::Focal ? gamma_mode(args.gamma) : GammaMode::General;
+    dispatch_gamma_mode(mode, [&](auto gamma_mode) {
       dispatch_flag(p.grad_inputs != nullptr, [&](auto grad_inputs_flag) {
         constexpr GammaMode kGamma = decltype(gamma_mode)::value;
         constexpr bool kGradInputs = decltype(grad_inputs_flag)::value;

@@ -76,10 +76,10 @@ MUTANTS = [
      "p.block_sums = reinterpret_cast<S*>(p.block_counts + grid);",
      "p.block_sums = reinterpret_cast<S*>(p.block_counts);"),
     ("form_ignored", "forward: the focal loss computed whatever the form (FL*, QFL, VFL)",
-     "    partial = target_gradient\n                  ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, true, kPack>(p)\n"
-     "                  : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, true, kPack>(p);",
-     "    partial = target_gradient\n                  ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, false, kPack>(p)\n"
-     "                  : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, false, kPack>(p);"),
+     "    partial = target_gradient\n                  ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, true, 1>(p)\n"
+     "                  : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, true, 1>(p);",
+     "    partial = target_gradient\n                  ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, false, 1>(p)\n"
+     "                  : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, false, 1>(p);"),
     ("score_ignored", "forward: a (labels, scores) pair's score not read (target 1, as plain labels)",
      "target = label != cls ? S(0) : p.scores != nullptr ? p.scores[row] : S(1);",
      "target = label != cls ? S(0) : S(1);"),
