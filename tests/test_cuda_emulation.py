@@ -294,12 +294,13 @@ FORWARD_INSTANCES = [
 ]
 
 
-def form_options(step, gamma, gamma_mode="general"):
-    """(form, alpha, beta, label_smoothing) of a forward case: in the General kernels the forms
-    in turn (a run-time switch there; the host sends every form but the focal loss to them),
-    each with the options it takes, elsewhere the focal loss; FL* needs gamma > 0, so where
-    gamma is 0 the quality focal loss (plain BCE then) takes its turn."""
-    form = ["focal", "star", "quality", "varifocal"][step % 4] if gamma_mode == "general" else "focal"
+def form_options(step, gamma, gamma_mode="general", packed=False):
+    """(form, alpha, beta, label_smoothing) of a forward case: in the General element kernels
+    the forms in turn (a run-time switch there; the host sends every form but the focal loss to
+    them), each with the options it takes, elsewhere the focal loss; FL* needs gamma > 0, so
+    where gamma is 0 the quality focal loss (plain BCE then) takes its turn."""
+    family = gamma_mode == "general" and not packed
+    form = ["focal", "star", "quality", "varifocal"][step % 4] if family else "focal"
     if form == "star" and gamma == 0:
         form = "quality"
     alpha = [0.25, -1.0, 0.0, 1.0][step // 4 % 4]
@@ -332,7 +333,7 @@ def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
         if not packed and shape in ((), (1, 1)):
             shape = (5, 7)  # one element is always aligned: give the misaligned view more
         gamma = GAMMA_MODES[gamma_mode][step % len(GAMMA_MODES[gamma_mode])]
-        form, alpha, beta, label_smoothing = form_options(step, gamma, gamma_mode)
+        form, alpha, beta, label_smoothing = form_options(step, gamma, gamma_mode, packed)
         case = Case(
             x_dtype=x_dtype, targets=targets, float32_loss=float32_loss, gamma=gamma,
             shape=shape, misaligned=not packed,
@@ -394,9 +395,10 @@ def test_one_misaligned_output_takes_the_element_path(emulated, output, dtype):
 @pytest.mark.parametrize("form, gamma", [("star", 2.0), ("quality", 2.0), ("quality", 0.0),
                                          ("varifocal", 2.0), ("varifocal", 0.0)])
 @pytest.mark.parametrize("targets", [F32, "labels"])
-def test_family_forms_run_in_the_general_kernels(emulated, form, gamma, targets):
-    """The Zero and Two kernels hold the focal loss alone: the family's forms at gamma 0 and 2
-    (QFL's and VFL's defaults) must go to the General kernels, and compute right there."""
+def test_family_forms_run_in_the_general_element_kernels(emulated, form, gamma, targets):
+    """The Zero, Two and packed kernels hold the focal loss alone: the family's forms at gamma 0
+    and 2 (QFL's and VFL's defaults), on aligned tensors, must go to the General element
+    kernels, and compute right there."""
     step = {"star": 1, "quality": 2, "varifocal": 3}[form]
     _, alpha, beta, _ = form_options(step, gamma)
     case = Case(x_dtype=F32, targets=targets, float32_loss=False, gamma=gamma, shape=(37, 13),
@@ -404,7 +406,7 @@ def test_family_forms_run_in_the_general_kernels(emulated, form, gamma, targets)
                 beta=beta, label_smoothing=0.0, grad_inputs=True, grad_targets=targets != "labels",
                 ignore="spread", scores=targets == "labels")
     launched = launches_during(emulated, lambda: run_case(emulated, case, step))
-    assert launched.get(forward_kernel_name(F32, targets, False, "general", True, 4)) == 2, launched
+    assert launched.get(forward_kernel_name(F32, targets, False, "general", True, 1)) == 2, launched
 
 
 @pytest.mark.parametrize("x_dtype, target_dtype", [(F16, F16), (F32, F32), (F64, F64), (BF16, F32)])

@@ -275,16 +275,17 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
   // The target gradient (of floating targets, or of the scores of labels) and the loss form
   // are decided here, once, rather than compiled into kernels of their own or tested per
   // element. The focal loss's loops hold no other form's code (small, and kind to the
-  // instruction cache); the family's, in the General kernels only (the host sends every other
-  // form there), take one element at a time (loads still coalesced across the warp): unrolled
-  // over a pack, and in every kernel, its three forms tripled the build time.
+  // instruction cache); the family's are in the General element kernels only (the host sends
+  // every other form there): unrolled over a pack, and in every kernel, its three forms
+  // tripled the build time.
   Partial<math_t<x_t>> partial;
   const bool target_gradient = p.grad_targets != nullptr || p.grad_scores != nullptr;
-  if (kGamma != GammaMode::General || p.coeffs.form == LossForm::Focal) {
+  constexpr bool kHasFamily = kGamma == GammaMode::General && kPack == 1;
+  if (!kHasFamily || p.coeffs.form == LossForm::Focal) {
     partial = target_gradient
                   ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, false, kPack>(p)
                   : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, false, kPack>(p);
-  } else if constexpr (kGamma == GammaMode::General) {
+  } else if constexpr (kHasFamily) {
     partial = target_gradient
                   ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, true, 1>(p)
                   : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, true, 1>(p);
@@ -449,8 +450,9 @@ void forward(const ForwardArgs& args) {
         nullptr,
     };
     // Packs of inputs are loaded whole; the other per-element arrays must then be aligned too.
+    // The family's forms run one element at a time (loads still coalesced across the warp).
     const bool packed =
-        is_aligned_for_pack<x_t, kPack>(p.inputs) &&
+        args.form == LossForm::Focal && is_aligned_for_pack<x_t, kPack>(p.inputs) &&
         is_aligned_for_pack<saved_t<x_t>, kPack>(p.grad_inputs) &&
         (kIsLabels<t_t> || is_aligned_for_pack<t_t, kPack>(p.targets)) &&
         is_aligned_for_pack<saved_t<t_t>, kPack>(p.grad_targets) &&
@@ -462,8 +464,8 @@ void forward(const ForwardArgs& args) {
     p.block_counts = partials.mutable_data_ptr<int64_t>();
     p.block_sums = reinterpret_cast<S*>(p.block_counts + grid);
 
-    // The family's forms run in the General kernels only (their exponent by products or pow):
-    // the Zero and Two kernels carry the focal loss alone, which halves the build time.
+    // The family's forms run in the General element kernels only (their exponent by products
+    // or pow): the Zero, Two and packed kernels carry the focal loss alone.
     const GammaMode mode = args.form == LossForm::Focal ? gamma_mode(args.gamma) : GammaMode::General;
     dispatch_gamma_mode(mode, [&](auto gamma_mode) {
       dispatch_flag(p.grad_inputs != nullptr, [&](auto grad_inputs_flag) {
