@@ -60,9 +60,10 @@ def fresh_context(emulated):
     emulated.reset_device()
 
 
-def grid_blocks(module, work_items):
-    """The grid the kernel glue launches for work_items (packs, or elements): its grid_size."""
-    return max(1, min(-(-work_items // 256), module.multiprocessor_count() * 4))
+def grid_blocks(module, work_items, blocks_per_sm=4):
+    """The grid the kernel glue launches for work_items (packs, or elements): its grid_size, for
+    a kernel sized for blocks_per_sm resident blocks (the float64 forward: 3)."""
+    return max(1, min(-(-work_items // 256), module.multiprocessor_count() * blocks_per_sm))
 
 
 def saved_dtype(dtype):
@@ -351,9 +352,13 @@ def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
         emulated.set_multiprocessor_count(1 if variant == 0 else MULTIPROCESSORS[step % len(MULTIPROCESSORS)])
         if variant == 0:
             work = case.inputs.numel() // (pack_size(x_dtype) if packed else 1)
-            assert work > grid_blocks(emulated, work) * 256, "the grid-stride loop must iterate"
+            blocks_per_sm = 3 if x_dtype == F64 else 4
+            assert work > grid_blocks(emulated, work, blocks_per_sm) * 256, "the grid-stride loop must iterate"
         launched = launches_during(emulated, lambda: run_case(emulated, case, step))
         assert launched.get(expected_kernel) == 2, f"{case.describe}: launched {launched}"
+        if variant == 0:  # the grid fills the one SM with the blocks the launch bounds allow
+            grid = emulated.last_grids()[expected_kernel]
+            assert grid == blocks_per_sm, f"{case.describe}: {grid} blocks, expected {blocks_per_sm}"
 
 
 @pytest.mark.parametrize("x_dtype, target_dtype", [

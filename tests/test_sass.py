@@ -13,7 +13,11 @@ import focal_cuda
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import sass  # noqa: E402
 
-MAX_REGISTERS = 64  # 256 threads x 4 blocks (kMaxBlocksPerSM) in sm_90's 64K registers
+# 64K registers on an SM of sm_90, shared by the resident blocks of 256 threads each kernel's
+# __launch_bounds__ and grid are sized for: 4 (64 registers a thread), 3 for the float64
+# forward (80: allocation is in units of 8).
+def max_registers(name):
+    return 80 if name.startswith("void focal_forward_kernel<double,") else 64
 
 
 def _built_for_sm90():
@@ -45,39 +49,24 @@ def loop_bodies(kernel):
     return [[t for a, t in kernel.instructions if first <= a <= last] for first, last in spans]
 
 
-# Under the register cap some kernels spill (bench/NOTES.md records which and how much): the
-# float64 kernels, the label kernels that carry the scores' gradient and the family's code next to
-# the focal loss's, and two 16-bit float-target kernels. The float-target kernels of the 32- and
-# 16-bit training and inference paths must not; the others are held to the stack they use now.
-SPILLING = {
-    "focal_forward_kernel<BFloat16, BFloat16, BFloat16, (GammaMode)2, true, 8>": 16,
-    "focal_forward_kernel<Half, Half, Half, (GammaMode)2, true, 8>": 16,
-}
-MAX_STACK_LABELS_OR_FLOAT64 = 144
-
-
-def instance(kernel):
-    return kernel.name[len("void "):kernel.name.index(">(") + 1]
-
-
-def labels_or_float64(name):
-    return ", long," in name or "<double," in name
+# The label kernels call the out-of-line bad-label report: its call frame (the registers it
+# saves) is their stack, touched only around the call. Nothing else may use local memory.
+LABEL_CALL_FRAME = 32
 
 
 def test_registers_fit_the_grid(kernels):
-    too_many = {n: k.registers for n, k in kernels.items() if k.registers > MAX_REGISTERS}
-    assert not too_many, f"kernels above {MAX_REGISTERS} registers (a second wave): {too_many}"
+    too_many = {n: (k.registers, max_registers(n)) for n, k in kernels.items()
+                if k.registers > max_registers(n)}
+    assert not too_many, f"kernels above their register cap (a second wave): {too_many}"
 
 
-def test_stack_only_where_known(kernels):
+def test_no_local_memory_but_the_label_report_frame(kernels):
     unexpected = {}
     for name, kernel in kernels.items():
-        allowed = MAX_STACK_LABELS_OR_FLOAT64 if labels_or_float64(name) else SPILLING.get(instance(kernel), 0)
+        allowed = LABEL_CALL_FRAME if ", long," in name else 0
         if kernel.local or kernel.stack > allowed:
             unexpected[name] = (kernel.stack, kernel.local)
-    assert not unexpected, f"kernels with unexpected local memory (stack, local): {unexpected}"
-    present = {instance(k) for k in kernels.values()}
-    assert set(SPILLING) <= present, f"SPILLING names instances the build lacks: {set(SPILLING) - present}"
+    assert not unexpected, f"kernels with local memory (stack, local): {unexpected}"
 
 
 def test_packed_loops_load_inputs_and_targets_in_16_byte_vectors(kernels):
@@ -100,12 +89,10 @@ def test_label_check_is_out_of_the_hot_loop(kernels):
             assert not inline_report, f"{name}: printf/assert inlined in the packed loop: {inline_report[:3]}"
 
 
-def test_no_spills_in_the_float_target_loops(kernels):
-    """No local-memory traffic in the packed loops of the 32- and 16-bit float-target kernels
-    but SPILLING's."""
+def test_no_local_memory_traffic_in_the_packed_loops(kernels):
+    """Spilled values reloaded per pack would cost a load per iteration; the label kernels'
+    frame is for the cold call, outside the loops."""
     for name, kernel in packed_forward_kernels(kernels).items():
-        if labels_or_float64(name) or instance(kernel) in SPILLING:
-            continue
         for body in loop_bodies(kernel):
             spills = [t for t in body if re.search(r"\b(LDL|STL)\b", t)]
             assert not spills, f"{name}: local-memory traffic in the packed loop: {spills[:3]}"

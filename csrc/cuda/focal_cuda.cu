@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "focal.h"
 
@@ -27,12 +28,16 @@ namespace focal::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-// Resident blocks per SM the grid of the forward and backward kernels is sized for; their
-// __launch_bounds__ hold ptxas to it (64 registers a thread on sm_90), so the grid is one wave.
+// Resident blocks per SM the grid of a kernel is sized for; its __launch_bounds__ hold ptxas to
+// it (64 registers a thread for 4 blocks on sm_90, 80 for 3), so the grid is one wave.
 constexpr int kMaxBlocksPerSM = 4;
 
 template <typename T>
 using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// The float64 forward, whose every value takes two registers, spilled under 64: it gets 80.
+template <typename x_t>
+constexpr int kForwardBlocksPerSM = std::is_same_v<x_t, double> ? 3 : kMaxBlocksPerSM;
 
 // What the forward saves for backward (gradients, the loss before the weight) is stored as
 // float32 for float16 operands: float16 would flush small values to zero before backward
@@ -56,16 +61,17 @@ bool is_aligned_for_pack(const void* ptr) {
   return ptr == nullptr || reinterpret_cast<std::uintptr_t>(ptr) % alignof(Pack<T, N>) == 0;
 }
 
-// Blocks for work_items grid-stride items on the current device: one wave at most.
-// cudaDeviceGetAttribute is the lightweight per-attribute query (cudaGetDeviceProperties the
-// slow one); ATen's cached properties need headers (cuBLAS, cuSPARSE) a bare toolkit may lack.
-int grid_size(int64_t work_items) {
+// Blocks for work_items grid-stride items on the current device, for a kernel of
+// blocks_per_sm resident blocks per SM: one wave at most. cudaDeviceGetAttribute is the
+// lightweight per-attribute query (cudaGetDeviceProperties the slow one); ATen's cached
+// properties need headers (cuBLAS, cuSPARSE) a bare toolkit may lack.
+int grid_size(int64_t work_items, int blocks_per_sm) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   int sm_count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
   const int64_t wanted = (work_items + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, sm_count * kMaxBlocksPerSM)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, sm_count * blocks_per_sm)));
 }
 
 // Sum over a block of kThreads threads, combined in a fixed order; the result is valid in
@@ -129,15 +135,24 @@ __device__ __noinline__ void report_bad_label(int64_t label, int64_t classes, in
   CUDA_KERNEL_ASSERT(label >= 0 && label <= classes && "class label out of range");
 }
 
-// The label of a row, checked: read once per row a thread visits, not once per element.
+// A row's label as the loops use it: read and checked once per row a thread visits, not once per
+// element, and held in one 32-bit register (the host checks that classes fit): the class it
+// marks (classes, which no element's class equals, for the background and for any label out of
+// range), and whether the row counts (label != ignore_index).
+struct RowLabel {
+  int32_t marked;
+  bool counted;
+};
+
 template <typename x_t, typename out_t>
-__device__ __forceinline__ int64_t row_label(const ForwardPointers<x_t, int64_t, out_t>& p,
-                                             int64_t row) {
+__device__ __forceinline__ RowLabel row_label(const ForwardPointers<x_t, int64_t, out_t>& p,
+                                              int64_t row) {
   const int64_t label = p.targets[row];
-  if (label != p.ignore_index && (label < 0 || label > p.classes)) {
+  const bool in_range = label >= 0 && label <= p.classes;
+  if (label != p.ignore_index && !in_range) {
     report_bad_label(label, p.classes, p.ignore_index);
   }
-  return label;
+  return {static_cast<int32_t>(in_range ? label : p.classes), label != p.ignore_index};
 }
 
 // The sum of the loss over a thread's elements, and how many of them count for the mean.
@@ -163,8 +178,10 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
                      saved_t<out_t>* unweighted, saved_t<x_t>* grads_inputs,
                      saved_t<t_t>* grads_targets) {
     int64_t row = needs_position ? first / p.classes : 0;
-    int64_t cls = needs_position ? first - row * p.classes : 0;
-    int64_t label = 0;
+    // A label's class fits 32 bits (the host checks); float targets' classes may not.
+    using class_t = std::conditional_t<kIsLabels<t_t>, int32_t, int64_t>;
+    class_t cls = needs_position ? static_cast<class_t>(first - row * p.classes) : 0;
+    RowLabel label{0, true};
     if constexpr (kIsLabels<t_t>) {
       label = row_label(p, row);
     }
@@ -174,10 +191,9 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
         S target;
         S valid(1);
         if constexpr (kIsLabels<t_t>) {
-          const bool counted = label != p.ignore_index;
-          count += counted ? 1 : 0;
-          valid = counted ? S(1) : S(0);
-          target = label != cls ? S(0) : p.scores != nullptr ? p.scores[row] : S(1);
+          count += label.counted ? 1 : 0;
+          valid = label.counted ? S(1) : S(0);
+          target = label.marked != cls ? S(0) : p.scores != nullptr ? p.scores[row] : S(1);
         } else {
           ++count;
           target = static_cast<S>(ts[k]);
@@ -197,7 +213,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
         grads_inputs[k] = static_cast<saved_t<x_t>>(terms.grad_inputs);
         if constexpr (kGradTargets && kIsLabels<t_t>) {
           // The scores' gradient: one element per row is labelled, the row's only writer.
-          if (label == cls && label != p.ignore_index) {
+          if (label.marked == cls && label.counted) {
             p.grad_scores[row] = terms.grad_targets;
           }
         } else if constexpr (kGradTargets) {
@@ -270,7 +286,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
 }
 
 template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGradInputs, int kPack>
-__global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
+__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<x_t>)
     focal_forward_kernel(const ForwardPointers<x_t, t_t, out_t> p) {
   // The target gradient (of floating targets, or of the scores of labels) and the loss form
   // are decided here, once, rather than compiled into kernels of their own or tested per
@@ -424,6 +440,9 @@ void forward(const ForwardArgs& args) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = args.inputs.numel();
   const bool elementwise = args.reduction == Reduction::None;
+  TORCH_CHECK(!args.labels || args.classes <= std::numeric_limits<int32_t>::max(),
+              "focal_cuda: with class labels on CUDA, inputs' last dimension (the classes) must be "
+              "at most ", std::numeric_limits<int32_t>::max(), "; got ", args.classes);
 
   const bool dispatched = dispatch_forward_types(args, [&](auto x_value, auto t_value, auto out_value) {
     using x_t = decltype(x_value);
@@ -458,7 +477,7 @@ void forward(const ForwardArgs& args) {
         is_aligned_for_pack<saved_t<t_t>, kPack>(p.grad_targets) &&
         is_aligned_for_pack<out_t, kPack>(p.loss) &&
         is_aligned_for_pack<saved_t<out_t>, kPack>(p.unweighted_loss);
-    const int grid = grid_size(packed ? n / kPack : n);
+    const int grid = grid_size(packed ? n / kPack : n, kForwardBlocksPerSM<x_t>);
     // One allocation for the per-block counts and partial sums (S: 4 or 8 bytes).
     const at::Tensor partials = at::empty({2 * grid}, args.inputs.options().dtype(at::kLong));
     p.block_counts = partials.mutable_data_ptr<int64_t>();
@@ -509,7 +528,7 @@ void backward(const BackwardArgs& args) {
         s_t* out = args.out.mutable_data_ptr<s_t>();
         const bool packed = is_aligned_for_pack<s_t, kPack>(saved) &&
                             is_aligned_for_pack<s_t, kPack>(out);
-        const int grid = grid_size(packed ? n / kPack : n);
+        const int grid = grid_size(packed ? n / kPack : n, kMaxBlocksPerSM);
         dispatch_flag(args.grad_output_is_scalar, [&](auto scalar_flag) {
           constexpr bool kScalarGrad = decltype(scalar_flag)::value;
           // The op layer hands a scalar grad_output over in the math type of saved_grad, so

@@ -18,6 +18,16 @@ void add_self_tests(pybind11::module& module);  // self_test.cpp
 
 namespace {
 
+// The runtime's per-instance records as a dict: instance name -> value.
+template <typename T>
+pybind11::dict by_instance(const std::vector<std::pair<std::string, T>>& records) {
+  pybind11::dict result;
+  for (const auto& [name, value] : records) {
+    result[pybind11::str(name)] = value;
+  }
+  return result;
+}
+
 // focal::cuda::forward with outputs the caller allocated (and may have placed misaligned).
 void forward_into(const at::Tensor& inputs, const at::Tensor& targets,
                   const std::optional<at::Tensor>& weight, int64_t weight_kind, double alpha,
@@ -90,13 +100,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, arg("name"), arg("seed") = 0);
   m.def("set_multiprocessor_count", &focal_emu::set_multiprocessor_count);
   m.def("multiprocessor_count", &focal_emu::multiprocessor_count);
-  m.def("kernel_instances", [] {
-    pybind11::dict counts;
-    for (const auto& [name, launches] : focal_emu::kernel_instances()) {
-      counts[pybind11::str(name)] = launches;
-    }
-    return counts;
-  }, "Every kernel instance the module can launch -> how often it was launched.");
+  m.def("kernel_instances", [] { return by_instance(focal_emu::kernel_instances()); },
+        "Every kernel instance the module can launch -> how often it was launched.");
+  m.def("last_grids", [] { return by_instance(focal_emu::last_grids()); },
+        "Every kernel instance -> the blocks of its latest launch (0: never launched).");
   m.def("reset_launch_counts", &focal_emu::reset_launch_counts);
   m.def("reset_device", &focal_emu::reset_device, "Clears a device-side assert's sticky error.");
   m.def("shared_variable_count", &focal_emu::shared_variable_count);

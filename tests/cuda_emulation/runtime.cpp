@@ -43,6 +43,7 @@ namespace focal_emu {
 struct KernelInstance {
   std::string name;
   long launches = 0;
+  unsigned long long last_grid = 0;  // blocks of the latest launch
 };
 
 namespace {
@@ -777,6 +778,7 @@ void launch(KernelInstance& instance, dim3 grid, dim3 block, cudaStream_t, Kerne
   }
   ensure_fibers();
   ++instance.launches;
+  instance.last_grid = 1ull * grid.x * grid.y * grid.z;
   d.instance = &instance;
   d.run = run;
   d.params = params;
@@ -825,6 +827,15 @@ std::vector<std::pair<std::string, long>> kernel_instances() {
   std::vector<std::pair<std::string, long>> result;
   for (const auto& instance : registry()) {
     result.emplace_back(instance.name, instance.launches);
+  }
+  return result;
+}
+
+std::vector<std::pair<std::string, unsigned long long>> last_grids() {
+  std::lock_guard<std::mutex> lock(device().mutex);
+  std::vector<std::pair<std::string, unsigned long long>> result;
+  for (const auto& instance : registry()) {
+    result.emplace_back(instance.name, instance.last_grid);
   }
   return result;
 }

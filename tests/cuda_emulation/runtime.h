@@ -19,6 +19,8 @@ int multiprocessor_count();
 
 // Every kernel instance the module can launch, with how often each was launched.
 std::vector<std::pair<std::string, long>> kernel_instances();
+// Blocks in each instance's latest launch (0: never launched).
+std::vector<std::pair<std::string, unsigned long long>> last_grids();
 void reset_launch_counts();
 
 // Clears the sticky error a device-side assert leaves, which on a GPU only a new process does.
