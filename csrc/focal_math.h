@@ -143,6 +143,15 @@ struct ScalarMath<float> {
   }
 };
 
+// 1 / v for v in (0, 1] overflows to inf for the smallest subnormal v (below 2^-128 in float,
+// 2^-1024 in double), which a GPU keeps (CUDA does not flush them to zero by default): a ratio
+// bounded by 1 such as p(1-p)/q then becomes inf, and q^gamma * inf = 0 * inf = NaN, at logits
+// near -/+ 89..104 in float and 709..745 in double. So the kernels take 1 / (v * kUnitScale)
+// (finite for every v > 0) and multiply the numerator by kUnitScale: a power of two, so wherever
+// 1 / v is finite the result is the same to the bit.
+template <typename S>
+constexpr S kUnitScale = sizeof(S) == sizeof(double) ? S(0x1p64) : S(0x1p32);
+
 template <typename V>
 struct FocalTerms {
   V loss;             // weight * focal loss
@@ -223,12 +232,17 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
   // The modulating factor's derivative, gamma * q^(gamma-1) * dq, written as q^gamma times a
   // bounded ratio; it vanishes for gamma == 0.
   constexpr bool kModulated = kGamma != GammaMode::Zero;
+  const V unit_scale(kUnitScale<S>);
+  [[maybe_unused]] V inv_scaled_q = zero;  // 1 / (q kUnitScale)
+  if constexpr (kModulated && (kGradInputs || kGradTargets)) {
+    inv_scaled_q = Math::reciprocal(q * unit_scale);
+  }
   if constexpr (kGradInputs) {
     V bracket = tm * p - t * pm;  // p - t, exact near t = 1 where p - 1 would cancel
     if constexpr (kModulated) {
       // p(1-p)/q in [0, 1]; where q == 0 the factor q^gamma already zeroes the term, so any
       // finite value does.
-      const V ratio = Math::select(q > zero, p * pm * Math::reciprocal(q), zero);
+      const V ratio = Math::select(q > zero, p * unit_scale * pm * inv_scaled_q, zero);
       bracket = bracket + gamma * (tm - t) * ce * ratio;
     }
     terms.grad_inputs = weight_valid * alpha_t * q_gamma * bracket;
@@ -237,7 +251,8 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
     V bracket = zero - x;
     if constexpr (kModulated) {
       // CE / q is bounded as q -> 0 (CE vanishes with q there); the same q^gamma argument.
-      const V ce_over_q = Math::select(q > zero, ce * Math::reciprocal(q), zero);
+      // CE >= q (-log y >= 1 - y), so ce / (q kUnitScale) stays a normal number.
+      const V ce_over_q = Math::select(q > zero, ce * inv_scaled_q * unit_scale, zero);
       bracket = bracket + gamma * (pm - p) * ce_over_q;
     }
     terms.grad_targets = weight_valid * V(coeffs.target_scale) * q_gamma *
@@ -313,7 +328,10 @@ FOCAL_HOST_DEVICE FormTerms<V> quality_terms(V x, V t, const Logistic<V>& logit,
   FormTerms<V> terms{a_gamma * logit.ce, zero, zero};
   V signed_ratio = zero;  // g * sign(d) * CE / a
   if constexpr (kGamma != GammaMode::Zero && (kGradInputs || kGradTargets)) {
-    const V ratio = Math::select(a > zero, gamma * logit.ce * Math::reciprocal(a), zero);
+    // CE >= a (see kUnitScale for the scaling): CE / a stays finite for a subnormal a.
+    const V unit_scale(kUnitScale<S>);
+    const V ratio = Math::select(
+        a > zero, gamma * logit.ce * Math::reciprocal(a * unit_scale) * unit_scale, zero);
     signed_ratio = Math::select(d < zero, zero - ratio, ratio);
   }
   if constexpr (kGradInputs) {

@@ -156,6 +156,38 @@ def family_term_scales(form, inputs, targets, alpha, gamma, beta=0.0, *, weight=
     return loss, factor * d_inputs, factor * (1 - label_smoothing) * d_targets
 
 
+# Saturated logits, and in each math type those where q = 1 - p_t is subnormal (1 / q overflows):
+# +-95 in float32, +-720 in float64.
+EXTREME_LOGITS = [-720.0, -100.0, -95.0, -30.0, -17.0, -1e-3, 0.0, 1e-3, 17.0, 30.0, 95.0, 100.0, 720.0]
+
+
+def extreme_grid(dtype, device="cpu"):
+    """Every extreme logit against targets 0, 1 and 0.5."""
+    x = torch.tensor(EXTREME_LOGITS, dtype=torch.float64).repeat_interleave(3)
+    t = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64).repeat(len(EXTREME_LOGITS))
+    return x.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype)
+
+
+def exact_focal_loss_and_grads(inputs, targets, alpha, gamma):
+    """The focal loss, d/dx and d/dt in float64 from the analytic formula, written independently
+    with math.* (exact where torch.sigmoid's 1 / (1 + exp(-x)) gives 0 for a representable p)."""
+    losses, grads_x, grads_t = [], [], []
+    for x, t in zip(inputs.double().tolist(), targets.double().tolist()):
+        p = 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+        pm = 1 / (1 + math.exp(x)) if x <= 0 else math.exp(-x) / (1 + math.exp(-x))
+        softplus_common = math.log1p(math.exp(-abs(x)))
+        ce = t * (softplus_common + max(-x, 0)) + (1 - t) * (softplus_common + max(x, 0))
+        q = t * pm + (1 - t) * p
+        alpha_t = alpha * t + (1 - alpha) * (1 - t)
+        qg = q**gamma
+        ratio = p * pm / q if q > 0 else 0.0
+        ce_over_q = ce / q if q > 0 else 0.0
+        losses.append(alpha_t * qg * ce)
+        grads_x.append(alpha_t * qg * ((1 - t) * p - t * pm + gamma * (1 - 2 * t) * ce * ratio))
+        grads_t.append(qg * ((2 * alpha - 1) * ce + alpha_t * (gamma * (pm - p) * ce_over_q - x)))
+    return tuple(torch.tensor(values, dtype=torch.float64) for values in (losses, grads_x, grads_t))
+
+
 def random_case(shape, dtype, device, *, seed=0, scale=4.0, soft=False, positive_rate=0.3):
     """Logits ~ N(0, scale^2) and hard (or soft) targets, generated on CPU for reproducibility."""
     generator = torch.Generator().manual_seed(seed)

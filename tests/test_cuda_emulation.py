@@ -15,7 +15,13 @@ import torch
 
 import cuda_emulation
 import focal_cuda
-from conftest import assert_matches, derivative_term_scales, family_term_scales
+from conftest import (
+    assert_matches,
+    derivative_term_scales,
+    exact_focal_loss_and_grads,
+    extreme_grid,
+    family_term_scales,
+)
 
 pytestmark = pytest.mark.cuda_emulation
 
@@ -42,6 +48,10 @@ FORWARD_TYPES = [
 GRID_STRIDE = (100, 101)
 SHAPES = [(50, 101), (37, 13), (3, 5), (1, 1), (7, 1), (9, 3, 7), ()]
 MULTIPROCESSORS = [1, 2, 132, 1]
+# The first logits of every case with more than two elements: saturated, and +-95, where q is
+# subnormal in float (the float64 reference's torch.sigmoid gives 0 for the same in float64:
+# test_extreme_logits_are_finite_and_exact covers that window).
+SATURATED_LOGITS = torch.tensor([-40.0, 35.0, -95.0, 95.0], dtype=F64)
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +125,8 @@ class Case:
         labels = targets == "labels"
         self.shape = shape
         x = torch.randn(shape, generator=generator, dtype=F64) * 6
-        if x.numel() > 2:  # saturated logits too
-            x.view(-1)[:2] = torch.tensor([-40.0, 35.0], dtype=F64)
+        if x.numel() > 2:  # SATURATED_LOGITS, with targets below that make q tiny
+            x.view(-1)[:len(SATURATED_LOGITS)] = SATURATED_LOGITS[:x.numel()]
         self.inputs = placed(x.to(x_dtype), misaligned)
         classes = shape[-1] if shape else 1
         if labels:
@@ -136,6 +146,8 @@ class Case:
             soft = torch.rand(shape, generator=generator, dtype=F64)
             hard = (torch.rand(shape, generator=generator) < 0.3).double()
             values = torch.where(torch.rand(shape, generator=generator) < 0.5, soft, hard)
+            if values.numel() > 2:  # confident and right at the saturated logits: q tiny
+                values.view(-1)[:len(SATURATED_LOGITS)] = (SATURATED_LOGITS[:values.numel()] > 0).double()
             self.targets = placed(values.to(targets), misaligned)
             self.count = self.inputs.numel()
             self.scores = None
@@ -359,6 +371,26 @@ def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
         if variant == 0:  # the grid fills the one SM with the blocks the launch bounds allow
             grid = emulated.last_grids()[expected_kernel]
             assert grid == blocks_per_sm, f"{case.describe}: {grid} blocks, expected {blocks_per_sm}"
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32, F64], ids=lambda dtype: str(dtype)[len("torch."):])
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 1.0, 2.0, 3.5, 7.5, 8.0])
+@pytest.mark.parametrize("misaligned", [False, True], ids=["packed", "element"])
+def test_extreme_logits_are_finite_and_exact(emulated, dtype, gamma, misaligned):
+    """tests/test_extremes.py's grid on the CUDA kernels, which keep subnormals (the CPU kernels
+    flush them): where q is subnormal, 1 / q overflows and a ratio bounded by 1 became inf, then
+    q^gamma * inf = NaN."""
+    inputs, targets = extreme_grid(dtype)
+    loss, grad_inputs, grad_targets, _, _ = emulated.sigmoid_focal_loss_forward(
+        placed(inputs, misaligned), placed(targets, misaligned), None, 0.25, gamma,
+        REDUCTION_CODES["none"], -100, 0.0, False, True, True, False)
+    expected_loss, expected_gx, expected_gt = exact_focal_loss_and_grads(inputs, targets, 0.25, gamma)
+    scale_inputs, scale_targets = derivative_term_scales(inputs, targets, 0.25, gamma)
+    for name, output in (("loss", loss), ("grad_inputs", grad_inputs), ("grad_targets", grad_targets)):
+        assert torch.isfinite(output).all(), f"{name}: {output}"
+    assert_matches(loss, expected_loss, dtype)
+    assert_matches(grad_inputs, expected_gx, saved_dtype(dtype), scale=scale_inputs)
+    assert_matches(grad_targets, expected_gt, saved_dtype(dtype), scale=scale_targets)
 
 
 @pytest.mark.parametrize("x_dtype, target_dtype", [
