@@ -147,8 +147,8 @@ struct ScalarMath<float> {
 // 2^-1024 in double), which a GPU keeps (CUDA does not flush them to zero by default): a ratio
 // bounded by 1 such as p(1-p)/q then becomes inf, and q^gamma * inf = 0 * inf = NaN, at logits
 // near -/+ 89..104 in float and 709..745 in double. So the kernels take 1 / (v * kUnitScale)
-// (finite for every v > 0) and multiply the numerator by kUnitScale: a power of two, so wherever
-// 1 / v is finite the result is the same to the bit.
+// (finite for every v > 0) and multiply the numerator by kUnitScale: a power of two, so where no
+// value involved is subnormal the result is the same to the bit (and where one is, more exact).
 template <typename S>
 constexpr S kUnitScale = sizeof(S) == sizeof(double) ? S(0x1p64) : S(0x1p32);
 
