@@ -210,14 +210,31 @@ def reference_results(inputs, targets, alpha, gamma, reduction, grad_output=None
     return loss.detach(), grad_x, grad_t
 
 
-def worst_float32_softplus_sigmoid_ulp(device, elements_per_call=None):
-    """With gamma 0, no alpha and target 0 the loss is softplus(x) and its gradient sigmoid(x):
-    the kernels' exp, log1p and reciprocal. Their worst error in float32 units in the last place,
-    over logits whose results are not subnormal. With elements_per_call (fewer than a vector
-    holds), every element takes the CPU kernels' scalar path; a subsample keeps that quick."""
+def softplus_sigmoid_logits():
+    """Logits for the ulp checks: every 1/200,000 of [-87.3, 87.3] (where no result is subnormal)
+    and 100,000 uniform in [-4, 4]."""
     generator = torch.Generator().manual_seed(7)
     uniform = torch.rand(100_000, generator=generator) * 8 - 4
-    x = torch.cat([torch.linspace(-87.3, 87.3, 200_001), uniform])
+    return torch.cat([torch.linspace(-87.3, 87.3, 200_001), uniform])
+
+
+def worst_softplus_sigmoid_ulp(x, losses, grads):
+    """With gamma 0, no alpha and target 0 the loss is softplus(x) and its gradient sigmoid(x):
+    the kernels' exp, log1p and reciprocal. The worst error of float32 losses and grads at the
+    logits x, in float32 units in the last place (NaN counts as infinitely wrong)."""
+    exact_x = x.double()
+    worst = 0.0
+    for ours, exact in ((losses, F.softplus(exact_x)), (grads, torch.sigmoid(exact_x))):
+        ulp = torch.finfo(torch.float32).eps * 2.0 ** torch.floor(torch.log2(exact))
+        errors = (ours.cpu().double() - exact).abs() / ulp
+        worst = max(worst, errors.nan_to_num(nan=math.inf).max().item())
+    return worst
+
+
+def worst_float32_softplus_sigmoid_ulp(device, elements_per_call=None):
+    """worst_softplus_sigmoid_ulp of focal_cuda on device. With elements_per_call (fewer than a
+    vector holds), every element takes the CPU kernels' scalar path; a subsample keeps that quick."""
+    x = softplus_sigmoid_logits()
     if elements_per_call is not None:
         x = x[::50]
     losses, grads = [], []
@@ -226,14 +243,7 @@ def worst_float32_softplus_sigmoid_ulp(device, elements_per_call=None):
         loss = focal_cuda.sigmoid_focal_loss(piece, torch.zeros_like(piece), None, 0.0)
         losses.append(loss.detach())
         grads.append(torch.autograd.grad(loss.sum(), piece)[0])
-    exact_x = x.double()
-    worst = 0.0
-    pairs = [(torch.cat(losses), F.softplus(exact_x)), (torch.cat(grads), torch.sigmoid(exact_x))]
-    for ours, exact in pairs:
-        ulp = torch.finfo(torch.float32).eps * 2.0 ** torch.floor(torch.log2(exact))
-        errors = (ours.cpu().double() - exact).abs() / ulp
-        worst = max(worst, errors.nan_to_num(nan=math.inf).max().item())  # NaN fails
-    return worst
+    return worst_softplus_sigmoid_ulp(x, torch.cat(losses), torch.cat(grads))
 
 
 def pytest_terminal_summary(terminalreporter):

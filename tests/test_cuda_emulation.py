@@ -21,6 +21,8 @@ from conftest import (
     exact_focal_loss_and_grads,
     extreme_grid,
     family_term_scales,
+    softplus_sigmoid_logits,
+    worst_softplus_sigmoid_ulp,
 )
 
 pytestmark = pytest.mark.cuda_emulation
@@ -391,6 +393,17 @@ def test_extreme_logits_are_finite_and_exact(emulated, dtype, gamma, misaligned)
     assert_matches(loss, expected_loss, dtype)
     assert_matches(grad_inputs, expected_gx, saved_dtype(dtype), scale=scale_inputs)
     assert_matches(grad_targets, expected_gt, saved_dtype(dtype), scale=scale_targets)
+
+
+@pytest.mark.parametrize("misaligned", [False, True], ids=["packed", "element"])
+def test_float32_softplus_and_sigmoid_are_within_4_ulp(emulated, misaligned):
+    """tests/test_extremes.py's ulp check on the CUDA kernels' float32 math (with the emulated
+    device intrinsics, emulation.h)."""
+    x = softplus_sigmoid_logits()
+    loss, grad_inputs, _, _, _ = emulated.sigmoid_focal_loss_forward(
+        placed(x, misaligned), torch.zeros_like(x), None, -1.0, 0.0, REDUCTION_CODES["none"], -100,
+        0.0, False, True, False, False)
+    assert worst_softplus_sigmoid_ulp(x, loss, grad_inputs) <= 4
 
 
 @pytest.mark.parametrize("x_dtype, target_dtype", [

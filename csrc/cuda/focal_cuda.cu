@@ -35,6 +35,25 @@ constexpr int kMaxBlocksPerSM = 4;
 template <typename T>
 using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// The kernels' math: focal_math.h's scalar functions, with the GPU's reciprocal in float. The
+// formulas divide only by normal floats (1 + e and 2 + v in [1, 3]; q and |p - t| scaled by
+// kUnitScale into [2^-117, 2^32]; 0 only where a select drops the result), so the hardware
+// estimate (__fdividef, within 2 ulp there) and one Newton step give 1 / v within 1 ulp, without
+// IEEE division's range check and branch to its out-of-line slow path (a branch that also keeps
+// the scheduler from moving loads across it). The CUDA emulation runs this with __fdividef at its
+// documented worst error.
+template <typename S>
+struct DeviceMath : ScalarMath<S> {};
+
+template <>
+struct DeviceMath<float> : ScalarMath<float> {
+  static __device__ __forceinline__ float reciprocal(float v) {
+    const float estimate = __fdividef(1.0f, v);
+    return fmaf(fmaf(-v, estimate, 1.0f), estimate, estimate);
+  }
+  static __device__ __forceinline__ float log1p(float v) { return log1p_float<DeviceMath>(v); }
+};
+
 // The float64 forward, whose every value takes two registers, spilled under 64: it gets 80.
 template <typename x_t>
 constexpr int kForwardBlocksPerSM = std::is_same_v<x_t, double> ? 3 : kMaxBlocksPerSM;
@@ -205,7 +224,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
           case WeightKind::Row: weight = p.weight[row]; break;
           case WeightKind::Class: weight = p.weight[cls]; break;
         }
-        const auto terms = loss_terms<ScalarMath<S>, kGamma, kGradInputs, kGradTargets, kFamily>(
+        const auto terms = loss_terms<DeviceMath<S>, kGamma, kGradInputs, kGradTargets, kFamily>(
             static_cast<S>(xs[k]), target, weight, valid, p.coeffs);
         sum += terms.loss;
         losses[k] = static_cast<out_t>(terms.loss);

@@ -15,6 +15,7 @@
 
 #include <c10/macros/Macros.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -189,6 +190,24 @@ T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize,
                   const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   return focal_emu::shuffle_value(focal_emu::ShuffleMode::Xor, mask, var, lane_mask, width, file,
                                   line);
+}
+
+// CUDA's fast single-precision division: within 2 ulp for |b| in [2^-126, 2^126], 0 for |b| in
+// (2^126, 2^128) (CUDA C++ Programming Guide, intrinsic functions). Emulated at that worst case:
+// the rounded quotient moved by 2 ulp, up or down with the low bit of b, so that code using it
+// must hold with the whole documented error.
+inline float __fdividef(float a, float b) {
+  const float quotient = a / b;
+  if (std::fabs(b) > 0x1p126f && std::isfinite(b) && std::isfinite(a)) {
+    return 0.0f;
+  }
+  if (!std::isfinite(quotient) || quotient == 0.0f) {
+    return quotient;
+  }
+  std::uint32_t bits = 0;
+  std::memcpy(&bits, &b, sizeof(bits));
+  const float toward = (bits & 1u) ? HUGE_VALF : -HUGE_VALF;
+  return std::nextafter(std::nextafter(quotient, toward), toward);
 }
 
 // c10's host definition calls __assert_fail, which would abort the process.

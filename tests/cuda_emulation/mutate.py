@@ -92,6 +92,8 @@ MUTANTS = [
     ("score_gradient_off", "forward: the scores' gradient alone does not select the target-gradient pass",
      "  const bool target_gradient = p.grad_targets != nullptr || p.grad_scores != nullptr;",
      "  const bool target_gradient = p.grad_targets != nullptr;"),
+    ("reciprocal_estimate", "device math: the float reciprocal's estimate without its Newton step",
+     "    return fmaf(fmaf(-v, estimate, 1.0f), estimate, estimate);", "    return estimate;"),
 ]
 
 
