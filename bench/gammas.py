@@ -2,8 +2,8 @@
 
     python bench/gammas.py [--device cpu|cuda] [--rows 100000] [--gammas 2 1 0.5 ...]
 
-gamma 0 and 2 have kernels of their own; multiples of 1/2 up to 8 take products and one square
-root; any other gamma takes pow (exp and log). All gammas are interleaved in one process after
+gamma 0 and 2 have kernels of their own (and gamma 1 on the CPU); multiples of 1/2 up to 8 take
+products and one square root; any other gamma takes pow (exp and log). All gammas are interleaved in one process after
 a warm-up; prints median (min-max) per call and the ratio to gamma 2, and writes results.json.
 """
 

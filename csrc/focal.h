@@ -58,21 +58,13 @@ struct BackwardArgs {
   at::Tensor out;  // saved_grad's dtype and numel
 };
 
-// Turns a GammaMode into the template argument of a kernel:
-// fn(std::integral_constant<GammaMode, ...>).
-template <typename Fn>
+// Turns a GammaMode into the template argument of a kernel: fn(std::integral_constant<GammaMode,
+// mode>), instantiated for the modes the caller has kernels for (kModes) and no others.
+template <GammaMode... kModes, typename Fn>
 void dispatch_gamma_mode(GammaMode mode, Fn&& fn) {
-  switch (mode) {
-    case GammaMode::Zero:
-      fn(std::integral_constant<GammaMode, GammaMode::Zero>{});
-      break;
-    case GammaMode::Two:
-      fn(std::integral_constant<GammaMode, GammaMode::Two>{});
-      break;
-    case GammaMode::General:
-      fn(std::integral_constant<GammaMode, GammaMode::General>{});
-      break;
-  }
+  const bool dispatched =
+      ((mode == kModes && (fn(std::integral_constant<GammaMode, kModes>{}), true)) || ...);
+  TORCH_INTERNAL_ASSERT(dispatched, "no kernel for gamma mode ", static_cast<int>(mode));
 }
 
 // fn(std::true_type{}) or fn(std::false_type{}): a run-time flag as a template argument.

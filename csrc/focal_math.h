@@ -34,8 +34,10 @@ enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };
 
 // gamma == 2 (the RetinaNet default) squares and gamma == 0 (weighted BCE) skips the power, each
 // in a kernel of its own. Every other gamma shares the General kernels, which decide at run time
-// (the same way for all elements) between products and pow: see FocalCoeffs.
-enum class GammaMode : int { Zero, Two, General };
+// (the same way for all elements) between products and pow: see FocalCoeffs. One (q^1 = q) is
+// a kernel of its own on the CPU only, whose vector loops pay that decision per vector (see
+// focal_cpu_kernels.cpp); it is last so that the other modes keep their values.
+enum class GammaMode : int { Zero, Two, General, One };
 
 inline GammaMode gamma_mode(double gamma) {
   return gamma == 0.0 ? GammaMode::Zero : gamma == 2.0 ? GammaMode::Two : GammaMode::General;
@@ -181,12 +183,15 @@ FOCAL_HOST_DEVICE Logistic<V> logistic(V x, V t) {
           Math::log1p(e) + t * Math::max(zero - x, zero) + (one - t) * Math::max(x, zero)};
 }
 
-// base^gamma for base in [0, 1] and the launch's exponent coeffs.gamma: 1 for Zero, a square for
-// Two, products (and one sqrt) for a multiple of 1/2 up to kMaxProductGamma, else pow.
+// base^gamma for base in [0, 1] and the launch's exponent coeffs.gamma: 1 for Zero, base for One,
+// a square for Two, products (and one sqrt) for a multiple of 1/2 up to kMaxProductGamma, else
+// pow.
 template <typename Math, GammaMode kGamma, typename V, typename S>
 FOCAL_HOST_DEVICE V gamma_power(V base, const FocalCoeffs<S>& coeffs) {
   if constexpr (kGamma == GammaMode::Zero) {
     return V(S(1));
+  } else if constexpr (kGamma == GammaMode::One) {
+    return base;
   } else if constexpr (kGamma == GammaMode::Two) {
     return base * base;
   } else {

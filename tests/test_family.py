@@ -22,11 +22,13 @@ REFERENCES = {
     "quality": focal_cuda.reference.quality_focal_loss,
     "varifocal": focal_cuda.reference.varifocal_loss,
 }
-# Per form, parameter sets: the defaults, and others (fractional exponents, FL*'s beta).
+# Per form, parameter sets: the defaults, and others (fractional exponents, FL*'s beta, and
+# exponent 1, which has CPU kernels of its own).
 PARAMETERS = {
     "star": [dict(), dict(alpha=0.25, gamma=2.0, beta=0.5), dict(alpha=0.75, gamma=0.5, beta=-1.0)],
-    "quality": [dict(), dict(beta=0.5), dict(beta=1.5)],
-    "varifocal": [dict(), dict(alpha=0.5, gamma=1.5), dict(alpha=1.0, gamma=0.5)],
+    "quality": [dict(), dict(beta=0.5), dict(beta=1.5), dict(beta=1.0)],
+    "varifocal": [dict(), dict(alpha=0.5, gamma=1.5), dict(alpha=1.0, gamma=0.5),
+                  dict(alpha=0.25, gamma=1.0)],
 }
 CASES = [(form, index) for form, sets in PARAMETERS.items() for index in range(len(sets))]
 

@@ -10,6 +10,7 @@ from conftest import (
     GAMMAS,
     REDUCTIONS,
     assert_matches,
+    derivative_term_scales,
     random_case,
     reference_results,
     requires_cuda,
@@ -39,11 +40,15 @@ def test_matches_reference(device, dtype, reduction, gamma, alpha):
     ref_loss, ref_grad_x, ref_grad_t = reference_results(
         inputs, targets, alpha, gamma, reduction, grad_output
     )
+    # The derivatives are sums of terms that can cancel (d/dt does at gamma 1): their rounding
+    # is relative to the terms' magnitudes.
+    scale_x, scale_t = derivative_term_scales(inputs, targets, alpha, gamma, reduction=reduction,
+                                              grad_output=grad_output)
     assert loss.dtype == dtype and loss.shape == loss_shape
     assert grad_x.dtype == dtype and grad_t.dtype == dtype
     assert_matches(loss, ref_loss)
-    assert_matches(grad_x, ref_grad_x)
-    assert_matches(grad_t, ref_grad_t)
+    assert_matches(grad_x, ref_grad_x, scale=scale_x)
+    assert_matches(grad_t, ref_grad_t, scale=scale_t)
 
 
 @pytest.mark.parametrize("device", DEVICES)

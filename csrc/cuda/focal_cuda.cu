@@ -505,7 +505,10 @@ void forward(const ForwardArgs& args) {
     // The family's forms run in the General element kernels only (their exponent by products
     // or pow): the Zero, Two and packed kernels carry the focal loss alone.
     const GammaMode mode = args.form == LossForm::Focal ? gamma_mode(args.gamma) : GammaMode::General;
-    dispatch_gamma_mode(mode, [&](auto gamma_mode) {
+    // gamma 1 runs in the General kernels: their products-or-pow decision is uniform across a
+    // warp, and one kernel set fewer keeps the build and the emulated sweep smaller.
+    dispatch_gamma_mode<GammaMode::Zero, GammaMode::Two, GammaMode::General>(
+        mode, [&](auto gamma_mode) {
       dispatch_flag(p.grad_inputs != nullptr, [&](auto grad_inputs_flag) {
         constexpr GammaMode kGamma = decltype(gamma_mode)::value;
         constexpr bool kGradInputs = decltype(grad_inputs_flag)::value;
