@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define FOCAL_HOST_DEVICE __host__ __device__ __forceinline__
@@ -49,7 +50,7 @@ inline GammaMode gamma_mode(double gamma) {
 //   label smoothing: the loss sees t * target_scale + target_offset = t * (1 - eps) + eps / 2.
 //   q^gamma for a multiple of 1/2 up to kMaxProductGamma (the exponents in use: 0.5, 1, 1.5, 2.5,
 //     3, 4, ...) is q^whole_powers times sqrt(q) when half_power: no exp and no log, and at most
-//     7 roundings; whole_powers is -1 for any other gamma, which takes pow.
+//     6 roundings; whole_powers is -1 for any other gamma, which takes pow.
 constexpr int kMaxProductGamma = 8;
 
 template <typename S>
@@ -195,9 +196,14 @@ FOCAL_HOST_DEVICE V gamma_power(V base, const FocalCoeffs<S>& coeffs) {
   } else if constexpr (kGamma == GammaMode::Two) {
     return base * base;
   } else {
-    if (coeffs.whole_powers >= 0) {
-      // base^whole_powers by squaring: at most 4 products each way for whole_powers <= 8.
-      V power = coeffs.half_power ? Math::sqrt(base) : V(S(1));
+    // base^whole_powers in at most 4 products, the same products in the same order both ways.
+    V power(S(1));
+    if constexpr (std::is_arithmetic_v<V>) {
+      // One element (CUDA, CPU tails): by squaring. On a GPU a jump table over the exponents
+      // made the label kernels spill.
+      if (coeffs.whole_powers < 0) {
+        return Math::pow(base, V(coeffs.gamma));  // gamma > 0 here: pow(0, gamma) = 0
+      }
       V square = base;
       for (int bits = coeffs.whole_powers; bits > 0; bits >>= 1) {
         if (bits & 1) {
@@ -205,9 +211,25 @@ FOCAL_HOST_DEVICE V gamma_power(V base, const FocalCoeffs<S>& coeffs) {
         }
         square = square * square;
       }
-      return power;
+    } else {
+      // A CPU vector: a switch, one jump through a table, where the loop's tests and branches
+      // cost ~19 instructions per vector, more than the products (the compiler shares the
+      // repeated squares).
+      const V b = base;
+      switch (coeffs.whole_powers) {
+        case 0: break;
+        case 1: power = b; break;
+        case 2: power = b * b; break;
+        case 3: power = b * (b * b); break;
+        case 4: power = (b * b) * (b * b); break;
+        case 5: power = b * ((b * b) * (b * b)); break;
+        case 6: power = (b * b) * ((b * b) * (b * b)); break;
+        case 7: power = (b * (b * b)) * ((b * b) * (b * b)); break;
+        case 8: power = ((b * b) * (b * b)) * ((b * b) * (b * b)); break;
+        default: return Math::pow(base, V(coeffs.gamma));
+      }
     }
-    return Math::pow(base, V(coeffs.gamma));  // gamma > 0 here: pow(0, gamma) = 0
+    return coeffs.half_power ? power * Math::sqrt(base) : power;
   }
 }
 
