@@ -532,8 +532,8 @@ void with_math_type(const at::Tensor& tensor, Fn&& fn) {
 void forward(const ForwardArgs& args) {
   with_math_type(args.loss, [&](auto math_type) {
     using S = decltype(math_type);
-    // gamma 1 gets loops of its own: in the General loops the products-or-pow decision and the
-    // squaring loop run once per vector, 17% more instructions than gamma 2's (bench/NOTES.md).
+    // gamma 1 gets loops of its own: the General loops choose the exponent's products (or pow)
+    // once per vector, which q^1 = q does not need (bench/NOTES.md).
     const GammaMode mode = args.gamma == 1.0 ? GammaMode::One : gamma_mode(args.gamma);
     dispatch_gamma_mode<GammaMode::Zero, GammaMode::One, GammaMode::Two, GammaMode::General>(
         mode, [&](auto gamma_mode) {
