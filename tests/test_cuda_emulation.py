@@ -406,6 +406,22 @@ def test_float32_softplus_and_sigmoid_are_within_4_ulp(emulated, misaligned):
     assert worst_softplus_sigmoid_ulp(x, loss, grad_inputs) <= 4
 
 
+def test_float32_reciprocal_is_within_1_ulp(emulated):
+    """The kernels' float32 reciprocal (csrc/cuda/focal_cuda.cu): the GPU's estimate, emulated at
+    its documented worst (1 ulp from the rounded value, so up to 1.5 from the exact one), and one
+    Newton step, over the divisors the formulas have: 1 + e and 2 + v in [1, 3], q and |p - t|
+    times 2^32 in [2^-117, 2^32]. The step is what brings it within 1 ulp."""
+    generator = torch.Generator().manual_seed(0)
+    divisors = torch.cat([
+        torch.linspace(1.0, 3.0, 100_001, dtype=F64),
+        2.0 ** torch.empty(100_001, dtype=F64).uniform_(-117.0, 32.0, generator=generator),
+    ]).float()
+    exact = 1.0 / divisors.double()
+    ulp = torch.finfo(F32).eps * 2.0 ** torch.floor(torch.log2(exact))
+    errors = (emulated.device_reciprocal(divisors).double() - exact).abs() / ulp
+    assert errors.max().item() <= 1.0, f"worst {errors.max().item():.3f} ulp at {divisors[errors.argmax()].item()}"
+
+
 @pytest.mark.parametrize("x_dtype, target_dtype", [
     (F16, F64), (F32, F16), (BF16, F16), (F64, F32), (F32, BF16), (F16, BF16), (F32, F64),
 ])

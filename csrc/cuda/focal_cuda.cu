@@ -35,20 +35,31 @@ constexpr int kMaxBlocksPerSM = 4;
 template <typename T>
 using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+#ifndef FOCAL_CUDA_EMULATION
+// PTX rcp.approx.ftz.f32, MUFU.RCP alone: 1 / v within 1 ulp, subnormal v and results flushed to
+// zero. __fdividef(1, v) is the same estimate behind a rescaling of subnormal divisors (4 more
+// instructions), which the formulas below never divide by. The CUDA emulation, which cannot run
+// PTX, supplies its own, at the documented worst error.
+__device__ __forceinline__ float rcp_approx_ftz(float v) {
+  float estimate;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(estimate) : "f"(v));
+  return estimate;
+}
+#endif
+
 // The kernels' math: focal_math.h's scalar functions, with the GPU's reciprocal in float. The
 // formulas divide only by normal floats (1 + e and 2 + v in [1, 3]; q and |p - t| scaled by
 // kUnitScale into [2^-117, 2^32]; 0 only where a select drops the result), so the hardware
-// estimate (__fdividef, within 2 ulp there) and one Newton step give 1 / v within 1 ulp, without
-// IEEE division's range check and branch to its out-of-line slow path (a branch that also keeps
-// the scheduler from moving loads across it). The CUDA emulation runs this with __fdividef at its
-// documented worst error.
+// estimate and one Newton step give 1 / v within 1 ulp, without IEEE division's range check and
+// branch to its out-of-line slow path (a branch that also keeps the scheduler from moving loads
+// across it).
 template <typename S>
 struct DeviceMath : ScalarMath<S> {};
 
 template <>
 struct DeviceMath<float> : ScalarMath<float> {
   static __device__ __forceinline__ float reciprocal(float v) {
-    const float estimate = __fdividef(1.0f, v);
+    const float estimate = rcp_approx_ftz(v);
     return fmaf(fmaf(-v, estimate, 1.0f), estimate, estimate);
   }
   static __device__ __forceinline__ float log1p(float v) { return log1p_float<DeviceMath>(v); }

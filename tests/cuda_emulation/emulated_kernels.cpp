@@ -7,3 +7,18 @@
 #else
 #include "cuda/focal_cuda.cu"
 #endif
+
+// The kernels' float32 reciprocal (DeviceMath: the GPU's estimate and one Newton step), value by
+// value, for a test of its accuracy on its own (harness.cpp).
+at::Tensor device_reciprocal(const at::Tensor& values) {
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(),
+              "device_reciprocal: values must be a contiguous float32 tensor, got ",
+              values.scalar_type(), values.is_contiguous() ? "" : " (not contiguous)");
+  at::Tensor result = at::empty(values.sizes(), values.options());
+  const float* in = values.const_data_ptr<float>();
+  float* out = result.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < values.numel(); ++i) {
+    out[i] = focal::cuda::DeviceMath<float>::reciprocal(in[i]);
+  }
+  return result;
+}

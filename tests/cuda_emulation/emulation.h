@@ -192,22 +192,19 @@ T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize,
                                   line);
 }
 
-// CUDA's fast single-precision division: within 2 ulp for |b| in [2^-126, 2^126], 0 for |b| in
-// (2^126, 2^128) (CUDA C++ Programming Guide, intrinsic functions). Emulated at that worst case:
-// the rounded quotient moved by 2 ulp, up or down with the low bit of b, so that code using it
-// must hold with the whole documented error.
-inline float __fdividef(float a, float b) {
-  const float quotient = a / b;
-  if (std::fabs(b) > 0x1p126f && std::isfinite(b) && std::isfinite(a)) {
-    return 0.0f;
-  }
-  if (!std::isfinite(quotient) || quotient == 0.0f) {
-    return quotient;
+// PTX rcp.approx.ftz.f32, which the kernel source reaches through inline assembly the host
+// compiler cannot take: 1 / v within 1 ulp, subnormal inputs and results flushed to zero with
+// their sign (PTX ISA). Emulated no better than that: the rounded reciprocal moved by 1 ulp, up or
+// down with the low bit of v, so that code using it must hold with the whole documented error.
+inline float rcp_approx_ftz(float v) {
+  const auto flush = [](float f) { return std::fpclassify(f) == FP_SUBNORMAL ? std::copysign(0.0f, f) : f; };
+  const float reciprocal = 1.0f / flush(v);
+  if (!std::isfinite(reciprocal) || reciprocal == 0.0f) {
+    return reciprocal;
   }
   std::uint32_t bits = 0;
-  std::memcpy(&bits, &b, sizeof(bits));
-  const float toward = (bits & 1u) ? HUGE_VALF : -HUGE_VALF;
-  return std::nextafter(std::nextafter(quotient, toward), toward);
+  std::memcpy(&bits, &v, sizeof(bits));
+  return flush(std::nextafter(reciprocal, (bits & 1u) ? HUGE_VALF : -HUGE_VALF));
 }
 
 // c10's host definition calls __assert_fail, which would abort the process.

@@ -15,6 +15,7 @@ void backward(const BackwardArgs&) { TORCH_INTERNAL_ASSERT(false, "the emulation
 }  // namespace focal::cpu
 
 void add_self_tests(pybind11::module& module);  // self_test.cpp
+at::Tensor device_reciprocal(const at::Tensor& values);  // emulated_kernels.cpp
 
 namespace {
 
@@ -95,6 +96,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_into", &backward_into, arg("grad_output"), arg("grad_output_is_scalar"),
         arg("saved_grad"), arg("divisor"), arg("out"));
   m.def("reads_dtype_pair", &focal::cuda::reads_dtype_pair);
+  m.def("device_reciprocal", &device_reciprocal, arg("values"),
+        "The CUDA kernels' float32 reciprocal, elementwise.");
   m.def("set_schedule", [](const std::string& name, uint64_t seed) {
     focal_emu::set_schedule(schedule_named(name), seed);
   }, arg("name"), arg("seed") = 0);
