@@ -375,6 +375,36 @@ def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
             assert grid == blocks_per_sm, f"{case.describe}: {grid} blocks, expected {blocks_per_sm}"
 
 
+PACKED_INSTANCES = [instance for instance in FORWARD_INSTANCES if instance[3]]
+
+
+@pytest.mark.parametrize(
+    "types, gamma_mode, grad_inputs", [instance[:3] for instance in PACKED_INSTANCES],
+    ids=[f"{t[0]}-{t[1]}-{'f32loss' if t[2] else 'loss'}-{g}-{'grad' if gi else 'nograd'}".replace("torch.", "")
+         for t, g, gi, _ in PACKED_INSTANCES],
+)
+def test_packed_loops_of_every_weight_kind(emulated, types, gamma_mode, grad_inputs):
+    """A packed kernel has loops for weights none or per element (no row and class, but for
+    labels) and for weights per row or per class, each with and without the target gradient
+    (the scores' for labels): every one of them runs, over packs that cross rows."""
+    x_dtype, targets, float32_loss = types
+    labels = targets == "labels"
+    expected_kernel = forward_kernel_name(x_dtype, targets, float32_loss, gamma_mode, grad_inputs,
+                                          pack_size(x_dtype))
+    for step, (weight_kind, grad_targets) in enumerate(
+            [("none", True), ("element", False), ("row", False), ("class", True)]):
+        gammas = GAMMA_MODES[gamma_mode]
+        case = Case(
+            x_dtype=x_dtype, targets=targets, float32_loss=float32_loss, gamma=gammas[step % len(gammas)],
+            shape=(37, 13), misaligned=False, reduction=["none", "sum"][step % 2],
+            weight_kind=weight_kind, alpha=0.25, label_smoothing=0.0, grad_inputs=grad_inputs,
+            grad_targets=grad_targets, scores=labels and grad_targets, ignore="spread", seed=step,
+        )
+        emulated.set_multiprocessor_count(1)
+        launched = launches_during(emulated, lambda: run_case(emulated, case, step))
+        assert launched.get(expected_kernel) == 2, f"{case.describe}: launched {launched}"
+
+
 @pytest.mark.parametrize("dtype", [F16, BF16, F32, F64], ids=lambda dtype: str(dtype)[len("torch."):])
 @pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 1.0, 2.0, 3.5, 7.5, 8.0])
 @pytest.mark.parametrize("misaligned", [False, True], ids=["packed", "element"])

@@ -200,18 +200,25 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
   using S = math_t<x_t>;
   S sum(0);
   int64_t count = 0;
-  // Row and class are needed for labels and per-row/per-class weights: one division per pack.
-  const bool needs_position = kIsLabels<t_t> || p.weight_kind == WeightKind::Row ||
-                              p.weight_kind == WeightKind::Class;
+  const bool weights_by_position =
+      p.weight_kind == WeightKind::Row || p.weight_kind == WeightKind::Class;
 
-  auto process = [&](int64_t first, int num, const x_t* xs, const t_t* ts, out_t* losses,
-                     saved_t<out_t>* unweighted, saved_t<x_t>* grads_inputs,
+  // any_weights (a std::bool_constant) false: code for weights none or per element only, without
+  // the switch over the weight kinds and without row and class unless labels need them. The
+  // switch is a branch per element, which keeps the scheduler from interleaving a pack's
+  // elements (~30 SASS instructions per element, bench/NOTES.md): the packed kernels take this
+  // code for their common case, chosen once per launch.
+  auto process = [&](auto any_weights, int64_t first, int num, const x_t* xs, const t_t* ts,
+                     out_t* losses, saved_t<out_t>* unweighted, saved_t<x_t>* grads_inputs,
                      saved_t<t_t>* grads_targets) {
-    int64_t row = needs_position ? first / p.classes : 0;
+    constexpr bool kAnyWeights = decltype(any_weights)::value;
+    // Row and class: one division per pack.
+    const bool tracking = kIsLabels<t_t> || (kAnyWeights && weights_by_position);
+    int64_t row = tracking ? first / p.classes : 0;
     // A label's class fits 32 bits (the host checks); float targets' classes may not.
     using class_t = std::conditional_t<kIsLabels<t_t>, int32_t, int64_t>;
-    class_t cls = needs_position ? static_cast<class_t>(first - row * p.classes) : 0;
-    RowLabel label{0, true};
+    class_t cls = tracking ? static_cast<class_t>(first - row * p.classes) : 0;
+    [[maybe_unused]] RowLabel label{0, true};
     if constexpr (kIsLabels<t_t>) {
       label = row_label(p, row);
     }
@@ -229,11 +236,15 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
           target = static_cast<S>(ts[k]);
         }
         S weight(1);
-        switch (p.weight_kind) {
-          case WeightKind::None: break;
-          case WeightKind::Element: weight = p.weight[first + k]; break;
-          case WeightKind::Row: weight = p.weight[row]; break;
-          case WeightKind::Class: weight = p.weight[cls]; break;
+        if constexpr (kAnyWeights) {
+          switch (p.weight_kind) {
+            case WeightKind::None: break;
+            case WeightKind::Element: weight = p.weight[first + k]; break;
+            case WeightKind::Row: weight = p.weight[row]; break;
+            case WeightKind::Class: weight = p.weight[cls]; break;
+          }
+        } else if (p.weight_kind == WeightKind::Element) {
+          weight = p.weight[first + k];
         }
         const auto terms = loss_terms<DeviceMath<S>, kGamma, kGradInputs, kGradTargets, kFamily>(
             static_cast<S>(xs[k]), target, weight, valid, p.coeffs);
@@ -249,7 +260,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
         } else if constexpr (kGradTargets) {
           grads_targets[k] = static_cast<saved_t<t_t>>(terms.grad_targets);
         }
-        if (needs_position && ++cls == p.classes) {
+        if (tracking && ++cls == p.classes) {
           cls = 0;
           ++row;
           if constexpr (kIsLabels<t_t>) {
@@ -265,53 +276,62 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t num_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t num_packs = p.n / kPack;
-  for (int64_t pack = thread; pack < num_packs; pack += num_threads) {
-    const auto xs = reinterpret_cast<const Pack<x_t, kPack>*>(p.inputs)[pack];
-    Pack<t_t, kPack> ts;  // unused for labels, which are read per row
-    if constexpr (!kIsLabels<t_t>) {
-      ts = reinterpret_cast<const Pack<t_t, kPack>*>(p.targets)[pack];
+  auto all_elements = [&](auto any_weights) {
+    for (int64_t pack = thread; pack < num_packs; pack += num_threads) {
+      const auto xs = reinterpret_cast<const Pack<x_t, kPack>*>(p.inputs)[pack];
+      Pack<t_t, kPack> ts;  // unused for labels, which are read per row
+      if constexpr (!kIsLabels<t_t>) {
+        ts = reinterpret_cast<const Pack<t_t, kPack>*>(p.targets)[pack];
+      }
+      Pack<out_t, kPack> losses;
+      Pack<saved_t<out_t>, kPack> unweighted;
+      Pack<saved_t<x_t>, kPack> grads_inputs;
+      Pack<saved_t<t_t>, kPack> grads_targets;
+      process(any_weights, pack * kPack, kPack, xs.v, ts.v, losses.v, unweighted.v, grads_inputs.v,
+              grads_targets.v);
+      if (p.loss != nullptr) {
+        reinterpret_cast<Pack<out_t, kPack>*>(p.loss)[pack] = losses;
+      }
+      if (p.unweighted_loss != nullptr) {
+        reinterpret_cast<Pack<saved_t<out_t>, kPack>*>(p.unweighted_loss)[pack] = unweighted;
+      }
+      if constexpr (kGradInputs) {
+        reinterpret_cast<Pack<saved_t<x_t>, kPack>*>(p.grad_inputs)[pack] = grads_inputs;
+      }
+      if constexpr (kGradTargets && !kIsLabels<t_t>) {
+        reinterpret_cast<Pack<saved_t<t_t>, kPack>*>(p.grad_targets)[pack] = grads_targets;
+      }
     }
-    Pack<out_t, kPack> losses;
-    Pack<saved_t<out_t>, kPack> unweighted;
-    Pack<saved_t<x_t>, kPack> grads_inputs;
-    Pack<saved_t<t_t>, kPack> grads_targets;
-    process(pack * kPack, kPack, xs.v, ts.v, losses.v, unweighted.v, grads_inputs.v,
-            grads_targets.v);
-    if (p.loss != nullptr) {
-      reinterpret_cast<Pack<out_t, kPack>*>(p.loss)[pack] = losses;
+    // The last n % kPack elements (fewer than the threads of one block).
+    const int64_t tail = num_packs * kPack + thread;
+    if (tail < p.n) {
+      out_t loss_value;
+      saved_t<out_t> unweighted_value;
+      saved_t<x_t> grad_inputs_value;
+      saved_t<t_t> grad_targets_value;
+      process(any_weights, tail, 1, p.inputs + tail, kIsLabels<t_t> ? nullptr : p.targets + tail,
+              &loss_value, &unweighted_value, &grad_inputs_value, &grad_targets_value);
+      if (p.loss != nullptr) {
+        p.loss[tail] = loss_value;
+      }
+      if (p.unweighted_loss != nullptr) {
+        p.unweighted_loss[tail] = unweighted_value;
+      }
+      if constexpr (kGradInputs) {
+        p.grad_inputs[tail] = grad_inputs_value;
+      }
+      if constexpr (kGradTargets && !kIsLabels<t_t>) {
+        p.grad_targets[tail] = grad_targets_value;
+      }
     }
-    if (p.unweighted_loss != nullptr) {
-      reinterpret_cast<Pack<saved_t<out_t>, kPack>*>(p.unweighted_loss)[pack] = unweighted;
-    }
-    if constexpr (kGradInputs) {
-      reinterpret_cast<Pack<saved_t<x_t>, kPack>*>(p.grad_inputs)[pack] = grads_inputs;
-    }
-    if constexpr (kGradTargets && !kIsLabels<t_t>) {
-      reinterpret_cast<Pack<saved_t<t_t>, kPack>*>(p.grad_targets)[pack] = grads_targets;
+  };
+  if constexpr (kPack > 1) {
+    if (!weights_by_position) {
+      all_elements(std::false_type{});
+      return {sum, count};
     }
   }
-  // The last n % kPack elements (fewer than the threads of one block).
-  const int64_t tail = num_packs * kPack + thread;
-  if (tail < p.n) {
-    out_t loss_value;
-    saved_t<out_t> unweighted_value;
-    saved_t<x_t> grad_inputs_value;
-    saved_t<t_t> grad_targets_value;
-    process(tail, 1, p.inputs + tail, kIsLabels<t_t> ? nullptr : p.targets + tail, &loss_value,
-            &unweighted_value, &grad_inputs_value, &grad_targets_value);
-    if (p.loss != nullptr) {
-      p.loss[tail] = loss_value;
-    }
-    if (p.unweighted_loss != nullptr) {
-      p.unweighted_loss[tail] = unweighted_value;
-    }
-    if constexpr (kGradInputs) {
-      p.grad_inputs[tail] = grad_inputs_value;
-    }
-    if constexpr (kGradTargets && !kIsLabels<t_t>) {
-      p.grad_targets[tail] = grad_targets_value;
-    }
-  }
+  all_elements(std::true_type{});
   return {sum, count};
 }
 

@@ -94,6 +94,11 @@ MUTANTS = [
      "  const bool target_gradient = p.grad_targets != nullptr;"),
     ("reciprocal_estimate", "device math: the float reciprocal's estimate without its Newton step",
      "    return fmaf(fmaf(-v, estimate, 1.0f), estimate, estimate);", "    return estimate;"),
+    ("element_weight_dropped", "forward: the packed loops without row and class ignore per-element weights",
+     "        } else if (p.weight_kind == WeightKind::Element) {",
+     "        } else if (p.weight_kind == WeightKind::Row) {"),
+    ("row_weights_untracked", "forward: per-row weights sent to the packed loops without row and class",
+     "    if (!weights_by_position) {", "    if (p.weight_kind != WeightKind::Class) {"),
 ]
 
 
