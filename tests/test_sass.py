@@ -80,6 +80,15 @@ def test_packed_loops_load_inputs_and_targets_in_16_byte_vectors(kernels):
             assert wide >= vectors, f"{name}: {wide} 128-bit loads per pack, expected {vectors}"
 
 
+def test_packed_forward_kernels_have_loops_for_weights_none_or_per_element(kernels):
+    """Each packed forward kernel has four grid-stride loops: for weights none or per element
+    (without the per-element switch over the weight kinds) and for weights per row or per
+    class, each with and without the target gradient. Two would mean the common case lost its
+    own loops."""
+    counts = {name: len(sass.loops(kernel)) for name, kernel in packed_forward_kernels(kernels).items()}
+    assert all(count == 4 for count in counts.values()), {n: c for n, c in counts.items() if c != 4}
+
+
 def test_label_check_is_out_of_the_hot_loop(kernels):
     for name, kernel in packed_forward_kernels(kernels).items():
         if ", long," not in name:

@@ -50,9 +50,9 @@ __device__ __forceinline__ float rcp_approx_ftz(float v) {
 // The kernels' math: focal_math.h's scalar functions, with the GPU's reciprocal in float. The
 // formulas divide only by normal floats (1 + e and 2 + v in [1, 3]; q and |p - t| scaled by
 // kUnitScale into [2^-117, 2^32]; 0 only where a select drops the result), so the hardware
-// estimate and one Newton step give 1 / v within 1 ulp, without IEEE division's range check and
-// branch to its out-of-line slow path (a branch that also keeps the scheduler from moving loads
-// across it).
+// estimate and one Newton step (which squares the estimate's error) give 1 / v within 0.5 ulp
+// and a hair, without IEEE division's range check and branch to its out-of-line slow path (a
+// branch that also keeps the scheduler from moving loads across it).
 template <typename S>
 struct DeviceMath : ScalarMath<S> {};
 
@@ -203,17 +203,18 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
   const bool weights_by_position =
       p.weight_kind == WeightKind::Row || p.weight_kind == WeightKind::Class;
 
-  // any_weights (a std::bool_constant) false: code for weights none or per element only, without
-  // the switch over the weight kinds and without row and class unless labels need them. The
-  // switch is a branch per element, which keeps the scheduler from interleaving a pack's
-  // elements (~30 SASS instructions per element, bench/NOTES.md): the packed kernels take this
-  // code for their common case, chosen once per launch.
-  auto process = [&](auto any_weights, int64_t first, int num, const x_t* xs, const t_t* ts,
+  // by_position (a std::bool_constant): whether the code takes weights per row or per class.
+  // Without them it needs no switch over the weight kinds, and no row and class unless labels
+  // do. The switch is a branch per element, which keeps the scheduler from interleaving a
+  // pack's elements (~30 SASS instructions per element for floating targets, ~15 for labels:
+  // bench/NOTES.md): the packed kernels take that code for their common case, chosen once per
+  // launch.
+  auto process = [&](auto by_position, int64_t first, int num, const x_t* xs, const t_t* ts,
                      out_t* losses, saved_t<out_t>* unweighted, saved_t<x_t>* grads_inputs,
                      saved_t<t_t>* grads_targets) {
-    constexpr bool kAnyWeights = decltype(any_weights)::value;
+    constexpr bool kByPosition = decltype(by_position)::value;
     // Row and class: one division per pack.
-    const bool tracking = kIsLabels<t_t> || (kAnyWeights && weights_by_position);
+    const bool tracking = kIsLabels<t_t> || (kByPosition && weights_by_position);
     int64_t row = tracking ? first / p.classes : 0;
     // A label's class fits 32 bits (the host checks); float targets' classes may not.
     using class_t = std::conditional_t<kIsLabels<t_t>, int32_t, int64_t>;
@@ -236,7 +237,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
           target = static_cast<S>(ts[k]);
         }
         S weight(1);
-        if constexpr (kAnyWeights) {
+        if constexpr (kByPosition) {
           switch (p.weight_kind) {
             case WeightKind::None: break;
             case WeightKind::Element: weight = p.weight[first + k]; break;
@@ -276,7 +277,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t num_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t num_packs = p.n / kPack;
-  auto all_elements = [&](auto any_weights) {
+  auto all_elements = [&](auto by_position) {
     for (int64_t pack = thread; pack < num_packs; pack += num_threads) {
       const auto xs = reinterpret_cast<const Pack<x_t, kPack>*>(p.inputs)[pack];
       Pack<t_t, kPack> ts;  // unused for labels, which are read per row
@@ -287,7 +288,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
       Pack<saved_t<out_t>, kPack> unweighted;
       Pack<saved_t<x_t>, kPack> grads_inputs;
       Pack<saved_t<t_t>, kPack> grads_targets;
-      process(any_weights, pack * kPack, kPack, xs.v, ts.v, losses.v, unweighted.v, grads_inputs.v,
+      process(by_position, pack * kPack, kPack, xs.v, ts.v, losses.v, unweighted.v, grads_inputs.v,
               grads_targets.v);
       if (p.loss != nullptr) {
         reinterpret_cast<Pack<out_t, kPack>*>(p.loss)[pack] = losses;
@@ -309,7 +310,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
       saved_t<out_t> unweighted_value;
       saved_t<x_t> grad_inputs_value;
       saved_t<t_t> grad_targets_value;
-      process(any_weights, tail, 1, p.inputs + tail, kIsLabels<t_t> ? nullptr : p.targets + tail,
+      process(by_position, tail, 1, p.inputs + tail, kIsLabels<t_t> ? nullptr : p.targets + tail,
               &loss_value, &unweighted_value, &grad_inputs_value, &grad_targets_value);
       if (p.loss != nullptr) {
         p.loss[tail] = loss_value;
