@@ -219,6 +219,13 @@ def softplus_sigmoid_logits():
     return torch.cat([torch.linspace(-87.3, 87.3, 200_001), uniform])
 
 
+def float32_ulp(exact):
+    """float32's unit in the last place at each positive float64 value: exact = m 2^e with m in
+    [0.5, 1) has ulp 2^(e - 24), exactly (log2 can round up just below a power of two)."""
+    _, exponent = torch.frexp(exact)
+    return torch.ldexp(torch.ones_like(exact), exponent - 24)
+
+
 def worst_softplus_sigmoid_ulp(x, losses, grads):
     """With gamma 0, no alpha and target 0 the loss is softplus(x) and its gradient sigmoid(x):
     the kernels' exp, log1p and reciprocal. The worst error of float32 losses and grads at the
@@ -226,8 +233,7 @@ def worst_softplus_sigmoid_ulp(x, losses, grads):
     exact_x = x.double()
     worst = 0.0
     for ours, exact in ((losses, F.softplus(exact_x)), (grads, torch.sigmoid(exact_x))):
-        ulp = torch.finfo(torch.float32).eps * 2.0 ** torch.floor(torch.log2(exact))
-        errors = (ours.cpu().double() - exact).abs() / ulp
+        errors = (ours.cpu().double() - exact).abs() / float32_ulp(exact)
         worst = max(worst, errors.nan_to_num(nan=math.inf).max().item())
     return worst
 
