@@ -328,11 +328,17 @@ def form_options(step, gamma, gamma_mode="general", packed=False):
     return form, alpha, (0.5 if form == "star" else 0.0), smoothing
 
 
+def instance_id(types, gamma_mode, grad_inputs):
+    """A forward instance's test id, without its path: e.g. float16-labels-f32loss-two-grad."""
+    x_dtype, targets, float32_loss = types
+    return (f"{x_dtype}-{targets}-{'f32loss' if float32_loss else 'loss'}-{gamma_mode}-"
+            f"{'grad' if grad_inputs else 'nograd'}").replace("torch.", "")
+
+
 @pytest.mark.parametrize(
     "types, gamma_mode, grad_inputs, packed", FORWARD_INSTANCES,
-    ids=[f"{t[0]}-{t[1]}-{'f32loss' if t[2] else 'loss'}-{g}-{'grad' if gi else 'nograd'}-"
-         f"{'packed' if p else 'element'}".replace("torch.", "")
-         for t, g, gi, p in FORWARD_INSTANCES],
+    ids=[f"{instance_id(*instance[:3])}-{'packed' if instance[3] else 'element'}"
+         for instance in FORWARD_INSTANCES],
 )
 def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
     """Each forward kernel instance, launched by the op layer in several configurations."""
@@ -381,8 +387,7 @@ PACKED_INSTANCES = [instance for instance in FORWARD_INSTANCES if instance[3]]
 
 @pytest.mark.parametrize(
     "types, gamma_mode, grad_inputs", [instance[:3] for instance in PACKED_INSTANCES],
-    ids=[f"{t[0]}-{t[1]}-{'f32loss' if t[2] else 'loss'}-{g}-{'grad' if gi else 'nograd'}".replace("torch.", "")
-         for t, g, gi, _ in PACKED_INSTANCES],
+    ids=[instance_id(*instance[:3]) for instance in PACKED_INSTANCES],
 )
 def test_packed_loops_of_every_weight_kind(emulated, types, gamma_mode, grad_inputs):
     """A packed kernel has loops for weights none or per element (no row and class, but for

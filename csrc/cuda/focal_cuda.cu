@@ -39,7 +39,7 @@ using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 // PTX rcp.approx.ftz.f32, MUFU.RCP alone: 1 / v within 1 ulp, subnormal v and results flushed to
 // zero. __fdividef(1, v) is the same estimate behind a rescaling of subnormal divisors (4 more
 // instructions), which the formulas below never divide by. The CUDA emulation, which cannot run
-// PTX, supplies its own, at the documented worst error.
+// PTX, supplies its own, no better than the documented 1 ulp.
 __device__ __forceinline__ float rcp_approx_ftz(float v) {
   float estimate;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(estimate) : "f"(v));
