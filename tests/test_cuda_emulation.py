@@ -642,8 +642,9 @@ def test_bad_label_raises_the_device_assert(emulated, capfd, bad_label):
     with pytest.raises(RuntimeError, match="device-side assert triggered"):
         emulated.sigmoid_focal_loss_forward(x, labels, None, 0.25, 2.0, 0, -100, 0.0, False, True, False, False)
     printed = capfd.readouterr().out
-    assert f"targets holds the class label {bad_label}; valid labels are 0 to 12, 13 (background)" in printed
-    assert "Assertion `label >= 0 && label <= classes" in printed
+    assert (f"targets holds the class label {bad_label}; valid labels are 0 to C - 1, C (background) and "
+            "ignore_index, for the C classes of inputs") in printed
+    assert "Assertion `*label >= 0 && *label <= classes" in printed
     good = torch.randint(0, 14, (37,))
     with pytest.raises(RuntimeError, match="device-side assert triggered"):  # sticky
         emulated.sigmoid_focal_loss_forward(x, good, None, 0.25, 2.0, 0, -100, 0.0, False, True, False, False)

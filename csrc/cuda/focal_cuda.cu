@@ -155,14 +155,31 @@ struct ForwardPointers {
 template <typename t_t>
 constexpr bool kIsLabels = std::is_same_v<t_t, int64_t>;
 
-// The GPU's report of a label that is no class, not the background and not ignore_index: out of
-// line, so that the kernels hold only a branch to it (no printf buffer, no registers).
-__device__ __noinline__ void report_bad_label(int64_t label, int64_t classes, int64_t ignore_index) {
-  printf("focal_cuda: targets holds the class label %lld; valid labels are 0 to %lld, %lld "
-         "(background) and ignore_index (%lld)\n",
-         static_cast<long long>(label), static_cast<long long>(classes - 1),
-         static_cast<long long>(classes), static_cast<long long>(ignore_index));
-  CUDA_KERNEL_ASSERT(label >= 0 && label <= classes && "class label out of range");
+#ifndef FOCAL_CUDA_EMULATION
+// PTX's vprintf system call, what printf compiles to, given an argument buffer that already lies
+// in memory: printf would first copy its arguments into a buffer on the stack.
+__device__ __forceinline__ void vprintf_from(const char* format, const void* arguments) {
+  asm volatile(
+      "{\n"
+      ".extern .func (.param .b32 status) vprintf (.param .b64 format, .param .b64 arguments);\n"
+      ".param .b64 format_param;\n"
+      ".param .b64 arguments_param;\n"
+      ".param .b32 status_param;\n"
+      "st.param.b64 [format_param], %0;\n"
+      "st.param.b64 [arguments_param], %1;\n"
+      "call.uni (status_param), vprintf, (format_param, arguments_param);\n"
+      "}\n" ::"l"(format), "l"(arguments) : "memory");
+}
+#endif
+
+// The GPU's report of a label (at `label` in targets) that is no class, not the background and
+// not ignore_index: out of line, so that the kernels hold only a branch to it. The label is
+// printed from where it lies in targets, which makes it vprintf's argument buffer: no stack.
+__device__ __noinline__ void report_bad_label(const int64_t* label, int64_t classes) {
+  vprintf_from("focal_cuda: targets holds the class label %lld; valid labels are 0 to C - 1, C "
+               "(background) and ignore_index, for the C classes of inputs\n",
+               label);
+  CUDA_KERNEL_ASSERT(*label >= 0 && *label <= classes && "class label out of range");
 }
 
 // A row's label as the loops use it: read and checked once per row a thread visits, not once per
@@ -180,7 +197,7 @@ __device__ __forceinline__ RowLabel row_label(const ForwardPointers<x_t, int64_t
   const int64_t label = p.targets[row];
   const bool in_range = label >= 0 && label <= p.classes;
   if (label != p.ignore_index && !in_range) {
-    report_bad_label(label, p.classes, p.ignore_index);
+    report_bad_label(p.targets + row, p.classes);
   }
   return {static_cast<int32_t>(in_range ? label : p.classes), label != p.ignore_index};
 }

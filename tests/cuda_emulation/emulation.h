@@ -192,6 +192,12 @@ T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize,
                                   line);
 }
 
+// PTX's vprintf system call, which the kernel source reaches through inline assembly to print
+// arguments already in memory: each conversion of format takes the next argument, aligned to its
+// size, from the buffer at arguments. Only %lld (and %%) are emulated, the one conversion the
+// kernels use; any other stops the grid rather than be misread.
+void vprintf_from(const char* format, const void* arguments);
+
 // PTX rcp.approx.ftz.f32, which the kernel source reaches through inline assembly the host
 // compiler cannot take: 1 / v within 1 ulp, subnormal inputs and results flushed to zero with
 // their sign (PTX ISA). Emulated no better than that: the rounded reciprocal moved by 1 ulp, up or

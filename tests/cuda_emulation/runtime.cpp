@@ -867,6 +867,34 @@ int shared_variable_count() {
 
 using focal_emu::device;
 
+void vprintf_from(const char* format, const void* arguments) {
+  focal_emu::current_thread("vprintf");
+  const auto* next = static_cast<const unsigned char*>(arguments);
+  std::string text;
+  for (const char* c = format; *c != '\0'; ++c) {
+    if (*c != '%') {
+      text += *c;
+    } else if (c[1] == '%') {
+      text += '%';
+      ++c;
+    } else if (std::strncmp(c + 1, "lld", 3) == 0) {
+      next = reinterpret_cast<const unsigned char*>(
+          (reinterpret_cast<std::uintptr_t>(next) + 7) / 8 * 8);  // aligned to its size
+      long long value = 0;
+      std::memcpy(&value, next, sizeof(value));
+      next += sizeof(value);
+      text += std::to_string(value);
+      c += 3;
+    } else {
+      focal_emu::fail_in_thread(cudaErrorLaunchFailure,
+                                std::string("vprintf: the emulation reads %lld arguments only, format \"") +
+                                    format + "\"");
+    }
+  }
+  std::fputs(text.c_str(), stdout);
+  std::fflush(stdout);
+}
+
 cudaError_t cudaGetDevice(int* index) {
   std::lock_guard<std::mutex> lock(device().mutex);
   if (device().sticky_error != cudaSuccess) {
