@@ -549,6 +549,31 @@ def test_grids_of_more_than_256_blocks(emulated, x_dtype, shape):
     run_case(emulated, case, 2)
 
 
+def test_each_device_is_asked_its_multiprocessor_count_once(emulated):
+    """grid_size keeps each device's SM count: a driver query on every launch would add to the
+    per-call overhead that is the whole cost of small inputs. Each count below is an emulated
+    device of its own that no other test uses; the grid must still be that device's."""
+    x = torch.randn(2000, 13)
+    targets = torch.rand(2000, 13)
+    wanted_blocks = 2000 * 13 // 4 // 256 + 1  # packs of 4 floats: more blocks than 6 SMs hold
+    def forward():
+        launched = launches_during(emulated, lambda: emulated.sigmoid_focal_loss_forward(
+            x, targets, None, 0.25, 2.0, 2, -100, 0.0, False, True, True, False))
+        return emulated.last_grids()[next(name for name in launched if "focal_forward_kernel" in name)]
+    for multiprocessors in (5, 6):
+        emulated.set_multiprocessor_count(multiprocessors)
+        before = emulated.multiprocessor_queries()
+        grids = [forward() for _ in range(3)]
+        assert emulated.multiprocessor_queries() == before + 1
+        assert grids == [min(wanted_blocks, 4 * multiprocessors)] * 3
+        emulated.set_multiprocessor_count(1)  # another device in between
+        assert forward() == 4
+        emulated.set_multiprocessor_count(multiprocessors)
+        before = emulated.multiprocessor_queries()
+        assert forward() == min(wanted_blocks, 4 * multiprocessors)
+        assert emulated.multiprocessor_queries() == before
+
+
 # The backward: (saved dtype, grad_output dtype) pairs the kernels read, elementwise or one value.
 BACKWARD_PAIRS = [(F16, F16), (BF16, BF16), (F32, F32), (F64, F64), (F16, F32), (BF16, F32)]
 

@@ -10,9 +10,12 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAMacros.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 
@@ -91,17 +94,27 @@ bool is_aligned_for_pack(const void* ptr) {
   return ptr == nullptr || reinterpret_cast<std::uintptr_t>(ptr) % alignof(Pack<T, N>) == 0;
 }
 
-// Blocks for work_items grid-stride items on the current device, for a kernel of
-// blocks_per_sm resident blocks per SM: one wave at most. cudaDeviceGetAttribute is the
-// lightweight per-attribute query (cudaGetDeviceProperties the slow one); ATen's cached
-// properties need headers (cuBLAS, cuSPARSE) a bare toolkit may lack.
-int grid_size(int64_t work_items, int blocks_per_sm) {
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+// The SM count of a device, asked of the driver once per device rather than on every launch: for
+// small inputs the launch overhead is the whole cost. (ATen's cached device properties need
+// headers, cuBLAS and cuSPARSE, that a bare toolkit may lack.)
+int multiprocessor_count(c10::DeviceIndex device) {
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> counts{};  // 0: not asked yet
+  TORCH_INTERNAL_ASSERT(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS,
+                        "focal_cuda: CUDA device index ", static_cast<int>(device));
+  int count = counts[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    counts[device].store(count, std::memory_order_relaxed);  // threads racing here store the same
+  }
+  return count;
+}
+
+// Blocks for work_items grid-stride items on device, for a kernel of blocks_per_sm resident
+// blocks per SM: one wave at most.
+int grid_size(int64_t work_items, int blocks_per_sm, c10::DeviceIndex device) {
   const int64_t wanted = (work_items + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, sm_count * blocks_per_sm)));
+  const int64_t resident = static_cast<int64_t>(multiprocessor_count(device)) * blocks_per_sm;
+  return static_cast<int>(std::max<int64_t>(1, std::min(wanted, resident)));
 }
 
 // Sum over a block of kThreads threads, combined in a fixed order; the result is valid in
@@ -545,7 +558,8 @@ void forward(const ForwardArgs& args) {
         is_aligned_for_pack<saved_t<t_t>, kPack>(p.grad_targets) &&
         is_aligned_for_pack<out_t, kPack>(p.loss) &&
         is_aligned_for_pack<saved_t<out_t>, kPack>(p.unweighted_loss);
-    const int grid = grid_size(packed ? n / kPack : n, kForwardBlocksPerSM<x_t>);
+    const int grid = grid_size(packed ? n / kPack : n, kForwardBlocksPerSM<x_t>,
+                                device_guard.current_device().index());
     // One allocation for the per-block counts and partial sums (S: 4 or 8 bytes).
     const at::Tensor partials = at::empty({2 * grid}, args.inputs.options().dtype(at::kLong));
     p.block_counts = partials.mutable_data_ptr<int64_t>();
@@ -599,7 +613,8 @@ void backward(const BackwardArgs& args) {
         s_t* out = args.out.mutable_data_ptr<s_t>();
         const bool packed = is_aligned_for_pack<s_t, kPack>(saved) &&
                             is_aligned_for_pack<s_t, kPack>(out);
-        const int grid = grid_size(packed ? n / kPack : n, kMaxBlocksPerSM);
+        const int grid = grid_size(packed ? n / kPack : n, kMaxBlocksPerSM,
+                                     device_guard.current_device().index());
         dispatch_flag(args.grad_output_is_scalar, [&](auto scalar_flag) {
           constexpr bool kScalarGrad = decltype(scalar_flag)::value;
           // The op layer hands a scalar grad_output over in the math type of saved_grad, so

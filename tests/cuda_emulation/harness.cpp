@@ -103,6 +103,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, arg("name"), arg("seed") = 0);
   m.def("set_multiprocessor_count", &focal_emu::set_multiprocessor_count);
   m.def("multiprocessor_count", &focal_emu::multiprocessor_count);
+  m.def("multiprocessor_queries", &focal_emu::multiprocessor_queries);
   m.def("kernel_instances", [] { return by_instance(focal_emu::kernel_instances()); },
         "Every kernel instance the module can launch -> how often it was launched.");
   m.def("last_grids", [] { return by_instance(focal_emu::last_grids()); },

@@ -87,8 +87,8 @@ MUTANTS = [
      "          if (label.marked == cls && label.counted) {\n            p.grad_scores[row]",
      "          if (label.counted) {\n            p.grad_scores[row]"),
     ("float64_grid", "forward: the float64 grid sized for 4 blocks per SM, one more than its launch bounds",
-     "grid_size(packed ? n / kPack : n, kForwardBlocksPerSM<x_t>)",
-     "grid_size(packed ? n / kPack : n, kMaxBlocksPerSM)"),
+     "grid_size(packed ? n / kPack : n, kForwardBlocksPerSM<x_t>,",
+     "grid_size(packed ? n / kPack : n, kMaxBlocksPerSM,"),
     ("score_gradient_off", "forward: the scores' gradient alone does not select the target-gradient pass",
      "  const bool target_gradient = p.grad_targets != nullptr || p.grad_scores != nullptr;",
      "  const bool target_gradient = p.grad_targets != nullptr;"),
@@ -99,6 +99,12 @@ MUTANTS = [
      "        } else if (p.weight_kind == WeightKind::Row) {"),
     ("row_weights_untracked", "forward: per-row weights sent to the packed loops without row and class",
      "    if (!weights_by_position) {", "    if (p.weight_kind != WeightKind::Class) {"),
+    ("sm_count_uncached", "launch: every launch asks the driver for the SM count",
+     "  if (count == 0) {\n    C10_CUDA_CHECK(cudaDeviceGetAttribute",
+     "  if (true) {\n    C10_CUDA_CHECK(cudaDeviceGetAttribute"),
+    ("sm_count_of_device_0", "launch: every device's grid sized by device 0's SM count, once known",
+     "  int count = counts[device].load(std::memory_order_relaxed);",
+     "  int count = counts[0].load(std::memory_order_relaxed);"),
 ]
 
 

@@ -126,7 +126,12 @@ struct Device {
   std::mutex mutex;  // one launch at a time: __shared__ statics and the builtins are global
   Schedule schedule = Schedule::Forward;
   std::uint64_t seed = 0;
-  int multiprocessors = 132;  // an H100 SXM
+  // The emulated devices' SM counts by device index, and the current device: each count that
+  // set_multiprocessor_count asks for is a device of its own, so that what the kernel glue keeps
+  // per device stays true.
+  std::vector<int> multiprocessors{132};  // device 0: an H100 SXM
+  int current_device = 0;
+  long multiprocessor_queries = 0;
   cudaError_t last_error = cudaSuccess;
   cudaError_t sticky_error = cudaSuccess;
   std::string error_detail = "no error";
@@ -817,10 +822,24 @@ void set_schedule(Schedule schedule, std::uint64_t seed) {
 void set_multiprocessor_count(int count) {
   Device& d = device();
   std::lock_guard<std::mutex> lock(d.mutex);
-  d.multiprocessors = count;
+  const auto found = std::find(d.multiprocessors.begin(), d.multiprocessors.end(), count);
+  d.current_device = static_cast<int>(found - d.multiprocessors.begin());
+  if (found == d.multiprocessors.end()) {
+    d.multiprocessors.push_back(count);
+  }
 }
 
-int multiprocessor_count() { return device().multiprocessors; }
+int multiprocessor_count() {
+  Device& d = device();
+  std::lock_guard<std::mutex> lock(d.mutex);
+  return d.multiprocessors[d.current_device];
+}
+
+long multiprocessor_queries() {
+  Device& d = device();
+  std::lock_guard<std::mutex> lock(d.mutex);
+  return d.multiprocessor_queries;
+}
 
 std::vector<std::pair<std::string, long>> kernel_instances() {
   std::lock_guard<std::mutex> lock(device().mutex);
@@ -900,7 +919,7 @@ cudaError_t cudaGetDevice(int* index) {
   if (device().sticky_error != cudaSuccess) {
     return device().sticky_error;
   }
-  *index = 0;
+  *index = device().current_device;
   return cudaSuccess;
 }
 
@@ -909,11 +928,14 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int ind
   if (device().sticky_error != cudaSuccess) {
     return device().sticky_error;
   }
-  if (index != 0) {
+  if (index < 0 || index >= static_cast<int>(device().multiprocessors.size())) {
     return cudaErrorInvalidDevice;
   }
   switch (attribute) {
-    case cudaDevAttrMultiProcessorCount: *value = device().multiprocessors; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount:
+      ++device().multiprocessor_queries;
+      *value = device().multiprocessors[index];
+      return cudaSuccess;
     case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
   }
   return cudaErrorInvalidValue;

@@ -13,9 +13,13 @@ namespace focal_emu {
 enum class Schedule : int { Forward, Reverse, Shuffled };
 void set_schedule(Schedule schedule, std::uint64_t seed);
 
-// What cudaDevAttrMultiProcessorCount reports: sizes the grids of the kernel glue.
+// Makes the current device one with `count` SMs (what cudaDevAttrMultiProcessorCount reports,
+// which sizes the grids of the kernel glue): each count is a device index of its own, as on a
+// machine with several GPU models, since the kernel glue asks each device once.
 void set_multiprocessor_count(int count);
 int multiprocessor_count();
+// How often cudaDevAttrMultiProcessorCount was asked for, on any device.
+long multiprocessor_queries();
 
 // Every kernel instance the module can launch, with how often each was launched.
 std::vector<std::pair<std::string, long>> kernel_instances();
