@@ -40,15 +40,15 @@ MUTANTS = [
      "value = lane < kThreads / 32 ? warp_sums[lane] : A(0);",
      "value = lane <= kThreads / 32 ? warp_sums[lane] : A(0);"),
     ("tail_skip", "forward: the tail starts one element late (last element never written)",
-     "  const int64_t tail = num_packs * kPack + thread;\n  if (tail < p.n) {",
-     "  const int64_t tail = num_packs * kPack + thread + 1;\n  if (tail < p.n) {"),
+     "    const int64_t tail = num_packs * kPack + thread;\n    if (tail < p.n) {",
+     "    const int64_t tail = num_packs * kPack + thread + 1;\n    if (tail < p.n) {"),
     ("tail_overrun", "forward: the tail bound off by one (reads and writes one element past the end)",
      "  if (tail < p.n) {", "  if (tail <= p.n) {"),
     ("grid_stride", "forward: the grid-stride loop strides by one block instead of the whole grid",
-     "  for (int64_t pack = thread; pack < num_packs; pack += num_threads) {\n"
-     "    const auto xs = ",
-     "  for (int64_t pack = thread; pack < num_packs; pack += blockDim.x) {\n"
-     "    const auto xs = "),
+     "    for (int64_t pack = thread; pack < num_packs; pack += num_threads) {\n"
+     "      const auto xs = ",
+     "    for (int64_t pack = thread; pack < num_packs; pack += blockDim.x) {\n"
+     "      const auto xs = "),
     ("misaligned_packed_store", "forward: the loss pointer left out of the alignment check of the packed path",
      "        is_aligned_for_pack<out_t, kPack>(p.loss) &&\n", ""),
     ("class_wrap", "forward: the class index does not wrap to 0 at a new row",
