@@ -68,6 +68,14 @@ struct DeviceMath<float> : ScalarMath<float> {
   static __device__ __forceinline__ float log1p(float v) { return log1p_float<DeviceMath>(v); }
 };
 
+// float64's pow inlined: CUDA's, a subroutine, saved registers to a stack at 64 per thread.
+template <>
+struct DeviceMath<double> : ScalarMath<double> {
+  static __device__ __forceinline__ double pow(double base, double exponent) {
+    return pow_double<DeviceMath>(base, exponent);
+  }
+};
+
 // The float64 forward, whose every value takes two registers, spilled under 64: it gets 80.
 template <typename x_t>
 constexpr int kForwardBlocksPerSM = std::is_same_v<x_t, double> ? 3 : kMaxBlocksPerSM;

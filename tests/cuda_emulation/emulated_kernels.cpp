@@ -22,3 +22,18 @@ at::Tensor device_reciprocal(const at::Tensor& values) {
   }
   return result;
 }
+
+// The kernels' float64 pow (DeviceMath: focal_math.h's pow_double), value by value, for a test
+// of its accuracy on its own (harness.cpp).
+at::Tensor device_pow(const at::Tensor& bases, double exponent) {
+  TORCH_CHECK(bases.scalar_type() == at::kDouble && bases.is_contiguous(),
+              "device_pow: bases must be a contiguous float64 tensor, got ",
+              bases.scalar_type(), bases.is_contiguous() ? "" : " (not contiguous)");
+  at::Tensor result = at::empty(bases.sizes(), bases.options());
+  const double* in = bases.const_data_ptr<double>();
+  double* out = result.mutable_data_ptr<double>();
+  for (int64_t i = 0; i < bases.numel(); ++i) {
+    out[i] = focal::cuda::DeviceMath<double>::pow(in[i], exponent);
+  }
+  return result;
+}

@@ -16,6 +16,7 @@ void backward(const BackwardArgs&) { TORCH_INTERNAL_ASSERT(false, "the emulation
 
 void add_self_tests(pybind11::module& module);  // self_test.cpp
 at::Tensor device_reciprocal(const at::Tensor& values);  // emulated_kernels.cpp
+at::Tensor device_pow(const at::Tensor& bases, double exponent);  // emulated_kernels.cpp
 
 namespace {
 
@@ -98,6 +99,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reads_dtype_pair", &focal::cuda::reads_dtype_pair);
   m.def("device_reciprocal", &device_reciprocal, arg("values"),
         "The CUDA kernels' float32 reciprocal, elementwise.");
+  m.def("device_pow", &device_pow, arg("bases"), arg("exponent"),
+        "The CUDA kernels' float64 pow, elementwise.");
   m.def("set_schedule", [](const std::string& name, uint64_t seed) {
     focal_emu::set_schedule(schedule_named(name), seed);
   }, arg("name"), arg("seed") = 0);

@@ -1,6 +1,7 @@
 """Mutation check of the CUDA emulation: plants one known kernel bug at a time in a copy of
-csrc/cuda/focal_cuda.cu, rebuilds the emulation against the copy, and runs the sweep (plain, and
-sanitized when the plain sweep misses it). A sweep that fails has caught the bug.
+csrc/cuda/focal_cuda.cu (or of the device math in csrc/focal_math.h, which the copy then
+includes), rebuilds the emulation against the copy, and runs the sweep (plain, and sanitized
+when the plain sweep misses it). A sweep that fails has caught the bug.
 
     python tests/cuda_emulation/mutate.py                    # every mutant, a markdown table
     python tests/cuda_emulation/mutate.py --only tail_skip   # some of them
@@ -21,6 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 KERNEL_SOURCE = ROOT / "csrc" / "cuda" / "focal_cuda.cu"
+MATH_SOURCE = ROOT / "csrc" / "focal_math.h"
 
 # name, what the bug is, text in the source, its replacement
 MUTANTS = [
@@ -107,15 +109,39 @@ MUTANTS = [
      "  int count = counts[0].load(std::memory_order_relaxed);"),
 ]
 
+# The same, in the device math of csrc/focal_math.h (the kernels' float64 pow).
+MATH_MUTANTS = [
+    ("pow_one_double", "device math: float64 pow without y's second double (exp(y_hi) alone)",
+     "  const double corrected = Math::fma(power, y_lo, power);",
+     "  const double corrected = power;"),
+    ("pow_unnormalized_log", "device math: float64 pow's logarithm not renormalized (e ln 2's low part left in log_lo)",
+     "  const double log_hi = sum + sum_lo;\n  const double log_lo = sum_lo - (log_hi - sum);",
+     "  const double log_hi = sum;\n  const double log_lo = sum_lo;"),
+    ("pow_zero_base", "device math: float64 pow of a zero base through the logarithm, not 0",
+     "  return base == 0.0 ? 0.0 : corrected == corrected ? corrected : power;",
+     "  return corrected == corrected ? corrected : power;"),
+]
 
-def plant(name, old, new, directory):
-    source = KERNEL_SOURCE.read_text()
+
+def plant(name, old, new, directory, mutated_file):
+    """The kernel source to build: a copy of focal_cuda.cu. For a bug in focal_math.h, copies of
+    focal.h and the mutated focal_math.h beside it, which its #include "focal.h" then finds
+    before csrc's (a quoted include looks in the including file's directory first)."""
+    source = mutated_file.read_text()
     occurrences = source.count(old)
     if occurrences != 1:
-        sys.exit(f"mutant {name}: its text occurs {occurrences} times in {KERNEL_SOURCE}; update it")
+        sys.exit(f"mutant {name}: its text occurs {occurrences} times in {mutated_file}; update it")
     directory.mkdir(parents=True, exist_ok=True)
+    for header in ("focal.h", "focal_math.h"):
+        (directory / header).unlink(missing_ok=True)
+    if mutated_file == MATH_SOURCE:
+        (directory / "focal.h").write_text((ROOT / "csrc" / "focal.h").read_text())
+        (directory / "focal_math.h").write_text(source.replace(old, new))
+        kernel = KERNEL_SOURCE.read_text()
+    else:
+        kernel = source.replace(old, new)
     path = directory / "focal_cuda.cu"
-    path.write_text(source.replace(old, new))
+    path.write_text(kernel)
     return path
 
 
@@ -141,13 +167,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="mutant names")
     args = parser.parse_args()
-    chosen = [m for m in MUTANTS if not args.only or m[0] in args.only]
+    every = [(m, KERNEL_SOURCE) for m in MUTANTS] + [(m, MATH_SOURCE) for m in MATH_MUTANTS]
+    chosen = [(m, file) for m, file in every if not args.only or m[0] in args.only]
     work = ROOT / "build" / "cuda_emulation" / "mutants"
     rows = []
     with open(work.parent / "mutate.log", "w") as log:
-        for name, description, old, new in chosen:
+        for (name, description, old, new), mutated_file in chosen:
             started = time.monotonic()
-            source = plant(name, old, new, work)
+            source = plant(name, old, new, work, mutated_file)
             caught, by = sweep("plain", source, log)
             how = "plain sweep"
             if not caught:
