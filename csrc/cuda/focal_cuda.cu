@@ -32,7 +32,7 @@ namespace {
 
 constexpr int kThreads = 256;
 // Resident blocks per SM the grid of a kernel is sized for; its __launch_bounds__ hold ptxas to
-// it (64 registers a thread for 4 blocks on sm_90, 80 for 3), so the grid is one wave.
+// it (64 registers a thread for 4 blocks on sm_90), so the grid is one wave.
 constexpr int kMaxBlocksPerSM = 4;
 
 template <typename T>
@@ -76,10 +76,6 @@ struct DeviceMath<double> : ScalarMath<double> {
   }
 };
 
-// The float64 forward, whose every value takes two registers, spilled under 64: it gets 80.
-template <typename x_t>
-constexpr int kForwardBlocksPerSM = std::is_same_v<x_t, double> ? 3 : kMaxBlocksPerSM;
-
 // What the forward saves for backward (gradients, the loss before the weight) is stored as
 // float32 for float16 operands: float16 would flush small values to zero before backward
 // multiplies them by a loss scale (GradScaler's 2^16). bfloat16 has float32's range.
@@ -90,6 +86,14 @@ using saved_t = std::conditional_t<std::is_same_v<T, at::Half>, float, T>;
 template <typename T>
 constexpr int pack_size() {
   return 16 / sizeof(T) < 2 ? 2 : 16 / sizeof(T);
+}
+
+// The forward's, but float64's one element at a time: with packs of two, three float64 kernels
+// spilled inside their loops at 64 registers (bench/NOTES.md). Its 8-byte loads already fill a
+// warp's 256-byte transactions.
+template <typename T>
+constexpr int forward_pack_size() {
+  return std::is_same_v<T, double> ? 1 : pack_size<T>();
 }
 
 template <typename T, int N>
@@ -375,7 +379,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
 }
 
 template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGradInputs, int kPack>
-__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM<x_t>)
+__global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
     focal_forward_kernel(const ForwardPointers<x_t, t_t, out_t> p) {
   // The target gradient (of floating targets, or of the scores of labels) and the loss form
   // are decided here, once, rather than compiled into kernels of their own or tested per
@@ -538,7 +542,7 @@ void forward(const ForwardArgs& args) {
     using t_t = decltype(t_value);
     using out_t = decltype(out_value);
     using S = math_t<x_t>;
-    constexpr int kPack = pack_size<x_t>();
+    constexpr int kPack = forward_pack_size<x_t>();
     ForwardPointers<x_t, t_t, out_t> p{
         args.inputs.const_data_ptr<x_t>(),
         args.targets.const_data_ptr<t_t>(),
@@ -566,7 +570,7 @@ void forward(const ForwardArgs& args) {
         is_aligned_for_pack<saved_t<t_t>, kPack>(p.grad_targets) &&
         is_aligned_for_pack<out_t, kPack>(p.loss) &&
         is_aligned_for_pack<saved_t<out_t>, kPack>(p.unweighted_loss);
-    const int grid = grid_size(packed ? n / kPack : n, kForwardBlocksPerSM<x_t>,
+    const int grid = grid_size(packed ? n / kPack : n, kMaxBlocksPerSM,
                                 device_guard.current_device().index());
     // One allocation for the per-block counts and partial sums (S: 4 or 8 bytes).
     const at::Tensor partials = at::empty({2 * grid}, args.inputs.options().dtype(at::kLong));
