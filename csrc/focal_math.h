@@ -121,7 +121,7 @@ FOCAL_HOST_DEVICE V log1p_float(V v) {
 // would lose 10 bits of the result. log(base) = e ln 2 + 2 atanh(s), base = m 2^e with m in
 // [sqrt(1/2), sqrt(2)), s = (m - 1) / (m + 1), |s| < 0.1716: 2s in two doubles, the odd series
 // after it to s^21 (the rest below 2^-62 absolute). Error: half an ulp (the last rounding), the
-// exp's, and exponent / 32 ulp (the logarithm's, below 2^-59 absolute): with CUDA's exp (1 ulp)
+// exp's, and exponent / 32 ulp (the logarithm's, below 2^-58 absolute): with CUDA's exp (1 ulp)
 // within 1.6 ulp for exponents up to 3, where libdevice's pow is documented to 2. Straight-line
 // code, inlined at each use: CUDA's double pow is a subroutine that saves registers to a stack
 // at 64 per thread. Math supplies exp, fma and reciprocal.

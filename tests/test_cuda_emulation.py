@@ -486,10 +486,12 @@ def test_float64_pow_is_within_its_error_bound(emulated, exponent):
     """The kernels' float64 pow (focal_math.h's pow_double, DeviceMath<double>) against the exact
     power, over bases spread across every binade (subnormals too), in (0, 1) and next to 1, and
     the edges: 0, 1, the reduction's sqrt(1/2) boundary. Its error: half an ulp for the last
-    rounding, the exp's (here the host's: glibc's, within 0.52 ulp), and exponent / 32 ulp from
-    the logarithm (its error, below 2^-59 absolute, times the exponent, as a relative error of
-    the result; up to 2^53 ulp per unit). Without y's second double it is 83 ulp off at exponent
-    0.1 already (the mutation check's pow_one_double)."""
+    rounding, the exp's (here the host's: glibc's, within 0.511 ulp by its source, 0.509 with
+    FMA), and exponent / 32 ulp from the logarithm: its error, below 2^-58 absolute (the 3-4
+    roundings of its series' tail, |tail| < 2^-8, give about 2^-59.4; 2^-59.5 measured), times
+    the exponent is a relative error of the result, at up to 2^53 ulp per unit. Without y's
+    second double it is 83 ulp off at exponent 0.1 already (the mutation check's
+    pow_one_double)."""
     generator = torch.Generator().manual_seed(3)
     bases = torch.cat([
         2.0 ** -torch.empty(1000, dtype=F64).uniform_(0.0, 1074.0, generator=generator),
@@ -500,7 +502,7 @@ def test_float64_pow_is_within_its_error_bound(emulated, exponent):
     ])
     powers = emulated.device_pow(bases, exponent)
     assert powers[bases == 0.0].eq(0.0).all() and powers[bases == 1.0].eq(1.0).all()
-    bound = 0.5 + 0.52 + exponent / 32
+    bound = 0.5 + 0.511 + exponent / 32
     worst, worst_base = 0.0, None
     for base, power in zip(bases.tolist(), powers.tolist()):
         exact, ulp = exact_power_and_ulp(base, exponent)
