@@ -121,11 +121,11 @@ int multiprocessor_count(c10::DeviceIndex device) {
   return count;
 }
 
-// Blocks for work_items grid-stride items on device, for a kernel of blocks_per_sm resident
-// blocks per SM: one wave at most.
-int grid_size(int64_t work_items, int blocks_per_sm, c10::DeviceIndex device) {
+// Blocks for work_items grid-stride items on device, for a kernel of kMaxBlocksPerSM resident
+// blocks per SM (every grid-stride kernel's launch bounds): one wave at most.
+int grid_size(int64_t work_items, c10::DeviceIndex device) {
   const int64_t wanted = (work_items + kThreads - 1) / kThreads;
-  const int64_t resident = static_cast<int64_t>(multiprocessor_count(device)) * blocks_per_sm;
+  const int64_t resident = static_cast<int64_t>(multiprocessor_count(device)) * kMaxBlocksPerSM;
   return static_cast<int>(std::max<int64_t>(1, std::min(wanted, resident)));
 }
 
@@ -570,8 +570,7 @@ void forward(const ForwardArgs& args) {
         is_aligned_for_pack<saved_t<t_t>, kPack>(p.grad_targets) &&
         is_aligned_for_pack<out_t, kPack>(p.loss) &&
         is_aligned_for_pack<saved_t<out_t>, kPack>(p.unweighted_loss);
-    const int grid = grid_size(packed ? n / kPack : n, kMaxBlocksPerSM,
-                                device_guard.current_device().index());
+    const int grid = grid_size(packed ? n / kPack : n, device_guard.current_device().index());
     // One allocation for the per-block counts and partial sums (S: 4 or 8 bytes).
     const at::Tensor partials = at::empty({2 * grid}, args.inputs.options().dtype(at::kLong));
     p.block_counts = partials.mutable_data_ptr<int64_t>();
@@ -625,8 +624,7 @@ void backward(const BackwardArgs& args) {
         s_t* out = args.out.mutable_data_ptr<s_t>();
         const bool packed = is_aligned_for_pack<s_t, kPack>(saved) &&
                             is_aligned_for_pack<s_t, kPack>(out);
-        const int grid = grid_size(packed ? n / kPack : n, kMaxBlocksPerSM,
-                                     device_guard.current_device().index());
+        const int grid = grid_size(packed ? n / kPack : n, device_guard.current_device().index());
         dispatch_flag(args.grad_output_is_scalar, [&](auto scalar_flag) {
           constexpr bool kScalarGrad = decltype(scalar_flag)::value;
           // The op layer hands a scalar grad_output over in the math type of saved_grad, so
