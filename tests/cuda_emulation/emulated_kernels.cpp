@@ -8,32 +8,33 @@
 #include "cuda/focal_cuda.cu"
 #endif
 
-// The kernels' float32 reciprocal (DeviceMath: the GPU's estimate and one Newton step), value by
-// value, for a test of its accuracy on its own (harness.cpp).
-at::Tensor device_reciprocal(const at::Tensor& values) {
-  TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(),
-              "device_reciprocal: values must be a contiguous float32 tensor, got ",
-              values.scalar_type(), values.is_contiguous() ? "" : " (not contiguous)");
+// A device math function applied value by value (DeviceMath, as the kernels call it), for a
+// test of its accuracy on its own (harness.cpp). name and argument name the caller in errors.
+template <typename T, typename Function>
+at::Tensor elementwise(const at::Tensor& values, const char* name, const char* argument,
+                       Function function) {
+  const at::ScalarType dtype = c10::CppTypeToScalarType<T>::value;
+  TORCH_CHECK(values.scalar_type() == dtype && values.is_contiguous(), name, ": ", argument,
+              " must be a contiguous ", dtype, " tensor, got ", values.scalar_type(),
+              values.is_contiguous() ? "" : " (not contiguous)");
   at::Tensor result = at::empty(values.sizes(), values.options());
-  const float* in = values.const_data_ptr<float>();
-  float* out = result.mutable_data_ptr<float>();
+  const T* in = values.const_data_ptr<T>();
+  T* out = result.mutable_data_ptr<T>();
   for (int64_t i = 0; i < values.numel(); ++i) {
-    out[i] = focal::cuda::DeviceMath<float>::reciprocal(in[i]);
+    out[i] = function(in[i]);
   }
   return result;
 }
 
-// The kernels' float64 pow (DeviceMath: focal_math.h's pow_double), value by value, for a test
-// of its accuracy on its own (harness.cpp).
+// The float32 reciprocal: the GPU's estimate and one Newton step.
+at::Tensor device_reciprocal(const at::Tensor& values) {
+  return elementwise<float>(values, "device_reciprocal", "values",
+                            [](float v) { return focal::cuda::DeviceMath<float>::reciprocal(v); });
+}
+
+// The float64 pow: focal_math.h's pow_double.
 at::Tensor device_pow(const at::Tensor& bases, double exponent) {
-  TORCH_CHECK(bases.scalar_type() == at::kDouble && bases.is_contiguous(),
-              "device_pow: bases must be a contiguous float64 tensor, got ",
-              bases.scalar_type(), bases.is_contiguous() ? "" : " (not contiguous)");
-  at::Tensor result = at::empty(bases.sizes(), bases.options());
-  const double* in = bases.const_data_ptr<double>();
-  double* out = result.mutable_data_ptr<double>();
-  for (int64_t i = 0; i < bases.numel(); ++i) {
-    out[i] = focal::cuda::DeviceMath<double>::pow(in[i], exponent);
-  }
-  return result;
+  return elementwise<double>(bases, "device_pow", "bases", [exponent](double base) {
+    return focal::cuda::DeviceMath<double>::pow(base, exponent);
+  });
 }
