@@ -15,8 +15,11 @@
 //   loss    = alpha_t * q^gamma * CE
 //   dL/dx   = alpha_t * q^gamma * [ (p - t) + gamma * (1 - 2t) * CE * p(1-p)/q ]
 //   dL/dt   = q^gamma * [ (2 alpha - 1) * CE + alpha_t * (gamma * (1 - 2p) * CE / q - x) ]
-// p(1-p)/q lies in [0, 1] (q >= min(p, 1-p)), so q^(gamma-1) never appears on its own and the
-// gradient stays finite as q -> 0 for every gamma >= 0, fractional ones included.
+// For t in [0, 1], p(1-p)/q lies in [0, 1] (q >= min(p, 1-p)), so q^(gamma-1) never appears on
+// its own and the gradient stays finite as q -> 0 for every gamma >= 0, fractional ones included.
+// Any other t continues the formulas as torchvision's composite form does: q may then be 0 at a
+// finite logit (where the derivative of q^gamma for gamma < 1 is the loss's own infinity) or
+// negative (q^gamma is then NaN for a gamma that is not a whole number, as pow gives it).
 #pragma once
 
 #include <cmath>
@@ -116,7 +119,7 @@ FOCAL_HOST_DEVICE V log1p_float(V v) {
   return Math::fma(h * h2, r, h);
 }
 
-// base^exponent in double for base >= 0 and exponent > 0, as exp(y_hi) * (1 + y_lo) with y_hi +
+// base^exponent in double for exponent > 0, as exp(y_hi) * (1 + y_lo) with y_hi +
 // y_lo = exponent * log(base) carried in two doubles: y reaches -745 and more, where one double
 // would lose 10 bits of the result. log(base) = e ln 2 + 2 atanh(s), base = m 2^e with m in
 // [sqrt(1/2), sqrt(2)), s = (m - 1) / (m + 1), |s| < 0.1716: 2s in two doubles, the odd series
@@ -124,11 +127,13 @@ FOCAL_HOST_DEVICE V log1p_float(V v) {
 // exp's, and exponent / 32 ulp (the logarithm's, below 2^-58 absolute): with CUDA's exp (1 ulp)
 // within 1.6 ulp for exponents up to 3, where libdevice's pow is documented to 2. Straight-line
 // code, inlined at each use: CUDA's double pow is a subroutine that saves registers to a stack
-// at 64 per thread. Math supplies exp, fma and reciprocal.
+// at 64 per thread. A negative base (q for a target outside [0, 1]) follows pow: |base|^exponent,
+// negated for an odd whole exponent, NaN for an exponent that is not whole. Math supplies exp, fma
+// and reciprocal.
 template <typename Math>
 FOCAL_HOST_DEVICE double pow_double(double base, double exponent) {
   int e;
-  double m = ::frexp(base, &e);  // in [0.5, 1)
+  double m = ::frexp(::fabs(base), &e);  // in [0.5, 1)
   if (m < 0.70710678118654752) {
     m += m;
     --e;
@@ -169,7 +174,14 @@ FOCAL_HOST_DEVICE double pow_double(double base, double exponent) {
   const double power = Math::exp(y_hi);
   const double corrected = Math::fma(power, y_lo, power);
   // NaN only where power is 0 or inf and y_lo infinite; frexp(0) gives m = 0 (a finite wrong log).
-  return base == 0.0 ? 0.0 : corrected == corrected ? corrected : power;
+  const double magnitude = base == 0.0 ? 0.0 : corrected == corrected ? corrected : power;
+  if (!(base < 0.0)) {
+    return magnitude;
+  }
+  const double half = 0.5 * exponent;
+  return exponent != ::trunc(exponent) ? ::nan("")
+         : half != ::trunc(half)       ? -magnitude
+                                       : magnitude;
 }
 
 template <typename S>
@@ -323,9 +335,9 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
   if constexpr (kGradInputs) {
     V bracket = tm * p - t * pm;  // p - t, exact near t = 1 where p - 1 would cancel
     if constexpr (kModulated) {
-      // p(1-p)/q in [0, 1]; where q == 0 the factor q^gamma already zeroes the term, so any
-      // finite value does.
-      const V ratio = Math::select(q > zero, p * unit_scale * pm * inv_scaled_q, zero);
+      // p(1-p)/q (in [0, 1] for t in [0, 1]); where q == 0 the factor q^gamma already zeroes
+      // the term, so any finite value does. q < 0 (a target outside [0, 1]) takes the formula.
+      const V ratio = Math::select(q != zero, p * unit_scale * pm * inv_scaled_q, zero);
       bracket = bracket + gamma * (tm - t) * ce * ratio;
     }
     terms.grad_inputs = weight_valid * alpha_t * q_gamma * bracket;
@@ -334,8 +346,8 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
     V bracket = zero - x;
     if constexpr (kModulated) {
       // CE / q is bounded as q -> 0 (CE vanishes with q there); the same q^gamma argument.
-      // CE >= q (-log y >= 1 - y), so ce / (q kUnitScale) stays a normal number.
-      const V ce_over_q = Math::select(q > zero, ce * inv_scaled_q * unit_scale, zero);
+      // For t in [0, 1], CE >= q (-log y >= 1 - y), so ce / (q kUnitScale) is a normal number.
+      const V ce_over_q = Math::select(q != zero, ce * inv_scaled_q * unit_scale, zero);
       bracket = bracket + gamma * (pm - p) * ce_over_q;
     }
     terms.grad_targets = weight_valid * V(coeffs.target_scale) * q_gamma *

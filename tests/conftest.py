@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import strategies as st
 
 import focal_cuda
 
@@ -88,17 +89,20 @@ def derivative_term_scales(inputs, targets, alpha, gamma, *, weight=None, ignore
         alpha_t, alpha_slope = torch.ones_like(x), 0.0
     else:
         alpha_t, alpha_slope = alpha * t + (1 - alpha) * (1 - t), 2 * alpha - 1
-    q_gamma = q.pow(gamma)
-    ratio = torch.where(q > 0, p * pm / q, zero)
-    ce_over_q = torch.where(q > 0, ce / q, zero)
+    # Magnitudes throughout: for targets outside [0, 1], q, CE and alpha_t may be negative.
+    q_gamma = q.pow(gamma).abs()
+    ratio = torch.where(q != 0, p * pm / q, zero).abs()
+    ce_over_q = torch.where(q != 0, ce / q, zero).abs()
     factor = valid if weight is None else valid * weight.detach().double().abs()
     if grad_output is not None:
         factor = factor * grad_output.detach().double().abs()
     if reduction == "mean":
         factor = factor / valid.sum().clamp_min(1)
-    scale_inputs = factor * alpha_t * q_gamma * ((1 - t) * p + t * pm + gamma * (1 - 2 * t).abs() * ce * ratio)
+    alpha_t = alpha_t.abs()
+    scale_inputs = factor * alpha_t * q_gamma * (
+        ((1 - t) * p).abs() + (t * pm).abs() + gamma * (1 - 2 * t).abs() * ce.abs() * ratio)
     scale_targets = factor * (1 - label_smoothing) * q_gamma * (
-        abs(alpha_slope) * ce + alpha_t * (x.abs() + gamma * (pm - p).abs() * ce_over_q)
+        abs(alpha_slope) * ce.abs() + alpha_t * (x.abs() + gamma * (pm - p).abs() * ce_over_q)
     )
     return scale_inputs, scale_targets
 
@@ -260,3 +264,147 @@ def pytest_terminal_summary(terminalreporter):
     if cuda_emulation.launch_counts is not None:
         summary = cuda_emulation.coverage_summary(cuda_emulation.launch_counts)
         terminalreporter.write_line(f"CUDA emulation ({cuda_emulation.variant_from_environment()}): {summary}")
+
+
+def consistency_options(form, gamma, alpha, beta, label_smoothing):
+    """The op's (form, alpha, gamma, beta, label_smoothing) for form (a reference.FORMS name),
+    from drawn values a form may not take: FL* needs gamma > 0, QFL no alpha, QFL and VFL no
+    label smoothing, VFL an alpha >= 0."""
+    code = focal_cuda.reference.FORMS[form]
+    if form == "star":
+        return code, alpha, max(gamma, 0.25), beta, label_smoothing
+    if form == "quality":
+        return code, -1.0, gamma, 0.0, 0.0
+    if form == "varifocal":
+        return code, abs(alpha), gamma, 0.0, 0.0
+    return code, alpha, gamma, 0.0, label_smoothing
+
+
+def loss_magnitude(form, inputs, targets, alpha, gamma, beta, label_smoothing):
+    """The loss of the form (a FORMS code) with every sum in it taken of its terms' magnitudes
+    (alpha_t, q or p - t, CE; FL*'s z), in float64: what the loss's rounding is relative to."""
+    x = inputs.double()
+    t = targets.double() * (1 - label_smoothing) + label_smoothing / 2
+    zero = torch.zeros_like(x)
+    p, pm = torch.sigmoid(x), torch.sigmoid(-x)
+    weighted = alpha is not None and alpha >= 0 and form in (0, 1)
+    # alpha_t as the kernels form it: (1 - alpha) + (2 alpha - 1) t (focal_math.h's FocalCoeffs).
+    a = abs(1 - alpha) + ((2 * alpha - 1) * t).abs() if weighted else torch.ones_like(x)
+    if form == 1:
+        return a * (1 + (gamma * (2 * t - 1) * x).abs() + abs(beta)) / gamma
+    q = (t * pm).abs() + ((1 - t) * p).abs()
+    ce = t.abs() * torch.logaddexp(-x, zero) + (1 - t).abs() * torch.logaddexp(x, zero)
+    if form == 3:
+        a = torch.maximum(t.abs(), torch.full_like(t, alpha))
+    return a * q.pow(gamma) * ce
+
+
+def assert_gradients_are_derivatives(forward, inputs, targets, options, scores=None, weight=None):
+    """The gradients that forward (the op's signature: the CPU op, or the emulated CUDA one)
+    returns are the derivatives of the loss it returns, and match the float64 reference's
+    autograd; a NaN loss has NaN gradients and a finite one finite gradients. float64 tensors;
+    targets floating, or integer labels with optional scores (then d/dscores is checked).
+
+    The first oracle is a central difference D of forward's own elementwise loss f, step
+    h = 1e-6 (1 + |v|): its truncation error h^2 |f'''| / 6 stays within 1e-6 (|g| + |D|)
+    wherever f is smooth on the scale of h, its rounding error (f to ~50 ulp, over h) within
+    1e-8 max |f| over the points (plus, over h, the smallest normal number, which the CPU
+    kernels flush results below).
+    The one-sided differences and a tenth of the step tell where it is not (a kink, a jump, a
+    singular power, a NaN within h): those elements are left out."""
+    form, alpha, gamma, beta, label_smoothing = options
+    labels = not targets.is_floating_point()
+    grad_targets_wanted = not labels or scores is not None
+
+    def run(x, t, s):
+        return forward(x, t, weight, alpha, gamma, 0, -100, label_smoothing, False, True,
+                       grad_targets_wanted, True, form, beta, s)[:4]
+
+    loss, grad_inputs, grad_targets, unweighted = run(inputs, targets, scores)
+    nan = loss.isnan()
+    assert torch.equal(grad_inputs.isnan(), nan), "NaN gradients where the loss is a number, or the reverse"
+    if grad_targets_wanted:
+        row_nan = nan.any(-1) if scores is not None else nan
+        assert torch.equal(grad_targets.isnan(), row_nan), "NaN target gradients where the loss is a number"
+    if weight is not None:
+        assert_matches(loss[~nan], (weight.expand_as(loss) * unweighted)[~nan])
+
+    def check(grad, loss_at, value, what):
+        h = 1e-6 * (1 + value.abs())
+        f0, plus, minus = loss_at(value), loss_at(value + h), loss_at(value - h)
+        central = (plus - minus) / (2 * h)
+        # Plus the flush of results below the smallest normal (the CPU kernels' FTZ), over h.
+        size = torch.maximum(f0.abs(), torch.maximum(plus.abs(), minus.abs()))
+        rounding = 1e-8 * size + torch.finfo(size.dtype).tiny / h
+        # Smooth on the scale of h: the one-sided slopes agree, and so does a tenth of the step.
+        forward_slope, backward_slope = (plus - f0) / h, (f0 - minus) / h
+        finer = (loss_at(value + h / 10) - loss_at(value - h / 10)) / (h / 5)
+        agree = lambda a, b, slack: (a - b).abs() <= 1e-3 * (a.abs() + b.abs()) + slack
+        smooth = agree(forward_slope, backward_slope, rounding) & agree(central, finer, 10 * rounding)
+        allowed = 1e-6 * (grad.abs() + central.abs()) + rounding
+        bad = smooth & ~((grad - central).abs() <= allowed)
+        assert not bad.any(), (
+            f"d(loss)/d({what}) is not the derivative of the loss at {int(bad.sum())} of {bad.numel()} "
+            f"elements; the first: {what} {value[bad][0].item()!r}, analytic {grad[bad][0].item()!r}, "
+            f"finite difference {central[bad][0].item()!r}")
+
+    check(grad_inputs, lambda x: run(x, targets, scores)[0], inputs, "inputs")
+    if scores is not None:
+        # Only the labelled element of a row depends on its score (labels < C here).
+        labelled = lambda s: run(inputs, targets, s)[0].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        check(grad_targets, labelled, scores, "scores")
+    elif not labels:
+        check(grad_targets, lambda t: run(inputs, t, None)[0], targets, "targets")
+
+    # The second oracle: the float64 reference's autograd, where that is a number (its composite
+    # forms give NaN where a modulating base is 0 and the exponent below 1).
+    x = inputs.clone().requires_grad_()
+    differentiable = scores if scores is not None else None if labels else targets
+    wrt = [x] if differentiable is None else [x, differentiable.clone().requires_grad_()]
+    reference_loss = focal_cuda.reference.family_loss(
+        form, x, targets if scores is not None or labels else wrt[1], alpha, gamma, beta, "none",
+        weight, -100, label_smoothing, scores=wrt[1] if scores is not None else None)
+    assert torch.equal(reference_loss.isnan(), nan), "NaN where the reference is a number, or the reverse"
+    # Rounding is relative to the size of the terms the loss's factors sum, which may cancel for
+    # targets outside [0, 1] (alpha_t, q and CE can all be near 0 there).
+    size = loss_magnitude(form, inputs, targets if scores is None else dense_targets(inputs, targets, scores=scores)[0],
+                          alpha, gamma, beta, label_smoothing)
+    reference = reference_loss.detach()
+    tiny = torch.finfo(torch.float64).tiny  # the CPU kernels flush results below it
+    bad = ~nan & ~((loss - reference).abs() <= 1e-10 * reference.abs() + 1e-14 * size + tiny)
+    assert not bad.any(), f"the loss differs from the reference's: {loss[bad][0].item()!r} vs {reference[bad][0].item()!r}"
+    reference_grads = torch.autograd.grad(reference_loss.sum(), wrt)
+    # A derivative adds terms of that size times |x| (or a ratio such as gamma CE / q).
+    term_size = size * (1 + inputs.abs()) * (1 + gamma)
+    for ours, theirs, what in zip((grad_inputs, grad_targets), reference_grads, ("inputs", "targets")):
+        scale = term_size.gather(-1, targets.unsqueeze(-1)).squeeze(-1) if ours.dim() < term_size.dim() else term_size
+        allowed = 1e-8 * (ours.abs() + theirs.abs()) + 1e-12 * scale + tiny
+        bad = ours.isfinite() & theirs.isfinite() & ~((ours - theirs).abs() <= allowed)
+        assert not bad.any(), (f"d(loss)/d({what}) differs from the reference's at {int(bad.sum())} elements; "
+                               f"the first: {ours[bad][0].item()!r} vs {theirs[bad][0].item()!r}")
+
+
+@st.composite
+def consistency_cases(draw):
+    """(inputs, targets, options, scores, weight) for assert_gradients_are_derivatives: 4 rows of
+    5 classes in float64, logits in [-50, 50], targets (or the scores of labels) in [-3, 3] with
+    0 and 1 drawn often, any form with the options it takes, whole and fractional gammas."""
+    # No subnormals: the CPU kernels flush them to 0 (README), which moves VFL across its jump.
+    values = lambda low, high, special: st.lists(
+        st.one_of(st.floats(low, high, allow_subnormal=False), st.sampled_from(special)),
+        min_size=20, max_size=20)
+    x = torch.tensor(draw(values(-50, 50, [0.0, -1.2, 2.0])), dtype=torch.float64).view(4, 5)
+    t = torch.tensor(draw(values(-3, 3, [0.0, 1.0, -0.5, 2.0])), dtype=torch.float64).view(4, 5)
+    form = draw(st.sampled_from(list(focal_cuda.reference.FORMS)))
+    options = consistency_options(
+        form, draw(st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 2.7, 3.0, 9.0, 10.0])),
+        draw(st.one_of(st.just(-1.0), st.floats(0, 1, allow_subnormal=False))),
+        draw(st.floats(-3, 3, allow_subnormal=False)),
+        draw(st.sampled_from([0.0, 0.1])))
+    weight = draw(st.sampled_from([None, "class", "element"]))
+    if weight is not None:
+        weight = torch.linspace(-1, 2, 5 if weight == "class" else 20, dtype=torch.float64)
+        weight = weight.view(-1) if weight.numel() == 5 else weight.view(4, 5)
+    if draw(st.booleans()):  # labels with scores: row r's class r + 1 gets the score t[r, 0]
+        return x, torch.arange(1, 5), options, t[:, 0].clone(), weight
+    return x, t, options, None, weight

@@ -14,11 +14,14 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 
 import cuda_emulation
 import focal_cuda
 from conftest import (
+    assert_gradients_are_derivatives,
     assert_matches,
+    consistency_cases,
     derivative_term_scales,
     exact_focal_loss_and_grads,
     extreme_grid,
@@ -436,6 +439,15 @@ def test_extreme_logits_are_finite_and_exact(emulated, dtype, gamma, misaligned)
     assert_matches(loss, expected_loss, dtype)
     assert_matches(grad_inputs, expected_gx, saved_dtype(dtype), scale=scale_inputs)
     assert_matches(grad_targets, expected_gt, saved_dtype(dtype), scale=scale_targets)
+
+
+# The fixture that resets the device per test runs once for all examples: fine, as none may fail.
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=consistency_cases())
+def test_gradients_are_the_derivatives_of_the_loss(emulated, case):
+    """test_consistency.py's property on the CUDA kernels (float64: the Zero, Two and General
+    element kernels, every form)."""
+    assert_gradients_are_derivatives(emulated.sigmoid_focal_loss_forward, *case)
 
 
 @pytest.mark.parametrize("misaligned", [False, True], ids=["packed", "element"])

@@ -108,7 +108,7 @@ MUTANTS = [
      "  int count = counts[0].load(std::memory_order_relaxed);"),
 ]
 
-# The same, in the device math of csrc/focal_math.h (the kernels' float64 pow).
+# The same, in the device math of csrc/focal_math.h (the float64 pow, the focal terms).
 MATH_MUTANTS = [
     ("pow_one_double", "device math: float64 pow without y's second double (exp(y_hi) alone)",
      "  const double corrected = Math::fma(power, y_lo, power);",
@@ -117,8 +117,14 @@ MATH_MUTANTS = [
      "  const double log_hi = sum + sum_lo;\n  const double log_lo = sum_lo - (log_hi - sum);",
      "  const double log_hi = sum;\n  const double log_lo = sum_lo;"),
     ("pow_zero_base", "device math: float64 pow of a zero base through the logarithm, not 0",
-     "  return base == 0.0 ? 0.0 : corrected == corrected ? corrected : power;",
-     "  return corrected == corrected ? corrected : power;"),
+     "  const double magnitude = base == 0.0 ? 0.0 : corrected == corrected ? corrected : power;",
+     "  const double magnitude = corrected == corrected ? corrected : power;"),
+    ("pow_negative_base_sign", "device math: float64 pow of a negative base never negated (odd exponents)",
+     "         : half != ::trunc(half)       ? -magnitude", "         : half != ::trunc(half)       ? magnitude"),
+    ("modulation_ratio_positive_q", "device math: the modulating factor's derivative dropped where q < 0 "
+     "(a target outside [0, 1]), as before the consistency fix",
+     "Math::select(q != zero, p * unit_scale * pm * inv_scaled_q, zero)",
+     "Math::select(q > zero, p * unit_scale * pm * inv_scaled_q, zero)"),
 ]
 
 
