@@ -104,6 +104,9 @@ void check_labels_on_cpu(const at::Tensor& labels, int64_t classes, int64_t igno
   const at::Tensor bad = ((labels < 0) | (labels > classes)) & (labels != ignore_index);
   if (bad.any().item<bool>()) {
     const int64_t value = labels.masked_select(bad)[0].item<int64_t>();
+    TORCH_CHECK_VALUE(classes > 0, "targets holds the class label ", value, "; inputs' last "
+                      "dimension (the classes) is 0, so the only valid labels are 0 (background) "
+                      "and ignore_index (", ignore_index, ")");
     TORCH_CHECK_VALUE(false, "targets holds the class label ", value, "; valid labels are 0 to ",
                       classes - 1, " (the ", classes, " classes of inputs' last dimension), ",
                       classes, " (background) and ignore_index (", ignore_index, ")");
@@ -210,7 +213,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
                       " and ", targets.sizes());
   }
   if (labels) {
-    TORCH_CHECK_VALUE(inputs.dim() >= 1 && targets.sizes() == inputs.sizes().slice(0, inputs.dim() - 1),
+    TORCH_CHECK_VALUE(inputs.dim() >= 1, "integer targets (class labels) need inputs with a class "
+                      "dimension, its last; got 0-d inputs");
+    TORCH_CHECK_VALUE(targets.sizes() == inputs.sizes().slice(0, inputs.dim() - 1),
                       "integer targets (class labels) must have the shape of inputs without its "
                       "last (class) dimension, got ", targets.sizes(), " for inputs ",
                       inputs.sizes());

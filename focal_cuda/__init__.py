@@ -86,7 +86,9 @@ def _check_extension() -> None:
             f"focal_cuda's extension was built against torch {built_against}, but this is torch "
             f"{torch.__version__} ({os.path.dirname(torch.__file__)}); an extension loads only "
             f"beside the torch it was compiled against. Rebuild it for this torch: "
-            f"`{_rebuild_command()}`, or install torch {built_against} instead."
+            f"`{_rebuild_command()}`, or install the torch it was built against instead "
+            f"(`{sys.executable} -m pip install torch=={built_against.split('+')[0]}` with the "
+            "index of its build, e.g. CUDA or CPU)."
         )
 
 

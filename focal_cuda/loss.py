@@ -38,17 +38,19 @@ def _split_targets(targets, inputs):
     if not isinstance(targets, (tuple, list)):
         _check_targets(targets, inputs)
         return targets, None
-    if len(targets) != 2:
-        raise ValueError(f"targets given as a pair must be (labels, scores), got {len(targets)} items")
+    if len(targets) != 2 or not all(isinstance(item, torch.Tensor) for item in targets):
+        got = ", ".join(type(item).__name__ for item in targets)
+        raise TypeError(
+            "targets must be a torch.Tensor, or a (labels, scores) tuple of two tensors, got a "
+            f"{type(targets).__name__} of {len(targets)} items ({got})"
+        )
     labels, scores = targets
-    _check_tensor(labels, "the labels of targets")
-    _check_tensor(scores, "the scores of targets")
     if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
         raise ValueError(f"the labels of a (labels, scores) pair must be an integer tensor, got {labels.dtype}")
     _check_targets(labels, inputs)
     if not scores.is_floating_point():
         raise ValueError(f"the scores of a (labels, scores) pair must be a floating-point tensor, got {scores.dtype}")
-    if scores.shape != labels.shape:
+    if _shapes_differ(scores.shape, labels.shape):
         raise ValueError(
             f"the scores of a (labels, scores) pair must have the labels' shape {list(labels.shape)}, "
             f"got {list(scores.shape)}"
@@ -57,10 +59,16 @@ def _split_targets(targets, inputs):
     return labels, scores
 
 
+def _shapes_differ(shape, other):
+    """shape != other, except under torch.jit.trace, where sizes are traced values (comparing
+    them would be baked into the trace): the op checks the shapes there."""
+    return not torch.jit.is_tracing() and shape != other
+
+
 def _check_targets(targets, inputs):
     _check_tensor(targets, "targets")
     if targets.is_floating_point():
-        if targets.shape != inputs.shape:
+        if _shapes_differ(targets.shape, inputs.shape):
             raise ValueError(
                 f"targets must have the same shape as inputs, got {list(inputs.shape)} and "
                 f"{list(targets.shape)}"
@@ -70,7 +78,12 @@ def _check_targets(targets, inputs):
             "targets must be a floating-point tensor, or an integer tensor of class labels, "
             f"got {targets.dtype}"
         )
-    elif inputs.dim() == 0 or targets.shape != inputs.shape[:-1]:
+    elif inputs.dim() == 0:
+        raise ValueError(
+            "integer targets (class labels) need inputs with a class dimension, its last; got "
+            "0-d inputs"
+        )
+    elif _shapes_differ(targets.shape, inputs.shape[:-1]):
         raise ValueError(
             "integer targets (class labels) must have the shape of inputs without its last "
             f"(class) dimension, got {list(targets.shape)} for inputs {list(inputs.shape)}"
@@ -165,7 +178,8 @@ def sigmoid_focal_loss(
 
     Args:
         inputs: logits, a float16/bfloat16/float32/float64 tensor of any shape and strides.
-        targets: either floating, of the shape of ``inputs``, in [0, 1] (soft targets allowed);
+        targets: either floating, of the shape of ``inputs``, in [0, 1] (soft targets allowed;
+            other values continue the formula, as torchvision's);
             or integer class labels of shape ``inputs.shape[:-1]`` over the C classes of the
             last dimension: label c makes class c positive and the others negative, label C is
             background (all negative), ``ignore_index`` drops the row. No one-hot is built.
@@ -180,7 +194,8 @@ def sigmoid_focal_loss(
         weight: optional floating tensor broadcastable to ``inputs`` (per class ``(C,)``, per
             row ``(N, 1)``, per element), multiplying the elementwise loss. Differentiable.
         ignore_index: with integer targets, the label of rows that contribute no loss and no
-            gradient and are left out of the mean.
+            gradient and are left out of the mean. Only applicable to integer targets (as with
+            ``F.cross_entropy``'s class probabilities, floating targets ignore it).
         label_smoothing: in [0, 1); targets become ``t * (1 - eps) + eps / 2``.
 
     Returns:

@@ -105,6 +105,7 @@ def test_meta_tensors_give_meta_results(requires_grad):
     assert loss.device.type == "meta" and loss.shape == x.shape
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
 def test_jit_trace_records_the_op(operands):
     x, t = operands
     traced = torch.jit.trace(lambda x_: focal_cuda.sigmoid_focal_loss(x_, t, 0.25, 2.0, "sum"), (x,))

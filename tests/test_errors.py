@@ -25,8 +25,7 @@ X = torch.zeros(4, 4)
          "integer targets (class labels) must have the shape of inputs without its last (class) "
          "dimension, got [4, 4] for inputs [4, 4]"),
         (dict(inputs=torch.zeros(()), targets=torch.zeros((), dtype=torch.long)), ValueError,
-         "integer targets (class labels) must have the shape of inputs without its last (class) "
-         "dimension, got [] for inputs []"),
+         "integer targets (class labels) need inputs with a class dimension, its last; got 0-d inputs"),
         (dict(weight=torch.ones(3)), ValueError,
          "weight must be broadcastable to the shape of inputs [4, 4], got [3]"),
         (dict(weight=torch.ones(2, 4, 4)), ValueError,

@@ -245,6 +245,13 @@ def test_bad_label_on_cpu_names_it_and_the_valid_range():
             focal_cuda.sigmoid_focal_loss(inputs, labels)
 
 
+def test_bad_label_without_classes_says_so():
+    message = ("targets holds the class label 1; inputs' last dimension (the classes) is 0, so the "
+               "only valid labels are 0 (background) and ignore_index (-100)")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        focal_cuda.sigmoid_focal_loss(torch.zeros(3, 0), torch.tensor([0, 1, -100]))
+
+
 @requires_cuda
 def test_bad_label_on_cuda_is_a_device_side_assertion(tmp_path):
     # A device-side assertion leaves the CUDA context unusable: run it in its own process.

@@ -45,6 +45,8 @@ def test_import_refuses_an_extension_built_against_another_torch(tmp_path):
     assert message.startswith("ImportError: focal_cuda's extension was built against torch "
                               f"{torch.__version__}, but this is torch 0.0.0+other"), message
     assert f"{sys.executable} -m pip install" in message, message
+    # What pip can resolve: the release without its local build label.
+    assert f"pip install torch=={torch.__version__.split('+')[0]}`" in message, message
 
 
 def unbuilt_copy(tmp_path):

@@ -182,8 +182,12 @@ def test_autocast_pair_gives_a_float32_loss_and_scores_gradients_in_their_dtype(
 
 
 @pytest.mark.parametrize("targets, error, message", [
-    (lambda labels, scores: (labels, scores, scores), ValueError,
-     "targets given as a pair must be (labels, scores), got 3 items"),
+    (lambda labels, scores: (labels, scores, scores), TypeError,
+     "targets must be a torch.Tensor, or a (labels, scores) tuple of two tensors, got a tuple of 3 "
+     "items (Tensor, Tensor, Tensor)"),
+    (lambda labels, scores: [0, 1, 1, 0], TypeError,
+     "targets must be a torch.Tensor, or a (labels, scores) tuple of two tensors, got a list of 4 "
+     "items (int, int, int, int)"),
     (lambda labels, scores: (labels.double(), scores), ValueError,
      "the labels of a (labels, scores) pair must be an integer tensor, got torch.float64"),
     (lambda labels, scores: (labels, labels), ValueError,
@@ -192,7 +196,9 @@ def test_autocast_pair_gives_a_float32_loss_and_scores_gradients_in_their_dtype(
      "the scores of a (labels, scores) pair must have the labels' shape [4], got [3]"),
     (lambda labels, scores: (labels[:3], scores[:3]), ValueError,
      "integer targets (class labels) must have the shape of inputs without its last (class) dimension"),
-    (lambda labels, scores: (labels, [0.5] * 4), TypeError, "the scores of targets must be a torch.Tensor, got list"),
+    (lambda labels, scores: (labels, [0.5] * 4), TypeError,
+     "targets must be a torch.Tensor, or a (labels, scores) tuple of two tensors, got a tuple of 2 "
+     "items (Tensor, list)"),
 ])
 def test_pair_errors_name_what_is_wrong(targets, error, message):
     with pytest.raises(error) as raised:

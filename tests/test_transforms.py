@@ -9,10 +9,6 @@ from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 import focal_cuda
 from conftest import DEVICES, assert_matches
 
-# torch.jit.script warns that it is deprecated (also when torch's forward AD scripts its own
-# decompositions on first use); what is tested here is that it works.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
-
 REFERENCE = focal_cuda.reference.sigmoid_focal_loss
 F64 = torch.float64
 
