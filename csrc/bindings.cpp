@@ -1,5 +1,8 @@
 // pybind11 module focal_cuda._C: the two ops and what the build contains.
+#include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
+
+#include <utility>
 
 #include "focal.h"
 #include "focal_ops.h"
@@ -27,13 +30,29 @@ pybind11::dict build_info() {
   return info;
 }
 
+// kOp called as torch's own Python bindings call theirs (torch/csrc/Exceptions.h): the kernels
+// run without the GIL, so that Python threads can compute losses concurrently; an error unwinds
+// out of that scope first (the GIL is held again), and torch's handler turns it into the Python
+// exception with the GIL held, warnings included. Nothing is left to pybind11's translation of
+// C++ exceptions across modules, and no Python state is touched without the GIL.
+template <auto kOp>
+struct WithoutGil;
+
+template <typename Result, typename... Args, Result (*kOp)(Args...)>
+struct WithoutGil<kOp> {
+  static Result call(Args... args) {
+    HANDLE_TH_ERRORS
+    const pybind11::gil_scoped_release no_gil;
+    return kOp(std::forward<Args>(args)...);
+    END_HANDLE_TH_ERRORS_PYBIND
+  }
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "focal_cuda kernels; use focal_cuda.sigmoid_focal_loss, not these directly.";
-  // The kernels run without the GIL, so Python threads can compute losses concurrently.
-  using release_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
-  m.def("sigmoid_focal_loss_forward", &focal::sigmoid_focal_loss_forward, release_gil(),
+  m.def("sigmoid_focal_loss_forward", &WithoutGil<&focal::sigmoid_focal_loss_forward>::call,
         pybind11::arg("inputs"),
         pybind11::arg("targets"), pybind11::arg("weight"), pybind11::arg("alpha"),
         pybind11::arg("gamma"), pybind11::arg("reduction"), pybind11::arg("ignore_index"),
@@ -43,10 +62,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("scores") = pybind11::none(),
         "Fused sigmoid focal loss: (loss, dloss/dinputs, dloss/dtargets, loss before weight, "
         "count), gradients unscaled.");
-  m.def("sigmoid_focal_loss_backward", &focal::sigmoid_focal_loss_backward, release_gil(),
+  m.def("sigmoid_focal_loss_backward", &WithoutGil<&focal::sigmoid_focal_loss_backward>::call,
         pybind11::arg("grad_output"), pybind11::arg("saved_grad"), pybind11::arg("count"),
         pybind11::arg("reduction"), "saved_grad scaled by grad_output (divided by count for mean).");
-  m.def("sigmoid_focal_loss_backward_", &focal::sigmoid_focal_loss_backward_, release_gil(),
+  m.def("sigmoid_focal_loss_backward_", &WithoutGil<&focal::sigmoid_focal_loss_backward_>::call,
         pybind11::arg("grad_output"), pybind11::arg("saved_grad"), pybind11::arg("count"),
         pybind11::arg("reduction"), "sigmoid_focal_loss_backward, written into saved_grad.");
   m.def("build_info", &build_info, "What this build of focal_cuda contains.");

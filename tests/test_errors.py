@@ -1,6 +1,9 @@
 """Every bad argument raises a clear error that names it, what was expected and what was got."""
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -126,3 +129,12 @@ def test_cpu_only_build_on_cuda_tensors_says_how_to_rebuild():
     x = torch.zeros(3, device="cuda")
     with pytest.raises(RuntimeError, match="FORCE_CUDA=1 pip install"):
         focal_cuda.sigmoid_focal_loss(x, x)
+
+
+def test_user_errors_raise_in_a_fresh_process():
+    """tests/raise_errors.py: each kind of error the extension raises, with CUDA initialised
+    first where there is a GPU (where a user error once killed the process)."""
+    script = os.path.join(os.path.dirname(__file__), "raise_errors.py")
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "all errors raised" in result.stdout, (
+        f"exit status {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
