@@ -14,6 +14,7 @@ torch, also with build isolation (build_backend/focal_backend.py). Without torch
 metadata only) the package description still works; compiling then stops with what to install.
 """
 
+import concurrent.futures
 import json
 import os
 import platform
@@ -161,7 +162,10 @@ for isa in CPU_ISA_FLAGS:
 
 sources = ["csrc/bindings.cpp", "csrc/focal_ops.cpp", "csrc/cpu/focal_cpu.cpp"]
 if WITH_CUDA:
-    sources.append("csrc/cuda/focal_cuda.cu")
+    # The forward kernels in one file per inputs dtype: ninja compiles them in parallel.
+    sources += ["csrc/cuda/focal_cuda.cu"] + [
+        f"csrc/cuda/forward_{dtype}.cu" for dtype in ("float16", "bfloat16", "float32", "float64")
+    ]
     DEFINES.append(("FOCAL_WITH_CUDA", "1"))
 
 
@@ -207,9 +211,12 @@ class FocalBuildExtension(BuildExtension):
             write_build_record(self.get_finalized_command("build_py").get_package_dir("focal_cuda"))
 
     def build_extension(self, ext):
-        for isa, isa_flags in CPU_ISA_FLAGS.items():
-            cxx_flags = ext.extra_compile_args["cxx"] + isa_flags
-            ext.extra_objects += self.compiler.compile(
+        # One object per instruction set, each a compile of its own (its flags differ from the
+        # other sources'): the three at once, then the other sources, which ninja spreads over
+        # MAX_JOBS (the forward kernels in one file per inputs dtype).
+        def compile_for(isa):
+            cxx_flags = ext.extra_compile_args["cxx"] + CPU_ISA_FLAGS[isa]
+            return self.compiler.compile(
                 [CPU_KERNEL_SOURCE],
                 output_dir=os.path.join(self.build_temp, f"isa_{isa.lower()}"),
                 macros=ext.define_macros,
@@ -217,8 +224,11 @@ class FocalBuildExtension(BuildExtension):
                 extra_postargs={"cxx": cxx_flags, "nvcc": []} if self.use_ninja else cxx_flags,
                 depends=ext.depends,
             )
-        super().build_extension(ext)
 
+        with concurrent.futures.ThreadPoolExecutor(len(CPU_ISA_FLAGS)) as pool:
+            for objects in pool.map(compile_for, CPU_ISA_FLAGS):
+                ext.extra_objects += objects
+        super().build_extension(ext)
 
 if torch is not None:
     print(
@@ -245,6 +255,7 @@ extension = extension_cls(
     define_macros=DEFINES,
     # Relative, so that an sdist lists them too.
     depends=[p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "csrc").rglob("*.h"))]
+    + [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "csrc").rglob("*.cuh"))]
     + [CPU_KERNEL_SOURCE],
     extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
     extra_link_args=OPENMP_FLAGS,

@@ -1,4 +1,4 @@
-"""The CUDA emulation: csrc/cuda/focal_cuda.cu and the op layer compiled for the host against
+"""The CUDA emulation: the kernel files of csrc/cuda and the op layer compiled for the host against
 emulation.h and run on the CPU under CUDA's execution model (docs/cuda-emulation.md).
 
     module = cuda_emulation.load()          # builds once (~1 min on 2 cores), then cached
@@ -72,8 +72,8 @@ def build_directory(variant):
 def load(variant=None, verbose=False):
     """Builds (if needed) and imports the emulation module of `variant`, once per process.
 
-    FOCAL_EMULATED_KERNEL_SOURCE names another copy of focal_cuda.cu to compile instead, and
-    FOCAL_CUDA_EMULATION_BUILD another build directory (the mutation check uses both)."""
+    FOCAL_EMULATED_CSRC names a copy of csrc to compile instead, and FOCAL_CUDA_EMULATION_BUILD
+    another build directory (the mutation check uses both)."""
     variant = variant or variant_from_environment()
     if variant not in _loaded:
         _loaded[variant] = _build_and_import(variant, verbose)
@@ -88,7 +88,7 @@ _loaded = {}
 def _build_and_import(variant, verbose):
     from torch.utils import cpp_extension
 
-    kernel_source = os.environ.get("FOCAL_EMULATED_KERNEL_SOURCE")
+    csrc = os.environ.get("FOCAL_EMULATED_CSRC")
     if variant == "sanitized" and "libasan" not in Path("/proc/self/maps").read_text():
         raise RuntimeError(
             "the sanitized CUDA emulation must run in a process that preloads the sanitizer "
@@ -96,9 +96,7 @@ def _build_and_import(variant, verbose):
         )
     flags = VARIANT_FLAGS[variant] + ["-DFOCAL_WITH_CUDA=1", "-Wno-unused-function"]
     name = f"focal_cuda_emulated_{variant}"
-    if kernel_source is not None:
-        # Escaped: ninja runs the compiler through a shell.
-        flags.append(f'-DFOCAL_EMULATED_KERNEL_SOURCE=\\"{Path(kernel_source).resolve()}\\"')
+    if csrc is not None:
         name += "_mutant"
     directory = build_directory(variant)
     directory.mkdir(parents=True, exist_ok=True)
@@ -108,7 +106,7 @@ def _build_and_import(variant, verbose):
         return cpp_extension.load(
             name=name,
             sources=[str(HERE / source) for source in SOURCES],
-            extra_include_paths=[str(HERE / "shim"), str(HERE), str(ROOT / "csrc")],
+            extra_include_paths=[str(HERE / "shim"), str(HERE), str(Path(csrc or ROOT / "csrc").resolve())],
             extra_cflags=flags,
             extra_ldflags=SANITIZER_FLAGS if variant == "sanitized" else [],
             build_directory=str(directory),

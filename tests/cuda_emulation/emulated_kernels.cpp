@@ -1,12 +1,13 @@
-// csrc/cuda/focal_cuda.cu, unchanged, compiled by the host compiler for the emulated device.
-// FOCAL_EMULATED_KERNEL_SOURCE names another copy (the mutation check plants bugs in one).
+// csrc/cuda's kernel files, unchanged, compiled by the host compiler for the emulated device as
+// one translation unit. The include path may put a copy of csrc before csrc itself (the
+// mutation check plants bugs in one).
 #include "emulation.h"
 
-#ifdef FOCAL_EMULATED_KERNEL_SOURCE
-#include FOCAL_EMULATED_KERNEL_SOURCE
-#else
 #include "cuda/focal_cuda.cu"
-#endif
+#include "cuda/forward_bfloat16.cu"
+#include "cuda/forward_float16.cu"
+#include "cuda/forward_float32.cu"
+#include "cuda/forward_float64.cu"
 
 // A device math function applied value by value (DeviceMath, as the kernels call it), for a
 // test of its accuracy on its own (harness.cpp). name and argument name the caller in errors.

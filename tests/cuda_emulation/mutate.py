@@ -1,7 +1,7 @@
-"""Mutation check of the CUDA emulation: plants one known kernel bug at a time in a copy of
-csrc/cuda/focal_cuda.cu (or of the device math in csrc/focal_math.h, which the copy then
-includes), rebuilds the emulation against the copy, and runs the sweep (plain, and sanitized
-when the plain sweep misses it). A sweep that fails has caught the bug.
+"""Mutation check of the CUDA emulation: plants one known kernel bug at a time in a copy of csrc
+(in the kernel files of csrc/cuda, or in the device math of csrc/focal_math.h), rebuilds the
+emulation against the copy, and runs the sweep (plain, and sanitized when the plain sweep misses
+it). A sweep that fails has caught the bug.
 
     python tests/cuda_emulation/mutate.py                    # every mutant, a markdown table
     python tests/cuda_emulation/mutate.py --only tail_skip   # some of them
@@ -14,6 +14,7 @@ update it with the kernels. The table of the last run is in docs/cuda-emulation.
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -21,10 +22,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-KERNEL_SOURCE = ROOT / "csrc" / "cuda" / "focal_cuda.cu"
-MATH_SOURCE = ROOT / "csrc" / "focal_math.h"
+CSRC = ROOT / "csrc"
 
-# name, what the bug is, text in the source, its replacement
+# name, what the bug is, text in the kernel files (csrc/cuda), its replacement
 MUTANTS = [
     ("no_publish_barrier", "block_sum: the barrier between writing and reading the per-warp sums removed",
      "    warp_sums[warp] = value;\n  }\n  __syncthreads();\n", "    warp_sums[warp] = value;\n  }\n"),
@@ -128,38 +128,29 @@ MATH_MUTANTS = [
 ]
 
 
-def plant(name, old, new, directory, mutated_file):
-    """The kernel source to build: a copy of focal_cuda.cu. For a bug in focal_math.h, copies of
-    focal.h and the mutated focal_math.h beside it, which its #include "focal.h" then finds
-    before csrc's (a quoted include looks in the including file's directory first)."""
-    source = mutated_file.read_text()
-    occurrences = source.count(old)
+def plant(name, old, new, directory):
+    """A copy of csrc in directory/csrc with old replaced by new in the one file that holds it."""
+    copy = directory / "csrc"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(CSRC, copy)
+    holders = [path for path in sorted(copy.rglob("*")) if path.is_file() and old in path.read_text()]
+    occurrences = sum(path.read_text().count(old) for path in holders)
     if occurrences != 1:
-        sys.exit(f"mutant {name}: its text occurs {occurrences} times in {mutated_file}; update it")
-    directory.mkdir(parents=True, exist_ok=True)
-    for header in ("focal.h", "focal_math.h"):
-        (directory / header).unlink(missing_ok=True)
-    if mutated_file == MATH_SOURCE:
-        (directory / "focal.h").write_text((ROOT / "csrc" / "focal.h").read_text())
-        (directory / "focal_math.h").write_text(source.replace(old, new))
-        kernel = KERNEL_SOURCE.read_text()
-    else:
-        kernel = source.replace(old, new)
-    path = directory / "focal_cuda.cu"
-    path.write_text(kernel)
-    return path
+        sys.exit(f"mutant {name}: its text occurs {occurrences} times in csrc; update it")
+    holders[0].write_text(holders[0].read_text().replace(old, new))
+    return copy
 
 
-def sweep(variant, kernel_source, log):
-    """Runs the sweep on the mutated source; returns (caught, first failing test)."""
-    environment = dict(os.environ, FOCAL_EMULATED_KERNEL_SOURCE=str(kernel_source),
+def sweep(variant, csrc, log):
+    """Runs the sweep on the mutated copy of csrc; returns (caught, first failing test)."""
+    environment = dict(os.environ, FOCAL_EMULATED_CSRC=str(csrc),
                        FOCAL_CUDA_EMULATION_BUILD=str(ROOT / "build" / "cuda_emulation" / f"mutant-{variant}"))
     command = [sys.executable, str(HERE / "sweep.py")] + (["--sanitized"] if variant == "sanitized" else [])
     command += ["--", "-x", str(ROOT / "tests" / "test_cuda_emulation.py")]
     result = subprocess.run(command, env=environment, capture_output=True, text=True, cwd=ROOT)
     log.write(result.stdout + result.stderr)
     if "built in" not in result.stdout:
-        raise RuntimeError(f"the {variant} build of {kernel_source} failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"the {variant} build of {csrc} failed:\n{result.stderr[-3000:]}")
     failed = re.search(r"^(?:FAILED|ERROR) (\S+)", result.stdout, re.M)
     # A process that died: the sanitizer's or the emulator's own account of it.
     died = re.search(r"ERROR: AddressSanitizer: [\w-]+|runtime error: [^\n]+|focal_emu: signal \d+ \([^)]*\)",
@@ -172,14 +163,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="mutant names")
     args = parser.parse_args()
-    every = [(m, KERNEL_SOURCE) for m in MUTANTS] + [(m, MATH_SOURCE) for m in MATH_MUTANTS]
-    chosen = [(m, file) for m, file in every if not args.only or m[0] in args.only]
+    chosen = [m for m in MUTANTS + MATH_MUTANTS if not args.only or m[0] in args.only]
     work = ROOT / "build" / "cuda_emulation" / "mutants"
     rows = []
     with open(work.parent / "mutate.log", "w") as log:
-        for (name, description, old, new), mutated_file in chosen:
+        for name, description, old, new in chosen:
             started = time.monotonic()
-            source = plant(name, old, new, work, mutated_file)
+            source = plant(name, old, new, work)
             caught, by = sweep("plain", source, log)
             how = "plain sweep"
             if not caught:

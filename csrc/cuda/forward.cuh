@@ -1,0 +1,490 @@
+// The fused forward kernels (loss and gradients in one pass over inputs and targets), their
+// deterministic two-stage reduction, and their launch for one inputs dtype: each
+// forward_<dtype>.cu instantiates forward_with_inputs for its dtype, so that a build compiles
+// the dtypes' kernels in parallel.
+//
+// Grid-stride loops over packs of elements (16-byte loads of the inputs where every pointer is
+// aligned, one element at a time otherwise), 64-bit indices, math in float (double for float64)
+// through focal_math.h. Reductions write one partial sum per block and a one-block kernel adds
+// them in a fixed order: no floating-point atomics, so results are bitwise reproducible.
+#pragma once
+
+#include <ATen/ops/empty.h>
+
+#include "launch.cuh"
+
+namespace focal::cuda {
+namespace {
+
+#ifndef FOCAL_CUDA_EMULATION
+// PTX rcp.approx.ftz.f32, MUFU.RCP alone: 1 / v within 1 ulp, subnormal v and results flushed to
+// zero. __fdividef(1, v) is the same estimate behind a rescaling of subnormal divisors (4 more
+// instructions), which the formulas below never divide by. The CUDA emulation, which cannot run
+// PTX, supplies its own, no better than the documented 1 ulp.
+__device__ __forceinline__ float rcp_approx_ftz(float v) {
+  float estimate;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(estimate) : "f"(v));
+  return estimate;
+}
+#endif
+
+// The kernels' math: focal_math.h's scalar functions, with the GPU's reciprocal in float. The
+// formulas divide only by normal floats (1 + e and 2 + v in [1, 3]; q and |p - t| scaled by
+// kUnitScale into [2^-117, 2^32]; 0 only where a select drops the result), so the hardware
+// estimate and one Newton step (which squares the estimate's error) give 1 / v within 0.5 ulp
+// and a hair, without IEEE division's range check and branch to its out-of-line slow path (a
+// branch that also keeps the scheduler from moving loads across it).
+template <typename S>
+struct DeviceMath : ScalarMath<S> {};
+
+template <>
+struct DeviceMath<float> : ScalarMath<float> {
+  static __device__ __forceinline__ float reciprocal(float v) {
+    const float estimate = rcp_approx_ftz(v);
+    return fmaf(fmaf(-v, estimate, 1.0f), estimate, estimate);
+  }
+  static __device__ __forceinline__ float log1p(float v) { return log1p_float<DeviceMath>(v); }
+};
+
+// float64's pow inlined: CUDA's, a subroutine, saved registers to a stack at 64 per thread.
+template <>
+struct DeviceMath<double> : ScalarMath<double> {
+  static __device__ __forceinline__ double pow(double base, double exponent) {
+    return pow_double<DeviceMath>(base, exponent);
+  }
+};
+
+// What the forward saves for backward (gradients, the loss before the weight) is stored as
+// float32 for float16 operands: float16 would flush small values to zero before backward
+// multiplies them by a loss scale (GradScaler's 2^16). bfloat16 has float32's range.
+template <typename T>
+using saved_t = std::conditional_t<std::is_same_v<T, at::Half>, float, T>;
+
+
+// The forward's, but float64's one element at a time: with packs of two, three float64 kernels
+// spilled inside their loops at 64 registers (bench/NOTES.md). Its 8-byte loads already fill a
+// warp's 256-byte transactions.
+template <typename T>
+constexpr int forward_pack_size() {
+  return std::is_same_v<T, double> ? 1 : pack_size<T>();
+}
+
+
+// Sum over a block of kThreads threads, combined in a fixed order; the result is valid in
+// thread 0. Every thread of the block must call it.
+template <typename A>
+__device__ A block_sum(A value) {
+  __shared__ A warp_sums[kThreads / 32];
+  __syncthreads();  // an earlier call's readers are done with warp_sums
+  for (int offset = 16; offset > 0; offset /= 2) {
+    value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  if (lane == 0) {
+    warp_sums[warp] = value;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    value = lane < kThreads / 32 ? warp_sums[lane] : A(0);
+    for (int offset = kThreads / 64; offset > 0; offset /= 2) {
+      value += __shfl_down_sync(0xffffffffu, value, offset);
+    }
+  }
+  return value;
+}
+
+// Everything a forward kernel reads and writes. x_t: inputs; t_t: floating targets, or int64
+// class labels; out_t: loss; S: math type; what backward reads in saved_t of each. Null output
+// pointers are outputs not requested (loss: a reduced loss, which only block_sums carries).
+template <typename x_t, typename t_t, typename out_t>
+struct ForwardPointers {
+  using S = math_t<x_t>;
+  const x_t* inputs;
+  const t_t* targets;
+  const S* weight;
+  const S* scores;  // labels only: the labelled class's target per row; null: 1
+  WeightKind weight_kind;
+  int64_t classes;
+  int64_t ignore_index;
+  int64_t n;
+  LossCoeffs<S> coeffs;
+  out_t* loss;
+  saved_t<out_t>* unweighted_loss;
+  saved_t<x_t>* grad_inputs;
+  saved_t<t_t>* grad_targets;
+  S* grad_scores;  // labels only: d(loss)/d(scores) per row, written by the labelled element
+  S* block_sums;
+  int64_t* block_counts;
+};
+
+template <typename t_t>
+constexpr bool kIsLabels = std::is_same_v<t_t, int64_t>;
+
+#ifndef FOCAL_CUDA_EMULATION
+// PTX's vprintf system call, what printf compiles to, given an argument buffer that already lies
+// in memory: printf would first copy its arguments into a buffer on the stack.
+__device__ __forceinline__ void vprintf_from(const char* format, const void* arguments) {
+  asm volatile(
+      "{\n"
+      ".extern .func (.param .b32 status) vprintf (.param .b64 format, .param .b64 arguments);\n"
+      ".param .b64 format_param;\n"
+      ".param .b64 arguments_param;\n"
+      ".param .b32 status_param;\n"
+      "st.param.b64 [format_param], %0;\n"
+      "st.param.b64 [arguments_param], %1;\n"
+      "call.uni (status_param), vprintf, (format_param, arguments_param);\n"
+      "}\n" ::"l"(format), "l"(arguments) : "memory");
+}
+#endif
+
+// The GPU's report of a label (at `label` in targets) that is no class, not the background and
+// not ignore_index: out of line, so that the kernels hold only a branch to it. The label is
+// printed from where it lies in targets, which makes it vprintf's argument buffer: no stack.
+__device__ __noinline__ void report_bad_label(const int64_t* label, int64_t classes) {
+  vprintf_from("focal_cuda: targets holds the class label %lld; valid labels are 0 to C - 1, C "
+               "(background) and ignore_index, for the C classes of inputs\n",
+               label);
+  CUDA_KERNEL_ASSERT(*label >= 0 && *label <= classes && "class label out of range");
+}
+
+// A row's label as the loops use it: read and checked once per row a thread visits, not once per
+// element, and held in one 32-bit register (the host checks that classes fit): the class it
+// marks (classes, which no element's class equals, for the background and for any label out of
+// range), and whether the row counts (label != ignore_index).
+struct RowLabel {
+  int32_t marked;
+  bool counted;
+};
+
+template <typename x_t, typename out_t>
+__device__ __forceinline__ RowLabel row_label(const ForwardPointers<x_t, int64_t, out_t>& p,
+                                              int64_t row) {
+  const int64_t label = p.targets[row];
+  const bool in_range = label >= 0 && label <= p.classes;
+  if (label != p.ignore_index && !in_range) {
+    report_bad_label(p.targets + row, p.classes);
+  }
+  return {static_cast<int32_t>(in_range ? label : p.classes), label != p.ignore_index};
+}
+
+// The sum of the loss over a thread's elements, and how many of them count for the mean.
+template <typename S>
+struct Partial {
+  S sum;
+  int64_t count;
+};
+
+// A thread's share of the forward: every output of its elements, and their Partial.
+template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGradInputs,
+          bool kGradTargets, bool kFamily, int kPack>
+__device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
+    const ForwardPointers<x_t, t_t, out_t>& p) {
+  using S = math_t<x_t>;
+  S sum(0);
+  int64_t count = 0;
+  const bool weights_by_position =
+      p.weight_kind == WeightKind::Row || p.weight_kind == WeightKind::Class;
+
+  // by_position (a std::bool_constant): whether the code takes weights per row or per class.
+  // Without them it needs no switch over the weight kinds, and no row and class unless labels
+  // do. The switch is a branch per element, which keeps the scheduler from interleaving a
+  // pack's elements (~30 SASS instructions per element for floating targets, ~15 for labels:
+  // bench/NOTES.md): the packed kernels take that code for their common case, chosen once per
+  // launch.
+  auto process = [&](auto by_position, int64_t first, int num, const x_t* xs, const t_t* ts,
+                     out_t* losses, saved_t<out_t>* unweighted, saved_t<x_t>* grads_inputs,
+                     saved_t<t_t>* grads_targets) {
+    constexpr bool kByPosition = decltype(by_position)::value;
+    // Row and class: one division per pack.
+    const bool tracking = kIsLabels<t_t> || (kByPosition && weights_by_position);
+    int64_t row = tracking ? first / p.classes : 0;
+    // A label's class fits 32 bits (the host checks); float targets' classes may not.
+    using class_t = std::conditional_t<kIsLabels<t_t>, int32_t, int64_t>;
+    class_t cls = tracking ? static_cast<class_t>(first - row * p.classes) : 0;
+    [[maybe_unused]] RowLabel label{0, true};
+    if constexpr (kIsLabels<t_t>) {
+      label = row_label(p, row);
+    }
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      if (k < num) {
+        S target;
+        S valid(1);
+        if constexpr (kIsLabels<t_t>) {
+          count += label.counted ? 1 : 0;
+          valid = label.counted ? S(1) : S(0);
+          target = label.marked != cls ? S(0) : p.scores != nullptr ? p.scores[row] : S(1);
+        } else {
+          ++count;
+          target = static_cast<S>(ts[k]);
+        }
+        S weight(1);
+        if constexpr (kByPosition) {
+          switch (p.weight_kind) {
+            case WeightKind::None: break;
+            case WeightKind::Element: weight = p.weight[first + k]; break;
+            case WeightKind::Row: weight = p.weight[row]; break;
+            case WeightKind::Class: weight = p.weight[cls]; break;
+          }
+        } else if (p.weight_kind == WeightKind::Element) {
+          weight = p.weight[first + k];
+        }
+        const auto terms = loss_terms<DeviceMath<S>, kGamma, kGradInputs, kGradTargets, kFamily>(
+            static_cast<S>(xs[k]), target, weight, valid, p.coeffs);
+        sum += terms.loss;
+        losses[k] = static_cast<out_t>(terms.loss);
+        unweighted[k] = static_cast<saved_t<out_t>>(terms.unweighted_loss);
+        grads_inputs[k] = static_cast<saved_t<x_t>>(terms.grad_inputs);
+        if constexpr (kGradTargets && kIsLabels<t_t>) {
+          // The scores' gradient: one element per row is labelled, the row's only writer.
+          if (label.marked == cls && label.counted) {
+            p.grad_scores[row] = terms.grad_targets;
+          }
+        } else if constexpr (kGradTargets) {
+          grads_targets[k] = static_cast<saved_t<t_t>>(terms.grad_targets);
+        }
+        if (tracking && ++cls == p.classes) {
+          cls = 0;
+          ++row;
+          if constexpr (kIsLabels<t_t>) {
+            if (k + 1 < num) {  // the next row, if this pack reaches it (it may not exist)
+              label = row_label(p, row);
+            }
+          }
+        }
+      }
+    }
+  };
+
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t num_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t num_packs = p.n / kPack;
+  auto all_elements = [&](auto by_position) {
+    for (int64_t pack = thread; pack < num_packs; pack += num_threads) {
+      const auto xs = reinterpret_cast<const Pack<x_t, kPack>*>(p.inputs)[pack];
+      Pack<t_t, kPack> ts;  // unused for labels, which are read per row
+      if constexpr (!kIsLabels<t_t>) {
+        ts = reinterpret_cast<const Pack<t_t, kPack>*>(p.targets)[pack];
+      }
+      Pack<out_t, kPack> losses;
+      Pack<saved_t<out_t>, kPack> unweighted;
+      Pack<saved_t<x_t>, kPack> grads_inputs;
+      Pack<saved_t<t_t>, kPack> grads_targets;
+      process(by_position, pack * kPack, kPack, xs.v, ts.v, losses.v, unweighted.v, grads_inputs.v,
+              grads_targets.v);
+      if (p.loss != nullptr) {
+        reinterpret_cast<Pack<out_t, kPack>*>(p.loss)[pack] = losses;
+      }
+      if (p.unweighted_loss != nullptr) {
+        reinterpret_cast<Pack<saved_t<out_t>, kPack>*>(p.unweighted_loss)[pack] = unweighted;
+      }
+      if constexpr (kGradInputs) {
+        reinterpret_cast<Pack<saved_t<x_t>, kPack>*>(p.grad_inputs)[pack] = grads_inputs;
+      }
+      if constexpr (kGradTargets && !kIsLabels<t_t>) {
+        reinterpret_cast<Pack<saved_t<t_t>, kPack>*>(p.grad_targets)[pack] = grads_targets;
+      }
+    }
+    // The last n % kPack elements (fewer than the threads of one block).
+    const int64_t tail = num_packs * kPack + thread;
+    if (tail < p.n) {
+      out_t loss_value;
+      saved_t<out_t> unweighted_value;
+      saved_t<x_t> grad_inputs_value;
+      saved_t<t_t> grad_targets_value;
+      process(by_position, tail, 1, p.inputs + tail, kIsLabels<t_t> ? nullptr : p.targets + tail,
+              &loss_value, &unweighted_value, &grad_inputs_value, &grad_targets_value);
+      if (p.loss != nullptr) {
+        p.loss[tail] = loss_value;
+      }
+      if (p.unweighted_loss != nullptr) {
+        p.unweighted_loss[tail] = unweighted_value;
+      }
+      if constexpr (kGradInputs) {
+        p.grad_inputs[tail] = grad_inputs_value;
+      }
+      if constexpr (kGradTargets && !kIsLabels<t_t>) {
+        p.grad_targets[tail] = grad_targets_value;
+      }
+    }
+  };
+  if constexpr (kPack > 1) {
+    if (!weights_by_position) {
+      all_elements(std::false_type{});
+      return {sum, count};
+    }
+  }
+  all_elements(std::true_type{});
+  return {sum, count};
+}
+
+template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGradInputs, int kPack>
+__global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
+    focal_forward_kernel(const ForwardPointers<x_t, t_t, out_t> p) {
+  // The target gradient (of floating targets, or of the scores of labels) and the loss form
+  // are decided here, once, rather than compiled into kernels of their own or tested per
+  // element. The focal loss's loops hold no other form's code (small, and kind to the
+  // instruction cache); the family's are in the General element kernels only (the host sends
+  // every other form there): unrolled over a pack, and in every kernel, its three forms
+  // tripled the build time.
+  Partial<math_t<x_t>> partial;
+  const bool target_gradient = p.grad_targets != nullptr || p.grad_scores != nullptr;
+  constexpr bool kHasFamily = kGamma == GammaMode::General && kPack == 1;
+  if (!kHasFamily || p.coeffs.form == LossForm::Focal) {
+    partial = target_gradient
+                  ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, false, kPack>(p)
+                  : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, false, kPack>(p);
+  } else if constexpr (kHasFamily) {
+    partial = target_gradient
+                  ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, true, 1>(p)
+                  : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, true, 1>(p);
+  }
+  const auto sum = block_sum(partial.sum);
+  const auto count = block_sum(partial.count);
+  if (threadIdx.x == 0) {
+    p.block_sums[blockIdx.x] = sum;
+    p.block_counts[blockIdx.x] = count;
+  }
+}
+
+// One block adds the per-block sums and counts in a fixed order (the sums in double), writes
+// the count, and the loss (divided by the count for the mean) when it is reduced.
+template <typename S, typename out_t>
+__global__ void __launch_bounds__(kThreads)
+    finish_forward_kernel(const S* __restrict__ block_sums,
+                          const int64_t* __restrict__ block_counts, int num_blocks, bool mean,
+                          out_t* __restrict__ reduced_loss, int64_t* __restrict__ count) {
+  double sum = 0;
+  int64_t total = 0;
+  for (int i = threadIdx.x; i < num_blocks; i += kThreads) {
+    sum += static_cast<double>(block_sums[i]);
+    total += block_counts[i];
+  }
+  sum = block_sum(sum);
+  total = block_sum(total);
+  if (threadIdx.x == 0) {
+    *count = total;
+    if (reduced_loss != nullptr) {
+      // The mean of nothing is NaN (0 / 0), as in torch.
+      *reduced_loss = static_cast<out_t>(mean ? sum / static_cast<double>(total) : sum);
+    }
+  }
+}
+
+// fn(x_t{}, t_t{}, out_t{}) for the forward's combinations: floating targets in a pair above
+// (the loss takes the targets' dtype, the promoted one), or int64 labels (the loss takes the
+// inputs' dtype, or float32 for 16-bit inputs under autocast).
+template <typename Fn>
+bool dispatch_forward_types(const ForwardArgs& args, Fn&& fn) {
+  if (!args.labels) {
+    return dispatch_dtype_pair(args.inputs.scalar_type(), args.targets.scalar_type(),
+                               [&](auto x_value, auto t_value) { fn(x_value, t_value, t_value); });
+  }
+  const bool float_loss = args.loss.scalar_type() == at::kFloat;
+  return dispatch_dtype_pair(args.inputs.scalar_type(), args.inputs.scalar_type(),
+                             [&](auto x_value, auto) {
+                               using x_t = decltype(x_value);
+                               if constexpr (std::is_same_v<math_t<x_t>, x_t>) {
+                                 fn(x_value, int64_t{}, x_value);  // float, double
+                               } else if (float_loss) {
+                                 fn(x_value, int64_t{}, float{});
+                               } else {
+                                 fn(x_value, int64_t{}, x_value);
+                               }
+                             });
+}
+
+template <typename T>
+T* data_or_null(const at::Tensor& tensor) {
+  return tensor.defined() ? tensor.mutable_data_ptr<T>() : nullptr;
+}
+
+// The forward for inputs x_t, targets t_t and loss out_t: the fused kernel of the launch's gamma
+// mode and gradients, packed where every per-element array is aligned, then the reduction.
+template <typename x_t, typename t_t, typename out_t>
+void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream_t stream) {
+  const int64_t n = args.inputs.numel();
+  const bool elementwise = args.reduction == Reduction::None;
+  using S = math_t<x_t>;
+  constexpr int kPack = forward_pack_size<x_t>();
+  ForwardPointers<x_t, t_t, out_t> p{
+      args.inputs.const_data_ptr<x_t>(),
+      args.targets.const_data_ptr<t_t>(),
+      args.weight.defined() ? args.weight.const_data_ptr<S>() : nullptr,
+      args.scores.defined() ? args.scores.const_data_ptr<S>() : nullptr,
+      args.weight_kind,
+      args.classes,
+      args.ignore_index,
+      n,
+      LossCoeffs<S>(args.form, args.alpha, args.gamma, args.beta, args.label_smoothing),
+      elementwise ? args.loss.mutable_data_ptr<out_t>() : nullptr,
+      data_or_null<saved_t<out_t>>(args.unweighted_loss),
+      data_or_null<saved_t<x_t>>(args.grad_inputs),
+      kIsLabels<t_t> ? nullptr : data_or_null<saved_t<t_t>>(args.grad_targets),
+      data_or_null<S>(args.grad_scores),
+      nullptr,
+      nullptr,
+  };
+  // Packs of inputs are loaded whole; the other per-element arrays must then be aligned too.
+  // The family's forms run one element at a time (loads still coalesced across the warp).
+  const bool packed =
+      args.form == LossForm::Focal && is_aligned_for_pack<x_t, kPack>(p.inputs) &&
+      is_aligned_for_pack<saved_t<x_t>, kPack>(p.grad_inputs) &&
+      (kIsLabels<t_t> || is_aligned_for_pack<t_t, kPack>(p.targets)) &&
+      is_aligned_for_pack<saved_t<t_t>, kPack>(p.grad_targets) &&
+      is_aligned_for_pack<out_t, kPack>(p.loss) &&
+      is_aligned_for_pack<saved_t<out_t>, kPack>(p.unweighted_loss);
+  const int grid = grid_size(packed ? n / kPack : n, device);
+  // One allocation for the per-block counts and partial sums (S: 4 or 8 bytes).
+  const at::Tensor partials = at::empty({2 * grid}, args.inputs.options().dtype(at::kLong));
+  p.block_counts = partials.mutable_data_ptr<int64_t>();
+  p.block_sums = reinterpret_cast<S*>(p.block_counts + grid);
+
+  // The family's forms run in the General element kernels only (their exponent by products
+  // or pow): the Zero, Two and packed kernels carry the focal loss alone.
+  const GammaMode mode = args.form == LossForm::Focal ? gamma_mode(args.gamma) : GammaMode::General;
+  // gamma 1 runs in the General kernels: their products-or-pow decision is uniform across a
+  // warp, and one kernel set fewer keeps the build and the emulated sweep smaller.
+  dispatch_gamma_mode<GammaMode::Zero, GammaMode::Two, GammaMode::General>(
+      mode, [&](auto gamma_mode) {
+    dispatch_flag(p.grad_inputs != nullptr, [&](auto grad_inputs_flag) {
+      constexpr GammaMode kGamma = decltype(gamma_mode)::value;
+      constexpr bool kGradInputs = decltype(grad_inputs_flag)::value;
+      if (packed) {
+        FOCAL_LAUNCH(grid, kThreads, stream,
+                     focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, kPack>)(p);
+      } else {
+        FOCAL_LAUNCH(grid, kThreads, stream,
+                     focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, 1>)(p);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+
+  FOCAL_LAUNCH(1, kThreads, stream, finish_forward_kernel<S, out_t>)(
+      p.block_sums, p.block_counts, grid, args.reduction == Reduction::Mean,
+      elementwise ? nullptr : args.loss.mutable_data_ptr<out_t>(),
+      args.count.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+template <typename x_t>
+void forward_with_inputs(const ForwardArgs& args) {
+  const c10::cuda::CUDAGuard device_guard(args.inputs.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool dispatched = dispatch_forward_types(args, [&](auto x_value, auto t_value, auto out_value) {
+    if constexpr (std::is_same_v<decltype(x_value), x_t>) {
+      launch_forward<x_t, decltype(t_value), decltype(out_value)>(
+          args, device_guard.current_device().index(), stream);
+    }
+  });
+  TORCH_INTERNAL_ASSERT(dispatched && args.inputs.scalar_type() == c10::CppTypeToScalarType<x_t>::value,
+                        "focal_cuda: dtypes ", args.inputs.scalar_type(), ", ",
+                        args.targets.scalar_type(), " -> ", args.loss.scalar_type(),
+                        " reached the CUDA forward unconverted");
+}
+
+}  // namespace focal::cuda

@@ -1,0 +1,5 @@
+// The forward kernels for float32 inputs (forward.cuh), in a file of their own: a build compiles
+// each inputs dtype's kernels in parallel.
+#include "forward.cuh"
+
+template void focal::cuda::forward_with_inputs<float>(const focal::ForwardArgs& args);
