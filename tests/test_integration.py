@@ -145,6 +145,7 @@ def _free_gpu_bytes():
     return torch.cuda.mem_get_info()[0] if CUDA_AVAILABLE else 0
 
 
+@pytest.mark.gpu_memory
 @pytest.mark.skipif(_free_gpu_bytes() < 48 * 2**30, reason="needs a GPU with 48 GiB free")
 def test_more_than_2_pow_31_elements_on_gpu():
     numel = 2**31 + 4099
