@@ -33,8 +33,9 @@ pybind11::dict build_info() {
 // kOp called as torch's own Python bindings call theirs (torch/csrc/Exceptions.h): the kernels
 // run without the GIL, so that Python threads can compute losses concurrently; an error unwinds
 // out of that scope first (the GIL is held again), and torch's handler turns it into the Python
-// exception with the GIL held, warnings included. Nothing is left to pybind11's translation of
-// C++ exceptions across modules, and no Python state is touched without the GIL.
+// exception with the GIL held, warnings included. torch's errors and the standard exceptions
+// then never reach pybind11's translation of C++ exceptions across modules (only pybind11's own
+// exception types, which it handles itself), and no Python state is touched without the GIL.
 template <auto kOp>
 struct WithoutGil;
 

@@ -91,10 +91,12 @@ namespace cuda {
 bool reads_dtype_pair(at::ScalarType first, at::ScalarType second);
 void forward(const ForwardArgs& args);
 void backward(const BackwardArgs& args);
-// forward for inputs of dtype x_t (at::Half, at::BFloat16, float, double): instantiated in
-// forward_<dtype>.cu, one file each, so that a build compiles them in parallel.
-template <typename x_t>
-void forward_with_inputs(const ForwardArgs& args);
+// forward for inputs of each dtype, defined in forward_<dtype>.cu, one file each, so that a
+// build compiles them in parallel.
+void forward_float16(const ForwardArgs& args);
+void forward_bfloat16(const ForwardArgs& args);
+void forward_float32(const ForwardArgs& args);
+void forward_float64(const ForwardArgs& args);
 }  // namespace cuda
 #endif
 

@@ -252,9 +252,9 @@ FOCAL_HOST_DEVICE Logistic<V> logistic(V x, V t) {
           Math::log1p(e) + t * Math::max(zero - x, zero) + (one - t) * Math::max(x, zero)};
 }
 
-// base^gamma for base in [0, 1] and the launch's exponent coeffs.gamma: 1 for Zero, base for One,
-// a square for Two, products (and one sqrt) for a multiple of 1/2 up to kMaxProductGamma, else
-// pow.
+// base^gamma (base in [0, 1] for targets in [0, 1], of any sign beyond) for the launch's
+// exponent coeffs.gamma: 1 for Zero, base for One, a square for Two, products (and one sqrt) for
+// a multiple of 1/2 up to kMaxProductGamma, else pow.
 template <typename Math, GammaMode kGamma, typename V, typename S>
 FOCAL_HOST_DEVICE V gamma_power(V base, const FocalCoeffs<S>& coeffs) {
   if constexpr (kGamma == GammaMode::Zero) {

@@ -462,10 +462,10 @@ def test_float32_softplus_and_sigmoid_are_within_4_ulp(emulated, misaligned):
 
 
 def test_float32_reciprocal_is_within_half_an_ulp(emulated):
-    """The kernels' float32 reciprocal (csrc/cuda/focal_cuda.cu): the GPU's estimate, emulated no
+    """The kernels' float32 reciprocal (csrc/cuda/forward.cuh): the GPU's estimate, emulated no
     better than its documented 1 ulp (1 ulp from the rounded value, so up to 1.5 from the exact
     one), then one Newton step, over the divisors the formulas have: 1 + e and 2 + v in [1, 3],
-    q and |p - t| times 2^32 in [2^-117, 2^32]. The step squares the estimate's relative error
+    q and |p - t| times 2^32 in [2^-117, 2^32] (targets in [0, 1]). The step squares the estimate's relative error
     (below 2^-44) and its last fused multiply-add rounds once: 0.5 ulp, and 2^-20 to spare."""
     generator = torch.Generator().manual_seed(0)
     divisors = torch.cat([

@@ -79,8 +79,8 @@ struct VecMath {
   static Vec log1p(const Vec& v) { return log1p_unit(v); }
   // exp(exponent * log|base|): several times faster than SLEEF's pow, and exact enough for the
   // exponents > 0 it gets (pow(0, e) = exp(-inf) = 0). The product is capped at float's
-  // overflow, 128 ln 2, where the AVX2 exp builds 2^n in the exponent bits (the last 40% below
-  // FLT_MAX round up to inf). A negative base (q of a target outside [0, 1]) follows pow: the
+  // overflow, 128 ln 2, where the AVX2 exp builds 2^n in the exponent bits (powers above
+  // 2^127.5, the last 29% below FLT_MAX, round up to inf). A negative base (q of a target outside [0, 1]) follows pow: the
   // power negated for an odd whole exponent, NaN for an exponent that is not whole.
   static Vec pow(const Vec& base, const Vec& exponent) {
     constexpr S kLogOverflow = std::is_same_v<S, float> ? S(88.7228391f)
@@ -188,8 +188,8 @@ template <>
 Vectorized<float> log_unit(const Vectorized<float>& v) {
   using Vec = Vectorized<float>;
 #if defined(CPU_CAPABILITY_AVX512)
-  // getexp(0) = -inf, so log(0) = -inf and q^gamma = 0 there; a negative v (q of targets
-  // outside [0, 1]) gives NaN, as the scalar pow does.
+  // getexp(0) = -inf, so log(0) = -inf and q^gamma = 0 there; a negative v gives NaN (pow
+  // passes |q|).
   const Vec m = _mm512_getmant_ps(v, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_nan);
   const __m512 exponent = _mm512_getexp_ps(v);  // floor(log2(v)); m < 1 halved the mantissa
   const __mmask16 halved = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.0f), _CMP_LT_OQ);
@@ -208,7 +208,7 @@ Vectorized<float> log_unit(const Vectorized<float>& v) {
   return log_v;
 #else
   // The bit split needs a normal v: 0 (and the subnormals flush-to-zero makes 0) give -inf; a
-  // negative or NaN v gives NaN, as the scalar pow does.
+  // negative or NaN v gives NaN (pow passes |q|).
   const Vec log_normal = Vec::blendv(log_v, Vec(-std::numeric_limits<float>::infinity()),
                                      v < Vec(std::numeric_limits<float>::min()));
   return Vec::blendv(Vec(std::numeric_limits<float>::quiet_NaN()), log_normal, v >= Vec(0.0f));

@@ -68,11 +68,15 @@ void forward(const ForwardArgs& args) {
   TORCH_CHECK(!args.labels || args.classes <= std::numeric_limits<int32_t>::max(),
               "focal_cuda: with class labels on CUDA, inputs' last dimension (the classes) must be "
               "at most ", std::numeric_limits<int32_t>::max(), "; got ", args.classes);
-  const at::ScalarType dtype = args.inputs.scalar_type();
-  const bool dispatched = dispatch_dtype_pair(dtype, dtype, [&](auto x_value, auto) {
-    forward_with_inputs<decltype(x_value)>(args);
-  });
-  TORCH_INTERNAL_ASSERT(dispatched, "focal_cuda: inputs of dtype ", dtype, " reached the CUDA forward");
+  switch (args.inputs.scalar_type()) {
+    case at::kHalf: forward_float16(args); break;
+    case at::kBFloat16: forward_bfloat16(args); break;
+    case at::kFloat: forward_float32(args); break;
+    case at::kDouble: forward_float64(args); break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "focal_cuda: inputs of dtype ", args.inputs.scalar_type(),
+                            " reached the CUDA forward");
+  }
 }
 
 void backward(const BackwardArgs& args) {

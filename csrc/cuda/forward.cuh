@@ -1,7 +1,7 @@
 // The fused forward kernels (loss and gradients in one pass over inputs and targets), their
 // deterministic two-stage reduction, and their launch for one inputs dtype: each
-// forward_<dtype>.cu instantiates forward_with_inputs for its dtype, so that a build compiles
-// the dtypes' kernels in parallel.
+// forward_<dtype>.cu calls forward_with_inputs for its dtype, so that a build compiles the
+// dtypes' kernels in parallel.
 //
 // Grid-stride loops over packs of elements (16-byte loads of the inputs where every pointer is
 // aligned, one element at a time otherwise), 64-bit indices, math in float (double for float64)
@@ -30,7 +30,8 @@ __device__ __forceinline__ float rcp_approx_ftz(float v) {
 
 // The kernels' math: focal_math.h's scalar functions, with the GPU's reciprocal in float. The
 // formulas divide only by normal floats (1 + e and 2 + v in [1, 3]; q and |p - t| scaled by
-// kUnitScale into [2^-117, 2^32]; 0 only where a select drops the result), so the hardware
+// kUnitScale, in [2^-117, 2^32] for targets in [0, 1], larger in magnitude beyond; 0 only where
+// a select drops the result), so the hardware
 // estimate and one Newton step (which squares the estimate's error) give 1 / v within 0.5 ulp
 // and a hair, without IEEE division's range check and branch to its out-of-line slow path (a
 // branch that also keeps the scheduler from moving loads across it).
@@ -469,8 +470,8 @@ void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace
-
+// The forward for inputs of dtype x_t: what forward_<dtype>.cu's entry point calls. In the
+// anonymous namespace like the kernels, so that each kernel file has its own.
 template <typename x_t>
 void forward_with_inputs(const ForwardArgs& args) {
   const c10::cuda::CUDAGuard device_guard(args.inputs.device());
@@ -487,4 +488,5 @@ void forward_with_inputs(const ForwardArgs& args) {
                         " reached the CUDA forward unconverted");
 }
 
+}  // namespace
 }  // namespace focal::cuda

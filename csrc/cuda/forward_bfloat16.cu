@@ -2,4 +2,6 @@
 // each inputs dtype's kernels in parallel.
 #include "forward.cuh"
 
-template void focal::cuda::forward_with_inputs<at::BFloat16>(const focal::ForwardArgs& args);
+void focal::cuda::forward_bfloat16(const ForwardArgs& args) {
+  forward_with_inputs<at::BFloat16>(args);
+}

@@ -2,4 +2,6 @@
 // each inputs dtype's kernels in parallel.
 #include "forward.cuh"
 
-template void focal::cuda::forward_with_inputs<double>(const focal::ForwardArgs& args);
+void focal::cuda::forward_float64(const ForwardArgs& args) {
+  forward_with_inputs<double>(args);
+}

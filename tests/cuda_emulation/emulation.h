@@ -1,6 +1,6 @@
-// The CUDA language and the slice of the CUDA runtime that csrc/cuda/focal_cuda.cu uses, for the
-// host: the kernel source compiles unchanged with g++ and runs on the CPU under CUDA's execution
-// model (runtime.cpp). Include this before the kernel source.
+// The CUDA language and the slice of the CUDA runtime that the kernel files of csrc/cuda use,
+// for the host: the kernel sources compile unchanged with g++ and run on the CPU under CUDA's
+// execution model (runtime.cpp). Include this before the kernel sources.
 //
 // - Blocks run one after another; the threads of a block run as fibers, so __syncthreads is a
 //   real barrier and warp shuffles exchange values between lanes that are all waiting at them.

@@ -52,7 +52,7 @@ MUTANTS = [
      "    for (int64_t pack = thread; pack < num_packs; pack += blockDim.x) {\n"
      "      const auto xs = "),
     ("misaligned_packed_store", "forward: the loss pointer left out of the alignment check of the packed path",
-     "        is_aligned_for_pack<out_t, kPack>(p.loss) &&\n", ""),
+     "      is_aligned_for_pack<out_t, kPack>(p.loss) &&\n", ""),
     ("class_wrap", "forward: the class index does not wrap to 0 at a new row",
      "          cls = 0;\n          ++row;", "          ++row;"),
     ("block_sum_writer", "forward: thread 1 instead of thread 0 writes the block's partial sums",
@@ -73,7 +73,7 @@ MUTANTS = [
      "              label = row_label(p, row);\n            }",
      "            label = row_label(p, row);"),
     ("unaligned_target_packs", "forward: the targets left out of the alignment check of the packed path",
-     "        (kIsLabels<t_t> || is_aligned_for_pack<t_t, kPack>(p.targets)) &&\n", ""),
+     "      (kIsLabels<t_t> || is_aligned_for_pack<t_t, kPack>(p.targets)) &&\n", ""),
     ("partials_overlap", "forward: the per-block sums placed over the per-block counts",
      "p.block_sums = reinterpret_cast<S*>(p.block_counts + grid);",
      "p.block_sums = reinterpret_cast<S*>(p.block_counts);"),
@@ -132,7 +132,8 @@ def plant(name, old, new, directory):
     """A copy of csrc in directory/csrc with old replaced by new in the one file that holds it."""
     copy = directory / "csrc"
     shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(CSRC, copy)
+    # Fresh times: ninja must see every copied file as new, not only the mutated one.
+    shutil.copytree(CSRC, copy, copy_function=shutil.copy)
     holders = [path for path in sorted(copy.rglob("*")) if path.is_file() and old in path.read_text()]
     occurrences = sum(path.read_text().count(old) for path in holders)
     if occurrences != 1:
