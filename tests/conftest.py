@@ -306,13 +306,13 @@ def assert_gradients_are_derivatives(forward, inputs, targets, options, scores=N
     targets floating, or integer labels with optional scores (then d/dscores is checked).
 
     The first oracle is a central difference D of forward's own elementwise loss f, step
-    h = 1e-6 (1 + |v|): its truncation error h^2 |f'''| / 6 stays within 1e-6 (|g| + |D|) plus
-    twice the difference from the step h / 10's (which estimates it) wherever f is smooth on
-    the scale of h, its rounding error (f to ~50 ulp, over h) within
+    h = 1e-6 (1 + |v|). Wherever f is smooth on the scale of h, its truncation error
+    h^2 |f'''| / 6 stays within 1e-6 (|g| + |D|) plus twice the difference from the step
+    h / 10's (which estimates it), and its rounding error (f to ~50 ulp, over h) within
     1e-8 max |f| over the points (plus, over h, 1e3 times the smallest normal number, below
-    which the CPU kernels flush intermediates).
-    The one-sided differences and a tenth of the step tell where it is not (a kink, a jump, a
-    singular power, a NaN within h): those elements are left out."""
+    which the CPU kernels flush intermediates). The one-sided differences and a tenth of the
+    step tell where f is not smooth (a kink, a jump, a singular power, a NaN within h): those
+    elements are left out."""
     form, alpha, gamma, beta, label_smoothing = options
     labels = not targets.is_floating_point()
     grad_targets_wanted = not labels or scores is not None
@@ -405,10 +405,9 @@ def consistency_cases(draw):
         draw(st.one_of(st.just(-1.0), st.floats(0, 1, allow_subnormal=False))),
         draw(st.floats(-3, 3, allow_subnormal=False)),
         draw(st.sampled_from([0.0, 0.1])))
-    weight = draw(st.sampled_from([None, "class", "element"]))
-    if weight is not None:
-        weight = torch.linspace(-1, 2, 5 if weight == "class" else 20, dtype=torch.float64)
-        weight = weight.view(-1) if weight.numel() == 5 else weight.view(4, 5)
+    weight = {None: None, "class": torch.linspace(-1, 2, 5, dtype=torch.float64),
+              "element": torch.linspace(-1, 2, 20, dtype=torch.float64).view(4, 5),
+              }[draw(st.sampled_from([None, "class", "element"]))]
     if draw(st.booleans()):  # labels with scores: row r's class r + 1 gets the score t[r, 0]
         return x, torch.arange(1, 5), options, t[:, 0].clone(), weight
     return x, t, options, None, weight

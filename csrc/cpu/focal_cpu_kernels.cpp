@@ -80,8 +80,9 @@ struct VecMath {
   // exp(exponent * log|base|): several times faster than SLEEF's pow, and exact enough for the
   // exponents > 0 it gets (pow(0, e) = exp(-inf) = 0). The product is capped at float's
   // overflow, 128 ln 2, where the AVX2 exp builds 2^n in the exponent bits (powers above
-  // 2^127.5, the last 29% below FLT_MAX, round up to inf). A negative base (q of a target outside [0, 1]) follows pow: the
-  // power negated for an odd whole exponent, NaN for an exponent that is not whole.
+  // 2^127.5, the last 29% below FLT_MAX, round up to inf). A negative base (q of a target
+  // outside [0, 1]) follows pow: the power negated for an odd whole exponent, NaN for an
+  // exponent that is not whole.
   static Vec pow(const Vec& base, const Vec& exponent) {
     constexpr S kLogOverflow = std::is_same_v<S, float> ? S(88.7228391f)
                                                          : std::numeric_limits<S>::infinity();
