@@ -112,6 +112,14 @@ def loss_dtype(x_dtype, targets, float32_loss):
     return F32 if float32_loss and dtype in (F16, BF16) else dtype
 
 
+def may_track_rows(labels, weight_kind):
+    """Whether the forward loops may track each element's row and class: for labels, and for a
+    weight the op reads per row or per class (a scalar, or an element weight on rows of one
+    class). Such loops are packed only for rows at least a pack long, so that a pack meets at
+    most two rows."""
+    return labels or weight_kind != "none"
+
+
 def forward_kernel_name(x_dtype, targets, float32_loss, gamma_mode, grad_inputs, pack):
     t_type = CPP_TYPES[torch.int64 if targets == "labels" else targets]
     out = CPP_TYPES[loss_dtype(x_dtype, targets, float32_loss)]
@@ -365,13 +373,17 @@ def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
             shape = (1, 4)  # labels need a class dimension
         if not packed and shape in ((), (1, 1)):
             shape = (5, 7)  # one element is always aligned: give the misaligned view more
+        weight_kind = ["none", "element", "row", "class", "scalar"][step % 5]
+        pack = forward_pack_size(x_dtype)
+        if packed and may_track_rows(labels, weight_kind) and (shape[-1] if shape else 1) < pack:
+            shape = (5, 2 * pack + 1)  # rows shorter than a pack take the element path
         gamma = GAMMA_MODES[gamma_mode][step % len(GAMMA_MODES[gamma_mode])]
         form, alpha, beta, label_smoothing = form_options(step, gamma, gamma_mode, packed)
         case = Case(
             x_dtype=x_dtype, targets=targets, float32_loss=float32_loss, gamma=gamma,
             shape=shape, misaligned=not packed,
             reduction=["none", "mean", "sum"][step % 3],
-            weight_kind=["none", "element", "row", "class", "scalar"][step % 5],
+            weight_kind=weight_kind,
             alpha=alpha, form=form, beta=beta, label_smoothing=label_smoothing,
             grad_inputs=grad_inputs,
             grad_targets=step % 2 == 0 and (not labels or step // 4 % 2 == 0),
@@ -575,6 +587,46 @@ def test_family_forms_run_in_the_general_element_kernels(emulated, form, gamma, 
                 ignore="spread", scores=targets == "labels")
     launched = launches_during(emulated, lambda: run_case(emulated, case, step))
     assert launched.get(forward_kernel_name(F32, targets, False, "general", True, 1)) == 2, launched
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=lambda dtype: str(dtype)[len("torch."):])
+@pytest.mark.parametrize("targets, weight_kind", [("labels", "none"), ("same", "row"), ("same", "class")])
+def test_rows_shorter_than_a_pack_take_the_element_path(emulated, dtype, targets, weight_kind):
+    """Loops that track rows (labels, weights per row or class) meet at most two rows per pack:
+    rows one element shorter than a pack run one element at a time, rows a pack long in packs,
+    and both give the reference's values."""
+    pack = forward_pack_size(dtype)
+    target_kind = "labels" if targets == "labels" else dtype
+    for classes, expected_pack in [(pack - 1, 1), (pack, pack)]:
+        case = Case(x_dtype=dtype, targets=target_kind, float32_loss=False, gamma=2.0,
+                    shape=(41, classes), misaligned=False, reduction="sum", weight_kind=weight_kind,
+                    alpha=0.25, label_smoothing=0.0, grad_inputs=True, grad_targets=False,
+                    ignore="spread", seed=classes)
+        emulated.set_multiprocessor_count(1)
+        launched = launches_during(emulated, lambda: run_case(emulated, case, classes))
+        name = forward_kernel_name(dtype, target_kind, False, "two", True, expected_pack)
+        assert launched.get(name) == 2, f"{classes} classes: launched {launched}"
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=lambda dtype: str(dtype)[len("torch."):])
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+def test_labels_at_the_ends_of_rows_in_packs_that_meet_two_rows(emulated, dtype, ignore_index):
+    """Rows one element longer than a pack, so that packs meet two rows, with labels at the
+    rows' ends and starts (two labelled elements in one pack), the background, ignored rows
+    and an ignore_index that is also a class: every output, the scores' gradient included."""
+    classes = forward_pack_size(dtype) + 1
+    pattern = [classes - 1, 0, classes, ignore_index, 1, classes - 1, ignore_index, 0, classes - 1]
+    case = Case(x_dtype=dtype, targets="labels", float32_loss=False, gamma=2.0,
+                shape=(4 * len(pattern), classes), misaligned=False, reduction="sum",
+                weight_kind="row", alpha=0.25, label_smoothing=0.0, grad_inputs=True,
+                grad_targets=True, scores=True, ignore="none", ignore_index=ignore_index)
+    labels = torch.tensor(pattern * 4)
+    case.targets = placed(labels, False)
+    case.count = int((labels != ignore_index).sum()) * classes
+    emulated.set_multiprocessor_count(1)
+    launched = launches_during(emulated, lambda: run_case(emulated, case, 1))
+    name = forward_kernel_name(dtype, "labels", False, "two", True, forward_pack_size(dtype))
+    assert launched.get(name) == 2, launched
 
 
 @pytest.mark.parametrize("x_dtype, target_dtype", [(F16, F16), (F32, F32), (F64, F64), (BF16, F32)])

@@ -149,24 +149,59 @@ __device__ __noinline__ void report_bad_label(const int64_t* label, int64_t clas
   CUDA_KERNEL_ASSERT(*label >= 0 && *label <= classes && "class label out of range");
 }
 
-// A row's label as the loops use it: read and checked once per row a thread visits, not once per
-// element, and held in one 32-bit register (the host checks that classes fit): the class it
-// marks (classes, which no element's class equals, for the background and for any label out of
-// range), and whether the row counts (label != ignore_index).
-struct RowLabel {
-  int32_t marked;
-  bool counted;
+// Checks the labels of the rows a thread visits, one read per row, reporting a bad one, and
+// returns how many elements of those rows count for the mean. The loops take labels on trust:
+// they compare labels with classes and never index by them.
+template <typename x_t, typename out_t>
+__device__ __forceinline__ int64_t check_and_count_labels(
+    const ForwardPointers<x_t, int64_t, out_t>& p) {
+  const int64_t rows = p.n / p.classes;
+  int64_t counted_rows = 0;
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t row = thread; row < rows; row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t label = p.targets[row];
+    const bool counted = label != p.ignore_index;
+    if (counted && static_cast<uint64_t>(label) > static_cast<uint64_t>(p.classes)) {
+      report_bad_label(p.targets + row, p.classes);
+    }
+    counted_rows += counted ? 1 : 0;
+  }
+  return counted_rows * p.classes;
+}
+
+// The labels of the rows a pack meets, read once per pack: the pack's first row, in elements
+// [0, boundary), and past them the next (the host packs label rows at least a pack long, so
+// there are at most two).
+template <typename S>
+struct PackLabels {
+  uint32_t positives;  // bit k: element k is its row's labelled class
+  S valid[2];          // whether the row counts (1) or is ignored (0)
+  S target[2];         // the row's labelled element's target
 };
 
-template <typename x_t, typename out_t>
-__device__ __forceinline__ RowLabel row_label(const ForwardPointers<x_t, int64_t, out_t>& p,
-                                              int64_t row) {
-  const int64_t label = p.targets[row];
-  const bool in_range = label >= 0 && label <= p.classes;
-  if (label != p.ignore_index && !in_range) {
-    report_bad_label(p.targets + row, p.classes);
-  }
-  return {static_cast<int32_t>(in_range ? label : p.classes), label != p.ignore_index};
+template <int kPack, typename x_t, typename out_t>
+__device__ __forceinline__ PackLabels<math_t<x_t>> pack_labels(
+    const ForwardPointers<x_t, int64_t, out_t>& p, int64_t row, int32_t cls, int32_t boundary,
+    int num) {
+  using S = math_t<x_t>;
+  PackLabels<S> labels;
+  const bool two_rows = kPack > 1 && boundary < num;
+  const int64_t first = p.targets[row];
+  const int64_t next = two_rows ? p.targets[row + 1] : p.ignore_index;
+  // Offsets of the labelled elements in 32 bits (a checked label is at most C, which fits): the
+  // background (C) and a label below cls fall outside [0, boundary), a label of the next row
+  // outside [0, num - boundary) unless it is a class; an ignored row's offset is any, unused.
+  const uint32_t first_offset = static_cast<uint32_t>(first) - static_cast<uint32_t>(cls);
+  const uint32_t next_offset = static_cast<uint32_t>(next);
+  const bool first_here = first_offset < static_cast<uint32_t>(two_rows ? boundary : num);
+  const bool next_here = two_rows && next_offset < static_cast<uint32_t>(num - boundary);
+  labels.positives = (first_here ? 1u << first_offset : 0u) |
+                     (next_here ? 1u << (boundary + next_offset) : 0u);
+  labels.valid[0] = first != p.ignore_index ? S(1) : S(0);
+  labels.valid[1] = next != p.ignore_index ? S(1) : S(0);
+  labels.target[0] = p.scores != nullptr ? p.scores[row] : S(1);
+  labels.target[1] = p.scores != nullptr && two_rows ? p.scores[row + 1] : S(1);
+  return labels;
 }
 
 // The sum of the loss over a thread's elements, and how many of them count for the mean.
@@ -182,42 +217,46 @@ template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGr
 __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
     const ForwardPointers<x_t, t_t, out_t>& p) {
   using S = math_t<x_t>;
+  // A label's class fits 32 bits (the host checks); float targets' classes may not.
+  using class_t = std::conditional_t<kIsLabels<t_t>, int32_t, int64_t>;
   S sum(0);
   int64_t count = 0;
   const bool weights_by_position =
       p.weight_kind == WeightKind::Row || p.weight_kind == WeightKind::Class;
 
+  // The elements [first, first + num) of one pack, whose first lies in row `row`, class `cls`.
   // by_position (a std::bool_constant): whether the code takes weights per row or per class.
   // Without them it needs no switch over the weight kinds, and no row and class unless labels
   // do. The switch is a branch per element, which keeps the scheduler from interleaving a
   // pack's elements (~30 SASS instructions per element for floating targets, ~15 for labels:
   // bench/NOTES.md): the packed kernels take that code for their common case, chosen once per
   // launch.
-  auto process = [&](auto by_position, int64_t first, int num, const x_t* xs, const t_t* ts,
-                     out_t* losses, saved_t<out_t>* unweighted, saved_t<x_t>* grads_inputs,
-                     saved_t<t_t>* grads_targets) {
+  auto process = [&](auto by_position, int64_t first, int64_t row, class_t cls, int num,
+                     const x_t* xs, const t_t* ts, out_t* losses, saved_t<out_t>* unweighted,
+                     saved_t<x_t>* grads_inputs, saved_t<t_t>* grads_targets) {
     constexpr bool kByPosition = decltype(by_position)::value;
-    // Row and class: one division per pack.
     const bool tracking = kIsLabels<t_t> || (kByPosition && weights_by_position);
-    int64_t row = tracking ? first / p.classes : 0;
-    // A label's class fits 32 bits (the host checks); float targets' classes may not.
-    using class_t = std::conditional_t<kIsLabels<t_t>, int32_t, int64_t>;
-    class_t cls = tracking ? static_cast<class_t>(first - row * p.classes) : 0;
-    [[maybe_unused]] RowLabel label{0, true};
+    // Elements [0, boundary) lie in `row`, the rest in the next row (the host packs rows only
+    // when they are at least a pack long).
+    const class_t boundary = static_cast<class_t>(p.classes - cls);
+    [[maybe_unused]] PackLabels<S> labels;
     if constexpr (kIsLabels<t_t>) {
-      label = row_label(p, row);
+      labels = pack_labels<kPack>(p, row, cls, boundary, num);  // counted by check_and_count_labels
+    } else {
+      count += num;
     }
 #pragma unroll
     for (int k = 0; k < kPack; ++k) {
       if (k < num) {
+        const bool next_row = tracking && k > 0 && k >= boundary;  // boundary >= 1
         S target;
         S valid(1);
         if constexpr (kIsLabels<t_t>) {
-          count += label.counted ? 1 : 0;
-          valid = label.counted ? S(1) : S(0);
-          target = label.marked != cls ? S(0) : p.scores != nullptr ? p.scores[row] : S(1);
+          valid = next_row ? labels.valid[1] : labels.valid[0];
+          target = (labels.positives >> k & 1u) == 0u ? S(0)
+                   : next_row                         ? labels.target[1]
+                                                      : labels.target[0];
         } else {
-          ++count;
           target = static_cast<S>(ts[k]);
         }
         S weight(1);
@@ -225,8 +264,10 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
           switch (p.weight_kind) {
             case WeightKind::None: break;
             case WeightKind::Element: weight = p.weight[first + k]; break;
-            case WeightKind::Row: weight = p.weight[row]; break;
-            case WeightKind::Class: weight = p.weight[cls]; break;
+            case WeightKind::Row: weight = p.weight[row + (next_row ? 1 : 0)]; break;
+            case WeightKind::Class:
+              weight = p.weight[next_row ? cls + k - p.classes : cls + k];
+              break;
           }
         } else if (p.weight_kind == WeightKind::Element) {
           weight = p.weight[first + k];
@@ -238,21 +279,12 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
         unweighted[k] = static_cast<saved_t<out_t>>(terms.unweighted_loss);
         grads_inputs[k] = static_cast<saved_t<x_t>>(terms.grad_inputs);
         if constexpr (kGradTargets && kIsLabels<t_t>) {
-          // The scores' gradient: one element per row is labelled, the row's only writer.
-          if (label.marked == cls && label.counted) {
-            p.grad_scores[row] = terms.grad_targets;
+          // The scores' gradient: a counted row's labelled element, its row's only writer.
+          if ((labels.positives >> k & 1u) != 0u && valid != S(0)) {
+            p.grad_scores[row + (next_row ? 1 : 0)] = terms.grad_targets;
           }
         } else if constexpr (kGradTargets) {
           grads_targets[k] = static_cast<saved_t<t_t>>(terms.grad_targets);
-        }
-        if (tracking && ++cls == p.classes) {
-          cls = 0;
-          ++row;
-          if constexpr (kIsLabels<t_t>) {
-            if (k + 1 < num) {  // the next row, if this pack reaches it (it may not exist)
-              label = row_label(p, row);
-            }
-          }
         }
       }
     }
@@ -262,7 +294,26 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
   const int64_t num_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t num_packs = p.n / kPack;
   auto all_elements = [&](auto by_position) {
+    constexpr bool kByPosition = decltype(by_position)::value;
+    const bool tracking = kIsLabels<t_t> || (kByPosition && weights_by_position);
+    // The row and class of each pack's first element. The packed loops advance them by the grid
+    // stride (divisions once per thread, not per pack); the element loops divide per element,
+    // which keeps the registers the float64 kernels lack at 64.
+    const auto classes = static_cast<class_t>(p.classes);
+    const auto position = [&](int64_t element, int64_t& row, class_t& cls) {
+      row = tracking ? element / p.classes : 0;
+      cls = tracking ? static_cast<class_t>(element - row * p.classes) : 0;
+    };
+    int64_t row;
+    class_t cls;
+    position(thread * kPack, row, cls);
+    int64_t stride_rows;
+    class_t stride_classes;
+    position(num_threads * kPack, stride_rows, stride_classes);
     for (int64_t pack = thread; pack < num_packs; pack += num_threads) {
+      if constexpr (kPack == 1) {
+        position(pack, row, cls);
+      }
       const auto xs = reinterpret_cast<const Pack<x_t, kPack>*>(p.inputs)[pack];
       Pack<t_t, kPack> ts;  // unused for labels, which are read per row
       if constexpr (!kIsLabels<t_t>) {
@@ -272,8 +323,8 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
       Pack<saved_t<out_t>, kPack> unweighted;
       Pack<saved_t<x_t>, kPack> grads_inputs;
       Pack<saved_t<t_t>, kPack> grads_targets;
-      process(by_position, pack * kPack, kPack, xs.v, ts.v, losses.v, unweighted.v, grads_inputs.v,
-              grads_targets.v);
+      process(by_position, pack * kPack, row, cls, kPack, xs.v, ts.v, losses.v, unweighted.v,
+              grads_inputs.v, grads_targets.v);
       if (p.loss != nullptr) {
         reinterpret_cast<Pack<out_t, kPack>*>(p.loss)[pack] = losses;
       }
@@ -286,16 +337,28 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
       if constexpr (kGradTargets && !kIsLabels<t_t>) {
         reinterpret_cast<Pack<saved_t<t_t>, kPack>*>(p.grad_targets)[pack] = grads_targets;
       }
+      if (kPack > 1 && tracking) {
+        row += stride_rows;
+        cls += stride_classes;
+        if (cls >= classes) {
+          cls -= classes;
+          ++row;
+        }
+      }
     }
     // The last n % kPack elements (fewer than the threads of one block).
     const int64_t tail = num_packs * kPack + thread;
     if (tail < p.n) {
+      int64_t tail_row;
+      class_t tail_class;
+      position(tail, tail_row, tail_class);
       out_t loss_value;
       saved_t<out_t> unweighted_value;
       saved_t<x_t> grad_inputs_value;
       saved_t<t_t> grad_targets_value;
-      process(by_position, tail, 1, p.inputs + tail, kIsLabels<t_t> ? nullptr : p.targets + tail,
-              &loss_value, &unweighted_value, &grad_inputs_value, &grad_targets_value);
+      process(by_position, tail, tail_row, tail_class, 1, p.inputs + tail,
+              kIsLabels<t_t> ? nullptr : p.targets + tail, &loss_value, &unweighted_value,
+              &grad_inputs_value, &grad_targets_value);
       if (p.loss != nullptr) {
         p.loss[tail] = loss_value;
       }
@@ -340,6 +403,9 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
     partial = target_gradient
                   ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, true, 1>(p)
                   : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, true, 1>(p);
+  }
+  if constexpr (kIsLabels<t_t>) {
+    partial.count = check_and_count_labels(p);
   }
   const auto sum = block_sum(partial.sum);
   const auto count = block_sum(partial.count);
@@ -428,9 +494,14 @@ void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream
       nullptr,
   };
   // Packs of inputs are loaded whole; the other per-element arrays must then be aligned too.
-  // The family's forms run one element at a time (loads still coalesced across the warp).
+  // The family's forms run one element at a time (loads still coalesced across the warp), and
+  // so do rows shorter than a pack where the loops track rows (labels, weights per row or
+  // class): a pack then meets at most two rows.
+  const bool tracks_rows = kIsLabels<t_t> || args.weight_kind == WeightKind::Row ||
+                           args.weight_kind == WeightKind::Class;
   const bool packed =
-      args.form == LossForm::Focal && is_aligned_for_pack<x_t, kPack>(p.inputs) &&
+      args.form == LossForm::Focal && (!tracks_rows || args.classes >= kPack) &&
+      is_aligned_for_pack<x_t, kPack>(p.inputs) &&
       is_aligned_for_pack<saved_t<x_t>, kPack>(p.grad_inputs) &&
       (kIsLabels<t_t> || is_aligned_for_pack<t_t, kPack>(p.targets)) &&
       is_aligned_for_pack<saved_t<t_t>, kPack>(p.grad_targets) &&
