@@ -47,6 +47,13 @@ def loop_bodies(kernel):
     return [[t for a, t in kernel.instructions if first <= a <= last] for first, last in spans]
 
 
+# SASS instructions per element a packed label loop may spend beyond the float-target loop of
+# the same inputs dtype, gamma mode, gradients and weight handling: each pack reads the labels
+# of the (at most two) rows it meets, each element selects its target and validity
+# (bench/NOTES.md has the figures per loop).
+LABEL_LOOP_EXTRA = 28
+
+
 def test_registers_fit_the_grid(kernels):
     too_many = {n: k.registers for n, k in kernels.items() if k.registers > MAX_REGISTERS}
     assert not too_many, f"kernels above their register cap (a second wave): {too_many}"
@@ -95,3 +102,25 @@ def test_no_local_memory_traffic_in_the_packed_loops(kernels):
         for body in loop_bodies(kernel):
             spills = [t for t in body if re.search(r"\b(LDL|STL)\b", t)]
             assert not spills, f"{name}: local-memory traffic in the packed loop: {spills[:3]}"
+
+
+def test_label_loops_cost_about_what_float_target_loops_do(kernels):
+    """A label costs a compare per element and a load per row, so a packed label loop must stay
+    within LABEL_LOOP_EXTRA instructions per element of its float-target counterpart. The four
+    loops of a kernel (weights by position or not, target gradient or not) are paired in order
+    of cost, which is the same order in both."""
+    packed = packed_forward_kernels(kernels)
+    by_arguments = {kernel.template_arguments: kernel for kernel in packed.values()}
+    checked = 0
+    for arguments, kernel in by_arguments.items():
+        x_type, t_type, _, *rest = [a.strip() for a in arguments.split(",")]
+        if t_type != "long":
+            continue
+        partner = by_arguments[", ".join([x_type, x_type, x_type, *rest])]
+        pack = sass.pack_of(kernel)
+        labels = sorted(per for per, _ in sass.loop_summary(kernel, pack))
+        floats = sorted(per for per, _ in sass.loop_summary(partner, pack))
+        extra = [round(a - b, 1) for a, b in zip(labels, floats)]
+        assert max(extra) <= LABEL_LOOP_EXTRA, f"{kernel.name}: {labels} against {floats} per element"
+        checked += 1
+    assert checked == 30, f"{checked} packed label kernels paired"
