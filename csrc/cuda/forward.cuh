@@ -223,6 +223,10 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
   int64_t count = 0;
   const bool weights_by_position =
       p.weight_kind == WeightKind::Row || p.weight_kind == WeightKind::Class;
+  // Whether the loop of by_position (below) tracks each element's row and class.
+  const auto tracks_rows = [&](auto by_position) {
+    return kIsLabels<t_t> || (decltype(by_position)::value && weights_by_position);
+  };
 
   // The elements [first, first + num) of one pack, whose first lies in row `row`, class `cls`.
   // by_position (a std::bool_constant): whether the code takes weights per row or per class.
@@ -235,7 +239,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
                      const x_t* xs, const t_t* ts, out_t* losses, saved_t<out_t>* unweighted,
                      saved_t<x_t>* grads_inputs, saved_t<t_t>* grads_targets) {
     constexpr bool kByPosition = decltype(by_position)::value;
-    const bool tracking = kIsLabels<t_t> || (kByPosition && weights_by_position);
+    const bool tracking = tracks_rows(by_position);
     // Elements [0, boundary) lie in `row`, the rest in the next row (the host packs rows only
     // when they are at least a pack long).
     const class_t boundary = static_cast<class_t>(p.classes - cls);
@@ -294,8 +298,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
   const int64_t num_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t num_packs = p.n / kPack;
   auto all_elements = [&](auto by_position) {
-    constexpr bool kByPosition = decltype(by_position)::value;
-    const bool tracking = kIsLabels<t_t> || (kByPosition && weights_by_position);
+    const bool tracking = tracks_rows(by_position);
     // The row and class of each pack's first element. The packed loops advance them by the grid
     // stride (divisions once per thread, not per pack); the element loops divide per element,
     // which keeps the registers the float64 kernels lack at 64.
