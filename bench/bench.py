@@ -10,7 +10,9 @@ one process after a warm-up, and reports the median and the spread (min, max) of
 time per element, the effective bandwidth of the bytes each design must move against the
 measured copy bandwidth (and the time's ratio to that floor), the peak memory of a training step
 above the inputs, and speedups. --tiny times sizes where the per-call overhead is the cost, each
-sample the mean of many back-to-back calls. Writes results.json, then plot.png, to --out.
+sample the mean of many back-to-back calls, with two yardsticks beside: a bare autograd.Function
+(focal_cuda's training step / its step is printed) and a plain (x * t).sum() (the no-grad call /
+its call). Writes results.json, then plot.png, to --out.
 """
 
 import argparse
@@ -78,6 +80,34 @@ IMPLEMENTATIONS = {
     "torchvision+compile one-hot": torchvision_one_hot,
 }
 COMPILED = {"torchvision+compile", "torchvision+compile one-hot"}
+
+
+class BareFunction(torch.autograd.Function):
+    """The least a custom autograd.Function costs per call: a forward and a backward of one
+    small expression each, no checks (the yardstick of focal_cuda's per-call cost)."""
+
+    @staticmethod
+    def forward(ctx, x, t):
+        ctx.save_for_backward(t)
+        return (x * t).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (t,) = ctx.saved_tensors
+        return grad * t, None
+
+
+def bare_function(x, targets, labels, gamma, reduction):
+    return BareFunction.apply(x, targets)
+
+
+def plain_product(x, targets, labels, gamma, reduction):
+    return (x * targets).sum()
+
+
+# Timed beside the losses with --tiny: focal_cuda's training step against the bare Function's,
+# its no-grad call against a plain expression's.
+BASELINES = {"bare autograd.Function": bare_function, "(x * t).sum()": plain_product}
 
 
 def design_bytes(name, dtype):
@@ -215,7 +245,7 @@ def implementation(name):
         if name not in _COMPILED:
             _COMPILED[name] = torch.compile(IMPLEMENTATIONS[name])
         return _COMPILED[name]
-    return IMPLEMENTATIONS[name]
+    return IMPLEMENTATIONS[name] if name in IMPLEMENTATIONS else BASELINES[name]
 
 
 def describe_machine(device):
@@ -261,11 +291,12 @@ def source_commit():
 
 def run(args):
     device, dtype = args.device, getattr(torch, args.dtype)
-    names = list(IMPLEMENTATIONS)
+    names = list(IMPLEMENTATIONS) + (list(BASELINES) if args.tiny else [])
     timer = Timer(device, calls=TINY_CALLS if args.tiny else 1)
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"copy bandwidth on {device}: {copy_gbs:.1f} GB/s", flush=True)
     cases = []
+    overheads = []  # --tiny: focal_cuda's per-call cost against the baselines
     for rows in args.rows:
         numel = rows * CLASSES
         x, t, labels = make_inputs(rows, device, dtype)
@@ -312,6 +343,15 @@ def run(args):
             ours = statistics.median(samples[("focal_cuda", mode)])
             print(f"    {mode:<8} speedup vs torchvision {statistics.median(samples[('torchvision', mode)]) / ours:.1f}x, "
                   f"vs compiled {statistics.median(samples[('torchvision+compile', mode)]) / ours:.1f}x", flush=True)
+        if args.tiny:
+            step_ratio = (statistics.median(samples[("focal_cuda", "train")])
+                          / statistics.median(samples[("bare autograd.Function", "train")]))
+            call_ratio = (statistics.median(samples[("focal_cuda", "forward")])
+                          / statistics.median(samples[("(x * t).sum()", "forward")]))
+            overheads.append({"rows": rows, "train_vs_bare_function": step_ratio,
+                              "no_grad_vs_plain_expression": call_ratio})
+            print(f"    per call: training step {step_ratio:.2f}x a bare autograd.Function's, "
+                  f"no-grad call {call_ratio:.2f}x (x * t).sum()'s", flush=True)
         if args.memory and not args.tiny and rows == max(args.rows):  # peak memory at the largest size
             for name in names:
                 if device == "cuda":
@@ -326,7 +366,10 @@ def run(args):
                 print(f"    peak memory above inputs, {name}: {extra / 2**20:.1f} MiB "
                       f"({extra / grad_bytes:.2f} gradient-sized buffers)", flush=True)
         del x, t, steps
-    return {"machine": describe_machine(device), "copy_gbs": copy_gbs, "cases": cases}
+    results = {"machine": describe_machine(device), "copy_gbs": copy_gbs, "cases": cases}
+    if overheads:
+        results["per_call_ratios"] = overheads
+    return results
 
 
 def plot(results, path):
@@ -335,7 +378,7 @@ def plot(results, path):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for axis, mode in zip(axes, ("train", "forward")):
-        for name in IMPLEMENTATIONS:
+        for name in [*IMPLEMENTATIONS, *BASELINES]:
             points = sorted(
                 (c["elements"], c["median_ms"]) for c in results["cases"]
                 if c["implementation"] == name and c["mode"] == mode
