@@ -1,24 +1,50 @@
-"""The public function's autograd: a torch.autograd.Function around the fused forward op.
+"""The public function's autograd: two torch.autograd.Functions around the fused forward.
 
-Its forward/setup_context/backward are the op's own autograd formulas (focal_cuda._ops); on top
-it has a forward-mode rule (jvp) built from the derivatives the fused forward computes, and a
-vmap rule generated from the op's. So eager autograd, torch.func (grad, vmap, jacrev, jacfwd,
-hessian) and torch.autograd.forward_ad take the same kernels. (torch.compile and TorchScript
+EagerFunction serves plain eager calls (_ops.plain_eager), the training loop's: the fused
+forward straight from C++, the loss its only output, backward the saved gradient scaled.
+TransformableFunction serves everything else that differentiates: torch.func (grad, vmap,
+jacrev, jacfwd, hessian), torch.autograd.forward_ad, dispatch and function modes, tensor
+subclasses. Its forward/setup_context/backward are the op's own autograd formulas
+(focal_cuda._ops); on top it has a forward-mode rule (jvp) built from the derivatives the fused
+forward computes, and a vmap rule generated from the op's. Both take higher derivatives
+(create_graph) through the reference formula (_ops.gradients). torch.compile and TorchScript
 call the registered op instead, and a call without gradient the op alone: see
-focal_cuda/loss.py.)
+focal_cuda/loss.py.
 """
 
 import inspect
 
 import torch
 
-from . import _ops, reference
+from . import _C, _ops, reference
 
 _NONE = _ops.REDUCTION_CODES["none"]
 _MEAN = _ops.REDUCTION_CODES["mean"]
 
 
-class SigmoidFocalLossFunction(torch.autograd.Function):
+class EagerFunction(torch.autograd.Function):
+    """apply(inputs, targets, weight, scores, arguments) -> the loss, where arguments are the
+    op's scalar arguments from alpha to beta (focal_cuda::sigmoid_focal_loss_forward)."""
+
+    # forward takes ctx, with no setup_context, and returns the loss alone: with setup_context
+    # apply binds the arguments to forward's signature on every call, and each further output
+    # gets a zero-filled gradient in backward; together they doubled a small step's cost.
+    @staticmethod
+    def forward(ctx, inputs, targets, weight, scores, arguments):
+        output = _C.sigmoid_focal_loss_forward(inputs, targets, weight, *arguments, scores)
+        _ops.save_for_gradients(ctx, (inputs, targets, weight, scores), output, arguments,
+                                gradients_private=True)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        needs = ctx.needs_input_grad  # with scores, the targets are labels: needs[1] is False
+        grad_inputs, grad_targets, grad_weight = _ops.gradients(
+            ctx, grad_loss, (needs[0], needs[1] or needs[3], needs[2]))
+        return grad_inputs, grad_targets if needs[1] else None, grad_weight, grad_targets if needs[3] else None, None
+
+
+class TransformableFunction(torch.autograd.Function):
     """apply(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
     float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form,
     beta, scores) -> the outputs of focal_cuda::sigmoid_focal_loss_forward; only the loss is
@@ -40,7 +66,6 @@ class SigmoidFocalLossFunction(torch.autograd.Function):
         # The public function keeps only the loss: backward is the gradients' only user.
         ctx.gradients_private = True
         ctx.save_for_forward(*inputs[:3], inputs[14], *output[1:])
-        ctx.arguments = inputs[3:9] + inputs[12:14]
 
     @staticmethod
     def backward(ctx, grad_loss, *grads_of_saved_outputs):
@@ -54,7 +79,7 @@ class SigmoidFocalLossFunction(torch.autograd.Function):
         # _Derivatives, so that an outer transform can differentiate them again.
         _refuse_forward_over_forward()
         x, t, weight, scores, _, _, _, count = ctx.saved_tensors
-        alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss, form, beta = ctx.arguments
+        alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss, *_, form, beta = ctx.arguments
         if scores is not None:
             targets_tangent = other_tangents[11]
         tangents = (inputs_tangent, targets_tangent, weight_tangent)
@@ -80,7 +105,7 @@ class SigmoidFocalLossFunction(torch.autograd.Function):
 
 
 # A stored signature saves inspect.signature rebuilding it for apply's binding on every call.
-SigmoidFocalLossFunction.forward.__signature__ = inspect.signature(SigmoidFocalLossFunction.forward)
+TransformableFunction.forward.__signature__ = inspect.signature(TransformableFunction.forward)
 
 
 def _refuse_forward_over_forward():

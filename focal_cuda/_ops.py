@@ -51,29 +51,43 @@ def sigmoid_focal_loss_forward(
 
 
 # nn.Parameter overrides no torch function: the op sees it as the tensor it is.
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
+# plain_eager's probes, looked up once: it runs twice in every training step.
+_is_compiling = torch.compiler.is_compiling
+_is_tracing = torch.jit.is_tracing
+_has_torch_function = torch.overrides.has_torch_function
+# Private: torch.func's wrappers report type Tensor; only this tells them apart.
+_transforms_active = torch._C._are_functorch_transforms_active
+# Private: only the dispatcher records the op's name for the profiler.
+_profiler_enabled = torch.autograd._profiler_enabled
+_forward_ad = torch.autograd.forward_ad
 
 
-def direct_call_allowed(inputs, *tensors):
-    """Whether a call may go straight to the C++ op rather than through the dispatcher, which
-    costs tens of microseconds a call in Python: in eager mode (not compiling, not tracing),
-    on CPU or CUDA tensors that are plain (or parameters, or None), with no torch.func
-    transform, dispatch or function mode, or profiler for the dispatcher to serve."""
+def plain_eager(inputs, *tensors):
+    """Whether a call may go straight to the C++ functions rather than through the dispatcher,
+    which costs tens of microseconds a call in Python: in eager mode (not compiling, not
+    tracing), on CPU or CUDA tensors that are plain (or parameters, or None), with no torch.func
+    transform, forward-mode AD level, dispatch or function mode, or profiler for the dispatcher
+    to serve."""
     return (
-        not torch.compiler.is_compiling()  # first: Dynamo must not trace the probes below
-        and not torch._C._get_tracing_state()
-        and not torch._C._are_functorch_transforms_active()
+        not _is_compiling()  # first: Dynamo must not trace the probes below
+        and not _is_tracing()
+        and not _transforms_active()
+        # Private: the dual tensors of torch.autograd.forward_ad are plain tensors too.
+        and _forward_ad._current_level < 0
+        # Private: a dispatch mode (make_fx, FlopCounterMode) sees plain tensors.
         and _get_current_dispatch_mode() is None
-        and not torch._C._is_torch_function_mode_enabled()
-        and not torch.autograd._profiler_enabled()
-        and inputs.device.type in ("cpu", "cuda")
-        and all(tensor is None or type(tensor) in _PLAIN_TENSOR_TYPES for tensor in (inputs,) + tensors)
+        and not _has_torch_function((inputs,))  # a function mode
+        and not _profiler_enabled()
+        and (inputs.is_cpu or inputs.is_cuda)  # not inputs.device: building one costs ~0.5 us
+        and type(inputs) in _PLAIN_TYPES
+        and all(map(_PLAIN_TYPES.__contains__, map(type, tensors)))
     )
 
 
 def forward(inputs, targets, weight, *arguments):
     """sigmoid_focal_loss_forward, called directly where the dispatcher has nothing to do."""
-    if direct_call_allowed(inputs, targets, weight, *arguments[11:]):  # scores
+    if plain_eager(inputs, targets, weight, arguments[11]):  # scores
         return _C.sigmoid_focal_loss_forward(inputs, targets, weight, *arguments)
     return sigmoid_focal_loss_forward(inputs, targets, weight, *arguments)
 
@@ -194,33 +208,32 @@ def _(info, in_dims, inputs, targets, weight, alpha, gamma, reduction, ignore_in
     return outputs, tuple(0 if batched else None for batched in computed)
 
 
-def _last_use_of(ctx, saved, grad_loss):
-    """True in an eager backward that frees the graph (retain_graph=False) of a forward whose
-    gradient outputs nobody else holds: the saved gradient is then used for the last time and
-    can become the gradient itself, so a training step holds one gradient-sized buffer instead
-    of two. Never while tracing (torch.compile, AOT, opcheck): graphs stay functional."""
-    tracing = (
+def _scaled_saved_grad(ctx, grad_loss, saved, count, reduction):
+    """saved * grad_loss (divided by count for the mean), written into saved where this backward
+    is its last use: the backward frees the graph (retain_graph=False) and nobody else holds the
+    forward's gradient outputs (ctx.gradients_private). A training step then holds one
+    gradient-sized buffer instead of two. Never while tracing (torch.compile, AOT, opcheck:
+    graphs stay functional) or batching (no in-place op on batched tensors)."""
+    last_use = (
+        ctx.gradients_private
+        # Private: whether this backward keeps the graph is known to the engine alone.
+        and not torch._C._autograd._get_current_graph_task_keep_graph()
+        # Private: is_grads_batched and vectorized jacobians batch grad_output with the legacy
+        # vmap, which no other probe sees.
+        and not torch._C._functorch.is_legacy_batchedtensor(grad_loss)
+    )
+    if last_use and plain_eager(saved, grad_loss, count):
+        _C.sigmoid_focal_loss_backward_(grad_loss, saved, count, reduction)
+        torch.autograd.graph.increment_version(saved)  # as the in-place op's dispatch does
+        return saved
+    traced_or_batched = (
         torch.compiler.is_compiling()
         or type(saved) is not torch.Tensor
         or _get_current_dispatch_mode() is not None
-        # Batched backward passes (torch.func transforms; is_grads_batched and vectorized
-        # jacobians, whose legacy vmap batches grad_output): no in-place op on batched tensors.
-        or torch._C._are_functorch_transforms_active()
-        or torch._C._functorch.is_legacy_batchedtensor(grad_loss)
+        or _transforms_active()
     )
-    if not ctx.gradients_private or tracing:
-        return False
-    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return keep_graph is not None and not keep_graph()
-
-
-def _scaled_saved_grad(ctx, grad_loss, saved, count, reduction):
-    if _last_use_of(ctx, saved, grad_loss):
-        if direct_call_allowed(saved, grad_loss, count):
-            _C.sigmoid_focal_loss_backward_(grad_loss, saved, count, reduction)
-            torch.autograd.graph.increment_version(saved)  # as the in-place op's dispatch does
-        else:
-            sigmoid_focal_loss_backward_(grad_loss, saved, count, reduction)
+    if last_use and not traced_or_batched:  # e.g. under the profiler: the dispatcher's in-place op
+        sigmoid_focal_loss_backward_(grad_loss, saved, count, reduction)
         return saved
     return sigmoid_focal_loss_backward(grad_loss, saved, count, reduction)
 
@@ -240,13 +253,17 @@ def forward_setup_context(ctx, inputs, output):
     # autograd must not materialise full-size zero gradients for them.
     ctx.mark_non_differentiable(grad_inputs, grad_targets, unweighted, count)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, t, weight, scores, grad_inputs, grad_targets, unweighted, count)
     # A caller of the op may hold its gradient outputs: backward never writes into them. (The
-    # public function's autograd.Function, which drops them, sets this to True.)
-    ctx.gradients_private = False
-    ctx.float32_loss = float32_loss
-    ctx.options = dict(form=form, alpha=alpha, gamma=gamma, beta=beta, reduction=reduction,
-                       ignore_index=ignore_index, label_smoothing=label_smoothing)
+    # public function's autograd.Functions, which drop them, pass True.)
+    save_for_gradients(ctx, (x, t, weight, scores), output, inputs[3:14], False)
+
+
+def save_for_gradients(ctx, operands, output, arguments, gradients_private):
+    """What gradients() needs: the operands (inputs, targets, weight, scores), the forward's
+    outputs, its scalar arguments (the op's, from alpha to beta)."""
+    ctx.save_for_backward(*operands, *output[1:])
+    ctx.arguments = arguments
+    ctx.gradients_private = gradients_private
 
 
 def _saved_or_error(saved, like, name):
@@ -270,37 +287,48 @@ def _with_target_gradients(grads, scores):
 
 
 def forward_backward(ctx, grad_loss, *_grads_of_saved_outputs):
-    x, labels_or_t, weight, scores, saved_grad_inputs, saved_grad_targets, unweighted, count = ctx.saved_tensors
-    # With scores, they are the differentiable targets.
-    t = labels_or_t if scores is None else scores
-    needs_x, needs_t, needs_weight = ctx.needs_input_grad[:3]
-    if scores is not None:
-        needs_t = ctx.needs_input_grad[14]
+    scores = ctx.saved_tensors[3]
+    needs = ctx.needs_input_grad
+    grads = gradients(ctx, grad_loss, (needs[0], needs[1 if scores is None else 14], needs[2]))
+    return _with_target_gradients(grads, scores)
+
+
+def gradients(ctx, grad_loss, needed):
+    """(d/dinputs, d/d(targets, or scores when given), d/dweight) of the loss, for the needed
+    ones, from what save_for_gradients saved: the saved gradients scaled by grad_loss; with
+    create_graph, through the differentiable reference formula."""
     if grad_loss is None:
-        return (None,) * 15
-    reduction = ctx.options["reduction"]
+        return None, None, None
+    x, labels_or_t, weight, scores, saved_grad_inputs, saved_grad_targets, unweighted, count = ctx.saved_tensors
     if torch.is_grad_enabled():
         # create_graph=True: higher derivatives through the differentiable reference formula.
-        grads = _differentiable_grads(ctx, x, labels_or_t, weight, scores, grad_loss,
-                                      (needs_x, needs_t, needs_weight))
-        return _with_target_gradients(grads, scores)
+        return _differentiable_grads(ctx, x, labels_or_t, weight, scores, grad_loss, needed)
+    needs_x, needs_t, needs_weight = needed
+    # With scores, they are the differentiable targets.
+    t = labels_or_t if scores is None else scores
+    reduction = ctx.arguments[2]
     grad_inputs = grad_targets = grad_weight = None
     # Saved in float32 for float16 operands: scaled there, rounded to float16 only then.
     if needs_x:
         saved = _saved_or_error(saved_grad_inputs, x, "inputs")
-        grad_inputs = _scaled_saved_grad(ctx, grad_loss, saved, count, reduction).to(x.dtype)
+        grad_inputs = _as_dtype(_scaled_saved_grad(ctx, grad_loss, saved, count, reduction), x.dtype)
     if needs_t:
         saved = _saved_or_error(saved_grad_targets, t, "targets" if scores is None else "scores")
         grad_output = grad_loss
         if scores is not None and reduction == REDUCTION_CODES["none"]:
             grad_output = _at_labelled_class(grad_loss, labels_or_t)
-        grad_targets = _scaled_saved_grad(ctx, grad_output, saved, count, reduction).to(t.dtype)
+        grad_targets = _as_dtype(_scaled_saved_grad(ctx, grad_output, saved, count, reduction), t.dtype)
     if needs_weight:
         unweighted = _saved_or_error(unweighted, x, "weight")
         math_dtype = torch.float64 if unweighted.dtype == torch.float64 else torch.float32
         scale = _mean_scale(grad_loss.to(math_dtype), count, reduction)
         grad_weight = (unweighted.to(math_dtype) * scale).sum_to_size(weight.shape).to(weight.dtype)
-    return _with_target_gradients((grad_inputs, grad_targets, grad_weight), scores)
+    return grad_inputs, grad_targets, grad_weight
+
+
+def _as_dtype(tensor, dtype):
+    # tensor.to(its own dtype) is a no-op that costs a microsecond in Python.
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _at_labelled_class(grad_loss, labels):
@@ -325,8 +353,9 @@ def _differentiable_grads(ctx, x, t, weight, scores, grad_loss, needed):
     """The vector-Jacobian product of the reference formula w.r.t. (inputs, targets or scores,
     weight): differentiable again, by autograd (create_graph=True) and by torch.func transforms
     (which always build graphs)."""
-    options = dict(ctx.options)
-    options["reduction"] = _REDUCTION_NAMES[options["reduction"]]
+    alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss, *_, form, beta = ctx.arguments
+    options = dict(form=form, alpha=alpha, gamma=gamma, beta=beta, reduction=_REDUCTION_NAMES[reduction],
+                   ignore_index=ignore_index, label_smoothing=label_smoothing)
     candidates = (x, t if scores is None else scores, weight)
     wrt = [tensor for tensor, need in zip(candidates, needed) if need]
 
@@ -334,7 +363,7 @@ def _differentiable_grads(ctx, x, t, weight, scores, grad_loss, needed):
         values = iter(differentiated)
         x_, target_, weight_ = (next(values) if need else tensor for tensor, need in zip(candidates, needed))
         t_, scores_ = (target_, None) if scores is None else (t, target_)
-        x_, t_ = loss_operands(x_, t_, ctx.float32_loss)
+        x_, t_ = loss_operands(x_, t_, float32_loss)
         return reference.family_loss(inputs=x_, targets=t_, weight=weight_, scores=scores_, **options)
 
     _, vjp = torch.func.vjp(loss_of, *wrt)

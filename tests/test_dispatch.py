@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import focal_cuda
 
 FORWARD = "focal_cuda.sigmoid_focal_loss_forward.default"
-# Under a mode the saved gradient is not reused in place (see _ops._last_use_of).
+# Under a mode the saved gradient is not reused in place (see _ops._scaled_saved_grad).
 BACKWARD = "focal_cuda.sigmoid_focal_loss_backward.default"
 
 
