@@ -57,10 +57,16 @@ _is_compiling = torch.compiler.is_compiling
 _is_tracing = torch.jit.is_tracing
 _has_torch_function = torch.overrides.has_torch_function
 # Private: torch.func's wrappers report type Tensor; only this tells them apart.
-_transforms_active = torch._C._are_functorch_transforms_active
+transforms_active = torch._C._are_functorch_transforms_active
 # Private: only the dispatcher records the op's name for the profiler.
 _profiler_enabled = torch.autograd._profiler_enabled
 _forward_ad = torch.autograd.forward_ad
+
+
+def forward_ad_active():
+    # Private: the dual tensors of torch.autograd.forward_ad are plain tensors too; only the
+    # level in use tells that tangents may be about.
+    return _forward_ad._current_level >= 0
 
 
 def plain_eager(inputs, *tensors):
@@ -72,9 +78,8 @@ def plain_eager(inputs, *tensors):
     return (
         not _is_compiling()  # first: Dynamo must not trace the probes below
         and not _is_tracing()
-        and not _transforms_active()
-        # Private: the dual tensors of torch.autograd.forward_ad are plain tensors too.
-        and _forward_ad._current_level < 0
+        and not transforms_active()
+        and not forward_ad_active()
         # Private: a dispatch mode (make_fx, FlopCounterMode) sees plain tensors.
         and _get_current_dispatch_mode() is None
         and not _has_torch_function((inputs,))  # a function mode
@@ -230,7 +235,7 @@ def _scaled_saved_grad(ctx, grad_loss, saved, count, reduction):
         torch.compiler.is_compiling()
         or type(saved) is not torch.Tensor
         or _get_current_dispatch_mode() is not None
-        or _transforms_active()
+        or transforms_active()
     )
     if last_use and not traced_or_batched:  # e.g. under the profiler: the dispatcher's in-place op
         sigmoid_focal_loss_backward_(grad_loss, saved, count, reduction)

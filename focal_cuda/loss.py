@@ -318,7 +318,7 @@ def _fused_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ig
     if torch.is_grad_enabled():
         # Under torch.func transforms (vmap, ...) the tensors seen here may not report the
         # requires_grad of what they wrap: then compute every derivative a backward could ask for.
-        transformed = torch._C._are_functorch_transforms_active()
+        transformed = _ops.transforms_active()
         needs = (
             inputs.requires_grad or transformed,
             differentiable_targets.requires_grad or transformed and differentiable_targets.is_floating_point(),
@@ -342,7 +342,7 @@ def _fused_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ig
         return _C.sigmoid_focal_loss_forward(inputs, targets, weight, *arguments, scores)[0]
     # Without a gradient to compute (and no forward-mode AD level, whose tangents the
     # Function's jvp carries) there is no autograd to set up: the op alone.
-    if any(needs) or torch.autograd.forward_ad._current_level >= 0:
+    if any(needs) or _ops.forward_ad_active():
         return TransformableFunction.apply(inputs, targets, weight, *arguments, scores)[0]
     return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, *arguments, scores)[0]
 
