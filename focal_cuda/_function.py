@@ -16,7 +16,7 @@ import inspect
 
 import torch
 
-from . import _C, _ops, reference
+from . import _C, _higher_order, _ops
 
 _NONE = _ops.REDUCTION_CODES["none"]
 _MEAN = _ops.REDUCTION_CODES["mean"]
@@ -41,7 +41,8 @@ class EagerFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad  # with scores, the targets are labels: needs[1] is False
         grad_inputs, grad_targets, grad_weight = _ops.gradients(
             ctx, grad_loss, (needs[0], needs[1] or needs[3], needs[2]))
-        return grad_inputs, grad_targets if needs[1] else None, grad_weight, grad_targets if needs[3] else None, None
+        grad_scores = grad_targets if needs[3] else None
+        return grad_inputs, grad_targets if needs[1] else None, grad_weight, grad_scores, None
 
 
 class TransformableFunction(torch.autograd.Function):
@@ -76,14 +77,14 @@ class TransformableFunction(torch.autograd.Function):
         # d(loss) = dL/dx . dx + dL/dt . dt + (loss before weight) . dw, summed for "sum",
         # divided by the count for "mean"; with scores, dL/dscores . dscores at each row's
         # labelled element. The derivatives come from one more fused pass, through
-        # _Derivatives, so that an outer transform can differentiate them again.
+        # Derivatives, so that an outer transform can differentiate them again.
         _refuse_forward_over_forward()
         x, t, weight, scores, _, _, _, count = ctx.saved_tensors
         alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss, *_, form, beta = ctx.arguments
         if scores is not None:
             targets_tangent = other_tangents[11]
         tangents = (inputs_tangent, targets_tangent, weight_tangent)
-        derivatives = _Derivatives.apply(
+        derivatives = _higher_order.Derivatives.apply(
             x, t, weight, scores, alpha, gamma, ignore_index, label_smoothing, float32_loss, form,
             beta, *(tangent is not None for tangent in tangents),
         )
@@ -122,90 +123,3 @@ def _refuse_forward_over_forward():
             "autograd.Function's jvp rule. Use torch.func.hessian (forward-over-reverse) or "
             "jacrev(jacrev(f))."
         )
-
-
-class _Derivatives(torch.autograd.Function):
-    """(dL/dinputs, dL/dtargets, L before weight) of the elementwise loss L, as the fused op
-    computes them; differentiable again, in reverse mode, through the reference formula. (No jvp:
-    forward over forward is refused before one could be needed.)"""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(inputs, targets, weight, scores, alpha, gamma, ignore_index, label_smoothing,
-                float32_loss, form, beta, need_inputs, need_targets, need_weight):
-        _, grad_inputs, grad_targets, unweighted, _ = _ops.sigmoid_focal_loss_forward(
-            inputs, targets, weight, alpha, gamma, _NONE, ignore_index, label_smoothing,
-            float32_loss, need_inputs, need_targets, need_weight, form, beta, scores,
-        )
-        return grad_inputs, grad_targets, unweighted
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:4])
-        ctx.arguments = inputs[4:11]
-        ctx.computed = inputs[11:]
-
-    @staticmethod
-    def backward(ctx, *cotangents):
-        operands = ctx.saved_tensors  # x, t, weight, scores
-        primals, rebuild = _differentiable_primals(operands)
-        outputs, vjp = torch.func.vjp(_reference_derivatives(ctx, rebuild), *primals)
-        cotangents = [torch.zeros_like(output) if cotangent is None else cotangent
-                      for cotangent, output in zip(cotangents, outputs)]
-        grads = iter(vjp(tuple(cotangents)))
-        return tuple(next(grads) if _differentiable(value) else None for value in operands) + (None,) * 10
-
-
-def _differentiable(value):
-    return value is not None and value.is_floating_point()
-
-
-def _differentiable_primals(operands):
-    """The floating tensors among operands, and how to put operands back together from them."""
-    primals = [value for value in operands if _differentiable(value)]
-
-    def rebuild(*values):
-        values = iter(values)
-        return tuple(next(values) if _differentiable(value) else value for value in operands)
-
-    return primals, rebuild
-
-
-def _reference_derivatives(ctx, rebuild):
-    """(x, t, weight, scores) -> what _Derivatives.forward computes, in differentiable
-    reference ops."""
-    alpha, gamma, ignore_index, label_smoothing, float32_loss, form, beta = ctx.arguments
-
-    def derivatives(*primals):
-        inputs, targets, weight, scores = rebuild(*primals)
-        dtype = _ops.loss_dtype(inputs, targets, float32_loss)
-        x, t = _ops.loss_operands(inputs, targets, float32_loss)
-        options = dict(form=form, alpha=alpha, gamma=gamma, beta=beta, reduction="none",
-                       ignore_index=ignore_index, label_smoothing=label_smoothing)
-        # What the op differentiates as its targets: the scores when there are some.
-        target = t if scores is None else scores
-
-        def elementwise(x_, target_):
-            t_, scores_ = (target_, None) if scores is None else (t, target_)
-            return reference.family_loss(inputs=x_, targets=t_, weight=weight, scores=scores_, **options)
-
-        # Each element of the loss depends on its own logit and target only (a score on its
-        # row's labelled element only): the derivative is the vector-Jacobian product with ones.
-        if target.is_floating_point():
-            loss, vjp = torch.func.vjp(elementwise, x, target)
-            grad_inputs, grad_targets = vjp(torch.ones_like(loss))
-        else:
-            loss, vjp = torch.func.vjp(lambda x_: elementwise(x_, target), x)
-            (grad_inputs,), grad_targets = vjp(torch.ones_like(loss)), None
-        unweighted = reference.family_loss(inputs=x, targets=t, weight=None, scores=scores, **options)
-        saved = _ops.saved_dtype  # the dtypes of the op's outputs
-        grad_inputs = grad_inputs.to(saved(inputs.dtype))
-        # Labels have no derivative: a floating placeholder, since torch.func.vjp wants floats.
-        grad_targets = grad_inputs.new_empty(0) if grad_targets is None else grad_targets.to(saved(target.dtype))
-        unweighted = unweighted.to(saved(dtype))
-        # Empty where the op computed nothing, as its outputs are.
-        return tuple(output if computed else output.new_empty(0)
-                     for output, computed in zip((grad_inputs, grad_targets, unweighted), ctx.computed))
-
-    return derivatives

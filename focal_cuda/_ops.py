@@ -1,7 +1,7 @@
 """The extension's ops as torch.library custom ops, with fake kernels and autograd formulas.
 
 Registered this way, the fused kernels work in eager mode, under torch.compile(fullgraph=True)
-and under torch.library.opcheck. Codes for `reduction`: 0 none, 1 mean, 2 sum.
+and under torch.library.opcheck.
 """
 
 from typing import Optional, Tuple
@@ -9,10 +9,10 @@ from typing import Optional, Tuple
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import _C, reference
+from . import _C, _higher_order, reference
 
-REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
-_REDUCTION_NAMES = {code: name for name, code in REDUCTION_CODES.items()}
+# The op's codes: the index in reference.REDUCTIONS (csrc/focal_math.h Reduction).
+REDUCTION_CODES = {name: code for code, name in enumerate(reference.REDUCTIONS)}
 _MEAN = REDUCTION_CODES["mean"]
 
 
@@ -170,7 +170,7 @@ def _(info, in_dims, grad_output, saved_grad, count, reduction):
     if reduction != REDUCTION_CODES["none"]:
         per_sample = (info.batch_size,) + (1,) * (saved.dim() - 1)
         counts = count if in_dims[2] is None else count.movedim(in_dims[2], 0).reshape(per_sample)
-        grad = _mean_scale(grad.reshape(per_sample), counts, reduction).expand_as(saved)
+        grad = mean_scale(grad.reshape(per_sample), counts, reduction).expand_as(saved)
     unused_count = torch.zeros((), dtype=torch.int64, device=saved.device)
     out = sigmoid_focal_loss_backward(grad.contiguous(), saved.contiguous(), unused_count,
                                       REDUCTION_CODES["none"])
@@ -243,7 +243,7 @@ def _scaled_saved_grad(ctx, grad_loss, saved, count, reduction):
     return sigmoid_focal_loss_backward(grad_loss, saved, count, reduction)
 
 
-def _mean_scale(grad_output, count, reduction):
+def mean_scale(grad_output, count, reduction):
     """grad_output, divided by count for the mean (0 where nothing counted)."""
     if reduction != _MEAN:
         return grad_output
@@ -301,13 +301,12 @@ def forward_backward(ctx, grad_loss, *_grads_of_saved_outputs):
 def gradients(ctx, grad_loss, needed):
     """(d/dinputs, d/d(targets, or scores when given), d/dweight) of the loss, for the needed
     ones, from what save_for_gradients saved: the saved gradients scaled by grad_loss; with
-    create_graph, through the differentiable reference formula."""
+    create_graph, differentiable again (focal_cuda/_higher_order.py)."""
     if grad_loss is None:
         return None, None, None
     x, labels_or_t, weight, scores, saved_grad_inputs, saved_grad_targets, unweighted, count = ctx.saved_tensors
-    if torch.is_grad_enabled():
-        # create_graph=True: higher derivatives through the differentiable reference formula.
-        return _differentiable_grads(ctx, x, labels_or_t, weight, scores, grad_loss, needed)
+    if torch.is_grad_enabled():  # create_graph=True, or a torch.func transform
+        return _higher_order.differentiable_gradients(ctx, grad_loss, needed)
     needs_x, needs_t, needs_weight = needed
     # With scores, they are the differentiable targets.
     t = labels_or_t if scores is None else scores
@@ -321,12 +320,12 @@ def gradients(ctx, grad_loss, needed):
         saved = _saved_or_error(saved_grad_targets, t, "targets" if scores is None else "scores")
         grad_output = grad_loss
         if scores is not None and reduction == REDUCTION_CODES["none"]:
-            grad_output = _at_labelled_class(grad_loss, labels_or_t)
+            grad_output = at_labelled_class(grad_loss, labels_or_t)
         grad_targets = _as_dtype(_scaled_saved_grad(ctx, grad_output, saved, count, reduction), t.dtype)
     if needs_weight:
         unweighted = _saved_or_error(unweighted, x, "weight")
         math_dtype = torch.float64 if unweighted.dtype == torch.float64 else torch.float32
-        scale = _mean_scale(grad_loss.to(math_dtype), count, reduction)
+        scale = mean_scale(grad_loss.to(math_dtype), count, reduction)
         grad_weight = (unweighted.to(math_dtype) * scale).sum_to_size(weight.shape).to(weight.dtype)
     return grad_inputs, grad_targets, grad_weight
 
@@ -336,7 +335,7 @@ def _as_dtype(tensor, dtype):
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def _at_labelled_class(grad_loss, labels):
+def at_labelled_class(grad_loss, labels):
     """An elementwise grad_output's value at each row's labelled class, where a score acts (0 for
     background rows, whose score gradient is 0 anyway: no inf or NaN of theirs is picked up)."""
     classes = grad_loss.shape[-1]
@@ -354,28 +353,6 @@ def loss_operands(x, t, float32_loss):
     return x, t
 
 
-def _differentiable_grads(ctx, x, t, weight, scores, grad_loss, needed):
-    """The vector-Jacobian product of the reference formula w.r.t. (inputs, targets or scores,
-    weight): differentiable again, by autograd (create_graph=True) and by torch.func transforms
-    (which always build graphs)."""
-    alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss, *_, form, beta = ctx.arguments
-    options = dict(form=form, alpha=alpha, gamma=gamma, beta=beta, reduction=_REDUCTION_NAMES[reduction],
-                   ignore_index=ignore_index, label_smoothing=label_smoothing)
-    candidates = (x, t if scores is None else scores, weight)
-    wrt = [tensor for tensor, need in zip(candidates, needed) if need]
-
-    def loss_of(*differentiated):
-        values = iter(differentiated)
-        x_, target_, weight_ = (next(values) if need else tensor for tensor, need in zip(candidates, needed))
-        t_, scores_ = (target_, None) if scores is None else (t, target_)
-        x_, t_ = loss_operands(x_, t_, float32_loss)
-        return reference.family_loss(inputs=x_, targets=t_, weight=weight_, scores=scores_, **options)
-
-    _, vjp = torch.func.vjp(loss_of, *wrt)
-    grads = iter(vjp(grad_loss))
-    return tuple(next(grads) if need else None for need in needed)
-
-
 sigmoid_focal_loss_forward.register_autograd(forward_backward, setup_context=forward_setup_context)
 
 
@@ -390,12 +367,12 @@ def _backward_backward(ctx, grad_of_out):
     grad_output, saved_grad, count = ctx.saved_tensors
     grad_of_grad_output = grad_of_saved = None
     if ctx.needs_input_grad[0]:
-        product = _mean_scale(grad_of_out * saved_grad, count, ctx.reduction)
+        product = mean_scale(grad_of_out * saved_grad, count, ctx.reduction)
         if grad_output.numel() == 1 and saved_grad.numel() != 1:
             product = product.sum()
         grad_of_grad_output = product.reshape(grad_output.shape).to(grad_output.dtype)
     if ctx.needs_input_grad[1]:
-        grad_of_saved = _mean_scale(grad_of_out * grad_output, count, ctx.reduction)
+        grad_of_saved = mean_scale(grad_of_out * grad_output, count, ctx.reduction)
         grad_of_saved = grad_of_saved.to(saved_grad.dtype)
     return grad_of_grad_output, grad_of_saved, None, None
 
