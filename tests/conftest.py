@@ -54,6 +54,62 @@ def assert_matches(actual, expected, dtype=None, scale=None):
         )
 
 
+# Central differences in float64 with step h = 1e-6 on values of order 1: truncation
+# h^2 |f'''| / 6 ~ 1e-12 and rounding ~ 1e-16 |f| / h ~ 1e-10 stay well inside these.
+DIFFERENCE_TOLERANCE = dict(rtol=1e-6, atol=1e-8)
+# Differences of a first derivative (itself rounded to ~1e-15): the same, with room for it.
+SECOND_DIFFERENCE_TOLERANCE = dict(rtol=1e-6, atol=1e-7)
+
+
+def finite_difference_jacobian(function, args, argnum, step=1e-6):
+    """d function(*args) / d args[argnum] by float64 central differences, element by element:
+    shape function(*args).shape + args[argnum].shape. No derivative code of ours is involved."""
+    base = args[argnum]
+    columns = []
+    for index in range(base.numel()):
+        delta = torch.zeros(base.numel(), dtype=base.dtype, device=base.device)
+        delta[index] = step
+        delta = delta.view_as(base)
+        evaluate = lambda value: function(*args[:argnum], value, *args[argnum + 1:])  # noqa: E731
+        columns.append((evaluate(base + delta) - evaluate(base - delta)) / (2 * step))
+    return torch.stack(columns, -1).reshape(columns[0].shape + base.shape)
+
+
+def differentiable_positions(args):
+    return [i for i, value in enumerate(args) if isinstance(value, torch.Tensor) and value.is_floating_point()]
+
+
+def kernel_gradients(function, args):
+    """The first derivatives of function(*args).sum() w.r.t. its floating arguments as a plain
+    eager backward takes them (no graph): the gradients the fused forward saved."""
+    positions = differentiable_positions(args)
+    leaves = [value.detach().requires_grad_() if i in positions else value for i, value in enumerate(args)]
+    return torch.autograd.grad(function(*leaves).sum(), [leaves[i] for i in positions])
+
+
+def assert_second_derivatives_match_kernel_differences(function, args):
+    """Double backward (create_graph=True, through focal_cuda.reference) against central
+    differences of the kernels' first derivatives: for a random weighting u of the first
+    derivatives g, d(sum g . u)/d(argument) for every floating argument. So the second
+    derivatives are checked against the derivatives the kernels compute, not against the
+    reference formula they come from."""
+    positions = differentiable_positions(args)
+    leaves = [value.detach().requires_grad_() if i in positions else value for i, value in enumerate(args)]
+    first = torch.autograd.grad(function(*leaves).sum(), [leaves[i] for i in positions], create_graph=True)
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(g.shape, generator=generator, dtype=g.dtype).to(g.device) for g in first]
+    projected = sum((g * u).sum() for g, u in zip(first, weights))
+    analytic = torch.autograd.grad(projected, [leaves[i] for i in positions], allow_unused=True)
+
+    def kernel_projection(*values):
+        return sum((g * u).sum() for g, u in zip(kernel_gradients(function, values), weights))
+
+    for position, actual in zip(positions, analytic):
+        expected = finite_difference_jacobian(kernel_projection, args, position)
+        actual = torch.zeros_like(expected) if actual is None else actual
+        torch.testing.assert_close(actual, expected, **SECOND_DIFFERENCE_TOLERANCE)
+
+
 def dense_targets(inputs, targets, ignore_index=-100, label_smoothing=0.0, scores=None):
     """(t, valid) in float64: targets (floating, or integer class labels with optional per-row
     scores) as the dense target the loss sees after label smoothing, and 0 for the elements of

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import focal_cuda
-from conftest import DEVICES, DTYPES, REDUCTIONS, assert_matches, family_term_scales
+from conftest import (DEVICES, DTYPES, REDUCTIONS, assert_matches,
+                      assert_second_derivatives_match_kernel_differences, family_term_scales)
 
 FORMS = {"star": 1, "quality": 2, "varifocal": 3}
 FUNCTIONS = {
@@ -165,6 +166,7 @@ def test_gradcheck(form, index, reduction):
 
     assert torch.autograd.gradcheck(loss, (x, t, weight))
     assert torch.autograd.gradgradcheck(loss, (x, t, weight))
+    assert_second_derivatives_match_kernel_differences(loss, (x, t, weight))
     labels = torch.tensor([0, 5, 2, -100])
     assert torch.autograd.gradcheck(lambda x_: FUNCTIONS[form](x_, labels, reduction=reduction, **parameters),
                                     (x,))

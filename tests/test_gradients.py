@@ -1,11 +1,13 @@
-"""Autograd: float64 gradcheck and gradgradcheck, what the forward computes, backward reuse."""
+"""Autograd: float64 gradcheck, gradgradcheck and second derivatives against differences of the
+kernels' gradients, what the forward computes, backward reuse."""
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import focal_cuda
-from conftest import DEVICES, GAMMAS, REDUCTIONS, random_case, requires_cuda
+from conftest import (DEVICES, GAMMAS, REDUCTIONS, assert_second_derivatives_match_kernel_differences,
+                      random_case, requires_cuda)
 
 
 def focal_fn(alpha, gamma, reduction):
@@ -42,6 +44,7 @@ def test_gradcheck_inputs_with_hard_targets(device, reduction, gamma):
 def test_gradgradcheck(device, reduction, gamma):
     inputs, targets = soft_case(device, seed=2)
     assert torch.autograd.gradgradcheck(focal_fn(0.25, gamma, reduction), (inputs, targets))
+    assert_second_derivatives_match_kernel_differences(focal_fn(0.25, gamma, reduction), (inputs, targets))
 
 
 class RecordFocalOps(TorchDispatchMode):

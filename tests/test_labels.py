@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import focal_cuda
-from conftest import DEVICES, DTYPES, GAMMAS, REDUCTIONS, assert_matches, requires_cuda
+from conftest import (DEVICES, DTYPES, GAMMAS, REDUCTIONS, assert_matches,
+                      assert_second_derivatives_match_kernel_differences, requires_cuda)
 
 CLASSES = 7
 
@@ -232,6 +233,7 @@ def test_gradcheck_through_every_new_argument(device, reduction, gamma):
     assert torch.autograd.gradcheck(with_labels, (inputs, row_weight))
     assert torch.autograd.gradcheck(with_soft_targets, (inputs, soft, class_weight))
     assert torch.autograd.gradgradcheck(with_soft_targets, (inputs, soft, row_weight))
+    assert_second_derivatives_match_kernel_differences(with_soft_targets, (inputs, soft, row_weight))
 
 
 def test_bad_label_on_cpu_names_it_and_the_valid_range():

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import focal_cuda
-from conftest import DEVICES, DTYPES, REDUCTIONS, assert_matches
+from conftest import (DEVICES, DTYPES, REDUCTIONS, assert_matches,
+                      assert_second_derivatives_match_kernel_differences)
 
 # Each function with options it takes (label smoothing where the form takes it).
 FUNCTIONS = {
@@ -113,6 +114,7 @@ def test_gradcheck(form, reduction):
 
     assert torch.autograd.gradcheck(loss, (x, scores, weight))
     assert torch.autograd.gradgradcheck(loss, (x, scores, weight))
+    assert_second_derivatives_match_kernel_differences(loss, (x, scores, weight))
 
 
 @pytest.mark.parametrize("form", FUNCTIONS)
