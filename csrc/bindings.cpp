@@ -2,6 +2,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
+#include <optional>
 #include <utility>
 
 #include "focal.h"
@@ -36,14 +37,18 @@ pybind11::dict build_info() {
 // exception with the GIL held, warnings included. torch's errors and the standard exceptions
 // then never reach pybind11's translation of C++ exceptions across modules (only pybind11's own
 // exception types, which it handles itself), and no Python state is touched without the GIL.
-template <auto kOp>
-struct WithoutGil;
+// kKeepGil: for checks that may compare symbolic sizes, which call into Python.
+template <auto kOp, bool kKeepGil = false>
+struct Bound;
 
-template <typename Result, typename... Args, Result (*kOp)(Args...)>
-struct WithoutGil<kOp> {
+template <typename Result, typename... Args, Result (*kOp)(Args...), bool kKeepGil>
+struct Bound<kOp, kKeepGil> {
   static Result call(Args... args) {
     HANDLE_TH_ERRORS
-    const pybind11::gil_scoped_release no_gil;
+    std::optional<pybind11::gil_scoped_release> no_gil;
+    if constexpr (!kKeepGil) {
+      no_gil.emplace();
+    }
     return kOp(std::forward<Args>(args)...);
     END_HANDLE_TH_ERRORS_PYBIND
   }
@@ -53,7 +58,7 @@ struct WithoutGil<kOp> {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "focal_cuda kernels; use focal_cuda.sigmoid_focal_loss, not these directly.";
-  m.def("sigmoid_focal_loss_forward", &WithoutGil<&focal::sigmoid_focal_loss_forward>::call,
+  m.def("sigmoid_focal_loss_forward", &Bound<&focal::sigmoid_focal_loss_forward>::call,
         pybind11::arg("inputs"),
         pybind11::arg("targets"), pybind11::arg("weight"), pybind11::arg("alpha"),
         pybind11::arg("gamma"), pybind11::arg("reduction"), pybind11::arg("ignore_index"),
@@ -63,10 +68,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("scores") = pybind11::none(),
         "Fused sigmoid focal loss: (loss, dloss/dinputs, dloss/dtargets, loss before weight, "
         "count), gradients unscaled.");
-  m.def("sigmoid_focal_loss_backward", &WithoutGil<&focal::sigmoid_focal_loss_backward>::call,
+  m.def("check_forward_arguments", &Bound<&focal::check_forward_arguments, true>::call,
+        pybind11::arg("inputs"),
+        pybind11::arg("targets"), pybind11::arg("weight"), pybind11::arg("alpha"),
+        pybind11::arg("gamma"), pybind11::arg("reduction"), pybind11::arg("ignore_index"),
+        pybind11::arg("label_smoothing"), pybind11::arg("float32_loss"),
+        pybind11::arg("compute_grad_inputs"), pybind11::arg("compute_grad_targets"),
+        pybind11::arg("compute_unweighted_loss"), pybind11::arg("form") = 0, pybind11::arg("beta") = 0.0,
+        pybind11::arg("scores") = pybind11::none(),
+        "sigmoid_focal_loss_forward's checks that read no data (dtypes, shapes, devices, "
+        "scalars), for its fake kernel: fake and meta tensors, symbolic shapes.");
+  m.def("sigmoid_focal_loss_backward", &Bound<&focal::sigmoid_focal_loss_backward>::call,
         pybind11::arg("grad_output"), pybind11::arg("saved_grad"), pybind11::arg("count"),
         pybind11::arg("reduction"), "saved_grad scaled by grad_output (divided by count for mean).");
-  m.def("sigmoid_focal_loss_backward_", &WithoutGil<&focal::sigmoid_focal_loss_backward_>::call,
+  m.def("sigmoid_focal_loss_backward_", &Bound<&focal::sigmoid_focal_loss_backward_>::call,
         pybind11::arg("grad_output"), pybind11::arg("saved_grad"), pybind11::arg("count"),
         pybind11::arg("reduction"), "sigmoid_focal_loss_backward, written into saved_grad.");
   m.def("build_info", &build_info, "What this build of focal_cuda contains.");

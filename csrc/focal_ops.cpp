@@ -17,10 +17,15 @@ constexpr const char* kRebuildWithCuda =
     "against a CUDA build of torch with the CUDA toolkit present: "
     "FORCE_CUDA=1 pip install --no-build-isolation --force-reinstall --no-deps .";
 
+// A dtype as Python writes it (torch.int64), for messages read in Python.
+std::string python_name(at::ScalarType dtype) {
+  return "torch." + std::string(c10::getDtypeNames(dtype).first);
+}
+
 void check_floating(const at::Tensor& tensor, const char* name) {
   TORCH_CHECK_VALUE(at::isFloatingType(tensor.scalar_type()), name,
                     " must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
-                    tensor.scalar_type());
+                    python_name(tensor.scalar_type()));
 }
 
 void check_device(const at::Tensor& tensor) {
@@ -33,8 +38,23 @@ void check_device(const at::Tensor& tensor) {
 
 void check_same_device(const at::Tensor& tensor, const at::Tensor& inputs, const char* name) {
   TORCH_CHECK_VALUE(tensor.device() == inputs.device(), name,
-                    " must be on the same device as inputs, got ", tensor.device(), " and ",
-                    inputs.device());
+                    " must be on the same device as inputs, got ", inputs.device(), " and ",
+                    tensor.device());
+}
+
+// Whether weight broadcasts to inputs (sizes read as SymInts: see check_forward_arguments).
+bool broadcasts_to(const at::Tensor& weight, const at::Tensor& inputs) {
+  const auto shape = inputs.sym_sizes();
+  if (weight.dim() > inputs.dim()) {
+    return false;
+  }
+  for (int64_t d = 1; d <= weight.dim(); ++d) {
+    const auto& size = weight.sym_size(-d);
+    if (size != 1 && size != shape[shape.size() - d]) {
+      return false;
+    }
+  }
+  return true;
 }
 
 Reduction checked_reduction(int64_t reduction) {
@@ -121,13 +141,6 @@ std::pair<WeightKind, at::Tensor> weight_for_kernels(const at::Tensor& weight,
                                                      const at::Tensor& inputs,
                                                      at::ScalarType dtype) {
   const auto shape = inputs.sizes();
-  bool broadcastable = weight.dim() <= inputs.dim();
-  for (int64_t d = 1; broadcastable && d <= weight.dim(); ++d) {
-    const int64_t size = weight.size(-d);
-    broadcastable = size == 1 || size == shape[shape.size() - d];
-  }
-  TORCH_CHECK_VALUE(broadcastable, "weight must be broadcastable to the shape of inputs ", shape,
-                    ", got ", weight.sizes());
   const at::Tensor expanded = weight.to(dtype).expand(shape);
   const int64_t rank = expanded.dim();
   const int64_t classes = rank == 0 ? 1 : shape.back();
@@ -192,45 +205,67 @@ void run_backward(const BackwardArgs& args) {
 
 }  // namespace
 
+void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets,
+                             const std::optional<at::Tensor>& weight, double alpha, double gamma,
+                             int64_t reduction, int64_t /*ignore_index*/, double label_smoothing,
+                             bool /*float32_loss*/, bool /*compute_grad_inputs*/,
+                             bool compute_grad_targets, bool /*compute_unweighted_loss*/,
+                             int64_t form, double beta, const std::optional<at::Tensor>& scores) {
+  check_floating(inputs, "inputs");
+  check_same_device(targets, inputs, "targets");
+  const bool labels = at::isIntegralType(targets.scalar_type(), /*includeBool=*/false);
+  const bool has_scores = scores.has_value() && scores->defined();
+  if (has_scores) {
+    TORCH_CHECK_VALUE(labels, "scores go with integer targets (class labels), as in a (labels, "
+                      "scores) pair; got targets of dtype ", python_name(targets.scalar_type()));
+    check_floating(*scores, "scores");
+    check_same_device(*scores, inputs, "scores");
+    TORCH_CHECK_VALUE(scores->sym_sizes() == targets.sym_sizes(),
+                      "scores must have the shape of the class labels, got ", scores->sym_sizes(),
+                      " and ", targets.sym_sizes());
+  }
+  if (labels) {
+    TORCH_CHECK_VALUE(inputs.dim() >= 1, "integer targets (class labels) need inputs with a class "
+                      "dimension, its last; got 0-d inputs");
+    TORCH_CHECK_VALUE(targets.sym_sizes() == inputs.sym_sizes().slice(0, inputs.dim() - 1),
+                      "integer targets (class labels) must have the shape of inputs without its "
+                      "last (class) dimension, got ", targets.sym_sizes(), " for inputs ",
+                      inputs.sym_sizes());
+    TORCH_CHECK_VALUE(!compute_grad_targets || has_scores,
+                      "integer targets (class labels) have no gradient (scores may have one)");
+  } else {
+    TORCH_CHECK_VALUE(at::isFloatingType(targets.scalar_type()),
+                      "targets must be a floating-point tensor, or an integer tensor of class "
+                      "labels, got ", python_name(targets.scalar_type()));
+    TORCH_CHECK_VALUE(inputs.sym_sizes() == targets.sym_sizes(),
+                      "targets must have the same shape as inputs, got ", inputs.sym_sizes(),
+                      " and ", targets.sym_sizes());
+  }
+  if (weight.has_value() && weight->defined()) {
+    check_floating(*weight, "weight");
+    check_same_device(*weight, inputs, "weight");
+    TORCH_CHECK_VALUE(broadcasts_to(*weight, inputs),
+                      "weight must be broadcastable to the shape of inputs ", inputs.sym_sizes(),
+                      ", got ", weight->sym_sizes());
+  }
+  checked_form_arguments(form, alpha, gamma, beta, label_smoothing);
+  checked_reduction(reduction);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_forward(
     const at::Tensor& inputs, const at::Tensor& targets, const std::optional<at::Tensor>& weight,
     double alpha, double gamma, int64_t reduction, int64_t ignore_index, double label_smoothing,
     bool float32_loss, bool compute_grad_inputs, bool compute_grad_targets,
     bool compute_unweighted_loss, int64_t form, double beta,
     const std::optional<at::Tensor>& scores) {
-  check_floating(inputs, "inputs");
-  check_same_device(targets, inputs, "targets");
+  check_forward_arguments(inputs, targets, weight, alpha, gamma, reduction, ignore_index,
+                          label_smoothing, float32_loss, compute_grad_inputs, compute_grad_targets,
+                          compute_unweighted_loss, form, beta, scores);
   check_device(inputs);
   const bool labels = at::isIntegralType(targets.scalar_type(), /*includeBool=*/false);
   const bool has_scores = scores.has_value() && scores->defined();
-  if (has_scores) {
-    TORCH_CHECK_VALUE(labels, "scores go with integer targets (class labels), got targets of dtype ",
-                      targets.scalar_type());
-    check_floating(*scores, "scores");
-    check_same_device(*scores, inputs, "scores");
-    TORCH_CHECK_VALUE(scores->sizes() == targets.sizes(),
-                      "scores must have the shape of the class labels, got ", scores->sizes(),
-                      " and ", targets.sizes());
-  }
-  if (labels) {
-    TORCH_CHECK_VALUE(inputs.dim() >= 1, "integer targets (class labels) need inputs with a class "
-                      "dimension, its last; got 0-d inputs");
-    TORCH_CHECK_VALUE(targets.sizes() == inputs.sizes().slice(0, inputs.dim() - 1),
-                      "integer targets (class labels) must have the shape of inputs without its "
-                      "last (class) dimension, got ", targets.sizes(), " for inputs ",
-                      inputs.sizes());
-    TORCH_CHECK_VALUE(!compute_grad_targets || has_scores,
-                      "integer targets (class labels) have no gradient (scores may have one)");
-  } else {
-    TORCH_CHECK_VALUE(at::isFloatingType(targets.scalar_type()),
-                      "targets must be a floating-point tensor, or an integer tensor of class "
-                      "labels, got ", targets.scalar_type());
-    TORCH_CHECK_VALUE(inputs.sizes() == targets.sizes(),
-                      "targets must have the same shape as inputs, got ", inputs.sizes(), " and ",
-                      targets.sizes());
-  }
-  const LossForm loss_form = checked_form_arguments(form, alpha, gamma, beta, label_smoothing);
-  const Reduction mode = checked_reduction(reduction);
+  const auto loss_form = static_cast<LossForm>(form);
+  const auto mode = static_cast<Reduction>(reduction);
 
   ForwardArgs args;
   args.labels = labels;
@@ -263,8 +298,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
   }
   args.weight_kind = WeightKind::None;
   if (weight.has_value() && weight->defined()) {
-    check_floating(*weight, "weight");
-    check_same_device(*weight, inputs, "weight");
     std::tie(args.weight_kind, args.weight) =
         weight_for_kernels(*weight, inputs, math_dtype(loss_dtype));
   }

@@ -35,6 +35,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     bool compute_unweighted_loss, int64_t form = 0, double beta = 0.0,
     const std::optional<at::Tensor>& scores = std::nullopt);
 
+// sigmoid_focal_loss_forward's checks that read no data: dtypes, shapes, devices, the form's
+// scalars (ValueError). The forward runs them first; the ops' fake kernel runs them on fake and
+// meta tensors, whose shapes may be symbolic (they are read as SymInts).
+void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets,
+                             const std::optional<at::Tensor>& weight, double alpha, double gamma,
+                             int64_t reduction, int64_t ignore_index, double label_smoothing,
+                             bool float32_loss, bool compute_grad_inputs, bool compute_grad_targets,
+                             bool compute_unweighted_loss, int64_t form = 0, double beta = 0.0,
+                             const std::optional<at::Tensor>& scores = std::nullopt);
+
 // saved_grad * grad_output (elementwise for reduction None, else one value), divided by count
 // for Mean (zero where count is 0).
 at::Tensor sigmoid_focal_loss_backward(const at::Tensor& grad_output, const at::Tensor& saved_grad,

@@ -115,6 +115,12 @@ def loss_dtype(inputs, targets, float32_loss):
 def _(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
       float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form=0,
       beta=0.0, scores=None):
+    # The op's own checks (C++), so that torch.compile and meta tensors reject what eager does.
+    _C.check_forward_arguments(
+        inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
+        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form,
+        beta, scores,
+    )
     dtype = loss_dtype(inputs, targets, float32_loss)
     loss = inputs.new_empty(inputs.shape if reduction == 0 else (), dtype=dtype)
     grad_inputs = inputs.new_empty(inputs.shape if compute_grad_inputs else (0,),

@@ -14,30 +14,16 @@ from ._function import EagerFunction, TransformableFunction
 
 
 def _check_tensor(value, name):
+    # Only that it is a tensor: what a tensor holds (dtype, shape, device) the op checks, once, in
+    # C++ (csrc/focal_ops.cpp, check_forward_arguments), on every path and in the fake kernel.
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
-def _check_same_device(tensor, inputs, name):
-    if tensor.device != inputs.device:
-        raise ValueError(
-            f"{name} must be on the same device as inputs, got {inputs.device} and {tensor.device}"
-        )
-
-
-def _check_inputs(inputs):
-    _check_tensor(inputs, "inputs")
-    if not inputs.is_floating_point():
-        raise ValueError(
-            "inputs must be a floating-point tensor (float16, bfloat16, float32 or float64), "
-            f"got {inputs.dtype}"
-        )
-
-
-def _split_targets(targets, inputs):
-    """(targets, scores): a pair (labels, scores) checked and split, else (targets, None)."""
+def _split_targets(targets):
+    """(targets, scores): a pair (labels, scores) split, else (targets, None)."""
     if not isinstance(targets, (tuple, list)):
-        _check_targets(targets, inputs)
+        _check_tensor(targets, "targets")
         return targets, None
     if len(targets) != 2 or not all(isinstance(item, torch.Tensor) for item in targets):
         got = ", ".join(type(item).__name__ for item in targets)
@@ -45,69 +31,7 @@ def _split_targets(targets, inputs):
             "targets must be a torch.Tensor, or a (labels, scores) tuple of two tensors, got a "
             f"{type(targets).__name__} of {len(targets)} items ({got})"
         )
-    labels, scores = targets
-    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
-        raise ValueError(f"the labels of a (labels, scores) pair must be an integer tensor, got {labels.dtype}")
-    _check_targets(labels, inputs)
-    if not scores.is_floating_point():
-        raise ValueError(f"the scores of a (labels, scores) pair must be a floating-point tensor, got {scores.dtype}")
-    if _shapes_differ(scores.shape, labels.shape):
-        raise ValueError(
-            f"the scores of a (labels, scores) pair must have the labels' shape {list(labels.shape)}, "
-            f"got {list(scores.shape)}"
-        )
-    _check_same_device(scores, inputs, "the scores of targets")
-    return labels, scores
-
-
-def _shapes_differ(shape, other):
-    """shape != other, except under torch.jit.trace, where sizes are traced values (comparing
-    them would be baked into the trace): the op checks the shapes there."""
-    return not torch.jit.is_tracing() and shape != other
-
-
-def _check_targets(targets, inputs):
-    _check_tensor(targets, "targets")
-    if targets.is_floating_point():
-        if _shapes_differ(targets.shape, inputs.shape):
-            raise ValueError(
-                f"targets must have the same shape as inputs, got {list(inputs.shape)} and "
-                f"{list(targets.shape)}"
-            )
-    elif targets.dtype == torch.bool or targets.is_complex():
-        raise ValueError(
-            "targets must be a floating-point tensor, or an integer tensor of class labels, "
-            f"got {targets.dtype}"
-        )
-    elif inputs.dim() == 0:
-        raise ValueError(
-            "integer targets (class labels) need inputs with a class dimension, its last; got "
-            "0-d inputs"
-        )
-    elif _shapes_differ(targets.shape, inputs.shape[:-1]):
-        raise ValueError(
-            "integer targets (class labels) must have the shape of inputs without its last "
-            f"(class) dimension, got {list(targets.shape)} for inputs {list(inputs.shape)}"
-        )
-    _check_same_device(targets, inputs, "targets")
-
-
-def _check_weight(weight, inputs):
-    if weight is None:
-        return
-    _check_tensor(weight, "weight")
-    if not weight.is_floating_point():
-        raise ValueError(f"weight must be a floating-point tensor, got {weight.dtype}")
-    try:
-        broadcast = torch.broadcast_shapes(weight.shape, inputs.shape) == inputs.shape
-    except RuntimeError:
-        broadcast = False
-    if not broadcast:
-        raise ValueError(
-            f"weight must be broadcastable to the shape of inputs {list(inputs.shape)}, "
-            f"got {list(weight.shape)}"
-        )
-    _check_same_device(weight, inputs, "weight")
+    return targets[0], targets[1]
 
 
 def _real_number(value):
@@ -308,11 +232,12 @@ def varifocal_loss(
 
 def _fused_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ignore_index,
                 label_smoothing):
-    """Checks the tensors and the common options, then runs the fused op (alpha, gamma and beta
+    """Converts the common options and picks the path to the fused op (alpha, gamma and beta
     already checked, in the op's meaning: see _ops.sigmoid_focal_loss_forward)."""
-    _check_inputs(inputs)
-    targets, scores = _split_targets(targets, inputs)
-    _check_weight(weight, inputs)
+    _check_tensor(inputs, "inputs")
+    targets, scores = _split_targets(targets)
+    if weight is not None:
+        _check_tensor(weight, "weight")
     # What the op differentiates as the targets: the scores of a pair.
     differentiable_targets = targets if scores is None else scores
     if torch.is_grad_enabled():

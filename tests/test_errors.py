@@ -34,7 +34,7 @@ X = torch.zeros(4, 4)
         (dict(weight=torch.ones(2, 4, 4)), ValueError,
          "weight must be broadcastable to the shape of inputs [4, 4], got [2, 4, 4]"),
         (dict(weight=torch.ones(4, dtype=torch.long)), ValueError,
-         "weight must be a floating-point tensor, got torch.int64"),
+         "weight must be a floating-point tensor (float16, bfloat16, float32 or float64), got torch.int64"),
         (dict(weight=[1.0]), TypeError, "weight must be a torch.Tensor, got list"),
         (dict(label_smoothing=1.0), ValueError, "label_smoothing must be in [0, 1), got 1.0"),
         (dict(label_smoothing=-0.1), ValueError, "label_smoothing must be in [0, 1), got -0.1"),
@@ -83,17 +83,33 @@ def test_unsupported_device():
         (lambda: forward_op(X, X, alpha=2.0), "alpha must be in [0, 1], or -1 to disable the weighting, got 2"),
         (lambda: forward_op(X, X, gamma=-2.0), "gamma must be a finite number >= 0, got -2"),
         (lambda: forward_op(X, X, reduction=3), "reduction must be 0 (none), 1 (mean) or 2 (sum), got 3"),
-        (lambda: forward_op(X, torch.zeros(2)), "targets must have the same shape as inputs, got [4, 4] and [2]"),
-        (lambda: forward_op(X, X, weight=torch.ones(3)),
-         "weight must be broadcastable to the shape of inputs [4, 4], got [3]"),
         (lambda: forward_op(X, X, label_smoothing=1.0), "label_smoothing must be in [0, 1), got 1"),
-        (lambda: forward_op(X, torch.zeros(4, 4, dtype=torch.long)),
-         "integer targets (class labels) must have the shape of inputs without its last (class) dimension"),
     ],
 )
 def test_op_level_checks_raise_value_error(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
+
+
+def test_meta_tensors_are_checked_as_real_ones():
+    """The fake (and meta) kernel runs the op's own checks."""
+    x = torch.zeros(4, 4, device="meta")
+    with pytest.raises(ValueError, match=re.escape("targets must have the same shape as inputs, got [4, 4] and [4, 3]")):
+        focal_cuda.sigmoid_focal_loss(x, torch.zeros(4, 3, device="meta"))
+    with pytest.raises(ValueError, match=re.escape("weight must be broadcastable to the shape of inputs [4, 4], got [3]")):
+        focal_cuda.sigmoid_focal_loss(x, x, weight=torch.ones(3, device="meta"))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_reports_bad_input_with_the_eager_message(dynamic):
+    """Under torch.compile the fake kernel raises the op's error while tracing (Dynamo wraps it in
+    its TorchRuntimeError), before any kernel runs; with dynamic shapes the sizes in the message
+    are symbols."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, t: focal_cuda.sigmoid_focal_loss(x, t, reduction="sum"),
+                             fullgraph=True, backend="eager", dynamic=dynamic)
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError, match="targets must have the same shape as inputs, got"):
+        compiled(X, torch.zeros(4, 3))
 
 
 @pytest.mark.parametrize(

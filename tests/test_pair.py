@@ -191,11 +191,12 @@ def test_autocast_pair_gives_a_float32_loss_and_scores_gradients_in_their_dtype(
      "targets must be a torch.Tensor, or a (labels, scores) tuple of two tensors, got a list of 4 "
      "items (int, int, int, int)"),
     (lambda labels, scores: (labels.double(), scores), ValueError,
-     "the labels of a (labels, scores) pair must be an integer tensor, got torch.float64"),
+     "scores go with integer targets (class labels), as in a (labels, scores) pair; got targets of "
+     "dtype torch.float64"),
     (lambda labels, scores: (labels, labels), ValueError,
-     "the scores of a (labels, scores) pair must be a floating-point tensor, got torch.int64"),
+     "scores must be a floating-point tensor (float16, bfloat16, float32 or float64), got torch.int64"),
     (lambda labels, scores: (labels, scores[:3]), ValueError,
-     "the scores of a (labels, scores) pair must have the labels' shape [4], got [3]"),
+     "scores must have the shape of the class labels, got [3] and [4]"),
     (lambda labels, scores: (labels[:3], scores[:3]), ValueError,
      "integer targets (class labels) must have the shape of inputs without its last (class) dimension"),
     (lambda labels, scores: (labels, [0.5] * 4), TypeError,
