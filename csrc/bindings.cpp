@@ -78,6 +78,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("scores") = pybind11::none(),
         "sigmoid_focal_loss_forward's checks that read no data (dtypes, shapes, devices, "
         "scalars), for its fake kernel: fake and meta tensors, symbolic shapes.");
+  m.def("check_form_arguments", &Bound<&focal::check_form_arguments, true>::call,
+        pybind11::arg("form"), pybind11::arg("alpha"), pybind11::arg("gamma"), pybind11::arg("beta"),
+        pybind11::arg("label_smoothing"),
+        "The form's scalar arguments checked as sigmoid_focal_loss_forward checks them.");
   m.def("sigmoid_focal_loss_backward", &Bound<&focal::sigmoid_focal_loss_backward>::call,
         pybind11::arg("grad_output"), pybind11::arg("saved_grad"), pybind11::arg("count"),
         pybind11::arg("reduction"), "saved_grad scaled by grad_output (divided by count for mean).");

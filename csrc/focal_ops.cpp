@@ -74,47 +74,6 @@ at::ScalarType saved_dtype(at::ScalarType dtype) {
   return dtype == at::kHalf ? at::kFloat : dtype;
 }
 
-// Checks the scalar arguments of the form (see focal_ops.h) and returns the form.
-LossForm checked_form_arguments(int64_t form, double alpha, double gamma, double beta,
-                                double label_smoothing) {
-  constexpr double kInf = std::numeric_limits<double>::infinity();
-  TORCH_CHECK_VALUE(form >= 0 && form <= 3,
-                    "form must be 0 (focal loss), 1 (FL*), 2 (quality focal loss) or 3 (varifocal "
-                    "loss), got ", form);
-  const auto loss_form = static_cast<LossForm>(form);
-  switch (loss_form) {
-    case LossForm::Focal:
-    case LossForm::Star:
-      TORCH_CHECK_VALUE(alpha == -1.0 || (alpha >= 0.0 && alpha <= 1.0),
-                        "alpha must be in [0, 1], or -1 to disable the weighting, got ", alpha);
-      break;
-    case LossForm::Quality:
-      TORCH_CHECK_VALUE(alpha == -1.0, "the quality focal loss has no alpha: pass -1, got ", alpha);
-      break;
-    case LossForm::Varifocal:
-      TORCH_CHECK_VALUE(alpha >= 0.0 && alpha < kInf,
-                        "alpha (the varifocal loss's weight of negatives) must be a finite number "
-                        ">= 0, got ", alpha);
-      break;
-  }
-  if (loss_form == LossForm::Star) {
-    TORCH_CHECK_VALUE(gamma > 0.0 && gamma < kInf, "gamma of FL* must be a finite number > 0, got ",
-                      gamma);
-    TORCH_CHECK_VALUE(std::abs(beta) < kInf, "beta of FL* must be a finite number, got ", beta);
-  } else {
-    TORCH_CHECK_VALUE(gamma >= 0.0 && gamma < kInf, "gamma must be a finite number >= 0, got ",
-                      gamma);
-    TORCH_CHECK_VALUE(beta == 0.0, "beta is FL*'s shift; the other forms take 0, got ", beta);
-  }
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
-                    "label_smoothing must be in [0, 1), got ", label_smoothing);
-  TORCH_CHECK_VALUE(label_smoothing == 0.0 || loss_form == LossForm::Focal ||
-                        loss_form == LossForm::Star,
-                    "label_smoothing must be 0 for the quality focal and varifocal losses, whose "
-                    "targets are soft scores already, got ", label_smoothing);
-  return loss_form;
-}
-
 // Every label must name a class (0..C-1), the background (C) or be ignore_index. Checked on CPU
 // only: on CUDA the kernel asserts, so that the host never waits for the device.
 void check_labels_on_cpu(const at::Tensor& labels, int64_t classes, int64_t ignore_index) {
@@ -205,6 +164,46 @@ void run_backward(const BackwardArgs& args) {
 
 }  // namespace
 
+void check_form_arguments(int64_t form, double alpha, double gamma, double beta,
+                          double label_smoothing) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  TORCH_CHECK_VALUE(form >= 0 && form <= 3,
+                    "form must be 0 (focal loss), 1 (FL*), 2 (quality focal loss) or 3 (varifocal "
+                    "loss), got ", form);
+  const auto loss_form = static_cast<LossForm>(form);
+  switch (loss_form) {
+    case LossForm::Focal:
+    case LossForm::Star:
+      TORCH_CHECK_VALUE(alpha == -1.0 || (alpha >= 0.0 && alpha <= 1.0),
+                        "alpha must be in [0, 1], or -1 or None to disable the weighting, got ",
+                        alpha);
+      break;
+    case LossForm::Quality:
+      TORCH_CHECK_VALUE(alpha == -1.0, "the quality focal loss has no alpha: pass -1, got ", alpha);
+      break;
+    case LossForm::Varifocal:  // the weight of the negatives
+      TORCH_CHECK_VALUE(alpha >= 0.0 && alpha < kInf, "alpha must be a finite number >= 0, got ",
+                        alpha);
+      break;
+  }
+  // Named as the public functions name them: the quality focal loss's exponent is its beta.
+  if (loss_form == LossForm::Star) {
+    TORCH_CHECK_VALUE(gamma > 0.0 && gamma < kInf, "gamma must be a finite number > 0, got ", gamma);
+    TORCH_CHECK_VALUE(std::abs(beta) < kInf, "beta must be a finite number, got ", beta);
+  } else {
+    TORCH_CHECK_VALUE(gamma >= 0.0 && gamma < kInf,
+                      loss_form == LossForm::Quality ? "beta" : "gamma",
+                      " must be a finite number >= 0, got ", gamma);
+    TORCH_CHECK_VALUE(beta == 0.0, "beta is FL*'s shift; the other forms take 0, got ", beta);
+  }
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
+                    "label_smoothing must be in [0, 1), got ", label_smoothing);
+  TORCH_CHECK_VALUE(label_smoothing == 0.0 || loss_form == LossForm::Focal ||
+                        loss_form == LossForm::Star,
+                    "label_smoothing must be 0 for the quality focal and varifocal losses, whose "
+                    "targets are soft scores already, got ", label_smoothing);
+}
+
 void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets,
                              const std::optional<at::Tensor>& weight, double alpha, double gamma,
                              int64_t reduction, int64_t /*ignore_index*/, double label_smoothing,
@@ -248,7 +247,7 @@ void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets
                       "weight must be broadcastable to the shape of inputs ", inputs.sym_sizes(),
                       ", got ", weight->sym_sizes());
   }
-  checked_form_arguments(form, alpha, gamma, beta, label_smoothing);
+  check_form_arguments(form, alpha, gamma, beta, label_smoothing);
   checked_reduction(reduction);
 }
 

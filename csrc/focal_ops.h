@@ -35,6 +35,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     bool compute_unweighted_loss, int64_t form = 0, double beta = 0.0,
     const std::optional<at::Tensor>& scores = std::nullopt);
 
+// The form's scalar arguments as sigmoid_focal_loss_forward takes them (above; ValueError, the
+// argument named as the public functions name it). Part of check_forward_arguments; the
+// modules run it when they are built.
+void check_form_arguments(int64_t form, double alpha, double gamma, double beta,
+                          double label_smoothing);
+
 // sigmoid_focal_loss_forward's checks that read no data: dtypes, shapes, devices, the form's
 // scalars (ValueError). The forward runs them first; the ops' fake kernel runs them on fake and
 // meta tensors, whose shapes may be symbolic (they are read as SymInts).

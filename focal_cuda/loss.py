@@ -1,7 +1,6 @@
 """The public sigmoid focal loss, its family (FL*, quality focal loss, varifocal loss) and their
-nn.Modules: argument checks, then the fused op."""
+nn.Modules: the options converted to what the fused op takes, and the path to it."""
 
-import math
 import numbers
 from typing import Optional
 
@@ -39,46 +38,31 @@ def _real_number(value):
     return type(value) in (float, int) or isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def checked_alpha(alpha):
-    if alpha is None:
-        return -1.0
-    if _real_number(alpha) and (alpha == -1 or 0 <= alpha <= 1):
-        return float(alpha)
-    raise ValueError(f"alpha must be in [0, 1], or -1 or None to disable the weighting, got {alpha!r}")
+# The scalar options are only converted here, to what the op takes; their ranges the op checks
+# (csrc/focal_ops.cpp, check_form_arguments), naming them as these functions do.
 
 
-def checked_gamma(gamma):
-    if _real_number(gamma) and 0 <= gamma < math.inf:
-        return float(gamma)
-    raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+def _as_float(value, name):
+    if _real_number(value):
+        return float(value)
+    raise ValueError(f"{name} must be a real number, got {value!r}")
 
 
-def _checked_number(value, name, *, minimum=None, positive=False):
-    """value as a float when it is a finite real number (>= minimum, > 0 if positive)."""
-    # Comparisons, not math.isfinite, which torch.compile cannot trace on a dynamic float.
-    if _real_number(value) and -math.inf < value < math.inf:
-        if (minimum is None or value >= minimum) and (not positive or value > 0):
-            return float(value)
-    bound = " > 0" if positive else f" >= {minimum:g}" if minimum is not None else ""
-    raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+def _as_alpha(alpha):
+    """alpha as the op takes it: None (no weighting) is -1."""
+    return -1.0 if alpha is None else _as_float(alpha, "alpha")
 
 
-def checked_reduction(reduction):
+def reduction_code(reduction):
     if isinstance(reduction, str) and reduction in _ops.REDUCTION_CODES:
         return _ops.REDUCTION_CODES[reduction]
     raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
 
 
-def checked_ignore_index(ignore_index):
+def _as_index(ignore_index):
     if type(ignore_index) is int or isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool):
         return int(ignore_index)
     raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
-
-
-def checked_label_smoothing(label_smoothing):
-    if _real_number(label_smoothing) and 0 <= label_smoothing < 1:
-        return float(label_smoothing)
-    raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
 
 
 def sigmoid_focal_loss(
@@ -139,7 +123,7 @@ def sigmoid_focal_loss(
     if torch.jit.is_scripting():
         return _scripted_sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction, weight,
                                             ignore_index, label_smoothing)
-    return _fused_loss(FORMS["focal"], inputs, targets, checked_alpha(alpha), checked_gamma(gamma),
+    return _fused_loss(FORMS["focal"], inputs, targets, _as_alpha(alpha), _as_float(gamma, "gamma"),
                        0.0, reduction, weight, ignore_index, label_smoothing)
 
 
@@ -168,8 +152,8 @@ def sigmoid_focal_loss_star(
     dtypes and the gradients (w.r.t. inputs, floating targets, weight) as in
     ``sigmoid_focal_loss``. Not scriptable by TorchScript.
     """
-    return _fused_loss(FORMS["star"], inputs, targets, checked_alpha(alpha),
-                       _checked_number(gamma, "gamma", positive=True), _checked_number(beta, "beta"),
+    return _fused_loss(FORMS["star"], inputs, targets, _as_alpha(alpha), _as_float(gamma, "gamma"),
+                       _as_float(beta, "beta"),
                        reduction, weight, ignore_index, label_smoothing)
 
 
@@ -196,7 +180,7 @@ def quality_focal_loss(
     loss's is. Not scriptable by TorchScript.
     """
     return _fused_loss(FORMS["quality"], inputs, targets, -1.0,
-                       _checked_number(beta, "beta", minimum=0), 0.0, reduction, weight,
+                       _as_float(beta, "beta"), 0.0, reduction, weight,
                        ignore_index, 0.0)
 
 
@@ -225,8 +209,7 @@ def varifocal_loss(
     the gradient w.r.t. targets there is the negative branch's. Not scriptable by TorchScript.
     """
     return _fused_loss(FORMS["varifocal"], inputs, targets,
-                       _checked_number(alpha, "alpha", minimum=0),
-                       _checked_number(gamma, "gamma", minimum=0), 0.0, reduction, weight,
+                       _as_float(alpha, "alpha"), _as_float(gamma, "gamma"), 0.0, reduction, weight,
                        ignore_index, 0.0)
 
 
@@ -254,8 +237,8 @@ def _fused_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ig
     # Autocast exists for CPU and CUDA only (meta tensors, e.g. for shape inference, have none).
     autocast = (inputs.is_cuda and torch.is_autocast_enabled("cuda")
                 or inputs.is_cpu and torch.is_autocast_enabled("cpu"))
-    arguments = (alpha, gamma, checked_reduction(reduction), checked_ignore_index(ignore_index),
-                 checked_label_smoothing(label_smoothing), autocast, *needs, form, beta)
+    arguments = (alpha, gamma, reduction_code(reduction), _as_index(ignore_index),
+                 _as_float(label_smoothing, "label_smoothing"), autocast, *needs, form, beta)
     # Dynamo cannot trace an autograd.Function with a jvp rule (a graph break): compiled code
     # calls the op, whose registered autograd uses TransformableFunction's setup_context and
     # backward.
@@ -307,6 +290,13 @@ def _scripted_sigmoid_focal_loss(
     return outputs[0]
 
 
+def _check_options(form, alpha, gamma, beta, reduction, label_smoothing):
+    """A module's options checked when it is built, as the op would check them at its first
+    call (alpha, gamma, beta in the op's meaning)."""
+    reduction_code(reduction)
+    _C.check_form_arguments(form, alpha, gamma, beta, label_smoothing)
+
+
 class SigmoidFocalLoss(torch.nn.Module):
     """``sigmoid_focal_loss`` as a module: ``SigmoidFocalLoss(...)(inputs, targets, weight=None)``."""
 
@@ -319,13 +309,14 @@ class SigmoidFocalLoss(torch.nn.Module):
     def __init__(self, alpha: Optional[float] = 0.25, gamma: float = 2.0, reduction: str = "none",
                  ignore_index: int = -100, label_smoothing: float = 0.0):
         super().__init__()
-        checked_reduction(reduction)
+        _check_options(FORMS["focal"], _as_alpha(alpha), _as_float(gamma, "gamma"), 0.0, reduction,
+                       _as_float(label_smoothing, "label_smoothing"))
         # Stored in the types of the annotations, so that TorchScript can script the module.
-        self.alpha = None if checked_alpha(alpha) == -1.0 else float(alpha)
-        self.gamma = checked_gamma(gamma)
+        self.alpha = None if _as_alpha(alpha) == -1.0 else float(alpha)
+        self.gamma = float(gamma)
         self.reduction = reduction
-        self.ignore_index = checked_ignore_index(ignore_index)
-        self.label_smoothing = checked_label_smoothing(label_smoothing)
+        self.ignore_index = _as_index(ignore_index)
+        self.label_smoothing = float(label_smoothing)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -345,13 +336,14 @@ class SigmoidFocalLossStar(torch.nn.Module):
     def __init__(self, alpha: Optional[float] = -1, gamma: float = 1.0, reduction: str = "none",
                  beta: float = 0.0, ignore_index: int = -100, label_smoothing: float = 0.0):
         super().__init__()
-        checked_reduction(reduction)
-        self.alpha = None if checked_alpha(alpha) == -1.0 else float(alpha)
-        self.gamma = _checked_number(gamma, "gamma", positive=True)
+        _check_options(FORMS["star"], _as_alpha(alpha), _as_float(gamma, "gamma"), _as_float(beta, "beta"),
+                       reduction, _as_float(label_smoothing, "label_smoothing"))
+        self.alpha = None if _as_alpha(alpha) == -1.0 else float(alpha)
+        self.gamma = float(gamma)
         self.reduction = reduction
-        self.beta = _checked_number(beta, "beta")
-        self.ignore_index = checked_ignore_index(ignore_index)
-        self.label_smoothing = checked_label_smoothing(label_smoothing)
+        self.beta = float(beta)
+        self.ignore_index = _as_index(ignore_index)
+        self.label_smoothing = float(label_smoothing)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -370,10 +362,10 @@ class QualityFocalLoss(torch.nn.Module):
 
     def __init__(self, beta: float = 2.0, reduction: str = "mean", ignore_index: int = -100):
         super().__init__()
-        checked_reduction(reduction)
-        self.beta = _checked_number(beta, "beta", minimum=0)
+        _check_options(FORMS["quality"], -1.0, _as_float(beta, "beta"), 0.0, reduction, 0.0)
+        self.beta = float(beta)
         self.reduction = reduction
-        self.ignore_index = checked_ignore_index(ignore_index)
+        self.ignore_index = _as_index(ignore_index)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -389,11 +381,12 @@ class VarifocalLoss(torch.nn.Module):
     def __init__(self, alpha: float = 0.75, gamma: float = 2.0, reduction: str = "mean",
                  ignore_index: int = -100):
         super().__init__()
-        checked_reduction(reduction)
-        self.alpha = _checked_number(alpha, "alpha", minimum=0)
-        self.gamma = _checked_number(gamma, "gamma", minimum=0)
+        _check_options(FORMS["varifocal"], _as_float(alpha, "alpha"), _as_float(gamma, "gamma"), 0.0,
+                       reduction, 0.0)
+        self.alpha = float(alpha)
+        self.gamma = float(gamma)
         self.reduction = reduction
-        self.ignore_index = checked_ignore_index(ignore_index)
+        self.ignore_index = _as_index(ignore_index)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
