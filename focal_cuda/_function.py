@@ -19,7 +19,6 @@ import torch
 from . import _C, _higher_order, _ops
 
 _NONE = _ops.REDUCTION_CODES["none"]
-_MEAN = _ops.REDUCTION_CODES["mean"]
 
 
 class EagerFunction(torch.autograd.Function):
@@ -99,9 +98,7 @@ class TransformableFunction(torch.autograd.Function):
                     term = (t.unsqueeze(-1) == classes).to(math_dtype) * term.unsqueeze(-1)
                 total = term if total is None else total + term
         if reduction != _NONE:
-            total = total.sum()
-            if reduction == _MEAN:
-                total = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+            total = _ops.mean_scale(total.sum(), count, reduction)
         return (total.to(loss_dtype), None, None, None, None)
 
 

@@ -257,16 +257,14 @@ def mean_scale(grad_output, count, reduction):
 
 
 def forward_setup_context(ctx, inputs, output):
-    x, t, weight, alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss = inputs[:9]
-    form, beta, scores = inputs[12:15]  # the op's defaults are filled in
-    _, grad_inputs, grad_targets, unweighted, count = output
     # Every output but the loss only carries what backward needs; none is differentiable, and
     # autograd must not materialise full-size zero gradients for them.
-    ctx.mark_non_differentiable(grad_inputs, grad_targets, unweighted, count)
+    ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     # A caller of the op may hold its gradient outputs: backward never writes into them. (The
-    # public function's autograd.Functions, which drop them, pass True.)
-    save_for_gradients(ctx, (x, t, weight, scores), output, inputs[3:14], False)
+    # public function's autograd.Functions, which drop them, pass True.) inputs: the op's, its
+    # defaults filled in; scores last.
+    save_for_gradients(ctx, inputs[:3] + (inputs[14],), output, inputs[3:14], False)
 
 
 def save_for_gradients(ctx, operands, output, arguments, gradients_private):
