@@ -1,36 +1,36 @@
 """The public function's autograd: two torch.autograd.Functions around the fused forward.
 
-EagerFunction serves plain eager calls (_ops.plain_eager), the training loop's: the fused
-forward straight from C++, the loss its only output, backward the saved gradient scaled.
-TransformableFunction serves everything else that differentiates: torch.func (grad, vmap,
-jacrev, jacfwd, hessian), torch.autograd.forward_ad, dispatch and function modes, tensor
-subclasses. Its forward/setup_context/backward are the op's own autograd formulas
-(focal_cuda._ops); on top it has a forward-mode rule (jvp) built from the derivatives the fused
-forward computes, and a vmap rule generated from the op's. Both take higher derivatives
-(create_graph) through the reference formula (_ops.gradients). torch.compile and TorchScript
-call the registered op instead, and a call without gradient the op alone: see
-focal_cuda/loss.py.
+EagerFunction is the one path of first-order gradients in eager mode: the fused forward (from
+C++ directly when _ops.plain_eager, else through the dispatcher, for modes and subclasses), the
+loss its only output, backward the saved gradient scaled. TransformableFunction is the path of
+torch.func transforms (grad, vmap, jacrev, jacfwd, hessian) and torch.autograd.forward_ad: its
+forward/setup_context/backward are the op's own autograd formulas (focal_cuda._ops); on top it
+has a forward-mode rule (jvp) built from the derivatives the fused forward computes, and a
+vmap rule generated from the op's. Derivatives that must be differentiable again go through
+focal_cuda._higher_order. torch.compile and TorchScript call the registered op instead, and a
+call without gradient the op alone: see focal_cuda/loss.py.
 """
 
 import inspect
 
 import torch
 
-from . import _C, _higher_order, _ops
+from . import _higher_order, _ops
 
 _NONE = _ops.REDUCTION_CODES["none"]
 
 
 class EagerFunction(torch.autograd.Function):
-    """apply(inputs, targets, weight, scores, arguments) -> the loss, where arguments are the
-    op's scalar arguments from alpha to beta (focal_cuda::sigmoid_focal_loss_forward)."""
+    """apply(inputs, targets, weight, scores, arguments, fused_forward) -> the loss, where
+    arguments are the op's scalar arguments from alpha to beta and fused_forward the op
+    (focal_cuda::sigmoid_focal_loss_forward) or the C++ function behind it."""
 
-    # forward takes ctx, with no setup_context, and returns the loss alone: with setup_context
-    # apply binds the arguments to forward's signature on every call, and each further output
-    # gets a zero-filled gradient in backward; together they doubled a small step's cost.
+    # forward takes ctx, with no setup_context, and returns the loss alone: with setup_context,
+    # apply binds the arguments to forward's signature and takes functorch's path on every
+    # call, which cost ~20 us of a small step (bench/NOTES.md).
     @staticmethod
-    def forward(ctx, inputs, targets, weight, scores, arguments):
-        output = _C.sigmoid_focal_loss_forward(inputs, targets, weight, *arguments, scores)
+    def forward(ctx, inputs, targets, weight, scores, arguments, fused_forward):
+        output = fused_forward(inputs, targets, weight, *arguments, scores)
         _ops.save_for_gradients(ctx, (inputs, targets, weight, scores), output, arguments,
                                 gradients_private=True)
         return output[0]
@@ -41,7 +41,7 @@ class EagerFunction(torch.autograd.Function):
         grad_inputs, grad_targets, grad_weight = _ops.gradients(
             ctx, grad_loss, (needs[0], needs[1] or needs[3], needs[2]))
         grad_scores = grad_targets if needs[3] else None
-        return grad_inputs, grad_targets if needs[1] else None, grad_weight, grad_scores, None
+        return grad_inputs, grad_targets if needs[1] else None, grad_weight, grad_scores, None, None
 
 
 class TransformableFunction(torch.autograd.Function):

@@ -246,12 +246,16 @@ def _fused_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ig
         return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, *arguments, scores)[0]
     if _ops.plain_eager(inputs, targets, weight, scores):
         if any(needs):
-            return EagerFunction.apply(inputs, targets, weight, scores, arguments)
+            return EagerFunction.apply(inputs, targets, weight, scores, arguments,
+                                       _C.sigmoid_focal_loss_forward)
         return _C.sigmoid_focal_loss_forward(inputs, targets, weight, *arguments, scores)[0]
-    # Without a gradient to compute (and no forward-mode AD level, whose tangents the
-    # Function's jvp carries) there is no autograd to set up: the op alone.
-    if any(needs) or _ops.forward_ad_active():
+    # torch.func transforms and forward-mode AD: the Function with jvp and vmap rules.
+    if _ops.forward_ad_active() or any(needs) and _ops.transforms_active():
         return TransformableFunction.apply(inputs, targets, weight, *arguments, scores)[0]
+    # Modes, subclasses, meta tensors, tracing: the same paths through the dispatcher.
+    if any(needs):
+        return EagerFunction.apply(inputs, targets, weight, scores, arguments,
+                                   _ops.sigmoid_focal_loss_forward)
     return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, *arguments, scores)[0]
 
 
