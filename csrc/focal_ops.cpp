@@ -52,7 +52,10 @@ bool broadcasts_to(const at::Tensor& weight, const at::Tensor& inputs) {
   }
   for (int64_t d = 1; d <= weight.dim(); ++d) {
     const auto& size = weight.sym_size(-d);
-    if (size != 1 && size != shape[shape.size() - d]) {
+    // Size-oblivious: a data-dependent size (rows picked by a mask) is taken as not 1 without a
+    // guard, which torch.compile could not place on it.
+    const bool one = TORCH_GUARD_SIZE_OBLIVIOUS(size.sym_eq(1));
+    if (!one && size != shape[shape.size() - d]) {
       return false;
     }
   }

@@ -223,30 +223,32 @@ def _scaled_saved_grad(ctx, grad_loss, saved, count, reduction):
     """saved * grad_loss (divided by count for the mean), written into saved where this backward
     is its last use: the backward frees the graph (retain_graph=False) and nobody else holds the
     forward's gradient outputs (ctx.gradients_private). A training step then holds one
-    gradient-sized buffer instead of two. Never while tracing (torch.compile, AOT, opcheck:
-    graphs stay functional) or batching (no in-place op on batched tensors)."""
-    last_use = (
-        ctx.gradients_private
-        # Private: whether this backward keeps the graph is known to the engine alone.
-        and not torch._C._autograd._get_current_graph_task_keep_graph()
-        # Private: is_grads_batched and vectorized jacobians batch grad_output with the legacy
-        # vmap, which no other probe sees.
-        and not torch._C._functorch.is_legacy_batchedtensor(grad_loss)
-    )
-    if last_use and plain_eager(saved, grad_loss, count):
-        _C.sigmoid_focal_loss_backward_(grad_loss, saved, count, reduction)
-        torch.autograd.graph.increment_version(saved)  # as the in-place op's dispatch does
-        return saved
+    gradient-sized buffer instead of two. Never while tracing (torch.compile, compiled
+    autograd, AOT, opcheck: graphs stay functional) or batching (no in-place op on batched
+    tensors)."""
     traced_or_batched = (
-        torch.compiler.is_compiling()
+        _is_compiling()  # first: Dynamo (compiled autograd) must not trace the probes below
         or type(saved) is not torch.Tensor
         or _get_current_dispatch_mode() is not None
         or transforms_active()
+        # Private: is_grads_batched and vectorized jacobians batch grad_output with the legacy
+        # vmap, which no other probe sees.
+        or torch._C._functorch.is_legacy_batchedtensor(grad_loss)
     )
-    if last_use and not traced_or_batched:  # e.g. under the profiler: the dispatcher's in-place op
+    last_use = (
+        ctx.gradients_private
+        and not traced_or_batched
+        # Private: whether this backward keeps the graph is known to the engine alone.
+        and not torch._C._autograd._get_current_graph_task_keep_graph()
+    )
+    if not last_use:
+        return sigmoid_focal_loss_backward(grad_loss, saved, count, reduction)
+    if plain_eager(saved, grad_loss, count):
+        _C.sigmoid_focal_loss_backward_(grad_loss, saved, count, reduction)
+        torch.autograd.graph.increment_version(saved)  # as the in-place op's dispatch does
+    else:  # e.g. under the profiler: the dispatcher's in-place op
         sigmoid_focal_loss_backward_(grad_loss, saved, count, reduction)
-        return saved
-    return sigmoid_focal_loss_backward(grad_loss, saved, count, reduction)
+    return saved
 
 
 def mean_scale(grad_output, count, reduction):

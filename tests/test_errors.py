@@ -100,14 +100,15 @@ def test_meta_tensors_are_checked_as_real_ones():
         focal_cuda.sigmoid_focal_loss(x, x, weight=torch.ones(3, device="meta"))
 
 
+@pytest.mark.parametrize("fullgraph", [True, False])
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_compile_reports_bad_input_with_the_eager_message(dynamic):
+def test_compile_reports_bad_input_with_the_eager_message(dynamic, fullgraph):
     """Under torch.compile the fake kernel raises the op's error while tracing (Dynamo wraps it in
-    its TorchRuntimeError), before any kernel runs; with dynamic shapes the sizes in the message
-    are symbols."""
+    its TorchRuntimeError, as it does the errors of torch's own ops), before any kernel runs;
+    with dynamic shapes the sizes in the message are symbols."""
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, t: focal_cuda.sigmoid_focal_loss(x, t, reduction="sum"),
-                             fullgraph=True, backend="eager", dynamic=dynamic)
+                             fullgraph=fullgraph, backend="eager", dynamic=dynamic)
     with pytest.raises(torch._dynamo.exc.TorchRuntimeError, match="targets must have the same shape as inputs, got"):
         compiled(X, torch.zeros(4, 3))
 

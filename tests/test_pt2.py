@@ -136,6 +136,40 @@ def test_compile_fullgraph_with_labels_and_weight(device, reduction):
         torch.testing.assert_close(weights[1].grad, weights[0].grad)
 
 
+@pytest.mark.parametrize("labels", [False, True], ids=["soft", "labels"])
+def test_compile_with_rows_picked_by_a_mask(labels):
+    """Rows chosen by a boolean mask have a data-dependent count: the op's checks (a per-row
+    weight's broadcast) must not guard on it."""
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 3, generator=generator)
+    targets = torch.randint(0, 4, (8,), generator=generator) if labels else torch.rand(8, 3, generator=generator)
+    mask = torch.rand(8, generator=generator) > 0.3
+    weight = torch.rand(8, 1, generator=generator)
+
+    def picked(x_, targets_, mask_, weight_):
+        return focal_cuda.sigmoid_focal_loss(x_[mask_], targets_[mask_], reduction="sum", weight=weight_[mask_])
+
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(picked, fullgraph=True, backend="eager")(x, targets, mask, weight)
+    torch.testing.assert_close(compiled, picked(x, targets, mask, weight), rtol=0, atol=0)
+
+
+def test_compiled_autograd_traces_the_eager_backward_whole():
+    """A backward compiled by compiled autograd, of a forward run eagerly: one graph, none of
+    the eager backward's probes traced (fullgraph=True fails on a graph break)."""
+    torch._dynamo.reset()
+    x = torch.randn(4, 3, requires_grad=True)
+    weight = torch.rand(3, requires_grad=True)
+    targets = torch.rand(4, 3)
+    expected = torch.autograd.grad(
+        focal_cuda.sigmoid_focal_loss(x, targets, reduction="mean", weight=weight), (x, weight))
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+        loss = focal_cuda.sigmoid_focal_loss(x, targets, reduction="mean", weight=weight)
+        loss.backward()
+    torch.testing.assert_close((x.grad, weight.grad), expected, rtol=0, atol=0)
+
+
 class DetectorLoss(torch.nn.Module):
     """A classification head and its focal loss, as a detector's training graph holds them."""
 
