@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <tuple>
 #include <utility>
 
 #include "focal.h"
@@ -58,26 +59,27 @@ struct Bound<kOp, kKeepGil> {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "focal_cuda kernels; use focal_cuda.sigmoid_focal_loss, not these directly.";
-  m.def("sigmoid_focal_loss_forward", &Bound<&focal::sigmoid_focal_loss_forward>::call,
-        pybind11::arg("inputs"),
-        pybind11::arg("targets"), pybind11::arg("weight"), pybind11::arg("alpha"),
-        pybind11::arg("gamma"), pybind11::arg("reduction"), pybind11::arg("ignore_index"),
-        pybind11::arg("label_smoothing"), pybind11::arg("float32_loss"),
-        pybind11::arg("compute_grad_inputs"), pybind11::arg("compute_grad_targets"),
-        pybind11::arg("compute_unweighted_loss"), pybind11::arg("form") = 0, pybind11::arg("beta") = 0.0,
-        pybind11::arg("scores") = pybind11::none(),
-        "Fused sigmoid focal loss: (loss, dloss/dinputs, dloss/dtargets, loss before weight, "
-        "count), gradients unscaled.");
-  m.def("check_forward_arguments", &Bound<&focal::check_forward_arguments, true>::call,
-        pybind11::arg("inputs"),
-        pybind11::arg("targets"), pybind11::arg("weight"), pybind11::arg("alpha"),
-        pybind11::arg("gamma"), pybind11::arg("reduction"), pybind11::arg("ignore_index"),
-        pybind11::arg("label_smoothing"), pybind11::arg("float32_loss"),
-        pybind11::arg("compute_grad_inputs"), pybind11::arg("compute_grad_targets"),
-        pybind11::arg("compute_unweighted_loss"), pybind11::arg("form") = 0, pybind11::arg("beta") = 0.0,
-        pybind11::arg("scores") = pybind11::none(),
-        "sigmoid_focal_loss_forward's checks that read no data (dtypes, shapes, devices, "
-        "scalars), for its fake kernel: fake and meta tensors, symbolic shapes.");
+  // The forward's parameters, which its checks take too.
+  const auto forward_parameters = std::make_tuple(
+      pybind11::arg("inputs"), pybind11::arg("targets"), pybind11::arg("weight"),
+      pybind11::arg("alpha"), pybind11::arg("gamma"), pybind11::arg("reduction"),
+      pybind11::arg("ignore_index"), pybind11::arg("label_smoothing"),
+      pybind11::arg("float32_loss"), pybind11::arg("compute_grad_inputs"),
+      pybind11::arg("compute_grad_targets"), pybind11::arg("compute_unweighted_loss"),
+      pybind11::arg("form") = 0, pybind11::arg("beta") = 0.0,
+      pybind11::arg("scores") = pybind11::none());
+  std::apply(
+      [&](const auto&... parameters) {
+        m.def("sigmoid_focal_loss_forward", &Bound<&focal::sigmoid_focal_loss_forward>::call,
+              parameters...,
+              "Fused sigmoid focal loss: (loss, dloss/dinputs, dloss/dtargets, loss before "
+              "weight, count), gradients unscaled.");
+        m.def("check_forward_arguments", &Bound<&focal::check_forward_arguments, true>::call,
+              parameters...,
+              "sigmoid_focal_loss_forward's checks that read no data (dtypes, shapes, devices, "
+              "scalars), for its fake kernel: fake and meta tensors, symbolic shapes.");
+      },
+      forward_parameters);
   m.def("check_form_arguments", &Bound<&focal::check_form_arguments, true>::call,
         pybind11::arg("form"), pybind11::arg("alpha"), pybind11::arg("gamma"), pybind11::arg("beta"),
         pybind11::arg("label_smoothing"),
