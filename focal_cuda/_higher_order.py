@@ -86,7 +86,7 @@ def _differentiable_primals(operands):
 
 
 def _reference_derivatives(ctx, rebuild):
-    """(x, t, weight, scores) -> what _Derivatives.forward computes, in differentiable
+    """(x, t, weight, scores) -> what Derivatives.forward computes, in differentiable
     reference ops."""
     alpha, gamma, ignore_index, label_smoothing, float32_loss, form, beta = ctx.arguments
 

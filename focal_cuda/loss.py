@@ -240,8 +240,7 @@ def _fused_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ig
     arguments = (alpha, gamma, reduction_code(reduction), _as_index(ignore_index),
                  _as_float(label_smoothing, "label_smoothing"), autocast, *needs, form, beta)
     # Dynamo cannot trace an autograd.Function with a jvp rule (a graph break): compiled code
-    # calls the op, whose registered autograd uses TransformableFunction's setup_context and
-    # backward.
+    # calls the op, with its registered autograd (_ops.forward_setup_context, forward_backward).
     if torch.compiler.is_compiling():
         return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, *arguments, scores)[0]
     if _ops.plain_eager(inputs, targets, weight, scores):
