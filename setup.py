@@ -129,7 +129,7 @@ CUDA_ARCHS = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if WITH_CUDA else ""
 # The CPU kernels are compiled once per instruction set and chosen at run time: the default
 # extension flags enable no AVX, which would leave at::vec::Vectorized (and its SLEEF exp/log)
 # running lane by lane. Flags follow how PyTorch builds its own per-ISA kernels.
-CPU_KERNEL_SOURCE = "csrc/cpu/focal_cpu_kernels.cpp"
+CPU_KERNEL_SOURCES = ["csrc/cpu/focal_cpu_kernels.cpp", "csrc/cpu/softmax_cpu_kernels.cpp"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     CPU_ISA_FLAGS = {
         "DEFAULT": ["-DFOCAL_CPU_ISA=DEFAULT"],
@@ -163,7 +163,7 @@ for isa in CPU_ISA_FLAGS:
 sources = ["csrc/bindings.cpp", "csrc/focal_ops.cpp", "csrc/cpu/focal_cpu.cpp"]
 if WITH_CUDA:
     # The forward kernels in one file per inputs dtype: ninja compiles them in parallel.
-    sources += ["csrc/cuda/focal_cuda.cu"] + [
+    sources += ["csrc/cuda/focal_cuda.cu", "csrc/cuda/softmax.cu"] + [
         f"csrc/cuda/forward_{dtype}.cu" for dtype in ("float16", "bfloat16", "float32", "float64")
     ]
     DEFINES.append(("FOCAL_WITH_CUDA", "1"))
@@ -217,7 +217,7 @@ class FocalBuildExtension(BuildExtension):
         def compile_for(isa):
             cxx_flags = ext.extra_compile_args["cxx"] + CPU_ISA_FLAGS[isa]
             return self.compiler.compile(
-                [CPU_KERNEL_SOURCE],
+                CPU_KERNEL_SOURCES,
                 output_dir=os.path.join(self.build_temp, f"isa_{isa.lower()}"),
                 macros=ext.define_macros,
                 include_dirs=ext.include_dirs,
@@ -256,7 +256,7 @@ extension = extension_cls(
     # Relative, so that an sdist lists them too.
     depends=[p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "csrc").rglob("*.h"))]
     + [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "csrc").rglob("*.cuh"))]
-    + [CPU_KERNEL_SOURCE],
+    + CPU_KERNEL_SOURCES,
     extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
     extra_link_args=OPENMP_FLAGS,
 )

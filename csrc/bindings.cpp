@@ -1,4 +1,4 @@
-// pybind11 module focal_cuda._C: the two ops and what the build contains.
+// pybind11 module focal_cuda._C: the ops, their checks and what the build contains.
 #include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
@@ -80,6 +80,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
               "scalars), for its fake kernel: fake and meta tensors, symbolic shapes.");
       },
       forward_parameters);
+  const auto softmax_parameters = std::make_tuple(
+      pybind11::arg("inputs"), pybind11::arg("targets"), pybind11::arg("weight"),
+      pybind11::arg("alpha"), pybind11::arg("gamma"), pybind11::arg("reduction"),
+      pybind11::arg("ignore_index"), pybind11::arg("label_smoothing"),
+      pybind11::arg("float32_loss"), pybind11::arg("compute_grad_inputs"),
+      pybind11::arg("compute_grad_targets"), pybind11::arg("compute_unweighted_loss"));
+  std::apply(
+      [&](const auto&... parameters) {
+        m.def("softmax_focal_loss_forward", &Bound<&focal::softmax_focal_loss_forward>::call,
+              parameters...,
+              "Fused softmax focal loss: (loss, dloss/dinputs, dloss/dtargets, loss before "
+              "weight, the mean's divisor), gradients unscaled.");
+        m.def("check_softmax_arguments", &Bound<&focal::check_softmax_arguments, true>::call,
+              parameters..., "softmax_focal_loss_forward's checks that read no data.");
+      },
+      softmax_parameters);
+  m.def("check_softmax_options", &Bound<&focal::check_softmax_options, true>::call,
+        pybind11::arg("alpha"), pybind11::arg("gamma"), pybind11::arg("label_smoothing"),
+        "The softmax focal loss's scalar options checked as its forward checks them.");
   m.def("check_form_arguments", &Bound<&focal::check_form_arguments, true>::call,
         pybind11::arg("form"), pybind11::arg("alpha"), pybind11::arg("gamma"), pybind11::arg("beta"),
         pybind11::arg("label_smoothing"),

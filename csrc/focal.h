@@ -58,6 +58,36 @@ struct BackwardArgs {
   at::Tensor out;  // saved_grad's dtype and numel
 };
 
+// The softmax focal loss's operands: inputs seen as (N, C, S), S the positions of a sample (the
+// product of the dimensions after the class dimension, 1 for (N, C)), element (n, c, s) at
+// n * batch_stride + c * class_stride + s * position_stride, so that NCHW and channels-last maps
+// are read where they lie. Per-position tensors are contiguous in (n, s) order; per-element
+// outputs have the inputs' strides. Shapes, dtypes and labels already checked.
+struct SoftmaxArgs {
+  at::Tensor inputs;  // floating
+  int64_t batch;      // N
+  int64_t classes;    // C >= 1
+  int64_t positions;  // S
+  int64_t batch_stride;
+  int64_t class_stride;
+  int64_t position_stride;
+  at::Tensor labels;         // int64 per position, or undefined (probabilities are given)
+  at::Tensor probabilities;  // the inputs' dtype and strides, or undefined (labels are given)
+  int64_t ignore_index;
+  at::Tensor weight;  // per class, in the math dtype (float64 for float64 inputs, else float32),
+                      // or undefined
+  double alpha;       // < 0: none (1)
+  double gamma;
+  double label_smoothing;
+  Reduction reduction;
+  at::Tensor loss;             // math dtype: per position for Reduction::None, else 0-d
+  at::Tensor grad_inputs;      // saved dtype of inputs; undefined when not requested
+  at::Tensor grad_targets;     // math dtype, d(loss)/d(probabilities); undefined when not requested
+  at::Tensor unweighted_loss;  // math dtype, the per-class loss before the weight; or undefined
+  at::Tensor divisor;          // 0-d float64: the mean's divisor (the weight of the labels not
+                               // ignored, or N * S for probabilities)
+};
+
 // Turns a GammaMode into the template argument of a kernel: fn(std::integral_constant<GammaMode,
 // mode>), instantiated for the modes the caller has kernels for (kModes) and no others.
 template <GammaMode... kModes, typename Fn>
@@ -80,6 +110,7 @@ void dispatch_flag(bool flag, Fn&& fn) {
 namespace cpu {
 void forward(const ForwardArgs& args);
 void backward(const BackwardArgs& args);
+void softmax_forward(const SoftmaxArgs& args);
 // The instruction set whose kernels run on this machine ("AVX512", "AVX2" or "DEFAULT").
 std::string active_isa();
 }  // namespace cpu
@@ -91,6 +122,7 @@ namespace cuda {
 bool reads_dtype_pair(at::ScalarType first, at::ScalarType second);
 void forward(const ForwardArgs& args);
 void backward(const BackwardArgs& args);
+void softmax_forward(const SoftmaxArgs& args);
 // forward for inputs of each dtype, defined in forward_<dtype>.cu, one file each, so that a
 // build compiles them in parallel.
 void forward_float16(const ForwardArgs& args);

@@ -4,8 +4,8 @@
 // Used by the CUDA kernels (V = float/double), the CPU kernels (V = at::vec::Vectorized<float/double>)
 // and their scalar tails (V = float/double), so the CPU tests exercise the very formulas the GPU runs.
 // Everything a value type needs beyond + - * / and comparisons comes from a Math policy:
-// exp, log1p (called only for arguments in [0, 1]), pow, sqrt, reciprocal, abs, max,
-// select(mask, if_true, if_false).
+// exp, log1p (called only for arguments in [0, 1]), log (for arguments >= 1), pow, sqrt,
+// reciprocal, abs, max, min, select(mask, if_true, if_false).
 //
 // With p = sigmoid(x), t the target (after label smoothing), w the element's weight (the loss and
 // its derivatives below are multiplied by it):
@@ -188,12 +188,14 @@ template <typename S>
 struct ScalarMath {
   static FOCAL_HOST_DEVICE S exp(S v) { return ::exp(v); }
   static FOCAL_HOST_DEVICE S log1p(S v) { return ::log1p(v); }
+  static FOCAL_HOST_DEVICE S log(S v) { return ::log(v); }
   static FOCAL_HOST_DEVICE S fma(S a, S b, S c) { return ::fma(a, b, c); }
   static FOCAL_HOST_DEVICE S pow(S base, S exponent) { return ::pow(base, exponent); }
   static FOCAL_HOST_DEVICE S sqrt(S v) { return ::sqrt(v); }
   static FOCAL_HOST_DEVICE S reciprocal(S v) { return S(1) / v; }
   static FOCAL_HOST_DEVICE S abs(S v) { return ::fabs(v); }
   static FOCAL_HOST_DEVICE S max(S a, S b) { return a > b ? a : b; }
+  static FOCAL_HOST_DEVICE S min(S a, S b) { return a < b ? a : b; }
   static FOCAL_HOST_DEVICE S select(bool mask, S if_true, S if_false) {
     return mask ? if_true : if_false;
   }
@@ -203,12 +205,14 @@ template <>
 struct ScalarMath<float> {
   static FOCAL_HOST_DEVICE float exp(float v) { return ::expf(v); }
   static FOCAL_HOST_DEVICE float log1p(float v) { return log1p_float<ScalarMath<float>>(v); }
+  static FOCAL_HOST_DEVICE float log(float v) { return ::logf(v); }
   static FOCAL_HOST_DEVICE float fma(float a, float b, float c) { return ::fmaf(a, b, c); }
   static FOCAL_HOST_DEVICE float pow(float base, float exponent) { return ::powf(base, exponent); }
   static FOCAL_HOST_DEVICE float sqrt(float v) { return ::sqrtf(v); }
   static FOCAL_HOST_DEVICE float reciprocal(float v) { return 1.0f / v; }
   static FOCAL_HOST_DEVICE float abs(float v) { return ::fabsf(v); }
   static FOCAL_HOST_DEVICE float max(float a, float b) { return a > b ? a : b; }
+  static FOCAL_HOST_DEVICE float min(float a, float b) { return a < b ? a : b; }
   static FOCAL_HOST_DEVICE float select(bool mask, float if_true, float if_false) {
     return mask ? if_true : if_false;
   }
@@ -490,6 +494,137 @@ FOCAL_HOST_DEVICE FocalTerms<V> loss_terms(V x, V t, V weight, V valid,
     default:
       return focal_terms<Math, kGamma, kGradInputs, kGradTargets>(x, t, weight, valid, coeffs);
   }
+}
+
+// The softmax focal loss (the multi-class case of Lin et al.), position by position: z the C
+// logits of one position, p = softmax(z), q the target distribution (one-hot for a label,
+// smoothed as F.cross_entropy smooths it: (1 - eps) one-hot + eps / C, or given), w the class
+// weights, u_c = 1 - p_c:
+//   loss    = -alpha sum_c w_c q_c u_c^gamma log p_c
+//   g_c     = p_c d(loss)/d(p_c) = alpha w_c q_c u_c^gamma (gamma p_c log p_c / u_c - 1)
+//   dL/dz_j = g_j - p_j sum_c g_c       (a label y: g_y (1 - p_y) at y, -p_j g_y elsewhere)
+//   dL/dq_c = -alpha w_c u_c^gamma log p_c
+// p log p / u lies in [-1, 0] (-log p <= (1 - p) / p) and tends to -1 as p -> 1, so the
+// gradient is finite for every gamma >= 0 though u^(gamma - 1) is not. With m = max z and
+// r = sum over the classes but one at the max of exp(z_c - m): log p_c = (z_c - m) - log1p(r)
+// and, at the max, u = r / (1 + r); elsewhere p <= 1/2 and u = 1 - p loses nothing. A confident
+// position (the focal loss's common case) keeps its relative accuracy, where log(sum exp) and
+// 1 - p would cancel.
+template <typename S>
+struct SoftmaxCoeffs : FocalCoeffs<S> {
+  S alpha;            // 1 for alpha None
+  S smoothing_share;  // label_smoothing / C: each class's share of the smoothed mass
+  bool modulated;     // gamma != 0: u^gamma is not 1
+
+  SoftmaxCoeffs(double alpha_, double gamma_, double label_smoothing, int64_t classes)
+      : FocalCoeffs<S>(-1.0, gamma_, label_smoothing),
+        alpha(static_cast<S>(alpha_ < 0 ? 1.0 : alpha_)),
+        smoothing_share(static_cast<S>(label_smoothing / static_cast<double>(classes))),
+        modulated(gamma_ != 0.0) {}
+};
+
+// The sums of one position's exponentials, accumulated class by class (softmax_accumulate),
+// then finished (softmax_row).
+template <typename V>
+struct SoftmaxSums {
+  V others;  // exp(z_c - m) over the classes below the max (NaN if a logit is)
+  V ties;    // how many classes are at the max
+};
+
+template <typename Math, typename V>
+FOCAL_HOST_DEVICE void softmax_accumulate(V z, V max, SoftmaxSums<V>& sums) {
+  const V zero(0.0f);
+  const auto at_max = z == max;
+  sums.others = sums.others + Math::select(at_max, zero, Math::exp(z - max));
+  sums.ties = sums.ties + Math::select(at_max, V(1.0f), zero);
+}
+
+template <typename V>
+struct SoftmaxRow {
+  V max;      // m
+  V rest;     // r: the sum of exp(z - m) but one 1 (for the max)
+  V log_sum;  // log1p(r) = log(sum exp(z - m))
+  V inv_sum;  // 1 / (1 + r)
+};
+
+template <typename Math, typename V>
+FOCAL_HOST_DEVICE SoftmaxRow<V> softmax_row(V max, const SoftmaxSums<V>& sums) {
+  const V one(1.0f);
+  const V rest = sums.others + (sums.ties - one);
+  // log1p's policy takes [0, 1]; above, 1 + r rounds by less than r's own rounding.
+  const V log_sum = Math::select(rest <= one, Math::log1p(Math::min(rest, one)),
+                                 Math::log(one + rest));
+  return {max, rest, log_sum, Math::reciprocal(one + rest)};
+}
+
+template <typename V>
+struct SoftmaxClass {
+  V p;      // p_c
+  V u;      // 1 - p_c
+  V focal;  // -u^gamma log p_c: the class's loss before alpha, weight and target
+  V slope;  // p_c d(focal)/d(p_c) = u^gamma (gamma p log p / u - 1) (when kSlope)
+};
+
+template <typename Math, bool kSlope, typename V, typename S>
+FOCAL_HOST_DEVICE SoftmaxClass<V> softmax_class(V z, const SoftmaxRow<V>& row,
+                                                const SoftmaxCoeffs<S>& coeffs) {
+  const V zero(S(0));
+  const V one(S(1));
+  const V shifted = z - row.max;
+  const V log_p = shifted - row.log_sum;
+  const V p = Math::exp(shifted) * row.inv_sum;
+  const V u = Math::select(shifted == zero, row.rest * row.inv_sum, one - p);
+  V u_gamma = one;
+  if (coeffs.modulated) {  // the same for the whole launch
+    u_gamma = gamma_power<Math, GammaMode::General>(u, coeffs);
+  }
+  SoftmaxClass<V> terms{p, u, zero - u_gamma * log_p, zero};
+  if constexpr (kSlope) {
+    terms.slope = zero - u_gamma;
+    if (coeffs.modulated) {
+      // p log p / u, in [-1, 0]; -1 where u is 0 (see kUnitScale for the scaling).
+      const V unit_scale(kUnitScale<S>);
+      const V ratio = Math::select(
+          u > zero, p * log_p * unit_scale * Math::reciprocal(u * unit_scale), zero - one);
+      terms.slope = u_gamma * (V(coeffs.gamma) * ratio - one);
+    }
+  }
+  return terms;
+}
+
+// One class's share of a position's loss and derivatives, for target q (0 at an ignored
+// position) and class weight w.
+template <typename V>
+struct SoftmaxTerms {
+  V loss;        // alpha w q focal
+  V unweighted;  // alpha q focal: d(loss)/d(w)
+  V g;           // alpha w q slope (when kGrad)
+  V d_target;    // alpha w focal: d(loss)/d(q), before the smoothing's scale
+  V p;
+  V u;
+};
+
+template <typename Math, bool kGrad, typename V, typename S>
+FOCAL_HOST_DEVICE SoftmaxTerms<V> softmax_terms(V z, V q, V w, const SoftmaxRow<V>& row,
+                                                const SoftmaxCoeffs<S>& coeffs) {
+  const SoftmaxClass<V> c = softmax_class<Math, kGrad>(z, row, coeffs);
+  const V alpha(coeffs.alpha);
+  const V alpha_q = alpha * q;
+  const V unweighted = alpha_q * c.focal;
+  return {w * unweighted, unweighted, w * alpha_q * c.slope, alpha * w * c.focal, c.p, c.u};
+}
+
+// dL/dz_j from the class terms g and their sum over the position: g_j - p_j sum_c g_c.
+template <typename V>
+FOCAL_HOST_DEVICE V softmax_gradient(V g, V p, V g_sum) {
+  return g - p * g_sum;
+}
+
+// The same for a label y (no smoothing), where only g_y is not 0: g_y (1 - p_y) at the label,
+// 1 - p_y taken as u_y, and -p_j g_y elsewhere.
+template <typename Math, typename V, typename Mask>
+FOCAL_HOST_DEVICE V softmax_label_gradient(Mask is_label, V p, V label_g, V label_u) {
+  return Math::select(is_label, label_g * label_u, V(0.0f) - p * label_g);
 }
 
 }  // namespace focal

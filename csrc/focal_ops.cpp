@@ -79,11 +79,12 @@ at::ScalarType saved_dtype(at::ScalarType dtype) {
   return dtype == at::kHalf ? at::kFloat : dtype;
 }
 
-// Every label must name a class (0..C-1), the background (C) or be ignore_index. Checked on CPU
-// only, by one read of the labels (int64, contiguous) in place of tensor ops, whose dispatch
-// cost more than the loss of a small input: on CUDA the kernel asserts, so that the host never
-// waits for the device.
-void check_labels_on_cpu(const at::Tensor& labels, int64_t classes, int64_t ignore_index) {
+// Every label must name a class (0..C-1), the background (C, for the sigmoid losses: with_background)
+// or be ignore_index. Checked on CPU only, by one read of the labels (int64, contiguous) in place
+// of tensor ops, whose dispatch cost more than the loss of a small input: on CUDA the kernel
+// asserts, so that the host never waits for the device.
+void check_labels_on_cpu(const at::Tensor& labels, int64_t classes, int64_t ignore_index,
+                         bool with_background) {
   if (!labels.is_cpu()) {
     return;
   }
@@ -92,7 +93,7 @@ void check_labels_on_cpu(const at::Tensor& labels, int64_t classes, int64_t igno
   at::parallel_for(0, labels.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t label = values[i];
-      if ((label < 0 || label > classes) && label != ignore_index) {
+      if ((label < 0 || label >= classes + with_background) && label != ignore_index) {
         int64_t seen = first_bad.load();
         while (i < seen && !first_bad.compare_exchange_weak(seen, i)) {
         }
@@ -104,6 +105,9 @@ void check_labels_on_cpu(const at::Tensor& labels, int64_t classes, int64_t igno
     return;
   }
   const int64_t value = values[first_bad.load()];
+  TORCH_CHECK_VALUE(with_background, "targets holds the class label ", value, "; valid labels are 0 "
+                    "to ", classes - 1, " (the ", classes, " classes of inputs' dimension 1) and "
+                    "ignore_index (", ignore_index, ")");
   TORCH_CHECK_VALUE(classes > 0, "targets holds the class label ", value, "; inputs' last "
                     "dimension (the classes) is 0, so the only valid labels are 0 (background) "
                     "and ignore_index (", ignore_index, ")");
@@ -307,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
   if (labels) {
     args.inputs = inputs.contiguous();
     args.targets = targets.to(at::kLong).contiguous();  // before any comparison: no wrapping
-    check_labels_on_cpu(args.targets, args.classes, ignore_index);
+    check_labels_on_cpu(args.targets, args.classes, ignore_index, /*with_background=*/true);
     if (has_scores) {
       args.scores = scores->to(math_dtype(loss_dtype)).contiguous();
     }
@@ -374,14 +378,16 @@ BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& s
               ", ", saved_grad.device(), " and ", count.device());
   check_device(saved_grad);
   TORCH_CHECK(saved_grad.is_contiguous(), "saved_grad must be contiguous (as the forward op returns it)");
-  TORCH_CHECK(count.numel() == 1 && count.scalar_type() == at::kLong,
-              "count must be the 0-d int64 tensor the forward op returns, got ", count.scalar_type(),
-              " of shape ", count.sizes());
+  TORCH_CHECK(count.numel() == 1 && (count.scalar_type() == at::kLong || count.scalar_type() == at::kDouble),
+              "count must be the 0-d int64 (or float64, the softmax loss's) tensor the forward op "
+              "returns, got ", count.scalar_type(), " of shape ", count.sizes());
   const Reduction mode = checked_reduction(reduction);
   const int64_t n = saved_grad.numel();
 
   BackwardArgs args;
-  if (mode == Reduction::Mean) {
+  // A float64 count is a weighted mean's divisor: folded into grad_output below.
+  const bool weighted_mean = mode == Reduction::Mean && count.scalar_type() == at::kDouble;
+  if (mode == Reduction::Mean && !weighted_mean) {
     args.divisor = count.reshape({});
   }
   if (mode == Reduction::None) {
@@ -403,8 +409,12 @@ BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& s
   args.saved_grad = saved_grad;
   if (args.grad_output_is_scalar) {
     // One value, taken in the math type of saved_grad (float64 or float32): read as it is.
-    args.grad_output = grad_output.as_strided({}, {}, grad_output.storage_offset())
-                           .to(math_dtype(saved_grad.scalar_type()));
+    at::Tensor value = grad_output.as_strided({}, {}, grad_output.storage_offset());
+    if (weighted_mean) {  // zero where nothing counted, as for an int64 count
+      const at::Tensor divisor = count.reshape({});
+      value = at::where(divisor > 0, value / divisor, at::zeros_like(divisor));
+    }
+    args.grad_output = value.to(math_dtype(saved_grad.scalar_type()));
   } else if (in_place) {
     // saved_grad stays as it is; an unreadable grad_output is taken in its math type.
     args.grad_output = grad_output.contiguous();
@@ -437,6 +447,192 @@ void sigmoid_focal_loss_backward_(const at::Tensor& grad_output, const at::Tenso
   if (args.out.numel() > 0) {
     run_backward(args);
   }
+}
+
+namespace {
+
+// The class dimension: 1, or 0 for unbatched (C) inputs, as F.cross_entropy takes them.
+int64_t class_dim(const at::Tensor& inputs) { return inputs.dim() == 1 ? 0 : 1; }
+
+// inputs as (N, C, S) with one stride for a sample's positions (see SoftmaxArgs): its own
+// memory where the dimensions after the class dimension collapse into one (NCHW, channels-last,
+// any (N, C)), else a contiguous copy.
+at::Tensor as_batched(const at::Tensor& inputs, int64_t& position_stride) {
+  at::Tensor x = inputs.dim() == 1 ? inputs.unsqueeze(0) : inputs;
+  const auto collapsed = [&](const at::Tensor& t) {
+    int64_t stride = 1;  // of the innermost position dimension of more than one element
+    bool seen = false;
+    for (int64_t d = t.dim() - 1; d >= 2; --d) {
+      if (t.size(d) == 1) {
+        continue;
+      }
+      if (seen && t.stride(d) != stride) {
+        return false;
+      }
+      stride = seen ? stride * t.size(d) : t.stride(d) * t.size(d);
+      position_stride = seen ? position_stride : t.stride(d);
+      seen = true;
+    }
+    if (!seen) {
+      position_stride = 1;
+    }
+    return true;
+  };
+  if (!x.is_non_overlapping_and_dense() || !collapsed(x)) {
+    x = x.contiguous();
+    collapsed(x);
+  }
+  return x;
+}
+
+}  // namespace
+
+void check_softmax_options(double alpha, double gamma, double label_smoothing) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  TORCH_CHECK_VALUE(alpha == -1.0 || (alpha >= 0.0 && alpha < kInf),
+                    "alpha must be a finite number >= 0, or None for 1, got ", alpha);
+  TORCH_CHECK_VALUE(gamma >= 0.0 && gamma < kInf, "gamma must be a finite number >= 0, got ", gamma);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
+                    "label_smoothing must be in [0, 1), got ", label_smoothing);
+}
+
+void check_softmax_arguments(const at::Tensor& inputs, const at::Tensor& targets,
+                             const std::optional<at::Tensor>& weight, double alpha, double gamma,
+                             int64_t reduction, int64_t /*ignore_index*/, double label_smoothing,
+                             bool /*float32_loss*/, bool /*compute_grad_inputs*/,
+                             bool compute_grad_targets, bool /*compute_unweighted_loss*/) {
+  check_floating(inputs, "inputs");
+  TORCH_CHECK_VALUE(inputs.dim() >= 1, "inputs must have a class dimension (shape (C), (N, C) or "
+                    "(N, C, d1, ...)), got a 0-d tensor");
+  const int64_t dim = class_dim(inputs);
+  TORCH_CHECK_VALUE(TORCH_GUARD_SIZE_OBLIVIOUS(inputs.sym_size(dim).sym_ne(0)),
+                    "inputs must have at least one class along dimension ", dim, ", got shape ",
+                    inputs.sym_sizes());
+  check_same_device(targets, inputs, "targets");
+  if (at::isIntegralType(targets.scalar_type(), /*includeBool=*/false)) {
+    std::vector<c10::SymInt> positions(inputs.sym_sizes().begin(), inputs.sym_sizes().end());
+    positions.erase(positions.begin() + dim);
+    const c10::SymIntArrayRef position_shape(positions);
+    TORCH_CHECK_VALUE(targets.sym_sizes() == position_shape,
+                      "class-index targets must have the shape of inputs without its class "
+                      "dimension ", dim, ", ", position_shape, ", got ", targets.sym_sizes());
+    TORCH_CHECK_VALUE(!compute_grad_targets, "class-index targets have no gradient");
+  } else {
+    TORCH_CHECK_VALUE(at::isFloatingType(targets.scalar_type()),
+                      "targets must be class indices (an integer tensor) or class probabilities "
+                      "(a floating-point tensor), got ", python_name(targets.scalar_type()));
+    TORCH_CHECK_VALUE(targets.sym_sizes() == inputs.sym_sizes(),
+                      "class-probability targets must have the shape of inputs, ",
+                      inputs.sym_sizes(), ", got ", targets.sym_sizes());
+  }
+  if (weight.has_value() && weight->defined()) {
+    check_floating(*weight, "weight");
+    check_same_device(*weight, inputs, "weight");
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->sym_size(0) == inputs.sym_size(dim),
+                      "weight must have one value per class, shape (", inputs.sym_size(dim),
+                      "), got ", weight->sym_sizes());
+  }
+  check_softmax_options(alpha, gamma, label_smoothing);
+  checked_reduction(reduction);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_focal_loss_forward(
+    const at::Tensor& inputs, const at::Tensor& targets, const std::optional<at::Tensor>& weight,
+    double alpha, double gamma, int64_t reduction, int64_t ignore_index, double label_smoothing,
+    bool float32_loss, bool compute_grad_inputs, bool compute_grad_targets,
+    bool compute_unweighted_loss) {
+  check_softmax_arguments(inputs, targets, weight, alpha, gamma, reduction, ignore_index,
+                          label_smoothing, float32_loss, compute_grad_inputs, compute_grad_targets,
+                          compute_unweighted_loss);
+  check_device(inputs);
+  const bool labels = !targets.is_floating_point();
+  SoftmaxArgs args;
+  const at::Tensor x = as_batched(inputs, args.position_stride);
+  args.inputs = x;
+  args.batch = x.size(0);
+  args.classes = x.size(1);
+  args.positions = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) {
+    args.positions *= x.size(d);
+  }
+  args.batch_stride = x.stride(0);
+  args.class_stride = x.stride(1);
+  TORCH_CHECK_VALUE(!x.is_cpu() || args.classes <= (int64_t{1} << 24),
+                    "on CPU, inputs may have at most 16777216 classes (float32's exact "
+                    "integers), got ", args.classes);
+  args.ignore_index = ignore_index;
+  args.alpha = alpha;
+  args.gamma = gamma;
+  args.label_smoothing = label_smoothing;
+  args.reduction = static_cast<Reduction>(reduction);
+
+  const auto math = math_dtype(x.scalar_type());
+  const auto like_inputs = [&](at::ScalarType dtype) {
+    return at::empty_strided(x.sizes(), x.strides(), x.options().dtype(dtype));
+  };
+  if (labels) {
+    args.labels = targets.to(at::kLong).contiguous();  // before any comparison: no wrapping
+    check_labels_on_cpu(args.labels, args.classes, ignore_index, /*with_background=*/false);
+  } else {
+    const at::Tensor t = (inputs.dim() == 1 ? targets.unsqueeze(0) : targets).to(x.scalar_type());
+    args.probabilities = t.strides() == x.strides() ? t : like_inputs(x.scalar_type()).copy_(t);
+  }
+  if (weight.has_value() && weight->defined()) {
+    args.weight = weight->to(math).contiguous();
+  }
+  const int64_t num_positions = args.batch * args.positions;
+  args.loss = args.reduction == Reduction::None ? at::empty({num_positions}, x.options().dtype(math))
+                                                : at::empty({}, x.options().dtype(math));
+  if (compute_grad_inputs) {
+    args.grad_inputs = like_inputs(saved_dtype(x.scalar_type()));
+  }
+  if (compute_grad_targets) {
+    args.grad_targets = like_inputs(math);
+  }
+  if (compute_unweighted_loss) {
+    args.unweighted_loss = like_inputs(math);
+  }
+  args.divisor = at::empty({}, x.options().dtype(at::kDouble));
+
+  if (num_positions == 0) {
+    args.divisor.fill_(0);
+    if (args.reduction != Reduction::None) {
+      // torch's mean of nothing is NaN, its sum 0.
+      args.loss.fill_(args.reduction == Reduction::Mean ? std::numeric_limits<double>::quiet_NaN() : 0.0);
+    }
+  } else {
+#ifdef FOCAL_WITH_CUDA
+    if (x.is_cuda()) {
+      cuda::softmax_forward(args);
+    } else
+#endif
+    {
+      cpu::softmax_forward(args);
+    }
+  }
+
+  // The outputs in the inputs' shape and the dtypes the autograd formulas expect: the loss in the
+  // inputs' dtype (float32 for 16-bit inputs under autocast), the target gradient in the saved
+  // dtype of the targets; outputs not requested empty.
+  at::ScalarType loss_dtype = inputs.scalar_type();
+  if (float32_loss && (loss_dtype == at::kHalf || loss_dtype == at::kBFloat16)) {
+    loss_dtype = at::kFloat;
+  }
+  const auto shaped = [&](const at::Tensor& output, at::ScalarType dtype) {
+    if (!output.defined()) {
+      return at::empty({0}, inputs.options().dtype(dtype));
+    }
+    return (inputs.dim() == 1 ? output.squeeze(0) : output).to(dtype);
+  };
+  at::Tensor loss = args.loss.to(loss_dtype);
+  if (args.reduction == Reduction::None) {
+    std::vector<int64_t> shape = inputs.sizes().vec();
+    shape.erase(shape.begin() + class_dim(inputs));
+    loss = loss.view(shape);
+  }
+  return {loss, shaped(args.grad_inputs, saved_dtype(inputs.scalar_type())),
+          shaped(args.grad_targets, saved_dtype(targets.scalar_type())),
+          shaped(args.unweighted_loss, math), args.divisor};
 }
 
 }  // namespace focal

@@ -52,12 +52,39 @@ void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets
                              const std::optional<at::Tensor>& scores = std::nullopt);
 
 // saved_grad * grad_output (elementwise for reduction None, else one value), divided by count
-// for Mean (zero where count is 0).
+// for Mean (zero where count is 0): the backward of both forwards (count: the sigmoid's int64
+// count, or the softmax's float64 divisor).
 at::Tensor sigmoid_focal_loss_backward(const at::Tensor& grad_output, const at::Tensor& saved_grad,
                                        const at::Tensor& count, int64_t reduction);
 
 // The same, written into saved_grad: for a backward that is the saved gradient's last use.
 void sigmoid_focal_loss_backward_(const at::Tensor& grad_output, const at::Tensor& saved_grad,
                                   const at::Tensor& count, int64_t reduction);
+
+// Softmax focal loss in one pass: inputs (N, C, d1, ...) or (C) logits, the classes along
+// dimension 1 (0 for (C)); targets class indices of the other dimensions' shape (ignore_index
+// ignores a position) or class probabilities of inputs' shape; weight optional, one per class;
+// alpha -1 for None (1). Returns (loss, grad_inputs, grad_targets, unweighted_loss, divisor):
+// loss per position (reduction None) or 0-d, in the inputs' dtype (float32 for 16-bit inputs
+// when float32_loss); d(elementwise loss)/d(inputs, probabilities), unscaled, in their saved
+// dtypes (sigmoid_focal_loss_forward's); unweighted_loss, of inputs' shape in the math dtype,
+// each class's loss before its weight; divisor, 0-d float64: the mean's divisor (the weight of
+// the labels not ignored, or the number of positions). Outputs not requested are empty 1-d.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_focal_loss_forward(
+    const at::Tensor& inputs, const at::Tensor& targets, const std::optional<at::Tensor>& weight,
+    double alpha, double gamma, int64_t reduction, int64_t ignore_index, double label_smoothing,
+    bool float32_loss, bool compute_grad_inputs, bool compute_grad_targets,
+    bool compute_unweighted_loss);
+
+// The softmax focal loss's scalar options (ValueError; alpha -1 for None); part of
+// check_softmax_arguments, which the modules run when they are built.
+void check_softmax_options(double alpha, double gamma, double label_smoothing);
+
+// softmax_focal_loss_forward's checks that read no data, for its fake kernel too.
+void check_softmax_arguments(const at::Tensor& inputs, const at::Tensor& targets,
+                             const std::optional<at::Tensor>& weight, double alpha, double gamma,
+                             int64_t reduction, int64_t ignore_index, double label_smoothing,
+                             bool float32_loss, bool compute_grad_inputs, bool compute_grad_targets,
+                             bool compute_unweighted_loss);
 
 }  // namespace focal

@@ -100,17 +100,19 @@ from .loss import (  # noqa: E402
     QualityFocalLoss,
     SigmoidFocalLoss,
     SigmoidFocalLossStar,
+    SoftmaxFocalLoss,
     VarifocalLoss,
     quality_focal_loss,
     sigmoid_focal_loss,
     sigmoid_focal_loss_star,
+    softmax_focal_loss,
     varifocal_loss,
 )
 
 __all__ = [
-    "QualityFocalLoss", "SigmoidFocalLoss", "SigmoidFocalLossStar", "VarifocalLoss", "__version__",
-    "backends", "quality_focal_loss", "reference", "sigmoid_focal_loss", "sigmoid_focal_loss_star",
-    "varifocal_loss",
+    "QualityFocalLoss", "SigmoidFocalLoss", "SigmoidFocalLossStar", "SoftmaxFocalLoss", "VarifocalLoss",
+    "__version__", "backends", "quality_focal_loss", "reference", "sigmoid_focal_loss",
+    "sigmoid_focal_loss_star", "softmax_focal_loss", "varifocal_loss",
 ]
 
 

@@ -1,5 +1,6 @@
-"""The public sigmoid focal loss, its family (FL*, quality focal loss, varifocal loss) and their
-nn.Modules: the options converted to what the fused op takes, and the path to it."""
+"""The public losses and their nn.Modules: the sigmoid focal loss, its family (FL*, quality focal
+loss, varifocal loss) and the softmax focal loss; the options converted to what the fused ops
+take, and the path to them."""
 
 import numbers
 from typing import Optional
@@ -10,6 +11,7 @@ from . import _ops
 from .reference import FORMS
 from . import _C
 from ._function import EagerFunction, TransformableFunction
+from . import _softmax
 
 
 def _check_tensor(value, name):
@@ -213,6 +215,89 @@ def varifocal_loss(
                        ignore_index, 0.0)
 
 
+def softmax_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: Optional[float] = None,
+    gamma: float = 2.0,
+    reduction: str = "mean",
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Softmax focal loss (the multi-class focal loss of Lin et al.), fused with its gradient.
+
+    ``F.cross_entropy``'s arguments and semantics, with the focal factor: for p = softmax(inputs)
+    over the classes and q the targets (one-hot for class indices, smoothed as
+    ``F.cross_entropy`` smooths them), equivalent to
+    ``focal_cuda.reference.softmax_focal_loss``::
+
+        loss = -alpha * sum_c weight[c] * q_c * (1 - p_c) ** gamma * log(p_c), then reduced
+
+    At gamma 0 with alpha None it is ``F.cross_entropy(inputs, targets, weight, ...)``.
+
+    Args:
+        inputs: logits of shape (N, C), (N, C, d1, ..., dk) or (C); float16, bfloat16, float32
+            or float64, any strides (NCHW and channels-last maps are read in place).
+        targets: class indices of shape (N), (N, d1, ..., dk) or () (any integer dtype), with
+            ``ignore_index``; or class probabilities of the inputs' shape (floating,
+            differentiable).
+        alpha: a factor on the whole loss (>= 0); None means 1.
+        gamma: focusing exponent >= 0, fractional values included.
+        reduction: ``"none"`` (loss per position), ``"mean"`` (over the positions not ignored,
+            divided by their summed class weight as ``F.cross_entropy`` does; with
+            probabilities, by the number of positions) or ``"sum"``.
+        weight: optional per-class weights of shape (C), floating. Differentiable.
+        ignore_index: with class indices, the target of positions that contribute nothing.
+        label_smoothing: in [0, 1); q becomes ``q * (1 - eps) + eps / C``.
+
+    Returns:
+        The loss: of the targets' (positions') shape for ``"none"``, else 0-d, in the inputs'
+        dtype (float32 for 16-bit inputs under ``torch.autocast``). Differentiable with respect
+        to ``inputs``, probability ``targets`` and ``weight``; the gradients are computed in the
+        forward pass, finite for every finite logit and every gamma >= 0.
+
+    Raises:
+        ValueError: an argument outside what is accepted above; on CPU also a class index
+            outside [0, C) that is not ``ignore_index`` (on CUDA a device-side assertion).
+    """
+    _check_tensor(inputs, "inputs")
+    _check_tensor(targets, "targets")
+    if weight is not None:
+        _check_tensor(weight, "weight")
+    if torch.is_grad_enabled():
+        transformed = _ops.transforms_active()  # see _fused_loss
+        needs = (
+            inputs.requires_grad or transformed,
+            targets.is_floating_point() and (targets.requires_grad or transformed),
+            weight is not None and (weight.requires_grad or transformed),
+        )
+    else:
+        needs = (False, False, False)
+    autocast = (inputs.is_cuda and torch.is_autocast_enabled("cuda")
+                or inputs.is_cpu and torch.is_autocast_enabled("cpu"))
+    arguments = (_as_alpha(alpha), _as_float(gamma, "gamma"), reduction_code(reduction),
+                 _as_index(ignore_index), _as_float(label_smoothing, "label_smoothing"), autocast,
+                 *needs)
+    if torch.compiler.is_compiling():
+        return _softmax.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
+    if _ops.plain_eager(inputs, targets, weight):
+        if any(needs):
+            return _softmax.SoftmaxFunction.apply(inputs, targets, weight, arguments,
+                                                  _C.softmax_focal_loss_forward)
+        return _C.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
+    # torch.func transforms and forward-mode AD: the reference formula, which they differentiate
+    # and batch as they do any composite (the fused forward has no vmap or jvp rule yet).
+    if _ops.forward_ad_active() or _ops.transforms_active():
+        _C.check_softmax_arguments(inputs, targets, weight, *arguments)
+        return _softmax.reference_loss(inputs, targets, weight, arguments)
+    # Modes, subclasses, meta tensors, tracing: the same paths through the dispatcher.
+    if any(needs):
+        return _softmax.SoftmaxFunction.apply(inputs, targets, weight, arguments,
+                                              _softmax.softmax_focal_loss_forward)
+    return _softmax.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
+
+
 def _fused_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ignore_index,
                 label_smoothing):
     """Converts the common options and picks the path to the fused op (alpha, gamma and beta
@@ -399,3 +484,39 @@ class VarifocalLoss(torch.nn.Module):
     def extra_repr(self):
         return (f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}, "
                 f"ignore_index={self.ignore_index}")
+
+
+class SoftmaxFocalLoss(torch.nn.Module):
+    """``softmax_focal_loss`` as a module, built as ``torch.nn.CrossEntropyLoss`` is:
+    ``SoftmaxFocalLoss(alpha, gamma, reduction, weight, ...)(inputs, targets)``; the weight is
+    a buffer (it moves with the module)."""
+
+    alpha: Optional[float]
+    gamma: float
+    reduction: str
+    ignore_index: int
+    label_smoothing: float
+
+    def __init__(self, alpha: Optional[float] = None, gamma: float = 2.0, reduction: str = "mean",
+                 weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        reduction_code(reduction)
+        _C.check_softmax_options(_as_alpha(alpha), _as_float(gamma, "gamma"),
+                                 _as_float(label_smoothing, "label_smoothing"))
+        if weight is not None:
+            _check_tensor(weight, "weight")
+        self.alpha = None if alpha is None else float(alpha)
+        self.gamma = float(gamma)
+        self.reduction = reduction
+        self.register_buffer("weight", weight)
+        self.ignore_index = _as_index(ignore_index)
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return softmax_focal_loss(inputs, targets, self.alpha, self.gamma, self.reduction,
+                                  self.weight, self.ignore_index, self.label_smoothing)
+
+    def extra_repr(self):
+        return (f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}")

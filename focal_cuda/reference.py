@@ -146,3 +146,59 @@ def family_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ig
     elif reduction != "none":
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return loss.to(out_dtype)
+
+
+def softmax_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: Optional[float] = None,
+    gamma: float = 2.0,
+    reduction: str = "mean",
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """The softmax focal loss of focal_cuda.softmax_focal_loss, in PyTorch operations: with
+    p = softmax(inputs) over the classes (dimension 1, or 0 for (C) inputs) and q the targets as
+    F.cross_entropy takes them (labels one-hot, smoothed to (1 - eps) q + eps / C),
+
+        loss = -alpha * sum_c weight[c] * q_c * (1 - p_c) ** gamma * log(p_c),
+
+    reduced as F.cross_entropy reduces (the mean over labels divides by their summed weight).
+    Its autograd gradient is NaN where p_c == 1 exactly and 0 < gamma < 1; the kernel's is not.
+    """
+    dim = 0 if inputs.dim() == 1 else 1
+    classes = inputs.shape[dim]
+    math_dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32
+    log_p = torch.log_softmax(inputs.to(math_dtype), dim)
+    focal = -log_p if gamma == 0 else -(1 - log_p.exp()).pow(gamma) * log_p
+    class_shape = [1] * inputs.dim()
+    class_shape[dim] = classes
+    class_weight = None if weight is None else weight.to(math_dtype).reshape(class_shape)
+    valid = None
+    if targets.is_floating_point():
+        q = targets.to(math_dtype)
+    else:
+        labels = targets.long()  # compare in int64: narrower labels must not wrap ignore_index
+        valid = labels != ignore_index
+        classes_range = torch.arange(classes, device=inputs.device).reshape(class_shape)
+        q = ((labels.unsqueeze(dim) == classes_range) & valid.unsqueeze(dim)).to(math_dtype)
+    q = q * (1 - label_smoothing) + label_smoothing / classes
+    if valid is not None:
+        q = q * valid.unsqueeze(dim)
+    terms = q * focal if class_weight is None else q * class_weight * focal
+    loss = terms.sum(dim) * (1.0 if alpha is None else alpha)
+    if reduction == "mean":
+        if valid is None:
+            loss = loss.sum() / loss.numel()
+        else:
+            label_weight = valid.to(math_dtype)
+            if class_weight is not None:
+                picked = weight.to(math_dtype)[torch.where(valid, labels, 0)]
+                label_weight = label_weight * picked
+            loss = loss.sum() / label_weight.sum()  # NaN for nothing counted, as F.cross_entropy
+    elif reduction == "sum":
+        loss = loss.sum()
+    elif reduction != "none":
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return loss.to(inputs.dtype)

@@ -794,6 +794,132 @@ def test_bad_label_raises_the_device_assert(emulated, capfd, bad_label):
     emulated.sigmoid_focal_loss_forward(x, good, None, 0.25, 2.0, 0, -100, 0.0, False, True, False, False)
 
 
+# The softmax focal loss's kernel: (inputs dtype, soft targets, gradient) instances, on NCHW
+# (positions one stride apart), (N, C), channels-last and unbatched layouts.
+SOFTMAX_LAYOUTS = {
+    "nchw": ((3, 5, 4, 7), None),
+    "rows": ((37, 13), None),
+    "channels_last": ((2, 6, 3, 5), torch.channels_last),
+    "unbatched": ((11,), None),
+}
+
+
+def softmax_case(shape, memory_format, dtype, kind, seed):
+    from test_softmax import make_case
+
+    inputs, targets = make_case(shape, dtype, "cpu", "probabilities" if kind == "probabilities" else "labels",
+                                seed=seed)
+    if memory_format is not None:
+        inputs = inputs.contiguous(memory_format=memory_format)
+        if kind == "probabilities":
+            targets = targets.contiguous(memory_format=memory_format)
+    return inputs, targets
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32, F64], ids=lambda dtype: str(dtype)[len("torch."):])
+@pytest.mark.parametrize("kind", ["labels", "smoothed", "probabilities"])
+@pytest.mark.parametrize("grad", [False, True], ids=["loss", "grad"])
+def test_softmax_instance(emulated, dtype, kind, grad):
+    """Each instance on every layout, weighted and not, each reduction, against the float64
+    definition (tests/test_softmax.py) and bitwise against a second schedule."""
+    from test_softmax import expected_loss, gradient_scale
+
+    smoothing = 0.1 if kind == "smoothed" else 0.0
+    for seed, (layout, (shape, memory_format)) in enumerate(SOFTMAX_LAYOUTS.items()):
+        inputs, targets = softmax_case(shape, memory_format, dtype, kind, seed)
+        classes = shape[0] if len(shape) == 1 else shape[1]
+        for weight in (None, torch.rand(classes, dtype=torch.float64) + 0.5):
+            for reduction in ("none", "mean", "sum"):
+                emulated.set_multiprocessor_count(MULTIPROCESSORS[seed])
+                arguments = (inputs, targets, weight, 0.25, 1.5, REDUCTION_CODES[reduction], -100, smoothing,
+                             False, grad, grad and kind == "probabilities", grad and weight is not None)
+                emulated.set_schedule("forward", 0)
+                outputs = emulated.softmax_focal_loss_forward(*arguments)
+                emulated.set_schedule("shuffled", seed + 1)
+                again = emulated.softmax_focal_loss_forward(*arguments)
+                emulated.set_schedule("forward", 0)
+                for first, second in zip(outputs, again):
+                    assert torch.equal(first, second) or (first.isnan().all() and second.isnan().all())
+                loss, grad_inputs, grad_targets, unweighted, divisor = outputs
+                x = inputs.double().clone().requires_grad_(grad)
+                t = targets.double().clone().requires_grad_(grad) if kind == "probabilities" else targets
+                options = dict(alpha=0.25, gamma=1.5, reduction=reduction, weight=weight,
+                               label_smoothing=smoothing)
+                expected = expected_loss(x, t, **options)
+                assert_matches(loss, expected.detach(), dtype)
+                if not grad:
+                    assert grad_inputs.numel() == 0
+                    continue
+                expected.backward(torch.ones_like(expected))
+                # The op's gradients are unscaled (as for "sum"); backward scales them.
+                unscaled = reduction if reduction == "none" else "sum"
+                if reduction == "mean":
+                    x.grad *= divisor.item()
+                    if t is not targets:
+                        t.grad *= divisor.item()
+                scale = gradient_scale(inputs, targets, 0.25, 1.5, unscaled, weight, smoothing)
+                assert_matches(grad_inputs, x.grad, dtype, scale=scale)
+                if kind == "probabilities":
+                    assert_matches(grad_targets, t.grad, dtype)
+                if weight is not None:  # each class's loss before its weight
+                    math_dtype = F64 if dtype == F64 else F32
+                    assert_matches(unweighted, unweighted_terms(inputs, targets, 0.25, 1.5, smoothing), math_dtype)
+
+
+def unweighted_terms(inputs, targets, alpha, gamma, label_smoothing):
+    """alpha q_c (1 - p_c)^gamma (-log p_c) per element, in float64."""
+    from test_softmax import dense_targets
+
+    log_p = torch.log_softmax(inputs.double(), 0 if inputs.dim() == 1 else 1)
+    q = dense_targets(inputs, targets, -100, label_smoothing)
+    return -alpha * q * (-torch.expm1(log_p)) ** gamma * log_p
+
+
+def test_softmax_grid_stride_and_many_blocks(emulated):
+    from test_softmax import expected_loss
+
+    inputs, labels = softmax_case((2, 5, 30, 30), None, F32, "labels", 0)  # 1800 positions
+    for multiprocessors in (1, 132):
+        emulated.set_multiprocessor_count(multiprocessors)
+        loss = emulated.softmax_focal_loss_forward(inputs, labels, None, -1.0, 2.0, 1, -100, 0.0, False,
+                                                   True, False, False)[0]
+        assert_matches(loss, expected_loss(inputs, labels, None, 2.0, "mean"), F32)
+
+
+def test_softmax_weighted_mean_divisor_scales_the_backward(emulated):
+    """The float64 divisor of a weighted mean, folded into grad_output by the backward op; a
+    mean of nothing (all ignored) is NaN with a zero divisor and zero gradients."""
+    inputs, labels = softmax_case((37, 13), None, F32, "labels", 3)
+    weight = torch.rand(13, dtype=torch.float64) + 0.5
+    _, saved, _, _, divisor = emulated.softmax_focal_loss_forward(
+        inputs, labels, weight, 0.25, 2.0, 1, -100, 0.0, False, True, False, False)
+    counted = labels != -100
+    # The weights in float32 (the kernels' math type), summed in float64.
+    torch.testing.assert_close(divisor, weight.float()[labels[counted]].double().sum(), rtol=1e-12, atol=0)
+    scaled = emulated.sigmoid_focal_loss_backward(torch.tensor(2.0), saved, divisor, 1)
+    torch.testing.assert_close(scaled, saved * (2.0 / divisor.item()), rtol=1e-6, atol=0)
+    labels.fill_(-100)
+    loss, saved, _, _, divisor = emulated.softmax_focal_loss_forward(
+        inputs, labels, weight, 0.25, 2.0, 1, -100, 0.0, False, True, False, False)
+    assert loss.isnan() and divisor.item() == 0 and torch.equal(saved, torch.zeros_like(saved))
+    assert torch.equal(emulated.sigmoid_focal_loss_backward(torch.tensor(1.0), saved, divisor, 1),
+                       torch.zeros_like(saved))
+
+
+@pytest.mark.parametrize("bad_label", [13, -1])
+def test_softmax_bad_label_raises_the_device_assert(emulated, capfd, bad_label):
+    inputs, labels = softmax_case((37, 13), None, F32, "labels", 4)
+    labels[20] = bad_label
+    with pytest.raises(RuntimeError, match="device-side assert triggered"):
+        emulated.softmax_focal_loss_forward(inputs, labels, None, -1.0, 2.0, 0, -100, 0.0, False, True,
+                                            False, False)
+    printed = capfd.readouterr().out
+    assert (f"targets holds the class label {bad_label}; valid labels are 0 to C - 1 and ignore_index, "
+            "for the C classes of inputs' dimension 1") in printed
+    assert "Assertion `*label >= 0 && *label < classes" in printed
+    emulated.reset_device()
+
+
 def test_every_kernel_instance_was_launched(emulated):
     """Runs last: every focal_cuda kernel instance compiled into the module was launched by the
     tests above (a new instance without a case fails here). The counts go into the session's
@@ -802,5 +928,5 @@ def test_every_kernel_instance_was_launched(emulated):
                  if name.startswith("focal::cuda::")}
     cuda_emulation.launch_counts = instances
     never = sorted(name for name, count in instances.items() if count == 0)
-    assert len(instances) == 156, f"{len(instances)} kernel instances; update this count with the kernels"
+    assert len(instances) == 174, f"{len(instances)} kernel instances; update this count with the kernels"
     assert not never, f"{len(never)} of {len(instances)} kernel instances never launched: {never}"

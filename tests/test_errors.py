@@ -121,7 +121,7 @@ def test_compile_reports_bad_input_with_the_eager_message(dynamic, fullgraph):
         (lambda: focal_cuda._C.sigmoid_focal_loss_backward(torch.zeros(3), X, torch.tensor(16), 2),
          "grad_output of a reduced loss must have one element, got shape [3]"),
         (lambda: focal_cuda._C.sigmoid_focal_loss_backward(torch.zeros(()), X, torch.tensor(1.0), 2),
-         "count must be the 0-d int64 tensor the forward op returns, got Float"),
+         "count must be the 0-d int64 (or float64, the softmax loss's) tensor the forward op returns, got Float"),
     ],
 )
 def test_backward_op_checks(call, message):

@@ -32,7 +32,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def kernels():
     found = sass.read_kernels(sass.installed_binary())
-    assert len(found) == 156, f"{len(found)} sm_90 kernels in the build; update this count with the kernels"
+    assert len(found) == 174, f"{len(found)} sm_90 kernels in the build; update this count with the kernels"
     return found
 
 
@@ -54,8 +54,14 @@ def loop_bodies(kernel):
 LABEL_LOOP_EXTRA = 28
 
 
+def register_cap(name):
+    """The registers a thread of the kernel may use: 64, or 128 for the float64 softmax kernels,
+    whose launch bounds and grid are sized for 2 blocks per SM (csrc/cuda/softmax.cu)."""
+    return 2 * MAX_REGISTERS if name.startswith("void softmax_focal_kernel<double,") else MAX_REGISTERS
+
+
 def test_registers_fit_the_grid(kernels):
-    too_many = {n: k.registers for n, k in kernels.items() if k.registers > MAX_REGISTERS}
+    too_many = {n: k.registers for n, k in kernels.items() if k.registers > register_cap(n)}
     assert not too_many, f"kernels above their register cap (a second wave): {too_many}"
 
 

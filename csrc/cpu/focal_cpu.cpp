@@ -10,6 +10,7 @@ namespace focal::cpu {
   namespace ISA {                                  \
   void forward(const ForwardArgs& args);           \
   void backward(const BackwardArgs& args);         \
+  void softmax_forward(const SoftmaxArgs& args);   \
   }
 
 FOCAL_DECLARE_CPU_KERNELS(DEFAULT)
@@ -26,6 +27,7 @@ struct Kernels {
   const char* isa;
   void (*forward)(const ForwardArgs&);
   void (*backward)(const BackwardArgs&);
+  void (*softmax_forward)(const SoftmaxArgs&);
 };
 
 const Kernels& kernels() {
@@ -33,15 +35,15 @@ const Kernels& kernels() {
     const std::string capability = at::get_cpu_capability();
 #ifdef FOCAL_HAVE_CPU_AVX512
     if (capability == "AVX512") {
-      return Kernels{"AVX512", AVX512::forward, AVX512::backward};
+      return Kernels{"AVX512", AVX512::forward, AVX512::backward, AVX512::softmax_forward};
     }
 #endif
 #ifdef FOCAL_HAVE_CPU_AVX2
     if (capability == "AVX512" || capability == "AVX2") {
-      return Kernels{"AVX2", AVX2::forward, AVX2::backward};
+      return Kernels{"AVX2", AVX2::forward, AVX2::backward, AVX2::softmax_forward};
     }
 #endif
-    return Kernels{"DEFAULT", DEFAULT::forward, DEFAULT::backward};
+    return Kernels{"DEFAULT", DEFAULT::forward, DEFAULT::backward, DEFAULT::softmax_forward};
   }();
   return chosen;
 }
@@ -51,6 +53,8 @@ const Kernels& kernels() {
 void forward(const ForwardArgs& args) { kernels().forward(args); }
 
 void backward(const BackwardArgs& args) { kernels().backward(args); }
+
+void softmax_forward(const SoftmaxArgs& args) { kernels().softmax_forward(args); }
 
 std::string active_isa() { return kernels().isa; }
 

@@ -53,11 +53,12 @@ bool is_aligned_for_pack(const void* ptr) {
   return ptr == nullptr || reinterpret_cast<std::uintptr_t>(ptr) % alignof(Pack<T, N>) == 0;
 }
 
-// Blocks for work_items grid-stride items on device, for a kernel of kMaxBlocksPerSM resident
-// blocks per SM (every grid-stride kernel's launch bounds): one wave at most.
-inline int grid_size(int64_t work_items, c10::DeviceIndex device) {
+// Blocks for work_items grid-stride items on device, for a kernel of blocks_per_sm resident
+// blocks per SM (its launch bounds: kMaxBlocksPerSM but where stated): one wave at most.
+inline int grid_size(int64_t work_items, c10::DeviceIndex device,
+                     int blocks_per_sm = kMaxBlocksPerSM) {
   const int64_t wanted = (work_items + kThreads - 1) / kThreads;
-  const int64_t resident = static_cast<int64_t>(multiprocessor_count(device)) * kMaxBlocksPerSM;
+  const int64_t resident = static_cast<int64_t>(multiprocessor_count(device)) * blocks_per_sm;
   return static_cast<int>(std::max<int64_t>(1, std::min(wanted, resident)));
 }
 

@@ -8,6 +8,7 @@
 #include "cuda/forward_float16.cu"
 #include "cuda/forward_float32.cu"
 #include "cuda/forward_float64.cu"
+#include "cuda/softmax.cu"
 
 // A device math function applied value by value (DeviceMath, as the kernels call it), for a
 // test of its accuracy on its own (harness.cpp). name and argument name the caller in errors.

@@ -12,6 +12,7 @@ namespace focal::cpu {
 // (emulated_ops.cpp).
 void forward(const ForwardArgs&) { TORCH_INTERNAL_ASSERT(false, "the emulation harness reached the CPU kernels"); }
 void backward(const BackwardArgs&) { TORCH_INTERNAL_ASSERT(false, "the emulation harness reached the CPU kernels"); }
+void softmax_forward(const SoftmaxArgs&) { TORCH_INTERNAL_ASSERT(false, "the emulation harness reached the CPU kernels"); }
 }  // namespace focal::cpu
 
 void add_self_tests(pybind11::module& module);  // self_test.cpp
@@ -87,6 +88,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("label_smoothing"), arg("float32_loss"), arg("compute_grad_inputs"),
         arg("compute_grad_targets"), arg("compute_unweighted_loss"), arg("form") = 0, arg("beta") = 0.0,
         arg("scores") = pybind11::none());
+  m.def("softmax_focal_loss_forward", &focal::softmax_focal_loss_forward, arg("inputs"), arg("targets"),
+        arg("weight"), arg("alpha"), arg("gamma"), arg("reduction"), arg("ignore_index"),
+        arg("label_smoothing"), arg("float32_loss"), arg("compute_grad_inputs"),
+        arg("compute_grad_targets"), arg("compute_unweighted_loss"));
   m.def("sigmoid_focal_loss_backward", &focal::sigmoid_focal_loss_backward, arg("grad_output"),
         arg("saved_grad"), arg("count"), arg("reduction"));
   m.def("sigmoid_focal_loss_backward_", &focal::sigmoid_focal_loss_backward_, arg("grad_output"),

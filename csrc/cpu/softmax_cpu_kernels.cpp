@@ -1,0 +1,317 @@
+// CPU kernel of the softmax focal loss: the loss and d(loss)/d(inputs) in one pass over each
+// position's C logits (focal_math.h's softmax terms), compiled once per instruction set like
+// focal_cpu_kernels.cpp.
+//
+// A vector holds W positions, one per lane, and the loops run over the classes: the math of one
+// position never crosses lanes, so every C and every layout vectorizes the same way. W
+// consecutive positions of an NCHW map lie side by side in each class's plane and are read where
+// they lie; other blocks (the (N, C) and channels-last layouts, a sample's last positions, 16-bit
+// storage) are first gathered class-major into a buffer in the math type, and their outputs
+// scattered back. Chunks of a fixed number of positions (for a given C) are summed in order, so
+// the reduction is bitwise the same at any thread count.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/cpu_math.h"
+
+namespace focal::cpu::FOCAL_CPU_ISA {
+namespace {
+
+// About this many elements per chunk of the parallel loop.
+constexpr int64_t kChunkElements = 1 << 15;
+
+// Where the W (or fewer) positions of a block lie: the element of class c at lane l is at
+// offsets[l] + c * class_stride of the inputs and of every per-element output.
+template <typename S>
+struct BlockPlace {
+  static constexpr int64_t kLanes = Vectorized<S>::size();
+  int64_t first;                  // the first position
+  int64_t lanes;                  // positions in the block, <= kLanes
+  bool direct;                    // kLanes positions with offsets[l] = offsets[0] + l
+  int64_t offsets[Vectorized<S>::size()];
+};
+
+// lanes x classes values of src at the block's offsets, class-major into buffer (class c of lane
+// l at c * kLanes + l) in the math type; the lanes past the block are 0.
+template <typename S>
+void gather(const RawTensor& src, const BlockPlace<S>& place, int64_t classes, int64_t class_stride,
+            S* buffer) {
+  constexpr int64_t kLanes = BlockPlace<S>::kLanes;
+  std::fill(buffer, buffer + classes * kLanes, S(0));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.dtype, "focal_softmax_gather", [&] {
+    const auto* data = static_cast<const scalar_t*>(src.data);
+    for (int64_t lane = 0; lane < place.lanes; ++lane) {
+      const scalar_t* values = data + place.offsets[lane];
+      for (int64_t c = 0; c < classes; ++c) {
+        buffer[c * kLanes + lane] = static_cast<S>(values[c * class_stride]);
+      }
+    }
+  });
+}
+
+// The inverse of gather for the block's lanes: buffer's values into dst, converted.
+template <typename S>
+void scatter(const RawTensor& dst, const BlockPlace<S>& place, int64_t classes, int64_t class_stride,
+             const S* buffer) {
+  constexpr int64_t kLanes = BlockPlace<S>::kLanes;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.dtype, "focal_softmax_scatter", [&] {
+    auto* data = static_cast<scalar_t*>(dst.data);
+    for (int64_t lane = 0; lane < place.lanes; ++lane) {
+      scalar_t* values = data + place.offsets[lane];
+      for (int64_t c = 0; c < classes; ++c) {
+        values[c * class_stride] = static_cast<scalar_t>(buffer[c * kLanes + lane]);
+      }
+    }
+  });
+}
+
+// A per-element tensor of the block as the loops see it: class c's lane vector at
+// data + c * stride, in the tensor itself (direct blocks of a tensor holding S) or in a buffer.
+template <typename S>
+struct ClassMajor {
+  S* data;
+  int64_t stride;
+  bool buffered;
+};
+
+template <typename S>
+ClassMajor<S> view_of(const RawTensor& tensor, const BlockPlace<S>& place, int64_t class_stride,
+                      S* buffer) {
+  if (place.direct && tensor.holds<S>()) {
+    return {static_cast<S*>(tensor.data) + place.offsets[0], class_stride, false};
+  }
+  return {buffer, BlockPlace<S>::kLanes, true};
+}
+
+// The arguments' data, looked up once per call rather than once per block.
+template <typename S>
+struct Operands {
+  RawTensor inputs, probabilities, grad_inputs, grad_targets, unweighted;
+  const int64_t* labels;
+  const S* weight;
+  S* loss;  // per position (elementwise), else null
+
+  explicit Operands(const SoftmaxArgs& args)
+      : inputs(args.inputs), probabilities(args.probabilities), grad_inputs(args.grad_inputs),
+        grad_targets(args.grad_targets), unweighted(args.unweighted_loss),
+        labels(args.labels.defined() ? args.labels.const_data_ptr<int64_t>() : nullptr),
+        weight(args.weight.defined() ? args.weight.const_data_ptr<S>() : nullptr),
+        loss(args.reduction == Reduction::None ? args.loss.mutable_data_ptr<S>() : nullptr) {}
+};
+
+// Everything one thread needs beyond the arguments: per-element buffers of classes x kLanes.
+template <typename S>
+struct Buffers {
+  std::vector<S> inputs, probabilities, grad_inputs, grad_targets, unweighted, class_g;
+  explicit Buffers(int64_t size)
+      : inputs(size), probabilities(size), grad_inputs(size), grad_targets(size),
+        unweighted(size), class_g(size) {}
+};
+
+// kSoft: every class has a target (probabilities, or smoothed labels); else one label per
+// position. Returns the block's loss summed over its positions; writes the per-position loss
+// (elementwise), the requested per-element outputs, and adds the labels' weight to divisor.
+template <typename S, bool kSoft, bool kGrad>
+double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
+                     const SoftmaxCoeffs<S>& coeffs, const BlockPlace<S>& place,
+                     Buffers<S>& buffers, double& divisor) {
+  using Vec = Vectorized<S>;
+  using Math = VecMath<S>;
+  constexpr int64_t kLanes = BlockPlace<S>::kLanes;
+  const int64_t classes = args.classes;
+  const int64_t stride = args.class_stride;
+  const S* weight = operands.weight;
+
+  // A per-element tensor's view of the block: gathered into its buffer where not direct.
+  const auto input_view = [&](const RawTensor& tensor, std::vector<S>& buffer) {
+    const ClassMajor<S> view = view_of(tensor, place, stride, buffer.data());
+    if (view.buffered) {
+      gather(tensor, place, classes, stride, view.data);
+    }
+    return view;
+  };
+  const auto output_view = [&](const RawTensor& tensor, std::vector<S>& buffer) {
+    return tensor.data != nullptr ? view_of(tensor, place, stride, buffer.data()) : ClassMajor<S>{};
+  };
+  const ClassMajor<S> x = input_view(operands.inputs, buffers.inputs);
+  const ClassMajor<S> t = operands.probabilities.data != nullptr
+                              ? input_view(operands.probabilities, buffers.probabilities)
+                              : ClassMajor<S>{};
+  const ClassMajor<S> grad_inputs = output_view(operands.grad_inputs, buffers.grad_inputs);
+  const ClassMajor<S> grad_targets = output_view(operands.grad_targets, buffers.grad_targets);
+  const ClassMajor<S> unweighted = output_view(operands.unweighted, buffers.unweighted);
+
+  // Per lane: the label as a class number in S (-1 where ignored or past the block), whether the
+  // position counts, and the label's weight.
+  S label_lanes[kLanes], valid_lanes[kLanes], weight_lanes[kLanes];
+  for (int64_t lane = 0; lane < kLanes; ++lane) {
+    const bool in_block = lane < place.lanes;
+    const int64_t label = operands.labels != nullptr && in_block ? operands.labels[place.first + lane]
+                                                                 : args.ignore_index;
+    const bool counts = in_block && (operands.labels == nullptr || label != args.ignore_index);
+    label_lanes[lane] = operands.labels != nullptr && counts ? static_cast<S>(label) : S(-1);
+    valid_lanes[lane] = counts ? S(1) : S(0);
+    weight_lanes[lane] =
+        counts && operands.labels != nullptr && weight != nullptr ? weight[label] : valid_lanes[lane];
+    divisor += static_cast<double>(weight_lanes[lane]);
+  }
+  const Vec label = Vec::loadu(label_lanes);
+  const Vec valid = Vec::loadu(valid_lanes);
+
+  // The row: its max, then its sums (and the label's logit).
+  Vec max = Vec::loadu(x.data);
+  for (int64_t c = 1; c < classes; ++c) {
+    max = Math::max(Vec::loadu(x.data + c * x.stride), max);
+  }
+  SoftmaxSums<Vec> sums{Vec(S(0)), Vec(S(0))};
+  Vec label_logit = max;  // where no label is: a finite term, zeroed by valid
+  for (int64_t c = 0; c < classes; ++c) {
+    const Vec z = Vec::loadu(x.data + c * x.stride);
+    softmax_accumulate<Math>(z, max, sums);
+    if constexpr (!kSoft) {
+      label_logit = Math::select(label == Vec(static_cast<S>(c)), z, label_logit);
+    }
+  }
+  const SoftmaxRow<Vec> row = softmax_row<Math>(max, sums);
+
+  Vec loss(S(0));
+  if constexpr (!kSoft) {
+    const auto terms = softmax_terms<Math, kGrad>(label_logit, valid, Vec::loadu(weight_lanes), row,
+                                                  coeffs);
+    loss = terms.loss;
+    for (int64_t c = 0; c < classes; ++c) {
+      const Vec is_label = label == Vec(static_cast<S>(c));
+      if constexpr (kGrad) {
+        const Vec z = Vec::loadu(x.data + c * x.stride);
+        const Vec p = Math::exp(z - max) * row.inv_sum;
+        softmax_label_gradient<Math>(is_label, p, terms.g, terms.u)
+            .store(grad_inputs.data + c * grad_inputs.stride);
+      }
+      if (unweighted.data != nullptr) {
+        Math::select(is_label, terms.unweighted, Vec(S(0))).store(unweighted.data + c * unweighted.stride);
+      }
+    }
+  } else {
+    Vec g_sum(S(0));
+    for (int64_t c = 0; c < classes; ++c) {
+      const Vec z = Vec::loadu(x.data + c * x.stride);
+      const Vec target =
+          operands.labels != nullptr ? Math::select(label == Vec(static_cast<S>(c)), Vec(coeffs.target_scale), Vec(S(0)))
+                 : Vec::loadu(t.data + c * t.stride) * Vec(coeffs.target_scale);
+      const Vec q = (target + Vec(coeffs.smoothing_share)) * valid;
+      const Vec w = weight != nullptr ? Vec(weight[c]) : Vec(S(1));
+      const auto terms = softmax_terms<Math, kGrad>(z, q, w, row, coeffs);
+      loss = loss + terms.loss;
+      if constexpr (kGrad) {
+        g_sum = g_sum + terms.g;
+        terms.g.store(buffers.class_g.data() + c * kLanes);
+      }
+      if (unweighted.data != nullptr) {
+        terms.unweighted.store(unweighted.data + c * unweighted.stride);
+      }
+      if (grad_targets.data != nullptr) {
+        (terms.d_target * valid * Vec(coeffs.target_scale)).store(grad_targets.data + c * grad_targets.stride);
+      }
+    }
+    if constexpr (kGrad) {
+      for (int64_t c = 0; c < classes; ++c) {
+        const Vec z = Vec::loadu(x.data + c * x.stride);
+        const Vec p = Math::exp(z - max) * row.inv_sum;
+        softmax_gradient(Vec::loadu(buffers.class_g.data() + c * kLanes), p, g_sum)
+            .store(grad_inputs.data + c * grad_inputs.stride);
+      }
+    }
+  }
+  for (const auto& [view, tensor] : {std::pair{grad_inputs, &operands.grad_inputs},
+                                     std::pair{grad_targets, &operands.grad_targets},
+                                     std::pair{unweighted, &operands.unweighted}}) {
+    if (view.buffered) {
+      scatter(*tensor, place, classes, stride, view.data);
+    }
+  }
+
+  S loss_lanes[kLanes];
+  loss.store(loss_lanes);
+  if (operands.loss != nullptr) {
+    std::copy(loss_lanes, loss_lanes + place.lanes, operands.loss + place.first);
+  }
+  double sum = 0;
+  for (int64_t lane = 0; lane < place.lanes; ++lane) {
+    sum += loss_lanes[lane];
+  }
+  return sum;
+}
+
+template <typename S, bool kSoft, bool kGrad>
+void forward_impl(const SoftmaxArgs& args) {
+  constexpr int64_t kLanes = BlockPlace<S>::kLanes;
+  const int64_t positions = args.batch * args.positions;
+  const SoftmaxCoeffs<S> coeffs(args.alpha, args.gamma, args.label_smoothing, args.classes);
+  const int64_t chunk = std::max<int64_t>(1, kChunkElements / (args.classes * kLanes)) * kLanes;
+  const int64_t num_chunks = (positions + chunk - 1) / chunk;
+  std::vector<double> chunk_sums(num_chunks, 0.0), chunk_divisors(num_chunks, 0.0);
+  // NCHW: a sample's positions side by side in each class's plane.
+  const bool planes = args.position_stride == 1 && args.positions >= kLanes;
+  const Operands<S> operands(args);
+
+  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    const FlushSubnormals flush_subnormals;
+    Buffers<S> buffers(args.classes * kLanes);
+    for (int64_t index = chunk_begin; index < chunk_end; ++index) {
+      const int64_t stop = std::min(positions, (index + 1) * chunk);
+      double sum = 0, divisor = 0;
+      for (int64_t first = index * chunk; first < stop;) {
+        BlockPlace<S> place;
+        place.first = first;
+        const int64_t sample = first / args.positions;
+        const int64_t position = first - sample * args.positions;
+        // In planes, a block stays within one sample, so that its lanes are side by side.
+        place.lanes = std::min({kLanes, stop - first, planes ? args.positions - position : kLanes});
+        place.direct = planes && place.lanes == kLanes;
+        for (int64_t lane = 0; lane < place.lanes; ++lane) {
+          const int64_t n = (first + lane) / args.positions;
+          place.offsets[lane] =
+              n * args.batch_stride + (first + lane - n * args.positions) * args.position_stride;
+        }
+        sum += compute_block<S, kSoft, kGrad>(args, operands, coeffs, place, buffers, divisor);
+        first += place.lanes;
+      }
+      chunk_sums[index] = sum;
+      chunk_divisors[index] = divisor;
+    }
+  });
+
+  double total = 0, divisor = 0;
+  for (int64_t index = 0; index < num_chunks; ++index) {
+    total += chunk_sums[index];
+    divisor += chunk_divisors[index];
+  }
+  args.divisor.fill_(divisor);
+  if (args.reduction != Reduction::None) {
+    // The mean of nothing (or of zero weight) is NaN, as F.cross_entropy's.
+    args.loss.fill_(args.reduction == Reduction::Mean ? total / divisor : total);
+  }
+}
+
+}  // namespace
+
+void softmax_forward(const SoftmaxArgs& args) {
+  const bool soft = !args.labels.defined() || args.label_smoothing > 0.0;
+  const auto run = [&](auto math_type) {
+    using S = decltype(math_type);
+    dispatch_flag(soft, [&](auto soft_flag) {
+      dispatch_flag(args.grad_inputs.defined(), [&](auto grad_flag) {
+        forward_impl<S, decltype(soft_flag)::value, decltype(grad_flag)::value>(args);
+      });
+    });
+  };
+  if (args.inputs.scalar_type() == at::kDouble) {
+    run(double{});
+  } else {
+    run(float{});
+  }
+}
+
+}  // namespace focal::cpu::FOCAL_CPU_ISA

@@ -1,0 +1,265 @@
+// The softmax focal loss's CUDA kernel: one thread per position, which reads its C logits class
+// by class where they lie (in an NCHW map neighbouring threads read neighbouring positions: the
+// loads coalesce) and computes the loss and d(loss)/d(inputs) of focal_math.h's softmax terms:
+// a pass for the max, one for the sums, then the terms. Its reduction is the sigmoid forward's:
+// one partial sum per block, added in a fixed order by one block (no floating-point atomics).
+#include "forward.cuh"
+
+namespace focal::cuda {
+namespace {
+
+template <typename x_t>
+struct SoftmaxPointers {
+  using S = math_t<x_t>;
+  const x_t* inputs;
+  const int64_t* labels;      // or null: probabilities
+  const x_t* probabilities;   // or null: labels
+  const S* weight;            // per class, or null
+  int64_t classes;
+  int64_t positions;          // per sample
+  int64_t num_positions;      // in all
+  int64_t batch_stride;
+  int64_t class_stride;
+  int64_t position_stride;
+  int64_t ignore_index;
+  SoftmaxCoeffs<S> coeffs;
+  S* loss;                    // per position, or null (reduced)
+  saved_t<x_t>* grad_inputs;  // or null
+  S* grad_targets;            // or null
+  S* unweighted_loss;         // or null
+  S* block_sums;
+  double* block_divisors;
+};
+
+// A label that is no class and not ignore_index, reported as report_bad_label does.
+__device__ __noinline__ void report_bad_softmax_label(const int64_t* label, int64_t classes) {
+  vprintf_from("focal_cuda: targets holds the class label %lld; valid labels are 0 to C - 1 and "
+               "ignore_index, for the C classes of inputs' dimension 1\n",
+               label);
+  CUDA_KERNEL_ASSERT(*label >= 0 && *label < classes && "class label out of range");
+}
+
+// The mean's divisor over a thread's positions (the weight of their labels not ignored, or their
+// number), in a loop of its own after the loss's: the label check's report stays out of the hot
+// loop, and its accumulator does not live across the hot loop's calls.
+template <typename x_t>
+__device__ __forceinline__ double labels_divisor(const SoftmaxPointers<x_t>& p) {
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t num_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  double divisor = 0;
+  for (int64_t position = thread; position < p.num_positions; position += num_threads) {
+    if (p.labels == nullptr) {
+      divisor += 1.0;
+      continue;
+    }
+    const int64_t label = p.labels[position];
+    if (label == p.ignore_index) {
+      continue;
+    }
+    if (static_cast<uint64_t>(label) >= static_cast<uint64_t>(p.classes)) {
+      report_bad_softmax_label(p.labels + position, p.classes);
+    }
+    divisor += p.weight != nullptr ? static_cast<double>(p.weight[label]) : 1.0;
+  }
+  return divisor;
+}
+
+// Resident blocks per SM of a softmax kernel (its launch bounds and grid): float64's keeps 128
+// registers a thread, where its double divisions' out-of-line slow paths (calls, which save what
+// is live) spilled at 64.
+template <typename x_t>
+constexpr int kSoftmaxBlocksPerSM = std::is_same_v<x_t, double> ? 2 : kMaxBlocksPerSM;
+
+// kSoft: every class has a target (probabilities, or labels with label smoothing); else the one
+// label of each position. kGrad: d(loss)/d(inputs) is written.
+template <typename x_t, bool kSoft, bool kGrad>
+__global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
+    softmax_focal_kernel(const SoftmaxPointers<x_t> p) {
+  using S = math_t<x_t>;
+  using Math = DeviceMath<S>;
+  const S zero(0);
+  S sum(0);
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t num_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  // The position's sample and place in it, stepped along with it: a 64-bit division per
+  // position is a subroutine call of ~70 instructions.
+  const int64_t step_samples = num_threads / p.positions;
+  const int64_t step_within = num_threads - step_samples * p.positions;
+  int64_t sample = thread / p.positions;
+  int64_t within = thread - sample * p.positions;
+  for (int64_t position = thread; position < p.num_positions; position += num_threads) {
+    const int64_t base = sample * p.batch_stride + within * p.position_stride;
+    sample += step_samples;
+    within += step_within;
+    if (within >= p.positions) {
+      within -= p.positions;
+      ++sample;
+    }
+    const x_t* x = p.inputs + base;
+    // A label out of range counts as ignored here: labels_divisor reports it.
+    int64_t label = p.labels != nullptr ? p.labels[position] : -1;
+    const bool counted = p.labels == nullptr || (label != p.ignore_index &&
+                                                 static_cast<uint64_t>(label) < static_cast<uint64_t>(p.classes));
+    label = counted ? label : -1;
+    const S valid = counted ? S(1) : zero;
+    const S label_weight = label >= 0 && p.weight != nullptr ? p.weight[label] : valid;
+
+    S max = static_cast<S>(x[0]);
+    for (int64_t c = 1; c < p.classes; ++c) {
+      max = Math::max(static_cast<S>(x[c * p.class_stride]), max);
+    }
+    SoftmaxSums<S> sums{zero, zero};
+    for (int64_t c = 0; c < p.classes; ++c) {
+      softmax_accumulate<Math>(static_cast<S>(x[c * p.class_stride]), max, sums);
+    }
+    const SoftmaxRow<S> row = softmax_row<Math>(max, sums);
+
+    if constexpr (!kSoft) {
+      // Where no label is: a finite term (at the max), zeroed by valid.
+      const S label_logit = label >= 0 ? static_cast<S>(x[label * p.class_stride]) : max;
+      const auto terms = softmax_terms<Math, kGrad>(label_logit, valid, label_weight, row, p.coeffs);
+      sum += terms.loss;
+      if (p.loss != nullptr) {
+        p.loss[position] = terms.loss;
+      }
+      for (int64_t c = 0; c < p.classes; ++c) {
+        if constexpr (kGrad) {
+          const S prob = Math::exp(static_cast<S>(x[c * p.class_stride]) - max) * row.inv_sum;
+          p.grad_inputs[base + c * p.class_stride] = static_cast<saved_t<x_t>>(
+              softmax_label_gradient<Math>(c == label, prob, terms.g, terms.u));
+        }
+        if (p.unweighted_loss != nullptr) {
+          p.unweighted_loss[base + c * p.class_stride] = c == label ? terms.unweighted : zero;
+        }
+      }
+    } else {
+      // The target of class c: a given probability or the smoothed label, 0 where ignored.
+      const auto target = [&](int64_t c) {
+        const S given = p.probabilities != nullptr
+                            ? static_cast<S>(p.probabilities[base + c * p.class_stride])
+                            : (c == label ? S(1) : zero);
+        return (given * p.coeffs.target_scale + p.coeffs.smoothing_share) * valid;
+      };
+      const auto class_weight = [&](int64_t c) { return p.weight != nullptr ? p.weight[c] : S(1); };
+      S loss(0);
+      S g_sum(0);
+      for (int64_t c = 0; c < p.classes; ++c) {
+        const auto terms = softmax_terms<Math, kGrad>(static_cast<S>(x[c * p.class_stride]),
+                                                      target(c), class_weight(c), row, p.coeffs);
+        loss += terms.loss;
+        g_sum += terms.g;
+        if (p.unweighted_loss != nullptr) {
+          p.unweighted_loss[base + c * p.class_stride] = terms.unweighted;
+        }
+        if (p.grad_targets != nullptr) {
+          p.grad_targets[base + c * p.class_stride] = terms.d_target * valid * p.coeffs.target_scale;
+        }
+      }
+      sum += loss;
+      if (p.loss != nullptr) {
+        p.loss[position] = loss;
+      }
+      if constexpr (kGrad) {
+        // Each class's term again (no per-class buffer), now that their sum is known.
+        for (int64_t c = 0; c < p.classes; ++c) {
+          const auto terms = softmax_terms<Math, true>(static_cast<S>(x[c * p.class_stride]),
+                                                       target(c), class_weight(c), row, p.coeffs);
+          p.grad_inputs[base + c * p.class_stride] =
+              static_cast<saved_t<x_t>>(softmax_gradient(terms.g, terms.p, g_sum));
+        }
+      }
+    }
+  }
+  const S block_loss = block_sum(sum);
+  const double block_divisor = block_sum(labels_divisor(p));
+  if (threadIdx.x == 0) {
+    p.block_sums[blockIdx.x] = block_loss;
+    p.block_divisors[blockIdx.x] = block_divisor;
+  }
+}
+
+// One block adds the per-block sums and divisors in a fixed order, writes the divisor, and the
+// loss (divided by the divisor for the mean: NaN for nothing counted, as F.cross_entropy) when
+// it is reduced.
+template <typename S>
+__global__ void __launch_bounds__(kThreads)
+    finish_softmax_kernel(const S* __restrict__ block_sums, const double* __restrict__ block_divisors,
+                          int num_blocks, bool mean, S* __restrict__ reduced_loss,
+                          double* __restrict__ divisor) {
+  double sum = 0;
+  double total = 0;
+  for (int i = threadIdx.x; i < num_blocks; i += kThreads) {
+    sum += static_cast<double>(block_sums[i]);
+    total += block_divisors[i];
+  }
+  sum = block_sum(sum);
+  total = block_sum(total);
+  if (threadIdx.x == 0) {
+    *divisor = total;
+    if (reduced_loss != nullptr) {
+      *reduced_loss = static_cast<S>(mean ? sum / total : sum);
+    }
+  }
+}
+
+template <typename x_t>
+void launch_softmax(const SoftmaxArgs& args, c10::DeviceIndex device, cudaStream_t stream) {
+  using S = math_t<x_t>;
+  const bool elementwise = args.reduction == Reduction::None;
+  SoftmaxPointers<x_t> p{
+      args.inputs.const_data_ptr<x_t>(),
+      args.labels.defined() ? args.labels.const_data_ptr<int64_t>() : nullptr,
+      args.probabilities.defined() ? args.probabilities.const_data_ptr<x_t>() : nullptr,
+      args.weight.defined() ? args.weight.const_data_ptr<S>() : nullptr,
+      args.classes,
+      args.positions,
+      args.batch * args.positions,
+      args.batch_stride,
+      args.class_stride,
+      args.position_stride,
+      args.ignore_index,
+      SoftmaxCoeffs<S>(args.alpha, args.gamma, args.label_smoothing, args.classes),
+      elementwise ? args.loss.mutable_data_ptr<S>() : nullptr,
+      data_or_null<saved_t<x_t>>(args.grad_inputs),
+      data_or_null<S>(args.grad_targets),
+      data_or_null<S>(args.unweighted_loss),
+      nullptr,
+      nullptr,
+  };
+  const int grid = grid_size(p.num_positions, device, kSoftmaxBlocksPerSM<x_t>);
+  // One allocation for the per-block divisors (double) and sums (S: 4 or 8 bytes).
+  const at::Tensor partials = at::empty({2 * grid}, args.inputs.options().dtype(at::kDouble));
+  p.block_divisors = partials.mutable_data_ptr<double>();
+  p.block_sums = reinterpret_cast<S*>(p.block_divisors + grid);
+  const bool soft = p.labels == nullptr || args.label_smoothing > 0.0;
+  dispatch_flag(soft, [&](auto soft_flag) {
+    dispatch_flag(p.grad_inputs != nullptr, [&](auto grad_flag) {
+      FOCAL_LAUNCH(grid, kThreads, stream,
+                   softmax_focal_kernel<x_t, decltype(soft_flag)::value, decltype(grad_flag)::value>)(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  FOCAL_LAUNCH(1, kThreads, stream, finish_softmax_kernel<S>)(
+      p.block_sums, p.block_divisors, grid, args.reduction == Reduction::Mean,
+      elementwise ? nullptr : args.loss.mutable_data_ptr<S>(), args.divisor.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void softmax_forward(const SoftmaxArgs& args) {
+  const c10::cuda::CUDAGuard device_guard(args.inputs.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const c10::DeviceIndex device = device_guard.current_device().index();
+  switch (args.inputs.scalar_type()) {
+    case at::kHalf: launch_softmax<at::Half>(args, device, stream); break;
+    case at::kBFloat16: launch_softmax<at::BFloat16>(args, device, stream); break;
+    case at::kFloat: launch_softmax<float>(args, device, stream); break;
+    case at::kDouble: launch_softmax<double>(args, device, stream); break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "focal_cuda: inputs of dtype ", args.inputs.scalar_type(),
+                            " reached the CUDA softmax forward");
+  }
+}
+
+}  // namespace focal::cuda

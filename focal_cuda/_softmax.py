@@ -1,0 +1,209 @@
+"""The softmax focal loss's op and autograd.
+
+focal_cuda::softmax_focal_loss_forward is a torch.library custom op (fake kernel, registered
+autograd) for torch.compile, opcheck and the dispatcher's modes; SoftmaxFunction is the eager
+path, the loss its only output. Both take their first-order gradients from what the fused
+forward saved, scaled by the backward op the sigmoid losses use (csrc/focal_ops.h), and
+higher-order ones from the reference formula (focal_cuda.reference.softmax_focal_loss).
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C, _ops, reference
+
+_NONE = _ops.REDUCTION_CODES["none"]
+_MEAN = _ops.REDUCTION_CODES["mean"]
+
+
+@torch.library.custom_op("focal_cuda::softmax_focal_loss_forward", mutates_args=())
+def softmax_focal_loss_forward(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    alpha: float,
+    gamma: float,
+    reduction: int,
+    ignore_index: int,
+    label_smoothing: float,
+    float32_loss: bool,
+    compute_grad_inputs: bool,
+    compute_grad_targets: bool,
+    compute_unweighted_loss: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dloss/dinputs, dloss/dtargets, each class's loss before its weight, the mean's
+    divisor) in one pass (csrc/focal_ops.h); gradients unscaled, outputs not requested empty."""
+    return _C.softmax_focal_loss_forward(
+        inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
+        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss,
+    )
+
+
+def class_dim(inputs):
+    """The classes' dimension: 1, or 0 for unbatched (C) inputs."""
+    return 0 if inputs.dim() == 1 else 1
+
+
+def _math_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@softmax_focal_loss_forward.register_fake
+def _(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
+      float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss):
+    _C.check_softmax_arguments(
+        inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
+        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss,
+    )
+    dtype = inputs.dtype
+    if float32_loss and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    positions = list(inputs.shape)
+    del positions[class_dim(inputs)]
+    loss = inputs.new_empty(positions if reduction == _NONE else (), dtype=dtype)
+
+    def per_element(requested, like):
+        dtype_ = _ops.saved_dtype(like.dtype) if like is not None else _math_dtype(inputs.dtype)
+        return torch.empty_like(inputs, dtype=dtype_) if requested else inputs.new_empty((0,), dtype=dtype_)
+
+    return (loss, per_element(compute_grad_inputs, inputs), per_element(compute_grad_targets, targets),
+            per_element(compute_unweighted_loss, None), inputs.new_empty((), dtype=torch.float64))
+
+
+def forward_setup_context(ctx, inputs, output):
+    # Only the loss is differentiable; the other outputs carry what backward needs.
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    save_for_gradients(ctx, inputs[:3], output, inputs[3:], gradients_private=False)
+
+
+def save_for_gradients(ctx, operands, output, arguments, gradients_private):
+    """What gradients() needs: the operands (inputs, targets, weight), the forward's outputs and
+    its scalar arguments (alpha to compute_unweighted_loss); gradients_private as in
+    _ops._scaled_saved_grad."""
+    ctx.save_for_backward(*operands, *output[1:])
+    ctx.arguments = arguments
+    ctx.gradients_private = gradients_private
+
+
+def forward_backward(ctx, grad_loss, *_grads_of_saved_outputs):
+    return gradients(ctx, grad_loss, ctx.needs_input_grad[:3]) + (None,) * 9
+
+
+def gradients(ctx, grad_loss, needed):
+    """(d/dinputs, d/dtargets, d/dweight) of the loss for the needed ones: the saved gradients
+    scaled by grad_loss; with create_graph (or under torch.func), the reference formula's,
+    differentiable again."""
+    if grad_loss is None:
+        return None, None, None
+    if torch.is_grad_enabled():
+        return _differentiable_gradients(ctx, grad_loss, needed)
+    x, t, weight, saved_grad_inputs, saved_grad_targets, unweighted, divisor = ctx.saved_tensors
+    reduction = ctx.arguments[2]
+    dim = class_dim(x)
+    grad_inputs = grad_targets = grad_weight = None
+    if needed[0]:
+        saved = _saved_or_error(saved_grad_inputs, x, "inputs")
+        grad_inputs = _scaled(ctx, grad_loss, saved, divisor, reduction, dim).to(x.dtype)
+    if needed[1]:
+        saved = _saved_or_error(saved_grad_targets, t, "targets")
+        grad_targets = _scaled(ctx, grad_loss, saved, divisor, reduction, dim).to(t.dtype)
+    if needed[2]:
+        unweighted = _saved_or_error(unweighted, x, "weight")
+        grad_weight = _weight_gradient(ctx, grad_loss, unweighted, t, weight, divisor, dim)
+    return grad_inputs, grad_targets, grad_weight
+
+
+def _saved_or_error(saved, like, name):
+    if saved.shape != like.shape:
+        raise RuntimeError(
+            f"focal_cuda: backward needs d(loss)/d({name}) of shape {list(like.shape)}, but the "
+            f"forward op saved one of shape {list(saved.shape)}; call "
+            "focal_cuda.softmax_focal_loss, which asks for what backward needs"
+        )
+    return saved
+
+
+def _scaled(ctx, grad_loss, saved, divisor, reduction, dim):
+    """saved d(loss)/d(.) times grad_loss: per position for "none" (spread over the classes),
+    else one value (divided by the divisor for the mean) through the backward op."""
+    if reduction == _NONE:
+        return saved * grad_loss.unsqueeze(dim)
+    return _ops._scaled_saved_grad(ctx, grad_loss, saved, divisor, reduction)
+
+
+def _weight_gradient(ctx, grad_loss, unweighted, targets, weight, divisor, dim):
+    """d(loss)/d(weight[c]): each class's loss before its weight, summed over the positions
+    (times grad_loss). A mean over labels divides by their summed weight, which the weight
+    changes too: d(S / W)/d(w_c) = (S_c - (S / W) n_c) / W, n_c the labels of class c counted."""
+    reduction = ctx.arguments[2]
+    math_dtype = unweighted.dtype
+    others = [d for d in range(unweighted.dim()) if d != dim]
+
+    def summed_over_positions(values):  # sum(dim=[]) would sum everything
+        return values.sum(others) if others else values
+
+    if reduction == _NONE:
+        return summed_over_positions(unweighted * grad_loss.to(math_dtype).unsqueeze(dim)).to(weight.dtype)
+    per_class = summed_over_positions(unweighted)
+    if reduction == _MEAN:
+        if not targets.is_floating_point():
+            ignore_index = ctx.arguments[3]
+            labels = targets.reshape(-1).long()
+            counted = labels[labels != ignore_index]
+            label_counts = torch.bincount(counted, minlength=weight.shape[0]).to(math_dtype)
+            mean = (per_class * weight.to(math_dtype)).sum() / divisor.to(math_dtype)
+            per_class = per_class - mean * label_counts
+        divisor = divisor.to(math_dtype)
+        # Zero where nothing counted, as the other gradients of a mean of nothing.
+        per_class = torch.where(divisor > 0, per_class / divisor, torch.zeros_like(per_class))
+    return (per_class * grad_loss.to(math_dtype)).to(weight.dtype)
+
+
+def _differentiable_gradients(ctx, grad_loss, needed):
+    """gradients() as the reference formula's vector-Jacobian product, differentiable again."""
+    x, t, weight = ctx.saved_tensors[:3]
+    alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss = ctx.arguments[:6]
+    candidates = (x, t, weight)
+    wrt = [tensor for tensor, need in zip(candidates, needed) if need]
+
+    def loss_of(*differentiated):
+        values = iter(differentiated)
+        x_, t_, weight_ = (next(values) if need else tensor for tensor, need in zip(candidates, needed))
+        return reference_loss(x_, t_, weight_, ctx.arguments)
+
+    _, vjp = torch.func.vjp(loss_of, *wrt)
+    grads = iter(vjp(grad_loss))
+    return tuple(next(grads) if need else None for need in needed)
+
+
+def reference_loss(inputs, targets, weight, arguments):
+    """reference.softmax_focal_loss with the op's arguments; in float32 where the op's loss was
+    (16-bit inputs under autocast)."""
+    alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss = arguments[:6]
+    if float32_loss and inputs.dtype in (torch.float16, torch.bfloat16):
+        inputs = inputs.float()
+        targets = targets.float() if targets.is_floating_point() else targets
+    return reference.softmax_focal_loss(
+        inputs, targets, None if alpha < 0 else alpha, gamma, reference.REDUCTIONS[reduction],
+        weight, ignore_index, label_smoothing,
+    )
+
+
+softmax_focal_loss_forward.register_autograd(forward_backward, setup_context=forward_setup_context)
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """apply(inputs, targets, weight, arguments, fused_forward) -> the loss: the eager path, where
+    arguments are the op's from alpha on and fused_forward the op or the C++ function behind it."""
+
+    @staticmethod
+    def forward(ctx, inputs, targets, weight, arguments, fused_forward):
+        output = fused_forward(inputs, targets, weight, *arguments)
+        save_for_gradients(ctx, (inputs, targets, weight), output, arguments, gradients_private=True)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return gradients(ctx, grad_loss, ctx.needs_input_grad[:3]) + (None, None)

@@ -1,0 +1,383 @@
+"""The softmax focal loss: values and gradients against float64 formulas written here and against
+F.cross_entropy at gamma 0, layouts, extremes (against mpmath), errors, the module, and the
+paths the sigmoid losses have (autograd twice, torch.compile, opcheck, torch.func, autocast)."""
+
+import math
+
+import mpmath
+import pytest
+import torch
+import torch.nn.functional as F
+
+import focal_cuda
+from conftest import DEVICES, DTYPES, REDUCTIONS, assert_matches
+
+CLASSES = 5
+SOFTMAX_GAMMAS = [0.0, 0.5, 1.0, 2.0, 2.5, 0.3]  # 0.3 by pow
+TARGET_KINDS = ["labels", "smoothed", "probabilities"]
+
+
+def expected_loss(inputs, targets, alpha=None, gamma=2.0, reduction="mean", weight=None,
+                  ignore_index=-100, label_smoothing=0.0):
+    """The loss in float64 from its definition, on the (rounded) inputs: p by exponentials of
+    the shifted logits, the targets as a dense distribution, the reductions of F.cross_entropy."""
+    x = inputs.double()
+    dim = 0 if x.dim() == 1 else 1
+    classes = x.shape[dim]
+    shifted = x - x.amax(dim, keepdim=True)
+    log_p = shifted - shifted.exp().sum(dim, keepdim=True).log()
+    one_minus_p = -torch.expm1(log_p)
+    shape = [1] * x.dim()
+    shape[dim] = classes
+    w = torch.ones(classes, dtype=torch.float64) if weight is None else weight.double().cpu()
+    w = w.to(x.device)
+    if targets.is_floating_point():
+        q = targets.double()
+        counted = torch.ones(q.sum(dim).shape, dtype=torch.float64, device=x.device)
+    else:
+        labels = targets.long()
+        valid = labels != ignore_index
+        q = F.one_hot(torch.where(valid, labels, 0), classes).double().movedim(-1, dim)
+        q = q * valid.unsqueeze(dim)
+        counted = torch.where(valid, w[torch.where(valid, labels, 0)], 0.0)
+    q = q * (1 - label_smoothing) + label_smoothing / classes
+    if not targets.is_floating_point():
+        q = q * (targets.long() != ignore_index).unsqueeze(dim)
+    loss = -(1.0 if alpha is None else alpha) * (w.reshape(shape) * q * one_minus_p**gamma * log_p).sum(dim)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / counted.sum()
+
+
+def make_case(shape, dtype, device, kind, *, seed=0, scale=3.0, ignore_fraction=0.2):
+    """(logits, targets) for logits of shape (N, C, ...) and targets of kind."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+    dim = 0 if len(shape) == 1 else 1
+    if kind == "probabilities":
+        targets = torch.softmax(torch.randn(shape, generator=generator, dtype=torch.float64) * 2, dim)
+        targets = targets.to(dtype)
+    else:
+        positions = list(shape)
+        del positions[dim]
+        targets = torch.randint(0, shape[dim], positions, generator=generator)
+        if ignore_fraction and targets.dim() > 0:
+            targets[torch.rand(positions, generator=generator) < ignore_fraction] = -100
+    return inputs.to(device=device, dtype=dtype), targets.to(device)
+
+
+def loss_and_grads(function, inputs, targets, grad_output=None, weight_grad=True, **options):
+    """function's loss and its gradients w.r.t. inputs, floating targets and a given weight
+    (when weight_grad)."""
+    x = inputs.detach().clone().requires_grad_()
+    t = targets.detach().clone().requires_grad_(targets.is_floating_point())
+    weight = options.pop("weight", None)
+    w = None if weight is None else weight.detach().clone().requires_grad_(weight_grad)
+    loss = function(x, t, weight=w, **options)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), x.grad, t.grad if t.requires_grad else None, None if w is None else w.grad
+
+
+def dense_targets(inputs, targets, ignore_index, label_smoothing):
+    """The target distribution per position in float64 (0 at ignored positions)."""
+    dim = 0 if inputs.dim() == 1 else 1
+    classes = inputs.shape[dim]
+    if targets.is_floating_point():
+        return targets.double() * (1 - label_smoothing) + label_smoothing / classes
+    labels = targets.long()
+    valid = (labels != ignore_index).unsqueeze(dim)
+    q = F.one_hot(torch.where(labels != ignore_index, labels, 0), classes).double().movedim(-1, dim)
+    return (q * (1 - label_smoothing) + label_smoothing / classes) * valid
+
+
+def gradient_scale(inputs, targets, alpha, gamma, reduction, weight, label_smoothing, ignore_index=-100):
+    """Per element, what d(loss)/d(inputs) = g_j - p_j sum_c g_c sums in magnitude,
+    |g_j| + p_j sum_c |g_c| with g_c = alpha w_c q_c (1 - p_c)^gamma (gamma p log p / (1 - p) - 1)
+    in float64 (scaled for the mean): the rounding of a float32 result is relative to it."""
+    x = inputs.double()
+    dim = 0 if x.dim() == 1 else 1
+    log_p = torch.log_softmax(x, dim)
+    p = log_p.exp()
+    u = -torch.expm1(log_p)
+    ratio = torch.where(u > 0, p * log_p / u, torch.full_like(u, -1.0))
+    shape = [1] * x.dim()
+    shape[dim] = x.shape[dim]
+    w = (torch.ones(x.shape[dim]) if weight is None else weight.double().cpu()).to(x.device).reshape(shape)
+    q = dense_targets(inputs, targets, ignore_index, label_smoothing)
+    g = (alpha * w * q * u**gamma * (gamma * ratio - 1)).abs()
+    scale = g + p * g.sum(dim, keepdim=True)
+    if reduction == "mean":
+        if targets.is_floating_point():
+            divisor = q.sum(dim).numel()
+        else:
+            labels = targets.long()
+            counted = labels != ignore_index
+            divisor = float(w.flatten()[torch.where(counted, labels, 0)][counted].sum().detach())
+        scale = scale / divisor
+    return scale
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", TARGET_KINDS)
+@pytest.mark.parametrize("gamma", SOFTMAX_GAMMAS)
+def test_loss_and_gradients_match_the_definition(device, dtype, kind, gamma):
+    shape = (6, CLASSES, 3, 7)  # 21 positions a sample: vectors, and a tail, in each plane
+    inputs, targets = make_case(shape, dtype, device, kind, seed=int(gamma * 10))
+    smoothing = 0.1 if kind == "smoothed" else 0.0
+    weight = torch.rand(CLASSES, dtype=torch.float64, device=device) + 0.5
+    # The weight's gradient sums over positions: float32 rounds each term and the running sum.
+    weight_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for reduction in REDUCTIONS:
+        options = dict(alpha=0.25, gamma=gamma, reduction=reduction, label_smoothing=smoothing)
+        loss, grad_x, grad_t, grad_w = loss_and_grads(focal_cuda.softmax_focal_loss, inputs, targets,
+                                                      weight=weight, **options)
+        x = inputs.double().clone().requires_grad_()
+        t = targets.double().clone().requires_grad_() if targets.is_floating_point() else targets
+        w = weight.clone().requires_grad_()
+        expected = expected_loss(x, t, weight=w, **options)
+        expected.backward(torch.ones_like(expected))
+        assert loss.dtype == dtype
+        assert_matches(loss, expected.detach(), dtype)
+        scale = gradient_scale(inputs, targets, 0.25, gamma, reduction, weight, smoothing)
+        assert_matches(grad_x, x.grad, dtype, scale=scale)
+        if grad_t is not None:
+            assert_matches(grad_t, t.grad, dtype)
+        assert_matches(grad_w, w.grad, weight_dtype, scale=w.grad.abs().max().expand_as(w.grad))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(9, CLASSES), (2, CLASSES, 4, 5), (3, CLASSES, 17), (CLASSES,)])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("kind", ["labels", "probabilities"])
+def test_gamma_zero_is_cross_entropy(device, dtype, shape, weighted, label_smoothing, kind):
+    inputs, targets = make_case(shape, dtype, device, kind)
+    weight = torch.rand(CLASSES, dtype=dtype, device=device) + 0.5 if weighted else None
+    # float64: a few roundings of values of order 1 apart; float32 likewise, in float32.
+    tolerance = dict(rtol=1e-13, atol=1e-14) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-7)
+    for reduction in REDUCTIONS:
+        options = dict(weight=weight, reduction=reduction, label_smoothing=label_smoothing)
+        # F.cross_entropy does not differentiate its weight.
+        ours = loss_and_grads(lambda x, t, **o: focal_cuda.softmax_focal_loss(x, t, gamma=0.0, **o),
+                              inputs, targets, weight_grad=False, **options)
+        theirs = loss_and_grads(F.cross_entropy, inputs, targets, weight_grad=False, **options)
+        for mine, peer in zip(ours, theirs):
+            if peer is None:
+                assert mine is None
+                continue
+            torch.testing.assert_close(mine, peer, **tolerance)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "transposed", "sliced"])
+def test_layouts_give_the_contiguous_result(device, layout):
+    inputs, targets = make_case((4, CLASSES, 6, 9), torch.float32, device, "labels")
+    if layout == "channels_last":
+        strided = inputs.to(memory_format=torch.channels_last)
+    elif layout == "transposed":  # (N, C) with the classes outermost in memory
+        inputs, targets = make_case((33, CLASSES), torch.float32, device, "labels")
+        strided = inputs.t().contiguous().t()
+    elif layout == "sliced":  # positions not one stride apart: read through a copy
+        wide, _ = make_case((4, CLASSES, 6, 18), torch.float32, device, "labels")
+        strided = wide[..., ::2]
+        inputs = strided.contiguous()
+    else:
+        strided = inputs
+    expected = loss_and_grads(focal_cuda.softmax_focal_loss, inputs, targets, reduction="none")
+    actual = loss_and_grads(focal_cuda.softmax_focal_loss, strided, targets, reduction="none")
+    torch.testing.assert_close(actual[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(actual[1], expected[1], rtol=0, atol=0)
+
+
+def exact_softmax_focal(logits, label, gamma):
+    """(loss, d loss/d logits) of one position with a label, at 60 digits."""
+    with mpmath.workdps(60):
+        z = [mpmath.mpf(v) for v in logits]
+        top = max(z)
+        total = mpmath.fsum(mpmath.exp(v - top) for v in z)
+        p = [mpmath.exp(v - top) / total for v in z]
+        log_p = z[label] - top - mpmath.log(total)
+        u = 1 - p[label]
+        loss = -(u**gamma) * log_p
+        slope = (gamma * u ** (gamma - 1) * p[label] * log_p - u**gamma) if u > 0 else -(u**gamma)
+        grads = [slope * ((1 if j == label else 0) - p[j]) for j in range(len(z))]
+        return float(loss), [float(g) for g in grads]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.75, 1.0, 2.0])
+def test_extreme_logits_are_finite_and_exact(device, dtype, gamma):
+    # Confident rows (1 - p far below float's epsilon), classes whose probability underflows,
+    # logits of +-1e4, ties at the max, a label at the least likely class.
+    rows = [
+        ([12.0, 0.0, -3.0, -8.0, 1.0], 0),
+        ([40.0, 0.0, -3.0, -8.0, 1.0], 0),
+        ([1e4, -1e4, 0.0, 5.0, -5.0], 0),
+        ([1e4, -1e4, 0.0, 5.0, -5.0], 1),
+        ([-1e4, -1e4, -1e4, -1e4, -1e4], 3),
+        ([3.0, 3.0, -100.0, 0.0, 2.0], 1),
+        ([0.0, -120.0, -800.0, 1.0, 0.5], 2),
+        ([25.0, 24.0, 0.0, 0.0, 0.0], 1),
+    ]
+    inputs = torch.tensor([row for row, _ in rows], dtype=dtype, device=device)
+    labels = torch.tensor([label for _, label in rows], device=device)
+    loss, grad_x, _, _ = loss_and_grads(focal_cuda.softmax_focal_loss, inputs, labels, gamma=gamma,
+                                        reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad_x).all()
+    exact = [exact_softmax_focal(row, label, gamma) for row, label in rows]
+    expected_loss_ = torch.tensor([value for value, _ in exact], dtype=torch.float64)
+    expected_grad = torch.tensor([grads for _, grads in exact], dtype=torch.float64)
+    # Relative to each value (the loss of a confident row is kept, not cancelled), within a few
+    # roundings; an underflowed float value (below 1e-38, flushed on CPU) counts as 0.
+    eps = torch.finfo(dtype).eps
+    tiny = torch.finfo(dtype).tiny
+    for actual, expected in ((loss, expected_loss_), (grad_x, expected_grad)):
+        error = (actual.double().cpu() - expected).abs()
+        allowed = 16 * eps * expected.abs() + tiny * 4
+        assert (error <= allowed).all(), (actual, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_in_float64(device):
+    for kind in TARGET_KINDS:
+        inputs, targets = make_case((3, 4, 5), torch.float64, device,
+                                    "probabilities" if kind == "probabilities" else "labels")
+        weight = torch.rand(4, dtype=torch.float64, device=device) + 0.5
+        x = inputs.requires_grad_()
+        t = targets.requires_grad_() if targets.is_floating_point() else targets
+        w = weight.requires_grad_()
+        smoothing = 0.2 if kind == "smoothed" else 0.0
+        for reduction in REDUCTIONS:
+            for gamma in (0.0, 0.5, 2.0):
+                def function(x_, w_, t_=t):
+                    return focal_cuda.softmax_focal_loss(x_, t_, 0.5, gamma, reduction, w_, -100, smoothing)
+                assert torch.autograd.gradcheck(function, (x, w))
+                assert torch.autograd.gradgradcheck(function, (x, w))
+                if targets.is_floating_point():
+                    assert torch.autograd.gradcheck(lambda t_: function(x, w, t_), (t,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mean_of_nothing_and_empty_inputs(device):
+    inputs, labels = make_case((4, CLASSES), torch.float32, device, "labels")
+    labels.fill_(-100)
+    loss, grad_x, _, _ = loss_and_grads(focal_cuda.softmax_focal_loss, inputs, labels)
+    assert loss.isnan() and F.cross_entropy(inputs, labels).isnan()
+    assert (grad_x == 0).all()
+    empty = torch.empty(0, CLASSES, device=device, requires_grad=True)
+    for reduction, value in (("mean", math.nan), ("sum", 0.0)):
+        result = focal_cuda.softmax_focal_loss(empty, torch.empty(0, dtype=torch.int64, device=device),
+                                               reduction=reduction)
+        torch.testing.assert_close(result, torch.tensor(value, device=device), equal_nan=True)
+    none = focal_cuda.softmax_focal_loss(empty, torch.empty(0, dtype=torch.int64, device=device),
+                                         reduction="none")
+    assert none.shape == (0,)
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.uint8, torch.int16])
+def test_narrow_label_dtypes(label_dtype):
+    inputs, labels = make_case((7, CLASSES, 3), torch.float32, "cpu", "labels", ignore_fraction=0)
+    expected = focal_cuda.softmax_focal_loss(inputs, labels, reduction="none")
+    torch.testing.assert_close(focal_cuda.softmax_focal_loss(inputs, labels.to(label_dtype),
+                                                             reduction="none"), expected)
+
+
+def test_bitwise_same_at_any_thread_count():
+    inputs, labels = make_case((64, 19, 40, 40), torch.float32, "cpu", "labels")
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(loss_and_grads(focal_cuda.softmax_focal_loss, inputs, labels))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert torch.equal(other[0], results[0][0]) and torch.equal(other[1], results[0][1])
+
+
+def test_autocast_computes_16_bit_logits_in_float32():
+    inputs, labels = make_case((8, CLASSES, 6), torch.bfloat16, "cpu", "labels")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = focal_cuda.softmax_focal_loss(inputs, labels)
+    assert loss.dtype == torch.float32
+    assert_matches(loss, expected_loss(inputs, labels), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, torch.full_like(y, 5)),
+         "targets holds the class label 5; valid labels are 0 to 4"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, y[:2]), "class-index targets must have the shape"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, y.bool()), "targets must be class indices"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, x[:, :2]), "class-probability targets must have the shape"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x[:, :0], y), "at least one class along dimension 1"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, y, weight=torch.ones(3)), "weight must have one value per class"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, y, gamma=-1.0), "gamma must be a finite number >= 0, got -1"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, y, alpha=-0.5), "alpha must be a finite number >= 0"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, y, label_smoothing=1.0), "label_smoothing must be in"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, y, reduction="avg"), "reduction must be one of"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x.long(), y), "inputs must be a floating-point tensor"),
+        (lambda x, y: focal_cuda.SoftmaxFocalLoss(gamma=-2), "gamma must be a finite number >= 0"),
+    ],
+)
+def test_bad_arguments_raise_value_errors(call, message):
+    inputs, labels = make_case((4, CLASSES), torch.float32, "cpu", "labels", ignore_fraction=0)
+    with pytest.raises(ValueError, match=message):
+        call(inputs, labels)
+
+
+def test_module_matches_the_function_and_moves_its_weight():
+    inputs, labels = make_case((4, CLASSES, 3), torch.float32, "cpu", "labels")
+    weight = torch.rand(CLASSES) + 0.5
+    module = focal_cuda.SoftmaxFocalLoss(alpha=0.5, gamma=1.5, weight=weight, label_smoothing=0.1)
+    expected = focal_cuda.softmax_focal_loss(inputs, labels, 0.5, 1.5, "mean", weight, -100, 0.1)
+    torch.testing.assert_close(module(inputs, labels), expected, rtol=0, atol=0)
+    assert "weight" in dict(module.named_buffers())
+    assert module.double().weight.dtype == torch.float64
+    assert "gamma=1.5" in repr(module)
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    inputs, labels = make_case((4, CLASSES, 6), torch.float32, "cpu", "labels")
+    weight = torch.rand(CLASSES) + 0.5
+
+    def step(x, y, w):
+        return focal_cuda.softmax_focal_loss(x, y, 0.25, 2.0, "mean", w, -100, 0.1)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    expected = loss_and_grads(lambda x, t, weight: step(x, t, weight), inputs, labels, weight=weight)
+    actual = loss_and_grads(lambda x, t, weight: compiled(x, t, weight), inputs, labels, weight=weight)
+    for mine, theirs in zip(actual, expected):
+        if theirs is not None:
+            torch.testing.assert_close(mine, theirs)
+
+
+@pytest.mark.parametrize("kind", ["labels", "probabilities"])
+def test_opcheck(kind):
+    inputs, targets = make_case((3, CLASSES, 4), torch.float32, "cpu", kind)
+    weight = torch.rand(CLASSES)
+    for reduction in (0, 1, 2):
+        arguments = (inputs.requires_grad_(), targets, weight, 0.5, 2.0, reduction, -100, 0.1, False,
+                     True, kind == "probabilities", True)
+        torch.library.opcheck(torch.ops.focal_cuda.softmax_focal_loss_forward.default, arguments)
+
+
+def test_torch_func_grad_and_vmap_match_eager():
+    inputs, labels = make_case((3, CLASSES, 4), torch.float64, "cpu", "labels")
+
+    def loss_of(x, y):
+        return focal_cuda.softmax_focal_loss(x, y, 0.5, 2.0, "sum")
+
+    eager = loss_and_grads(lambda x, t, weight: loss_of(x, t), inputs, labels)[1]
+    torch.testing.assert_close(torch.func.grad(loss_of)(inputs, labels), eager)
+    batched = torch.func.vmap(torch.func.grad(loss_of))(inputs.unsqueeze(0).expand(2, -1, -1, -1),
+                                                        labels.unsqueeze(0).expand(2, -1, -1))
+    torch.testing.assert_close(batched, eager.unsqueeze(0).expand(2, -1, -1, -1))
