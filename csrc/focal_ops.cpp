@@ -367,6 +367,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
 
 namespace {
 
+// values (of dense's shape) laid out in dense's memory order, copied only where they are not.
+at::Tensor in_memory_order_of(const at::Tensor& dense, const at::Tensor& values) {
+  if (values.strides() == dense.strides()) {
+    return values;
+  }
+  return at::empty_like(dense, values.options()).copy_(values);
+}
+
 // Checks the backward's arguments and fills args but for out. grad_output is read as it is
 // where the kernels can; otherwise it is converted (saved_grad too when not in_place).
 BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& saved_grad,
@@ -377,7 +385,10 @@ BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& s
               "grad_output, saved_grad and count must be on one device, got ", grad_output.device(),
               ", ", saved_grad.device(), " and ", count.device());
   check_device(saved_grad);
-  TORCH_CHECK(saved_grad.is_contiguous(), "saved_grad must be contiguous (as the forward op returns it)");
+  // Any dense layout (the softmax loss saves its gradient in the inputs' strides): the kernels
+  // read it, grad_output and out as flat arrays in the same memory order.
+  TORCH_CHECK(saved_grad.is_non_overlapping_and_dense(),
+              "saved_grad must be dense, as the forward ops return it");
   TORCH_CHECK(count.numel() == 1 && (count.scalar_type() == at::kLong || count.scalar_type() == at::kDouble),
               "count must be the 0-d int64 (or float64, the softmax loss's) tensor the forward op "
               "returns, got ", count.scalar_type(), " of shape ", count.sizes());
@@ -417,13 +428,13 @@ BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& s
     args.grad_output = value.to(math_dtype(saved_grad.scalar_type()));
   } else if (in_place) {
     // saved_grad stays as it is; an unreadable grad_output is taken in its math type.
-    args.grad_output = grad_output.contiguous();
+    args.grad_output = in_memory_order_of(saved_grad, grad_output);
     if (!reads_directly(saved_grad, args.grad_output)) {
       args.grad_output = args.grad_output.to(math_dtype(saved_grad.scalar_type()));
     }
   } else {
     std::tie(args.saved_grad, args.grad_output) =
-        readable_pair(saved_grad, grad_output.contiguous());
+        readable_pair(saved_grad, in_memory_order_of(saved_grad, grad_output));
   }
   return args;
 }
@@ -433,7 +444,7 @@ BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& s
 at::Tensor sigmoid_focal_loss_backward(const at::Tensor& grad_output, const at::Tensor& saved_grad,
                                        const at::Tensor& count, int64_t reduction) {
   BackwardArgs args = prepare_backward(grad_output, saved_grad, count, reduction, false);
-  args.out = at::empty(args.saved_grad.sizes(), args.saved_grad.options());
+  args.out = at::empty_like(args.saved_grad);
   if (args.out.numel() > 0) {
     run_backward(args);
   }

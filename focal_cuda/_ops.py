@@ -144,7 +144,7 @@ def sigmoid_focal_loss_backward(
 
 @sigmoid_focal_loss_backward.register_fake
 def _(grad_output, saved_grad, count, reduction):
-    return saved_grad.new_empty(saved_grad.shape)
+    return torch.empty_like(saved_grad)  # its layout, as the op's
 
 
 @torch.library.custom_op("focal_cuda::sigmoid_focal_loss_backward_", mutates_args=("saved_grad",))

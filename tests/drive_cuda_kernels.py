@@ -11,7 +11,7 @@ misaligned views (the scalar path) at a size no vector width divides, with the w
 reductions cycled through (weights requiring grad, so the unweighted loss is written too); then
 the functional and in-place backward with elementwise and scalar grad_output on aligned and
 misaligned buffers, autocast with labels (16-bit logits, float32 loss), an all-ignored mean and
-an empty tensor.
+an empty tensor; then the softmax focal loss's instances on three layouts.
 Every loss and gradient is compared with the float64 reference at the tolerance of
 tests/conftest.py. Prints one line per failure and a summary; exits 1 on any failure.
 """
@@ -246,6 +246,41 @@ def run_edge_cases(failures):
     return len(autocast_dtypes) + 2
 
 
+def run_softmax_cases(failures):
+    """The softmax focal loss: every kernel instance (dtype x labels, smoothed labels or
+    probabilities x with and without gradient) on NCHW, (N, C) and channels-last layouts, with
+    weights and each reduction, against the float64 definition of tests/test_softmax.py."""
+    from test_softmax import expected_loss, gradient_scale, make_case as softmax_case
+
+    calls = 0
+    layouts = [((3, 5, 4, 7), None), ((37, 13), None), ((2, 6, 3, 5), torch.channels_last)]
+    for dtype, kind, grad, (shape, memory_format), reduction in itertools.product(
+            FLOAT_DTYPES, ["labels", "smoothed", "probabilities"], [False, True], layouts, REDUCTIONS):
+        inputs, targets = softmax_case(shape, dtype, "cpu", "probabilities" if kind == "probabilities" else "labels")
+        classes = shape[1]
+        weight = torch.rand(classes, dtype=torch.float64) + 0.5
+        smoothing = 0.1 if kind == "smoothed" else 0.0
+        x = inputs.to(DEVICE).clone(memory_format=memory_format or torch.contiguous_format)
+        x.requires_grad_(grad)
+        name = f"softmax {dtype} {kind} grad={grad} {tuple(shape)} {reduction}"
+        try:
+            loss = focal_cuda.softmax_focal_loss(x, targets.to(DEVICE), 0.25, 1.5, reduction,
+                                                 weight.to(DEVICE), -100, smoothing)
+            reference_x = inputs.double().clone().requires_grad_(grad)
+            expected = expected_loss(reference_x, targets, 0.25, 1.5, reduction, weight, -100, smoothing)
+            compare(f"{name} loss", loss, expected.detach(), dtype, failures)
+            if grad:
+                loss.backward(torch.ones_like(loss))
+                expected.backward(torch.ones_like(expected))
+                scale = gradient_scale(inputs, targets, 0.25, 1.5, reduction, weight, smoothing)
+                compare(f"{name} grad", x.grad, reference_x.grad, dtype, failures, scale=scale)
+            synchronize()
+        except Exception as error:
+            failures.append(f"{name}: raised {type(error).__name__}: {error}")
+        calls += 1
+    return calls
+
+
 def main():
     global DEVICE
     if sys.argv[1:] == ["--device", "cpu"]:  # the driver's own check, where there is no GPU
@@ -254,6 +289,7 @@ def main():
         sys.exit("drive_cuda_kernels.py: no CUDA device visible (--device cpu checks the driver)")
     failures = []
     calls = run_forward_cases(failures) + run_backward_cases(failures) + run_edge_cases(failures)
+    calls += run_softmax_cases(failures)
     for failure in failures:
         print("FAIL", failure)
     print(f"{calls} kernel-driving calls, {len(failures)} failures")

@@ -875,15 +875,23 @@ def unweighted_terms(inputs, targets, alpha, gamma, label_smoothing):
     return -alpha * q * (-torch.expm1(log_p)) ** gamma * log_p
 
 
-def test_softmax_grid_stride_and_many_blocks(emulated):
-    from test_softmax import expected_loss
+# More positions than one SM's grid has threads (1,024): a thread's positions step through the
+# samples, by less than one sample (900 a sample) and by several, wrapping past a sample's end.
+@pytest.mark.parametrize("shape", [(2, 5, 30, 30), (30, 5, 10, 10)])
+def test_softmax_grid_stride_and_many_blocks(emulated, shape):
+    from test_softmax import expected_loss, gradient_scale
 
-    inputs, labels = softmax_case((2, 5, 30, 30), None, F32, "labels", 0)  # 1800 positions
+    inputs, labels = softmax_case(shape, None, F32, "labels", 0)
+    x = inputs.double().requires_grad_()
+    expected = expected_loss(x, labels, None, 2.0, "sum")
+    expected.backward()
+    scale = gradient_scale(inputs, labels, 1.0, 2.0, "sum", None, 0.0)
     for multiprocessors in (1, 132):
         emulated.set_multiprocessor_count(multiprocessors)
-        loss = emulated.softmax_focal_loss_forward(inputs, labels, None, -1.0, 2.0, 1, -100, 0.0, False,
-                                                   True, False, False)[0]
-        assert_matches(loss, expected_loss(inputs, labels, None, 2.0, "mean"), F32)
+        loss, grad, *_ = emulated.softmax_focal_loss_forward(inputs, labels, None, -1.0, 2.0, 2, -100, 0.0,
+                                                             False, True, False, False)
+        assert_matches(loss, expected.detach(), F32)
+        assert_matches(grad, x.grad, F32, scale=scale)
 
 
 def test_softmax_weighted_mean_divisor_scales_the_backward(emulated):
@@ -904,6 +912,18 @@ def test_softmax_weighted_mean_divisor_scales_the_backward(emulated):
     assert loss.isnan() and divisor.item() == 0 and torch.equal(saved, torch.zeros_like(saved))
     assert torch.equal(emulated.sigmoid_focal_loss_backward(torch.tensor(1.0), saved, divisor, 1),
                        torch.zeros_like(saved))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 2.0])
+def test_softmax_extreme_logits_are_finite_and_exact(emulated, dtype, gamma):
+    from test_softmax import EXTREME_ROWS, assert_extreme_rows_exact
+
+    inputs = torch.tensor([row for row, _ in EXTREME_ROWS], dtype=dtype)
+    labels = torch.tensor([label for _, label in EXTREME_ROWS])
+    loss, grad, *_ = emulated.softmax_focal_loss_forward(inputs, labels, None, -1.0, gamma, 0, -100, 0.0,
+                                                         False, True, False, False)
+    assert_extreme_rows_exact(loss, grad, dtype, gamma)
 
 
 @pytest.mark.parametrize("bad_label", [13, -1])

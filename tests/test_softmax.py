@@ -123,11 +123,13 @@ def gradient_scale(inputs, targets, alpha, gamma, reduction, weight, label_smoot
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", TARGET_KINDS)
 @pytest.mark.parametrize("gamma", SOFTMAX_GAMMAS)
-def test_loss_and_gradients_match_the_definition(device, dtype, kind, gamma):
-    shape = (6, CLASSES, 3, 7)  # 21 positions a sample: vectors, and a tail, in each plane
+# 21 positions a sample: vectors, and a tail, in each class's plane (the CPU's NCHW loops); 131
+# classes side by side: vectors over a row's classes, and a tail (its (N, C) loops).
+@pytest.mark.parametrize("shape", [(6, CLASSES, 3, 7), (9, 131)], ids=["planes", "rows"])
+def test_loss_and_gradients_match_the_definition(device, dtype, kind, gamma, shape):
     inputs, targets = make_case(shape, dtype, device, kind, seed=int(gamma * 10))
     smoothing = 0.1 if kind == "smoothed" else 0.0
-    weight = torch.rand(CLASSES, dtype=torch.float64, device=device) + 0.5
+    weight = torch.rand(shape[1], dtype=torch.float64, device=device) + 0.5
     # The weight's gradient sums over positions: float32 rounds each term and the running sum.
     weight_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     for reduction in REDUCTIONS:
@@ -187,10 +189,11 @@ def test_layouts_give_the_contiguous_result(device, layout):
         inputs = strided.contiguous()
     else:
         strided = inputs
-    expected = loss_and_grads(focal_cuda.softmax_focal_loss, inputs, targets, reduction="none")
-    actual = loss_and_grads(focal_cuda.softmax_focal_loss, strided, targets, reduction="none")
-    torch.testing.assert_close(actual[0], expected[0], rtol=0, atol=0)
-    torch.testing.assert_close(actual[1], expected[1], rtol=0, atol=0)
+    for reduction in REDUCTIONS:  # the backward's scaling in the saved gradient's layout too
+        expected = loss_and_grads(focal_cuda.softmax_focal_loss, inputs, targets, reduction=reduction)
+        actual = loss_and_grads(focal_cuda.softmax_focal_loss, strided, targets, reduction=reduction)
+        torch.testing.assert_close(actual[0], expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(actual[1], expected[1], rtol=0, atol=0)
 
 
 def exact_softmax_focal(logits, label, gamma):
@@ -208,13 +211,9 @@ def exact_softmax_focal(logits, label, gamma):
         return float(loss), [float(g) for g in grads]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.75, 1.0, 2.0])
-def test_extreme_logits_are_finite_and_exact(device, dtype, gamma):
-    # Confident rows (1 - p far below float's epsilon), classes whose probability underflows,
-    # logits of +-1e4, ties at the max, a label at the least likely class.
-    rows = [
+# Confident rows (1 - p far below float's epsilon), classes whose probability underflows,
+# logits of +-1e4, ties at the max, a label at the least likely class.
+EXTREME_ROWS = [
         ([12.0, 0.0, -3.0, -8.0, 1.0], 0),
         ([40.0, 0.0, -3.0, -8.0, 1.0], 0),
         ([1e4, -1e4, 0.0, 5.0, -5.0], 0),
@@ -223,13 +222,13 @@ def test_extreme_logits_are_finite_and_exact(device, dtype, gamma):
         ([3.0, 3.0, -100.0, 0.0, 2.0], 1),
         ([0.0, -120.0, -800.0, 1.0, 0.5], 2),
         ([25.0, 24.0, 0.0, 0.0, 0.0], 1),
-    ]
-    inputs = torch.tensor([row for row, _ in rows], dtype=dtype, device=device)
-    labels = torch.tensor([label for _, label in rows], device=device)
-    loss, grad_x, _, _ = loss_and_grads(focal_cuda.softmax_focal_loss, inputs, labels, gamma=gamma,
-                                        reduction="none")
+]
+
+
+def assert_extreme_rows_exact(loss, grad_x, dtype, gamma):
+    """The loss and gradients of EXTREME_ROWS (reduction "none") against mpmath's."""
     assert torch.isfinite(loss).all() and torch.isfinite(grad_x).all()
-    exact = [exact_softmax_focal(row, label, gamma) for row, label in rows]
+    exact = [exact_softmax_focal(row, label, gamma) for row, label in EXTREME_ROWS]
     expected_loss_ = torch.tensor([value for value, _ in exact], dtype=torch.float64)
     expected_grad = torch.tensor([grads for _, grads in exact], dtype=torch.float64)
     # Relative to each value (the loss of a confident row is kept, not cancelled), within a few
@@ -240,6 +239,17 @@ def test_extreme_logits_are_finite_and_exact(device, dtype, gamma):
         error = (actual.double().cpu() - expected).abs()
         allowed = 16 * eps * expected.abs() + tiny * 4
         assert (error <= allowed).all(), (actual, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.75, 1.0, 2.0])
+def test_extreme_logits_are_finite_and_exact(device, dtype, gamma):
+    inputs = torch.tensor([row for row, _ in EXTREME_ROWS], dtype=dtype, device=device)
+    labels = torch.tensor([label for _, label in EXTREME_ROWS], device=device)
+    loss, grad_x, _, _ = loss_and_grads(focal_cuda.softmax_focal_loss, inputs, labels, gamma=gamma,
+                                        reduction="none")
+    assert_extreme_rows_exact(loss, grad_x, dtype, gamma)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -381,3 +391,41 @@ def test_torch_func_grad_and_vmap_match_eager():
     batched = torch.func.vmap(torch.func.grad(loss_of))(inputs.unsqueeze(0).expand(2, -1, -1, -1),
                                                         labels.unsqueeze(0).expand(2, -1, -1))
     torch.testing.assert_close(batched, eager.unsqueeze(0).expand(2, -1, -1, -1))
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=DEVICES[1].marks)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_training_step_replays_in_a_cuda_graph(device, weighted):
+    """Nothing in the forward or backward waits for the host: the step captures and replays,
+    the weighted mean's divisor included."""
+    inputs, labels = make_case((4, CLASSES, 16, 16), torch.float32, device, "labels")
+    weight = torch.rand(CLASSES, device=device) + 0.5 if weighted else None
+    static_x = inputs.clone().requires_grad_()
+    static_y = labels.clone()
+
+    def step():
+        static_x.grad = None
+        loss = focal_cuda.softmax_focal_loss(static_x, static_y, 0.25, 2.0, "mean", weight)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up on a side stream, as capture requires
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    static_x.grad = None
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    for seed in (1, 2):
+        new_x, new_y = make_case((4, CLASSES, 16, 16), torch.float32, device, "labels", seed=seed)
+        static_x.data.copy_(new_x)
+        static_y.copy_(new_y)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = loss_and_grads(focal_cuda.softmax_focal_loss, new_x, new_y, alpha=0.25, gamma=2.0,
+                                  weight=weight, weight_grad=False)
+        torch.testing.assert_close(static_loss, expected[0])
+        torch.testing.assert_close(static_x.grad, expected[1])

@@ -244,6 +244,161 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
   return sum;
 }
 
+// A position whose many classes lie side by side (class_stride 1: (N, C) rows, large C): vectors
+// over its classes, their sums reduced across lanes, one position at a time. The last partial
+// vector is padded: -inf for the max and the sums (no term, no tie), the max itself for the
+// terms, whose targets are 0 there. Writes what compute_block writes, for one position at
+// `offset` (its first class) in the inputs; returns its loss.
+template <typename S, bool kSoft, bool kGrad>
+double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
+                   const SoftmaxCoeffs<S>& coeffs, int64_t position, int64_t offset,
+                   Buffers<S>& buffers, double& divisor) {
+  using Vec = Vectorized<S>;
+  using Math = VecMath<S>;
+  constexpr int64_t kLanes = Vec::size();
+  const int64_t classes = args.classes;
+  const S* weight = operands.weight;
+  const S* x = read_block(operands.inputs, offset, classes, buffers.inputs.data());
+  const auto load = [&](const S* values, int64_t c, S fill) {
+    if (c + kLanes <= classes) {
+      return Vec::loadu(values + c);
+    }
+    S lanes[kLanes];
+    std::fill(lanes, lanes + kLanes, fill);
+    std::copy(values + c, values + classes, lanes);
+    return Vec::loadu(lanes);
+  };
+  const auto store = [&](const Vec& values, S* destination, int64_t c) {
+    values.store(destination + c, static_cast<int>(std::min(kLanes, classes - c)));
+  };
+  S class_lanes[kLanes];
+  for (int64_t lane = 0; lane < kLanes; ++lane) {
+    class_lanes[lane] = static_cast<S>(lane);
+  }
+  const Vec lane_classes = Vec::loadu(class_lanes);
+  constexpr S kMinusInf = -std::numeric_limits<S>::infinity();
+
+  int64_t label = -1;
+  S valid(1);
+  S label_weight(1);
+  if (operands.labels != nullptr) {
+    label = operands.labels[position];
+    const bool counts = label != args.ignore_index;
+    label = counts ? label : -1;
+    valid = counts ? S(1) : S(0);
+    label_weight = counts && weight != nullptr ? weight[label] : valid;
+  }
+  divisor += static_cast<double>(label_weight);
+  const Vec label_class(static_cast<S>(label));
+
+  Vec max_lanes = load(x, 0, kMinusInf);
+  for (int64_t c = kLanes; c < classes; c += kLanes) {
+    max_lanes = Math::max(load(x, c, kMinusInf), max_lanes);
+  }
+  S lanes[kLanes];
+  max_lanes.store(lanes);
+  S max = lanes[0];
+  for (int64_t lane = 1; lane < kLanes; ++lane) {
+    max = ScalarMath<S>::max(lanes[lane], max);
+  }
+  const Vec vmax(max);
+  SoftmaxSums<Vec> sum_lanes{Vec(S(0)), Vec(S(0))};
+  for (int64_t c = 0; c < classes; c += kLanes) {
+    softmax_accumulate<Math>(load(x, c, kMinusInf), vmax, sum_lanes);
+  }
+  S other_lanes[kLanes], tie_lanes[kLanes];
+  sum_lanes.others.store(other_lanes);
+  sum_lanes.ties.store(tie_lanes);
+  S others(0), ties(0);
+  for (int64_t lane = 0; lane < kLanes; ++lane) {
+    others += other_lanes[lane];
+    ties += tie_lanes[lane];
+  }
+  const SoftmaxRow<Vec> row = softmax_row<Math>(vmax, SoftmaxSums<Vec>{Vec(others), Vec(ties)});
+
+  S* grad_inputs = kGrad ? block_destination(operands.grad_inputs, offset, buffers.grad_inputs.data())
+                         : nullptr;
+  S* unweighted = operands.unweighted.data != nullptr
+                      ? block_destination(operands.unweighted, offset, buffers.unweighted.data())
+                      : nullptr;
+  S* grad_targets = operands.grad_targets.data != nullptr
+                        ? block_destination(operands.grad_targets, offset, buffers.grad_targets.data())
+                        : nullptr;
+  S loss(0);
+  if constexpr (!kSoft) {
+    const Vec label_logit(label >= 0 ? x[label] : max);  // no label: a finite term, zeroed by valid
+    const auto terms = softmax_terms<Math, kGrad>(label_logit, Vec(valid), Vec(label_weight), row, coeffs);
+    terms.loss.store(lanes);
+    loss = lanes[0];
+    for (int64_t c = 0; c < classes; c += kLanes) {
+      const Vec is_label = lane_classes + Vec(static_cast<S>(c)) == label_class;
+      if constexpr (kGrad) {
+        const Vec p = Math::exp(load(x, c, max) - vmax) * row.inv_sum;
+        store(softmax_label_gradient<Math>(is_label, p, terms.g, terms.u), grad_inputs, c);
+      }
+      if (unweighted != nullptr) {
+        store(Math::select(is_label, terms.unweighted, Vec(S(0))), unweighted, c);
+      }
+    }
+  } else {
+    const S* t = operands.probabilities.data != nullptr
+                     ? read_block(operands.probabilities, offset, classes, buffers.probabilities.data())
+                     : nullptr;
+    Vec loss_lanes(S(0));
+    Vec g_sum_lanes(S(0));
+    for (int64_t c = 0; c < classes; c += kLanes) {
+      const Vec class_index = lane_classes + Vec(static_cast<S>(c));
+      const Vec target =
+          t != nullptr ? load(t, c, S(0)) * Vec(coeffs.target_scale)
+                       : Math::select(class_index == label_class, Vec(coeffs.target_scale), Vec(S(0)));
+      // Past the last class (padding) the target is 0.
+      const Vec in_row = class_index < Vec(static_cast<S>(classes));
+      const Vec q = Math::select(in_row, (target + Vec(coeffs.smoothing_share)) * Vec(valid), Vec(S(0)));
+      const Vec w = weight != nullptr ? load(weight, c, S(1)) : Vec(S(1));
+      const auto terms = softmax_terms<Math, kGrad>(load(x, c, max), q, w, row, coeffs);
+      loss_lanes = loss_lanes + terms.loss;
+      if constexpr (kGrad) {
+        g_sum_lanes = g_sum_lanes + terms.g;
+        store(terms.g, buffers.class_g.data(), c);
+      }
+      if (unweighted != nullptr) {
+        store(terms.unweighted, unweighted, c);
+      }
+      if (grad_targets != nullptr) {
+        store(terms.d_target * Vec(valid) * Vec(coeffs.target_scale), grad_targets, c);
+      }
+    }
+    loss_lanes.store(lanes);
+    for (int64_t lane = 0; lane < kLanes; ++lane) {
+      loss += lanes[lane];
+    }
+    if constexpr (kGrad) {
+      g_sum_lanes.store(lanes);
+      S g_sum(0);
+      for (int64_t lane = 0; lane < kLanes; ++lane) {
+        g_sum += lanes[lane];
+      }
+      for (int64_t c = 0; c < classes; c += kLanes) {
+        const Vec p = Math::exp(load(x, c, max) - vmax) * row.inv_sum;
+        store(softmax_gradient(load(buffers.class_g.data(), c, S(0)), p, Vec(g_sum)), grad_inputs, c);
+      }
+    }
+  }
+  if constexpr (kGrad) {
+    store_block(operands.grad_inputs, offset, classes, grad_inputs);
+  }
+  if (unweighted != nullptr) {
+    store_block(operands.unweighted, offset, classes, unweighted);
+  }
+  if (grad_targets != nullptr) {
+    store_block(operands.grad_targets, offset, classes, grad_targets);
+  }
+  if (operands.loss != nullptr) {
+    operands.loss[position] = loss;
+  }
+  return loss;
+}
+
 template <typename S, bool kSoft, bool kGrad>
 void forward_impl(const SoftmaxArgs& args) {
   constexpr int64_t kLanes = BlockPlace<S>::kLanes;
@@ -254,6 +409,8 @@ void forward_impl(const SoftmaxArgs& args) {
   std::vector<double> chunk_sums(num_chunks, 0.0), chunk_divisors(num_chunks, 0.0);
   // NCHW: a sample's positions side by side in each class's plane.
   const bool planes = args.position_stride == 1 && args.positions >= kLanes;
+  // Many classes side by side: vectors over each position's classes instead (compute_row).
+  const bool rows = !planes && args.class_stride == 1 && args.classes >= 4 * kLanes;
   const Operands<S> operands(args);
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
@@ -262,7 +419,13 @@ void forward_impl(const SoftmaxArgs& args) {
     for (int64_t index = chunk_begin; index < chunk_end; ++index) {
       const int64_t stop = std::min(positions, (index + 1) * chunk);
       double sum = 0, divisor = 0;
-      for (int64_t first = index * chunk; first < stop;) {
+      for (int64_t first = index * chunk; rows && first < stop; ++first) {
+        const int64_t n = first / args.positions;
+        const int64_t offset =
+            n * args.batch_stride + (first - n * args.positions) * args.position_stride;
+        sum += compute_row<S, kSoft, kGrad>(args, operands, coeffs, first, offset, buffers, divisor);
+      }
+      for (int64_t first = index * chunk; !rows && first < stop;) {
         BlockPlace<S> place;
         place.first = first;
         const int64_t sample = first / args.positions;
