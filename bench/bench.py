@@ -190,6 +190,23 @@ def forward_only(fn, x, t, labels, gamma, reduction):
     return run
 
 
+def process_status(key):
+    """A field of /proc/self/status in bytes (Linux)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def peak_rss_of(step):
+    """The process's peak RSS while step runs, above its RSS before (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+    baseline = process_status("VmRSS:")
+    step()
+    return process_status("VmHWM:") - baseline
+
+
 PEAK_MEMORY_SCRIPT = r"""
 import gc, json, os, sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -202,15 +219,7 @@ step = bench.train_step(fn, x, t, labels, gamma, reduction)
 step(); step()          # warm-up (and compilation) outside the measured window
 x.grad = None
 gc.collect()
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")        # resets the peak RSS (VmHWM) to the current RSS
-baseline = status("VmRSS:")
-step()
-print(json.dumps({"peak_extra_bytes": status("VmHWM:") - baseline}))
+print(json.dumps({"peak_extra_bytes": bench.peak_rss_of(step)}))
 """
 
 

@@ -20,7 +20,7 @@ implementation):
                         ((1 - pt) ** 2 * ce).mean() over the positions not ignored
     recipe+compile      the same under torch.compile
 
-Prints medians and ratios; writes results.json to --out.
+Prints medians and ratios; writes results.json and plot.png to --out.
 """
 
 import argparse
@@ -88,13 +88,6 @@ def steps(fn, x, y):
     return train, forward
 
 
-def rss(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
 def peak_memory_child(name, case, scale):
     """In a fresh process: a training step's peak RSS above the inputs (and a warm-up step's
     leftovers), printed as JSON."""
@@ -103,11 +96,7 @@ def peak_memory_child(name, case, scale):
     train()
     train()
     x.grad = None
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-    baseline = rss("VmRSS:")
-    train()
-    print(json.dumps({"peak_extra_bytes": rss("VmHWM:") - baseline}))
+    print(json.dumps({"peak_extra_bytes": bench.peak_rss_of(train)}))
 
 
 def peak_extra_bytes(name, case, scale, device, train):
@@ -163,6 +152,34 @@ def run(args):
             "cases": cases}
 
 
+def plot(results, path):
+    """Bars of the median times, one panel per case, training step and no-grad forward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(entry["case"] for entry in results["cases"]))
+    fig, axes = plt.subplots(1, len(cases), figsize=(5.5 * len(cases), 4.5), squeeze=False)
+    for axis, case in zip(axes[0], cases):
+        entries = [e for e in results["cases"] if e["case"] == case]
+        for offset, mode in ((-0.2, "train"), (0.2, "forward")):
+            times = [next(e["median_ms"] for e in entries if e["implementation"] == name and e["mode"] == mode)
+                     for name in IMPLEMENTATIONS]
+            axis.bar([i + offset for i in range(len(IMPLEMENTATIONS))], times, width=0.4,
+                     label="training step" if mode == "train" else "no-grad forward")
+        axis.set_xticks(range(len(IMPLEMENTATIONS)), list(IMPLEMENTATIONS), rotation=15)
+        axis.set_title(f"{case} {tuple(entries[0]['shape'])}")
+        axis.set_ylabel("median time (ms)")
+        axis.grid(True, axis="y", alpha=0.3)
+    axes[0][0].legend()
+    machine = results["machine"]
+    where = machine.get("gpu") if machine["device"] == "cuda" else f"{machine['cpu']}, {results['threads']} threads"
+    fig.suptitle(f"softmax focal loss, float32, gamma {GAMMA}, mean: {where}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
     if len(sys.argv) == 5 and sys.argv[1] == "--peak-memory-child":
         peak_memory_child(sys.argv[2], sys.argv[3], float(sys.argv[4]))
@@ -183,7 +200,8 @@ def main():
     results["command"] = " ".join(["python"] + sys.argv)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"wrote {args.out / 'results.json'}")
+    plot(results, args.out / "plot.png")
+    print(f"wrote {args.out / 'results.json'} and plot.png")
 
 
 if __name__ == "__main__":

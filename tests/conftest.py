@@ -467,3 +467,18 @@ def consistency_cases(draw):
     if draw(st.booleans()):  # labels with scores: row r's class r + 1 gets the score t[r, 0]
         return x, torch.arange(1, 5), options, t[:, 0].clone(), weight
     return x, t, options, None, weight
+
+
+def capture_cuda_graph(step):
+    """(graph, step's output in it): step warmed up on a side stream, as capture requires, then
+    captured; capture raises if anything in it waits for the host."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = step()
+    return graph, output

@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import focal_cuda
-from conftest import CUDA_AVAILABLE, assert_matches, random_case, reference_results, requires_cuda
+from conftest import (CUDA_AVAILABLE, assert_matches, capture_cuda_graph, random_case, reference_results,
+                      requires_cuda)
 from test_gradients import RecordFocalOps
 
 AUTOCAST_CASES = [("cpu", torch.bfloat16)] + [
@@ -56,16 +57,7 @@ def test_training_step_replays_in_a_cuda_graph(reduction):
         (loss.sum() if reduction == "none" else loss).backward()
         return loss
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up on a side stream, as capture requires
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    static_x.grad = None
-    with torch.cuda.graph(graph):  # raises if anything synchronises with the host
-        static_loss = step()
+    graph, static_loss = capture_cuda_graph(step)
     for seed in (1, 2):
         new_x, new_t = random_case((1000, 80), torch.float32, "cuda", seed=seed)
         static_x.data.copy_(new_x)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import focal_cuda
-from conftest import DEVICES, DTYPES, REDUCTIONS, assert_matches
+from conftest import DEVICES, DTYPES, REDUCTIONS, assert_matches, capture_cuda_graph
 
 CLASSES = 5
 SOFTMAX_GAMMAS = [0.0, 0.5, 1.0, 2.0, 2.5, 0.3]  # 0.3 by pow
@@ -409,16 +409,7 @@ def test_training_step_replays_in_a_cuda_graph(device, weighted):
         loss.backward()
         return loss
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up on a side stream, as capture requires
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    static_x.grad = None
-    with torch.cuda.graph(graph):
-        static_loss = step()
+    graph, static_loss = capture_cuda_graph(step)
     for seed in (1, 2):
         new_x, new_y = make_case((4, CLASSES, 16, 16), torch.float32, device, "labels", seed=seed)
         static_x.data.copy_(new_x)
