@@ -72,7 +72,7 @@ struct SoftmaxArgs {
   int64_t class_stride;
   int64_t position_stride;
   at::Tensor labels;         // int64 per position, or undefined (probabilities are given)
-  at::Tensor probabilities;  // the inputs' dtype and strides, or undefined (labels are given)
+  at::Tensor probabilities;  // the math dtype and the inputs' strides, or undefined (labels)
   int64_t ignore_index;
   at::Tensor weight;  // per class, in the math dtype (float64 for float64 inputs, else float32),
                       // or undefined

@@ -421,9 +421,9 @@ BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& s
   if (args.grad_output_is_scalar) {
     // One value, taken in the math type of saved_grad (float64 or float32): read as it is.
     at::Tensor value = grad_output.as_strided({}, {}, grad_output.storage_offset());
-    if (weighted_mean) {  // zero where nothing counted, as for an int64 count
+    if (weighted_mean) {  // zero where nothing counted (a weight sum may be negative)
       const at::Tensor divisor = count.reshape({});
-      value = at::where(divisor > 0, value / divisor, at::zeros_like(divisor));
+      value = at::where(divisor != 0, value / divisor, at::zeros_like(divisor));
     }
     args.grad_output = value.to(math_dtype(saved_grad.scalar_type()));
   } else if (in_place) {
@@ -465,35 +465,23 @@ namespace {
 // The class dimension: 1, or 0 for unbatched (C) inputs, as F.cross_entropy takes them.
 int64_t class_dim(const at::Tensor& inputs) { return inputs.dim() == 1 ? 0 : 1; }
 
-// inputs as (N, C, S) with one stride for a sample's positions (see SoftmaxArgs): its own
-// memory where the dimensions after the class dimension collapse into one (NCHW, channels-last,
-// any (N, C)), else a contiguous copy.
+// inputs as (N, C, S) (see SoftmaxArgs), read where they lie in the layouts the kernels index
+// directly: contiguous (NCHW), channels-last (NHWC, NDHWC) and (N, C) of either order;
+// any other layout is copied to contiguous. The per-element outputs take the strides of what
+// the kernels read, so that they are the inputs' own in those layouts (the fake kernel,
+// focal_cuda/_softmax.py, follows the same rule). position_stride: that of a sample's positions.
 at::Tensor as_batched(const at::Tensor& inputs, int64_t& position_stride) {
-  at::Tensor x = inputs.dim() == 1 ? inputs.unsqueeze(0) : inputs;
-  const auto collapsed = [&](const at::Tensor& t) {
-    int64_t stride = 1;  // of the innermost position dimension of more than one element
-    bool seen = false;
-    for (int64_t d = t.dim() - 1; d >= 2; --d) {
-      if (t.size(d) == 1) {
-        continue;
-      }
-      if (seen && t.stride(d) != stride) {
-        return false;
-      }
-      stride = seen ? stride * t.size(d) : t.stride(d) * t.size(d);
-      position_stride = seen ? position_stride : t.stride(d);
-      seen = true;
-    }
-    if (!seen) {
-      position_stride = 1;
-    }
-    return true;
-  };
-  if (!x.is_non_overlapping_and_dense() || !collapsed(x)) {
-    x = x.contiguous();
-    collapsed(x);
+  const at::Tensor x = inputs.dim() == 1 ? inputs.unsqueeze(0) : inputs;
+  position_stride = 1;
+  if (x.is_contiguous() || (x.dim() == 2 && x.t().is_contiguous())) {
+    return x;
   }
-  return x;
+  if ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+      (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))) {
+    position_stride = x.size(1);  // the classes lie innermost
+    return x;
+  }
+  return x.contiguous();
 }
 
 }  // namespace
@@ -585,8 +573,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_f
     args.labels = targets.to(at::kLong).contiguous();  // before any comparison: no wrapping
     check_labels_on_cpu(args.labels, args.classes, ignore_index, /*with_background=*/false);
   } else {
-    const at::Tensor t = (inputs.dim() == 1 ? targets.unsqueeze(0) : targets).to(x.scalar_type());
-    args.probabilities = t.strides() == x.strides() ? t : like_inputs(x.scalar_type()).copy_(t);
+    // In the math dtype: 16-bit logits must not round float32 probabilities.
+    const at::Tensor t = (inputs.dim() == 1 ? targets.unsqueeze(0) : targets).to(math);
+    args.probabilities = t.strides() == x.strides() ? t : like_inputs(math).copy_(t);
   }
   if (weight.has_value() && weight->defined()) {
     args.weight = weight->to(math).contiguous();

@@ -40,6 +40,16 @@ def softmax_focal_loss_forward(
     )
 
 
+def read_in_place(inputs):
+    """Whether the kernels read inputs where they lie, and so lay the per-element outputs out as
+    the inputs are: contiguous, channels-last, or (N, C) of either order; other layouts are
+    copied to contiguous first (csrc/focal_ops.cpp, as_batched)."""
+    return (inputs.is_contiguous()
+            or inputs.dim() == 2 and inputs.t().is_contiguous()
+            or inputs.dim() == 4 and inputs.is_contiguous(memory_format=torch.channels_last)
+            or inputs.dim() == 5 and inputs.is_contiguous(memory_format=torch.channels_last_3d))
+
+
 def class_dim(inputs):
     """The classes' dimension: 1, or 0 for unbatched (C) inputs."""
     return 0 if inputs.dim() == 1 else 1
@@ -65,7 +75,11 @@ def _(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoo
 
     def per_element(requested, like):
         dtype_ = _ops.saved_dtype(like.dtype) if like is not None else _math_dtype(inputs.dtype)
-        return torch.empty_like(inputs, dtype=dtype_) if requested else inputs.new_empty((0,), dtype=dtype_)
+        if not requested:
+            return inputs.new_empty((0,), dtype=dtype_)
+        if read_in_place(inputs):
+            return torch.empty_like(inputs, dtype=dtype_)
+        return inputs.new_empty(inputs.shape, dtype=dtype_)
 
     return (loss, per_element(compute_grad_inputs, inputs), per_element(compute_grad_targets, targets),
             per_element(compute_unweighted_loss, None), inputs.new_empty((), dtype=torch.float64))
@@ -149,15 +163,16 @@ def _weight_gradient(ctx, grad_loss, unweighted, targets, weight, divisor, dim):
     per_class = summed_over_positions(unweighted)
     if reduction == _MEAN:
         if not targets.is_floating_point():
-            ignore_index = ctx.arguments[3]
+            # Labels counted per class by a scatter of fixed shape: nothing waits for the device.
             labels = targets.reshape(-1).long()
-            counted = labels[labels != ignore_index]
-            label_counts = torch.bincount(counted, minlength=weight.shape[0]).to(math_dtype)
+            counted = (labels != ctx.arguments[3]).to(math_dtype)  # ignore_index
+            label_counts = torch.zeros_like(per_class).index_add_(
+                0, labels.clamp(0, weight.shape[0] - 1), counted)
             mean = (per_class * weight.to(math_dtype)).sum() / divisor.to(math_dtype)
             per_class = per_class - mean * label_counts
         divisor = divisor.to(math_dtype)
         # Zero where nothing counted, as the other gradients of a mean of nothing.
-        per_class = torch.where(divisor > 0, per_class / divisor, torch.zeros_like(per_class))
+        per_class = torch.where(divisor != 0, per_class / divisor, torch.zeros_like(per_class))
     return (per_class * grad_loss.to(math_dtype)).to(weight.dtype)
 
 

@@ -370,14 +370,57 @@ def test_compile_fullgraph_matches_eager():
             torch.testing.assert_close(mine, theirs)
 
 
+# Layouts read in place (the outputs take the inputs' strides) and copied (contiguous outputs):
+# the fake kernel must give the op's strides for each.
+OPCHECK_LAYOUTS = {
+    "contiguous": lambda x: x,
+    "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last),
+    "transposed_rows": lambda x: x[:, :, 0, 0].t().contiguous().t(),
+    "spatial_permuted": lambda x: x.permute(0, 1, 3, 2),
+    "sliced": lambda x: x[..., ::2],
+}
+
+
 @pytest.mark.parametrize("kind", ["labels", "probabilities"])
-def test_opcheck(kind):
-    inputs, targets = make_case((3, CLASSES, 4), torch.float32, "cpu", kind)
+@pytest.mark.parametrize("layout", list(OPCHECK_LAYOUTS))
+def test_opcheck(kind, layout):
+    inputs, _ = make_case((3, CLASSES, 4, 6), torch.float32, "cpu", kind)
+    inputs = OPCHECK_LAYOUTS[layout](inputs)
+    positions = list(inputs.shape)
+    del positions[1]
+    generator = torch.Generator().manual_seed(1)
+    if kind == "labels":
+        targets = torch.randint(0, CLASSES, positions, generator=generator)
+    else:
+        targets = torch.softmax(torch.randn(inputs.shape, generator=generator), 1)
     weight = torch.rand(CLASSES)
     for reduction in (0, 1, 2):
-        arguments = (inputs.requires_grad_(), targets, weight, 0.5, 2.0, reduction, -100, 0.1, False,
-                     True, kind == "probabilities", True)
+        arguments = (inputs.detach().requires_grad_(), targets, weight, 0.5, 2.0, reduction, -100, 0.1,
+                     False, True, kind == "probabilities", True)
         torch.library.opcheck(torch.ops.focal_cuda.softmax_focal_loss_forward.default, arguments)
+
+
+def test_float32_probabilities_are_not_rounded_to_16_bit_logits():
+    inputs, _ = make_case((8, CLASSES, 6), torch.bfloat16, "cpu", "probabilities")
+    targets = torch.softmax(torch.randn(8, CLASSES, 6, generator=torch.Generator().manual_seed(2)), 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a float32 loss, judged at float32's tolerance
+        loss = focal_cuda.softmax_focal_loss(inputs, targets)
+    assert_matches(loss, expected_loss(inputs, targets), torch.float32)
+
+
+def test_a_negative_weight_sum_still_has_gradients():
+    """F.cross_entropy accepts negative class weights; a mean over a negative summed weight is a
+    finite loss with the derivatives of that quotient."""
+    inputs, labels = make_case((9, CLASSES), torch.float64, "cpu", "labels", ignore_fraction=0)
+    weight = -torch.rand(CLASSES, dtype=torch.float64) - 0.5
+    loss, grad_x, _, grad_w = loss_and_grads(focal_cuda.softmax_focal_loss, inputs, labels, weight=weight)
+    x = inputs.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    expected = expected_loss(x, labels, weight=w)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(grad_x, x.grad)
+    torch.testing.assert_close(grad_w, w.grad)
 
 
 def test_torch_func_grad_and_vmap_match_eager():

@@ -101,13 +101,19 @@ struct Operands {
         loss(args.reduction == Reduction::None ? args.loss.mutable_data_ptr<S>() : nullptr) {}
 };
 
-// Everything one thread needs beyond the arguments: per-element buffers of classes x kLanes.
+// Everything one thread needs beyond the arguments: a buffer of `size` values (a block's
+// classes x kLanes, or a row's classes) for each per-element tensor the call reads or writes,
+// and for the soft targets' class terms.
 template <typename S>
 struct Buffers {
   std::vector<S> inputs, probabilities, grad_inputs, grad_targets, unweighted, class_g;
-  explicit Buffers(int64_t size)
-      : inputs(size), probabilities(size), grad_inputs(size), grad_targets(size),
-        unweighted(size), class_g(size) {}
+  Buffers(int64_t size, const SoftmaxArgs& args, bool class_terms)
+      : inputs(size),
+        probabilities(args.probabilities.defined() ? size : 0),
+        grad_inputs(args.grad_inputs.defined() ? size : 0),
+        grad_targets(args.grad_targets.defined() ? size : 0),
+        unweighted(args.unweighted_loss.defined() ? size : 0),
+        class_g(class_terms ? size : 0) {}
 };
 
 // kSoft: every class has a target (probabilities, or smoothed labels); else one label per
@@ -415,31 +421,34 @@ void forward_impl(const SoftmaxArgs& args) {
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     const FlushSubnormals flush_subnormals;
-    Buffers<S> buffers(args.classes * kLanes);
+    Buffers<S> buffers(rows ? args.classes : args.classes * kLanes, args, kSoft && kGrad);
     for (int64_t index = chunk_begin; index < chunk_end; ++index) {
       const int64_t stop = std::min(positions, (index + 1) * chunk);
       double sum = 0, divisor = 0;
-      for (int64_t first = index * chunk; rows && first < stop; ++first) {
-        const int64_t n = first / args.positions;
-        const int64_t offset =
-            n * args.batch_stride + (first - n * args.positions) * args.position_stride;
-        sum += compute_row<S, kSoft, kGrad>(args, operands, coeffs, first, offset, buffers, divisor);
-      }
-      for (int64_t first = index * chunk; !rows && first < stop;) {
-        BlockPlace<S> place;
-        place.first = first;
-        const int64_t sample = first / args.positions;
-        const int64_t position = first - sample * args.positions;
-        // In planes, a block stays within one sample, so that its lanes are side by side.
-        place.lanes = std::min({kLanes, stop - first, planes ? args.positions - position : kLanes});
-        place.direct = planes && place.lanes == kLanes;
-        for (int64_t lane = 0; lane < place.lanes; ++lane) {
-          const int64_t n = (first + lane) / args.positions;
-          place.offsets[lane] =
-              n * args.batch_stride + (first + lane - n * args.positions) * args.position_stride;
+      if (rows) {
+        for (int64_t first = index * chunk; first < stop; ++first) {
+          const int64_t n = first / args.positions;
+          const int64_t offset =
+              n * args.batch_stride + (first - n * args.positions) * args.position_stride;
+          sum += compute_row<S, kSoft, kGrad>(args, operands, coeffs, first, offset, buffers, divisor);
         }
-        sum += compute_block<S, kSoft, kGrad>(args, operands, coeffs, place, buffers, divisor);
-        first += place.lanes;
+      } else {
+        for (int64_t first = index * chunk; first < stop;) {
+          BlockPlace<S> place;
+          place.first = first;
+          const int64_t sample = first / args.positions;
+          const int64_t position = first - sample * args.positions;
+          // In planes, a block stays within one sample, so that its lanes are side by side.
+          place.lanes = std::min({kLanes, stop - first, planes ? args.positions - position : kLanes});
+          place.direct = planes && place.lanes == kLanes;
+          for (int64_t lane = 0; lane < place.lanes; ++lane) {
+            const int64_t n = (first + lane) / args.positions;
+            place.offsets[lane] =
+                n * args.batch_stride + (first + lane - n * args.positions) * args.position_stride;
+          }
+          sum += compute_block<S, kSoft, kGrad>(args, operands, coeffs, place, buffers, divisor);
+          first += place.lanes;
+        }
       }
       chunk_sums[index] = sum;
       chunk_divisors[index] = divisor;

@@ -13,7 +13,7 @@ struct SoftmaxPointers {
   using S = math_t<x_t>;
   const x_t* inputs;
   const int64_t* labels;      // or null: probabilities
-  const x_t* probabilities;   // or null: labels
+  const S* probabilities;     // or null: labels
   const S* weight;            // per class, or null
   int64_t classes;
   int64_t positions;          // per sample
@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
       // The target of class c: a given probability or the smoothed label, 0 where ignored.
       const auto target = [&](int64_t c) {
         const S given = p.probabilities != nullptr
-                            ? static_cast<S>(p.probabilities[base + c * p.class_stride])
+                            ? p.probabilities[base + c * p.class_stride]
                             : (c == label ? S(1) : zero);
         return (given * p.coeffs.target_scale + p.coeffs.smoothing_share) * valid;
       };
@@ -209,7 +209,7 @@ void launch_softmax(const SoftmaxArgs& args, c10::DeviceIndex device, cudaStream
   SoftmaxPointers<x_t> p{
       args.inputs.const_data_ptr<x_t>(),
       args.labels.defined() ? args.labels.const_data_ptr<int64_t>() : nullptr,
-      args.probabilities.defined() ? args.probabilities.const_data_ptr<x_t>() : nullptr,
+      args.probabilities.defined() ? args.probabilities.const_data_ptr<S>() : nullptr,
       args.weight.defined() ? args.weight.const_data_ptr<S>() : nullptr,
       args.classes,
       args.positions,
