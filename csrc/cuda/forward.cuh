@@ -419,14 +419,15 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
 }
 
 // One block adds the per-block sums and counts in a fixed order (the sums in double), writes
-// the count, and the loss (divided by the count for the mean) when it is reduced.
-template <typename S, typename out_t>
+// the count, and the loss (divided by the count for the mean) when it is reduced. count_t:
+// int64_t, the elements counted; double, the softmax loss's divisor (a sum of class weights).
+template <typename S, typename count_t, typename out_t>
 __global__ void __launch_bounds__(kThreads)
     finish_forward_kernel(const S* __restrict__ block_sums,
-                          const int64_t* __restrict__ block_counts, int num_blocks, bool mean,
-                          out_t* __restrict__ reduced_loss, int64_t* __restrict__ count) {
+                          const count_t* __restrict__ block_counts, int num_blocks, bool mean,
+                          out_t* __restrict__ reduced_loss, count_t* __restrict__ count) {
   double sum = 0;
-  int64_t total = 0;
+  count_t total = 0;
   for (int i = threadIdx.x; i < num_blocks; i += kThreads) {
     sum += static_cast<double>(block_sums[i]);
     total += block_counts[i];
@@ -537,7 +538,7 @@ void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream
     });
   });
 
-  FOCAL_LAUNCH(1, kThreads, stream, finish_forward_kernel<S, out_t>)(
+  FOCAL_LAUNCH(1, kThreads, stream, finish_forward_kernel<S, int64_t, out_t>)(
       p.block_sums, p.block_counts, grid, args.reduction == Reduction::Mean,
       elementwise ? nullptr : args.loss.mutable_data_ptr<out_t>(),
       args.count.mutable_data_ptr<int64_t>());

@@ -2,7 +2,8 @@
 // by class where they lie (in an NCHW map neighbouring threads read neighbouring positions: the
 // loads coalesce) and computes the loss and d(loss)/d(inputs) of focal_math.h's softmax terms:
 // a pass for the max, one for the sums, then the terms. Its reduction is the sigmoid forward's:
-// one partial sum per block, added in a fixed order by one block (no floating-point atomics).
+// one partial sum per block, added in a fixed order by its finish kernel (no floating-point
+// atomics).
 #include "forward.cuh"
 
 namespace focal::cuda {
@@ -178,30 +179,6 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
   }
 }
 
-// One block adds the per-block sums and divisors in a fixed order, writes the divisor, and the
-// loss (divided by the divisor for the mean: NaN for nothing counted, as F.cross_entropy) when
-// it is reduced.
-template <typename S>
-__global__ void __launch_bounds__(kThreads)
-    finish_softmax_kernel(const S* __restrict__ block_sums, const double* __restrict__ block_divisors,
-                          int num_blocks, bool mean, S* __restrict__ reduced_loss,
-                          double* __restrict__ divisor) {
-  double sum = 0;
-  double total = 0;
-  for (int i = threadIdx.x; i < num_blocks; i += kThreads) {
-    sum += static_cast<double>(block_sums[i]);
-    total += block_divisors[i];
-  }
-  sum = block_sum(sum);
-  total = block_sum(total);
-  if (threadIdx.x == 0) {
-    *divisor = total;
-    if (reduced_loss != nullptr) {
-      *reduced_loss = static_cast<S>(mean ? sum / total : sum);
-    }
-  }
-}
-
 template <typename x_t>
 void launch_softmax(const SoftmaxArgs& args, c10::DeviceIndex device, cudaStream_t stream) {
   using S = math_t<x_t>;
@@ -239,7 +216,9 @@ void launch_softmax(const SoftmaxArgs& args, c10::DeviceIndex device, cudaStream
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  FOCAL_LAUNCH(1, kThreads, stream, finish_softmax_kernel<S>)(
+  // The sigmoid forward's finish, its counts the divisors: the mean of nothing is NaN, as
+  // F.cross_entropy's.
+  FOCAL_LAUNCH(1, kThreads, stream, finish_forward_kernel<S, double, S>)(
       p.block_sums, p.block_divisors, grid, args.reduction == Reduction::Mean,
       elementwise ? nullptr : args.loss.mutable_data_ptr<S>(), args.divisor.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
