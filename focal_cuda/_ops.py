@@ -277,13 +277,15 @@ def save_for_gradients(ctx, operands, output, arguments, gradients_private):
     ctx.gradients_private = gradients_private
 
 
-def _saved_or_error(saved, like, name):
+def saved_or_error(saved, like, name, function="sigmoid_focal_loss"):
+    """saved, a forward op's d(loss)/d(name), when it has like's shape; else the error that the
+    op was called without it (function: the public function that asks for it)."""
     if saved.shape != like.shape:
         raise RuntimeError(
             f"focal_cuda: backward needs d(loss)/d({name}) of shape {list(like.shape)}, but the "
             f"forward op saved one of shape {list(saved.shape)} (it was called with "
             f"compute_grad_{'unweighted_loss' if name == 'weight' else name}=False); call "
-            f"focal_cuda.sigmoid_focal_loss, which asks for what backward needs"
+            f"focal_cuda.{function}, which asks for what backward needs"
         )
     return saved
 
@@ -320,16 +322,16 @@ def gradients(ctx, grad_loss, needed):
     grad_inputs = grad_targets = grad_weight = None
     # Saved in float32 for float16 operands: scaled there, rounded to float16 only then.
     if needs_x:
-        saved = _saved_or_error(saved_grad_inputs, x, "inputs")
+        saved = saved_or_error(saved_grad_inputs, x, "inputs")
         grad_inputs = _as_dtype(_scaled_saved_grad(ctx, grad_loss, saved, count, reduction), x.dtype)
     if needs_t:
-        saved = _saved_or_error(saved_grad_targets, t, "targets" if scores is None else "scores")
+        saved = saved_or_error(saved_grad_targets, t, "targets" if scores is None else "scores")
         grad_output = grad_loss
         if scores is not None and reduction == REDUCTION_CODES["none"]:
             grad_output = at_labelled_class(grad_loss, labels_or_t)
         grad_targets = _as_dtype(_scaled_saved_grad(ctx, grad_output, saved, count, reduction), t.dtype)
     if needs_weight:
-        unweighted = _saved_or_error(unweighted, x, "weight")
+        unweighted = saved_or_error(unweighted, x, "weight")
         math_dtype = torch.float64 if unweighted.dtype == torch.float64 else torch.float32
         scale = mean_scale(grad_loss.to(math_dtype), count, reduction)
         grad_weight = (unweighted.to(math_dtype) * scale).sum_to_size(weight.shape).to(weight.dtype)

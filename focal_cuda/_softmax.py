@@ -15,6 +15,7 @@ from . import _C, _ops, reference
 
 _NONE = _ops.REDUCTION_CODES["none"]
 _MEAN = _ops.REDUCTION_CODES["mean"]
+_FUNCTION = "softmax_focal_loss"  # what a caller of the op without the gradients should call
 
 
 @torch.library.custom_op("focal_cuda::softmax_focal_loss_forward", mutates_args=())
@@ -118,25 +119,15 @@ def gradients(ctx, grad_loss, needed):
     dim = class_dim(x)
     grad_inputs = grad_targets = grad_weight = None
     if needed[0]:
-        saved = _saved_or_error(saved_grad_inputs, x, "inputs")
+        saved = _ops.saved_or_error(saved_grad_inputs, x, "inputs", _FUNCTION)
         grad_inputs = _scaled(ctx, grad_loss, saved, divisor, reduction, dim).to(x.dtype)
     if needed[1]:
-        saved = _saved_or_error(saved_grad_targets, t, "targets")
+        saved = _ops.saved_or_error(saved_grad_targets, t, "targets", _FUNCTION)
         grad_targets = _scaled(ctx, grad_loss, saved, divisor, reduction, dim).to(t.dtype)
     if needed[2]:
-        unweighted = _saved_or_error(unweighted, x, "weight")
+        unweighted = _ops.saved_or_error(unweighted, x, "weight", _FUNCTION)
         grad_weight = _weight_gradient(ctx, grad_loss, unweighted, t, weight, divisor, dim)
     return grad_inputs, grad_targets, grad_weight
-
-
-def _saved_or_error(saved, like, name):
-    if saved.shape != like.shape:
-        raise RuntimeError(
-            f"focal_cuda: backward needs d(loss)/d({name}) of shape {list(like.shape)}, but the "
-            f"forward op saved one of shape {list(saved.shape)}; call "
-            "focal_cuda.softmax_focal_loss, which asks for what backward needs"
-        )
-    return saved
 
 
 def _scaled(ctx, grad_loss, saved, divisor, reduction, dim):
@@ -178,9 +169,7 @@ def _weight_gradient(ctx, grad_loss, unweighted, targets, weight, divisor, dim):
 
 def _differentiable_gradients(ctx, grad_loss, needed):
     """gradients() as the reference formula's vector-Jacobian product, differentiable again."""
-    x, t, weight = ctx.saved_tensors[:3]
-    alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss = ctx.arguments[:6]
-    candidates = (x, t, weight)
+    candidates = tuple(ctx.saved_tensors[:3])  # inputs, targets, weight
     wrt = [tensor for tensor, need in zip(candidates, needed) if need]
 
     def loss_of(*differentiated):

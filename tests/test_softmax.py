@@ -38,7 +38,6 @@ def expected_loss(inputs, targets, alpha=None, gamma=2.0, reduction="mean", weig
         labels = targets.long()
         valid = labels != ignore_index
         q = F.one_hot(torch.where(valid, labels, 0), classes).double().movedim(-1, dim)
-        q = q * valid.unsqueeze(dim)
         counted = torch.where(valid, w[torch.where(valid, labels, 0)], 0.0)
     q = q * (1 - label_smoothing) + label_smoothing / classes
     if not targets.is_floating_point():
