@@ -23,6 +23,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 
 #if defined(__CUDACC__)
@@ -522,6 +523,39 @@ struct SoftmaxCoeffs : FocalCoeffs<S> {
         smoothing_share(static_cast<S>(label_smoothing / static_cast<double>(classes))),
         modulated(gamma_ != 0.0) {}
 };
+
+// What a position's label means to its terms: its class (-1 for none: probability targets, or
+// a label that does not count), whether the position counts, and its share of the mean's
+// divisor (the label's class weight, 1 without weights or for probabilities, 0 if it does not
+// count). A label that is neither a class nor ignore_index does not count here; the kernels'
+// label checks report it.
+template <typename S>
+struct PositionLabel {
+  int64_t label;
+  bool counts;
+  S weight;
+};
+
+template <typename S>
+FOCAL_HOST_DEVICE PositionLabel<S> position_label(const int64_t* labels, int64_t position,
+                                                  int64_t ignore_index, int64_t classes,
+                                                  const S* weight) {
+  if (labels == nullptr) {
+    return {-1, true, S(1)};
+  }
+  const int64_t label = labels[position];
+  if (label == ignore_index || static_cast<uint64_t>(label) >= static_cast<uint64_t>(classes)) {
+    return {-1, false, S(0)};
+  }
+  return {label, true, weight != nullptr ? weight[label] : S(1)};
+}
+
+// v where the position counts, else 0: an ignored position's logits (inf, NaN) leave no trace,
+// where 0 times a NaN term would keep it.
+template <typename Math, typename V, typename Mask>
+FOCAL_HOST_DEVICE V where_counts(Mask counts, V v) {
+  return Math::select(counts, v, V(0.0f));
+}
 
 // The sums of one position's exponentials, accumulated class by class (softmax_accumulate),
 // then finished (softmax_row).

@@ -219,11 +219,11 @@ def _(info, in_dims, inputs, targets, weight, alpha, gamma, reduction, ignore_in
     return outputs, tuple(0 if batched else None for batched in computed)
 
 
-def _scaled_saved_grad(ctx, grad_loss, saved, count, reduction):
-    """saved * grad_loss (divided by count for the mean), written into saved where this backward
-    is its last use: the backward frees the graph (retain_graph=False) and nobody else holds the
-    forward's gradient outputs (ctx.gradients_private). A training step then holds one
-    gradient-sized buffer instead of two. Never while tracing (torch.compile, compiled
+def last_use_of_saved(ctx, saved, grad_loss):
+    """Whether this backward is the last use of saved, a gradient output of ctx's forward, so
+    that scaling may write into it: the backward frees the graph (retain_graph=False) and nobody
+    else holds the forward's gradient outputs (ctx.gradients_private). A training step then
+    holds one gradient-sized buffer instead of two. Never while tracing (torch.compile, compiled
     autograd, AOT, opcheck: graphs stay functional) or batching (no in-place op on batched
     tensors)."""
     traced_or_batched = (
@@ -235,12 +235,18 @@ def _scaled_saved_grad(ctx, grad_loss, saved, count, reduction):
         # vmap, which no other probe sees.
         or torch._C._functorch.is_legacy_batchedtensor(grad_loss)
     )
-    last_use = (
+    return (
         ctx.gradients_private
         and not traced_or_batched
         # Private: whether this backward keeps the graph is known to the engine alone.
         and not torch._C._autograd._get_current_graph_task_keep_graph()
     )
+
+
+def _scaled_saved_grad(ctx, grad_loss, saved, count, reduction):
+    """saved * grad_loss (divided by count for the mean), written into saved where this backward
+    is its last use (last_use_of_saved)."""
+    last_use = last_use_of_saved(ctx, saved, grad_loss)
     if not last_use:
         return sigmoid_focal_loss_backward(grad_loss, saved, count, reduction)
     if plain_eager(saved, grad_loss, count):

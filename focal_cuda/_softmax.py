@@ -96,7 +96,7 @@ def forward_setup_context(ctx, inputs, output):
 def save_for_gradients(ctx, operands, output, arguments, gradients_private):
     """What gradients() needs: the operands (inputs, targets, weight), the forward's outputs and
     its scalar arguments (alpha to compute_unweighted_loss); gradients_private as in
-    _ops._scaled_saved_grad."""
+    _ops.last_use_of_saved."""
     ctx.save_for_backward(*operands, *output[1:])
     ctx.arguments = arguments
     ctx.gradients_private = gradients_private
@@ -132,9 +132,11 @@ def gradients(ctx, grad_loss, needed):
 
 def _scaled(ctx, grad_loss, saved, divisor, reduction, dim):
     """saved d(loss)/d(.) times grad_loss: per position for "none" (spread over the classes),
-    else one value (divided by the divisor for the mean) through the backward op."""
+    else one value (divided by the divisor for the mean) through the backward op; written into
+    saved where this backward is its last use."""
     if reduction == _NONE:
-        return saved * grad_loss.unsqueeze(dim)
+        scale = grad_loss.unsqueeze(dim)
+        return saved.mul_(scale) if _ops.last_use_of_saved(ctx, saved, grad_loss) else saved * scale
     return _ops._scaled_saved_grad(ctx, grad_loss, saved, divisor, reduction)
 
 

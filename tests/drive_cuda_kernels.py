@@ -250,7 +250,7 @@ def run_softmax_cases(failures):
     """The softmax focal loss: every kernel instance (dtype x labels, smoothed labels or
     probabilities x with and without gradient) on NCHW, (N, C) and channels-last layouts, with
     weights and each reduction, against the float64 definition of tests/test_softmax.py."""
-    from test_softmax import expected_loss, gradient_scale, make_case as softmax_case
+    from test_softmax import expected_loss, gradient_scale, make_case as softmax_case, with_ignored_logits_poisoned
 
     calls = 0
     layouts = [((3, 5, 4, 7), None), ((37, 13), None), ((2, 6, 3, 5), torch.channels_last)]
@@ -260,7 +260,9 @@ def run_softmax_cases(failures):
         classes = shape[1]
         weight = torch.rand(classes, dtype=torch.float64) + 0.5
         smoothing = 0.1 if kind == "smoothed" else 0.0
-        x = inputs.to(DEVICE).clone(memory_format=memory_format or torch.contiguous_format)
+        # Ignored positions hold NaN and inf logits, which must leave no trace.
+        poisoned = inputs if kind == "probabilities" else with_ignored_logits_poisoned(inputs, targets)
+        x = poisoned.to(DEVICE).clone(memory_format=memory_format or torch.contiguous_format)
         x.requires_grad_(grad)
         name = f"softmax {dtype} {kind} grad={grad} {tuple(shape)} {reduction}"
         try:

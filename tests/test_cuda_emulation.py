@@ -821,17 +821,19 @@ def softmax_case(shape, memory_format, dtype, kind, seed):
 @pytest.mark.parametrize("grad", [False, True], ids=["loss", "grad"])
 def test_softmax_instance(emulated, dtype, kind, grad):
     """Each instance on every layout, weighted and not, each reduction, against the float64
-    definition (tests/test_softmax.py) and bitwise against a second schedule."""
-    from test_softmax import expected_loss, gradient_scale
+    definition (tests/test_softmax.py) and bitwise against a second schedule. Ignored positions
+    hold NaN and inf logits, which must leave no trace."""
+    from test_softmax import expected_loss, gradient_scale, with_ignored_logits_poisoned
 
     smoothing = 0.1 if kind == "smoothed" else 0.0
     for seed, (layout, (shape, memory_format)) in enumerate(SOFTMAX_LAYOUTS.items()):
         inputs, targets = softmax_case(shape, memory_format, dtype, kind, seed)
+        kernel_inputs = inputs if kind == "probabilities" else with_ignored_logits_poisoned(inputs, targets)
         classes = shape[0] if len(shape) == 1 else shape[1]
         for weight in (None, torch.rand(classes, dtype=torch.float64) + 0.5):
             for reduction in ("none", "mean", "sum"):
                 emulated.set_multiprocessor_count(MULTIPROCESSORS[seed])
-                arguments = (inputs, targets, weight, 0.25, 1.5, REDUCTION_CODES[reduction], -100, smoothing,
+                arguments = (kernel_inputs, targets, weight, 0.25, 1.5, REDUCTION_CODES[reduction], -100, smoothing,
                              False, grad, grad and kind == "probabilities", grad and weight is not None)
                 emulated.set_schedule("forward", 0)
                 outputs = emulated.softmax_focal_loss_forward(*arguments)

@@ -67,6 +67,18 @@ def make_case(shape, dtype, device, kind, *, seed=0, scale=3.0, ignore_fraction=
     return inputs.to(device=device, dtype=dtype), targets.to(device)
 
 
+def with_ignored_logits_poisoned(inputs, targets, ignore_index=-100):
+    """A copy of inputs (same strides) whose ignored positions hold NaN, inf and -inf logits."""
+    dim = 0 if inputs.dim() == 1 else 1
+    classes = inputs.shape[dim]
+    pattern = torch.tensor([math.nan, math.inf, -math.inf], dtype=inputs.dtype, device=inputs.device)
+    pattern = pattern.repeat(classes)[:classes].reshape([classes] + [1] * (inputs.dim() - dim - 1))
+    ignored = (targets == ignore_index).unsqueeze(dim)
+    poisoned = inputs.clone()
+    poisoned.copy_(torch.where(ignored, pattern, inputs))
+    return poisoned
+
+
 def loss_and_grads(function, inputs, targets, grad_output=None, weight_grad=True, **options):
     """function's loss and its gradients w.r.t. inputs, floating targets and a given weight
     (when weight_grad)."""
@@ -288,6 +300,33 @@ def test_mean_of_nothing_and_empty_inputs(device):
     assert none.shape == (0,)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["labels", "smoothed"])
+# The CPU's NCHW planes, its (N, C) rows of many classes, and its gathered blocks.
+@pytest.mark.parametrize("shape, memory_format", [((6, CLASSES, 3, 7), None), ((9, 131), None),
+                                                  ((2, 6, 3, 5), torch.channels_last)],
+                         ids=["planes", "rows", "channels_last"])
+def test_ignored_positions_leave_no_trace_whatever_their_logits(device, dtype, kind, shape, memory_format):
+    """F.cross_entropy's loss, but not its gradient, stays finite there; ours are both exactly
+    what finite logits give: 0 at the ignored positions, the rest unchanged to the bit."""
+    inputs, labels = make_case(shape, dtype, device, "labels", ignore_fraction=0.4)
+    if memory_format is not None:
+        inputs = inputs.contiguous(memory_format=memory_format)
+    poisoned = with_ignored_logits_poisoned(inputs, labels)
+    weight = torch.rand(shape[1], dtype=torch.float64, device=device) + 0.5
+    ignored = (labels == -100).unsqueeze(1).expand_as(inputs)
+    for reduction in REDUCTIONS:
+        options = dict(alpha=0.25, gamma=1.5, reduction=reduction, weight=weight,
+                       label_smoothing=0.1 if kind == "smoothed" else 0.0)
+        clean = loss_and_grads(focal_cuda.softmax_focal_loss, inputs, labels, **options)
+        dirty = loss_and_grads(focal_cuda.softmax_focal_loss, poisoned, labels, **options)
+        for got, expected in zip(dirty, clean):
+            if expected is not None:
+                torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert (dirty[1][ignored] == 0).all()
+
+
 @pytest.mark.parametrize("label_dtype", [torch.int32, torch.uint8, torch.int16])
 def test_narrow_label_dtypes(label_dtype):
     inputs, labels = make_case((7, CLASSES, 3), torch.float32, "cpu", "labels", ignore_fraction=0)
@@ -433,6 +472,30 @@ def test_torch_func_grad_and_vmap_match_eager():
     batched = torch.func.vmap(torch.func.grad(loss_of))(inputs.unsqueeze(0).expand(2, -1, -1, -1),
                                                         labels.unsqueeze(0).expand(2, -1, -1))
     torch.testing.assert_close(batched, eager.unsqueeze(0).expand(2, -1, -1, -1))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_saved_gradient_becomes_the_gradient_only_on_its_last_use(reduction, dtype):
+    inputs, labels = make_case((6, CLASSES, 3, 7), dtype, "cpu", "labels")
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        x = inputs.clone().requires_grad_()
+        loss = focal_cuda.softmax_focal_loss(x, labels, reduction=reduction)
+    saved_gradient = next(t for t in saved if t.shape == x.shape and t.data_ptr() != x.data_ptr())
+    unscaled = saved_gradient.clone()
+    grad_loss = torch.rand_like(loss) + 0.5
+    # A backward that keeps the graph leaves the saved gradient intact...
+    first = torch.autograd.grad(loss, x, grad_loss, retain_graph=True)[0]
+    assert torch.equal(saved_gradient, unscaled) and first.data_ptr() != saved_gradient.data_ptr()
+    # ...the one that frees it scales it in place (a float32 one for 16-bit inputs, whose
+    # gradient is then a cast of it): one gradient-sized buffer in all.
+    saved_pointer = saved_gradient.data_ptr()
+    del saved, saved_gradient
+    loss.backward(grad_loss)
+    torch.testing.assert_close(x.grad, first, rtol=0, atol=0)
+    if dtype == torch.float32:
+        assert x.grad.data_ptr() == saved_pointer
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=DEVICES[1].marks)])

@@ -67,6 +67,13 @@ void scatter(const RawTensor& dst, const BlockPlace<S>& place, int64_t classes, 
   });
 }
 
+// n zeros into dst from offset on, in its dtype.
+inline void store_zeros(const RawTensor& dst, int64_t offset, int64_t n) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.dtype, "focal_softmax_zeros", [&] {
+    std::fill_n(static_cast<scalar_t*>(dst.data) + offset, n, scalar_t(0));
+  });
+}
+
 // A per-element tensor of the block as the loops see it: class c's lane vector at
 // data + c * stride, in the tensor itself (direct blocks of a tensor holding S) or in a buffer.
 template <typename S>
@@ -149,22 +156,21 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
   const ClassMajor<S> grad_targets = output_view(operands.grad_targets, buffers.grad_targets);
   const ClassMajor<S> unweighted = output_view(operands.unweighted, buffers.unweighted);
 
-  // Per lane: the label as a class number in S (-1 where ignored or past the block), whether the
-  // position counts, and the label's weight.
+  // Per lane: the label as a class number in S (-1 for none), whether the position counts (past
+  // the block: not), and its share of the mean's divisor.
   S label_lanes[kLanes], valid_lanes[kLanes], weight_lanes[kLanes];
   for (int64_t lane = 0; lane < kLanes; ++lane) {
-    const bool in_block = lane < place.lanes;
-    const int64_t label = operands.labels != nullptr && in_block ? operands.labels[place.first + lane]
-                                                                 : args.ignore_index;
-    const bool counts = in_block && (operands.labels == nullptr || label != args.ignore_index);
-    label_lanes[lane] = operands.labels != nullptr && counts ? static_cast<S>(label) : S(-1);
-    valid_lanes[lane] = counts ? S(1) : S(0);
-    weight_lanes[lane] =
-        counts && operands.labels != nullptr && weight != nullptr ? weight[label] : valid_lanes[lane];
-    divisor += static_cast<double>(weight_lanes[lane]);
+    const auto label = lane < place.lanes ? position_label(operands.labels, place.first + lane, args.ignore_index,
+                                                           classes, weight)
+                                          : PositionLabel<S>{-1, false, S(0)};
+    label_lanes[lane] = static_cast<S>(label.label);
+    valid_lanes[lane] = label.counts ? S(1) : S(0);
+    weight_lanes[lane] = label.weight;
+    divisor += static_cast<double>(label.weight);
   }
   const Vec label = Vec::loadu(label_lanes);
   const Vec valid = Vec::loadu(valid_lanes);
+  const Vec counts = valid != Vec(S(0));
 
   // The row: its max, then its sums (and the label's logit).
   Vec max = Vec::loadu(x.data);
@@ -172,7 +178,7 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
     max = Math::max(Vec::loadu(x.data + c * x.stride), max);
   }
   SoftmaxSums<Vec> sums{Vec(S(0)), Vec(S(0))};
-  Vec label_logit = max;  // where no label is: a finite term, zeroed by valid
+  Vec label_logit = max;  // where no label is: the term at the max, zeroed
   for (int64_t c = 0; c < classes; ++c) {
     const Vec z = Vec::loadu(x.data + c * x.stride);
     softmax_accumulate<Math>(z, max, sums);
@@ -186,13 +192,13 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
   if constexpr (!kSoft) {
     const auto terms = softmax_terms<Math, kGrad>(label_logit, valid, Vec::loadu(weight_lanes), row,
                                                   coeffs);
-    loss = terms.loss;
+    loss = where_counts<Math>(counts, terms.loss);
     for (int64_t c = 0; c < classes; ++c) {
       const Vec is_label = label == Vec(static_cast<S>(c));
       if constexpr (kGrad) {
         const Vec z = Vec::loadu(x.data + c * x.stride);
         const Vec p = Math::exp(z - max) * row.inv_sum;
-        softmax_label_gradient<Math>(is_label, p, terms.g, terms.u)
+        where_counts<Math>(counts, softmax_label_gradient<Math>(is_label, p, terms.g, terms.u))
             .store(grad_inputs.data + c * grad_inputs.stride);
       }
       if (unweighted.data != nullptr) {
@@ -215,17 +221,19 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
         terms.g.store(buffers.class_g.data() + c * kLanes);
       }
       if (unweighted.data != nullptr) {
-        terms.unweighted.store(unweighted.data + c * unweighted.stride);
+        where_counts<Math>(counts, terms.unweighted).store(unweighted.data + c * unweighted.stride);
       }
       if (grad_targets.data != nullptr) {
-        (terms.d_target * valid * Vec(coeffs.target_scale)).store(grad_targets.data + c * grad_targets.stride);
+        where_counts<Math>(counts, terms.d_target * Vec(coeffs.target_scale))
+            .store(grad_targets.data + c * grad_targets.stride);
       }
     }
+    loss = where_counts<Math>(counts, loss);
     if constexpr (kGrad) {
       for (int64_t c = 0; c < classes; ++c) {
         const Vec z = Vec::loadu(x.data + c * x.stride);
         const Vec p = Math::exp(z - max) * row.inv_sum;
-        softmax_gradient(Vec::loadu(buffers.class_g.data() + c * kLanes), p, g_sum)
+        where_counts<Math>(counts, softmax_gradient(Vec::loadu(buffers.class_g.data() + c * kLanes), p, g_sum))
             .store(grad_inputs.data + c * grad_inputs.stride);
       }
     }
@@ -264,6 +272,20 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
   constexpr int64_t kLanes = Vec::size();
   const int64_t classes = args.classes;
   const S* weight = operands.weight;
+  const PositionLabel<S> label = position_label(operands.labels, position, args.ignore_index, classes, weight);
+  divisor += static_cast<double>(label.weight);
+  if (!label.counts) {
+    // No loss, no gradient, whatever the logits hold (inf, NaN).
+    for (const RawTensor* output : {&operands.grad_inputs, &operands.grad_targets, &operands.unweighted}) {
+      if (output->data != nullptr) {
+        store_zeros(*output, offset, classes);
+      }
+    }
+    if (operands.loss != nullptr) {
+      operands.loss[position] = S(0);
+    }
+    return 0.0;
+  }
   const S* x = read_block(operands.inputs, offset, classes, buffers.inputs.data());
   const auto load = [&](const S* values, int64_t c, S fill) {
     if (c + kLanes <= classes) {
@@ -284,18 +306,7 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
   const Vec lane_classes = Vec::loadu(class_lanes);
   constexpr S kMinusInf = -std::numeric_limits<S>::infinity();
 
-  int64_t label = -1;
-  S valid(1);
-  S label_weight(1);
-  if (operands.labels != nullptr) {
-    label = operands.labels[position];
-    const bool counts = label != args.ignore_index;
-    label = counts ? label : -1;
-    valid = counts ? S(1) : S(0);
-    label_weight = counts && weight != nullptr ? weight[label] : valid;
-  }
-  divisor += static_cast<double>(label_weight);
-  const Vec label_class(static_cast<S>(label));
+  const Vec label_class(static_cast<S>(label.label));
 
   Vec max_lanes = load(x, 0, kMinusInf);
   for (int64_t c = kLanes; c < classes; c += kLanes) {
@@ -332,8 +343,7 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
                         : nullptr;
   S loss(0);
   if constexpr (!kSoft) {
-    const Vec label_logit(label >= 0 ? x[label] : max);  // no label: a finite term, zeroed by valid
-    const auto terms = softmax_terms<Math, kGrad>(label_logit, Vec(valid), Vec(label_weight), row, coeffs);
+    const auto terms = softmax_terms<Math, kGrad>(Vec(x[label.label]), Vec(S(1)), Vec(label.weight), row, coeffs);
     terms.loss.store(lanes);
     loss = lanes[0];
     for (int64_t c = 0; c < classes; c += kLanes) {
@@ -359,7 +369,7 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
                        : Math::select(class_index == label_class, Vec(coeffs.target_scale), Vec(S(0)));
       // Past the last class (padding) the target is 0.
       const Vec in_row = class_index < Vec(static_cast<S>(classes));
-      const Vec q = Math::select(in_row, (target + Vec(coeffs.smoothing_share)) * Vec(valid), Vec(S(0)));
+      const Vec q = Math::select(in_row, target + Vec(coeffs.smoothing_share), Vec(S(0)));
       const Vec w = weight != nullptr ? load(weight, c, S(1)) : Vec(S(1));
       const auto terms = softmax_terms<Math, kGrad>(load(x, c, max), q, w, row, coeffs);
       loss_lanes = loss_lanes + terms.loss;
@@ -371,7 +381,7 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
         store(terms.unweighted, unweighted, c);
       }
       if (grad_targets != nullptr) {
-        store(terms.d_target * Vec(valid) * Vec(coeffs.target_scale), grad_targets, c);
+        store(terms.d_target * Vec(coeffs.target_scale), grad_targets, c);
       }
     }
     loss_lanes.store(lanes);

@@ -49,18 +49,11 @@ __device__ __forceinline__ double labels_divisor(const SoftmaxPointers<x_t>& p) 
   const int64_t num_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   double divisor = 0;
   for (int64_t position = thread; position < p.num_positions; position += num_threads) {
-    if (p.labels == nullptr) {
-      divisor += 1.0;
-      continue;
-    }
-    const int64_t label = p.labels[position];
-    if (label == p.ignore_index) {
-      continue;
-    }
-    if (static_cast<uint64_t>(label) >= static_cast<uint64_t>(p.classes)) {
+    const auto label = position_label(p.labels, position, p.ignore_index, p.classes, p.weight);
+    if (!label.counts && p.labels[position] != p.ignore_index) {
       report_bad_softmax_label(p.labels + position, p.classes);
     }
-    divisor += p.weight != nullptr ? static_cast<double>(p.weight[label]) : 1.0;
+    divisor += static_cast<double>(label.weight);
   }
   return divisor;
 }
@@ -97,13 +90,8 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
       ++sample;
     }
     const x_t* x = p.inputs + base;
-    // A label out of range counts as ignored here: labels_divisor reports it.
-    int64_t label = p.labels != nullptr ? p.labels[position] : -1;
-    const bool counted = p.labels == nullptr || (label != p.ignore_index &&
-                                                 static_cast<uint64_t>(label) < static_cast<uint64_t>(p.classes));
-    label = counted ? label : -1;
-    const S valid = counted ? S(1) : zero;
-    const S label_weight = label >= 0 && p.weight != nullptr ? p.weight[label] : valid;
+    const PositionLabel<S> label = position_label(p.labels, position, p.ignore_index, p.classes, p.weight);
+    const S valid = label.counts ? S(1) : zero;
 
     S max = static_cast<S>(x[0]);
     for (int64_t c = 1; c < p.classes; ++c) {
@@ -116,21 +104,22 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
     const SoftmaxRow<S> row = softmax_row<Math>(max, sums);
 
     if constexpr (!kSoft) {
-      // Where no label is: a finite term (at the max), zeroed by valid.
-      const S label_logit = label >= 0 ? static_cast<S>(x[label * p.class_stride]) : max;
-      const auto terms = softmax_terms<Math, kGrad>(label_logit, valid, label_weight, row, p.coeffs);
-      sum += terms.loss;
+      // Where no label is: the term at the max, zeroed.
+      const S label_logit = label.label >= 0 ? static_cast<S>(x[label.label * p.class_stride]) : max;
+      const auto terms = softmax_terms<Math, kGrad>(label_logit, valid, label.weight, row, p.coeffs);
+      const S loss = where_counts<Math>(label.counts, terms.loss);
+      sum += loss;
       if (p.loss != nullptr) {
-        p.loss[position] = terms.loss;
+        p.loss[position] = loss;
       }
       for (int64_t c = 0; c < p.classes; ++c) {
         if constexpr (kGrad) {
           const S prob = Math::exp(static_cast<S>(x[c * p.class_stride]) - max) * row.inv_sum;
-          p.grad_inputs[base + c * p.class_stride] = static_cast<saved_t<x_t>>(
-              softmax_label_gradient<Math>(c == label, prob, terms.g, terms.u));
+          p.grad_inputs[base + c * p.class_stride] = static_cast<saved_t<x_t>>(where_counts<Math>(
+              label.counts, softmax_label_gradient<Math>(c == label.label, prob, terms.g, terms.u)));
         }
         if (p.unweighted_loss != nullptr) {
-          p.unweighted_loss[base + c * p.class_stride] = c == label ? terms.unweighted : zero;
+          p.unweighted_loss[base + c * p.class_stride] = c == label.label ? terms.unweighted : zero;
         }
       }
     } else {
@@ -138,7 +127,7 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
       const auto target = [&](int64_t c) {
         const S given = p.probabilities != nullptr
                             ? p.probabilities[base + c * p.class_stride]
-                            : (c == label ? S(1) : zero);
+                            : (c == label.label ? S(1) : zero);
         return (given * p.coeffs.target_scale + p.coeffs.smoothing_share) * valid;
       };
       const auto class_weight = [&](int64_t c) { return p.weight != nullptr ? p.weight[c] : S(1); };
@@ -150,12 +139,14 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
         loss += terms.loss;
         g_sum += terms.g;
         if (p.unweighted_loss != nullptr) {
-          p.unweighted_loss[base + c * p.class_stride] = terms.unweighted;
+          p.unweighted_loss[base + c * p.class_stride] = where_counts<Math>(label.counts, terms.unweighted);
         }
         if (p.grad_targets != nullptr) {
-          p.grad_targets[base + c * p.class_stride] = terms.d_target * valid * p.coeffs.target_scale;
+          p.grad_targets[base + c * p.class_stride] =
+              where_counts<Math>(label.counts, terms.d_target * p.coeffs.target_scale);
         }
       }
+      loss = where_counts<Math>(label.counts, loss);
       sum += loss;
       if (p.loss != nullptr) {
         p.loss[position] = loss;
@@ -165,8 +156,8 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
         for (int64_t c = 0; c < p.classes; ++c) {
           const auto terms = softmax_terms<Math, true>(static_cast<S>(x[c * p.class_stride]),
                                                        target(c), class_weight(c), row, p.coeffs);
-          p.grad_inputs[base + c * p.class_stride] =
-              static_cast<saved_t<x_t>>(softmax_gradient(terms.g, terms.p, g_sum));
+          p.grad_inputs[base + c * p.class_stride] = static_cast<saved_t<x_t>>(
+              where_counts<Math>(label.counts, softmax_gradient(terms.g, terms.p, g_sum)));
         }
       }
     }
