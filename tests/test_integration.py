@@ -86,19 +86,18 @@ def test_concurrent_calls_from_threads_are_correct():
             assert_matches(grad, expected[index][1])
 
 
-def _ddp_worker(rank, world_size, store_path, result_path):
+def _ddp_worker(rank, world_size, store_path, result_path, loss_name):
     # A file rendezvous: no TCP port that another process (a concurrent test run) could take.
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(12, 5).double())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    inputs, targets = _ddp_batch()
+    inputs, targets = _ddp_batch(loss_name)
     rows = inputs.shape[0] // world_size
     shard = slice(rank * rows, (rank + 1) * rows)
     for _ in range(4):
         optimizer.zero_grad()
-        loss = focal_cuda.sigmoid_focal_loss(model(inputs[shard]), targets[shard], reduction="mean")
-        loss.backward()
+        _ddp_loss(loss_name, model(inputs[shard]), targets[shard]).backward()
         optimizer.step()
     if rank == 0:
         torch.save(model.module.state_dict(), result_path)
@@ -109,24 +108,33 @@ def _ddp_worker(rank, world_size, store_path, result_path):
     dist.destroy_process_group()
 
 
-def _ddp_batch():
+def _ddp_batch(loss_name):
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(32, 12, generator=generator, dtype=torch.float64)
-    targets = (torch.rand(32, 5, generator=generator) < 0.3).double()
-    return inputs, targets
+    if loss_name == "softmax":  # no ignored label: each shard's mean has the same divisor
+        return inputs, torch.randint(0, 5, (32,), generator=generator)
+    return inputs, (torch.rand(32, 5, generator=generator) < 0.3).double()
 
 
-def test_distributed_data_parallel_matches_one_process(tmp_path):
+def _ddp_loss(loss_name, logits, targets):
+    # "mean" over equal shards: DDP's average of the shards' gradients is the whole batch's.
+    if loss_name == "softmax":
+        return focal_cuda.softmax_focal_loss(logits, targets, gamma=2.0, reduction="mean")
+    return focal_cuda.sigmoid_focal_loss(logits, targets, reduction="mean")
+
+
+@pytest.mark.parametrize("loss_name", ["sigmoid", "softmax"])
+def test_distributed_data_parallel_matches_one_process(tmp_path, loss_name):
     result_path = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), result_path), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), result_path, loss_name), nprocs=2, join=True)
 
     torch.manual_seed(0)
     model = torch.nn.Linear(12, 5).double()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    inputs, targets = _ddp_batch()
+    inputs, targets = _ddp_batch(loss_name)
     for _ in range(4):
         optimizer.zero_grad()
-        focal_cuda.sigmoid_focal_loss(model(inputs), targets, reduction="mean").backward()
+        _ddp_loss(loss_name, model(inputs), targets).backward()
         optimizer.step()
     distributed = torch.load(result_path)
     for name, value in model.state_dict().items():
