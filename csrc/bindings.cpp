@@ -59,15 +59,12 @@ struct Bound<kOp, kKeepGil> {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "focal_cuda kernels; use focal_cuda.sigmoid_focal_loss, not these directly.";
-  // The forward's parameters, which its checks take too.
+  // Each forward's parameters, which its checks take too; no defaults (csrc/focal_ops.h).
   const auto forward_parameters = std::make_tuple(
       pybind11::arg("inputs"), pybind11::arg("targets"), pybind11::arg("weight"),
-      pybind11::arg("alpha"), pybind11::arg("gamma"), pybind11::arg("reduction"),
-      pybind11::arg("ignore_index"), pybind11::arg("label_smoothing"),
-      pybind11::arg("float32_loss"), pybind11::arg("compute_grad_inputs"),
-      pybind11::arg("compute_grad_targets"), pybind11::arg("compute_unweighted_loss"),
-      pybind11::arg("form") = 0, pybind11::arg("beta") = 0.0,
-      pybind11::arg("scores") = pybind11::none());
+      pybind11::arg("scores"), pybind11::arg("form"), pybind11::arg("coefficients"),
+      pybind11::arg("reduction"), pybind11::arg("ignore_index"), pybind11::arg("label_smoothing"),
+      pybind11::arg("float32_loss"), pybind11::arg("outputs"));
   std::apply(
       [&](const auto&... parameters) {
         m.def("sigmoid_focal_loss_forward", &Bound<&focal::sigmoid_focal_loss_forward>::call,
@@ -82,10 +79,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       forward_parameters);
   const auto softmax_parameters = std::make_tuple(
       pybind11::arg("inputs"), pybind11::arg("targets"), pybind11::arg("weight"),
-      pybind11::arg("alpha"), pybind11::arg("gamma"), pybind11::arg("reduction"),
-      pybind11::arg("ignore_index"), pybind11::arg("label_smoothing"),
-      pybind11::arg("float32_loss"), pybind11::arg("compute_grad_inputs"),
-      pybind11::arg("compute_grad_targets"), pybind11::arg("compute_unweighted_loss"));
+      pybind11::arg("coefficients"), pybind11::arg("reduction"), pybind11::arg("ignore_index"),
+      pybind11::arg("label_smoothing"), pybind11::arg("float32_loss"), pybind11::arg("outputs"));
   std::apply(
       [&](const auto&... parameters) {
         m.def("softmax_focal_loss_forward", &Bound<&focal::softmax_focal_loss_forward>::call,
@@ -97,12 +92,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       softmax_parameters);
   m.def("check_softmax_options", &Bound<&focal::check_softmax_options, true>::call,
-        pybind11::arg("alpha"), pybind11::arg("gamma"), pybind11::arg("label_smoothing"),
+        pybind11::arg("coefficients"), pybind11::arg("label_smoothing"),
         "The softmax focal loss's scalar options checked as its forward checks them.");
   m.def("check_form_arguments", &Bound<&focal::check_form_arguments, true>::call,
-        pybind11::arg("form"), pybind11::arg("alpha"), pybind11::arg("gamma"), pybind11::arg("beta"),
-        pybind11::arg("label_smoothing"),
+        pybind11::arg("form"), pybind11::arg("coefficients"), pybind11::arg("label_smoothing"),
         "The form's scalar arguments checked as sigmoid_focal_loss_forward checks them.");
+  // The outputs mask's bits (csrc/focal_ops.h).
+  m.attr("GRAD_INPUTS") = focal::kGradInputs;
+  m.attr("GRAD_TARGETS") = focal::kGradTargets;
+  m.attr("UNWEIGHTED_LOSS") = focal::kUnweightedLoss;
   m.def("sigmoid_focal_loss_backward", &Bound<&focal::sigmoid_focal_loss_backward>::call,
         pybind11::arg("grad_output"), pybind11::arg("saved_grad"), pybind11::arg("count"),
         pybind11::arg("reduction"), "saved_grad scaled by grad_output (divided by count for mean).");

@@ -68,6 +68,12 @@ Reduction checked_reduction(int64_t reduction) {
   return static_cast<Reduction>(reduction);
 }
 
+void check_outputs(int64_t outputs) {
+  TORCH_CHECK_VALUE(outputs >= 0 && outputs <= (kGradInputs | kGradTargets | kUnweightedLoss),
+                    "outputs must be a mask of GRAD_INPUTS (1), GRAD_TARGETS (2) and "
+                    "UNWEIGHTED_LOSS (4), got ", outputs);
+}
+
 at::ScalarType math_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -188,40 +194,77 @@ void run_backward(const BackwardArgs& args) {
 
 }  // namespace
 
-void check_form_arguments(int64_t form, double alpha, double gamma, double beta,
+namespace {
+
+// A form's coefficients in the kernels' terms (LossCoeffs): alpha (-1 for none), the modulating
+// exponent (the quality focal loss's beta) or FL*'s gamma, and FL*'s beta.
+struct FormScalars {
+  double alpha;
+  double gamma;
+  double beta;
+};
+
+// What each form takes, by LossForm code: its name and its coefficients, in the op's order.
+struct FormSignature {
+  const char* name;
+  const char* coefficients;
+  size_t count;
+};
+constexpr FormSignature kFormSignatures[] = {
+    {"focal loss", "(alpha, gamma)", 2},
+    {"FL*", "(alpha, gamma, beta)", 3},
+    {"quality focal loss", "(beta)", 1},
+    {"varifocal loss", "(alpha, gamma)", 2},
+};
+
+// The coefficients, whose number check_form_arguments checked, in the kernels' terms.
+FormScalars form_scalars(LossForm form, const std::vector<double>& coefficients) {
+  switch (form) {
+    case LossForm::Star: return {coefficients[0], coefficients[1], coefficients[2]};
+    case LossForm::Quality: return {-1.0, coefficients[0], 0.0};
+    default: return {coefficients[0], coefficients[1], 0.0};
+  }
+}
+
+void check_label_smoothing(double label_smoothing) {
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
+                    "label_smoothing must be in [0, 1), got ", label_smoothing);
+}
+
+}  // namespace
+
+void check_form_arguments(int64_t form, const std::vector<double>& coefficients,
                           double label_smoothing) {
   constexpr double kInf = std::numeric_limits<double>::infinity();
   TORCH_CHECK_VALUE(form >= 0 && form <= 3,
                     "form must be 0 (focal loss), 1 (FL*), 2 (quality focal loss) or 3 (varifocal "
                     "loss), got ", form);
+  const FormSignature& signature = kFormSignatures[form];
+  TORCH_CHECK_VALUE(coefficients.size() == signature.count, "the ", signature.name,
+                    " takes the coefficients ", signature.coefficients, ", got ",
+                    coefficients.size(), " values");
   const auto loss_form = static_cast<LossForm>(form);
-  switch (loss_form) {
-    case LossForm::Focal:
-    case LossForm::Star:
-      TORCH_CHECK_VALUE(alpha == -1.0 || (alpha >= 0.0 && alpha <= 1.0),
-                        "alpha must be in [0, 1], or -1 or None to disable the weighting, got ",
-                        alpha);
-      break;
-    case LossForm::Quality:
-      TORCH_CHECK_VALUE(alpha == -1.0, "the quality focal loss has no alpha: pass -1, got ", alpha);
-      break;
-    case LossForm::Varifocal:  // the weight of the negatives
-      TORCH_CHECK_VALUE(alpha >= 0.0 && alpha < kInf, "alpha must be a finite number >= 0, got ",
-                        alpha);
-      break;
+  const FormScalars scalars = form_scalars(loss_form, coefficients);
+  if (loss_form == LossForm::Focal || loss_form == LossForm::Star) {
+    TORCH_CHECK_VALUE(scalars.alpha == -1.0 || (scalars.alpha >= 0.0 && scalars.alpha <= 1.0),
+                      "alpha must be in [0, 1], or -1 or None to disable the weighting, got ",
+                      scalars.alpha);
+  } else if (loss_form == LossForm::Varifocal) {  // the weight of the negatives
+    TORCH_CHECK_VALUE(scalars.alpha >= 0.0 && scalars.alpha < kInf,
+                      "alpha must be a finite number >= 0, got ", scalars.alpha);
   }
   // Named as the public functions name them: the quality focal loss's exponent is its beta.
   if (loss_form == LossForm::Star) {
-    TORCH_CHECK_VALUE(gamma > 0.0 && gamma < kInf, "gamma must be a finite number > 0, got ", gamma);
-    TORCH_CHECK_VALUE(std::abs(beta) < kInf, "beta must be a finite number, got ", beta);
+    TORCH_CHECK_VALUE(scalars.gamma > 0.0 && scalars.gamma < kInf,
+                      "gamma must be a finite number > 0, got ", scalars.gamma);
+    TORCH_CHECK_VALUE(std::abs(scalars.beta) < kInf, "beta must be a finite number, got ",
+                      scalars.beta);
   } else {
-    TORCH_CHECK_VALUE(gamma >= 0.0 && gamma < kInf,
+    TORCH_CHECK_VALUE(scalars.gamma >= 0.0 && scalars.gamma < kInf,
                       loss_form == LossForm::Quality ? "beta" : "gamma",
-                      " must be a finite number >= 0, got ", gamma);
-    TORCH_CHECK_VALUE(beta == 0.0, "beta is FL*'s shift; the other forms take 0, got ", beta);
+                      " must be a finite number >= 0, got ", scalars.gamma);
   }
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
-                    "label_smoothing must be in [0, 1), got ", label_smoothing);
+  check_label_smoothing(label_smoothing);
   TORCH_CHECK_VALUE(label_smoothing == 0.0 || loss_form == LossForm::Focal ||
                         loss_form == LossForm::Star,
                     "label_smoothing must be 0 for the quality focal and varifocal losses, whose "
@@ -229,11 +272,12 @@ void check_form_arguments(int64_t form, double alpha, double gamma, double beta,
 }
 
 void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets,
-                             const std::optional<at::Tensor>& weight, double alpha, double gamma,
-                             int64_t reduction, int64_t /*ignore_index*/, double label_smoothing,
-                             bool /*float32_loss*/, bool /*compute_grad_inputs*/,
-                             bool compute_grad_targets, bool /*compute_unweighted_loss*/,
-                             int64_t form, double beta, const std::optional<at::Tensor>& scores) {
+                             const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& scores, int64_t form,
+                             const std::vector<double>& coefficients, int64_t reduction,
+                             int64_t /*ignore_index*/, double label_smoothing,
+                             bool /*float32_loss*/, int64_t outputs) {
+  check_outputs(outputs);
   check_floating(inputs, "inputs");
   check_same_device(targets, inputs, "targets");
   const bool labels = at::isIntegralType(targets.scalar_type(), /*includeBool=*/false);
@@ -254,7 +298,7 @@ void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets
                       "integer targets (class labels) must have the shape of inputs without its "
                       "last (class) dimension, got ", targets.sym_sizes(), " for inputs ",
                       inputs.sym_sizes());
-    TORCH_CHECK_VALUE(!compute_grad_targets || has_scores,
+    TORCH_CHECK_VALUE((outputs & kGradTargets) == 0 || has_scores,
                       "integer targets (class labels) have no gradient (scores may have one)");
   } else {
     TORCH_CHECK_VALUE(at::isFloatingType(targets.scalar_type()),
@@ -271,19 +315,17 @@ void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets
                       "weight must be broadcastable to the shape of inputs ", inputs.sym_sizes(),
                       ", got ", weight->sym_sizes());
   }
-  check_form_arguments(form, alpha, gamma, beta, label_smoothing);
+  check_form_arguments(form, coefficients, label_smoothing);
   checked_reduction(reduction);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_forward(
     const at::Tensor& inputs, const at::Tensor& targets, const std::optional<at::Tensor>& weight,
-    double alpha, double gamma, int64_t reduction, int64_t ignore_index, double label_smoothing,
-    bool float32_loss, bool compute_grad_inputs, bool compute_grad_targets,
-    bool compute_unweighted_loss, int64_t form, double beta,
-    const std::optional<at::Tensor>& scores) {
-  check_forward_arguments(inputs, targets, weight, alpha, gamma, reduction, ignore_index,
-                          label_smoothing, float32_loss, compute_grad_inputs, compute_grad_targets,
-                          compute_unweighted_loss, form, beta, scores);
+    const std::optional<at::Tensor>& scores, int64_t form, const std::vector<double>& coefficients,
+    int64_t reduction, int64_t ignore_index, double label_smoothing, bool float32_loss,
+    int64_t outputs) {
+  check_forward_arguments(inputs, targets, weight, scores, form, coefficients, reduction,
+                          ignore_index, label_smoothing, float32_loss, outputs);
   check_device(inputs);
   const bool labels = at::isIntegralType(targets.scalar_type(), /*includeBool=*/false);
   const bool has_scores = scores.has_value() && scores->defined();
@@ -295,9 +337,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
   args.classes = inputs.dim() == 0 ? 1 : inputs.size(-1);
   args.ignore_index = ignore_index;
   args.form = loss_form;
-  args.alpha = alpha;
-  args.gamma = gamma;
-  args.beta = beta;
+  const FormScalars scalars = form_scalars(loss_form, coefficients);
+  args.alpha = scalars.alpha;
+  args.gamma = scalars.gamma;
+  args.beta = scalars.beta;
   args.label_smoothing = label_smoothing;
   args.reduction = mode;
 
@@ -329,16 +372,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
   const auto loss_options = x.options().dtype(loss_dtype);
   args.loss = mode == Reduction::None ? at::empty(x.sizes(), loss_options)
                                       : at::empty({}, loss_options);
-  if (compute_grad_inputs) {
+  if ((outputs & kGradInputs) != 0) {
     args.grad_inputs = at::empty(x.sizes(), x.options().dtype(saved_dtype(x.scalar_type())));
   }
-  if (compute_grad_targets && labels) {
+  if ((outputs & kGradTargets) != 0 && labels) {
     args.grad_scores = at::zeros(args.scores.sizes(), args.scores.options());
-  } else if (compute_grad_targets) {
+  } else if ((outputs & kGradTargets) != 0) {
     args.grad_targets = at::empty(args.targets.sizes(),
                                   args.targets.options().dtype(saved_dtype(args.targets.scalar_type())));
   }
-  if (compute_unweighted_loss) {
+  if ((outputs & kUnweightedLoss) != 0) {
     args.unweighted_loss = at::empty(x.sizes(), loss_options.dtype(saved_dtype(loss_dtype)));
   }
   args.count = at::empty({}, x.options().dtype(at::kLong));
@@ -486,20 +529,25 @@ at::Tensor as_batched(const at::Tensor& inputs, int64_t& position_stride) {
 
 }  // namespace
 
-void check_softmax_options(double alpha, double gamma, double label_smoothing) {
+void check_softmax_options(const std::vector<double>& coefficients, double label_smoothing) {
   constexpr double kInf = std::numeric_limits<double>::infinity();
+  TORCH_CHECK_VALUE(coefficients.size() == 2,
+                    "the softmax focal loss takes the coefficients (alpha, gamma), got ",
+                    coefficients.size(), " values");
+  const double alpha = coefficients[0];
+  const double gamma = coefficients[1];
   TORCH_CHECK_VALUE(alpha == -1.0 || (alpha >= 0.0 && alpha < kInf),
                     "alpha must be a finite number >= 0, or None for 1, got ", alpha);
   TORCH_CHECK_VALUE(gamma >= 0.0 && gamma < kInf, "gamma must be a finite number >= 0, got ", gamma);
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
-                    "label_smoothing must be in [0, 1), got ", label_smoothing);
+  check_label_smoothing(label_smoothing);
 }
 
 void check_softmax_arguments(const at::Tensor& inputs, const at::Tensor& targets,
-                             const std::optional<at::Tensor>& weight, double alpha, double gamma,
-                             int64_t reduction, int64_t /*ignore_index*/, double label_smoothing,
-                             bool /*float32_loss*/, bool /*compute_grad_inputs*/,
-                             bool compute_grad_targets, bool /*compute_unweighted_loss*/) {
+                             const std::optional<at::Tensor>& weight,
+                             const std::vector<double>& coefficients, int64_t reduction,
+                             int64_t /*ignore_index*/, double label_smoothing,
+                             bool /*float32_loss*/, int64_t outputs) {
+  check_outputs(outputs);
   check_floating(inputs, "inputs");
   TORCH_CHECK_VALUE(inputs.dim() >= 1, "inputs must have a class dimension (shape (C), (N, C) or "
                     "(N, C, d1, ...)), got a 0-d tensor");
@@ -515,7 +563,7 @@ void check_softmax_arguments(const at::Tensor& inputs, const at::Tensor& targets
     TORCH_CHECK_VALUE(targets.sym_sizes() == position_shape,
                       "class-index targets must have the shape of inputs without its class "
                       "dimension ", dim, ", ", position_shape, ", got ", targets.sym_sizes());
-    TORCH_CHECK_VALUE(!compute_grad_targets, "class-index targets have no gradient");
+    TORCH_CHECK_VALUE((outputs & kGradTargets) == 0, "class-index targets have no gradient");
   } else {
     TORCH_CHECK_VALUE(at::isFloatingType(targets.scalar_type()),
                       "targets must be class indices (an integer tensor) or class probabilities "
@@ -531,18 +579,16 @@ void check_softmax_arguments(const at::Tensor& inputs, const at::Tensor& targets
                       "weight must have one value per class, shape (", inputs.sym_size(dim),
                       "), got ", weight->sym_sizes());
   }
-  check_softmax_options(alpha, gamma, label_smoothing);
+  check_softmax_options(coefficients, label_smoothing);
   checked_reduction(reduction);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_focal_loss_forward(
     const at::Tensor& inputs, const at::Tensor& targets, const std::optional<at::Tensor>& weight,
-    double alpha, double gamma, int64_t reduction, int64_t ignore_index, double label_smoothing,
-    bool float32_loss, bool compute_grad_inputs, bool compute_grad_targets,
-    bool compute_unweighted_loss) {
-  check_softmax_arguments(inputs, targets, weight, alpha, gamma, reduction, ignore_index,
-                          label_smoothing, float32_loss, compute_grad_inputs, compute_grad_targets,
-                          compute_unweighted_loss);
+    const std::vector<double>& coefficients, int64_t reduction, int64_t ignore_index,
+    double label_smoothing, bool float32_loss, int64_t outputs) {
+  check_softmax_arguments(inputs, targets, weight, coefficients, reduction, ignore_index,
+                          label_smoothing, float32_loss, outputs);
   check_device(inputs);
   const bool labels = !targets.is_floating_point();
   SoftmaxArgs args;
@@ -560,8 +606,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_f
                     "on CPU, inputs may have at most 16777216 classes (float32's exact "
                     "integers), got ", args.classes);
   args.ignore_index = ignore_index;
-  args.alpha = alpha;
-  args.gamma = gamma;
+  args.alpha = coefficients[0];
+  args.gamma = coefficients[1];
   args.label_smoothing = label_smoothing;
   args.reduction = static_cast<Reduction>(reduction);
 
@@ -583,13 +629,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_f
   const int64_t num_positions = args.batch * args.positions;
   args.loss = args.reduction == Reduction::None ? at::empty({num_positions}, x.options().dtype(math))
                                                 : at::empty({}, x.options().dtype(math));
-  if (compute_grad_inputs) {
+  if ((outputs & kGradInputs) != 0) {
     args.grad_inputs = like_inputs(saved_dtype(x.scalar_type()));
   }
-  if (compute_grad_targets) {
+  if ((outputs & kGradTargets) != 0) {
     args.grad_targets = like_inputs(math);
   }
-  if (compute_unweighted_loss) {
+  if ((outputs & kUnweightedLoss) != 0) {
     args.unweighted_loss = like_inputs(math);
   }
   args.divisor = at::empty({}, x.options().dtype(at::kDouble));

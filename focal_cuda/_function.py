@@ -22,7 +22,7 @@ _NONE = _ops.REDUCTION_CODES["none"]
 
 class EagerFunction(torch.autograd.Function):
     """apply(inputs, targets, weight, scores, arguments, fused_forward) -> the loss, where
-    arguments are the op's scalar arguments from alpha to beta and fused_forward the op
+    arguments are the op's scalar arguments (from form on) and fused_forward the op
     (focal_cuda::sigmoid_focal_loss_forward) or the C++ function behind it."""
 
     # forward takes ctx, with no setup_context, and returns the loss alone: with setup_context,
@@ -30,7 +30,7 @@ class EagerFunction(torch.autograd.Function):
     # call, which cost ~20 us of a small step (bench/NOTES.md).
     @staticmethod
     def forward(ctx, inputs, targets, weight, scores, arguments, fused_forward):
-        output = fused_forward(inputs, targets, weight, *arguments, scores)
+        output = fused_forward(inputs, targets, weight, scores, *arguments)
         _ops.save_for_gradients(ctx, (inputs, targets, weight, scores), output, arguments,
                                 gradients_private=True)
         return output[0]
@@ -44,11 +44,24 @@ class EagerFunction(torch.autograd.Function):
         return grad_inputs, grad_targets if needs[1] else None, grad_weight, grad_scores, None, None
 
 
+def transformable_loss(inputs, targets, weight, scores, form, coefficients, *arguments):
+    """The loss of TransformableFunction for the op's arguments."""
+    return TransformableFunction.apply(inputs, targets, weight, scores, form, *arguments, *coefficients)[0]
+
+
+def op_arguments(arguments):
+    """The op's arguments from a Function's that end in the coefficients, spread: functorch
+    flattens a list argument into its items, which its vmap over a jvp rule then miscounts
+    against the arguments (jacfwd of jacfwd)."""
+    *operands, form, reduction, ignore_index, label_smoothing, float32_loss, outputs = arguments[:10]
+    return (*operands, form, list(arguments[10:]), reduction, ignore_index, label_smoothing,
+            float32_loss, outputs)
+
+
 class TransformableFunction(torch.autograd.Function):
-    """apply(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-    float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form,
-    beta, scores) -> the outputs of focal_cuda::sigmoid_focal_loss_forward; only the loss is
-    differentiable."""
+    """apply(inputs, targets, weight, scores, form, reduction, ignore_index, label_smoothing,
+    float32_loss, outputs, *coefficients) -> the outputs of
+    focal_cuda::sigmoid_focal_loss_forward (op_arguments); only the loss is differentiable."""
 
     # The forward calls an op with a vmap rule, and setup_context, backward and jvp use ops
     # that vmap supports: functorch can batch the whole Function.
@@ -57,35 +70,37 @@ class TransformableFunction(torch.autograd.Function):
     @staticmethod
     def forward(*arguments):
         # One variadic parameter: apply binds the arguments to this signature on every call
-        # (for setup_context), and binding one parameter costs far less than binding twelve.
-        return _ops.forward(*arguments)
+        # (for setup_context), and binding one parameter costs far less than binding eleven.
+        return _ops.forward(*op_arguments(arguments))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _ops.forward_setup_context(ctx, inputs, output)
+        _ops.forward_setup_context(ctx, op_arguments(inputs), output)
         # The public function keeps only the loss: backward is the gradients' only user.
         ctx.gradients_private = True
-        ctx.save_for_forward(*inputs[:3], inputs[14], *output[1:])
+        ctx.save_for_forward(*inputs[:4], *output[1:])
+        ctx.num_inputs = len(inputs)
 
     @staticmethod
     def backward(ctx, grad_loss, *grads_of_saved_outputs):
-        return _ops.forward_backward(ctx, grad_loss, *grads_of_saved_outputs)
+        grads = _ops.forward_backward(ctx, grad_loss, *grads_of_saved_outputs)
+        return grads[:4] + (None,) * (ctx.num_inputs - 4)
 
     @staticmethod
-    def jvp(ctx, inputs_tangent, targets_tangent, weight_tangent, *other_tangents):
+    def jvp(ctx, inputs_tangent, targets_tangent, weight_tangent, scores_tangent, *_):
         # d(loss) = dL/dx . dx + dL/dt . dt + (loss before weight) . dw, summed for "sum",
         # divided by the count for "mean"; with scores, dL/dscores . dscores at each row's
         # labelled element. The derivatives come from one more fused pass, through
         # Derivatives, so that an outer transform can differentiate them again.
         _refuse_forward_over_forward()
         x, t, weight, scores, _, _, _, count = ctx.saved_tensors
-        alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss, *_, form, beta = ctx.arguments
+        form, coefficients, reduction, ignore_index, label_smoothing, float32_loss, _ = ctx.arguments
         if scores is not None:
-            targets_tangent = other_tangents[11]
+            targets_tangent = scores_tangent
         tangents = (inputs_tangent, targets_tangent, weight_tangent)
         derivatives = _higher_order.Derivatives.apply(
-            x, t, weight, scores, alpha, gamma, ignore_index, label_smoothing, float32_loss, form,
-            beta, *(tangent is not None for tangent in tangents),
+            x, t, weight, scores, form, ignore_index, label_smoothing, float32_loss,
+            *(tangent is not None for tangent in tangents), *coefficients,
         )
         loss_dtype = _ops.loss_dtype(x, t, float32_loss)
         math_dtype = torch.float64 if loss_dtype == torch.float64 else torch.float32

@@ -18,8 +18,8 @@ def differentiable_gradients(ctx, grad_loss, needed):
     ones, as the reference formula's vector-Jacobian product (differentiable again), from what
     _ops.save_for_gradients saved."""
     x, t, weight, scores, *_ = ctx.saved_tensors
-    alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss, *_, form, beta = ctx.arguments
-    options = dict(form=form, alpha=alpha, gamma=gamma, beta=beta,
+    form, coefficients, reduction, ignore_index, label_smoothing, float32_loss, _ = ctx.arguments
+    options = dict(form=form, **reference.family_scalars(form, coefficients),
                    reduction=reference.REDUCTIONS[reduction], ignore_index=ignore_index,
                    label_smoothing=label_smoothing)
     candidates = (x, t if scores is None else scores, weight)
@@ -45,19 +45,23 @@ class Derivatives(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(inputs, targets, weight, scores, alpha, gamma, ignore_index, label_smoothing,
-                float32_loss, form, beta, need_inputs, need_targets, need_weight):
+    def forward(inputs, targets, weight, scores, form, ignore_index, label_smoothing, float32_loss,
+                need_inputs, need_targets, need_weight, *coefficients):
+        # The coefficients last and spread, as TransformableFunction's (_function.op_arguments).
         _, grad_inputs, grad_targets, unweighted, _ = _ops.sigmoid_focal_loss_forward(
-            inputs, targets, weight, alpha, gamma, _ops.REDUCTION_CODES["none"], ignore_index, label_smoothing,
-            float32_loss, need_inputs, need_targets, need_weight, form, beta, scores,
+            inputs, targets, weight, scores, form, list(coefficients), _ops.REDUCTION_CODES["none"],
+            ignore_index, label_smoothing, float32_loss,
+            _ops.outputs_mask(need_inputs, need_targets, need_weight),
         )
         return grad_inputs, grad_targets, unweighted
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:4])
-        ctx.arguments = inputs[4:11]
-        ctx.computed = inputs[11:]
+        form, ignore_index, label_smoothing, float32_loss = inputs[4:8]
+        ctx.arguments = (form, list(inputs[11:]), ignore_index, label_smoothing, float32_loss)
+        ctx.computed = inputs[8:11]
+        ctx.num_inputs = len(inputs)
 
     @staticmethod
     def backward(ctx, *cotangents):
@@ -67,7 +71,8 @@ class Derivatives(torch.autograd.Function):
         cotangents = [torch.zeros_like(output) if cotangent is None else cotangent
                       for cotangent, output in zip(cotangents, outputs)]
         grads = iter(vjp(tuple(cotangents)))
-        return tuple(next(grads) if _differentiable(value) else None for value in operands) + (None,) * 10
+        return (tuple(next(grads) if _differentiable(value) else None for value in operands)
+                + (None,) * (ctx.num_inputs - 4))
 
 
 def _differentiable(value):
@@ -88,13 +93,13 @@ def _differentiable_primals(operands):
 def _reference_derivatives(ctx, rebuild):
     """(x, t, weight, scores) -> what Derivatives.forward computes, in differentiable
     reference ops."""
-    alpha, gamma, ignore_index, label_smoothing, float32_loss, form, beta = ctx.arguments
+    form, coefficients, ignore_index, label_smoothing, float32_loss = ctx.arguments
 
     def derivatives(*primals):
         inputs, targets, weight, scores = rebuild(*primals)
         dtype = _ops.loss_dtype(inputs, targets, float32_loss)
         x, t = _ops.loss_operands(inputs, targets, float32_loss)
-        options = dict(form=form, alpha=alpha, gamma=gamma, beta=beta, reduction="none",
+        options = dict(form=form, **reference.family_scalars(form, coefficients), reduction="none",
                        ignore_index=ignore_index, label_smoothing=label_smoothing)
         # What the op differentiates as its targets: the scores when there are some.
         target = t if scores is None else scores

@@ -4,7 +4,7 @@ Registered this way, the fused kernels work in eager mode, under torch.compile(f
 and under torch.library.opcheck.
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -16,37 +16,42 @@ REDUCTION_CODES = {name: code for code, name in enumerate(reference.REDUCTIONS)}
 _MEAN = REDUCTION_CODES["mean"]
 
 
+# The forward ops' outputs mask (csrc/focal_ops.h): which per-element outputs to compute.
+GRAD_INPUTS, GRAD_TARGETS, UNWEIGHTED_LOSS = _C.GRAD_INPUTS, _C.GRAD_TARGETS, _C.UNWEIGHTED_LOSS
+
+
+def outputs_mask(grad_inputs, grad_targets, unweighted_loss):
+    """The outputs argument of a forward op that computes the outputs given as True."""
+    return (GRAD_INPUTS if grad_inputs else 0) | (GRAD_TARGETS if grad_targets else 0) | (
+        UNWEIGHTED_LOSS if unweighted_loss else 0)
+
+
 @torch.library.custom_op("focal_cuda::sigmoid_focal_loss_forward", mutates_args=())
 def sigmoid_focal_loss_forward(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     weight: Optional[torch.Tensor],
-    alpha: float,
-    gamma: float,
+    scores: Optional[torch.Tensor],
+    form: int,
+    coefficients: List[float],
     reduction: int,
     ignore_index: int,
     label_smoothing: float,
     float32_loss: bool,
-    compute_grad_inputs: bool,
-    compute_grad_targets: bool,
-    compute_unweighted_loss: bool,
-    form: int = 0,
-    beta: float = 0.0,
-    scores: Optional[torch.Tensor] = None,
+    outputs: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dloss/dinputs, dloss/dtargets, loss before weight, count) in one pass.
 
-    Gradients are unscaled; outputs not requested are empty; count is the number of elements
-    not ignored (the mean's divisor), a 0-d int64 tensor on the inputs' device. form: the
-    loss of the family (reference.FORMS); gamma is the modulating exponent (the quality focal
-    loss's beta) or FL*'s gamma, beta FL*'s beta, alpha the varifocal loss's weight of
-    negatives (csrc/focal_ops.h). scores: with integer labels, the target of each row's
-    labelled class (else 1); dloss/dtargets is then dloss/dscores.
+    form: the loss of the family (reference.FORMS), coefficients its own in its order
+    (reference.FORM_COEFFICIENTS); outputs: which of the gradients and the loss before weight to
+    compute (outputs_mask), the others empty. Gradients are unscaled; count is the number of
+    elements not ignored (the mean's divisor), a 0-d int64 tensor on the inputs' device.
+    scores: with integer labels, the target of each row's labelled class (else 1); dloss/dtargets
+    is then dloss/dscores (csrc/focal_ops.h).
     """
     return _C.sigmoid_focal_loss_forward(
-        inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form,
-        beta, scores,
+        inputs, targets, weight, scores, form, coefficients, reduction, ignore_index,
+        label_smoothing, float32_loss, outputs,
     )
 
 
@@ -90,11 +95,11 @@ def plain_eager(inputs, *tensors):
     )
 
 
-def forward(inputs, targets, weight, *arguments):
+def forward(inputs, targets, weight, scores, *arguments):
     """sigmoid_focal_loss_forward, called directly where the dispatcher has nothing to do."""
-    if plain_eager(inputs, targets, weight, arguments[11]):  # scores
-        return _C.sigmoid_focal_loss_forward(inputs, targets, weight, *arguments)
-    return sigmoid_focal_loss_forward(inputs, targets, weight, *arguments)
+    if plain_eager(inputs, targets, weight, scores):
+        return _C.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)
+    return sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)
 
 
 def saved_dtype(dtype):
@@ -112,23 +117,19 @@ def loss_dtype(inputs, targets, float32_loss):
 
 
 @sigmoid_focal_loss_forward.register_fake
-def _(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-      float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form=0,
-      beta=0.0, scores=None):
+def _(inputs, targets, weight, scores, form, coefficients, reduction, ignore_index,
+      label_smoothing, float32_loss, outputs):
     # The op's own checks (C++), so that torch.compile and meta tensors reject what eager does.
-    _C.check_forward_arguments(
-        inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form,
-        beta, scores,
-    )
+    _C.check_forward_arguments(inputs, targets, weight, scores, form, coefficients, reduction,
+                               ignore_index, label_smoothing, float32_loss, outputs)
     dtype = loss_dtype(inputs, targets, float32_loss)
     loss = inputs.new_empty(inputs.shape if reduction == 0 else (), dtype=dtype)
-    grad_inputs = inputs.new_empty(inputs.shape if compute_grad_inputs else (0,),
+    grad_inputs = inputs.new_empty(inputs.shape if outputs & GRAD_INPUTS else (0,),
                                    dtype=saved_dtype(inputs.dtype))
     differentiated = targets if scores is None else scores
-    grad_targets = differentiated.new_empty(differentiated.shape if compute_grad_targets else (0,),
+    grad_targets = differentiated.new_empty(differentiated.shape if outputs & GRAD_TARGETS else (0,),
                                             dtype=saved_dtype(differentiated.dtype))
-    unweighted = inputs.new_empty(inputs.shape if compute_unweighted_loss else (0,),
+    unweighted = inputs.new_empty(inputs.shape if outputs & UNWEIGHTED_LOSS else (0,),
                                   dtype=saved_dtype(dtype))
     count = inputs.new_empty((), dtype=torch.int64)
     return loss, grad_inputs, grad_targets, unweighted, count
@@ -184,14 +185,13 @@ def _(info, in_dims, grad_output, saved_grad, count, reduction):
 
 
 @sigmoid_focal_loss_forward.register_vmap
-def _(info, in_dims, inputs, targets, weight, alpha, gamma, reduction, ignore_index,
-      label_smoothing, float32_loss, compute_grad_inputs, compute_grad_targets,
-      compute_unweighted_loss, form=0, beta=0.0, scores=None):
+def _(info, in_dims, inputs, targets, weight, scores, form, coefficients, reduction, ignore_index,
+      label_smoothing, float32_loss, outputs):
     # One call on the whole batch, elementwise; "mean" and "sum" then reduce each sample.
     x = _batch_first(inputs, in_dims[0], info.batch_size)
     t = _batch_first(targets, in_dims[1], info.batch_size)
     if scores is not None:
-        scores = _batch_first(scores, in_dims[14], info.batch_size)
+        scores = _batch_first(scores, in_dims[3], info.batch_size)
     if weight is not None and in_dims[2] is not None:
         per_sample = weight.movedim(in_dims[2], 0)
         # Broadcast against a sample of x as the unbatched weight would.
@@ -199,9 +199,8 @@ def _(info, in_dims, inputs, targets, weight, alpha, gamma, reduction, ignore_in
             (info.batch_size,) + (1,) * (x.dim() - per_sample.dim()) + tuple(per_sample.shape[1:])
         )
     loss, grad_inputs, grad_targets, unweighted, _ = sigmoid_focal_loss_forward(
-        x, t, weight, alpha, gamma, REDUCTION_CODES["none"], ignore_index, label_smoothing,
-        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, form, beta,
-        scores,
+        x, t, weight, scores, form, coefficients, REDUCTION_CODES["none"], ignore_index,
+        label_smoothing, float32_loss, outputs,
     )
     samples = info.batch_size
     if t.is_floating_point():
@@ -214,9 +213,9 @@ def _(info, in_dims, inputs, targets, weight, alpha, gamma, reduction, ignore_in
         if reduction == _MEAN:
             total = total / count  # 0 / 0 is NaN: the mean of nothing, as unbatched
         loss = total.to(loss.dtype)
-    outputs = (loss, grad_inputs, grad_targets, unweighted, count)
-    computed = (True, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss, True)
-    return outputs, tuple(0 if batched else None for batched in computed)
+    computed = (True, outputs & GRAD_INPUTS, outputs & GRAD_TARGETS, outputs & UNWEIGHTED_LOSS, True)
+    return ((loss, grad_inputs, grad_targets, unweighted, count),
+            tuple(0 if batched else None for batched in computed))
 
 
 def last_use_of_saved(ctx, saved, grad_loss):
@@ -270,14 +269,13 @@ def forward_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     # A caller of the op may hold its gradient outputs: backward never writes into them. (The
-    # public function's autograd.Functions, which drop them, pass True.) inputs: the op's, its
-    # defaults filled in; scores last.
-    save_for_gradients(ctx, inputs[:3] + (inputs[14],), output, inputs[3:14], False)
+    # public function's autograd.Functions, which drop them, pass True.)
+    save_for_gradients(ctx, inputs[:4], output, inputs[4:], False)
 
 
 def save_for_gradients(ctx, operands, output, arguments, gradients_private):
     """What gradients() needs: the operands (inputs, targets, weight, scores), the forward's
-    outputs, its scalar arguments (the op's, from alpha to beta)."""
+    outputs, its scalar arguments (the op's, from form on)."""
     ctx.save_for_backward(*operands, *output[1:])
     ctx.arguments = arguments
     ctx.gradients_private = gradients_private
@@ -287,29 +285,24 @@ def saved_or_error(saved, like, name, function="sigmoid_focal_loss"):
     """saved, a forward op's d(loss)/d(name), when it has like's shape; else the error that the
     op was called without it (function: the public function that asks for it)."""
     if saved.shape != like.shape:
+        output = "UNWEIGHTED_LOSS" if name == "weight" else "GRAD_INPUTS" if name == "inputs" else "GRAD_TARGETS"
         raise RuntimeError(
             f"focal_cuda: backward needs d(loss)/d({name}) of shape {list(like.shape)}, but the "
-            f"forward op saved one of shape {list(saved.shape)} (it was called with "
-            f"compute_grad_{'unweighted_loss' if name == 'weight' else name}=False); call "
-            f"focal_cuda.{function}, which asks for what backward needs"
+            f"forward op saved one of shape {list(saved.shape)} (its outputs mask left out "
+            f"{output}); call focal_cuda.{function}, which asks for what backward needs"
         )
     return saved
-
-
-def _with_target_gradients(grads, scores):
-    """The op's 15 input gradients from (inputs, targets, weight) ones: the targets' is the
-    scores' when there are scores (the labels have none)."""
-    grad_inputs, grad_targets, grad_weight = grads
-    if scores is None:
-        return (grad_inputs, grad_targets, grad_weight) + (None,) * 12
-    return (grad_inputs, None, grad_weight) + (None,) * 11 + (grad_targets,)
 
 
 def forward_backward(ctx, grad_loss, *_grads_of_saved_outputs):
     scores = ctx.saved_tensors[3]
     needs = ctx.needs_input_grad
-    grads = gradients(ctx, grad_loss, (needs[0], needs[1 if scores is None else 14], needs[2]))
-    return _with_target_gradients(grads, scores)
+    grad_inputs, grad_targets, grad_weight = gradients(
+        ctx, grad_loss, (needs[0], needs[1] or needs[3], needs[2]))
+    # The targets' gradient is the scores' when there are scores (the labels have none).
+    if scores is None:
+        return (grad_inputs, grad_targets, grad_weight, None) + (None,) * 7
+    return (grad_inputs, None, grad_weight, grad_targets) + (None,) * 7
 
 
 def gradients(ctx, grad_loss, needed):

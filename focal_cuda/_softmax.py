@@ -7,7 +7,7 @@ forward saved, scaled by the backward op the sigmoid losses use (csrc/focal_ops.
 higher-order ones from the reference formula (focal_cuda.reference.softmax_focal_loss).
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -23,21 +23,19 @@ def softmax_focal_loss_forward(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     weight: Optional[torch.Tensor],
-    alpha: float,
-    gamma: float,
+    coefficients: List[float],
     reduction: int,
     ignore_index: int,
     label_smoothing: float,
     float32_loss: bool,
-    compute_grad_inputs: bool,
-    compute_grad_targets: bool,
-    compute_unweighted_loss: bool,
+    outputs: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dloss/dinputs, dloss/dtargets, each class's loss before its weight, the mean's
-    divisor) in one pass (csrc/focal_ops.h); gradients unscaled, outputs not requested empty."""
+    divisor) in one pass (csrc/focal_ops.h); coefficients (alpha, gamma), alpha -1 for None;
+    gradients unscaled; outputs as _ops.outputs_mask, those not requested empty."""
     return _C.softmax_focal_loss_forward(
-        inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss,
+        inputs, targets, weight, coefficients, reduction, ignore_index, label_smoothing,
+        float32_loss, outputs,
     )
 
 
@@ -61,12 +59,10 @@ def _math_dtype(dtype):
 
 
 @softmax_focal_loss_forward.register_fake
-def _(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-      float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss):
-    _C.check_softmax_arguments(
-        inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoothing,
-        float32_loss, compute_grad_inputs, compute_grad_targets, compute_unweighted_loss,
-    )
+def _(inputs, targets, weight, coefficients, reduction, ignore_index, label_smoothing,
+      float32_loss, outputs):
+    _C.check_softmax_arguments(inputs, targets, weight, coefficients, reduction, ignore_index,
+                               label_smoothing, float32_loss, outputs)
     dtype = inputs.dtype
     if float32_loss and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
@@ -82,8 +78,9 @@ def _(inputs, targets, weight, alpha, gamma, reduction, ignore_index, label_smoo
             return torch.empty_like(inputs, dtype=dtype_)
         return inputs.new_empty(inputs.shape, dtype=dtype_)
 
-    return (loss, per_element(compute_grad_inputs, inputs), per_element(compute_grad_targets, targets),
-            per_element(compute_unweighted_loss, None), inputs.new_empty((), dtype=torch.float64))
+    return (loss, per_element(outputs & _ops.GRAD_INPUTS, inputs),
+            per_element(outputs & _ops.GRAD_TARGETS, targets),
+            per_element(outputs & _ops.UNWEIGHTED_LOSS, None), inputs.new_empty((), dtype=torch.float64))
 
 
 def forward_setup_context(ctx, inputs, output):
@@ -95,7 +92,7 @@ def forward_setup_context(ctx, inputs, output):
 
 def save_for_gradients(ctx, operands, output, arguments, gradients_private):
     """What gradients() needs: the operands (inputs, targets, weight), the forward's outputs and
-    its scalar arguments (alpha to compute_unweighted_loss); gradients_private as in
+    its scalar arguments (from coefficients on); gradients_private as in
     _ops.last_use_of_saved."""
     ctx.save_for_backward(*operands, *output[1:])
     ctx.arguments = arguments
@@ -103,7 +100,7 @@ def save_for_gradients(ctx, operands, output, arguments, gradients_private):
 
 
 def forward_backward(ctx, grad_loss, *_grads_of_saved_outputs):
-    return gradients(ctx, grad_loss, ctx.needs_input_grad[:3]) + (None,) * 9
+    return gradients(ctx, grad_loss, ctx.needs_input_grad[:3]) + (None,) * 6
 
 
 def gradients(ctx, grad_loss, needed):
@@ -115,7 +112,7 @@ def gradients(ctx, grad_loss, needed):
     if torch.is_grad_enabled():
         return _differentiable_gradients(ctx, grad_loss, needed)
     x, t, weight, saved_grad_inputs, saved_grad_targets, unweighted, divisor = ctx.saved_tensors
-    reduction = ctx.arguments[2]
+    reduction = ctx.arguments[1]
     dim = class_dim(x)
     grad_inputs = grad_targets = grad_weight = None
     if needed[0]:
@@ -144,7 +141,7 @@ def _weight_gradient(ctx, grad_loss, unweighted, targets, weight, divisor, dim):
     """d(loss)/d(weight[c]): each class's loss before its weight, summed over the positions
     (times grad_loss). A mean over labels divides by their summed weight, which the weight
     changes too: d(S / W)/d(w_c) = (S_c - (S / W) n_c) / W, n_c the labels of class c counted."""
-    reduction = ctx.arguments[2]
+    reduction = ctx.arguments[1]
     math_dtype = unweighted.dtype
     others = [d for d in range(unweighted.dim()) if d != dim]
 
@@ -158,7 +155,7 @@ def _weight_gradient(ctx, grad_loss, unweighted, targets, weight, divisor, dim):
         if not targets.is_floating_point():
             # Labels counted per class by a scatter of fixed shape: nothing waits for the device.
             labels = targets.reshape(-1).long()
-            counted = (labels != ctx.arguments[3]).to(math_dtype)  # ignore_index
+            counted = (labels != ctx.arguments[2]).to(math_dtype)  # ignore_index
             label_counts = torch.zeros_like(per_class).index_add_(
                 0, labels.clamp(0, weight.shape[0] - 1), counted)
             mean = (per_class * weight.to(math_dtype)).sum() / divisor.to(math_dtype)
@@ -187,7 +184,7 @@ def _differentiable_gradients(ctx, grad_loss, needed):
 def reference_loss(inputs, targets, weight, arguments):
     """reference.softmax_focal_loss with the op's arguments; in float32 where the op's loss was
     (16-bit inputs under autocast)."""
-    alpha, gamma, reduction, ignore_index, label_smoothing, float32_loss = arguments[:6]
+    (alpha, gamma), reduction, ignore_index, label_smoothing, float32_loss, _ = arguments
     if float32_loss and inputs.dtype in (torch.float16, torch.bfloat16):
         inputs = inputs.float()
         targets = targets.float() if targets.is_floating_point() else targets
@@ -202,7 +199,7 @@ softmax_focal_loss_forward.register_autograd(forward_backward, setup_context=for
 
 class SoftmaxFunction(torch.autograd.Function):
     """apply(inputs, targets, weight, arguments, fused_forward) -> the loss: the eager path, where
-    arguments are the op's from alpha on and fused_forward the op or the C++ function behind it."""
+    arguments are the op's from coefficients on and fused_forward the op or the C++ function behind it."""
 
     @staticmethod
     def forward(ctx, inputs, targets, weight, arguments, fused_forward):

@@ -10,8 +10,11 @@ import torch
 from . import _ops
 from .reference import FORMS
 from . import _C
-from ._function import EagerFunction, TransformableFunction
+from ._function import EagerFunction, transformable_loss
 from . import _softmax
+
+
+_GRAD_INPUTS, _GRAD_TARGETS, _UNWEIGHTED_LOSS = _ops.GRAD_INPUTS, _ops.GRAD_TARGETS, _ops.UNWEIGHTED_LOSS
 
 
 def _check_tensor(value, name):
@@ -125,8 +128,8 @@ def sigmoid_focal_loss(
     if torch.jit.is_scripting():
         return _scripted_sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction, weight,
                                             ignore_index, label_smoothing)
-    return _fused_loss(FORMS["focal"], inputs, targets, _as_alpha(alpha), _as_float(gamma, "gamma"),
-                       0.0, reduction, weight, ignore_index, label_smoothing)
+    return _fused_loss(FORMS["focal"], inputs, targets, [_as_alpha(alpha), _as_float(gamma, "gamma")],
+                       reduction, weight, ignore_index, label_smoothing)
 
 
 def sigmoid_focal_loss_star(
@@ -154,8 +157,8 @@ def sigmoid_focal_loss_star(
     dtypes and the gradients (w.r.t. inputs, floating targets, weight) as in
     ``sigmoid_focal_loss``. Not scriptable by TorchScript.
     """
-    return _fused_loss(FORMS["star"], inputs, targets, _as_alpha(alpha), _as_float(gamma, "gamma"),
-                       _as_float(beta, "beta"),
+    return _fused_loss(FORMS["star"], inputs, targets,
+                       [_as_alpha(alpha), _as_float(gamma, "gamma"), _as_float(beta, "beta")],
                        reduction, weight, ignore_index, label_smoothing)
 
 
@@ -181,8 +184,7 @@ def quality_focal_loss(
     logits for every beta; for beta < 1 it is unbounded near sigmoid(inputs) == t, as the
     loss's is. Not scriptable by TorchScript.
     """
-    return _fused_loss(FORMS["quality"], inputs, targets, -1.0,
-                       _as_float(beta, "beta"), 0.0, reduction, weight,
+    return _fused_loss(FORMS["quality"], inputs, targets, [_as_float(beta, "beta")], reduction, weight,
                        ignore_index, 0.0)
 
 
@@ -210,9 +212,8 @@ def varifocal_loss(
     label smoothing (it would turn every negative into a positive). The loss jumps at t = 0;
     the gradient w.r.t. targets there is the negative branch's. Not scriptable by TorchScript.
     """
-    return _fused_loss(FORMS["varifocal"], inputs, targets,
-                       _as_float(alpha, "alpha"), _as_float(gamma, "gamma"), 0.0, reduction, weight,
-                       ignore_index, 0.0)
+    return _fused_loss(FORMS["varifocal"], inputs, targets, [_as_float(alpha, "alpha"), _as_float(gamma, "gamma")],
+                       reduction, weight, ignore_index, 0.0)
 
 
 def softmax_focal_loss(
@@ -276,13 +277,14 @@ def softmax_focal_loss(
         needs = (False, False, False)
     autocast = (inputs.is_cuda and torch.is_autocast_enabled("cuda")
                 or inputs.is_cpu and torch.is_autocast_enabled("cpu"))
-    arguments = (_as_alpha(alpha), _as_float(gamma, "gamma"), reduction_code(reduction),
+    outputs = _ops.outputs_mask(*needs)
+    arguments = ([_as_alpha(alpha), _as_float(gamma, "gamma")], reduction_code(reduction),
                  _as_index(ignore_index), _as_float(label_smoothing, "label_smoothing"), autocast,
-                 *needs)
+                 outputs)
     if torch.compiler.is_compiling():
         return _softmax.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
     if _ops.plain_eager(inputs, targets, weight):
-        if any(needs):
+        if outputs:
             return _softmax.SoftmaxFunction.apply(inputs, targets, weight, arguments,
                                                   _C.softmax_focal_loss_forward)
         return _C.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
@@ -292,55 +294,56 @@ def softmax_focal_loss(
         _C.check_softmax_arguments(inputs, targets, weight, *arguments)
         return _softmax.reference_loss(inputs, targets, weight, arguments)
     # Modes, subclasses, meta tensors, tracing: the same paths through the dispatcher.
-    if any(needs):
+    if outputs:
         return _softmax.SoftmaxFunction.apply(inputs, targets, weight, arguments,
                                               _softmax.softmax_focal_loss_forward)
     return _softmax.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
 
 
-def _fused_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ignore_index,
+def _fused_loss(form, inputs, targets, coefficients, reduction, weight, ignore_index,
                 label_smoothing):
-    """Converts the common options and picks the path to the fused op (alpha, gamma and beta
-    already checked, in the op's meaning: see _ops.sigmoid_focal_loss_forward)."""
+    """Converts the common options and picks the path to the fused op (the form's coefficients
+    already converted, in the op's order: see _ops.sigmoid_focal_loss_forward)."""
     _check_tensor(inputs, "inputs")
     targets, scores = _split_targets(targets)
     if weight is not None:
         _check_tensor(weight, "weight")
     # What the op differentiates as the targets: the scores of a pair.
     differentiable_targets = targets if scores is None else scores
+    # The op's outputs mask (_ops.outputs_mask), inlined: every call runs this.
+    outputs = 0
     if torch.is_grad_enabled():
         # Under torch.func transforms (vmap, ...) the tensors seen here may not report the
         # requires_grad of what they wrap: then compute every derivative a backward could ask for.
         transformed = _ops.transforms_active()
-        needs = (
-            inputs.requires_grad or transformed,
-            differentiable_targets.requires_grad or transformed and differentiable_targets.is_floating_point(),
-            weight is not None and (weight.requires_grad or transformed),
-        )
-    else:
-        needs = (False, False, False)
+        if inputs.requires_grad or transformed:
+            outputs = _GRAD_INPUTS
+        if differentiable_targets.requires_grad or transformed and differentiable_targets.is_floating_point():
+            outputs |= _GRAD_TARGETS
+        if weight is not None and (weight.requires_grad or transformed):
+            outputs |= _UNWEIGHTED_LOSS
     # Autocast exists for CPU and CUDA only (meta tensors, e.g. for shape inference, have none).
     autocast = (inputs.is_cuda and torch.is_autocast_enabled("cuda")
                 or inputs.is_cpu and torch.is_autocast_enabled("cpu"))
-    arguments = (alpha, gamma, reduction_code(reduction), _as_index(ignore_index),
-                 _as_float(label_smoothing, "label_smoothing"), autocast, *needs, form, beta)
+    arguments = (form, coefficients, reduction_code(reduction), _as_index(ignore_index),
+                 _as_float(label_smoothing, "label_smoothing"), autocast, outputs)
     # Dynamo cannot trace an autograd.Function with a jvp rule (a graph break): compiled code
     # calls the op, with its registered autograd (_ops.forward_setup_context, forward_backward).
     if torch.compiler.is_compiling():
-        return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, *arguments, scores)[0]
+        return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)[0]
     if _ops.plain_eager(inputs, targets, weight, scores):
-        if any(needs):
+        if outputs:
             return EagerFunction.apply(inputs, targets, weight, scores, arguments,
                                        _C.sigmoid_focal_loss_forward)
-        return _C.sigmoid_focal_loss_forward(inputs, targets, weight, *arguments, scores)[0]
+        return _C.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)[0]
     # torch.func transforms and forward-mode AD: the Function with jvp and vmap rules.
-    if _ops.forward_ad_active() or any(needs) and _ops.transforms_active():
-        return TransformableFunction.apply(inputs, targets, weight, *arguments, scores)[0]
+    if _ops.forward_ad_active() or outputs and _ops.transforms_active():
+        return transformable_loss(inputs, targets, weight, scores, *arguments)
     # Modes, subclasses, meta tensors, tracing: the same paths through the dispatcher.
-    if any(needs):
+    if outputs:
         return EagerFunction.apply(inputs, targets, weight, scores, arguments,
                                    _ops.sigmoid_focal_loss_forward)
-    return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, *arguments, scores)[0]
+    return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)[0]
 
 
 def _scripted_sigmoid_focal_loss(
@@ -357,32 +360,29 @@ def _scripted_sigmoid_focal_loss(
     op checks the arguments; the saved gradient is not reused in place). Autocast: TorchScript's
     torch.is_autocast_enabled() reports CUDA autocast only, so a scripted call under CPU
     autocast gives the loss in the dtype of its operands."""
-    codes = {"none": 0, "mean": 1, "sum": 2}  # _ops.REDUCTION_CODES: TorchScript reads no globals
+    # TorchScript reads no globals: _ops.REDUCTION_CODES, and the outputs mask's bits.
+    codes = {"none": 0, "mean": 1, "sum": 2}
     if reduction not in codes:
         raise ValueError("reduction must be one of 'none', 'mean', 'sum', got '" + reduction + "'")
     grad_enabled = torch.is_grad_enabled()
-    outputs = torch.ops.focal_cuda.sigmoid_focal_loss_forward(
-        inputs,
-        targets,
-        weight,
-        -1.0 if alpha is None else alpha,
-        gamma,
-        codes[reduction],
-        ignore_index,
-        label_smoothing,
-        torch.is_autocast_enabled(),
-        grad_enabled and inputs.requires_grad,
-        grad_enabled and targets.requires_grad,
-        grad_enabled and weight is not None and weight.requires_grad,
-    )
-    return outputs[0]
+    outputs = 0
+    if grad_enabled and inputs.requires_grad:
+        outputs |= 1  # GRAD_INPUTS
+    if grad_enabled and targets.requires_grad:
+        outputs |= 2  # GRAD_TARGETS
+    if grad_enabled and weight is not None and weight.requires_grad:
+        outputs |= 4  # UNWEIGHTED_LOSS
+    return torch.ops.focal_cuda.sigmoid_focal_loss_forward(
+        inputs, targets, weight, None, 0, [-1.0 if alpha is None else alpha, gamma], codes[reduction],
+        ignore_index, label_smoothing, torch.is_autocast_enabled(), outputs,
+    )[0]
 
 
-def _check_options(form, alpha, gamma, beta, reduction, label_smoothing):
+def _check_options(form, coefficients, reduction, label_smoothing):
     """A module's options checked when it is built, as the op would check them at its first
-    call (alpha, gamma, beta in the op's meaning)."""
+    call (the form's coefficients in the op's order)."""
     reduction_code(reduction)
-    _C.check_form_arguments(form, alpha, gamma, beta, label_smoothing)
+    _C.check_form_arguments(form, coefficients, label_smoothing)
 
 
 class SigmoidFocalLoss(torch.nn.Module):
@@ -397,7 +397,7 @@ class SigmoidFocalLoss(torch.nn.Module):
     def __init__(self, alpha: Optional[float] = 0.25, gamma: float = 2.0, reduction: str = "none",
                  ignore_index: int = -100, label_smoothing: float = 0.0):
         super().__init__()
-        _check_options(FORMS["focal"], _as_alpha(alpha), _as_float(gamma, "gamma"), 0.0, reduction,
+        _check_options(FORMS["focal"], [_as_alpha(alpha), _as_float(gamma, "gamma")], reduction,
                        _as_float(label_smoothing, "label_smoothing"))
         # Stored in the types of the annotations, so that TorchScript can script the module.
         self.alpha = None if _as_alpha(alpha) == -1.0 else float(alpha)
@@ -424,7 +424,7 @@ class SigmoidFocalLossStar(torch.nn.Module):
     def __init__(self, alpha: Optional[float] = -1, gamma: float = 1.0, reduction: str = "none",
                  beta: float = 0.0, ignore_index: int = -100, label_smoothing: float = 0.0):
         super().__init__()
-        _check_options(FORMS["star"], _as_alpha(alpha), _as_float(gamma, "gamma"), _as_float(beta, "beta"),
+        _check_options(FORMS["star"], [_as_alpha(alpha), _as_float(gamma, "gamma"), _as_float(beta, "beta")],
                        reduction, _as_float(label_smoothing, "label_smoothing"))
         self.alpha = None if _as_alpha(alpha) == -1.0 else float(alpha)
         self.gamma = float(gamma)
@@ -450,7 +450,7 @@ class QualityFocalLoss(torch.nn.Module):
 
     def __init__(self, beta: float = 2.0, reduction: str = "mean", ignore_index: int = -100):
         super().__init__()
-        _check_options(FORMS["quality"], -1.0, _as_float(beta, "beta"), 0.0, reduction, 0.0)
+        _check_options(FORMS["quality"], [_as_float(beta, "beta")], reduction, 0.0)
         self.beta = float(beta)
         self.reduction = reduction
         self.ignore_index = _as_index(ignore_index)
@@ -469,7 +469,7 @@ class VarifocalLoss(torch.nn.Module):
     def __init__(self, alpha: float = 0.75, gamma: float = 2.0, reduction: str = "mean",
                  ignore_index: int = -100):
         super().__init__()
-        _check_options(FORMS["varifocal"], _as_float(alpha, "alpha"), _as_float(gamma, "gamma"), 0.0,
+        _check_options(FORMS["varifocal"], [_as_float(alpha, "alpha"), _as_float(gamma, "gamma")],
                        reduction, 0.0)
         self.alpha = float(alpha)
         self.gamma = float(gamma)
@@ -502,7 +502,7 @@ class SoftmaxFocalLoss(torch.nn.Module):
                  label_smoothing: float = 0.0):
         super().__init__()
         reduction_code(reduction)
-        _C.check_softmax_options(_as_alpha(alpha), _as_float(gamma, "gamma"),
+        _C.check_softmax_options([_as_alpha(alpha), _as_float(gamma, "gamma")],
                                  _as_float(label_smoothing, "label_smoothing"))
         if weight is not None:
             _check_tensor(weight, "weight")

@@ -15,6 +15,21 @@ import torch
 REDUCTIONS = ("none", "mean", "sum")
 # The op's codes of the forms (csrc/focal_math.h LossForm).
 FORMS = {"focal": 0, "star": 1, "quality": 2, "varifocal": 3}
+# Each form's coefficients, in the order the op takes them (csrc/focal_ops.h), by code.
+FORM_COEFFICIENTS = {
+    FORMS["focal"]: ("alpha", "gamma"),
+    FORMS["star"]: ("alpha", "gamma", "beta"),
+    FORMS["quality"]: ("beta",),
+    FORMS["varifocal"]: ("alpha", "gamma"),
+}
+
+
+def family_scalars(form, coefficients):
+    """family_loss's alpha, gamma and beta from the op's coefficients of form."""
+    named = dict(zip(FORM_COEFFICIENTS[form], coefficients))
+    if form == FORMS["quality"]:
+        return dict(alpha=None, gamma=named["beta"], beta=0.0)
+    return dict(alpha=named["alpha"], gamma=named["gamma"], beta=named.get("beta", 0.0))
 
 
 def sigmoid_focal_loss(

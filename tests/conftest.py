@@ -355,6 +355,13 @@ def loss_magnitude(form, inputs, targets, alpha, gamma, beta, label_smoothing):
     return a * q.pow(gamma) * ce
 
 
+def coefficients_of(form, alpha, gamma, beta=0.0):
+    """The sigmoid forward op's coefficients of form from the options in the kernels' meaning
+    (gamma: the quality focal loss's beta; alpha -1 or None: none)."""
+    alpha = -1.0 if alpha is None else alpha
+    return {0: [alpha, gamma], 1: [alpha, gamma, beta], 2: [gamma], 3: [alpha, gamma]}[form]
+
+
 def assert_gradients_are_derivatives(forward, inputs, targets, options, scores=None, weight=None):
     """The gradients that forward (the op's signature: the CPU op, or the emulated CUDA one)
     returns are the derivatives of the loss it returns, and match the float64 reference's
@@ -372,10 +379,11 @@ def assert_gradients_are_derivatives(forward, inputs, targets, options, scores=N
     form, alpha, gamma, beta, label_smoothing = options
     labels = not targets.is_floating_point()
     grad_targets_wanted = not labels or scores is not None
+    outputs = focal_cuda._ops.outputs_mask(True, grad_targets_wanted, True)
 
     def run(x, t, s):
-        return forward(x, t, weight, alpha, gamma, 0, -100, label_smoothing, False, True,
-                       grad_targets_wanted, True, form, beta, s)[:4]
+        return forward(x, t, weight, s, form, coefficients_of(form, alpha, gamma, beta), 0, -100,
+                       label_smoothing, False, outputs)[:4]
 
     loss, grad_inputs, grad_targets, unweighted = run(inputs, targets, scores)
     nan = loss.isnan()

@@ -191,7 +191,7 @@ def run_backward_cases(failures):
     for dtype, misaligned, reduction in itertools.product(FLOAT_DTYPES, [False, True], [0, 1, 2]):
         # reduction codes of the ops: 0 none (elementwise grad_output), 1 mean, 2 sum (0-d)
         x, targets, _ = make_case(dtype, "same", False, generator)
-        args = (x, targets, None, 0.25, 2.0, reduction, -100, 0.0, False, True, False, False)
+        args = (x, targets, None, None, 0, [0.25, 2.0], reduction, -100, 0.0, False, focal_cuda._ops.GRAD_INPUTS)
         _, saved, _, _, count = torch.ops.focal_cuda.sigmoid_focal_loss_forward(*args)
         saved = placed(saved, misaligned)  # the packed path needs the saved gradient aligned
         shape = (ROWS, CLASSES) if reduction == 0 else ()

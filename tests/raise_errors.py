@@ -33,13 +33,13 @@ def main():
         x = torch.zeros(4, 5, device=device)
         ops = focal_cuda._C
         expect(ValueError, lambda: ops.sigmoid_focal_loss_forward(
-            x, x, None, 2.0, 2.0, 0, -100, 0.0, False, False, False, False), f"{device}: op argument")
+            x, x, None, None, 0, [2.0, 2.0], 0, -100, 0.0, False, 0), f"{device}: op argument")
         expect(RuntimeError, lambda: ops.sigmoid_focal_loss_backward(
             torch.zeros(3, device=device), x, torch.tensor(20, device=device), 0), f"{device}: backward op")
         expect(ValueError, lambda: focal_cuda.sigmoid_focal_loss(x, torch.zeros(4, 3, device=device)),
                f"{device}: public function")
         expect(ValueError, lambda: torch.ops.focal_cuda.sigmoid_focal_loss_forward(
-            x, x, None, 0.25, -1.0, 0, -100, 0.0, False, False, False, False), f"{device}: dispatcher")
+            x, x, None, None, 0, [0.25, -1.0], 0, -100, 0.0, False, 0), f"{device}: dispatcher")
     # The CPU label check (on CUDA a bad label is a device-side assertion, which ends the context).
     expect(ValueError, lambda: focal_cuda.sigmoid_focal_loss(torch.zeros(3, 5), torch.tensor([0, 9, 1])),
            "cpu: bad label")

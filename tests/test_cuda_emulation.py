@@ -21,6 +21,7 @@ import focal_cuda
 from conftest import (
     assert_gradients_are_derivatives,
     assert_matches,
+    coefficients_of,
     consistency_cases,
     derivative_term_scales,
     exact_focal_loss_and_grads,
@@ -30,6 +31,7 @@ from conftest import (
     softplus_sigmoid_logits,
     worst_softplus_sigmoid_ulp,
 )
+from focal_cuda._ops import GRAD_INPUTS, GRAD_TARGETS, outputs_mask
 
 pytestmark = pytest.mark.cuda_emulation
 
@@ -197,10 +199,11 @@ class Case:
 
     def arguments(self):
         o = self.options
-        return (self.inputs, self.targets, self.weight, o["alpha"], o["gamma"], o["reduction"],
-                o["ignore_index"], o["label_smoothing"], o["float32_loss"],
-                self.flags["compute_grad_inputs"], self.flags["compute_grad_targets"],
-                self.flags["compute_unweighted_loss"], o["form"], o["beta"], self.scores)
+        outputs = outputs_mask(self.flags["compute_grad_inputs"], self.flags["compute_grad_targets"],
+                               self.flags["compute_unweighted_loss"])
+        return (self.inputs, self.targets, self.weight, self.scores, o["form"],
+                coefficients_of(o["form"], o["alpha"], o["gamma"], o["beta"]), o["reduction"],
+                o["ignore_index"], o["label_smoothing"], o["float32_loss"], outputs)
 
     def expected(self):
         """(loss, grad_inputs, grad_targets, unweighted_loss, count) in float64; the gradients
@@ -442,8 +445,8 @@ def test_extreme_logits_are_finite_and_exact(emulated, dtype, gamma, misaligned)
     q^gamma * inf = NaN."""
     inputs, targets = extreme_grid(dtype)
     loss, grad_inputs, grad_targets, _, _ = emulated.sigmoid_focal_loss_forward(
-        placed(inputs, misaligned), placed(targets, misaligned), None, 0.25, gamma,
-        REDUCTION_CODES["none"], -100, 0.0, False, True, True, False)
+        placed(inputs, misaligned), placed(targets, misaligned), None, None, 0, [0.25, gamma],
+        REDUCTION_CODES["none"], -100, 0.0, False, GRAD_INPUTS | GRAD_TARGETS)
     expected_loss, expected_gx, expected_gt = exact_focal_loss_and_grads(inputs, targets, 0.25, gamma)
     scale_inputs, scale_targets = derivative_term_scales(inputs, targets, 0.25, gamma)
     for name, output in (("loss", loss), ("grad_inputs", grad_inputs), ("grad_targets", grad_targets)):
@@ -468,8 +471,8 @@ def test_float32_softplus_and_sigmoid_are_within_4_ulp(emulated, misaligned):
     device intrinsics, emulation.h)."""
     x = softplus_sigmoid_logits()
     loss, grad_inputs, _, _, _ = emulated.sigmoid_focal_loss_forward(
-        placed(x, misaligned), torch.zeros_like(x), None, -1.0, 0.0, REDUCTION_CODES["none"], -100,
-        0.0, False, True, False, False)
+        placed(x, misaligned), torch.zeros_like(x), None, None, 0, [-1.0, 0.0], REDUCTION_CODES["none"],
+        -100, 0.0, False, GRAD_INPUTS)
     assert worst_softplus_sigmoid_ulp(x, loss, grad_inputs) <= 4
 
 
@@ -675,7 +678,7 @@ def test_each_device_is_asked_its_multiprocessor_count_once(emulated):
     packs = x.numel() // 4  # 26 blocks of them: more than 1, 5 or 6 SMs hold, so each grid differs
     def forward():
         launched = launches_during(emulated, lambda: emulated.sigmoid_focal_loss_forward(
-            x, targets, None, 0.25, 2.0, 2, -100, 0.0, False, True, True, False))
+            x, targets, None, None, 0, [0.25, 2.0], 2, -100, 0.0, False, GRAD_INPUTS | GRAD_TARGETS))
         return emulated.last_grids()[next(name for name in launched if "focal_forward_kernel" in name)]
     for multiprocessors in (5, 6):
         emulated.set_multiprocessor_count(multiprocessors)
@@ -753,7 +756,7 @@ def test_float16_gradients_survive_a_loss_scale(emulated, reduction, targets):
     x, t = float16_case(targets)
     code = REDUCTION_CODES[reduction]
     _, saved, _, _, count = emulated.sigmoid_focal_loss_forward(
-        x, t, None, 0.25, 2.0, code, -100, 0.0, False, True, False, False)
+        x, t, None, None, 0, [0.25, 2.0], code, -100, 0.0, False, GRAD_INPUTS)
     assert saved.dtype == F32
     scaled = emulated.sigmoid_focal_loss_backward(torch.tensor(float(LOSS_SCALE)), saved, count, code)
     check_scaled_float16_gradient(scaled.to(F16), x, t, reduction)
@@ -764,14 +767,14 @@ def test_all_rows_ignored_mean_is_nan_with_zero_count(emulated, ignore_index):
     x = torch.randn(37, 13)
     labels = torch.full((37,), ignore_index, dtype=torch.int64)
     loss, grad, _, _, count = emulated.sigmoid_focal_loss_forward(
-        x, labels, None, 0.25, 2.0, 1, ignore_index, 0.0, False, True, False, False)
+        x, labels, None, None, 0, [0.25, 2.0], 1, ignore_index, 0.0, False, GRAD_INPUTS)
     assert torch.isnan(loss) and count.item() == 0 and torch.equal(grad, torch.zeros_like(x))
 
 
 def test_empty_inputs_launch_nothing(emulated):
     x = torch.empty(0, 13)
     launched = launches_during(emulated, lambda: emulated.sigmoid_focal_loss_forward(
-        x, torch.empty(0, 13), None, 0.25, 2.0, 2, -100, 0.0, False, True, False, False))
+        x, torch.empty(0, 13), None, None, 0, [0.25, 2.0], 2, -100, 0.0, False, GRAD_INPUTS))
     assert launched == {}
 
 
@@ -782,16 +785,16 @@ def test_bad_label_raises_the_device_assert(emulated, capfd, bad_label):
     labels = torch.randint(0, 14, (37,))
     labels[20] = bad_label
     with pytest.raises(RuntimeError, match="device-side assert triggered"):
-        emulated.sigmoid_focal_loss_forward(x, labels, None, 0.25, 2.0, 0, -100, 0.0, False, True, False, False)
+        emulated.sigmoid_focal_loss_forward(x, labels, None, None, 0, [0.25, 2.0], 0, -100, 0.0, False, GRAD_INPUTS)
     printed = capfd.readouterr().out
     assert (f"targets holds the class label {bad_label}; valid labels are 0 to C - 1, C (background) and "
             "ignore_index, for the C classes of inputs") in printed
     assert "Assertion `*label >= 0 && *label <= classes" in printed
     good = torch.randint(0, 14, (37,))
     with pytest.raises(RuntimeError, match="device-side assert triggered"):  # sticky
-        emulated.sigmoid_focal_loss_forward(x, good, None, 0.25, 2.0, 0, -100, 0.0, False, True, False, False)
+        emulated.sigmoid_focal_loss_forward(x, good, None, None, 0, [0.25, 2.0], 0, -100, 0.0, False, GRAD_INPUTS)
     emulated.reset_device()
-    emulated.sigmoid_focal_loss_forward(x, good, None, 0.25, 2.0, 0, -100, 0.0, False, True, False, False)
+    emulated.sigmoid_focal_loss_forward(x, good, None, None, 0, [0.25, 2.0], 0, -100, 0.0, False, GRAD_INPUTS)
 
 
 # The softmax focal loss's kernel: (inputs dtype, soft targets, gradient) instances, on NCHW
@@ -833,8 +836,9 @@ def test_softmax_instance(emulated, dtype, kind, grad):
         for weight in (None, torch.rand(classes, dtype=torch.float64) + 0.5):
             for reduction in ("none", "mean", "sum"):
                 emulated.set_multiprocessor_count(MULTIPROCESSORS[seed])
-                arguments = (kernel_inputs, targets, weight, 0.25, 1.5, REDUCTION_CODES[reduction], -100, smoothing,
-                             False, grad, grad and kind == "probabilities", grad and weight is not None)
+                arguments = (kernel_inputs, targets, weight, [0.25, 1.5], REDUCTION_CODES[reduction], -100,
+                             smoothing, False,
+                             outputs_mask(grad, grad and kind == "probabilities", grad and weight is not None))
                 emulated.set_schedule("forward", 0)
                 outputs = emulated.softmax_focal_loss_forward(*arguments)
                 emulated.set_schedule("shuffled", seed + 1)
@@ -890,8 +894,8 @@ def test_softmax_grid_stride_and_many_blocks(emulated, shape):
     scale = gradient_scale(inputs, labels, 1.0, 2.0, "sum", None, 0.0)
     for multiprocessors in (1, 132):
         emulated.set_multiprocessor_count(multiprocessors)
-        loss, grad, *_ = emulated.softmax_focal_loss_forward(inputs, labels, None, -1.0, 2.0, 2, -100, 0.0,
-                                                             False, True, False, False)
+        loss, grad, *_ = emulated.softmax_focal_loss_forward(inputs, labels, None, [-1.0, 2.0], 2, -100, 0.0,
+                                                             False, GRAD_INPUTS)
         assert_matches(loss, expected.detach(), F32)
         assert_matches(grad, x.grad, F32, scale=scale)
 
@@ -902,7 +906,7 @@ def test_softmax_weighted_mean_divisor_scales_the_backward(emulated):
     inputs, labels = softmax_case((37, 13), None, F32, "labels", 3)
     weight = torch.rand(13, dtype=torch.float64) + 0.5
     _, saved, _, _, divisor = emulated.softmax_focal_loss_forward(
-        inputs, labels, weight, 0.25, 2.0, 1, -100, 0.0, False, True, False, False)
+        inputs, labels, weight, [0.25, 2.0], 1, -100, 0.0, False, GRAD_INPUTS)
     counted = labels != -100
     # The weights in float32 (the kernels' math type), summed in float64.
     torch.testing.assert_close(divisor, weight.float()[labels[counted]].double().sum(), rtol=1e-12, atol=0)
@@ -910,7 +914,7 @@ def test_softmax_weighted_mean_divisor_scales_the_backward(emulated):
     torch.testing.assert_close(scaled, saved * (2.0 / divisor.item()), rtol=1e-6, atol=0)
     labels.fill_(-100)
     loss, saved, _, _, divisor = emulated.softmax_focal_loss_forward(
-        inputs, labels, weight, 0.25, 2.0, 1, -100, 0.0, False, True, False, False)
+        inputs, labels, weight, [0.25, 2.0], 1, -100, 0.0, False, GRAD_INPUTS)
     assert loss.isnan() and divisor.item() == 0 and torch.equal(saved, torch.zeros_like(saved))
     assert torch.equal(emulated.sigmoid_focal_loss_backward(torch.tensor(1.0), saved, divisor, 1),
                        torch.zeros_like(saved))
@@ -923,8 +927,8 @@ def test_softmax_extreme_logits_are_finite_and_exact(emulated, dtype, gamma):
 
     inputs = torch.tensor([row for row, _ in EXTREME_ROWS], dtype=dtype)
     labels = torch.tensor([label for _, label in EXTREME_ROWS])
-    loss, grad, *_ = emulated.softmax_focal_loss_forward(inputs, labels, None, -1.0, gamma, 0, -100, 0.0,
-                                                         False, True, False, False)
+    loss, grad, *_ = emulated.softmax_focal_loss_forward(inputs, labels, None, [-1.0, gamma], 0, -100, 0.0,
+                                                         False, GRAD_INPUTS)
     assert_extreme_rows_exact(loss, grad, dtype, gamma)
 
 
@@ -933,8 +937,8 @@ def test_softmax_bad_label_raises_the_device_assert(emulated, capfd, bad_label):
     inputs, labels = softmax_case((37, 13), None, F32, "labels", 4)
     labels[20] = bad_label
     with pytest.raises(RuntimeError, match="device-side assert triggered"):
-        emulated.softmax_focal_loss_forward(inputs, labels, None, -1.0, 2.0, 0, -100, 0.0, False, True,
-                                            False, False)
+        emulated.softmax_focal_loss_forward(inputs, labels, None, [-1.0, 2.0], 0, -100, 0.0, False,
+                                            GRAD_INPUTS)
     printed = capfd.readouterr().out
     assert (f"targets holds the class label {bad_label}; valid labels are 0 to C - 1 and ignore_index, "
             "for the C classes of inputs' dimension 1") in printed
@@ -952,3 +956,14 @@ def test_every_kernel_instance_was_launched(emulated):
     never = sorted(name for name, count in instances.items() if count == 0)
     assert len(instances) == 174, f"{len(instances)} kernel instances; update this count with the kernels"
     assert not never, f"{len(never)} of {len(instances)} kernel instances never launched: {never}"
+
+
+def test_every_mutant_text_is_in_the_kernels_once():
+    """mutate.py plants each mutant by replacing its text, which must occur exactly once in csrc:
+    a kernel change that moves the text leaves the mutant unplantable (two had been, unnoticed)."""
+    from cuda_emulation import mutate
+
+    sources = [path.read_text() for path in mutate.CSRC.rglob("*") if path.is_file()]
+    counts = {name: sum(source.count(old) for source in sources)
+              for name, _, old, _ in mutate.MUTANTS + mutate.MATH_MUTANTS}
+    assert all(count == 1 for count in counts.values()), {n: c for n, c in counts.items() if c != 1}

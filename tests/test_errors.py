@@ -66,8 +66,7 @@ def test_device_mismatch():
 
 def forward_op(inputs, targets, alpha=0.25, gamma=2.0, reduction=0, weight=None, label_smoothing=0.0):
     return focal_cuda._C.sigmoid_focal_loss_forward(
-        inputs, targets, weight, alpha, gamma, reduction, -100, label_smoothing, False, False,
-        False, False,
+        inputs, targets, weight, None, 0, [alpha, gamma], reduction, -100, label_smoothing, False, 0
     )
 
 
@@ -132,10 +131,10 @@ def test_backward_op_checks(call, message):
 def test_backward_without_saved_gradient_explains():
     x = torch.zeros(3, requires_grad=True)
     loss = torch.ops.focal_cuda.sigmoid_focal_loss_forward(
-        x, torch.zeros(3), None, 0.25, 2.0, 2, -100, 0.0, False, False, False, False
+        x, torch.zeros(3), None, None, 0, [0.25, 2.0], 2, -100, 0.0, False, 0
     )[0]
     message = ("backward needs d(loss)/d(inputs) of shape [3], but the forward op saved one of "
-               "shape [0] (it was called with compute_grad_inputs=False)")
+               "shape [0] (its outputs mask left out GRAD_INPUTS)")
     with pytest.raises(RuntimeError, match=re.escape(message)):
         loss.backward()
 
@@ -155,3 +154,19 @@ def test_user_errors_raise_in_a_fresh_process():
     result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "all errors raised" in result.stdout, (
         f"exit status {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: torch.ops.focal_cuda.sigmoid_focal_loss_forward(
+        X, X, None, None, 0, [0.25, 2.0], 0, -100, 0.0, False, 8),
+     "outputs must be a mask of GRAD_INPUTS (1), GRAD_TARGETS (2) and UNWEIGHTED_LOSS (4), got 8"),
+    (lambda: torch.ops.focal_cuda.softmax_focal_loss_forward(
+        X, torch.zeros(4, dtype=torch.long), None, [0.25, 2.0], 0, -100, 0.0, False, -1),
+     "outputs must be a mask of GRAD_INPUTS (1), GRAD_TARGETS (2) and UNWEIGHTED_LOSS (4), got -1"),
+    (lambda: torch.ops.focal_cuda.softmax_focal_loss_forward(
+        X, torch.zeros(4, dtype=torch.long), None, [0.25], 0, -100, 0.0, False, 0),
+     "the softmax focal loss takes the coefficients (alpha, gamma), got 1 values"),
+])
+def test_ops_check_their_grouped_arguments(call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()

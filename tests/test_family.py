@@ -4,13 +4,15 @@ the composite form of the libraries that use them (fvcore, mmdet), gradcheck, fv
 behaviour as data, labels against one-hot targets, saturated logits, errors, modules, and the
 PyTorch 2 paths (opcheck, torch.compile)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import focal_cuda
 from conftest import (DEVICES, DTYPES, REDUCTIONS, assert_matches,
-                      assert_second_derivatives_match_kernel_differences, family_term_scales)
+                      assert_second_derivatives_match_kernel_differences, coefficients_of, family_term_scales)
 
 FORMS = {"star": 1, "quality": 2, "varifocal": 3}
 FUNCTIONS = {
@@ -346,22 +348,23 @@ def test_errors_name_the_argument(call, error, message):
     assert message in str(raised.value)
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (dict(form=4), "form must be 0 (focal loss), 1 (FL*), 2 (quality focal loss) or 3 (varifocal loss), got 4"),
-    (dict(form=2, alpha=0.25), "the quality focal loss has no alpha: pass -1, got 0.25"),
-    (dict(form=1, gamma=0.0), "gamma must be a finite number > 0, got 0"),
-    (dict(form=0, beta=1.0), "beta is FL*'s shift; the other forms take 0, got 1"),
-    (dict(form=3, alpha=0.75, label_smoothing=0.1), "label_smoothing must be 0 for the quality focal and varifocal losses"),
-    (dict(form=3, alpha=-1.0), "alpha must be a finite number >= 0, got -1"),
+@pytest.mark.parametrize("form, coefficients, label_smoothing, message", [
+    (4, [0.25, 2.0], 0.0, "form must be 0 (focal loss), 1 (FL*), 2 (quality focal loss) or 3 (varifocal loss), got 4"),
+    (2, [0.25, 2.0], 0.0, "the quality focal loss takes the coefficients (beta), got 2 values"),
+    (0, [0.25, 2.0, 1.0], 0.0, "the focal loss takes the coefficients (alpha, gamma), got 3 values"),
+    (1, [-1.0, 0.0, 0.0], 0.0, "gamma must be a finite number > 0, got 0"),
+    (1, [-1.0, 1.0, math.inf], 0.0, "beta must be a finite number, got inf"),
+    (2, [-0.5], 0.0, "beta must be a finite number >= 0, got -0.5"),
+    (3, [0.75, 2.0], 0.1, "label_smoothing must be 0 for the quality focal and varifocal losses"),
+    (3, [-1.0, 2.0], 0.0, "alpha must be a finite number >= 0, got -1"),
+    (0, [0.25, 2.0], 1.0, "label_smoothing must be in [0, 1), got 1"),
 ])
-def test_op_checks_the_form_arguments(arguments, message):
+def test_op_checks_the_form_arguments(form, coefficients, label_smoothing, message):
     """The op itself refuses what its form does not define (ValueError, the argument named)."""
-    options = dict(form=0, alpha=-1.0, gamma=2.0, beta=0.0, label_smoothing=0.0)
-    options.update(arguments)
     with pytest.raises(ValueError) as raised:
         torch.ops.focal_cuda.sigmoid_focal_loss_forward(
-            torch.zeros(2, 3), torch.zeros(2, 3), None, options["alpha"], options["gamma"], 0, -100,
-            options["label_smoothing"], False, False, False, False, options["form"], options["beta"])
+            torch.zeros(2, 3), torch.zeros(2, 3), None, None, form, coefficients, 0, -100,
+            label_smoothing, False, 0)
     assert message in str(raised.value)
 
 
@@ -392,8 +395,9 @@ def test_opcheck(form, requires_grad, labels):
     t = torch.randint(0, 6, (6,), generator=generator) if labels else \
         torch.rand(6, 5, generator=generator).requires_grad_(requires_grad)
     alpha, gamma, beta = op_arguments(form, PARAMETERS[form][1])
-    args = (x, t, None, alpha, gamma, 1, -100, 0.0, False, requires_grad,
-            requires_grad and not labels, False, FORMS[form], beta)
+    outputs = focal_cuda._ops.outputs_mask(requires_grad, requires_grad and not labels, False)
+    args = (x, t, None, None, FORMS[form], coefficients_of(FORMS[form], alpha, gamma, beta), 1, -100,
+            0.0, False, outputs)
     torch.library.opcheck(torch.ops.focal_cuda.sigmoid_focal_loss_forward.default, args)
 
 

@@ -65,7 +65,8 @@ def recorded_gradient_flags(inputs, targets):
         focal_cuda.sigmoid_focal_loss(inputs, targets, reduction="sum")
     (name, args), = recorder.calls
     assert name.startswith("sigmoid_focal_loss_forward")
-    return args[9], args[10]
+    outputs = args[10]
+    return bool(outputs & focal_cuda._ops.GRAD_INPUTS), bool(outputs & focal_cuda._ops.GRAD_TARGETS)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -128,7 +129,7 @@ def test_saved_gradient_becomes_the_gradient_only_on_its_last_use(device):
     torch.testing.assert_close(x.grad, first, rtol=0, atol=0)
     # Whoever calls the op itself may hold its gradient outputs: never reused.
     outputs = torch.ops.focal_cuda.sigmoid_focal_loss_forward(
-        x, targets, None, 0.25, 2.0, 1, -100, 0.0, False, True, False, False
+        x, targets, None, None, 0, [0.25, 2.0], 1, -100, 0.0, False, focal_cuda._ops.GRAD_INPUTS
     )
     held = outputs[1].clone()
     x.grad = None

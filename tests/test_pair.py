@@ -151,8 +151,9 @@ def test_opcheck_and_compile(form):
     labels = torch.tensor([0, 5, 2, -100, 4, 1])
     scores = torch.rand(6, generator=generator)
     for requires_grad in (False, True):
-        args = (x.clone().requires_grad_(requires_grad), labels, None, 0.25, 2.0, 1, -100, 0.0, False,
-                requires_grad, requires_grad, False, 0, 0.0, scores.clone().requires_grad_(requires_grad))
+        args = (x.clone().requires_grad_(requires_grad), labels, None, scores.clone().requires_grad_(requires_grad),
+                0, [0.25, 2.0], 1, -100, 0.0, False,
+                focal_cuda._ops.outputs_mask(requires_grad, requires_grad, False))
         torch.library.opcheck(torch.ops.focal_cuda.sigmoid_focal_loss_forward.default, args)
     torch._dynamo.reset()
 
@@ -212,5 +213,4 @@ def test_pair_errors_name_what_is_wrong(targets, error, message):
 def test_op_refuses_scores_without_labels():
     with pytest.raises(ValueError, match="scores go with integer targets"):
         torch.ops.focal_cuda.sigmoid_focal_loss_forward(
-            torch.zeros(2, 3), torch.zeros(2, 3), None, 0.25, 2.0, 0, -100, 0.0, False, False, False,
-            False, 0, 0.0, torch.zeros(2))
+            torch.zeros(2, 3), torch.zeros(2, 3), None, torch.zeros(2), 0, [0.25, 2.0], 0, -100, 0.0, False, 0)

@@ -19,8 +19,8 @@ def test_opcheck_forward(device, dtype, reduction, requires_grad):
     inputs, targets = random_case((6, 5), dtype, device)
     inputs.requires_grad_(requires_grad)
     targets.requires_grad_(requires_grad)
-    args = (inputs, targets, None, 0.25, 2.0, reduction, -100, 0.0, False, requires_grad,
-            requires_grad, False)
+    args = (inputs, targets, None, None, 0, [0.25, 2.0], reduction, -100, 0.0, False,
+            focal_cuda._ops.outputs_mask(requires_grad, requires_grad, False))
     torch.library.opcheck(forward_op, args)
 
 
@@ -104,8 +104,8 @@ def test_opcheck_forward_with_labels_and_weight(device, dtype, requires_grad):
     weight = torch.rand(5, device=device, dtype=dtype).requires_grad_(requires_grad)
     inputs.requires_grad_(requires_grad)
     for reduction in (0, 1, 2):
-        args = (inputs, labels, weight, 0.25, 2.0, reduction, -100, 0.1, False, requires_grad,
-                False, requires_grad)
+        args = (inputs, labels, weight, None, 0, [0.25, 2.0], reduction, -100, 0.1, False,
+                focal_cuda._ops.outputs_mask(requires_grad, False, requires_grad))
         torch.library.opcheck(forward_op, args)
 
 

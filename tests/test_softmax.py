@@ -433,8 +433,8 @@ def test_opcheck(kind, layout):
         targets = torch.softmax(torch.randn(inputs.shape, generator=generator), 1)
     weight = torch.rand(CLASSES)
     for reduction in (0, 1, 2):
-        arguments = (inputs.detach().requires_grad_(), targets, weight, 0.5, 2.0, reduction, -100, 0.1,
-                     False, True, kind == "probabilities", True)
+        arguments = (inputs.detach().requires_grad_(), targets, weight, [0.5, 2.0], reduction, -100, 0.1,
+                     False, focal_cuda._ops.outputs_mask(True, kind == "probabilities", True))
         torch.library.opcheck(torch.ops.focal_cuda.softmax_focal_loss_forward.default, arguments)
 
 

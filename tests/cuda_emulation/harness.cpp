@@ -84,14 +84,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "focal_cuda's CUDA kernels and op layer on the emulated device (tests/cuda_emulation)";
   using pybind11::arg;
   m.def("sigmoid_focal_loss_forward", &focal::sigmoid_focal_loss_forward, arg("inputs"), arg("targets"),
-        arg("weight"), arg("alpha"), arg("gamma"), arg("reduction"), arg("ignore_index"),
-        arg("label_smoothing"), arg("float32_loss"), arg("compute_grad_inputs"),
-        arg("compute_grad_targets"), arg("compute_unweighted_loss"), arg("form") = 0, arg("beta") = 0.0,
-        arg("scores") = pybind11::none());
+        arg("weight"), arg("scores"), arg("form"), arg("coefficients"), arg("reduction"),
+        arg("ignore_index"), arg("label_smoothing"), arg("float32_loss"), arg("outputs"));
   m.def("softmax_focal_loss_forward", &focal::softmax_focal_loss_forward, arg("inputs"), arg("targets"),
-        arg("weight"), arg("alpha"), arg("gamma"), arg("reduction"), arg("ignore_index"),
-        arg("label_smoothing"), arg("float32_loss"), arg("compute_grad_inputs"),
-        arg("compute_grad_targets"), arg("compute_unweighted_loss"));
+        arg("weight"), arg("coefficients"), arg("reduction"), arg("ignore_index"),
+        arg("label_smoothing"), arg("float32_loss"), arg("outputs"));
   m.def("sigmoid_focal_loss_backward", &focal::sigmoid_focal_loss_backward, arg("grad_output"),
         arg("saved_grad"), arg("count"), arg("reduction"));
   m.def("sigmoid_focal_loss_backward_", &focal::sigmoid_focal_loss_backward_, arg("grad_output"),

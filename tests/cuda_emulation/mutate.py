@@ -48,9 +48,9 @@ MUTANTS = [
      "  if (tail < p.n) {", "  if (tail <= p.n) {"),
     ("grid_stride", "forward: the grid-stride loop strides by one block instead of the whole grid",
      "    for (int64_t pack = thread; pack < num_packs; pack += num_threads) {\n"
-     "      const auto xs = ",
+     "      if constexpr (kPack == 1) {",
      "    for (int64_t pack = thread; pack < num_packs; pack += blockDim.x) {\n"
-     "      const auto xs = "),
+     "      if constexpr (kPack == 1) {"),
     ("misaligned_packed_store", "forward: the loss pointer left out of the alignment check of the packed path",
      "      is_aligned_for_pack<out_t, kPack>(p.loss) &&\n", ""),
     ("class_wrap", "forward: the packed loops' class does not wrap at a new row",
@@ -123,8 +123,9 @@ MUTANTS = [
      "  return Math::select(counts, v, V(0.0f));", "  return v;"),
     ("softmax_soft_gradient_sum", "softmax: soft targets' gradient without the -p_j sum_c g_c part",
      "softmax_gradient(terms.g, terms.p, g_sum)", "softmax_gradient(terms.g, terms.p, zero)"),
-    ("softmax_divisor_writer", "softmax: the finish kernel writes the loss sum as the divisor",
-     "    *divisor = total;", "    *divisor = sum;"),
+    ("finish_count_writer", "finish: the loss sum written as the count (the mean's divisor, the softmax "
+     "loss's weighted one too)",
+     "    *count = total;", "    *count = static_cast<count_t>(sum);"),
     ("sm_count_uncached", "launch: every launch asks the driver for the SM count",
      "  if (count == 0) {\n    C10_CUDA_CHECK(cudaDeviceGetAttribute",
      "  if (true) {\n    C10_CUDA_CHECK(cudaDeviceGetAttribute"),
