@@ -648,10 +648,31 @@ FOCAL_HOST_DEVICE SoftmaxTerms<V> softmax_terms(V z, V q, V w, const SoftmaxRow<
   return {w * unweighted, unweighted, w * alpha_q * c.slope, alpha * w * c.focal, c.p, c.u};
 }
 
-// dL/dz_j from the class terms g and their sum over the position: g_j - p_j sum_c g_c.
+// The class terms g summed over a position, apart at the max and below it (softmax_gradient).
 template <typename V>
-FOCAL_HOST_DEVICE V softmax_gradient(V g, V p, V g_sum) {
-  return g - p * g_sum;
+struct SoftmaxGradientSums {
+  V below;   // over the classes below the max
+  V at_max;  // over the classes at the max
+};
+
+template <typename Math, typename V>
+FOCAL_HOST_DEVICE void softmax_gradient_accumulate(V z, V max, V g, SoftmaxGradientSums<V>& sums) {
+  const V zero(0.0f);
+  const auto at_max = z == max;
+  sums.below = sums.below + Math::select(at_max, zero, g);
+  sums.at_max = sums.at_max + Math::select(at_max, g, zero);
+}
+
+// dL/dz_j = g_j - p_j sum_c g_c. At the max, where p_j and the targets may both near 1 and that
+// difference would cancel, as g_j u_j - p_j (the other classes' g), u_j = r / (1 + r) from the
+// row; the others' sum is the sum below plus at_max - g_j (0 for a lone max; tied classes
+// have p <= 1/2 and cancel nothing).
+template <typename Math, typename V>
+FOCAL_HOST_DEVICE V softmax_gradient(V z, V g, V p, const SoftmaxRow<V>& row,
+                                     const SoftmaxGradientSums<V>& sums) {
+  const V u_at_max = row.rest * row.inv_sum;
+  return Math::select(z == row.max, g * u_at_max - p * (sums.below + (sums.at_max - g)),
+                      g - p * (sums.below + sums.at_max));
 }
 
 // The same for a label y (no smoothing), where only g_y is not 0: g_y (1 - p_y) at the label,

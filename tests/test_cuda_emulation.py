@@ -958,6 +958,19 @@ def test_every_kernel_instance_was_launched(emulated):
     assert not never, f"{len(never)} of {len(instances)} kernel instances never launched: {never}"
 
 
+@pytest.mark.parametrize("kind", ["smoothed", "probabilities"])
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_softmax_soft_target_gradient_at_a_confident_class_keeps_its_accuracy(emulated, kind, gamma):
+    from test_softmax import CLASSES, assert_confident_class_gradient_exact, confident_soft_case
+
+    for classes in (CLASSES, 131):
+        inputs, targets, smoothing = confident_soft_case(kind, classes, "cpu")
+        _, grad, *_ = emulated.softmax_focal_loss_forward(inputs, targets, None, [-1.0, gamma],
+                                                          REDUCTION_CODES["sum"], -100, smoothing,
+                                                          False, GRAD_INPUTS)
+        assert_confident_class_gradient_exact(grad, inputs, targets, gamma, smoothing)
+
+
 def test_every_mutant_text_is_in_the_kernels_once():
     """mutate.py plants each mutant by replacing its text, which must occur exactly once in csrc:
     a kernel change that moves the text leaves the mutant unplantable (two had been, unnoticed)."""

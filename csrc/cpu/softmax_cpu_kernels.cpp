@@ -206,7 +206,7 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
       }
     }
   } else {
-    Vec g_sum(S(0));
+    SoftmaxGradientSums<Vec> g_sums{Vec(S(0)), Vec(S(0))};
     for (int64_t c = 0; c < classes; ++c) {
       const Vec z = Vec::loadu(x.data + c * x.stride);
       const Vec target =
@@ -217,7 +217,7 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
       const auto terms = softmax_terms<Math, kGrad>(z, q, w, row, coeffs);
       loss = loss + terms.loss;
       if constexpr (kGrad) {
-        g_sum = g_sum + terms.g;
+        softmax_gradient_accumulate<Math>(z, max, terms.g, g_sums);
         terms.g.store(buffers.class_g.data() + c * kLanes);
       }
       if (unweighted.data != nullptr) {
@@ -233,7 +233,8 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
       for (int64_t c = 0; c < classes; ++c) {
         const Vec z = Vec::loadu(x.data + c * x.stride);
         const Vec p = Math::exp(z - max) * row.inv_sum;
-        where_counts<Math>(counts, softmax_gradient(Vec::loadu(buffers.class_g.data() + c * kLanes), p, g_sum))
+        const Vec g = Vec::loadu(buffers.class_g.data() + c * kLanes);
+        where_counts<Math>(counts, softmax_gradient<Math>(z, g, p, row, g_sums))
             .store(grad_inputs.data + c * grad_inputs.stride);
       }
     }
@@ -361,7 +362,7 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
                      ? read_block(operands.probabilities, offset, classes, buffers.probabilities.data())
                      : nullptr;
     Vec loss_lanes(S(0));
-    Vec g_sum_lanes(S(0));
+    SoftmaxGradientSums<Vec> g_sum_lanes{Vec(S(0)), Vec(S(0))};
     for (int64_t c = 0; c < classes; c += kLanes) {
       const Vec class_index = lane_classes + Vec(static_cast<S>(c));
       const Vec target =
@@ -371,10 +372,11 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
       const Vec in_row = class_index < Vec(static_cast<S>(classes));
       const Vec q = Math::select(in_row, target + Vec(coeffs.smoothing_share), Vec(S(0)));
       const Vec w = weight != nullptr ? load(weight, c, S(1)) : Vec(S(1));
-      const auto terms = softmax_terms<Math, kGrad>(load(x, c, max), q, w, row, coeffs);
+      const Vec z = load(x, c, max);  // padding: the max, with target 0
+      const auto terms = softmax_terms<Math, kGrad>(z, q, w, row, coeffs);
       loss_lanes = loss_lanes + terms.loss;
       if constexpr (kGrad) {
-        g_sum_lanes = g_sum_lanes + terms.g;
+        softmax_gradient_accumulate<Math>(z, vmax, terms.g, g_sum_lanes);
         store(terms.g, buffers.class_g.data(), c);
       }
       if (unweighted != nullptr) {
@@ -389,14 +391,19 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
       loss += lanes[lane];
     }
     if constexpr (kGrad) {
-      g_sum_lanes.store(lanes);
-      S g_sum(0);
-      for (int64_t lane = 0; lane < kLanes; ++lane) {
-        g_sum += lanes[lane];
-      }
+      const auto lane_sum = [&](const Vec& values) {
+        values.store(lanes);
+        S sum(0);
+        for (int64_t lane = 0; lane < kLanes; ++lane) {
+          sum += lanes[lane];
+        }
+        return Vec(sum);
+      };
+      const SoftmaxGradientSums<Vec> g_sums{lane_sum(g_sum_lanes.below), lane_sum(g_sum_lanes.at_max)};
       for (int64_t c = 0; c < classes; c += kLanes) {
-        const Vec p = Math::exp(load(x, c, max) - vmax) * row.inv_sum;
-        store(softmax_gradient(load(buffers.class_g.data(), c, S(0)), p, Vec(g_sum)), grad_inputs, c);
+        const Vec z = load(x, c, max);
+        const Vec p = Math::exp(z - vmax) * row.inv_sum;
+        store(softmax_gradient<Math>(z, load(buffers.class_g.data(), c, S(0)), p, row, g_sums), grad_inputs, c);
       }
     }
   }

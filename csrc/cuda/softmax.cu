@@ -132,12 +132,14 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
       };
       const auto class_weight = [&](int64_t c) { return p.weight != nullptr ? p.weight[c] : S(1); };
       S loss(0);
-      S g_sum(0);
+      SoftmaxGradientSums<S> g_sums{zero, zero};
       for (int64_t c = 0; c < p.classes; ++c) {
-        const auto terms = softmax_terms<Math, kGrad>(static_cast<S>(x[c * p.class_stride]),
-                                                      target(c), class_weight(c), row, p.coeffs);
+        const S z = static_cast<S>(x[c * p.class_stride]);
+        const auto terms = softmax_terms<Math, kGrad>(z, target(c), class_weight(c), row, p.coeffs);
         loss += terms.loss;
-        g_sum += terms.g;
+        if constexpr (kGrad) {
+          softmax_gradient_accumulate<Math>(z, max, terms.g, g_sums);
+        }
         if (p.unweighted_loss != nullptr) {
           p.unweighted_loss[base + c * p.class_stride] = where_counts<Math>(label.counts, terms.unweighted);
         }
@@ -154,10 +156,10 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
       if constexpr (kGrad) {
         // Each class's term again (no per-class buffer), now that their sum is known.
         for (int64_t c = 0; c < p.classes; ++c) {
-          const auto terms = softmax_terms<Math, true>(static_cast<S>(x[c * p.class_stride]),
-                                                       target(c), class_weight(c), row, p.coeffs);
-          p.grad_inputs[base + c * p.class_stride] = static_cast<saved_t<x_t>>(
-              where_counts<Math>(label.counts, softmax_gradient(terms.g, terms.p, g_sum)));
+          const S z = static_cast<S>(x[c * p.class_stride]);
+          const auto terms = softmax_terms<Math, true>(z, target(c), class_weight(c), row, p.coeffs);
+          p.grad_inputs[base + c * p.class_stride] = static_cast<saved_t<x_t>>(where_counts<Math>(
+              label.counts, softmax_gradient<Math>(z, terms.g, terms.p, row, g_sums)));
         }
       }
     }

@@ -122,7 +122,8 @@ MUTANTS = [
      "(NaN logits there make the loss NaN)",
      "  return Math::select(counts, v, V(0.0f));", "  return v;"),
     ("softmax_soft_gradient_sum", "softmax: soft targets' gradient without the -p_j sum_c g_c part",
-     "softmax_gradient(terms.g, terms.p, g_sum)", "softmax_gradient(terms.g, terms.p, zero)"),
+     "softmax_gradient<Math>(z, terms.g, terms.p, row, g_sums)",
+     "softmax_gradient<Math>(z, terms.g, terms.p, row, SoftmaxGradientSums<S>{zero, zero})"),
     ("finish_count_writer", "finish: the loss sum written as the count (the mean's divisor, the softmax "
      "loss's weighted one too)",
      "    *count = total;", "    *count = static_cast<count_t>(sum);"),
@@ -151,6 +152,10 @@ MATH_MUTANTS = [
      "  const V rest = sums.others + (sums.ties - one);", "  const V rest = sums.others + sums.ties;"),
     ("softmax_u_at_max", "device math: 1 - p at the max by subtraction (cancels for confident positions)",
      "Math::select(shifted == zero, row.rest * row.inv_sum, one - p)", "one - p"),
+    ("softmax_gradient_at_max", "device math: soft targets' gradient at the max as g - p sum(g), which "
+     "cancels where p and the target both near 1",
+     "  return Math::select(z == row.max, g * u_at_max - p * (sums.below + (sums.at_max - g)),",
+     "  return Math::select(z == row.max, g - p * (sums.below + sums.at_max),"),
     ("softmax_label_gradient_u", "device math: the labelled class's gradient g (1 - p) taken as g",
      "Math::select(is_label, label_g * label_u, V(0.0f) - p * label_g)",
      "Math::select(is_label, label_g, V(0.0f) - p * label_g)"),
