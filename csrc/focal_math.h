@@ -626,8 +626,8 @@ FOCAL_HOST_DEVICE SoftmaxClass<V> softmax_class(V z, const SoftmaxRow<V>& row,
   return terms;
 }
 
-// One class's share of a position's loss and derivatives, for target q (0 at an ignored
-// position) and class weight w.
+// One class's share of a position's loss and derivatives, for target q and class weight w (an
+// ignored position's are selected away after: where_counts).
 template <typename V>
 struct SoftmaxTerms {
   V loss;        // alpha w q focal

@@ -185,8 +185,7 @@ def softmax_focal_loss(
     dim = 0 if inputs.dim() == 1 else 1
     classes = inputs.shape[dim]
     math_dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32
-    log_p = torch.log_softmax(inputs.to(math_dtype), dim)
-    focal = -log_p if gamma == 0 else -(1 - log_p.exp()).pow(gamma) * log_p
+    x = inputs.to(math_dtype)
     class_shape = [1] * inputs.dim()
     class_shape[dim] = classes
     class_weight = None if weight is None else weight.to(math_dtype).reshape(class_shape)
@@ -198,6 +197,11 @@ def softmax_focal_loss(
         valid = labels != ignore_index
         classes_range = torch.arange(classes, device=inputs.device).reshape(class_shape)
         q = ((labels.unsqueeze(dim) == classes_range) & valid.unsqueeze(dim)).to(math_dtype)
+        # An ignored position is computed at logits 0, selected rather than multiplied by 0:
+        # whatever it holds (inf, NaN) leaves no trace in the loss or any derivative.
+        x = torch.where(valid.unsqueeze(dim), x, torch.zeros_like(x))
+    log_p = torch.log_softmax(x, dim)
+    focal = -log_p if gamma == 0 else -(1 - log_p.exp()).pow(gamma) * log_p
     q = q * (1 - label_smoothing) + label_smoothing / classes
     if valid is not None:
         q = q * valid.unsqueeze(dim)

@@ -358,8 +358,9 @@ def loss_magnitude(form, inputs, targets, alpha, gamma, beta, label_smoothing):
 def coefficients_of(form, alpha, gamma, beta=0.0):
     """The sigmoid forward op's coefficients of form from the options in the kernels' meaning
     (gamma: the quality focal loss's beta; alpha -1 or None: none)."""
-    alpha = -1.0 if alpha is None else alpha
-    return {0: [alpha, gamma], 1: [alpha, gamma, beta], 2: [gamma], 3: [alpha, gamma]}[form]
+    named = dict(alpha=-1.0 if alpha is None else alpha, gamma=gamma,
+                 beta=gamma if form == focal_cuda.reference.FORMS["quality"] else beta)
+    return [named[name] for name in focal_cuda.reference.FORM_COEFFICIENTS[form]]
 
 
 def assert_gradients_are_derivatives(forward, inputs, targets, options, scores=None, weight=None):

@@ -183,8 +183,8 @@ class Case:
                             ignore_index=ignore_index, label_smoothing=label_smoothing,
                             float32_loss=float32_loss, form=FORMS[form], beta=beta)
         # The loss before the weight is also wanted alone: a weight requiring grad, inputs not.
-        self.flags = dict(compute_grad_inputs=grad_inputs, compute_grad_targets=grad_targets,
-                          compute_unweighted_loss=self.weight is not None and (grad_inputs or seed % 2 == 0))
+        self.flags = dict(grad_inputs=grad_inputs, grad_targets=grad_targets,
+                          unweighted_loss=self.weight is not None and (grad_inputs or seed % 2 == 0))
         self.reduction = reduction
         self.loss_dtype = loss_dtype(x_dtype, targets, float32_loss)
         self.x_dtype = x_dtype
@@ -199,8 +199,8 @@ class Case:
 
     def arguments(self):
         o = self.options
-        outputs = outputs_mask(self.flags["compute_grad_inputs"], self.flags["compute_grad_targets"],
-                               self.flags["compute_unweighted_loss"])
+        outputs = outputs_mask(self.flags["grad_inputs"], self.flags["grad_targets"],
+                               self.flags["unweighted_loss"])
         return (self.inputs, self.targets, self.weight, self.scores, o["form"],
                 coefficients_of(o["form"], o["alpha"], o["gamma"], o["beta"]), o["reduction"],
                 o["ignore_index"], o["label_smoothing"], o["float32_loss"], outputs)
@@ -267,17 +267,17 @@ def check_outputs(case, outputs, label):
     else:
         assert_matches(loss, expected_loss.view(loss.shape), case.loss_dtype,
                        scale=None if scale_loss is None else scale_loss.view(loss.shape))
-    if case.flags["compute_grad_inputs"]:
+    if case.flags["grad_inputs"]:
         assert grad_inputs.dtype == saved_dtype(case.x_dtype)
         assert_matches(grad_inputs, expected_gx, saved_dtype(case.x_dtype), scale=scale_inputs)
     else:
         assert grad_inputs.numel() == 0
-    if case.flags["compute_grad_targets"]:
+    if case.flags["grad_targets"]:
         assert grad_targets.dtype == saved_dtype(case.target_dtype)
         assert_matches(grad_targets, expected_gt, saved_dtype(case.target_dtype), scale=scale_targets)
     else:
         assert grad_targets.numel() == 0
-    if case.flags["compute_unweighted_loss"]:
+    if case.flags["unweighted_loss"]:
         assert unweighted.dtype == saved_dtype(case.loss_dtype)
         assert_matches(unweighted, expected_unweighted, saved_dtype(case.loss_dtype), scale=case.unweighted_scale())
 

@@ -59,7 +59,8 @@ def formula(form, x, t, alpha=None, gamma=None, beta=None):
 
 
 def op_arguments(form, parameters):
-    """(alpha, gamma, beta) in the op's meaning (family_term_scales'): gamma is QFL's beta."""
+    """(alpha, gamma, beta) in the kernels' meaning (family_term_scales' and
+    conftest.coefficients_of's): gamma is QFL's beta, alpha -1 where there is none."""
     p = dict(defaults(form), **parameters)
     if form == "star":
         return (-1.0 if p["alpha"] is None else p["alpha"]), p["gamma"], p["beta"]

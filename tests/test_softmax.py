@@ -373,6 +373,28 @@ def test_ignored_positions_leave_no_trace_whatever_their_logits(device, dtype, k
         assert (dirty[1][ignored] == 0).all()
 
 
+def test_ignored_positions_leave_no_trace_on_the_reference_paths():
+    """create_graph, torch.func and vmap take the reference formula: the same there."""
+    inputs, labels = make_case((6, CLASSES, 3, 7), torch.float64, "cpu", "labels", ignore_fraction=0.4)
+    poisoned = with_ignored_logits_poisoned(inputs, labels)
+    ignored = (labels == -100).unsqueeze(1).expand_as(inputs)
+    loss_of = lambda x: focal_cuda.softmax_focal_loss(x, labels, gamma=1.5, label_smoothing=0.1)
+    clean = torch.func.grad(loss_of)(inputs)
+    for x in (inputs, poisoned):
+        x = x.clone().requires_grad_()
+        (first,) = torch.autograd.grad(loss_of(x), x, create_graph=True)
+        (second,) = torch.autograd.grad(first.sum(), x)
+        assert torch.isfinite(second).all() and (second[ignored] == 0).all()
+        for grad in (first.detach(), torch.func.grad(loss_of)(x.detach())):
+            assert (grad[ignored] == 0).all()
+            torch.testing.assert_close(grad, clean, rtol=0, atol=0)
+    rows, row_labels = make_case((9, CLASSES), torch.float64, "cpu", "labels", ignore_fraction=0.4)
+    batch = torch.stack([rows, rows + 1])
+    per_sample = torch.func.vmap(lambda x: focal_cuda.softmax_focal_loss(x, row_labels, gamma=1.5))
+    poisoned_batch = torch.stack([with_ignored_logits_poisoned(sample, row_labels) for sample in batch])
+    torch.testing.assert_close(per_sample(poisoned_batch), per_sample(batch), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("label_dtype", [torch.int32, torch.uint8, torch.int16])
 def test_narrow_label_dtypes(label_dtype):
     inputs, labels = make_case((7, CLASSES, 3), torch.float32, "cpu", "labels", ignore_fraction=0)

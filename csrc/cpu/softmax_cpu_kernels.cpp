@@ -169,8 +169,7 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
     divisor += static_cast<double>(label.weight);
   }
   const Vec label = Vec::loadu(label_lanes);
-  const Vec valid = Vec::loadu(valid_lanes);
-  const Vec counts = valid != Vec(S(0));
+  const Vec counts = Vec::loadu(valid_lanes) != Vec(S(0));
 
   // The row: its max, then its sums (and the label's logit).
   Vec max = Vec::loadu(x.data);
@@ -190,7 +189,7 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
 
   Vec loss(S(0));
   if constexpr (!kSoft) {
-    const auto terms = softmax_terms<Math, kGrad>(label_logit, valid, Vec::loadu(weight_lanes), row,
+    const auto terms = softmax_terms<Math, kGrad>(label_logit, Vec(S(1)), Vec::loadu(weight_lanes), row,
                                                   coeffs);
     loss = where_counts<Math>(counts, terms.loss);
     for (int64_t c = 0; c < classes; ++c) {
@@ -212,7 +211,7 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
       const Vec target =
           operands.labels != nullptr ? Math::select(label == Vec(static_cast<S>(c)), Vec(coeffs.target_scale), Vec(S(0)))
                  : Vec::loadu(t.data + c * t.stride) * Vec(coeffs.target_scale);
-      const Vec q = (target + Vec(coeffs.smoothing_share)) * valid;
+      const Vec q = target + Vec(coeffs.smoothing_share);
       const Vec w = weight != nullptr ? Vec(weight[c]) : Vec(S(1));
       const auto terms = softmax_terms<Math, kGrad>(z, q, w, row, coeffs);
       loss = loss + terms.loss;

@@ -91,7 +91,6 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
     }
     const x_t* x = p.inputs + base;
     const PositionLabel<S> label = position_label(p.labels, position, p.ignore_index, p.classes, p.weight);
-    const S valid = label.counts ? S(1) : zero;
 
     S max = static_cast<S>(x[0]);
     for (int64_t c = 1; c < p.classes; ++c) {
@@ -106,7 +105,7 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
     if constexpr (!kSoft) {
       // Where no label is: the term at the max, zeroed.
       const S label_logit = label.label >= 0 ? static_cast<S>(x[label.label * p.class_stride]) : max;
-      const auto terms = softmax_terms<Math, kGrad>(label_logit, valid, label.weight, row, p.coeffs);
+      const auto terms = softmax_terms<Math, kGrad>(label_logit, S(1), label.weight, row, p.coeffs);
       const S loss = where_counts<Math>(label.counts, terms.loss);
       sum += loss;
       if (p.loss != nullptr) {
@@ -123,12 +122,12 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
         }
       }
     } else {
-      // The target of class c: a given probability or the smoothed label, 0 where ignored.
+      // The target of class c: a given probability or the smoothed label.
       const auto target = [&](int64_t c) {
         const S given = p.probabilities != nullptr
                             ? p.probabilities[base + c * p.class_stride]
                             : (c == label.label ? S(1) : zero);
-        return (given * p.coeffs.target_scale + p.coeffs.smoothing_share) * valid;
+        return given * p.coeffs.target_scale + p.coeffs.smoothing_share;
       };
       const auto class_weight = [&](int64_t c) { return p.weight != nullptr ? p.weight[c] : S(1); };
       S loss(0);

@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
 
-# name, what the bug is, text in the kernel files (csrc/cuda), its replacement
+# name, what the bug is, its text (in csrc/cuda, or in focal_math.h's softmax helpers), its replacement
 MUTANTS = [
     ("no_publish_barrier", "block_sum: the barrier between writing and reading the per-warp sums removed",
      "    warp_sums[warp] = value;\n  }\n  __syncthreads();\n", "    warp_sums[warp] = value;\n  }\n"),
