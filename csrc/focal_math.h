@@ -86,6 +86,67 @@ struct FocalCoeffs {
 // boundary unchanged.
 enum class LossForm : int { Focal = 0, Star = 1, Quality = 2, Varifocal = 3 };
 
+// What each loss takes: its coefficients in the op's order (csrc/focal_ops.h), each with the
+// range it must lie in and the LossCoeffs argument it fills (those it fills not: alpha -1, gamma
+// and beta 0), and whether its targets may be smoothed. The op layer checks and converts every
+// form through this table alone: a new form adds its row here and its terms below.
+enum class CoefficientRange { UnitOrOff, NonNegative, NonNegativeOrOff, Positive, Finite };
+enum class CoefficientRole { Alpha, Gamma, Beta };
+struct FormCoefficient {
+  const char* name;
+  CoefficientRange range;
+  CoefficientRole role;
+};
+struct FormSignature {
+  const char* name;
+  int count;
+  FormCoefficient coefficients[3];
+  bool label_smoothing;
+};
+// The family, by LossForm code.
+inline constexpr FormSignature kFormSignatures[] = {
+    {"focal loss", 2,
+     {{"alpha", CoefficientRange::UnitOrOff, CoefficientRole::Alpha},
+      {"gamma", CoefficientRange::NonNegative, CoefficientRole::Gamma}},
+     true},
+    {"FL*", 3,
+     {{"alpha", CoefficientRange::UnitOrOff, CoefficientRole::Alpha},
+      {"gamma", CoefficientRange::Positive, CoefficientRole::Gamma},
+      {"beta", CoefficientRange::Finite, CoefficientRole::Beta}},
+     true},
+    // Its exponent is named beta, as in the paper; the terms take it as the modulating gamma.
+    {"quality focal loss", 1, {{"beta", CoefficientRange::NonNegative, CoefficientRole::Gamma}},
+     false},
+    // alpha weighs the negatives (the terms switch alpha_t off); targets are soft scores already.
+    {"varifocal loss", 2,
+     {{"alpha", CoefficientRange::NonNegative, CoefficientRole::Alpha},
+      {"gamma", CoefficientRange::NonNegative, CoefficientRole::Gamma}},
+     false},
+};
+inline constexpr FormSignature kSoftmaxSignature = {
+    "softmax focal loss", 2,
+    {{"alpha", CoefficientRange::NonNegativeOrOff, CoefficientRole::Alpha},
+     {"gamma", CoefficientRange::NonNegative, CoefficientRole::Gamma}},
+    true};
+
+// A signature's coefficients (count of them, checked) as LossCoeffs' alpha, gamma and beta.
+struct FormScalars {
+  double alpha = -1.0;
+  double gamma = 0.0;
+  double beta = 0.0;
+};
+inline FormScalars form_scalars(const FormSignature& signature, const double* coefficients) {
+  FormScalars scalars;
+  for (int i = 0; i < signature.count; ++i) {
+    switch (signature.coefficients[i].role) {
+      case CoefficientRole::Alpha: scalars.alpha = coefficients[i]; break;
+      case CoefficientRole::Gamma: scalars.gamma = coefficients[i]; break;
+      case CoefficientRole::Beta: scalars.beta = coefficients[i]; break;
+    }
+  }
+  return scalars;
+}
+
 // FocalCoeffs plus what the other forms need. gamma (FocalCoeffs) is the exponent of the
 // modulating factor (the focal loss's gamma, QFL's beta, VFL's gamma), or FL*'s gamma; alpha
 // is alpha_t's (focal loss, FL*) or VFL's weight of the negatives (its alpha_t is off).

@@ -7,7 +7,9 @@
 
 #include <atomic>
 #include <cmath>
+#include <iterator>
 #include <limits>
+#include <string>
 
 #include "focal.h"
 
@@ -196,79 +198,76 @@ void run_backward(const BackwardArgs& args) {
 
 namespace {
 
-// A form's coefficients in the kernels' terms (LossCoeffs): alpha (-1 for none), the modulating
-// exponent (the quality focal loss's beta) or FL*'s gamma, and FL*'s beta.
-struct FormScalars {
-  double alpha;
-  double gamma;
-  double beta;
-};
-
-// What each form takes, by LossForm code: its name and its coefficients, in the op's order.
-struct FormSignature {
-  const char* name;
-  const char* coefficients;
-  size_t count;
-};
-constexpr FormSignature kFormSignatures[] = {
-    {"focal loss", "(alpha, gamma)", 2},
-    {"FL*", "(alpha, gamma, beta)", 3},
-    {"quality focal loss", "(beta)", 1},
-    {"varifocal loss", "(alpha, gamma)", 2},
-};
-
-// The coefficients, whose number check_form_arguments checked, in the kernels' terms.
-FormScalars form_scalars(LossForm form, const std::vector<double>& coefficients) {
-  switch (form) {
-    case LossForm::Star: return {coefficients[0], coefficients[1], coefficients[2]};
-    case LossForm::Quality: return {-1.0, coefficients[0], 0.0};
-    default: return {coefficients[0], coefficients[1], 0.0};
-  }
-}
-
 void check_label_smoothing(double label_smoothing) {
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
                     "label_smoothing must be in [0, 1), got ", label_smoothing);
+}
+
+// "(alpha, gamma)": the signature's coefficients as the messages name them.
+std::string coefficient_names(const FormSignature& signature) {
+  std::string names = "(";
+  for (int i = 0; i < signature.count; ++i) {
+    names += std::string(i > 0 ? ", " : "") + signature.coefficients[i].name;
+  }
+  return names + ")";
+}
+
+// The coefficients' number and ranges (focal_math.h's table), and the label smoothing.
+void check_signature(const FormSignature& signature, const std::vector<double>& coefficients,
+                     double label_smoothing) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  TORCH_CHECK_VALUE(coefficients.size() == static_cast<size_t>(signature.count), "the ",
+                    signature.name, " takes the coefficients ", coefficient_names(signature),
+                    ", got ", coefficients.size(), " values");
+  for (int i = 0; i < signature.count; ++i) {
+    const char* name = signature.coefficients[i].name;
+    const double value = coefficients[i];
+    switch (signature.coefficients[i].range) {
+      case CoefficientRange::UnitOrOff:
+        TORCH_CHECK_VALUE(value == -1.0 || (value >= 0.0 && value <= 1.0), name,
+                          " must be in [0, 1], or -1 or None to disable the weighting, got ", value);
+        break;
+      case CoefficientRange::NonNegative:
+        TORCH_CHECK_VALUE(value >= 0.0 && value < kInf, name, " must be a finite number >= 0, got ",
+                          value);
+        break;
+      case CoefficientRange::NonNegativeOrOff:
+        TORCH_CHECK_VALUE(value == -1.0 || (value >= 0.0 && value < kInf), name,
+                          " must be a finite number >= 0, or None for 1, got ", value);
+        break;
+      case CoefficientRange::Positive:
+        TORCH_CHECK_VALUE(value > 0.0 && value < kInf, name, " must be a finite number > 0, got ",
+                          value);
+        break;
+      case CoefficientRange::Finite:
+        TORCH_CHECK_VALUE(std::abs(value) < kInf, name, " must be a finite number, got ", value);
+        break;
+    }
+  }
+  check_label_smoothing(label_smoothing);
+  TORCH_CHECK_VALUE(label_smoothing == 0.0 || signature.label_smoothing,
+                    "label_smoothing must be 0 for the ", signature.name,
+                    ", whose targets are soft scores already, got ", label_smoothing);
+}
+
+constexpr int64_t kForms = static_cast<int64_t>(std::size(kFormSignatures));
+
+// "0 (focal loss), 1 (FL*), ... or 3 (varifocal loss)".
+std::string form_codes() {
+  std::string codes;
+  for (int64_t form = 0; form < kForms; ++form) {
+    codes += (form == 0 ? "" : form + 1 == kForms ? " or " : ", ") + std::to_string(form) + " (" +
+             kFormSignatures[form].name + ")";
+  }
+  return codes;
 }
 
 }  // namespace
 
 void check_form_arguments(int64_t form, const std::vector<double>& coefficients,
                           double label_smoothing) {
-  constexpr double kInf = std::numeric_limits<double>::infinity();
-  TORCH_CHECK_VALUE(form >= 0 && form <= 3,
-                    "form must be 0 (focal loss), 1 (FL*), 2 (quality focal loss) or 3 (varifocal "
-                    "loss), got ", form);
-  const FormSignature& signature = kFormSignatures[form];
-  TORCH_CHECK_VALUE(coefficients.size() == signature.count, "the ", signature.name,
-                    " takes the coefficients ", signature.coefficients, ", got ",
-                    coefficients.size(), " values");
-  const auto loss_form = static_cast<LossForm>(form);
-  const FormScalars scalars = form_scalars(loss_form, coefficients);
-  if (loss_form == LossForm::Focal || loss_form == LossForm::Star) {
-    TORCH_CHECK_VALUE(scalars.alpha == -1.0 || (scalars.alpha >= 0.0 && scalars.alpha <= 1.0),
-                      "alpha must be in [0, 1], or -1 or None to disable the weighting, got ",
-                      scalars.alpha);
-  } else if (loss_form == LossForm::Varifocal) {  // the weight of the negatives
-    TORCH_CHECK_VALUE(scalars.alpha >= 0.0 && scalars.alpha < kInf,
-                      "alpha must be a finite number >= 0, got ", scalars.alpha);
-  }
-  // Named as the public functions name them: the quality focal loss's exponent is its beta.
-  if (loss_form == LossForm::Star) {
-    TORCH_CHECK_VALUE(scalars.gamma > 0.0 && scalars.gamma < kInf,
-                      "gamma must be a finite number > 0, got ", scalars.gamma);
-    TORCH_CHECK_VALUE(std::abs(scalars.beta) < kInf, "beta must be a finite number, got ",
-                      scalars.beta);
-  } else {
-    TORCH_CHECK_VALUE(scalars.gamma >= 0.0 && scalars.gamma < kInf,
-                      loss_form == LossForm::Quality ? "beta" : "gamma",
-                      " must be a finite number >= 0, got ", scalars.gamma);
-  }
-  check_label_smoothing(label_smoothing);
-  TORCH_CHECK_VALUE(label_smoothing == 0.0 || loss_form == LossForm::Focal ||
-                        loss_form == LossForm::Star,
-                    "label_smoothing must be 0 for the quality focal and varifocal losses, whose "
-                    "targets are soft scores already, got ", label_smoothing);
+  TORCH_CHECK_VALUE(form >= 0 && form < kForms, "form must be ", form_codes(), ", got ", form);
+  check_signature(kFormSignatures[form], coefficients, label_smoothing);
 }
 
 void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets,
@@ -337,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
   args.classes = inputs.dim() == 0 ? 1 : inputs.size(-1);
   args.ignore_index = ignore_index;
   args.form = loss_form;
-  const FormScalars scalars = form_scalars(loss_form, coefficients);
+  const FormScalars scalars = form_scalars(kFormSignatures[form], coefficients.data());
   args.alpha = scalars.alpha;
   args.gamma = scalars.gamma;
   args.beta = scalars.beta;
@@ -530,16 +529,7 @@ at::Tensor as_batched(const at::Tensor& inputs, int64_t& position_stride) {
 }  // namespace
 
 void check_softmax_options(const std::vector<double>& coefficients, double label_smoothing) {
-  constexpr double kInf = std::numeric_limits<double>::infinity();
-  TORCH_CHECK_VALUE(coefficients.size() == 2,
-                    "the softmax focal loss takes the coefficients (alpha, gamma), got ",
-                    coefficients.size(), " values");
-  const double alpha = coefficients[0];
-  const double gamma = coefficients[1];
-  TORCH_CHECK_VALUE(alpha == -1.0 || (alpha >= 0.0 && alpha < kInf),
-                    "alpha must be a finite number >= 0, or None for 1, got ", alpha);
-  TORCH_CHECK_VALUE(gamma >= 0.0 && gamma < kInf, "gamma must be a finite number >= 0, got ", gamma);
-  check_label_smoothing(label_smoothing);
+  check_signature(kSoftmaxSignature, coefficients, label_smoothing);
 }
 
 void check_softmax_arguments(const at::Tensor& inputs, const at::Tensor& targets,
@@ -606,8 +596,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_f
                     "on CPU, inputs may have at most 16777216 classes (float32's exact "
                     "integers), got ", args.classes);
   args.ignore_index = ignore_index;
-  args.alpha = coefficients[0];
-  args.gamma = coefficients[1];
+  const FormScalars scalars = form_scalars(kSoftmaxSignature, coefficients.data());
+  args.alpha = scalars.alpha;
+  args.gamma = scalars.gamma;
   args.label_smoothing = label_smoothing;
   args.reduction = static_cast<Reduction>(reduction);
 

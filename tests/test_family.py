@@ -356,7 +356,8 @@ def test_errors_name_the_argument(call, error, message):
     (1, [-1.0, 0.0, 0.0], 0.0, "gamma must be a finite number > 0, got 0"),
     (1, [-1.0, 1.0, math.inf], 0.0, "beta must be a finite number, got inf"),
     (2, [-0.5], 0.0, "beta must be a finite number >= 0, got -0.5"),
-    (3, [0.75, 2.0], 0.1, "label_smoothing must be 0 for the quality focal and varifocal losses"),
+    (3, [0.75, 2.0], 0.1, "label_smoothing must be 0 for the varifocal loss, whose targets are soft scores already, got 0.1"),
+    (2, [2.0], 0.1, "label_smoothing must be 0 for the quality focal loss, whose targets are soft scores already, got 0.1"),
     (3, [-1.0, 2.0], 0.0, "alpha must be a finite number >= 0, got -1"),
     (0, [0.25, 2.0], 1.0, "label_smoothing must be in [0, 1), got 1"),
 ])
@@ -367,6 +368,16 @@ def test_op_checks_the_form_arguments(form, coefficients, label_smoothing, messa
             torch.zeros(2, 3), torch.zeros(2, 3), None, None, form, coefficients, 0, -100,
             label_smoothing, False, 0)
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("form", sorted(focal_cuda.reference.FORMS.values()))
+def test_op_and_reference_agree_on_each_forms_coefficients(form):
+    """The op's table (csrc/focal_math.h) and the reference's name the same coefficients in the
+    same order: asked for one too many, the op lists them."""
+    coefficients = focal_cuda.reference.FORM_COEFFICIENTS[form]
+    with pytest.raises(ValueError) as raised:
+        focal_cuda._C.check_form_arguments(form, [0.5] * (len(coefficients) + 1), 0.0)
+    assert f"takes the coefficients ({', '.join(coefficients)}), got" in str(raised.value)
 
 
 @pytest.mark.parametrize("module, function, parameters", [
