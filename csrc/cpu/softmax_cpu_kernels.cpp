@@ -457,10 +457,13 @@ void forward_impl(const SoftmaxArgs& args) {
           // In planes, a block stays within one sample, so that its lanes are side by side.
           place.lanes = std::min({kLanes, stop - first, planes ? args.positions - position : kLanes});
           place.direct = planes && place.lanes == kLanes;
-          for (int64_t lane = 0; lane < place.lanes; ++lane) {
-            const int64_t n = (first + lane) / args.positions;
-            place.offsets[lane] =
-                n * args.batch_stride + (first + lane - n * args.positions) * args.position_stride;
+          // Lane by lane from the first position's place: no division per lane.
+          for (int64_t lane = 0, n = sample, at = position; lane < place.lanes; ++lane) {
+            place.offsets[lane] = n * args.batch_stride + at * args.position_stride;
+            if (++at == args.positions) {
+              at = 0;
+              ++n;
+            }
           }
           sum += compute_block<S, kSoft, kGrad>(args, operands, coeffs, place, buffers, divisor);
           first += place.lanes;
