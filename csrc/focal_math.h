@@ -1,5 +1,6 @@
-// The elementwise sigmoid focal loss, its family (FL*, quality focal loss, varifocal loss) and
-// their analytic derivatives: the one place the formulas live.
+// The elementwise sigmoid focal loss, its family (FL*, quality focal loss, varifocal loss), the
+// softmax focal loss and their analytic derivatives: the one place the formulas live, beside
+// the table of what each form takes (kFormSignatures), which the op layer checks against.
 //
 // Used by the CUDA kernels (V = float/double), the CPU kernels (V = at::vec::Vectorized<float/double>)
 // and their scalar tails (V = float/double), so the CPU tests exercise the very formulas the GPU runs.
@@ -23,6 +24,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -87,8 +89,8 @@ struct FocalCoeffs {
 enum class LossForm : int { Focal = 0, Star = 1, Quality = 2, Varifocal = 3 };
 
 // What each loss takes: its coefficients in the op's order (csrc/focal_ops.h), each with the
-// range it must lie in and the LossCoeffs argument it fills (those it fills not: alpha -1, gamma
-// and beta 0), and whether its targets may be smoothed. The op layer checks and converts every
+// range it must lie in and the coefficient of the terms it sets (FormScalars holds the others'
+// defaults), and whether its targets may be smoothed. The op layer checks and converts every
 // form through this table alone: a new form adds its row here and its terms below.
 enum class CoefficientRange { UnitOrOff, NonNegative, NonNegativeOrOff, Positive, Finite };
 enum class CoefficientRole { Alpha, Gamma, Beta };
@@ -101,7 +103,7 @@ struct FormSignature {
   const char* name;
   int count;
   FormCoefficient coefficients[3];
-  bool label_smoothing;
+  bool smoothable;  // takes label smoothing
 };
 // The family, by LossForm code.
 inline constexpr FormSignature kFormSignatures[] = {
@@ -129,7 +131,34 @@ inline constexpr FormSignature kSoftmaxSignature = {
      {"gamma", CoefficientRange::NonNegative, CoefficientRole::Gamma}},
     true};
 
-// A signature's coefficients (count of them, checked) as LossCoeffs' alpha, gamma and beta.
+// Every row names the coefficients it counts, and every LossForm has its row: the op layer
+// formats names and casts codes from the table alone.
+constexpr bool names_its_coefficients(const FormSignature& signature) {
+  if (signature.name == nullptr || signature.count < 0 || signature.count > 3) {
+    return false;
+  }
+  for (int i = 0; i < signature.count; ++i) {
+    if (signature.coefficients[i].name == nullptr) {
+      return false;
+    }
+  }
+  return true;
+}
+constexpr bool every_form_names_its_coefficients() {
+  for (const FormSignature& signature : kFormSignatures) {
+    if (!names_its_coefficients(signature)) {
+      return false;
+    }
+  }
+  return names_its_coefficients(kSoftmaxSignature);
+}
+static_assert(every_form_names_its_coefficients(), "a row of kFormSignatures is incomplete");
+static_assert(sizeof(kFormSignatures) / sizeof(kFormSignatures[0]) ==
+                  static_cast<size_t>(LossForm::Varifocal) + 1,
+              "kFormSignatures needs one row per LossForm, in code order");
+
+// A signature's coefficients (count of them, checked) as the terms' alpha, gamma and beta
+// (LossCoeffs', SoftmaxCoeffs').
 struct FormScalars {
   double alpha = -1.0;
   double gamma = 0.0;

@@ -245,7 +245,7 @@ void check_signature(const FormSignature& signature, const std::vector<double>& 
     }
   }
   check_label_smoothing(label_smoothing);
-  TORCH_CHECK_VALUE(label_smoothing == 0.0 || signature.label_smoothing,
+  TORCH_CHECK_VALUE(label_smoothing == 0.0 || signature.smoothable,
                     "label_smoothing must be 0 for the ", signature.name,
                     ", whose targets are soft scores already, got ", label_smoothing);
 }

@@ -44,7 +44,8 @@ def _real_number(value):
 
 
 # The scalar options are only converted here, to what the op takes; their ranges the op checks
-# (csrc/focal_ops.cpp, check_form_arguments), naming them as these functions do.
+# (check_form_arguments, against csrc/focal_math.h's kFormSignatures), naming them as these
+# functions do.
 
 
 def _as_float(value, name):
