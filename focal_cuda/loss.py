@@ -2,6 +2,7 @@
 loss, varifocal loss) and the softmax focal loss; the options converted to what the fused ops
 take, and the path to them."""
 
+import inspect
 import numbers
 from typing import Optional
 
@@ -419,72 +420,44 @@ class SigmoidFocalLoss(torch.nn.Module):
         )
 
 
-class SigmoidFocalLossStar(torch.nn.Module):
-    """``sigmoid_focal_loss_star`` as a module: ``SigmoidFocalLossStar(...)(inputs, targets, weight=None)``."""
+def _family_module(function, name):
+    """The nn.Module of one of the family's functions, made from its signature rather than
+    written per form: built with the function's options (its parameters but inputs, targets and
+    weight, with their defaults), checked at once by a call of the function on meta tensors (its
+    own checks, no data), and called as ``module(inputs, targets, weight=None)``."""
+    options = [parameter for parameter in inspect.signature(function).parameters.values()
+               if parameter.name not in ("inputs", "targets", "weight")]
+    self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    init_signature = inspect.Signature([self_parameter] + options)
+    names = tuple(option.name for option in options)
 
-    def __init__(self, alpha: Optional[float] = -1, gamma: float = 1.0, reduction: str = "none",
-                 beta: float = 0.0, ignore_index: int = -100, label_smoothing: float = 0.0):
-        super().__init__()
-        _check_options(FORMS["star"], [_as_alpha(alpha), _as_float(gamma, "gamma"), _as_float(beta, "beta")],
-                       reduction, _as_float(label_smoothing, "label_smoothing"))
-        self.alpha = None if _as_alpha(alpha) == -1.0 else float(alpha)
-        self.gamma = float(gamma)
-        self.reduction = reduction
-        self.beta = float(beta)
-        self.ignore_index = _as_index(ignore_index)
-        self.label_smoothing = float(label_smoothing)
-
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
-                weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return sigmoid_focal_loss_star(inputs, targets, self.alpha, self.gamma, self.reduction,
-                                       self.beta, weight, self.ignore_index, self.label_smoothing)
-
-    def extra_repr(self):
-        return (
-            f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}, beta={self.beta}, "
-            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
-        )
-
-
-class QualityFocalLoss(torch.nn.Module):
-    """``quality_focal_loss`` as a module: ``QualityFocalLoss(...)(inputs, targets, weight=None)``."""
-
-    def __init__(self, beta: float = 2.0, reduction: str = "mean", ignore_index: int = -100):
-        super().__init__()
-        _check_options(FORMS["quality"], [_as_float(beta, "beta")], reduction, 0.0)
-        self.beta = float(beta)
-        self.reduction = reduction
-        self.ignore_index = _as_index(ignore_index)
+    def __init__(self, *args, **kwargs):
+        torch.nn.Module.__init__(self)
+        bound = init_signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        values = {option: bound.arguments[option] for option in names}
+        meta = torch.empty((1, 1), device="meta")
+        function(meta, meta, **values)
+        for option, value in values.items():
+            setattr(self, option, value)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
                 weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return quality_focal_loss(inputs, targets, self.beta, self.reduction, weight, self.ignore_index)
+        return function(inputs, targets, weight=weight, **{option: getattr(self, option) for option in names})
 
     def extra_repr(self):
-        return f"beta={self.beta}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+        return ", ".join(f"{option}={getattr(self, option)!r}" for option in names)
+
+    __init__.__signature__ = init_signature
+    namespace = dict(__init__=__init__, forward=forward, extra_repr=extra_repr, __module__=__name__,
+                     __qualname__=name,
+                     __doc__=f"``{function.__name__}`` as a module: ``{name}(...)(inputs, targets, weight=None)``.")
+    return type(name, (torch.nn.Module,), namespace)
 
 
-class VarifocalLoss(torch.nn.Module):
-    """``varifocal_loss`` as a module: ``VarifocalLoss(...)(inputs, targets, weight=None)``."""
-
-    def __init__(self, alpha: float = 0.75, gamma: float = 2.0, reduction: str = "mean",
-                 ignore_index: int = -100):
-        super().__init__()
-        _check_options(FORMS["varifocal"], [_as_float(alpha, "alpha"), _as_float(gamma, "gamma")],
-                       reduction, 0.0)
-        self.alpha = float(alpha)
-        self.gamma = float(gamma)
-        self.reduction = reduction
-        self.ignore_index = _as_index(ignore_index)
-
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
-                weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return varifocal_loss(inputs, targets, self.alpha, self.gamma, self.reduction, weight,
-                              self.ignore_index)
-
-    def extra_repr(self):
-        return (f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}, "
-                f"ignore_index={self.ignore_index}")
+SigmoidFocalLossStar = _family_module(sigmoid_focal_loss_star, "SigmoidFocalLossStar")
+QualityFocalLoss = _family_module(quality_focal_loss, "QualityFocalLoss")
+VarifocalLoss = _family_module(varifocal_loss, "VarifocalLoss")
 
 
 class SoftmaxFocalLoss(torch.nn.Module):

@@ -4,7 +4,9 @@ the composite form of the libraries that use them (fvcore, mmdet), gradcheck, fv
 behaviour as data, labels against one-hot targets, saturated logits, errors, modules, and the
 PyTorch 2 paths (opcheck, torch.compile)."""
 
+import inspect
 import math
+import pickle
 
 import pytest
 import torch
@@ -396,6 +398,29 @@ def test_modules(module, function, parameters):
     assert "reduction='mean'" in repr(module(reduction="mean", **parameters))
     with pytest.raises(ValueError, match="reduction must be one of"):
         module(reduction="avg")
+
+
+@pytest.mark.parametrize("module, function", [
+    (focal_cuda.SigmoidFocalLossStar, focal_cuda.sigmoid_focal_loss_star),
+    (focal_cuda.QualityFocalLoss, focal_cuda.quality_focal_loss),
+    (focal_cuda.VarifocalLoss, focal_cuda.varifocal_loss),
+])
+def test_module_takes_its_functions_options(module, function):
+    """Made from the function's signature: the same options and defaults, checked when built as
+    a call checks them; the module pickles (its class is found by name)."""
+    options = {name: parameter.default for name, parameter in inspect.signature(function).parameters.items()
+               if name not in ("inputs", "targets", "weight")}
+    assert {name: parameter.default for name, parameter in inspect.signature(module).parameters.items()} == options
+    built = module()
+    assert {name: getattr(built, name) for name in options} == options
+    assert repr(pickle.loads(pickle.dumps(built))) == repr(built)
+    with pytest.raises(ValueError, match="ignore_index must be an integer, got 1.5"):
+        module(ignore_index=1.5)
+    with pytest.raises(TypeError):
+        module(weight=torch.ones(3))  # a call's operand, not an option
+    built.reduction = "sum"  # options stay plain attributes, read at each call
+    x, t = torch.randn(3, 4), torch.rand(3, 4)
+    assert torch.equal(built(x, t), function(x, t, reduction="sum"))
 
 
 @pytest.mark.parametrize("form", FUNCTIONS)
