@@ -94,9 +94,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("check_softmax_options", &Bound<&focal::check_softmax_options, true>::call,
         pybind11::arg("coefficients"), pybind11::arg("label_smoothing"),
         "The softmax focal loss's scalar options checked as its forward checks them.");
-  m.def("check_form_arguments", &Bound<&focal::check_form_arguments, true>::call,
-        pybind11::arg("form"), pybind11::arg("coefficients"), pybind11::arg("label_smoothing"),
-        "The form's scalar arguments checked as sigmoid_focal_loss_forward checks them.");
   // The outputs mask's bits (csrc/focal_ops.h).
   m.attr("GRAD_INPUTS") = focal::kGradInputs;
   m.attr("GRAD_TARGETS") = focal::kGradTargets;

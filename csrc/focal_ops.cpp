@@ -194,15 +194,6 @@ void run_backward(const BackwardArgs& args) {
   cpu::backward(args);
 }
 
-}  // namespace
-
-namespace {
-
-void check_label_smoothing(double label_smoothing) {
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
-                    "label_smoothing must be in [0, 1), got ", label_smoothing);
-}
-
 // "(alpha, gamma)": the signature's coefficients as the messages name them.
 std::string coefficient_names(const FormSignature& signature) {
   std::string names = "(";
@@ -244,7 +235,8 @@ void check_signature(const FormSignature& signature, const std::vector<double>& 
         break;
     }
   }
-  check_label_smoothing(label_smoothing);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
+                    "label_smoothing must be in [0, 1), got ", label_smoothing);
   TORCH_CHECK_VALUE(label_smoothing == 0.0 || signature.smoothable,
                     "label_smoothing must be 0 for the ", signature.name,
                     ", whose targets are soft scores already, got ", label_smoothing);
@@ -262,13 +254,14 @@ std::string form_codes() {
   return codes;
 }
 
-}  // namespace
-
+// The form's coefficients and label smoothing as sigmoid_focal_loss_forward takes them.
 void check_form_arguments(int64_t form, const std::vector<double>& coefficients,
                           double label_smoothing) {
   TORCH_CHECK_VALUE(form >= 0 && form < kForms, "form must be ", form_codes(), ", got ", form);
   check_signature(kFormSignatures[form], coefficients, label_smoothing);
 }
+
+}  // namespace
 
 void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets,
                              const std::optional<at::Tensor>& weight,

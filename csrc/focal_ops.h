@@ -40,11 +40,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     int64_t reduction, int64_t ignore_index, double label_smoothing, bool float32_loss,
     int64_t outputs);
 
-// The form's coefficients and label smoothing as sigmoid_focal_loss_forward takes them (above;
-// ValueError). Part of check_forward_arguments; the modules run it when they are built.
-void check_form_arguments(int64_t form, const std::vector<double>& coefficients,
-                          double label_smoothing);
-
 // sigmoid_focal_loss_forward's checks that read no data: dtypes, shapes, devices, the form's
 // scalars (ValueError). The forward runs them first; the ops' fake kernel runs them on fake and
 // meta tensors, whose shapes may be symbolic (they are read as SymInts).

@@ -45,8 +45,7 @@ def _real_number(value):
 
 
 # The scalar options are only converted here, to what the op takes; their ranges the op checks
-# (check_form_arguments, against csrc/focal_math.h's kFormSignatures), naming them as these
-# functions do.
+# (against csrc/focal_math.h's kFormSignatures), naming them as these functions do.
 
 
 def _as_float(value, name):
@@ -380,11 +379,11 @@ def _scripted_sigmoid_focal_loss(
     )[0]
 
 
-def _check_options(form, coefficients, reduction, label_smoothing):
-    """A module's options checked when it is built, as the op would check them at its first
-    call (the form's coefficients in the op's order)."""
-    reduction_code(reduction)
-    _C.check_form_arguments(form, coefficients, label_smoothing)
+def _check_options(function, **options):
+    """A module's options checked when it is built, by a call of its function on meta tensors:
+    the function's own conversions and the op's checks, no data."""
+    meta = torch.empty((1, 1), device="meta")
+    function(meta, meta, **options)
 
 
 class SigmoidFocalLoss(torch.nn.Module):
@@ -399,8 +398,8 @@ class SigmoidFocalLoss(torch.nn.Module):
     def __init__(self, alpha: Optional[float] = 0.25, gamma: float = 2.0, reduction: str = "none",
                  ignore_index: int = -100, label_smoothing: float = 0.0):
         super().__init__()
-        _check_options(FORMS["focal"], [_as_alpha(alpha), _as_float(gamma, "gamma")], reduction,
-                       _as_float(label_smoothing, "label_smoothing"))
+        _check_options(sigmoid_focal_loss, alpha=alpha, gamma=gamma, reduction=reduction,
+                       ignore_index=ignore_index, label_smoothing=label_smoothing)
         # Stored in the types of the annotations, so that TorchScript can script the module.
         self.alpha = None if _as_alpha(alpha) == -1.0 else float(alpha)
         self.gamma = float(gamma)
@@ -423,8 +422,8 @@ class SigmoidFocalLoss(torch.nn.Module):
 def _family_module(function, name):
     """The nn.Module of one of the family's functions, made from its signature rather than
     written per form: built with the function's options (its parameters but inputs, targets and
-    weight, with their defaults), checked at once by a call of the function on meta tensors (its
-    own checks, no data), and called as ``module(inputs, targets, weight=None)``."""
+    weight, with their defaults), checked when built (_check_options), and called as
+    ``module(inputs, targets, weight=None)``."""
     options = [parameter for parameter in inspect.signature(function).parameters.values()
                if parameter.name not in ("inputs", "targets", "weight")]
     self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -436,8 +435,7 @@ def _family_module(function, name):
         bound = init_signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
         values = {option: bound.arguments[option] for option in names}
-        meta = torch.empty((1, 1), device="meta")
-        function(meta, meta, **values)
+        _check_options(function, **values)
         for option, value in values.items():
             setattr(self, option, value)
 

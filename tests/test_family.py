@@ -378,7 +378,9 @@ def test_op_and_reference_agree_on_each_forms_coefficients(form):
     same order: asked for one too many, the op lists them."""
     coefficients = focal_cuda.reference.FORM_COEFFICIENTS[form]
     with pytest.raises(ValueError) as raised:
-        focal_cuda._C.check_form_arguments(form, [0.5] * (len(coefficients) + 1), 0.0)
+        torch.ops.focal_cuda.sigmoid_focal_loss_forward(
+            torch.zeros(2, 3), torch.zeros(2, 3), None, None, form, [0.5] * (len(coefficients) + 1),
+            0, -100, 0.0, False, 0)
     assert f"takes the coefficients ({', '.join(coefficients)}), got" in str(raised.value)
 
 
