@@ -196,17 +196,25 @@ struct LossCoeffs : FocalCoeffs<S> {
 
 // log(1 + v) for float v in [-0.25, 1]: 2 atanh(s) with s = v / (2 + v), |s| <= 1/3. In h = 2s
 // (s itself would be subnormal for v < 2.4e-38, and flushed to 0 on the CPU): log1p(v) =
-// h + h^3 R(h^2), R a cubic fitted to (2 atanh(h/2) - h) / h^3 on [0, 4/9] (fit error < 5e-9
-// relative). No log and no range reduction: about half the instructions of CUDA's log1pf and a
-// third of SLEEF's log; within 2.5 ulp of log1p, relative accuracy kept for tiny v
+// h + h^3 R(h^2), R fitted to (2 atanh(h/2) - h) / h^3 on [0, 4/9]: a cubic (fit error < 5e-9
+// relative), or for results kept to 16 bits a quadratic (< 2e-7, 1.6 float32 ulp). No log and
+// no range reduction: about half the instructions of CUDA's log1pf and a third of SLEEF's log;
+// with the cubic within 2.5 ulp of log1p, relative accuracy kept for tiny v
 // (tests/test_extremes.py checks the loss to 4 ulp). Math supplies reciprocal and fma.
-template <typename Math, typename V>
+template <typename Math, int kDegree = 3, typename V>
 FOCAL_HOST_DEVICE V log1p_float(V v) {
-  const V h = (v + v) * Math::reciprocal(V(2.0f) + v);
+  static_assert(kDegree == 2 || kDegree == 3, "log1p_float has fits of degree 2 and 3");
+  const V h = v * Math::reciprocal(Math::fma(v, V(0.5f), V(1.0f)));  // 2v / (2 + v), as rounded
   const V h2 = h * h;
-  V r = Math::fma(h2, V(0.00054735790f), V(0.0021874290f));
-  r = Math::fma(h2, r, V(0.012506782f));
-  r = Math::fma(h2, r, V(0.083333015f));
+  V r;
+  if constexpr (kDegree == 3) {
+    r = Math::fma(h2, V(0.00054735790f), V(0.0021874290f));
+    r = Math::fma(h2, r, V(0.012506782f));
+    r = Math::fma(h2, r, V(0.083333015f));
+  } else {
+    r = Math::fma(h2, V(0.0026549629f), V(0.012386242f));
+    r = Math::fma(h2, r, V(0.083341852f));
+  }
   return Math::fma(h * h2, r, h);
 }
 
@@ -338,13 +346,14 @@ template <typename Math, typename V>
 FOCAL_HOST_DEVICE Logistic<V> logistic(V x, V t) {
   const V zero(0.0f);
   const V one(1.0f);
-  const V e = Math::exp(zero - Math::abs(x));  // exp(-|x|), in (0, 1]
+  const V e = Math::exp(-Math::abs(x));  // exp(-|x|), in (0, 1]
   const V sig_abs = Math::reciprocal(one + e);  // sigmoid(|x|)
   const auto x_nonneg = x >= zero;
-  // softplus(-x) = log1p(e) + max(-x, 0), softplus(x) = log1p(e) + max(x, 0): a sum of
-  // non-negative terms for t in [0, 1].
+  // softplus(-x) = log1p(e) + max(-x, 0), softplus(x) = log1p(e) + max(x, 0), so CE = log1p(e)
+  // + max(x, 0) - t x: for t in [0, 1] the last two are (1 - t) x or -t x, non-negative, and one
+  // fused multiply-add rounds them once.
   return {Math::select(x_nonneg, sig_abs, e * sig_abs), Math::select(x_nonneg, e * sig_abs, sig_abs),
-          Math::log1p(e) + t * Math::max(zero - x, zero) + (one - t) * Math::max(x, zero)};
+          Math::log1p(e) + Math::fma(-t, x, Math::max(x, zero))};
 }
 
 // base^gamma (base in [0, 1] for targets in [0, 1], of any sign beyond) for the launch's
@@ -419,34 +428,52 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
   terms.unweighted_loss = valid * alpha_t * q_gamma * ce;
   terms.loss = weight * terms.unweighted_loss;
   const V weight_valid = weight * valid;
-  // The modulating factor's derivative, gamma * q^(gamma-1) * dq, written as q^gamma times a
-  // bounded ratio; it vanishes for gamma == 0.
+  // The modulating factor's derivative, gamma * q^(gamma-1) * dq; it vanishes for gamma == 0.
+  // For gamma 1 and 2, q^(gamma-1) is 1 or q, a factor of both derivatives, which then divide by
+  // nothing. Other gammas write it as q^gamma times ratios over q, bounded for t in [0, 1].
   constexpr bool kModulated = kGamma != GammaMode::Zero;
+  constexpr bool kWholeGamma = kGamma == GammaMode::One || kGamma == GammaMode::Two;
+  const V whole_gamma(S(kGamma == GammaMode::Two ? 2 : 1));
+  const V q_lower = kGamma == GammaMode::Two ? q : one;  // q^(gamma-1) for a whole gamma
   const V unit_scale(kUnitScale<S>);
   [[maybe_unused]] V inv_scaled_q = zero;  // 1 / (q kUnitScale)
-  if constexpr (kModulated && (kGradInputs || kGradTargets)) {
+  if constexpr (kModulated && !kWholeGamma && (kGradInputs || kGradTargets)) {
     inv_scaled_q = Math::reciprocal(q * unit_scale);
   }
   if constexpr (kGradInputs) {
     V bracket = tm * p - t * pm;  // p - t, exact near t = 1 where p - 1 would cancel
-    if constexpr (kModulated) {
-      // p(1-p)/q (in [0, 1] for t in [0, 1]); where q == 0 the factor q^gamma already zeroes
-      // the term, so any finite value does. q < 0 (a target outside [0, 1]) takes the formula.
-      const V ratio = Math::select(q != zero, p * unit_scale * pm * inv_scaled_q, zero);
-      bracket = bracket + gamma * (tm - t) * ce * ratio;
+    if constexpr (kWholeGamma) {
+      // q^(gamma-1) [q (p - t) + gamma (1 - 2t) CE p(1-p)]
+      bracket = q * bracket + whole_gamma * (tm - t) * ce * (p * pm);
+      terms.grad_inputs = weight_valid * alpha_t * q_lower * bracket;
+    } else {
+      if constexpr (kModulated) {
+        // p(1-p)/q (in [0, 1] for t in [0, 1]); where q == 0 the factor q^gamma already zeroes
+        // the term, so any finite value does. q < 0 (a target outside [0, 1]) takes the formula.
+        const V ratio = Math::select(q != zero, p * unit_scale * pm * inv_scaled_q, zero);
+        bracket = bracket + gamma * (tm - t) * ce * ratio;
+      }
+      terms.grad_inputs = weight_valid * alpha_t * q_gamma * bracket;
     }
-    terms.grad_inputs = weight_valid * alpha_t * q_gamma * bracket;
   }
   if constexpr (kGradTargets) {
-    V bracket = zero - x;
-    if constexpr (kModulated) {
-      // CE / q is bounded as q -> 0 (CE vanishes with q there); the same q^gamma argument.
-      // For t in [0, 1], CE >= q (-log y >= 1 - y), so ce / (q kUnitScale) is a normal number.
-      const V ce_over_q = Math::select(q != zero, ce * inv_scaled_q * unit_scale, zero);
-      bracket = bracket + gamma * (pm - p) * ce_over_q;
+    const V slope(coeffs.alpha_slope);
+    if constexpr (kWholeGamma) {
+      // q^(gamma-1) [(2 alpha - 1) CE q + alpha_t (gamma (1 - 2p) CE - x q)]
+      const V bracket = whole_gamma * (pm - p) * ce - x * q;
+      terms.grad_targets = weight_valid * V(coeffs.target_scale) * q_lower *
+                           (slope * ce * q + alpha_t * bracket);
+    } else {
+      V bracket = -x;
+      if constexpr (kModulated) {
+        // CE / q is bounded as q -> 0 (CE vanishes with q there); the same q^gamma argument.
+        // For t in [0, 1], CE >= q (-log y >= 1 - y), so ce / (q kUnitScale) is a normal number.
+        const V ce_over_q = Math::select(q != zero, ce * inv_scaled_q * unit_scale, zero);
+        bracket = bracket + gamma * (pm - p) * ce_over_q;
+      }
+      terms.grad_targets =
+          weight_valid * V(coeffs.target_scale) * q_gamma * (slope * ce + alpha_t * bracket);
     }
-    terms.grad_targets = weight_valid * V(coeffs.target_scale) * q_gamma *
-                         (V(coeffs.alpha_slope) * ce + alpha_t * bracket);
   }
   return terms;
 }

@@ -11,6 +11,8 @@
 
 #include <ATen/ops/empty.h>
 
+#include <cstring>
+
 #include "launch.cuh"
 
 namespace focal::cuda {
@@ -25,6 +27,20 @@ __device__ __forceinline__ float rcp_approx_ftz(float v) {
   float estimate;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(estimate) : "f"(v));
   return estimate;
+}
+
+// PTX ex2.approx.f32: 2^v within 2 ulp (CUDA's exp2f, which is this instruction), subnormal
+// results kept (MUFU.EX2 behind a rescaling of arguments below -126) or, with .ftz (MUFU.EX2
+// alone), flushed to zero. The emulation supplies its own, no better than 2 ulp.
+template <bool kFlushSubnormals>
+__device__ __forceinline__ float ex2_approx(float v) {
+  float power;
+  if constexpr (kFlushSubnormals) {
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(power) : "f"(v));
+  } else {
+    asm("ex2.approx.f32 %0, %1;" : "=f"(power) : "f"(v));
+  }
+  return power;
 }
 #endif
 
@@ -46,6 +62,32 @@ struct DeviceMath<float> : ScalarMath<float> {
   }
   static __device__ __forceinline__ float log1p(float v) { return log1p_float<DeviceMath>(v); }
 };
+
+// The math of kernels whose results are stored in 16 bits (8 or 11 significant bits): the GPU's
+// estimates unrefined, and log1p's shorter fit. exp(v) = 2^(v log2 e) errs by 2 ulp (ex2) plus
+// |v| / 2 ulp (the product's rounding), a reciprocal by 1 ulp: for |x| <= 16 the loss and its
+// derivatives stay within ~2^-18 of their exact values, so a stored value is at most 1 ulp off
+// and differs from the correctly rounded one only where that lies that close to a rounding
+// boundary (tests/test_cuda_emulation.py sweeps every 16-bit logit; bench/NOTES.md).
+// kExpFlushesSubnormals: exp gives 0 for results below 2^-126, where the loss and its
+// derivatives, powers of exp(-|x|) of degree above one, are below float's range anyway (gamma 2).
+template <bool kExpFlushesSubnormals>
+struct StorageRoundedMath : DeviceMath<float> {
+  static __device__ __forceinline__ float exp(float v) {
+    return ex2_approx<kExpFlushesSubnormals>(v * 1.44269504f);
+  }
+  static __device__ __forceinline__ float reciprocal(float v) { return rcp_approx_ftz(v); }
+  static __device__ __forceinline__ float log1p(float v) {
+    return log1p_float<StorageRoundedMath, 2>(v);
+  }
+};
+
+// The math of a kernel of inputs x_t and loss out_t: the estimates where the loss is stored in 16
+// bits, float32's (float64's) accuracy wherever it is not.
+template <typename x_t, typename out_t, GammaMode kGamma>
+using KernelMath = std::conditional_t<sizeof(out_t) == 2,
+                                      StorageRoundedMath<kGamma == GammaMode::Two>,
+                                      DeviceMath<math_t<x_t>>>;
 
 // float64's pow inlined: CUDA's, a subroutine, saved registers to a stack at 64 per thread.
 template <>
@@ -70,6 +112,23 @@ constexpr int forward_pack_size() {
   return std::is_same_v<T, double> ? 1 : pack_size<T>();
 }
 
+
+// values[k] in the math type. A bfloat16 is the high half of a float, so an odd element of a pack
+// (the high half of its 32-bit word) takes a mask instead of a move and a shift.
+template <typename T>
+__device__ __forceinline__ math_t<T> to_math(const T* values, int k) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (k % 2 == 1) {  // in a pack: values[k - 1] starts a 4-byte aligned word
+      uint32_t word;
+      std::memcpy(&word, values + k - 1, sizeof(word));
+      const uint32_t bits = word & 0xffff0000u;
+      float value;
+      std::memcpy(&value, &bits, sizeof(value));
+      return value;
+    }
+  }
+  return static_cast<math_t<T>>(values[k]);
+}
 
 // Sum over a block of kThreads threads, combined in a fixed order; the result is valid in
 // thread 0. Every thread of the block must call it.
@@ -204,6 +263,12 @@ __device__ __forceinline__ PackLabels<math_t<x_t>> pack_labels(
   return labels;
 }
 
+// The weights a forward loop reads: none, one per element, or any kind through a switch per
+// element (the only loop that tracks rows and classes for weights per row or per class).
+enum class WeightLoop { None, Element, AnyKind };
+template <WeightLoop kWeights>
+using weight_loop_t = std::integral_constant<WeightLoop, kWeights>;
+
 // The sum of the loss over a thread's elements, and how many of them count for the mean.
 template <typename S>
 struct Partial {
@@ -223,23 +288,25 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
   int64_t count = 0;
   const bool weights_by_position =
       p.weight_kind == WeightKind::Row || p.weight_kind == WeightKind::Class;
-  // Whether the loop of by_position (below) tracks each element's row and class.
-  const auto tracks_rows = [&](auto by_position) {
-    return kIsLabels<t_t> || (decltype(by_position)::value && weights_by_position);
+  // Whether the loop of `weights` (a weight_loop_t, below) tracks each element's row and class.
+  const auto tracks_rows = [&](auto weights) {
+    return kIsLabels<t_t> ||
+           (decltype(weights)::value == WeightLoop::AnyKind && weights_by_position);
   };
 
-  // The elements [first, first + num) of one pack, whose first lies in row `row`, class `cls`.
-  // by_position (a std::bool_constant): whether the code takes weights per row or per class.
-  // Without them it needs no switch over the weight kinds, and no row and class unless labels
-  // do. The switch is a branch per element, which keeps the scheduler from interleaving a
-  // pack's elements (~30 SASS instructions per element for floating targets, ~15 for labels:
-  // bench/NOTES.md): the packed kernels take that code for their common case, chosen once per
-  // launch.
-  auto process = [&](auto by_position, int64_t first, int64_t row, class_t cls, int num,
-                     const x_t* xs, const t_t* ts, out_t* losses, saved_t<out_t>* unweighted,
-                     saved_t<x_t>* grads_inputs, saved_t<t_t>* grads_targets) {
-    constexpr bool kByPosition = decltype(by_position)::value;
-    const bool tracking = tracks_rows(by_position);
+  // The num elements of one pack, the first of which lies in row `row`, class `cls`.
+  // weights (a weight_loop_t): the weights the code reads. Without weights per row or per class
+  // it needs no switch over the weight kinds, and no row and class unless labels do. The switch
+  // is a branch per element, which keeps the scheduler from interleaving a pack's elements (~30
+  // SASS instructions per element for floating targets, ~15 for labels: bench/NOTES.md); without
+  // weights, the loop multiplies by none. The packed kernels take a loop of each, chosen once
+  // per launch. element_weights: the elements' weights where weight_kind is Element.
+  auto process = [&](auto weights, int64_t row, class_t cls, int num, const x_t* xs,
+                     const t_t* ts, const S* element_weights, out_t* losses,
+                     saved_t<out_t>* unweighted, saved_t<x_t>* grads_inputs,
+                     saved_t<t_t>* grads_targets) {
+    constexpr WeightLoop kWeights = decltype(weights)::value;
+    const bool tracking = tracks_rows(weights);
     // Elements [0, boundary) lie in `row`, the rest in the next row (the host packs rows only
     // when they are at least a pack long).
     const class_t boundary = static_cast<class_t>(p.classes - cls);
@@ -261,23 +328,24 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
                    : next_row                         ? labels.target[1]
                                                       : labels.target[0];
         } else {
-          target = static_cast<S>(ts[k]);
+          target = to_math(ts, k);
         }
         S weight(1);
-        if constexpr (kByPosition) {
+        if constexpr (kWeights == WeightLoop::AnyKind) {
           switch (p.weight_kind) {
             case WeightKind::None: break;
-            case WeightKind::Element: weight = p.weight[first + k]; break;
+            case WeightKind::Element: weight = element_weights[k]; break;
             case WeightKind::Row: weight = p.weight[row + (next_row ? 1 : 0)]; break;
             case WeightKind::Class:
               weight = p.weight[next_row ? cls + k - p.classes : cls + k];
               break;
           }
-        } else if (p.weight_kind == WeightKind::Element) {
-          weight = p.weight[first + k];
+        } else if constexpr (kWeights == WeightLoop::Element) {
+          weight = element_weights[k];
         }
-        const auto terms = loss_terms<DeviceMath<S>, kGamma, kGradInputs, kGradTargets, kFamily>(
-            static_cast<S>(xs[k]), target, weight, valid, p.coeffs);
+        using Math = KernelMath<x_t, out_t, kGamma>;
+        const auto terms = loss_terms<Math, kGamma, kGradInputs, kGradTargets, kFamily>(
+            to_math(xs, k), target, weight, valid, p.coeffs);
         sum += terms.loss;
         losses[k] = static_cast<out_t>(terms.loss);
         unweighted[k] = static_cast<saved_t<out_t>>(terms.unweighted_loss);
@@ -297,8 +365,8 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t num_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t num_packs = p.n / kPack;
-  auto all_elements = [&](auto by_position) {
-    const bool tracking = tracks_rows(by_position);
+  auto all_elements = [&](auto weight_loop) {
+    const bool tracking = tracks_rows(weight_loop);
     // The row and class of each pack's first element. The packed loops advance them by the grid
     // stride (divisions once per thread, not per pack); the element loops divide per element,
     // which keeps the registers the float64 kernels lack at 64.
@@ -326,7 +394,11 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
       Pack<saved_t<out_t>, kPack> unweighted;
       Pack<saved_t<x_t>, kPack> grads_inputs;
       Pack<saved_t<t_t>, kPack> grads_targets;
-      process(by_position, pack * kPack, row, cls, kPack, xs.v, ts.v, losses.v, unweighted.v,
+      // Weights per element are read one at a time, as each element needs its own: a pack of
+      // them held through the math made the General kernels spill.
+      const S* element_weights =
+          p.weight_kind == WeightKind::Element ? p.weight + pack * kPack : nullptr;
+      process(weight_loop, row, cls, kPack, xs.v, ts.v, element_weights, losses.v, unweighted.v,
               grads_inputs.v, grads_targets.v);
       if (p.loss != nullptr) {
         reinterpret_cast<Pack<out_t, kPack>*>(p.loss)[pack] = losses;
@@ -359,9 +431,10 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
       saved_t<out_t> unweighted_value;
       saved_t<x_t> grad_inputs_value;
       saved_t<t_t> grad_targets_value;
-      process(by_position, tail, tail_row, tail_class, 1, p.inputs + tail,
-              kIsLabels<t_t> ? nullptr : p.targets + tail, &loss_value, &unweighted_value,
-              &grad_inputs_value, &grad_targets_value);
+      process(weight_loop, tail_row, tail_class, 1, p.inputs + tail,
+              kIsLabels<t_t> ? nullptr : p.targets + tail,
+              p.weight_kind == WeightKind::Element ? p.weight + tail : nullptr, &loss_value,
+              &unweighted_value, &grad_inputs_value, &grad_targets_value);
       if (p.loss != nullptr) {
         p.loss[tail] = loss_value;
       }
@@ -377,12 +450,17 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
     }
   };
   if constexpr (kPack > 1) {
-    if (!weights_by_position) {
-      all_elements(std::false_type{});
+    if (p.weight_kind == WeightKind::None) {
+      all_elements(weight_loop_t<WeightLoop::None>{});
+      return {sum, count};
+    }
+    // Labels with weights per element take the switch: a loop of their own spilled registers.
+    if (!kIsLabels<t_t> && p.weight_kind == WeightKind::Element) {
+      all_elements(weight_loop_t<WeightLoop::Element>{});
       return {sum, count};
     }
   }
-  all_elements(std::true_type{});
+  all_elements(weight_loop_t<WeightLoop::AnyKind>{});
   return {sum, count};
 }
 

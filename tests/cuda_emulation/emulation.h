@@ -213,6 +213,26 @@ inline float rcp_approx_ftz(float v) {
   return flush(std::nextafter(reciprocal, (bits & 1u) ? HUGE_VALF : -HUGE_VALF));
 }
 
+// PTX ex2.approx.f32: 2^v within 2 ulp (CUDA's exp2f, which is this instruction, is documented
+// to 2 ulp), subnormal results kept or, with .ftz, flushed to zero. Emulated no better: the
+// rounded power moved by 2 ulp, up or down with the low bit of v.
+template <bool kFlushSubnormals>
+inline float ex2_approx(float v) {
+  float power = static_cast<float>(std::exp2(static_cast<double>(v)));
+  if (kFlushSubnormals && std::fpclassify(power) == FP_SUBNORMAL) {
+    return 0.0f;
+  }
+  if (!std::isfinite(power) || power == 0.0f) {
+    return power;
+  }
+  std::uint32_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(bits));
+  for (int step = 0; step < 2; ++step) {
+    power = std::nextafter(power, (bits & 1u) ? HUGE_VALF : 0.0f);
+  }
+  return power;
+}
+
 // c10's host definition calls __assert_fail, which would abort the process.
 #undef CUDA_KERNEL_ASSERT
 #define CUDA_KERNEL_ASSERT(cond)                                         \
