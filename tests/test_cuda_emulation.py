@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 import cuda_emulation
 import focal_cuda
 from conftest import (
+    assert_16_bit_results_are_correctly_rounded,
     assert_gradients_are_derivatives,
     assert_matches,
     coefficients_of,
@@ -476,61 +477,18 @@ def test_float32_softplus_and_sigmoid_are_within_4_ulp(emulated, misaligned):
     assert worst_softplus_sigmoid_ulp(x, loss, grad_inputs) <= 4
 
 
-def every_logit(dtype, limit):
-    """Every finite value of a 16-bit dtype in [-limit, limit], subnormals and both zeros
-    included."""
-    values = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
-    return values[values.float().abs() <= limit]
-
-
-def correctly_rounded(exact, dtype):
-    """float64 values rounded once to a 16-bit dtype: to float32 rounding to odd (a value between
-    two floats takes the one with odd significand), whose rounding to 16 bits is then the
-    correct rounding of the float64 value, not a double rounding's."""
-    nearest = exact.float()
-    inexact = nearest.double() != exact
-    even = (nearest.view(torch.int32) & 1) == 0
-    toward = torch.where(exact > nearest.double(), math.inf, -math.inf).float()
-    return torch.where(inexact & even, torch.nextafter(nearest, toward), nearest).to(dtype)
-
-
-def ulps_apart(first, second):
-    """How many values of their 16-bit dtype lie between first and second, elementwise (0 for
-    +0 and -0)."""
-    def ordered(values):
-        bits = values.contiguous().view(torch.int16).int()
-        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-    return (ordered(first) - ordered(second)).abs()
-
-
 @pytest.mark.parametrize("dtype", [F16, BF16])
 @pytest.mark.parametrize("gamma", [0.0, 2.0, 1.5, 0.7], ids=["zero", "two", "products", "pow"])
 def test_16_bit_results_are_correctly_rounded(emulated, dtype, gamma):
     """The 16-bit kernels' math takes the GPU's exp2 and reciprocal estimates unrefined
-    (StorageRoundedMath, csrc/cuda/forward.cuh), emulated at their documented worst error. For
-    every logit of the dtype with |x| <= 87 (nothing subnormal in float32: beyond, a subnormal q
-    keeps a few bits and the float32 math itself misses by more; at gamma 0, where q does not
-    enter, to 93: the loss is then e = exp(-|x|) itself, a subnormal float that bfloat16 keeps)
-    against targets 0, 1 and 0.25, the stored loss and gradients (float16's, saved in float32,
-    as backward rounds them) are within 1 ulp of the correctly rounded float64 value; for
-    |x| <= 16 at least 99.9% of them equal it. Beyond 16 the loss of a hard target is 0.75 x or 0.25 x plus a part float32 drops
-    (1 + e rounds to 1), often exactly halfway between two float16 values: ties to even then
-    decide, and the float32 math misses 0.3% there too (bench/NOTES.md)."""
-    x = every_logit(dtype, 93.0 if gamma == 0 else 87.0)
-    inputs = x.repeat(3)
-    targets = torch.tensor([0.0, 1.0, 0.25], dtype=dtype).repeat_interleave(x.numel())
-    central = inputs.float().abs() <= 16
-    results = emulated.sigmoid_focal_loss_forward(
-        inputs, targets, None, None, 0, [0.25, gamma], REDUCTION_CODES["none"], -100, 0.0, False,
-        GRAD_INPUTS | GRAD_TARGETS)[:3]
-    for name, ours, exact in zip(("loss", "grad_inputs", "grad_targets"), results,
-                                 exact_focal_loss_and_grads(inputs, targets, 0.25, gamma)):
-        apart = ulps_apart(ours.to(dtype), correctly_rounded(exact, dtype))
-        worst = int(apart.argmax())
-        assert apart[worst] <= 1, (f"{name}: {apart[worst]} ulp at x={inputs[worst].item()}, "
-                                   f"t={targets[worst].item()}: {ours[worst].item()} for {exact[worst].item()}")
-        equal = (apart[central] == 0).double().mean().item()
-        assert equal >= 0.999, f"{name}: {equal:.5f} of the results for |x| <= 16 correctly rounded"
+    (StorageRoundedMath, csrc/cuda/forward.cuh), emulated at their documented worst error:
+    conftest.assert_16_bit_results_are_correctly_rounded, at gamma 0 to |x| <= 93, where the
+    loss is e = exp(-|x|) itself, a subnormal float that bfloat16 keeps."""
+    def forward(inputs, targets):
+        return emulated.sigmoid_focal_loss_forward(
+            inputs, targets, None, None, 0, [0.25, gamma], REDUCTION_CODES["none"], -100, 0.0,
+            False, GRAD_INPUTS | GRAD_TARGETS)[:3]
+    assert_16_bit_results_are_correctly_rounded(forward, dtype, gamma, 93.0 if gamma == 0 else 87.0)
 
 
 def test_float32_reciprocal_is_within_half_an_ulp(emulated):
