@@ -96,9 +96,10 @@ def pack_size(dtype):
     return max(2, 16 // torch.empty((), dtype=dtype).element_size())
 
 
-def forward_pack_size(dtype):
-    """The forward's packs: float64 one element at a time (its packs spilled at 64 registers)."""
-    return 1 if dtype == F64 else pack_size(dtype)
+def forward_pack_size(dtype, labels=False):
+    """The forward's packs: float64 one element at a time (its packs spilled at 64 registers),
+    labels eight elements whatever the inputs."""
+    return 1 if dtype == F64 else 8 if labels else pack_size(dtype)
 
 
 def placed(values, misaligned):
@@ -329,7 +330,7 @@ FORWARD_INSTANCES = [
     (types, gamma_mode, grad_inputs, packed)
     for types, gamma_mode, grad_inputs, packed in itertools.product(
         FORWARD_TYPES, GAMMA_MODES, [False, True], [True, False])
-    if not packed or forward_pack_size(types[0]) > 1
+    if not packed or forward_pack_size(types[0], types[1] == "labels") > 1
 ]
 
 
@@ -369,7 +370,7 @@ def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
     labels = targets == "labels"
     index = FORWARD_INSTANCES.index((types, gamma_mode, grad_inputs, packed))
     expected_kernel = forward_kernel_name(x_dtype, targets, float32_loss, gamma_mode, grad_inputs,
-                                          forward_pack_size(x_dtype) if packed else 1)
+                                          forward_pack_size(x_dtype, labels) if packed else 1)
     for variant in range(3):
         step = index * 3 + variant
         shape = GRID_STRIDE if variant == 0 else SHAPES[step % len(SHAPES)]
@@ -378,7 +379,7 @@ def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
         if not packed and shape in ((), (1, 1)):
             shape = (5, 7)  # one element is always aligned: give the misaligned view more
         weight_kind = ["none", "element", "row", "class", "scalar"][step % 5]
-        pack = forward_pack_size(x_dtype)
+        pack = forward_pack_size(x_dtype, labels)
         if packed and may_track_rows(labels, weight_kind) and (shape[-1] if shape else 1) < pack:
             shape = (5, 2 * pack + 1)  # rows shorter than a pack take the element path
         gamma = GAMMA_MODES[gamma_mode][step % len(GAMMA_MODES[gamma_mode])]
@@ -399,7 +400,7 @@ def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
         )
         emulated.set_multiprocessor_count(1 if variant == 0 else MULTIPROCESSORS[step % len(MULTIPROCESSORS)])
         if variant == 0:
-            work = case.inputs.numel() // (forward_pack_size(x_dtype) if packed else 1)
+            work = case.inputs.numel() // (forward_pack_size(x_dtype, labels) if packed else 1)
             assert work > grid_blocks(emulated, work) * 256, "the grid-stride loop must iterate"
         launched = launches_during(emulated, lambda: run_case(emulated, case, step))
         assert launched.get(expected_kernel) == 2, f"{case.describe}: launched {launched}"
@@ -422,7 +423,7 @@ def test_packed_loops_of_every_weight_kind(emulated, types, gamma_mode, grad_inp
     x_dtype, targets, float32_loss = types
     labels = targets == "labels"
     expected_kernel = forward_kernel_name(x_dtype, targets, float32_loss, gamma_mode, grad_inputs,
-                                          forward_pack_size(x_dtype))
+                                          forward_pack_size(x_dtype, labels))
     for step, (weight_kind, grad_targets) in enumerate(
             [("none", False), ("element", True), ("row", False), ("class", True)]):
         gammas = GAMMA_MODES[gamma_mode]
@@ -613,7 +614,7 @@ def test_rows_shorter_than_a_pack_take_the_element_path(emulated, dtype, targets
     """Loops that track rows (labels, weights per row or class) meet at most two rows per pack:
     rows one element shorter than a pack run one element at a time, rows a pack long in packs,
     and both give the reference's values."""
-    pack = forward_pack_size(dtype)
+    pack = forward_pack_size(dtype, targets == "labels")
     target_kind = "labels" if targets == "labels" else dtype
     for classes, expected_pack in [(pack - 1, 1), (pack, pack)]:
         case = Case(x_dtype=dtype, targets=target_kind, float32_loss=False, gamma=2.0,
@@ -632,7 +633,7 @@ def test_labels_at_the_ends_of_rows_in_packs_that_meet_two_rows(emulated, dtype,
     """Rows one element longer than a pack, so that packs meet two rows, with labels at the
     rows' ends and starts (two labelled elements in one pack), the background, ignored rows
     and an ignore_index that is also a class: every output, the scores' gradient included."""
-    classes = forward_pack_size(dtype) + 1
+    classes = forward_pack_size(dtype, labels=True) + 1
     pattern = [classes - 1, 0, classes, ignore_index, 1, classes - 1, ignore_index, 0, classes - 1]
     case = Case(x_dtype=dtype, targets="labels", float32_loss=False, gamma=2.0,
                 shape=(4 * len(pattern), classes), misaligned=False, reduction="sum",
@@ -643,7 +644,7 @@ def test_labels_at_the_ends_of_rows_in_packs_that_meet_two_rows(emulated, dtype,
     case.count = int((labels != ignore_index).sum()) * classes
     emulated.set_multiprocessor_count(1)
     launched = launches_during(emulated, lambda: run_case(emulated, case, 1))
-    name = forward_kernel_name(dtype, "labels", False, "two", True, forward_pack_size(dtype))
+    name = forward_kernel_name(dtype, "labels", False, "two", True, forward_pack_size(dtype, labels=True))
     assert launched.get(name) == 2, launched
 
 

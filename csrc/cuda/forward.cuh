@@ -106,10 +106,12 @@ using saved_t = std::conditional_t<std::is_same_v<T, at::Half>, float, T>;
 
 // The forward's, but float64's one element at a time: with packs of two, three float64 kernels
 // spilled inside their loops at 64 registers (bench/NOTES.md). Its 8-byte loads already fill a
-// warp's 256-byte transactions.
-template <typename T>
+// warp's 256-byte transactions. Labels take packs of eight whatever the inputs (two 16-byte
+// loads of float32): a pack's label reads and row bookkeeping, shared by half as many elements
+// in packs of four, cost float32 labels 8 more SASS instructions per element.
+template <typename x_t, typename t_t>
 constexpr int forward_pack_size() {
-  return std::is_same_v<T, double> ? 1 : pack_size<T>();
+  return std::is_same_v<x_t, double> ? 1 : std::is_same_v<t_t, int64_t> ? 8 : pack_size<x_t>();
 }
 
 
@@ -556,7 +558,7 @@ void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream
   const int64_t n = args.inputs.numel();
   const bool elementwise = args.reduction == Reduction::None;
   using S = math_t<x_t>;
-  constexpr int kPack = forward_pack_size<x_t>();
+  constexpr int kPack = forward_pack_size<x_t, t_t>();
   ForwardPointers<x_t, t_t, out_t> p{
       args.inputs.const_data_ptr<x_t>(),
       args.targets.const_data_ptr<t_t>(),
