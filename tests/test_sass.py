@@ -150,9 +150,8 @@ def costs_by_weight_loop(kernel):
     """{weight loop: sorted SASS instructions per element of its loops}."""
     pack = sass.pack_of(kernel)
     costs = {}
-    for body in loop_bodies(kernel):
-        counted = [t for t in body if not t.startswith("NOP")]
-        costs.setdefault(weight_loop(body, pack), []).append(len(counted) / pack)
+    for body, (per_element, _) in zip(loop_bodies(kernel), sass.loop_summary(kernel, pack)):
+        costs.setdefault(weight_loop(body, pack), []).append(per_element)
     return {kind: sorted(values) for kind, values in costs.items()}
 
 
