@@ -1,4 +1,6 @@
 // pybind11 module focal_cuda._C: the ops, their checks and what the build contains.
+#include <ATen/record_function.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
@@ -32,6 +34,24 @@ pybind11::dict build_info() {
   return info;
 }
 
+// What thread_dispatch_keys reports: the dispatch keys this thread adds to every op call,
+// beyond c10's defaults.
+constexpr int kFunctorchTransform = 1;  // torch.func's (grad, vmap, jvp, ...)
+constexpr int kOtherKeys = 2;           // Python dispatch modes, the legacy vmap of batched grads
+
+// Private (c10/core/impl/LocalDispatchKeySet.h): one read of the thread's included keys tells
+// Python whether a direct call of the kernels would bypass something the dispatcher serves.
+int thread_dispatch_keys() {
+  const auto added =
+      c10::impl::tls_local_dispatch_key_set().included_ - c10::default_included_set;
+  const auto functorch = added.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+  const auto transform_keys = c10::DispatchKeySet(
+      {c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
+       c10::DispatchKey::FuncTorchDynamicLayerBackMode});
+  const auto others = added - transform_keys;
+  return (functorch ? kFunctorchTransform : 0) | (others.empty() ? 0 : kOtherKeys);
+}
+
 // kOp called as torch's own Python bindings call theirs (torch/csrc/Exceptions.h): the kernels
 // run without the GIL, so that Python threads can compute losses concurrently; an error unwinds
 // out of that scope first (the GIL is held again), and torch's handler turns it into the Python
@@ -39,21 +59,35 @@ pybind11::dict build_info() {
 // then never reach pybind11's translation of C++ exceptions across modules (only pybind11's own
 // exception types, which it handles itself), and no Python state is touched without the GIL.
 // kKeepGil: for checks that may compare symbolic sizes, which call into Python.
-template <auto kOp, bool kKeepGil = false>
+// kProfiledName: the profiler's record of a call, on every path (an eager call that skips the
+// dispatcher has no record of the op's); a thread-local flag test when nothing profiles.
+template <auto kOp, const char* kProfiledName = nullptr, bool kKeepGil = false>
 struct Bound;
 
-template <typename Result, typename... Args, Result (*kOp)(Args...), bool kKeepGil>
-struct Bound<kOp, kKeepGil> {
+template <typename Result, typename... Args, Result (*kOp)(Args...), const char* kProfiledName,
+          bool kKeepGil>
+struct Bound<kOp, kProfiledName, kKeepGil> {
   static Result call(Args... args) {
     HANDLE_TH_ERRORS
     std::optional<pybind11::gil_scoped_release> no_gil;
     if constexpr (!kKeepGil) {
       no_gil.emplace();
     }
-    return kOp(std::forward<Args>(args)...);
+    if constexpr (kProfiledName != nullptr) {
+      RECORD_FUNCTION(kProfiledName, std::vector<c10::IValue>());
+      return kOp(std::forward<Args>(args)...);
+    } else {
+      return kOp(std::forward<Args>(args)...);
+    }
     END_HANDLE_TH_ERRORS_PYBIND
   }
 };
+
+// The kernels' entry points as the profiler names them.
+constexpr char kSigmoidForward[] = "focal_cuda._C.sigmoid_focal_loss_forward";
+constexpr char kSoftmaxForward[] = "focal_cuda._C.softmax_focal_loss_forward";
+constexpr char kBackward[] = "focal_cuda._C.sigmoid_focal_loss_backward";
+constexpr char kBackwardInPlace[] = "focal_cuda._C.sigmoid_focal_loss_backward_";
 
 }  // namespace
 
@@ -67,11 +101,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("float32_loss"), pybind11::arg("outputs"));
   std::apply(
       [&](const auto&... parameters) {
-        m.def("sigmoid_focal_loss_forward", &Bound<&focal::sigmoid_focal_loss_forward>::call,
+        m.def("sigmoid_focal_loss_forward",
+              &Bound<&focal::sigmoid_focal_loss_forward, kSigmoidForward>::call,
               parameters...,
               "Fused sigmoid focal loss: (loss, dloss/dinputs, dloss/dtargets, loss before "
               "weight, count), gradients unscaled.");
-        m.def("check_forward_arguments", &Bound<&focal::check_forward_arguments, true>::call,
+        m.def("check_forward_arguments",
+              &Bound<&focal::check_forward_arguments, nullptr, true>::call,
               parameters...,
               "sigmoid_focal_loss_forward's checks that read no data (dtypes, shapes, devices, "
               "scalars), for its fake kernel: fake and meta tensors, symbolic shapes.");
@@ -83,26 +119,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("label_smoothing"), pybind11::arg("float32_loss"), pybind11::arg("outputs"));
   std::apply(
       [&](const auto&... parameters) {
-        m.def("softmax_focal_loss_forward", &Bound<&focal::softmax_focal_loss_forward>::call,
+        m.def("softmax_focal_loss_forward",
+              &Bound<&focal::softmax_focal_loss_forward, kSoftmaxForward>::call,
               parameters...,
               "Fused softmax focal loss: (loss, dloss/dinputs, dloss/dtargets, loss before "
               "weight, the mean's divisor), gradients unscaled.");
-        m.def("check_softmax_arguments", &Bound<&focal::check_softmax_arguments, true>::call,
+        m.def("check_softmax_arguments",
+              &Bound<&focal::check_softmax_arguments, nullptr, true>::call,
               parameters..., "softmax_focal_loss_forward's checks that read no data.");
       },
       softmax_parameters);
-  m.def("check_softmax_options", &Bound<&focal::check_softmax_options, true>::call,
+  m.def("check_softmax_options", &Bound<&focal::check_softmax_options, nullptr, true>::call,
         pybind11::arg("coefficients"), pybind11::arg("label_smoothing"),
         "The softmax focal loss's scalar options checked as its forward checks them.");
   // The outputs mask's bits (csrc/focal_ops.h).
   m.attr("GRAD_INPUTS") = focal::kGradInputs;
   m.attr("GRAD_TARGETS") = focal::kGradTargets;
   m.attr("UNWEIGHTED_LOSS") = focal::kUnweightedLoss;
-  m.def("sigmoid_focal_loss_backward", &Bound<&focal::sigmoid_focal_loss_backward>::call,
+  m.def("sigmoid_focal_loss_backward", &Bound<&focal::sigmoid_focal_loss_backward, kBackward>::call,
         pybind11::arg("grad_output"), pybind11::arg("saved_grad"), pybind11::arg("count"),
         pybind11::arg("reduction"), "saved_grad scaled by grad_output (divided by count for mean).");
-  m.def("sigmoid_focal_loss_backward_", &Bound<&focal::sigmoid_focal_loss_backward_>::call,
+  m.def("sigmoid_focal_loss_backward_",
+        &Bound<&focal::sigmoid_focal_loss_backward_, kBackwardInPlace>::call,
         pybind11::arg("grad_output"), pybind11::arg("saved_grad"), pybind11::arg("count"),
         pybind11::arg("reduction"), "sigmoid_focal_loss_backward, written into saved_grad.");
   m.def("build_info", &build_info, "What this build of focal_cuda contains.");
+  m.def("thread_dispatch_keys", &thread_dispatch_keys,
+        "The dispatch keys this thread adds to op calls: FUNCTORCH_TRANSFORM | OTHER_DISPATCH_KEYS "
+        "bits, 0 in plain eager mode.");
+  m.attr("FUNCTORCH_TRANSFORM") = kFunctorchTransform;
+  m.attr("OTHER_DISPATCH_KEYS") = kOtherKeys;
 }

@@ -7,7 +7,6 @@ and under torch.library.opcheck.
 from typing import List, Optional, Tuple
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import _C, _higher_order, reference
 
@@ -61,11 +60,18 @@ _PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
 _is_compiling = torch.compiler.is_compiling
 _is_tracing = torch.jit.is_tracing
 _has_torch_function = torch.overrides.has_torch_function
-# Private: torch.func's wrappers report type Tensor; only this tells them apart.
-transforms_active = torch._C._are_functorch_transforms_active
-# Private: only the dispatcher records the op's name for the profiler.
-_profiler_enabled = torch.autograd._profiler_enabled
+# The dispatch keys this thread adds to op calls, 0 in plain eager mode (csrc/bindings.cpp: the
+# one private torch API in C++): torch.func's transforms (their wrappers report type Tensor),
+# dispatch modes (make_fx, FlopCounterMode, FakeTensorMode) and the legacy vmap of batched
+# gradients; each needs the dispatcher.
+thread_dispatch_keys = _C.thread_dispatch_keys
+_FUNCTORCH_TRANSFORM = _C.FUNCTORCH_TRANSFORM
 _forward_ad = torch.autograd.forward_ad
+
+
+def transforms_active():
+    """Whether a torch.func transform (grad, vmap, jvp, ...) is active on this thread."""
+    return bool(thread_dispatch_keys() & _FUNCTORCH_TRANSFORM)
 
 
 def forward_ad_active():
@@ -77,18 +83,15 @@ def forward_ad_active():
 def plain_eager(inputs, *tensors):
     """Whether a call may go straight to the C++ functions rather than through the dispatcher,
     which costs tens of microseconds a call in Python: in eager mode (not compiling, not
-    tracing), on CPU or CUDA tensors that are plain (or parameters, or None), with no torch.func
-    transform, forward-mode AD level, dispatch or function mode, or profiler for the dispatcher
-    to serve."""
+    tracing), on CPU or CUDA tensors that are plain (or parameters, or None), with no dispatch
+    key of a transform or mode, no forward-mode AD level and no function mode. (The profiler
+    sees either way: the C++ functions record themselves.)"""
     return (
         not _is_compiling()  # first: Dynamo must not trace the probes below
         and not _is_tracing()
-        and not transforms_active()
+        and not thread_dispatch_keys()
         and not forward_ad_active()
-        # Private: a dispatch mode (make_fx, FlopCounterMode) sees plain tensors.
-        and _get_current_dispatch_mode() is None
         and not _has_torch_function((inputs,))  # a function mode
-        and not _profiler_enabled()
         and (inputs.is_cpu or inputs.is_cuda)  # not inputs.device: building one costs ~0.5 us
         and type(inputs) in _PLAIN_TYPES
         and all(map(_PLAIN_TYPES.__contains__, map(type, tensors)))
@@ -218,7 +221,7 @@ def _(info, in_dims, inputs, targets, weight, scores, form, coefficients, reduct
             tuple(0 if batched else None for batched in computed))
 
 
-def last_use_of_saved(ctx, saved, grad_loss):
+def last_use_of_saved(ctx, saved):
     """Whether this backward is the last use of saved, a gradient output of ctx's forward, so
     that scaling may write into it: the backward frees the graph (retain_graph=False) and nobody
     else holds the forward's gradient outputs (ctx.gradients_private). A training step then
@@ -226,13 +229,11 @@ def last_use_of_saved(ctx, saved, grad_loss):
     autograd, AOT, opcheck: graphs stay functional) or batching (no in-place op on batched
     tensors)."""
     traced_or_batched = (
-        _is_compiling()  # first: Dynamo (compiled autograd) must not trace the probes below
+        _is_compiling()  # first: Dynamo (compiled autograd) must not trace the probe below
         or type(saved) is not torch.Tensor
-        or _get_current_dispatch_mode() is not None
-        or transforms_active()
-        # Private: is_grads_batched and vectorized jacobians batch grad_output with the legacy
-        # vmap, which no other probe sees.
-        or torch._C._functorch.is_legacy_batchedtensor(grad_loss)
+        # A dispatch mode, a transform, or the legacy vmap with which is_grads_batched and
+        # vectorized jacobians batch grad_output.
+        or thread_dispatch_keys()
     )
     return (
         ctx.gradients_private
@@ -245,13 +246,13 @@ def last_use_of_saved(ctx, saved, grad_loss):
 def _scaled_saved_grad(ctx, grad_loss, saved, count, reduction):
     """saved * grad_loss (divided by count for the mean), written into saved where this backward
     is its last use (last_use_of_saved)."""
-    last_use = last_use_of_saved(ctx, saved, grad_loss)
+    last_use = last_use_of_saved(ctx, saved)
     if not last_use:
         return sigmoid_focal_loss_backward(grad_loss, saved, count, reduction)
     if plain_eager(saved, grad_loss, count):
         _C.sigmoid_focal_loss_backward_(grad_loss, saved, count, reduction)
         torch.autograd.graph.increment_version(saved)  # as the in-place op's dispatch does
-    else:  # e.g. under the profiler: the dispatcher's in-place op
+    else:  # e.g. under a function mode: the dispatcher's in-place op
         sigmoid_focal_loss_backward_(grad_loss, saved, count, reduction)
     return saved
 

@@ -133,7 +133,7 @@ def _scaled(ctx, grad_loss, saved, divisor, reduction, dim):
     saved where this backward is its last use."""
     if reduction == _NONE:
         scale = grad_loss.unsqueeze(dim)
-        return saved.mul_(scale) if _ops.last_use_of_saved(ctx, saved, grad_loss) else saved * scale
+        return saved.mul_(scale) if _ops.last_use_of_saved(ctx, saved) else saved * scale
     return _ops._scaled_saved_grad(ctx, grad_loss, saved, divisor, reduction)
 
 

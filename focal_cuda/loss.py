@@ -11,8 +11,8 @@ import torch
 from . import _ops
 from .reference import FORMS
 from . import _C
-from ._function import EagerFunction, transformable_loss
-from . import _softmax
+from ._function import EagerFunction
+from . import _higher_order, _softmax
 
 
 _GRAD_INPUTS, _GRAD_TARGETS, _UNWEIGHTED_LOSS = _ops.GRAD_INPUTS, _ops.GRAD_TARGETS, _ops.UNWEIGHTED_LOSS
@@ -268,12 +268,8 @@ def softmax_focal_loss(
     if weight is not None:
         _check_tensor(weight, "weight")
     if torch.is_grad_enabled():
-        transformed = _ops.transforms_active()  # see _fused_loss
-        needs = (
-            inputs.requires_grad or transformed,
-            targets.is_floating_point() and (targets.requires_grad or transformed),
-            weight is not None and (weight.requires_grad or transformed),
-        )
+        needs = (inputs.requires_grad, targets.requires_grad,
+                 weight is not None and weight.requires_grad)
     else:
         needs = (False, False, False)
     autocast = (inputs.is_cuda and torch.is_autocast_enabled("cuda")
@@ -289,8 +285,7 @@ def softmax_focal_loss(
             return _softmax.SoftmaxFunction.apply(inputs, targets, weight, arguments,
                                                   _C.softmax_focal_loss_forward)
         return _C.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
-    # torch.func transforms and forward-mode AD: the reference formula, which they differentiate
-    # and batch as they do any composite (the fused forward has no vmap or jvp rule yet).
+    # torch.func transforms and forward-mode AD: the reference formula (focal_cuda/_higher_order.py).
     if _ops.forward_ad_active() or _ops.transforms_active():
         _C.check_softmax_arguments(inputs, targets, weight, *arguments)
         return _softmax.reference_loss(inputs, targets, weight, arguments)
@@ -314,22 +309,19 @@ def _fused_loss(form, inputs, targets, coefficients, reduction, weight, ignore_i
     # The op's outputs mask (_ops.outputs_mask), inlined: every call runs this.
     outputs = 0
     if torch.is_grad_enabled():
-        # Under torch.func transforms (vmap, ...) the tensors seen here may not report the
-        # requires_grad of what they wrap: then compute every derivative a backward could ask for.
-        transformed = _ops.transforms_active()
-        if inputs.requires_grad or transformed:
+        if inputs.requires_grad:
             outputs = _GRAD_INPUTS
-        if differentiable_targets.requires_grad or transformed and differentiable_targets.is_floating_point():
+        if differentiable_targets.requires_grad:
             outputs |= _GRAD_TARGETS
-        if weight is not None and (weight.requires_grad or transformed):
+        if weight is not None and weight.requires_grad:
             outputs |= _UNWEIGHTED_LOSS
     # Autocast exists for CPU and CUDA only (meta tensors, e.g. for shape inference, have none).
     autocast = (inputs.is_cuda and torch.is_autocast_enabled("cuda")
                 or inputs.is_cpu and torch.is_autocast_enabled("cpu"))
     arguments = (form, coefficients, reduction_code(reduction), _as_index(ignore_index),
                  _as_float(label_smoothing, "label_smoothing"), autocast, outputs)
-    # Dynamo cannot trace an autograd.Function with a jvp rule (a graph break): compiled code
-    # calls the op, with its registered autograd (_ops.forward_setup_context, forward_backward).
+    # Compiled code calls the op, with its registered autograd (_ops.forward_setup_context,
+    # forward_backward): Dynamo traces neither EagerFunction's C++ callable nor the probes.
     if torch.compiler.is_compiling():
         return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)[0]
     if _ops.plain_eager(inputs, targets, weight, scores):
@@ -337,9 +329,10 @@ def _fused_loss(form, inputs, targets, coefficients, reduction, weight, ignore_i
             return EagerFunction.apply(inputs, targets, weight, scores, arguments,
                                        _C.sigmoid_focal_loss_forward)
         return _C.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)[0]
-    # torch.func transforms and forward-mode AD: the Function with jvp and vmap rules.
-    if _ops.forward_ad_active() or outputs and _ops.transforms_active():
-        return transformable_loss(inputs, targets, weight, scores, *arguments)
+    # torch.func transforms and forward-mode AD: the reference formula (focal_cuda/_higher_order.py).
+    if _ops.forward_ad_active() or _ops.transforms_active():
+        _C.check_forward_arguments(inputs, targets, weight, scores, *arguments)
+        return _higher_order.reference_loss(inputs, targets, weight, scores, arguments)
     # Modes, subclasses, meta tensors, tracing: the same paths through the dispatcher.
     if outputs:
         return EagerFunction.apply(inputs, targets, weight, scores, arguments,

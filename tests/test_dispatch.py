@@ -1,8 +1,8 @@
 """Plain eager calls go straight to the C++ op (the dispatcher's Python path costs tens of
 microseconds a call); whatever the dispatcher serves still sees the op: dispatch and function
-modes, the profiler, tensor subclasses, meta tensors, torch.jit.trace, torch.compile of a call
-without gradient (torch.func transforms: tests/test_transforms.py). Both paths give the same
-bits."""
+modes, tensor subclasses, meta tensors, torch.jit.trace, torch.compile of a call without
+gradient (torch.func transforms: tests/test_transforms.py). The profiler sees the C++ functions'
+own records on either path. Both paths give the same bits."""
 
 import contextlib
 
@@ -70,11 +70,19 @@ def test_function_mode_sees_the_forward_op(operands):
     assert any("sigmoid_focal_loss_forward" in name for name in mode.seen), mode.seen
 
 
-def test_profiler_records_the_ops(operands):
+def test_profiler_records_the_kernels_calls(operands):
+    """A plain eager step passes no dispatcher, which would record the op's name: the C++
+    functions record their own."""
+    x, t = operands
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         training_step(*operands)
+        # Backward keeping the graph: the saved gradient scaled into a new tensor.
+        x = x.detach().requires_grad_()
+        focal_cuda.sigmoid_focal_loss(x, t, reduction="sum").backward(retain_graph=True)
+        focal_cuda.softmax_focal_loss(x.detach(), torch.zeros(x.shape[0], dtype=torch.long))
     names = {event.name for event in profile.events()}
-    assert {"focal_cuda::sigmoid_focal_loss_forward", "focal_cuda::sigmoid_focal_loss_backward_"} <= names
+    assert {"focal_cuda._C.sigmoid_focal_loss_forward", "focal_cuda._C.sigmoid_focal_loss_backward_",
+            "focal_cuda._C.sigmoid_focal_loss_backward", "focal_cuda._C.softmax_focal_loss_forward"} <= names, names
 
 
 def test_no_grad_call_matches_the_dispatched_op(operands):
