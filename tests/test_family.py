@@ -159,8 +159,9 @@ def test_matches_formula(device, dtype, reduction, kind, form, index):
 @pytest.mark.parametrize("form, index", CASES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gradcheck(form, index, reduction):
-    """Finite differences of the fused loss in float64, and of its gradient (create_graph, which
-    differentiates focal_cuda.reference). VFL jumps at t = 0: its targets stay positive here."""
+    """Finite differences of the fused loss in float64; second derivatives (create_graph, which
+    differentiates focal_cuda.reference) against differences of the kernels' gradients. VFL
+    jumps at t = 0: its targets stay positive here."""
     parameters = PARAMETERS[form][index]
     generator = torch.Generator().manual_seed(10 + index)
     x = (torch.randn(4, 5, generator=generator, dtype=torch.float64) * 2).requires_grad_()
@@ -171,7 +172,6 @@ def test_gradcheck(form, index, reduction):
         return FUNCTIONS[form](x_, t_, reduction=reduction, weight=w_, **parameters)
 
     assert torch.autograd.gradcheck(loss, (x, t, weight))
-    assert torch.autograd.gradgradcheck(loss, (x, t, weight))
     assert_second_derivatives_match_kernel_differences(loss, (x, t, weight))
     labels = torch.tensor([0, 5, 2, -100])
     assert torch.autograd.gradcheck(lambda x_: FUNCTIONS[form](x_, labels, reduction=reduction, **parameters),
