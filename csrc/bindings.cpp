@@ -59,8 +59,9 @@ int thread_dispatch_keys() {
 // then never reach pybind11's translation of C++ exceptions across modules (only pybind11's own
 // exception types, which it handles itself), and no Python state is touched without the GIL.
 // kKeepGil: for checks that may compare symbolic sizes, which call into Python.
-// kProfiledName: the profiler's record of a call, on every path (an eager call that skips the
-// dispatcher has no record of the op's); a thread-local flag test when nothing profiles.
+// kProfiledName: the profiler's record of a call, with its arguments, on every path that runs
+// the kernels (an eager call that skips the dispatcher has no record of the op's); a
+// thread-local flag test when nothing profiles.
 template <auto kOp, const char* kProfiledName = nullptr, bool kKeepGil = false>
 struct Bound;
 
@@ -74,7 +75,8 @@ struct Bound<kOp, kProfiledName, kKeepGil> {
       no_gil.emplace();
     }
     if constexpr (kProfiledName != nullptr) {
-      RECORD_FUNCTION(kProfiledName, std::vector<c10::IValue>());
+      // The arguments are converted only when a profiler records shapes.
+      RECORD_FUNCTION(kProfiledName, std::vector<c10::IValue>{c10::IValue(args)...});
       return kOp(std::forward<Args>(args)...);
     } else {
       return kOp(std::forward<Args>(args)...);

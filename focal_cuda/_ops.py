@@ -80,29 +80,34 @@ def forward_ad_active():
     return _forward_ad._current_level >= 0
 
 
+def carry_tangents(*tensors):
+    """Whether any of tensors (None allowed) is a dual tensor of the forward-mode AD level in
+    use: asked only while one is (forward_ad_active)."""
+    return any(tensor is not None and tensor.is_floating_point()
+               and _forward_ad.unpack_dual(tensor).tangent is not None for tensor in tensors)
+
+
+def tangents_about(*tensors):
+    """Whether forward-mode AD has tangents on any of tensors."""
+    return forward_ad_active() and carry_tangents(*tensors)
+
+
 def plain_eager(inputs, *tensors):
     """Whether a call may go straight to the C++ functions rather than through the dispatcher,
     which costs tens of microseconds a call in Python: in eager mode (not compiling, not
     tracing), on CPU or CUDA tensors that are plain (or parameters, or None), with no dispatch
-    key of a transform or mode, no forward-mode AD level and no function mode. (The profiler
+    key of a transform or mode, no forward-mode AD tangent and no function mode. (The profiler
     sees either way: the C++ functions record themselves.)"""
     return (
         not _is_compiling()  # first: Dynamo must not trace the probes below
         and not _is_tracing()
         and not thread_dispatch_keys()
-        and not forward_ad_active()
+        and not (forward_ad_active() and carry_tangents(inputs, *tensors))
         and not _has_torch_function((inputs,))  # a function mode
         and (inputs.is_cpu or inputs.is_cuda)  # not inputs.device: building one costs ~0.5 us
         and type(inputs) in _PLAIN_TYPES
         and all(map(_PLAIN_TYPES.__contains__, map(type, tensors)))
     )
-
-
-def forward(inputs, targets, weight, scores, *arguments):
-    """sigmoid_focal_loss_forward, called directly where the dispatcher has nothing to do."""
-    if plain_eager(inputs, targets, weight, scores):
-        return _C.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)
-    return sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)
 
 
 def saved_dtype(dtype):

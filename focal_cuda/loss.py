@@ -286,7 +286,7 @@ def softmax_focal_loss(
                                                   _C.softmax_focal_loss_forward)
         return _C.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
     # torch.func transforms and forward-mode AD: the reference formula (focal_cuda/_higher_order.py).
-    if _ops.forward_ad_active() or _ops.transforms_active():
+    if _ops.transforms_active() or _ops.tangents_about(inputs, targets, weight):
         _C.check_softmax_arguments(inputs, targets, weight, *arguments)
         return _softmax.reference_loss(inputs, targets, weight, arguments)
     # Modes, subclasses, meta tensors, tracing: the same paths through the dispatcher.
@@ -330,7 +330,7 @@ def _fused_loss(form, inputs, targets, coefficients, reduction, weight, ignore_i
                                        _C.sigmoid_focal_loss_forward)
         return _C.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)[0]
     # torch.func transforms and forward-mode AD: the reference formula (focal_cuda/_higher_order.py).
-    if _ops.forward_ad_active() or _ops.transforms_active():
+    if _ops.transforms_active() or _ops.tangents_about(inputs, targets, weight, scores):
         _C.check_forward_arguments(inputs, targets, weight, scores, *arguments)
         return _higher_order.reference_loss(inputs, targets, weight, scores, arguments)
     # Modes, subclasses, meta tensors, tracing: the same paths through the dispatcher.

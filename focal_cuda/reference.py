@@ -3,9 +3,8 @@
 The tests' oracle and the documentation of what the kernels compute. Composed of ordinary
 PyTorch ops (so autograd differentiates them, twice if asked), they build the one-hot targets
 that the kernels never materialise, and compute in float32, or float64 for float64 tensors,
-like the kernels. Their autograd gradients inherit the weak spots of the composite forms: NaN
-where a modulating base is 0 exactly and its exponent is in (0, 1); the kernels' analytic
-gradients are finite there.
+like the kernels. A modulating power's derivative is taken as 0 where its base is 0 exactly
+(_power), as the kernels' analytic gradients take it.
 """
 
 from typing import Optional
@@ -22,6 +21,17 @@ FORM_COEFFICIENTS = {
     FORMS["quality"]: ("beta",),
     FORMS["varifocal"]: ("alpha", "gamma"),
 }
+
+
+def _power(base, exponent):
+    """base ** exponent. For an exponent in (0, 1) its derivative at base 0 is infinite, and
+    autograd's product with the base's own zero slope (a saturated logit, p == t) is NaN where
+    the loss's derivative is finite: there the power is a constant 0, differentiated as one."""
+    if not 0 < exponent < 1:
+        return base.pow(exponent)
+    at_zero = base == 0
+    nonzero = torch.where(at_zero, torch.ones_like(base), base)
+    return torch.where(at_zero, torch.zeros_like(base), nonzero.pow(exponent))
 
 
 def family_scalars(form, coefficients):
@@ -136,10 +146,10 @@ def family_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ig
         ce = t * torch.logaddexp(-x, zero) + (1 - t) * torch.logaddexp(x, zero)
         if form == FORMS["focal"]:
             q = t * torch.sigmoid(-x) + (1 - t) * torch.sigmoid(x)  # 1 - p_t, without cancellation
-            loss = q.pow(gamma) * ce
+            loss = _power(q, gamma) * ce
         else:
             distance = ((1 - t) * torch.sigmoid(x) - t * torch.sigmoid(-x)).abs()  # |p - t|
-            modulation = distance.pow(gamma)
+            modulation = _power(distance, gamma)
             if form == FORMS["varifocal"]:
                 modulation = torch.where(t > 0, t, alpha * modulation)
             loss = modulation * ce
@@ -201,7 +211,7 @@ def softmax_focal_loss(
         # whatever it holds (inf, NaN) leaves no trace in the loss or any derivative.
         x = torch.where(valid.unsqueeze(dim), x, torch.zeros_like(x))
     log_p = torch.log_softmax(x, dim)
-    focal = -log_p if gamma == 0 else -(1 - log_p.exp()).pow(gamma) * log_p
+    focal = -log_p if gamma == 0 else -_power(1 - log_p.exp(), gamma) * log_p
     q = q * (1 - label_smoothing) + label_smoothing / classes
     if valid is not None:
         q = q * valid.unsqueeze(dim)

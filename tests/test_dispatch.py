@@ -74,7 +74,7 @@ def test_profiler_records_the_kernels_calls(operands):
     """A plain eager step passes no dispatcher, which would record the op's name: the C++
     functions record their own."""
     x, t = operands
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
         training_step(*operands)
         # Backward keeping the graph: the saved gradient scaled into a new tensor.
         x = x.detach().requires_grad_()
@@ -83,6 +83,8 @@ def test_profiler_records_the_kernels_calls(operands):
     names = {event.name for event in profile.events()}
     assert {"focal_cuda._C.sigmoid_focal_loss_forward", "focal_cuda._C.sigmoid_focal_loss_backward_",
             "focal_cuda._C.sigmoid_focal_loss_backward", "focal_cuda._C.softmax_focal_loss_forward"} <= names, names
+    forward = next(event for event in profile.events() if event.name == "focal_cuda._C.sigmoid_focal_loss_forward")
+    assert forward.input_shapes[:2] == [list(x.shape), list(t.shape)], forward.input_shapes
 
 
 def test_no_grad_call_matches_the_dispatched_op(operands):

@@ -107,7 +107,7 @@ def test_no_other_private_torch_api_is_used():
     """The package's Python and C++ name no private torch API but the three above."""
     python = "\n".join(path.read_text() for path in sorted(PACKAGE.glob("*.py")))
     private_python = set(re.findall(r"torch(?:\.\w+)*\._(?!_)\w+(?:\.\w+)*", python))
-    private_python |= set(re.findall(r"\b_forward_ad\.\w+", python))
+    private_python |= set(re.findall(r"\b_forward_ad\._\w+", python))
     assert private_python == {"torch._C._autograd._get_current_graph_task_keep_graph",
                               "_forward_ad._current_level"}, private_python
     sources = [path for path in CSRC.rglob("*") if path.suffix in (".h", ".cpp", ".cu", ".cuh")]

@@ -294,3 +294,41 @@ def test_scripted_function_sees_cuda_autocast_only():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert focal_cuda.sigmoid_focal_loss(x, t).dtype == torch.float32
         assert scripted(x, t, 0.25, 2.0, "none").dtype == torch.bfloat16
+
+
+def test_a_dual_level_without_tangents_keeps_the_fused_path():
+    """Calls whose operands carry no tangent stay fused inside a forward-mode AD level: the same
+    bits as outside it, finite where the loss saturates."""
+    import torch.autograd.forward_ad as forward_ad
+
+    x = torch.tensor([[200.0, -200.0, 3.0]])
+    t = torch.tensor([[1.0, 0.0, 1.0]])
+    grads = []
+    for level in (False, True):
+        leaf = x.clone().requires_grad_()
+        with forward_ad.dual_level() if level else torch.enable_grad():
+            focal_cuda.sigmoid_focal_loss(leaf, t, gamma=0.5, reduction="sum").backward()
+        grads.append(leaf.grad)
+    assert torch.isfinite(grads[1]).all() and torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("case", ["saturated focal", "quality at p == t", "softmax at p == 1"])
+def test_forward_mode_is_finite_where_a_fractional_power_meets_zero(case):
+    """The reference formula's powers with an exponent in (0, 1) at base 0 (a saturated logit,
+    p == t, p == 1) have an infinite derivative times a zero slope: taken as 0, the tangent is
+    the fused gradient's, not NaN."""
+    x, target, function = {
+        "saturated focal": (torch.tensor([[200.0, -200.0, 3.0]], dtype=F64),
+                            torch.tensor([[1.0, 0.0, 1.0]], dtype=F64),
+                            lambda x_, t_: focal_cuda.sigmoid_focal_loss(x_, t_, gamma=0.5, reduction="sum")),
+        "quality at p == t": (torch.zeros(1, 2, dtype=F64), torch.full((1, 2), 0.5, dtype=F64),
+                              lambda x_, t_: focal_cuda.quality_focal_loss(x_, t_, beta=0.5, reduction="sum")),
+        "softmax at p == 1": (torch.tensor([[800.0, 0.0, -5.0]], dtype=F64), torch.tensor([0]),
+                              lambda x_, t_: focal_cuda.softmax_focal_loss(x_, t_, gamma=0.5, reduction="sum")),
+    }[case]
+    direction = torch.tensor([[1.0, -2.0, 0.5]], dtype=F64)[:, :x.shape[1]]
+    _, tangent = jvp(lambda x_: function(x_, target), (x,), (direction,))
+    (gradient,) = kernel_gradients(lambda x_: function(x_, target), (x,))
+    assert torch.isfinite(tangent) and torch.isfinite(gradient).all()
+    assert_matches(tangent, (gradient * direction).sum(), F64)
+    assert torch.isfinite(grad(lambda x_: function(x_, target))(x)).all()
