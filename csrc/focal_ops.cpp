@@ -433,8 +433,11 @@ BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& s
   BackwardArgs args;
   // A float64 count is a weighted mean's divisor: folded into grad_output below.
   const bool weighted_mean = mode == Reduction::Mean && count.scalar_type() == at::kDouble;
+  // Scalars reshaped, viewed or converted only when they need it: each ATen call costs a
+  // dispatch, a noticeable share of a small step's backward.
+  const at::Tensor scalar_count = count.dim() == 0 ? count : count.reshape({});
   if (mode == Reduction::Mean && !weighted_mean) {
-    args.divisor = count.reshape({});
+    args.divisor = scalar_count;
   }
   if (mode == Reduction::None) {
     TORCH_CHECK(grad_output.sizes() == saved_grad.sizes(),
@@ -455,12 +458,14 @@ BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& s
   args.saved_grad = saved_grad;
   if (args.grad_output_is_scalar) {
     // One value, taken in the math type of saved_grad (float64 or float32): read as it is.
-    at::Tensor value = grad_output.as_strided({}, {}, grad_output.storage_offset());
+    at::Tensor value = grad_output.dim() == 0
+                           ? grad_output
+                           : grad_output.as_strided({}, {}, grad_output.storage_offset());
     if (weighted_mean) {  // zero where nothing counted (a weight sum may be negative)
-      const at::Tensor divisor = count.reshape({});
-      value = at::where(divisor != 0, value / divisor, at::zeros_like(divisor));
+      value = at::where(scalar_count != 0, value / scalar_count, at::zeros_like(scalar_count));
     }
-    args.grad_output = value.to(math_dtype(saved_grad.scalar_type()));
+    const auto dtype = math_dtype(saved_grad.scalar_type());
+    args.grad_output = value.scalar_type() == dtype ? value : value.to(dtype);
   } else if (in_place) {
     // saved_grad stays as it is; an unreadable grad_output is taken in its math type.
     args.grad_output = in_memory_order_of(saved_grad, grad_output);
