@@ -4,7 +4,8 @@ transforms (grad, vmap, jacrev, jacfwd, hessian, ...) and torch.autograd.forward
 All of them take the reference formula (focal_cuda.reference), whose differentiable torch ops
 autograd and torch.func differentiate, batch and push tangents through to any order, as they
 do any composite: first derivatives that must be differentiable again are its vector-Jacobian
-product; under a transform or a forward-mode AD level the loss itself is computed by it.
+product; under a transform, or for operands that carry forward-mode tangents, the loss itself
+is computed by it.
 """
 
 import torch
