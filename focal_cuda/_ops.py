@@ -80,16 +80,12 @@ def forward_ad_active():
     return _forward_ad._current_level >= 0
 
 
-def carry_tangents(*tensors):
-    """Whether any of tensors (None allowed) is a dual tensor of the forward-mode AD level in
-    use: asked only while one is (forward_ad_active)."""
-    return any(tensor is not None and tensor.is_floating_point()
-               and _forward_ad.unpack_dual(tensor).tangent is not None for tensor in tensors)
-
-
 def tangents_about(*tensors):
-    """Whether forward-mode AD has tangents on any of tensors."""
-    return forward_ad_active() and carry_tangents(*tensors)
+    """Whether any of tensors (None allowed) is a dual tensor of the forward-mode AD level in
+    use; the tensors are asked only while a level is (forward_ad_active)."""
+    return forward_ad_active() and any(
+        tensor is not None and tensor.is_floating_point()
+        and _forward_ad.unpack_dual(tensor).tangent is not None for tensor in tensors)
 
 
 def plain_eager(inputs, *tensors):
@@ -102,7 +98,7 @@ def plain_eager(inputs, *tensors):
         not _is_compiling()  # first: Dynamo must not trace the probes below
         and not _is_tracing()
         and not thread_dispatch_keys()
-        and not (forward_ad_active() and carry_tangents(inputs, *tensors))
+        and not tangents_about(inputs, *tensors)
         and not _has_torch_function((inputs,))  # a function mode
         and (inputs.is_cpu or inputs.is_cuda)  # not inputs.device: building one costs ~0.5 us
         and type(inputs) in _PLAIN_TYPES
