@@ -174,6 +174,12 @@ std::pair<at::Tensor, at::Tensor> readable_pair(const at::Tensor& first, const a
   return {first.to(promoted), second.to(promoted)};
 }
 
+// tensor in dtype, converted only where it is not (a same-dtype to() is still a dispatch);
+// undefined stays undefined.
+at::Tensor in_dtype(const at::Tensor& tensor, at::ScalarType dtype) {
+  return !tensor.defined() || tensor.scalar_type() == dtype ? tensor : tensor.to(dtype);
+}
+
 void run_forward(const ForwardArgs& args) {
 #ifdef FOCAL_WITH_CUDA
   if (args.inputs.is_cuda()) {
@@ -336,7 +342,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
   args.label_smoothing = label_smoothing;
   args.reduction = mode;
 
-  at::ScalarType loss_dtype = labels ? inputs.scalar_type() : at::result_type(inputs, targets);
+  // Floating targets have inputs' shape (checked), so torch's promotion is the dtypes' alone.
+  at::ScalarType loss_dtype =
+      labels ? inputs.scalar_type() : c10::promoteTypes(inputs.scalar_type(), targets.scalar_type());
   at::Tensor floating_targets = targets;
   if (float32_loss && (loss_dtype == at::kHalf || loss_dtype == at::kBFloat16)) {
     // Autocast's float32 result: float32 targets give it (only the targets are converted).
@@ -388,11 +396,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     run_forward(args);
   }
 
-  // Outputs not requested are empty; one computed in a converted dtype goes back to the saved
-  // dtype of what it differentiates.
+  // Outputs not requested stay undefined (None); one computed in a converted dtype goes back to
+  // the saved dtype of what it differentiates.
   auto finish = [](const at::Tensor& output, const at::Tensor& like) {
-    const auto dtype = saved_dtype(like.scalar_type());
-    return output.defined() ? output.to(dtype) : at::empty({0}, like.options().dtype(dtype));
+    return in_dtype(output, saved_dtype(like.scalar_type()));
   };
   const at::Tensor grad_targets = has_scores ? finish(args.grad_scores, *scores)
                                             : finish(args.grad_targets, targets);
@@ -648,18 +655,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_f
 
   // The outputs in the inputs' shape and the dtypes the autograd formulas expect: the loss in the
   // inputs' dtype (float32 for 16-bit inputs under autocast), the target gradient in the saved
-  // dtype of the targets; outputs not requested empty.
+  // dtype of the targets; outputs not requested undefined (None).
   at::ScalarType loss_dtype = inputs.scalar_type();
   if (float32_loss && (loss_dtype == at::kHalf || loss_dtype == at::kBFloat16)) {
     loss_dtype = at::kFloat;
   }
   const auto shaped = [&](const at::Tensor& output, at::ScalarType dtype) {
-    if (!output.defined()) {
-      return at::empty({0}, inputs.options().dtype(dtype));
-    }
-    return (inputs.dim() == 1 ? output.squeeze(0) : output).to(dtype);
+    return in_dtype(output.defined() && inputs.dim() == 1 ? output.squeeze(0) : output, dtype);
   };
-  at::Tensor loss = args.loss.to(loss_dtype);
+  at::Tensor loss = in_dtype(args.loss, loss_dtype);
   if (args.reduction == Reduction::None) {
     std::vector<int64_t> shape = inputs.sizes().vec();
     shape.erase(shape.begin() + class_dim(inputs));

@@ -10,7 +10,8 @@
 namespace focal {
 
 // The per-element outputs a forward op computes besides the loss: a mask of these bits in its
-// `outputs` argument. Outputs not requested are empty 1-d tensors.
+// `outputs` argument. Outputs not requested are undefined tensors (None in Python; the custom
+// ops, whose schemas return tensors, make them empty: focal_cuda/_ops.py).
 constexpr int64_t kGradInputs = 1;      // d(elementwise loss)/d(inputs)
 constexpr int64_t kGradTargets = 2;     // d(elementwise loss)/d(floating targets, or scores)
 constexpr int64_t kUnweightedLoss = 4;  // the elementwise loss before the weight: d(loss)/d(weight)

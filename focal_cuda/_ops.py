@@ -48,15 +48,24 @@ def sigmoid_focal_loss_forward(
     scores: with integer labels, the target of each row's labelled class (else 1); dloss/dtargets
     is then dloss/dscores (csrc/focal_ops.h).
     """
-    return _C.sigmoid_focal_loss_forward(
+    loss, *per_element, count = _C.sigmoid_focal_loss_forward(
         inputs, targets, weight, scores, form, coefficients, reduction, ignore_index,
         label_smoothing, float32_loss, outputs,
     )
+    return (loss, *with_empty_for_none(inputs, per_element, _per_element_dtypes(
+        inputs, targets, scores, loss.dtype)), count)
+
+
+def with_empty_for_none(inputs, per_element, dtypes):
+    """The per-element outputs with an empty tensor of its dtype for each the C++ forward did
+    not compute (None): the ops' schemas return tensors."""
+    return tuple(inputs.new_empty((0,), dtype=dtype) if output is None else output
+                 for output, dtype in zip(per_element, dtypes))
 
 
 # nn.Parameter overrides no torch function: the op sees it as the tensor it is.
 _PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
-# plain_eager's probes, looked up once: it runs twice in every training step.
+# plain_eager's and last_use_of_saved's probes, looked up once: they run in every training step.
 _is_compiling = torch.compiler.is_compiling
 _is_tracing = torch.jit.is_tracing
 _has_torch_function = torch.overrides.has_torch_function
@@ -89,20 +98,20 @@ def tangents_about(*tensors):
 
 
 def plain_eager(inputs, *tensors):
-    """Whether a call may go straight to the C++ functions rather than through the dispatcher,
-    which costs tens of microseconds a call in Python: in eager mode (not compiling, not
-    tracing), on CPU or CUDA tensors that are plain (or parameters, or None), with no dispatch
-    key of a transform or mode, no forward-mode AD tangent and no function mode. (The profiler
-    sees either way: the C++ functions record themselves.)"""
+    """Whether an eager call may go straight to the C++ functions rather than through the
+    dispatcher, which costs tens of microseconds a call in Python: not tracing, on CPU or CUDA
+    tensors that are plain (or parameters, or None), with no dispatch key of a transform or
+    mode, no forward-mode AD tangent and no function mode. The caller has ruled out
+    torch.compile first: Dynamo must not trace these probes. (The profiler sees either way:
+    the C++ functions record themselves.)"""
     return (
-        not _is_compiling()  # first: Dynamo must not trace the probes below
+        not thread_dispatch_keys()
         and not _is_tracing()
-        and not thread_dispatch_keys()
         and not tangents_about(inputs, *tensors)
         and not _has_torch_function((inputs,))  # a function mode
         and (inputs.is_cpu or inputs.is_cuda)  # not inputs.device: building one costs ~0.5 us
         and type(inputs) in _PLAIN_TYPES
-        and all(map(_PLAIN_TYPES.__contains__, map(type, tensors)))
+        and _PLAIN_TYPES.issuperset(map(type, tensors))
     )
 
 
@@ -128,15 +137,21 @@ def _(inputs, targets, weight, scores, form, coefficients, reduction, ignore_ind
                                ignore_index, label_smoothing, float32_loss, outputs)
     dtype = loss_dtype(inputs, targets, float32_loss)
     loss = inputs.new_empty(inputs.shape if reduction == 0 else (), dtype=dtype)
-    grad_inputs = inputs.new_empty(inputs.shape if outputs & GRAD_INPUTS else (0,),
-                                   dtype=saved_dtype(inputs.dtype))
     differentiated = targets if scores is None else scores
-    grad_targets = differentiated.new_empty(differentiated.shape if outputs & GRAD_TARGETS else (0,),
-                                            dtype=saved_dtype(differentiated.dtype))
-    unweighted = inputs.new_empty(inputs.shape if outputs & UNWEIGHTED_LOSS else (0,),
-                                  dtype=saved_dtype(dtype))
+    shapes = (inputs.shape, differentiated.shape, inputs.shape)
+    per_element = (
+        inputs.new_empty(shape if outputs & requested else (0,), dtype=dtype_)
+        for shape, requested, dtype_ in zip(shapes, (GRAD_INPUTS, GRAD_TARGETS, UNWEIGHTED_LOSS),
+                                            _per_element_dtypes(inputs, targets, scores, dtype)))
     count = inputs.new_empty((), dtype=torch.int64)
-    return loss, grad_inputs, grad_targets, unweighted, count
+    return (loss, *per_element, count)
+
+
+def _per_element_dtypes(inputs, targets, scores, loss_dtype_):
+    """The dtypes of the forward's d(loss)/d(inputs), d(loss)/d(targets or scores) and loss
+    before the weight."""
+    differentiated = targets if scores is None else scores
+    return saved_dtype(inputs.dtype), saved_dtype(differentiated.dtype), saved_dtype(loss_dtype_)
 
 
 @torch.library.custom_op("focal_cuda::sigmoid_focal_loss_backward", mutates_args=())
@@ -247,10 +262,9 @@ def last_use_of_saved(ctx, saved):
 def _scaled_saved_grad(ctx, grad_loss, saved, count, reduction):
     """saved * grad_loss (divided by count for the mean), written into saved where this backward
     is its last use (last_use_of_saved)."""
-    last_use = last_use_of_saved(ctx, saved)
-    if not last_use:
+    if not last_use_of_saved(ctx, saved):
         return sigmoid_focal_loss_backward(grad_loss, saved, count, reduction)
-    if plain_eager(saved, grad_loss, count):
+    if plain_eager(saved, grad_loss, count):  # last_use_of_saved ruled out torch.compile
         _C.sigmoid_focal_loss_backward_(grad_loss, saved, count, reduction)
         torch.autograd.graph.increment_version(saved)  # as the in-place op's dispatch does
     else:  # e.g. under a function mode: the dispatcher's in-place op
@@ -276,22 +290,29 @@ def forward_setup_context(ctx, inputs, output):
 
 
 def save_for_gradients(ctx, operands, output, arguments, gradients_private):
-    """What gradients() needs: the operands (inputs, targets, weight, scores), the forward's
-    outputs, its scalar arguments (the op's, from form on)."""
-    ctx.save_for_backward(*operands, *output[1:])
+    """What gradients() needs, for the sigmoid family and the softmax loss alike: the operands,
+    the forward's scalar arguments (the op's after its operands; the outputs mask last), the
+    outputs that mask asked for (None for the others: nothing to keep or unpack) and the count
+    (or divisor); gradients_private as in last_use_of_saved."""
+    outputs = arguments[-1]
+    _, grad_inputs, grad_targets, unweighted, count = output
+    ctx.save_for_backward(
+        *operands, grad_inputs if outputs & GRAD_INPUTS else None,
+        grad_targets if outputs & GRAD_TARGETS else None,
+        unweighted if outputs & UNWEIGHTED_LOSS else None, count)
     ctx.arguments = arguments
     ctx.gradients_private = gradients_private
 
 
-def saved_or_error(saved, like, name, function="sigmoid_focal_loss"):
-    """saved, a forward op's d(loss)/d(name), when it has like's shape; else the error that the
+def saved_or_error(saved, name, function="sigmoid_focal_loss"):
+    """saved, a forward op's d(loss)/d(name), when the op computed it; else the error that the
     op was called without it (function: the public function that asks for it)."""
-    if saved.shape != like.shape:
+    if saved is None:
         output = "UNWEIGHTED_LOSS" if name == "weight" else "GRAD_INPUTS" if name == "inputs" else "GRAD_TARGETS"
         raise RuntimeError(
-            f"focal_cuda: backward needs d(loss)/d({name}) of shape {list(like.shape)}, but the "
-            f"forward op saved one of shape {list(saved.shape)} (its outputs mask left out "
-            f"{output}); call focal_cuda.{function}, which asks for what backward needs"
+            f"focal_cuda: backward needs d(loss)/d({name}), which the forward op did not compute "
+            f"(its outputs mask left out {output}); call focal_cuda.{function}, which asks for "
+            "what backward needs"
         )
     return saved
 
@@ -323,16 +344,16 @@ def gradients(ctx, grad_loss, needed):
     grad_inputs = grad_targets = grad_weight = None
     # Saved in float32 for float16 operands: scaled there, rounded to float16 only then.
     if needs_x:
-        saved = saved_or_error(saved_grad_inputs, x, "inputs")
+        saved = saved_or_error(saved_grad_inputs, "inputs")
         grad_inputs = _as_dtype(_scaled_saved_grad(ctx, grad_loss, saved, count, reduction), x.dtype)
     if needs_t:
-        saved = saved_or_error(saved_grad_targets, t, "targets" if scores is None else "scores")
+        saved = saved_or_error(saved_grad_targets, "targets" if scores is None else "scores")
         grad_output = grad_loss
         if scores is not None and reduction == REDUCTION_CODES["none"]:
             grad_output = at_labelled_class(grad_loss, labels_or_t)
         grad_targets = _as_dtype(_scaled_saved_grad(ctx, grad_output, saved, count, reduction), t.dtype)
     if needs_weight:
-        unweighted = saved_or_error(unweighted, x, "weight")
+        unweighted = saved_or_error(unweighted, "weight")
         math_dtype = torch.float64 if unweighted.dtype == torch.float64 else torch.float32
         scale = mean_scale(grad_loss.to(math_dtype), count, reduction)
         grad_weight = (unweighted.to(math_dtype) * scale).sum_to_size(weight.shape).to(weight.dtype)

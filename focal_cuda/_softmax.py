@@ -33,10 +33,12 @@ def softmax_focal_loss_forward(
     """(loss, dloss/dinputs, dloss/dtargets, each class's loss before its weight, the mean's
     divisor) in one pass (csrc/focal_ops.h); coefficients (alpha, gamma), alpha -1 for None;
     gradients unscaled; outputs as _ops.outputs_mask, those not requested empty."""
-    return _C.softmax_focal_loss_forward(
+    loss, *per_element, divisor = _C.softmax_focal_loss_forward(
         inputs, targets, weight, coefficients, reduction, ignore_index, label_smoothing,
         float32_loss, outputs,
     )
+    return (loss, *_ops.with_empty_for_none(inputs, per_element, _per_element_dtypes(inputs, targets)),
+            divisor)
 
 
 def read_in_place(inputs):
@@ -70,33 +72,31 @@ def _(inputs, targets, weight, coefficients, reduction, ignore_index, label_smoo
     del positions[class_dim(inputs)]
     loss = inputs.new_empty(positions if reduction == _NONE else (), dtype=dtype)
 
-    def per_element(requested, like):
-        dtype_ = _ops.saved_dtype(like.dtype) if like is not None else _math_dtype(inputs.dtype)
+    def per_element(requested, dtype_):
         if not requested:
             return inputs.new_empty((0,), dtype=dtype_)
         if read_in_place(inputs):
             return torch.empty_like(inputs, dtype=dtype_)
         return inputs.new_empty(inputs.shape, dtype=dtype_)
 
-    return (loss, per_element(outputs & _ops.GRAD_INPUTS, inputs),
-            per_element(outputs & _ops.GRAD_TARGETS, targets),
-            per_element(outputs & _ops.UNWEIGHTED_LOSS, None), inputs.new_empty((), dtype=torch.float64))
+    requests = (_ops.GRAD_INPUTS, _ops.GRAD_TARGETS, _ops.UNWEIGHTED_LOSS)
+    return (loss, *(per_element(outputs & request, dtype_) for request, dtype_ in
+                    zip(requests, _per_element_dtypes(inputs, targets))),
+            inputs.new_empty((), dtype=torch.float64))
+
+
+def _per_element_dtypes(inputs, targets):
+    """The dtypes of the forward's d(loss)/d(inputs), d(loss)/d(targets) and each class's loss
+    before its weight."""
+    return (_ops.saved_dtype(inputs.dtype), _ops.saved_dtype(targets.dtype),
+            _math_dtype(inputs.dtype))
 
 
 def forward_setup_context(ctx, inputs, output):
     # Only the loss is differentiable; the other outputs carry what backward needs.
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
-    save_for_gradients(ctx, inputs[:3], output, inputs[3:], gradients_private=False)
-
-
-def save_for_gradients(ctx, operands, output, arguments, gradients_private):
-    """What gradients() needs: the operands (inputs, targets, weight), the forward's outputs and
-    its scalar arguments (from coefficients on); gradients_private as in
-    _ops.last_use_of_saved."""
-    ctx.save_for_backward(*operands, *output[1:])
-    ctx.arguments = arguments
-    ctx.gradients_private = gradients_private
+    _ops.save_for_gradients(ctx, inputs[:3], output, inputs[3:], gradients_private=False)
 
 
 def forward_backward(ctx, grad_loss, *_grads_of_saved_outputs):
@@ -116,13 +116,13 @@ def gradients(ctx, grad_loss, needed):
     dim = class_dim(x)
     grad_inputs = grad_targets = grad_weight = None
     if needed[0]:
-        saved = _ops.saved_or_error(saved_grad_inputs, x, "inputs", _FUNCTION)
+        saved = _ops.saved_or_error(saved_grad_inputs, "inputs", _FUNCTION)
         grad_inputs = _scaled(ctx, grad_loss, saved, divisor, reduction, dim).to(x.dtype)
     if needed[1]:
-        saved = _ops.saved_or_error(saved_grad_targets, t, "targets", _FUNCTION)
+        saved = _ops.saved_or_error(saved_grad_targets, "targets", _FUNCTION)
         grad_targets = _scaled(ctx, grad_loss, saved, divisor, reduction, dim).to(t.dtype)
     if needed[2]:
-        unweighted = _ops.saved_or_error(unweighted, x, "weight", _FUNCTION)
+        unweighted = _ops.saved_or_error(unweighted, "weight", _FUNCTION)
         grad_weight = _weight_gradient(ctx, grad_loss, unweighted, t, weight, divisor, dim)
     return grad_inputs, grad_targets, grad_weight
 
@@ -204,7 +204,8 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, targets, weight, arguments, fused_forward):
         output = fused_forward(inputs, targets, weight, *arguments)
-        save_for_gradients(ctx, (inputs, targets, weight), output, arguments, gradients_private=True)
+        _ops.save_for_gradients(ctx, (inputs, targets, weight), output, arguments,
+                                gradients_private=True)
         return output[0]
 
     @staticmethod

@@ -16,6 +16,7 @@ from . import _higher_order, _softmax
 
 
 _GRAD_INPUTS, _GRAD_TARGETS, _UNWEIGHTED_LOSS = _ops.GRAD_INPUTS, _ops.GRAD_TARGETS, _ops.UNWEIGHTED_LOSS
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check_tensor(value, name):
@@ -49,6 +50,8 @@ def _real_number(value):
 
 
 def _as_float(value, name):
+    if type(value) is float:  # the common case, first: every call converts three or four
+        return value
     if _real_number(value):
         return float(value)
     raise ValueError(f"{name} must be a real number, got {value!r}")
@@ -57,6 +60,14 @@ def _as_float(value, name):
 def _as_alpha(alpha):
     """alpha as the op takes it: None (no weighting) is -1."""
     return -1.0 if alpha is None else _as_float(alpha, "alpha")
+
+
+def _float32_loss(inputs):
+    """The op's float32_loss: whether 16-bit inputs give a float32 loss, as under torch.autocast
+    (the only dtypes it changes; autocast exists for CPU and CUDA only, not e.g. meta tensors)."""
+    return inputs.dtype in _HALF_DTYPES and (
+        inputs.is_cuda and torch.is_autocast_enabled("cuda")
+        or inputs.is_cpu and torch.is_autocast_enabled("cpu"))
 
 
 def reduction_code(reduction):
@@ -272,12 +283,10 @@ def softmax_focal_loss(
                  weight is not None and weight.requires_grad)
     else:
         needs = (False, False, False)
-    autocast = (inputs.is_cuda and torch.is_autocast_enabled("cuda")
-                or inputs.is_cpu and torch.is_autocast_enabled("cpu"))
     outputs = _ops.outputs_mask(*needs)
     arguments = ([_as_alpha(alpha), _as_float(gamma, "gamma")], reduction_code(reduction),
-                 _as_index(ignore_index), _as_float(label_smoothing, "label_smoothing"), autocast,
-                 outputs)
+                 _as_index(ignore_index), _as_float(label_smoothing, "label_smoothing"),
+                 _float32_loss(inputs), outputs)
     if torch.compiler.is_compiling():
         return _softmax.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
     if _ops.plain_eager(inputs, targets, weight):
@@ -315,11 +324,8 @@ def _fused_loss(form, inputs, targets, coefficients, reduction, weight, ignore_i
             outputs |= _GRAD_TARGETS
         if weight is not None and weight.requires_grad:
             outputs |= _UNWEIGHTED_LOSS
-    # Autocast exists for CPU and CUDA only (meta tensors, e.g. for shape inference, have none).
-    autocast = (inputs.is_cuda and torch.is_autocast_enabled("cuda")
-                or inputs.is_cpu and torch.is_autocast_enabled("cpu"))
     arguments = (form, coefficients, reduction_code(reduction), _as_index(ignore_index),
-                 _as_float(label_smoothing, "label_smoothing"), autocast, outputs)
+                 _as_float(label_smoothing, "label_smoothing"), _float32_loss(inputs), outputs)
     # Compiled code calls the op, with its registered autograd (_ops.forward_setup_context,
     # forward_backward): Dynamo traces neither EagerFunction's C++ callable nor the probes.
     if torch.compiler.is_compiling():

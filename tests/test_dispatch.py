@@ -131,3 +131,24 @@ def test_compile_fullgraph_without_gradient(operands, no_grad):
                              fullgraph=True, backend="aot_eager")
     with torch.no_grad() if no_grad else contextlib.nullcontext():
         assert torch.equal(compiled(x, t), focal_cuda.sigmoid_focal_loss(x, t, 0.25, 2.0, "sum"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_eager_forward_allocates_only_what_is_asked(operands, dtype):
+    """The C++ forwards leave the outputs not asked for undefined (None: nothing allocated on the
+    eager path); the ops, whose schemas return tensors, give empty ones in the fake kernels'
+    dtypes (opcheck compares those: tests/test_pt2.py)."""
+    x, t = (tensor.to(dtype) for tensor in operands)
+    only_inputs = focal_cuda._ops.GRAD_INPUTS
+    sigmoid = (x, t, None, None, 0, [0.25, 2.0], 2, -100, 0.0, False, only_inputs)
+    labels = torch.zeros(x.shape[0], dtype=torch.long)
+    softmax = (x, labels, None, [-1.0, 2.0], 2, -100, 0.0, False, only_inputs)
+    for direct, op in [(focal_cuda._C.sigmoid_focal_loss_forward, torch.ops.focal_cuda.sigmoid_focal_loss_forward),
+                       (focal_cuda._C.softmax_focal_loss_forward, torch.ops.focal_cuda.softmax_focal_loss_forward)]:
+        arguments = sigmoid if "sigmoid" in str(op) else softmax
+        loss, grad_inputs, grad_targets, unweighted, _ = direct(*arguments)
+        assert grad_inputs.shape == x.shape and grad_targets is None and unweighted is None
+        op_outputs = op(*arguments)
+        assert torch.equal(op_outputs[0], loss) and torch.equal(op_outputs[1], grad_inputs)
+        assert op_outputs[2].shape == op_outputs[3].shape == (0,)
+        assert op_outputs[3].dtype == torch.float32  # the saved dtype of a float16 loss too

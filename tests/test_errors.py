@@ -133,8 +133,8 @@ def test_backward_without_saved_gradient_explains():
     loss = torch.ops.focal_cuda.sigmoid_focal_loss_forward(
         x, torch.zeros(3), None, None, 0, [0.25, 2.0], 2, -100, 0.0, False, 0
     )[0]
-    message = ("backward needs d(loss)/d(inputs) of shape [3], but the forward op saved one of "
-               "shape [0] (its outputs mask left out GRAD_INPUTS)")
+    message = ("backward needs d(loss)/d(inputs), which the forward op did not compute (its "
+               "outputs mask left out GRAD_INPUTS); call focal_cuda.sigmoid_focal_loss")
     with pytest.raises(RuntimeError, match=re.escape(message)):
         loss.backward()
 

@@ -160,3 +160,19 @@ def test_target_gradient_where_q_is_subnormal_and_gamma_below_one(dtype):
     dq_dt = torch.sigmoid(-x64) - torch.sigmoid(x64)
     expected = gamma * q_gamma * (F.softplus(-x64) / torch.sigmoid(-x64)) * dq_dt - q_gamma * x64
     assert_matches(grad_t, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_16_bit_loss_is_the_rounded_total_or_inf(device, dtype):
+    """A 16-bit "sum" is the float64-accumulated total rounded once to the dtype: inf past
+    float16's largest finite value (65504), as torch's own float16 sum gives, never an error."""
+    x = torch.full((40_000,), -30.0, dtype=dtype, device=device)
+    for loss in (focal_cuda.sigmoid_focal_loss(x, torch.ones_like(x), None, 0.0, "sum"),
+                 focal_cuda.softmax_focal_loss(torch.stack([x, torch.zeros_like(x)], 1), torch.zeros(x.shape[0], dtype=torch.long,
+                                               device=device), None, 0.0, "sum")):
+        # Each loss is 30 to float32 precision (softplus(30) = 30 + 9e-14; the softmax pair's
+        # -log_softmax, log(1 + e^30), likewise), so the total is 1.2e6: inf in float16.
+        assert loss.dtype == dtype
+        expected = torch.tensor(30.0 * 40_000, dtype=torch.float64).to(dtype)
+        assert torch.equal(loss.cpu(), expected), (loss, expected)

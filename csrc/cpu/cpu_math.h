@@ -227,6 +227,14 @@ class FlushSubnormals {
 #endif
 };
 
+// value stored into the one element of a 0-d floating tensor, as fill_ would store it, without
+// fill_'s dispatch (a reduced loss is written once per call).
+inline void store_scalar(const at::Tensor& tensor, double value) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensor.scalar_type(), "focal_store", [&] {
+    *tensor.mutable_data_ptr<scalar_t>() = c10::convert<scalar_t>(value);
+  });
+}
+
 // A contiguous tensor's data and dtype, looked up once per call rather than once per block.
 struct RawTensor {
   void* data;

@@ -227,12 +227,12 @@ void forward_impl(const ForwardArgs& args) {
     total += chunk_sums[chunk];
     count += chunk_counts[chunk];
   }
-  args.count.fill_(count);
+  *args.count.mutable_data_ptr<int64_t>() = count;
   if (!elementwise) {
     if (args.reduction == Reduction::Mean) {
       total /= static_cast<double>(count);  // NaN when nothing counts, as torch.mean of nothing
     }
-    args.loss.fill_(total);
+    store_scalar(args.loss, total);
   }
 }
 

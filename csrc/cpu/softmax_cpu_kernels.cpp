@@ -479,10 +479,10 @@ void forward_impl(const SoftmaxArgs& args) {
     total += chunk_sums[index];
     divisor += chunk_divisors[index];
   }
-  args.divisor.fill_(divisor);
+  *args.divisor.mutable_data_ptr<double>() = divisor;
   if (args.reduction != Reduction::None) {
     // The mean of nothing (or of zero weight) is NaN, as F.cross_entropy's.
-    args.loss.fill_(args.reduction == Reduction::Mean ? total / divisor : total);
+    store_scalar(args.loss, args.reduction == Reduction::Mean ? total / divisor : total);
   }
 }
 
