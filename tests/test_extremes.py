@@ -163,16 +163,21 @@ def test_target_gradient_where_q_is_subnormal_and_gamma_below_one(dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_reduced_16_bit_loss_is_the_rounded_total_or_inf(device, dtype):
-    """A 16-bit "sum" is the float64-accumulated total rounded once to the dtype: inf past
-    float16's largest finite value (65504), as torch's own float16 sum gives, never an error."""
-    x = torch.full((40_000,), -30.0, dtype=dtype, device=device)
+@pytest.mark.parametrize("dtype,logit,elements", [(torch.float16, -30.0, 40_000),
+                                                  (torch.bfloat16, -30.0, 40_000),
+                                                  (torch.float32, -3e38, 2)])
+def test_reduced_loss_is_the_total_converted_or_inf(device, dtype, logit, elements):
+    """A "sum" is the accumulated total converted to the loss dtype as torch converts (16-bit
+    through float32): inf past the dtype's largest finite value, as torch's own sums give, and
+    not an error (fill_ of a float32 total above its range raised one)."""
+    x = torch.full((elements,), logit, dtype=dtype, device=device)
+    labels = torch.zeros(elements, dtype=torch.long, device=device)
     for loss in (focal_cuda.sigmoid_focal_loss(x, torch.ones_like(x), None, 0.0, "sum"),
-                 focal_cuda.softmax_focal_loss(torch.stack([x, torch.zeros_like(x)], 1), torch.zeros(x.shape[0], dtype=torch.long,
-                                               device=device), None, 0.0, "sum")):
-        # Each loss is 30 to float32 precision (softplus(30) = 30 + 9e-14; the softmax pair's
-        # -log_softmax, log(1 + e^30), likewise), so the total is 1.2e6: inf in float16.
+                 focal_cuda.softmax_focal_loss(torch.stack([x, torch.zeros_like(x)], 1), labels,
+                                               None, 0.0, "sum")):
+        # Each loss is -logit to the dtype's precision (softplus(-x), and the softmax pair's
+        # -log_softmax, log(1 + e^-x), exceed -x by e^x): 1.2e6 in all (inf in float16), and
+        # 6e38 (inf) in float32.
         assert loss.dtype == dtype
-        expected = torch.tensor(30.0 * 40_000, dtype=torch.float64).to(dtype)
-        assert torch.equal(loss.cpu(), expected), (loss, expected)
+        expected = (-x[0].double() * elements).to(dtype)
+        assert torch.equal(loss.cpu(), expected.cpu()), (loss, expected)

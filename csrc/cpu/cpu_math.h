@@ -227,8 +227,9 @@ class FlushSubnormals {
 #endif
 };
 
-// value stored into the one element of a 0-d floating tensor, as fill_ would store it, without
-// fill_'s dispatch (a reduced loss is written once per call).
+// value stored into the one element of a 0-d floating tensor, converted as torch converts (to
+// 16-bit through float), without fill_'s dispatch; beyond the dtype's range it is inf, as torch's
+// sums give, where fill_ raised (a reduced loss is written once per call).
 inline void store_scalar(const at::Tensor& tensor, double value) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensor.scalar_type(), "focal_store", [&] {
     *tensor.mutable_data_ptr<scalar_t>() = c10::convert<scalar_t>(value);
