@@ -95,25 +95,11 @@ def _check_extension() -> None:
 _check_extension()
 from . import _C  # noqa: E402
 
-from . import reference  # noqa: E402
-from .loss import (  # noqa: E402
-    QualityFocalLoss,
-    SigmoidFocalLoss,
-    SigmoidFocalLossStar,
-    SoftmaxFocalLoss,
-    VarifocalLoss,
-    quality_focal_loss,
-    sigmoid_focal_loss,
-    sigmoid_focal_loss_star,
-    softmax_focal_loss,
-    varifocal_loss,
-)
+from . import loss, reference  # noqa: E402
+from .loss import *  # noqa: E402,F401,F403  (the losses and their modules: loss.__all__)
 
-__all__ = [
-    "QualityFocalLoss", "SigmoidFocalLoss", "SigmoidFocalLossStar", "SoftmaxFocalLoss", "VarifocalLoss",
-    "__version__", "backends", "quality_focal_loss", "reference", "sigmoid_focal_loss",
-    "sigmoid_focal_loss_star", "softmax_focal_loss", "varifocal_loss",
-]
+__all__ = ["__version__", "backends", "reference"]
+__all__ += loss.__all__
 
 
 def backends() -> Dict[str, Union[str, bool, None]]:

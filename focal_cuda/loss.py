@@ -14,6 +14,14 @@ from . import _C
 from ._function import EagerFunction
 from . import _higher_order, _softmax
 
+# What focal_cuda exports (its __init__ re-exports this list): a new loss form's function and
+# module are added here, not there.
+__all__ = [
+    "sigmoid_focal_loss", "SigmoidFocalLoss", "sigmoid_focal_loss_star", "SigmoidFocalLossStar",
+    "quality_focal_loss", "QualityFocalLoss", "varifocal_loss", "VarifocalLoss",
+    "softmax_focal_loss", "SoftmaxFocalLoss",
+]
+
 
 _GRAD_INPUTS, _GRAD_TARGETS, _UNWEIGHTED_LOSS = _ops.GRAD_INPUTS, _ops.GRAD_TARGETS, _ops.UNWEIGHTED_LOSS
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -70,7 +78,7 @@ def _float32_loss(inputs):
         or inputs.is_cpu and torch.is_autocast_enabled("cpu"))
 
 
-def reduction_code(reduction):
+def _reduction_code(reduction):
     if isinstance(reduction, str) and reduction in _ops.REDUCTION_CODES:
         return _ops.REDUCTION_CODES[reduction]
     raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
@@ -284,7 +292,7 @@ def softmax_focal_loss(
     else:
         needs = (False, False, False)
     outputs = _ops.outputs_mask(*needs)
-    arguments = ([_as_alpha(alpha), _as_float(gamma, "gamma")], reduction_code(reduction),
+    arguments = ([_as_alpha(alpha), _as_float(gamma, "gamma")], _reduction_code(reduction),
                  _as_index(ignore_index), _as_float(label_smoothing, "label_smoothing"),
                  _float32_loss(inputs), outputs)
     if torch.compiler.is_compiling():
@@ -324,7 +332,7 @@ def _fused_loss(form, inputs, targets, coefficients, reduction, weight, ignore_i
             outputs |= _GRAD_TARGETS
         if weight is not None and weight.requires_grad:
             outputs |= _UNWEIGHTED_LOSS
-    arguments = (form, coefficients, reduction_code(reduction), _as_index(ignore_index),
+    arguments = (form, coefficients, _reduction_code(reduction), _as_index(ignore_index),
                  _as_float(label_smoothing, "label_smoothing"), _float32_loss(inputs), outputs)
     # Compiled code calls the op, with its registered autograd (_ops.forward_setup_context,
     # forward_backward): Dynamo traces neither EagerFunction's C++ callable nor the probes.
@@ -472,7 +480,7 @@ class SoftmaxFocalLoss(torch.nn.Module):
                  weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
                  label_smoothing: float = 0.0):
         super().__init__()
-        reduction_code(reduction)
+        _reduction_code(reduction)
         _C.check_softmax_options([_as_alpha(alpha), _as_float(gamma, "gamma")],
                                  _as_float(label_smoothing, "label_smoothing"))
         if weight is not None:

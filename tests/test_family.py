@@ -515,3 +515,15 @@ def test_reference_functions_match_the_fused_ones():
             theirs = getattr(focal_cuda.reference, name)(x, t, reduction=reduction)
             torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
     assert {name: focal_cuda.reference.FORMS[name] for name in FORMS} == FORMS
+
+
+def test_focal_cuda_exports_exactly_the_public_losses():
+    """focal_cuda re-exports focal_cuda.loss.__all__, the one list a new form's function and
+    module join; that list names every public function and class focal_cuda.loss defines."""
+    defined = {name for name, value in vars(focal_cuda.loss).items()
+               if not name.startswith("_") and (inspect.isfunction(value) or inspect.isclass(value))
+               and value.__module__ == "focal_cuda.loss"}
+    assert defined == set(focal_cuda.loss.__all__)
+    assert set(focal_cuda.__all__) == defined | {"__version__", "backends", "reference"}
+    for name in focal_cuda.__all__:
+        assert hasattr(focal_cuda, name), name
