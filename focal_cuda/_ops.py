@@ -115,6 +115,10 @@ def plain_eager(inputs, *tensors):
     )
 
 
+# The storage dtypes whose loss float32_loss (autocast) computes in float32 (csrc/focal_ops.cpp).
+SIXTEEN_BIT_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def saved_dtype(dtype):
     """What the forward stores d(loss)/d(.) and the loss before the weight in: float32 for
     float16 (see csrc/focal_ops.h), the dtype itself otherwise."""
@@ -124,7 +128,7 @@ def saved_dtype(dtype):
 def loss_dtype(inputs, targets, float32_loss):
     labels = not targets.is_floating_point()
     dtype = inputs.dtype if labels else torch.result_type(inputs, targets)
-    if float32_loss and dtype in (torch.float16, torch.bfloat16):
+    if float32_loss and dtype in SIXTEEN_BIT_DTYPES:
         return torch.float32
     return dtype
 

@@ -66,7 +66,7 @@ def _(inputs, targets, weight, coefficients, reduction, ignore_index, label_smoo
     _C.check_softmax_arguments(inputs, targets, weight, coefficients, reduction, ignore_index,
                                label_smoothing, float32_loss, outputs)
     dtype = inputs.dtype
-    if float32_loss and dtype in (torch.float16, torch.bfloat16):
+    if float32_loss and dtype in _ops.SIXTEEN_BIT_DTYPES:
         dtype = torch.float32
     positions = list(inputs.shape)
     del positions[class_dim(inputs)]
@@ -185,7 +185,7 @@ def reference_loss(inputs, targets, weight, arguments):
     """reference.softmax_focal_loss with the op's arguments; in float32 where the op's loss was
     (16-bit inputs under autocast)."""
     (alpha, gamma), reduction, ignore_index, label_smoothing, float32_loss, _ = arguments
-    if float32_loss and inputs.dtype in (torch.float16, torch.bfloat16):
+    if float32_loss and inputs.dtype in _ops.SIXTEEN_BIT_DTYPES:
         inputs = inputs.float()
         targets = targets.float() if targets.is_floating_point() else targets
     return reference.softmax_focal_loss(

@@ -24,7 +24,6 @@ __all__ = [
 
 
 _GRAD_INPUTS, _GRAD_TARGETS, _UNWEIGHTED_LOSS = _ops.GRAD_INPUTS, _ops.GRAD_TARGETS, _ops.UNWEIGHTED_LOSS
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check_tensor(value, name):
@@ -73,7 +72,7 @@ def _as_alpha(alpha):
 def _float32_loss(inputs):
     """The op's float32_loss: whether 16-bit inputs give a float32 loss, as under torch.autocast
     (the only dtypes it changes; autocast exists for CPU and CUDA only, not e.g. meta tensors)."""
-    return inputs.dtype in _HALF_DTYPES and (
+    return inputs.dtype in _ops.SIXTEEN_BIT_DTYPES and (
         inputs.is_cuda and torch.is_autocast_enabled("cuda")
         or inputs.is_cpu and torch.is_autocast_enabled("cpu"))
 
