@@ -48,11 +48,11 @@ def loop_bodies(kernel):
 
 
 # SASS instructions per element a packed label loop may spend beyond the float-target loop of
-# the same inputs dtype, gamma mode, gradients and weight handling, without and with the target
-# gradient (the scores' gradient for labels, a predicated store per element): each pack reads
-# the labels of the (at most two) rows it meets, each element selects its target and validity
-# (bench/NOTES.md has the figures per loop).
-LABEL_LOOP_EXTRA = {False: 15, True: 28}
+# the same inputs dtype, gamma mode, gradients and weight handling without target gradient: the
+# label loops compute every element as a negative, their only label work a read of the labels
+# of the (at most two) rows a pack meets and a bit test per element; the labelled and ignored
+# elements, and the scores' gradient, are a second launch's, over rows (bench/NOTES.md).
+LABEL_LOOP_EXTRA = 8
 
 
 def register_cap(name):
@@ -96,12 +96,13 @@ def weight_loop(body, pack):
 def test_packed_forward_kernels_have_a_loop_per_weight_kind(kernels):
     """Each packed forward kernel has a grid-stride loop for no weights, one for weights per
     element (neither with the per-element switch over the weight kinds; labels take the switch
-    for those) and one for any kind, each with and without the target gradient. Fewer would mean
-    the common cases lost their own loops."""
+    for those) and one for any kind; with floating targets each with and without the target
+    gradient (the scores' gradient of labels is the second launch's). Fewer would mean the common
+    cases lost their own loops; more, that the label loops were compiled twice."""
     wrong = {}
     for name, kernel in packed_forward_kernels(kernels).items():
         kinds = sorted(weight_loop(body, sass.pack_of(kernel)) for body in loop_bodies(kernel))
-        expected = (["any"] * 2 + ([] if ", long," in name else ["element"] * 2) + ["none"] * 2)
+        expected = ["any", "none"] if ", long," in name else ["any"] * 2 + ["element"] * 2 + ["none"] * 2
         if kinds != expected:
             wrong[name] = kinds
     assert not wrong, wrong
@@ -113,6 +114,9 @@ def test_packed_forward_kernels_have_a_loop_per_weight_kind(kernels):
 # lane-instructions per second an H200 is memory-bound below ~7 instructions per byte: 35 and
 # 45 keep the 4 and 6 bytes per element of a no-grad and a training forward near that.
 SIXTEEN_BIT_LOOP_BUDGET = {False: 35, True: 45}  # by whether the kernel writes d(loss)/d(inputs)
+# The label loops at gamma 2 without d(loss)/d(inputs) are not yet within it: 35.5 (float16) and
+# 35.9 (bfloat16), their read of the labels per pack beyond the float-target loops' 34.1-34.6.
+SIXTEEN_BIT_LABEL_LOOP_EXCESS = 1
 
 
 def test_16_bit_loops_fit_their_budget(kernels):
@@ -120,13 +124,15 @@ def test_16_bit_loops_fit_their_budget(kernels):
     for name, kernel in packed_forward_kernels(kernels).items():
         x_type, t_type, out_type, gamma_mode, grad_inputs, _ = [
             a.strip() for a in kernel.template_arguments.split(",")]
-        if out_type not in ("BFloat16", "Half") or t_type == "long" or gamma_mode == "(GammaMode)2":
+        if out_type not in ("BFloat16", "Half") or gamma_mode == "(GammaMode)2":
             continue
         cheapest = min(per for per, _ in sass.loop_summary(kernel, sass.pack_of(kernel)))
         budget = SIXTEEN_BIT_LOOP_BUDGET[grad_inputs == "true"]
+        if t_type == "long" and grad_inputs == "false":
+            budget += SIXTEEN_BIT_LABEL_LOOP_EXCESS
         assert cheapest <= budget, f"{name}: {cheapest} SASS instructions per element, budget {budget}"
         checked += 1
-    assert checked == 8, f"{checked} 16-bit kernels checked"
+    assert checked == 16, f"{checked} 16-bit kernels checked"
 
 
 def test_label_check_is_out_of_the_hot_loop(kernels):
@@ -156,10 +162,9 @@ def costs_by_weight_loop(kernel):
 
 
 def test_label_loops_cost_about_what_float_target_loops_do(kernels):
-    """A label costs a compare per element and a load per row, so a packed label loop must stay
-    within LABEL_LOOP_EXTRA instructions per element of its float-target counterpart: the loops
-    of the same weights (none, or any kind), with and without the target gradient paired in
-    order of cost, which is the same order in both."""
+    """A label costs a bit test per element and a load per row, so a packed label loop must stay
+    within LABEL_LOOP_EXTRA instructions per element of its float-target counterpart: the loop
+    of the same weights (none, or any kind) without target gradient, the cheaper of the two."""
     packed = packed_forward_kernels(kernels)
     # By template arguments but the pack, which is 8 for float32 labels, 4 for float32 targets.
     by_arguments = {tuple(a.strip() for a in kernel.template_arguments.split(",")[:-1]): kernel
@@ -173,8 +178,7 @@ def test_label_loops_cost_about_what_float_target_loops_do(kernels):
         partner = by_arguments[(x_type, out_type, out_type, *rest)]
         labels, floats = costs_by_weight_loop(kernel), costs_by_weight_loop(partner)
         for kind in ("none", "any"):
-            for target_gradient, label_cost, float_cost in zip((False, True), labels[kind], floats[kind]):
-                assert label_cost - float_cost <= LABEL_LOOP_EXTRA[target_gradient], \
-                    f"{kernel.name}: {labels} against {floats} per element"
+            assert labels[kind][0] - floats[kind][0] <= LABEL_LOOP_EXTRA, \
+                f"{kernel.name}: {labels} against {floats} per element"
         checked += 1
     assert checked == 30, f"{checked} packed label kernels paired"

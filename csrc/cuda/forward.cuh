@@ -178,6 +178,7 @@ struct ForwardPointers {
   S* grad_scores;  // labels only: d(loss)/d(scores) per row, written by the labelled element
   S* block_sums;
   int64_t* block_counts;
+  bool rows_pass;  // labels: the second launch, over rows (labelled_rows)
 };
 
 template <typename t_t>
@@ -210,59 +211,28 @@ __device__ __noinline__ void report_bad_label(const int64_t* label, int64_t clas
   CUDA_KERNEL_ASSERT(*label >= 0 && *label <= classes && "class label out of range");
 }
 
-// Checks the labels of the rows a thread visits, one read per row, reporting a bad one, and
-// returns how many elements of those rows count for the mean. The loops take labels on trust:
-// they compare labels with classes and never index by them.
+// The elements of a pack that are not their counted row's negatives, as a bit mask: its rows'
+// labelled classes and the elements of ignored rows. The pack's first row holds its elements
+// [0, boundary), the next the rest (the host packs label rows at least a pack long, so there are
+// at most two). The labels are read once per pack and taken on trust: compared with classes,
+// never used as an index (the second launch checks them).
 template <typename x_t, typename out_t>
-__device__ __forceinline__ int64_t check_and_count_labels(
-    const ForwardPointers<x_t, int64_t, out_t>& p) {
-  const int64_t rows = p.n / p.classes;
-  int64_t counted_rows = 0;
-  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int64_t row = thread; row < rows; row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t label = p.targets[row];
-    const bool counted = label != p.ignore_index;
-    if (counted && static_cast<uint64_t>(label) > static_cast<uint64_t>(p.classes)) {
-      report_bad_label(p.targets + row, p.classes);
-    }
-    counted_rows += counted ? 1 : 0;
-  }
-  return counted_rows * p.classes;
-}
-
-// The labels of the rows a pack meets, read once per pack: the pack's first row, in elements
-// [0, boundary), and past them the next (the host packs label rows at least a pack long, so
-// there are at most two).
-template <typename S>
-struct PackLabels {
-  uint32_t positives;  // bit k: element k is its row's labelled class
-  S valid[2];          // whether the row counts (1) or is ignored (0)
-  S target[2];         // the row's labelled element's target
-};
-
-template <int kPack, typename x_t, typename out_t>
-__device__ __forceinline__ PackLabels<math_t<x_t>> pack_labels(
+__device__ __forceinline__ uint32_t special_elements(
     const ForwardPointers<x_t, int64_t, out_t>& p, int64_t row, int32_t cls, int32_t boundary,
     int num) {
-  using S = math_t<x_t>;
-  PackLabels<S> labels;
-  const bool two_rows = kPack > 1 && boundary < num;
+  const int in_first = std::min(boundary, num);
   const int64_t first = p.targets[row];
-  const int64_t next = two_rows ? p.targets[row + 1] : p.ignore_index;
+  const int64_t next = p.targets[row + (in_first < num ? 1 : 0)];  // else the first row's again
   // Offsets of the labelled elements in 32 bits (a checked label is at most C, which fits): the
-  // background (C) and a label below cls fall outside [0, boundary), a label of the next row
-  // outside [0, num - boundary) unless it is a class; an ignored row's offset is any, unused.
+  // background (C) and a label below cls fall outside [0, in_first), a label of the next row
+  // outside [0, num - in_first) unless it is a class.
   const uint32_t first_offset = static_cast<uint32_t>(first) - static_cast<uint32_t>(cls);
   const uint32_t next_offset = static_cast<uint32_t>(next);
-  const bool first_here = first_offset < static_cast<uint32_t>(two_rows ? boundary : num);
-  const bool next_here = two_rows && next_offset < static_cast<uint32_t>(num - boundary);
-  labels.positives = (first_here ? 1u << first_offset : 0u) |
-                     (next_here ? 1u << (boundary + next_offset) : 0u);
-  labels.valid[0] = first != p.ignore_index ? S(1) : S(0);
-  labels.valid[1] = next != p.ignore_index ? S(1) : S(0);
-  labels.target[0] = p.scores != nullptr ? p.scores[row] : S(1);
-  labels.target[1] = p.scores != nullptr && two_rows ? p.scores[row + 1] : S(1);
-  return labels;
+  const uint32_t first_row = (1u << in_first) - 1u;
+  const uint32_t next_row = ((1u << num) - 1u) & ~first_row;
+  return (first_offset < static_cast<uint32_t>(in_first) ? 1u << first_offset : 0u) |
+         (next_offset < static_cast<uint32_t>(num - in_first) ? 1u << (in_first + next_offset) : 0u) |
+         (first == p.ignore_index ? first_row : 0u) | (next == p.ignore_index ? next_row : 0u);
 }
 
 // The weights a forward loop reads: none, one per element, or any kind through a switch per
@@ -278,14 +248,22 @@ struct Partial {
   int64_t count;
 };
 
-// A thread's share of the forward: every output of its elements, and their Partial.
+// A thread's share of the forward's first (with floating targets, only) launch: every output of
+// its elements, and their Partial. With labels every element is computed as its row's negative
+// (target 0, counted), so that the loops hold no per-element label work, only a read of the
+// labels per pack; the special elements (a row's labelled class, and an ignored row's elements:
+// one element of a row at most in dense detection, none for the background) are left out of the
+// sum, and labelled_rows overwrites their outputs in a second launch. The scores' gradient
+// (the labels' target gradient) is that launch's too.
 template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGradInputs,
           bool kGradTargets, bool kFamily, int kPack>
 __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
     const ForwardPointers<x_t, t_t, out_t>& p) {
   using S = math_t<x_t>;
+  using Math = KernelMath<x_t, out_t, kGamma>;
   // A label's class fits 32 bits (the host checks); float targets' classes may not.
   using class_t = std::conditional_t<kIsLabels<t_t>, int32_t, int64_t>;
+  static_assert(!(kGradTargets && kIsLabels<t_t>), "the scores' gradient is labelled_rows'");
   S sum(0);
   int64_t count = 0;
   const bool weights_by_position =
@@ -296,7 +274,8 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
            (decltype(weights)::value == WeightLoop::AnyKind && weights_by_position);
   };
 
-  // The num elements of one pack, the first of which lies in row `row`, class `cls`.
+  // The num elements of one pack, the first of which lies in row `row`, class `cls`; labels'
+  // special elements left out of the sum (their values are the second launch's).
   // weights (a weight_loop_t): the weights the code reads. Without weights per row or per class
   // it needs no switch over the weight kinds, and no row and class unless labels do. The switch
   // is a branch per element, which keeps the scheduler from interleaving a pack's elements (~30
@@ -312,9 +291,9 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
     // Elements [0, boundary) lie in `row`, the rest in the next row (the host packs rows only
     // when they are at least a pack long).
     const class_t boundary = static_cast<class_t>(p.classes - cls);
-    [[maybe_unused]] PackLabels<S> labels;
+    uint32_t special = 0u;
     if constexpr (kIsLabels<t_t>) {
-      labels = pack_labels<kPack>(p, row, cls, boundary, num);  // counted by check_and_count_labels
+      special = special_elements(p, row, cls, boundary, num);  // counted by labelled_rows
     } else {
       count += num;
     }
@@ -322,14 +301,8 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
     for (int k = 0; k < kPack; ++k) {
       if (k < num) {
         const bool next_row = tracking && k > 0 && k >= boundary;  // boundary >= 1
-        S target;
-        S valid(1);
-        if constexpr (kIsLabels<t_t>) {
-          valid = next_row ? labels.valid[1] : labels.valid[0];
-          target = (labels.positives >> k & 1u) == 0u ? S(0)
-                   : next_row                         ? labels.target[1]
-                                                      : labels.target[0];
-        } else {
+        S target(0);  // a label's negative
+        if constexpr (!kIsLabels<t_t>) {
           target = to_math(ts, k);
         }
         S weight(1);
@@ -345,19 +318,15 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
         } else if constexpr (kWeights == WeightLoop::Element) {
           weight = element_weights[k];
         }
-        using Math = KernelMath<x_t, out_t, kGamma>;
         const auto terms = loss_terms<Math, kGamma, kGradInputs, kGradTargets, kFamily>(
-            to_math(xs, k), target, weight, valid, p.coeffs);
-        sum += terms.loss;
+            to_math(xs, k), target, weight, S(1), p.coeffs);
+        if ((special >> k & 1u) == 0u) {
+          sum += terms.loss;
+        }
         losses[k] = static_cast<out_t>(terms.loss);
         unweighted[k] = static_cast<saved_t<out_t>>(terms.unweighted_loss);
         grads_inputs[k] = static_cast<saved_t<x_t>>(terms.grad_inputs);
-        if constexpr (kGradTargets && kIsLabels<t_t>) {
-          // The scores' gradient: a counted row's labelled element, its row's only writer.
-          if ((labels.positives >> k & 1u) != 0u && valid != S(0)) {
-            p.grad_scores[row + (next_row ? 1 : 0)] = terms.grad_targets;
-          }
-        } else if constexpr (kGradTargets) {
+        if constexpr (kGradTargets) {
           grads_targets[k] = static_cast<saved_t<t_t>>(terms.grad_targets);
         }
       }
@@ -411,16 +380,14 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
       if constexpr (kGradInputs) {
         reinterpret_cast<Pack<saved_t<x_t>, kPack>*>(p.grad_inputs)[pack] = grads_inputs;
       }
-      if constexpr (kGradTargets && !kIsLabels<t_t>) {
+      if constexpr (kGradTargets) {
         reinterpret_cast<Pack<saved_t<t_t>, kPack>*>(p.grad_targets)[pack] = grads_targets;
       }
       if (kPack > 1 && tracking) {
-        row += stride_rows;
         cls += stride_classes;
-        if (cls >= classes) {
-          cls -= classes;
-          ++row;
-        }
+        const bool wraps = cls >= classes;
+        cls -= wraps ? classes : 0;
+        row += wraps ? stride_rows + 1 : stride_rows;
       }
     }
     // The last n % kPack elements (fewer than the threads of one block).
@@ -446,7 +413,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
       if constexpr (kGradInputs) {
         p.grad_inputs[tail] = grad_inputs_value;
       }
-      if constexpr (kGradTargets && !kIsLabels<t_t>) {
+      if constexpr (kGradTargets) {
         p.grad_targets[tail] = grad_targets_value;
       }
     }
@@ -466,6 +433,94 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
   return {sum, count};
 }
 
+// Checks the labels of the rows a thread visits in a label forward's second launch, one read
+// per row, reporting a bad one, and returns how many elements of those rows count for the mean.
+// A loop of its own: inside labelled_rows' loop, the registers live across the report's call
+// went to a stack in the float64 kernels.
+template <typename x_t, typename out_t>
+__device__ __forceinline__ int64_t check_and_count_labels(
+    const ForwardPointers<x_t, int64_t, out_t>& p) {
+  const int64_t rows = p.n / p.classes;
+  int64_t counted_rows = 0;
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t row = thread; row < rows; row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t label = p.targets[row];
+    const bool counted = label != p.ignore_index;
+    if (counted && static_cast<uint64_t>(label) > static_cast<uint64_t>(p.classes)) {
+      report_bad_label(p.targets + row, p.classes);
+    }
+    counted_rows += counted ? 1 : 0;
+  }
+  return counted_rows * p.classes;
+}
+
+// A thread's share of a label forward's second launch, over rows: each row's special elements
+// recomputed over the first launch's outputs, their loss added to the sum, then the labels
+// checked and counted: the labelled class with the row's score (1 without scores) as its
+// target, and every element of an ignored row with target 0, not counted (0, or NaN where the
+// logit makes the terms NaN, as the CPU kernels' validity factor gives).
+template <typename x_t, typename out_t, GammaMode kGamma, bool kGradInputs, bool kGradTargets,
+          bool kFamily>
+__device__ __forceinline__ Partial<math_t<x_t>> labelled_rows(
+    const ForwardPointers<x_t, int64_t, out_t>& p) {
+  using S = math_t<x_t>;
+  using Math = KernelMath<x_t, out_t, kGamma>;
+  S sum(0);
+  const auto recompute = [&](int64_t row, int64_t cls, S target, S valid) {
+    const int64_t i = row * p.classes + cls;
+    S weight(1);
+    switch (p.weight_kind) {
+      case WeightKind::None: break;
+      case WeightKind::Element: weight = p.weight[i]; break;
+      case WeightKind::Row: weight = p.weight[row]; break;
+      case WeightKind::Class: weight = p.weight[cls]; break;
+    }
+    const auto terms = loss_terms<Math, kGamma, kGradInputs, kGradTargets, kFamily>(
+        to_math(p.inputs + i, 0), target, weight, valid, p.coeffs);
+    sum += terms.loss;
+    if (p.loss != nullptr) {
+      p.loss[i] = static_cast<out_t>(terms.loss);
+    }
+    if (p.unweighted_loss != nullptr) {
+      p.unweighted_loss[i] = static_cast<saved_t<out_t>>(terms.unweighted_loss);
+    }
+    if constexpr (kGradInputs) {
+      p.grad_inputs[i] = static_cast<saved_t<x_t>>(terms.grad_inputs);
+    }
+    return terms.grad_targets;
+  };
+  const int64_t rows = p.n / p.classes;
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t row = thread; row < rows; row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t label = p.targets[row];
+    if (label == p.ignore_index) {
+      for (int64_t cls = 0; cls < p.classes; ++cls) {
+        recompute(row, cls, S(0), S(0));
+      }
+    } else if (static_cast<uint64_t>(label) < static_cast<uint64_t>(p.classes)) {
+      const S grad_score = recompute(row, label, p.scores != nullptr ? p.scores[row] : S(1), S(1));
+      if constexpr (kGradTargets) {
+        p.grad_scores[row] = grad_score;
+      }
+    }
+  }
+  return {sum, check_and_count_labels(p)};  // after the math, so as not to hold the count over it
+}
+
+// fn(target gradient, family), each as a std::bool_constant: the family's forms only in kernels
+// that have them.
+template <bool kHasFamily, typename Fn>
+__device__ __forceinline__ auto with_flags(bool target_gradient, bool family, Fn&& fn) {
+  if constexpr (kHasFamily) {
+    if (family) {
+      return target_gradient ? fn(std::true_type{}, std::true_type{})
+                             : fn(std::false_type{}, std::true_type{});
+    }
+  }
+  return target_gradient ? fn(std::true_type{}, std::false_type{})
+                         : fn(std::false_type{}, std::false_type{});
+}
+
 template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGradInputs, int kPack>
 __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
     focal_forward_kernel(const ForwardPointers<x_t, t_t, out_t> p) {
@@ -474,21 +529,28 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
   // element. The focal loss's loops hold no other form's code (small, and kind to the
   // instruction cache); the family's are in the General element kernels only (the host sends
   // every other form there): unrolled over a pack, and in every kernel, its three forms
-  // tripled the build time.
-  Partial<math_t<x_t>> partial;
-  const bool target_gradient = p.grad_targets != nullptr || p.grad_scores != nullptr;
+  // tripled the build time. A label forward's second launch (rows_pass) runs in the element
+  // kernels.
   constexpr bool kHasFamily = kGamma == GammaMode::General && kPack == 1;
-  if (!kHasFamily || p.coeffs.form == LossForm::Focal) {
-    partial = target_gradient
-                  ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, false, kPack>(p)
-                  : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, false, kPack>(p);
-  } else if constexpr (kHasFamily) {
-    partial = target_gradient
-                  ? forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, true, true, 1>(p)
-                  : forward_elements<x_t, t_t, out_t, kGamma, kGradInputs, false, true, 1>(p);
+  const bool target_gradient = p.grad_targets != nullptr || p.grad_scores != nullptr;
+  const bool family = p.coeffs.form != LossForm::Focal;
+  Partial<math_t<x_t>> partial;
+  if constexpr (kIsLabels<t_t> && kPack == 1) {
+    if (p.rows_pass) {
+      partial = with_flags<kHasFamily>(target_gradient, family, [&](auto gradient, auto forms) {
+        return labelled_rows<x_t, out_t, kGamma, kGradInputs, decltype(gradient)::value,
+                             decltype(forms)::value>(p);
+      });
+    }
   }
-  if constexpr (kIsLabels<t_t>) {
-    partial.count = check_and_count_labels(p);
+  if (!(kIsLabels<t_t> && p.rows_pass)) {
+    // The scores' gradient, the labels' target gradient, is the second launch's.
+    partial = with_flags<kHasFamily>(!kIsLabels<t_t> && target_gradient, family,
+                                     [&](auto gradient, auto forms) {
+      return forward_elements<x_t, t_t, out_t, kGamma, kGradInputs,
+                              decltype(gradient)::value && !kIsLabels<t_t>, decltype(forms)::value,
+                              kPack>(p);
+    });
   }
   const auto sum = block_sum(partial.sum);
   const auto count = block_sum(partial.count);
@@ -576,6 +638,7 @@ void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream
       data_or_null<S>(args.grad_scores),
       nullptr,
       nullptr,
+      false,
   };
   // Packs of inputs are loaded whole; the other per-element arrays must then be aligned too.
   // The family's forms run one element at a time (loads still coalesced across the warp), and
@@ -592,10 +655,13 @@ void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream
       is_aligned_for_pack<out_t, kPack>(p.loss) &&
       is_aligned_for_pack<saved_t<out_t>, kPack>(p.unweighted_loss);
   const int grid = grid_size(packed ? n / kPack : n, device);
+  // Labels take a second launch over the rows (labelled_rows), with partial sums of its own.
+  const int rows_grid = kIsLabels<t_t> ? grid_size(n / args.classes, device) : 0;
+  const int blocks = grid + rows_grid;
   // One allocation for the per-block counts and partial sums (S: 4 or 8 bytes).
-  const at::Tensor partials = at::empty({2 * grid}, args.inputs.options().dtype(at::kLong));
+  const at::Tensor partials = at::empty({2 * blocks}, args.inputs.options().dtype(at::kLong));
   p.block_counts = partials.mutable_data_ptr<int64_t>();
-  p.block_sums = reinterpret_cast<S*>(p.block_counts + grid);
+  p.block_sums = reinterpret_cast<S*>(p.block_counts + blocks);
 
   // The family's forms run in the General element kernels only (their exponent by products
   // or pow): the Zero, Two and packed kernels carry the focal loss alone.
@@ -615,11 +681,20 @@ void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream
                      focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, 1>)(p);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (rows_grid > 0) {
+        auto rows = p;
+        rows.rows_pass = true;
+        rows.block_sums += grid;
+        rows.block_counts += grid;
+        FOCAL_LAUNCH(rows_grid, kThreads, stream,
+                     focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, 1>)(rows);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     });
   });
 
   FOCAL_LAUNCH(1, kThreads, stream, finish_forward_kernel<S, int64_t, out_t>)(
-      p.block_sums, p.block_counts, grid, args.reduction == Reduction::Mean,
+      p.block_sums, p.block_counts, blocks, args.reduction == Reduction::Mean,
       elementwise ? nullptr : args.loss.mutable_data_ptr<out_t>(),
       args.count.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
