@@ -56,7 +56,7 @@ FORWARD_TYPES = [
 # Shapes (with tails for every pack size, sub-block, one element, 0-d) and emulated SM counts
 # (1 and 2 give grids of 1-8 blocks; 132 is an H100). Each instance's first case is the
 # GRID_STRIDE shape at one SM: more packs than the grid has threads, so its loop iterates.
-GRID_STRIDE = (100, 101)
+GRID_STRIDE = (180, 101)  # 1,136 packs of sixteen, over the 1,024 threads of 4 blocks
 SHAPES = [(50, 101), (37, 13), (3, 5), (1, 1), (7, 1), (9, 3, 7), ()]
 MULTIPROCESSORS = [1, 2, 132, 1]
 # The first logits of every case with more than two elements: saturated, and +-95, where q is
@@ -96,10 +96,13 @@ def pack_size(dtype):
     return max(2, 16 // torch.empty((), dtype=dtype).element_size())
 
 
-def forward_pack_size(dtype, labels=False):
+def forward_pack_size(dtype, labels=False, grad_inputs=True):
     """The forward's packs: float64 one element at a time (its packs spilled at 64 registers),
-    labels eight elements whatever the inputs."""
-    return 1 if dtype == F64 else 8 if labels else pack_size(dtype)
+    labels eight elements whatever the inputs, sixteen for 16-bit inputs without the inputs'
+    gradient."""
+    if dtype == F64 or not labels:
+        return 1 if dtype == F64 else pack_size(dtype)
+    return 16 if dtype.itemsize == 2 and not grad_inputs else 8
 
 
 def placed(values, misaligned):
@@ -392,7 +395,7 @@ def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
     labels = targets == "labels"
     index = FORWARD_INSTANCES.index((types, gamma_mode, grad_inputs, packed))
     expected_kernel = forward_kernel_name(x_dtype, targets, float32_loss, gamma_mode, grad_inputs,
-                                          forward_pack_size(x_dtype, labels) if packed else 1)
+                                          forward_pack_size(x_dtype, labels, grad_inputs) if packed else 1)
     for variant in range(3):
         step = index * 3 + variant
         shape = GRID_STRIDE if variant == 0 else SHAPES[step % len(SHAPES)]
@@ -401,7 +404,7 @@ def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
         if not packed and shape in ((), (1, 1)):
             shape = (5, 7)  # one element is always aligned: give the misaligned view more
         weight_kind = ["none", "element", "row", "class", "scalar"][step % 5]
-        pack = forward_pack_size(x_dtype, labels)
+        pack = forward_pack_size(x_dtype, labels, grad_inputs)
         if packed and may_track_rows(labels, weight_kind) and (shape[-1] if shape else 1) < pack:
             shape = (5, 2 * pack + 1)  # rows shorter than a pack take the element path
         gamma = GAMMA_MODES[gamma_mode][step % len(GAMMA_MODES[gamma_mode])]
@@ -422,13 +425,13 @@ def test_forward_instance(emulated, types, gamma_mode, grad_inputs, packed):
         )
         emulated.set_multiprocessor_count(1 if variant == 0 else MULTIPROCESSORS[step % len(MULTIPROCESSORS)])
         if variant == 0:
-            work = case.inputs.numel() // (forward_pack_size(x_dtype, labels) if packed else 1)
+            work = case.inputs.numel() // (forward_pack_size(x_dtype, labels, grad_inputs) if packed else 1)
             assert work > grid_blocks(emulated, work) * 256, "the grid-stride loop must iterate"
         launched = launches_during(emulated, lambda: run_case(emulated, case, step))
         assert_forward_launches(launched, expected_kernel, labels, packed, 2, case.describe)
         if variant == 0:  # the grid fills the one SM with the blocks the launch bounds allow
             grid = emulated.last_grids()[expected_kernel]
-            # (a label element kernel's last launch is the one over the 100 rows: one block)
+            # (a label element kernel's last launch is the one over the 180 rows: one block)
             expected = 1 if labels and not packed else 4
             assert grid == expected, f"{case.describe}: {grid} blocks, expected {expected}"
 
@@ -448,13 +451,13 @@ def test_packed_loops_of_every_weight_kind(emulated, types, gamma_mode, grad_inp
     x_dtype, targets, float32_loss = types
     labels = targets == "labels"
     expected_kernel = forward_kernel_name(x_dtype, targets, float32_loss, gamma_mode, grad_inputs,
-                                          forward_pack_size(x_dtype, labels))
+                                          forward_pack_size(x_dtype, labels, grad_inputs))
     for step, (weight_kind, grad_targets) in enumerate(
             [("none", False), ("element", True), ("row", False), ("class", True)]):
         gammas = GAMMA_MODES[gamma_mode]
         case = Case(
             x_dtype=x_dtype, targets=targets, float32_loss=float32_loss, gamma=gammas[step % len(gammas)],
-            shape=(37, 13), misaligned=False, reduction=["none", "sum"][step % 2],
+            shape=(37, 19), misaligned=False, reduction=["none", "sum"][step % 2],
             weight_kind=weight_kind, alpha=0.25, label_smoothing=0.0, grad_inputs=grad_inputs,
             grad_targets=grad_targets, scores=labels and grad_targets, ignore="spread", seed=step,
         )
@@ -634,44 +637,47 @@ def test_family_forms_run_in_the_general_element_kernels(emulated, form, gamma, 
                             targets == "labels", False, 2)
 
 
+@pytest.mark.parametrize("grad_inputs", [True, False], ids=["grad", "nograd"])
 @pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=lambda dtype: str(dtype)[len("torch."):])
 @pytest.mark.parametrize("targets, weight_kind", [("labels", "none"), ("same", "row"), ("same", "class")])
-def test_rows_shorter_than_a_pack_take_the_element_path(emulated, dtype, targets, weight_kind):
+def test_rows_shorter_than_a_pack_take_the_element_path(emulated, dtype, targets, weight_kind, grad_inputs):
     """Loops that track rows (labels, weights per row or class) meet at most two rows per pack:
     rows one element shorter than a pack run one element at a time, rows a pack long in packs,
     and both give the reference's values."""
-    pack = forward_pack_size(dtype, targets == "labels")
+    pack = forward_pack_size(dtype, targets == "labels", grad_inputs)
     target_kind = "labels" if targets == "labels" else dtype
     for classes, expected_pack in [(pack - 1, 1), (pack, pack)]:
         case = Case(x_dtype=dtype, targets=target_kind, float32_loss=False, gamma=2.0,
                     shape=(41, classes), misaligned=False, reduction="sum", weight_kind=weight_kind,
-                    alpha=0.25, label_smoothing=0.0, grad_inputs=True, grad_targets=False,
+                    alpha=0.25, label_smoothing=0.0, grad_inputs=grad_inputs, grad_targets=False,
                     ignore="spread", seed=classes)
         emulated.set_multiprocessor_count(1)
         launched = launches_during(emulated, lambda: run_case(emulated, case, classes))
-        name = forward_kernel_name(dtype, target_kind, False, "two", True, expected_pack)
+        name = forward_kernel_name(dtype, target_kind, False, "two", grad_inputs, expected_pack)
         assert_forward_launches(launched, name, targets == "labels", expected_pack > 1, 2,
                                 f"{classes} classes")
 
 
+@pytest.mark.parametrize("grad_inputs", [True, False], ids=["grad", "nograd"])
 @pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=lambda dtype: str(dtype)[len("torch."):])
 @pytest.mark.parametrize("ignore_index", [-100, 2])
-def test_labels_at_the_ends_of_rows_in_packs_that_meet_two_rows(emulated, dtype, ignore_index):
+def test_labels_at_the_ends_of_rows_in_packs_that_meet_two_rows(emulated, dtype, ignore_index, grad_inputs):
     """Rows one element longer than a pack, so that packs meet two rows, with labels at the
     rows' ends and starts (two labelled elements in one pack), the background, ignored rows
     and an ignore_index that is also a class: every output, the scores' gradient included."""
-    classes = forward_pack_size(dtype, labels=True) + 1
+    pack = forward_pack_size(dtype, True, grad_inputs)
+    classes = pack + 1
     pattern = [classes - 1, 0, classes, ignore_index, 1, classes - 1, ignore_index, 0, classes - 1]
     case = Case(x_dtype=dtype, targets="labels", float32_loss=False, gamma=2.0,
                 shape=(4 * len(pattern), classes), misaligned=False, reduction="sum",
-                weight_kind="row", alpha=0.25, label_smoothing=0.0, grad_inputs=True,
+                weight_kind="row", alpha=0.25, label_smoothing=0.0, grad_inputs=grad_inputs,
                 grad_targets=True, scores=True, ignore="none", ignore_index=ignore_index)
     labels = torch.tensor(pattern * 4)
     case.targets = placed(labels, False)
     case.count = int((labels != ignore_index).sum()) * classes
     emulated.set_multiprocessor_count(1)
     launched = launches_during(emulated, lambda: run_case(emulated, case, 1))
-    name = forward_kernel_name(dtype, "labels", False, "two", True, forward_pack_size(dtype, labels=True))
+    name = forward_kernel_name(dtype, "labels", False, "two", grad_inputs, pack)
     assert_forward_launches(launched, name, True, True, 2)
 
 

@@ -93,8 +93,8 @@ void backward(const BackwardArgs& args) {
         const g_t* grad_output = args.grad_output.const_data_ptr<g_t>();
         const int64_t* divisor = args.divisor.defined() ? args.divisor.const_data_ptr<int64_t>() : nullptr;
         s_t* out = args.out.mutable_data_ptr<s_t>();
-        const bool packed = is_aligned_for_pack<s_t, kPack>(saved) &&
-                            is_aligned_for_pack<s_t, kPack>(out);
+        const bool packed = is_aligned_for_pack<s_t>(saved, kPack) &&
+                            is_aligned_for_pack<s_t>(out, kPack);
         const int grid = grid_size(packed ? n / kPack : n, device_guard.current_device().index());
         dispatch_flag(args.grad_output_is_scalar, [&](auto scalar_flag) {
           constexpr bool kScalarGrad = decltype(scalar_flag)::value;

@@ -107,11 +107,15 @@ using saved_t = std::conditional_t<std::is_same_v<T, at::Half>, float, T>;
 // The forward's, but float64's one element at a time: with packs of two, three float64 kernels
 // spilled inside their loops at 64 registers (bench/NOTES.md). Its 8-byte loads already fill a
 // warp's 256-byte transactions. Labels take packs of eight whatever the inputs (two 16-byte
-// loads of float32): a pack's label reads and row bookkeeping, shared by half as many elements
-// in packs of four, cost float32 labels 8 more SASS instructions per element.
-template <typename x_t, typename t_t>
+// loads of float32), and 16-bit inputs without the inputs' gradient packs of sixteen: a pack's
+// label reads and row bookkeeping (~33 SASS instructions) shared by more elements. With the
+// gradient's pack held too, the 16-bit kernels spilled at sixteen.
+template <typename x_t, typename t_t, bool kGradInputs>
 constexpr int forward_pack_size() {
-  return std::is_same_v<x_t, double> ? 1 : std::is_same_v<t_t, int64_t> ? 8 : pack_size<x_t>();
+  return std::is_same_v<x_t, double>        ? 1
+         : !std::is_same_v<t_t, int64_t>    ? pack_size<x_t>()
+         : sizeof(x_t) == 2 && !kGradInputs ? 16
+                                            : 8;
 }
 
 
@@ -620,7 +624,6 @@ void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream
   const int64_t n = args.inputs.numel();
   const bool elementwise = args.reduction == Reduction::None;
   using S = math_t<x_t>;
-  constexpr int kPack = forward_pack_size<x_t, t_t>();
   ForwardPointers<x_t, t_t, out_t> p{
       args.inputs.const_data_ptr<x_t>(),
       args.targets.const_data_ptr<t_t>(),
@@ -646,15 +649,17 @@ void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream
   // class): a pack then meets at most two rows.
   const bool tracks_rows = kIsLabels<t_t> || args.weight_kind == WeightKind::Row ||
                            args.weight_kind == WeightKind::Class;
+  const int pack = p.grad_inputs != nullptr ? forward_pack_size<x_t, t_t, true>()
+                                            : forward_pack_size<x_t, t_t, false>();
   const bool packed =
-      args.form == LossForm::Focal && (!tracks_rows || args.classes >= kPack) &&
-      is_aligned_for_pack<x_t, kPack>(p.inputs) &&
-      is_aligned_for_pack<saved_t<x_t>, kPack>(p.grad_inputs) &&
-      (kIsLabels<t_t> || is_aligned_for_pack<t_t, kPack>(p.targets)) &&
-      is_aligned_for_pack<saved_t<t_t>, kPack>(p.grad_targets) &&
-      is_aligned_for_pack<out_t, kPack>(p.loss) &&
-      is_aligned_for_pack<saved_t<out_t>, kPack>(p.unweighted_loss);
-  const int grid = grid_size(packed ? n / kPack : n, device);
+      args.form == LossForm::Focal && (!tracks_rows || args.classes >= pack) &&
+      is_aligned_for_pack<x_t>(p.inputs, pack) &&
+      is_aligned_for_pack<saved_t<x_t>>(p.grad_inputs, pack) &&
+      (kIsLabels<t_t> || is_aligned_for_pack<t_t>(p.targets, pack)) &&
+      is_aligned_for_pack<saved_t<t_t>>(p.grad_targets, pack) &&
+      is_aligned_for_pack<out_t>(p.loss, pack) &&
+      is_aligned_for_pack<saved_t<out_t>>(p.unweighted_loss, pack);
+  const int grid = grid_size(packed ? n / pack : n, device);
   // Labels take a second launch over the rows (labelled_rows), with partial sums of its own.
   const int rows_grid = kIsLabels<t_t> ? grid_size(n / args.classes, device) : 0;
   const int blocks = grid + rows_grid;
@@ -673,6 +678,7 @@ void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream
     dispatch_flag(p.grad_inputs != nullptr, [&](auto grad_inputs_flag) {
       constexpr GammaMode kGamma = decltype(gamma_mode)::value;
       constexpr bool kGradInputs = decltype(grad_inputs_flag)::value;
+      constexpr int kPack = forward_pack_size<x_t, t_t, kGradInputs>();
       if (packed) {
         FOCAL_LAUNCH(grid, kThreads, stream,
                      focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, kPack>)(p);

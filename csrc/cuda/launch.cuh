@@ -48,9 +48,10 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-template <typename T, int N>
-bool is_aligned_for_pack(const void* ptr) {
-  return ptr == nullptr || reinterpret_cast<std::uintptr_t>(ptr) % alignof(Pack<T, N>) == 0;
+// Whether ptr may be read and written in packs of `pack` T (null: nothing to read or write).
+template <typename T>
+bool is_aligned_for_pack(const void* ptr, int pack) {
+  return ptr == nullptr || reinterpret_cast<std::uintptr_t>(ptr) % (sizeof(T) * pack) == 0;
 }
 
 // Blocks for work_items grid-stride items on device, for a kernel of blocks_per_sm resident
