@@ -538,23 +538,25 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
   constexpr bool kHasFamily = kGamma == GammaMode::General && kPack == 1;
   const bool target_gradient = p.grad_targets != nullptr || p.grad_scores != nullptr;
   const bool family = p.coeffs.form != LossForm::Focal;
-  Partial<math_t<x_t>> partial;
-  if constexpr (kIsLabels<t_t> && kPack == 1) {
-    if (p.rows_pass) {
-      partial = with_flags<kHasFamily>(target_gradient, family, [&](auto gradient, auto forms) {
-        return labelled_rows<x_t, out_t, kGamma, kGradInputs, decltype(gradient)::value,
-                             decltype(forms)::value>(p);
-      });
-    }
-  }
-  if (!(kIsLabels<t_t> && p.rows_pass)) {
-    // The scores' gradient, the labels' target gradient, is the second launch's.
-    partial = with_flags<kHasFamily>(!kIsLabels<t_t> && target_gradient, family,
-                                     [&](auto gradient, auto forms) {
+  // The first (or only) launch; the scores' gradient, the labels' target gradient, is the
+  // second launch's.
+  const auto elements = [&] {
+    return with_flags<kHasFamily>(!kIsLabels<t_t> && target_gradient, family,
+                                  [&](auto gradient, auto forms) {
       return forward_elements<x_t, t_t, out_t, kGamma, kGradInputs,
                               decltype(gradient)::value && !kIsLabels<t_t>, decltype(forms)::value,
                               kPack>(p);
     });
+  };
+  Partial<math_t<x_t>> partial;
+  if constexpr (kIsLabels<t_t> && kPack == 1) {
+    partial = !p.rows_pass ? elements()
+                           : with_flags<kHasFamily>(target_gradient, family, [&](auto gradient, auto forms) {
+                               return labelled_rows<x_t, out_t, kGamma, kGradInputs,
+                                                    decltype(gradient)::value, decltype(forms)::value>(p);
+                             });
+  } else {
+    partial = elements();
   }
   const auto sum = block_sum(partial.sum);
   const auto count = block_sum(partial.count);
