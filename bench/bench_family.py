@@ -12,14 +12,17 @@ after a warm-up, and prints the medians and the speedups of focal_cuda over the 
 
     focal_cuda          the fused op on the dense soft target (score at the label, else 0)
     focal_cuda pair     the fused op on the (labels, scores) pair: no dense target at all
-    composite           the formula as fvcore (FL*) and mmdet (QFL, VFL) write it, on the
-                        dense target, eager
+    composite           the formula as fvcore (FL*) and mmdet (QFL, VFL) write it (a form
+                        without such a peer: its focal_cuda.reference formula), on the dense
+                        target, eager
     composite+compile   the same under torch.compile
 
 Writes results.json to --out. Uses bench/bench.py's timer and machine description.
 """
 
 import argparse
+import functools
+import inspect
 import json
 import statistics
 import sys
@@ -36,8 +39,9 @@ import focal_cuda  # noqa: E402
 CLASSES = bench.CLASSES
 
 
-def star_composite(x, t, gamma):
-    """fvcore's sigmoid_focal_loss_star (alpha = -1)."""
+def star_composite(x, t, alpha, gamma, beta):
+    """fvcore's sigmoid_focal_loss_star: alpha -1 and beta 0 there, the function's defaults."""
+    assert alpha == -1 and beta == 0, "fvcore's FL* has no alpha and no beta"
     return (-F.logsigmoid(gamma * x * (2 * t - 1)) / gamma).sum()
 
 
@@ -53,15 +57,34 @@ def varifocal_composite(x, t, alpha, gamma):
     return (F.binary_cross_entropy_with_logits(x, t, reduction="none") * focal_weight).sum()
 
 
-# form -> (fused function with its default parameters, composite function with the same).
-FORMS = {
-    "FL* (gamma 1)": (lambda x, t: focal_cuda.sigmoid_focal_loss_star(x, t, gamma=1.0, reduction="sum"),
-                      lambda x, t: star_composite(x, t, 1.0)),
-    "QFL (beta 2)": (lambda x, t: focal_cuda.quality_focal_loss(x, t, beta=2.0, reduction="sum"),
-                     lambda x, t: quality_composite(x, t, 2.0)),
-    "VFL (alpha 0.75, gamma 2)": (lambda x, t: focal_cuda.varifocal_loss(x, t, 0.75, 2.0, reduction="sum"),
-                                  lambda x, t: varifocal_composite(x, t, 0.75, 2.0)),
-}
+# The composite code a form replaces in the wild, by form (focal_cuda.reference.FORMS's keys),
+# taking the form's coefficients by name. A form without one is timed against its reference
+# formula (focal_cuda.reference), which is composite PyTorch code too.
+PEERS = {"star": star_composite, "quality": quality_composite, "varifocal": varifocal_composite}
+
+
+def forms():
+    """name -> (fused function, composite function), each fn(x, dense targets): the summed loss,
+    for every form of the family but the focal loss itself (bench/bench.py times it against
+    torchvision), at the public function's default coefficients."""
+    cases = {}
+    for form in focal_cuda.reference.FAMILY.values():
+        if form.key == "focal":
+            continue
+        parameters = inspect.signature(form.function).parameters
+        defaults = {name: parameters[name].default for name in form.coefficients}
+        if form.key in PEERS:
+            composite = functools.partial(PEERS[form.key], **defaults)
+        else:
+            composite = functools.partial(focal_cuda.reference.family_loss, form.code,
+                                          coefficients=list(defaults.values()), reduction="sum",
+                                          weight=None, ignore_index=-100, label_smoothing=0.0)
+        name = f"{form.function.__name__} ({', '.join(f'{k} {v}' for k, v in defaults.items())})"
+        cases[name] = (functools.partial(form.function, reduction="sum"), composite)
+    return cases
+
+
+FORMS = forms()
 
 
 def implementations(form):

@@ -18,11 +18,8 @@ def reference_loss(inputs, targets, weight, scores, arguments):
     on); in float32 where the op's loss is (16-bit operands under autocast)."""
     form, coefficients, reduction, ignore_index, label_smoothing, float32_loss, _ = arguments
     x, t = _ops.loss_operands(inputs, targets, float32_loss)
-    return reference.family_loss(
-        form=form, inputs=x, targets=t, weight=weight, scores=scores,
-        **reference.family_scalars(form, coefficients), reduction=reference.REDUCTIONS[reduction],
-        ignore_index=ignore_index, label_smoothing=label_smoothing,
-    )
+    return reference.family_loss(form, x, t, coefficients, reference.REDUCTIONS[reduction], weight,
+                                 ignore_index, label_smoothing, scores)
 
 
 def differentiable_gradients(ctx, grad_loss, needed):

@@ -1,18 +1,25 @@
 """The public losses and their nn.Modules: the sigmoid focal loss, its family (FL*, quality focal
 loss, varifocal loss) and the softmax focal loss; the options converted to what the fused ops
-take, and the path to them."""
+take, and the path to them.
+
+The table of the sigmoid family: each form is declared here once, by its public function
+decorated with _family_form (its op code and its terms: the float64 formula that
+focal_cuda.reference computes and the higher-order paths differentiate), and its module made
+from that function by _family_module. A new form adds its terms to csrc/focal_math.h and such a
+declaration here; the tests then cover it.
+"""
 
 import inspect
 import numbers
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 
 from . import _ops
-from .reference import FORMS
+from .reference import FORMS, alpha_t, cross_entropy, distance, one_minus_p_t, power, softplus
 from . import _C
 from ._function import EagerFunction
-from . import _higher_order, _softmax
+from . import _higher_order, _softmax, reference
 
 # What focal_cuda exports (its __init__ re-exports this list): a new loss form's function and
 # module are added here, not there.
@@ -89,6 +96,24 @@ def _as_index(ignore_index):
     raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
 
 
+_Function = TypeVar("_Function", bound=Callable[..., torch.Tensor])
+
+
+def _family_form(key: str, code: int, terms: Callable[..., torch.Tensor]) -> Callable[[_Function], _Function]:
+    """Declares the decorated public function the sigmoid family's form key: code its LossForm
+    in csrc/focal_math.h, terms(x, t, *coefficients) its elementwise loss before validity and
+    weight in PyTorch operations, its parameters after (x, t) the op's coefficients in order."""
+    def declare(function: _Function) -> _Function:  # typed: checkers keep the function's signature
+        reference.register_form(key, code, terms, function)
+        return function
+    return declare
+
+
+def _focal_terms(x, t, alpha, gamma):
+    return alpha_t(alpha, t) * power(one_minus_p_t(x, t), gamma) * cross_entropy(x, t)
+
+
+@_family_form("focal", 0, _focal_terms)
 def sigmoid_focal_loss(
     inputs: torch.Tensor,
     targets: torch.Tensor,
@@ -151,6 +176,11 @@ def sigmoid_focal_loss(
                        reduction, weight, ignore_index, label_smoothing)
 
 
+def _star_terms(x, t, alpha, gamma, beta):
+    return alpha_t(alpha, t) * softplus(-(gamma * (2 * t - 1) * x + beta)) / gamma
+
+
+@_family_form("star", 1, _star_terms)
 def sigmoid_focal_loss_star(
     inputs: torch.Tensor,
     targets: torch.Tensor,
@@ -181,6 +211,11 @@ def sigmoid_focal_loss_star(
                        reduction, weight, ignore_index, label_smoothing)
 
 
+def _quality_terms(x, t, beta):
+    return power(distance(x, t), beta) * cross_entropy(x, t)
+
+
+@_family_form("quality", 2, _quality_terms)
 def quality_focal_loss(
     inputs: torch.Tensor,
     targets: torch.Tensor,
@@ -207,6 +242,11 @@ def quality_focal_loss(
                        ignore_index, 0.0)
 
 
+def _varifocal_terms(x, t, alpha, gamma):
+    return torch.where(t > 0, t, alpha * power(distance(x, t), gamma)) * cross_entropy(x, t)
+
+
+@_family_form("varifocal", 3, _varifocal_terms)
 def varifocal_loss(
     inputs: torch.Tensor,
     targets: torch.Tensor,

@@ -4,26 +4,91 @@ The tests' oracle and the documentation of what the kernels compute. Composed of
 PyTorch ops (so autograd differentiates them, twice if asked), they build the one-hot targets
 that the kernels never materialise, and compute in float32, or float64 for float64 tensors,
 like the kernels. A modulating power's derivative is taken as 0 where its base is 0 exactly
-(_power), as the kernels' analytic gradients take it.
+(power), as the kernels' analytic gradients take it.
+
+Each form of the sigmoid family is written once, in focal_cuda.loss: its public function and
+its terms (the elementwise loss in the building blocks below), which it registers here;
+family_loss adds what the forms share (labels, smoothing, validity, weight, reduction), and
+focal_cuda.reference.<function name> is each public function so computed.
 """
 
-from typing import Optional
+import inspect
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
 REDUCTIONS = ("none", "mean", "sum")
-# The op's codes of the forms (csrc/focal_math.h LossForm).
-FORMS = {"focal": 0, "star": 1, "quality": 2, "varifocal": 3}
-# Each form's coefficients, in the order the op takes them (csrc/focal_ops.h), by code.
-FORM_COEFFICIENTS = {
-    FORMS["focal"]: ("alpha", "gamma"),
-    FORMS["star"]: ("alpha", "gamma", "beta"),
-    FORMS["quality"]: ("beta",),
-    FORMS["varifocal"]: ("alpha", "gamma"),
-}
 
 
-def _power(base, exponent):
+class Form(NamedTuple):
+    """A member of the sigmoid family, as focal_cuda.loss declares it (register_form)."""
+
+    key: str  # its short name: "focal", "star", ...
+    code: int  # the op's code of the form (csrc/focal_math.h LossForm)
+    coefficients: Tuple[str, ...]  # the op's coefficients of the form, in the op's order
+    terms: Callable[..., torch.Tensor]  # terms(x, t, *coefficients): the elementwise loss
+    function: Callable[..., torch.Tensor]  # the public fused function
+
+
+# The family by code, and the codes by short name: filled by focal_cuda.loss, whose declaration
+# of a form (its function, its terms) is the only place a form is written in Python.
+FAMILY: Dict[int, Form] = {}
+FORMS: Dict[str, int] = {}
+# name -> the reference function of focal_cuda.<name> (module __getattr__ below).
+_REFERENCE_FUNCTIONS: Dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_form(key, code, terms, function):
+    """Adds function, the public fused loss of form code, to the family: its coefficients are
+    terms' parameters after (x, t), and focal_cuda.reference.<its name> becomes the same
+    function computed by terms in PyTorch operations."""
+    coefficients = tuple(inspect.signature(terms).parameters)[2:]
+    FAMILY[code] = Form(key, code, coefficients, terms, function)
+    FORMS[key] = code
+    _REFERENCE_FUNCTIONS[function.__name__] = _reference_function(FAMILY[code])
+
+
+def _reference_function(form):
+    signature = inspect.signature(form.function)
+
+    def reference_function(*args, **kwargs):
+        options = signature.bind(*args, **kwargs)
+        options.apply_defaults()
+        options = options.arguments
+        targets = options["targets"]
+        scores = None
+        if isinstance(targets, (tuple, list)):
+            targets, scores = targets
+        return family_loss(form.code, options["inputs"], targets,
+                           [options[name] for name in form.coefficients], options["reduction"],
+                           options["weight"], options["ignore_index"],
+                           options.get("label_smoothing", 0.0), scores)
+
+    reference_function.__name__ = reference_function.__qualname__ = form.function.__name__
+    reference_function.__signature__ = signature
+    reference_function.__doc__ = (
+        f"focal_cuda.{form.function.__name__} in PyTorch operations: its form's terms "
+        f"({form.terms.__module__}.{form.terms.__name__}) through family_loss.")
+    return reference_function
+
+
+def __getattr__(name: str) -> Callable[..., torch.Tensor]:
+    """focal_cuda.reference.sigmoid_focal_loss, .sigmoid_focal_loss_star, ...: each function of
+    the family in PyTorch operations, with the public function's signature and defaults."""
+    try:
+        return _REFERENCE_FUNCTIONS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_REFERENCE_FUNCTIONS))
+
+
+# The building blocks of the forms' terms (focal_cuda.loss), with p = sigmoid(x):
+
+
+def power(base, exponent):
     """base ** exponent. For an exponent in (0, 1) its derivative at base 0 is infinite, and
     autograd's product with the base's own zero slope (a saturated logit, p == t) is NaN where
     the loss's derivative is finite: there the power is a constant 0, differentiated as one."""
@@ -34,86 +99,39 @@ def _power(base, exponent):
     return torch.where(at_zero, torch.zeros_like(base), nonzero.pow(exponent))
 
 
-def family_scalars(form, coefficients):
-    """family_loss's alpha, gamma and beta from the op's coefficients of form."""
-    named = dict(zip(FORM_COEFFICIENTS[form], coefficients))
-    if form == FORMS["quality"]:
-        return dict(alpha=None, gamma=named["beta"], beta=0.0)
-    return dict(alpha=named["alpha"], gamma=named["gamma"], beta=named.get("beta", 0.0))
+def softplus(v):
+    """log(1 + exp(v)) as logaddexp(v, 0): F.softplus turns linear past v = 20, and torch's
+    binary_cross_entropy_with_logits forms log(1 + exp(-|x|)) without log1p; both lose digits."""
+    return torch.logaddexp(v, torch.zeros_like(v))
 
 
-def sigmoid_focal_loss(
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    alpha: Optional[float] = 0.25,
-    gamma: float = 2.0,
-    reduction: str = "none",
-    weight: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Focal loss of Lin et al.: weight * alpha_t * (1 - p_t)^gamma * BCE(sigmoid(inputs), t).
-
-    Integer targets are class labels over the last dimension of inputs (C classes): label c
-    makes class c positive, label C is background (all negative), ignore_index drops the row
-    (no loss, and not counted in the mean). A pair (labels, scores) gives class c the target
-    scores[row] instead of 1 (every function of the family takes the same targets).
-    """
-    return family_loss(FORMS["focal"], inputs, targets, alpha, gamma, 0.0, reduction, weight,
-                       ignore_index, label_smoothing)
+def cross_entropy(x, t):
+    """BCE-with-logits: t * softplus(-x) + (1 - t) * softplus(x)."""
+    return t * softplus(-x) + (1 - t) * softplus(x)
 
 
-def sigmoid_focal_loss_star(
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    alpha: Optional[float] = -1,
-    gamma: float = 1.0,
-    reduction: str = "none",
-    beta: float = 0.0,
-    weight: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """FL* of Lin et al. (appendix A): alpha_t * softplus(-(gamma * (2t - 1) * x + beta)) / gamma."""
-    return family_loss(FORMS["star"], inputs, targets, alpha, gamma, beta, reduction, weight,
-                       ignore_index, label_smoothing)
+def one_minus_p_t(x, t):
+    """1 - p_t = t * (1 - p) + (1 - t) * p, without cancellation."""
+    return t * torch.sigmoid(-x) + (1 - t) * torch.sigmoid(x)
 
 
-def quality_focal_loss(
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    beta: float = 2.0,
-    reduction: str = "mean",
-    weight: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Quality focal loss of Li et al. (GFL): BCE(sigmoid(inputs), t) * |t - sigmoid(inputs)|^beta."""
-    return family_loss(FORMS["quality"], inputs, targets, None, beta, 0.0, reduction, weight,
-                       ignore_index, 0.0)
+def distance(x, t):
+    """|p - t|, without cancellation."""
+    return ((1 - t) * torch.sigmoid(x) - t * torch.sigmoid(-x)).abs()
 
 
-def varifocal_loss(
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    alpha: float = 0.75,
-    gamma: float = 2.0,
-    reduction: str = "mean",
-    weight: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Varifocal loss of Zhang et al.: BCE(sigmoid(inputs), t) * (t if t > 0, else
-    alpha * |sigmoid(inputs) - t|^gamma)."""
-    return family_loss(FORMS["varifocal"], inputs, targets, alpha, gamma, 0.0, reduction, weight,
-                       ignore_index, 0.0)
+def alpha_t(alpha, t):
+    """alpha for the positive class, 1 - alpha for the negative: alpha * t + (1 - alpha) *
+    (1 - t); 1 when alpha is None or negative (the op's -1)."""
+    return 1.0 if alpha is None or alpha < 0 else alpha * t + (1 - alpha) * (1 - t)
 
 
-def family_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ignore_index,
+def family_loss(form, inputs, targets, coefficients, reduction, weight, ignore_index,
                 label_smoothing, scores=None):
-    """The loss of form (a FORMS code) with the op's arguments: gamma is the modulating
-    exponent (QFL's beta) or FL*'s gamma, beta FL*'s beta, alpha VFL's weight of negatives.
-    targets: floating, integer labels, or a pair (labels, scores) (or the labels and scores)."""
-    if isinstance(targets, (tuple, list)):
-        targets, scores = targets
+    """The loss of form (a FORMS code) with the op's arguments: coefficients the form's own in
+    the op's order (FAMILY[form].coefficients; alpha -1 or None for none). targets: floating,
+    or integer labels (over the last dimension's classes: label C is background, ignore_index
+    drops the row) with optional scores, each labelled class's target instead of 1."""
     labels = not targets.is_floating_point()
     out_dtype = inputs.dtype if labels else torch.result_type(inputs, targets)
     math_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
@@ -133,28 +151,7 @@ def family_loss(form, inputs, targets, alpha, gamma, beta, reduction, weight, ig
     else:
         t = targets.to(math_dtype)
     t = t * (1 - label_smoothing) + label_smoothing / 2
-    zero = torch.zeros_like(x)
-    alpha_t = None
-    if alpha is not None and alpha >= 0 and form in (FORMS["focal"], FORMS["star"]):
-        alpha_t = alpha * t + (1 - alpha) * (1 - t)
-    if form == FORMS["star"]:
-        loss = torch.logaddexp(-(gamma * (2 * t - 1) * x + beta), zero) / gamma
-    else:
-        # CE = BCE-with-logits = t * softplus(-x) + (1 - t) * softplus(x), with softplus(v) as
-        # logaddexp(v, 0): torch's binary_cross_entropy_with_logits forms log(1 + exp(-|x|))
-        # without log1p, and F.softplus turns linear past |v| = 20; both lose digits there.
-        ce = t * torch.logaddexp(-x, zero) + (1 - t) * torch.logaddexp(x, zero)
-        if form == FORMS["focal"]:
-            q = t * torch.sigmoid(-x) + (1 - t) * torch.sigmoid(x)  # 1 - p_t, without cancellation
-            loss = _power(q, gamma) * ce
-        else:
-            distance = ((1 - t) * torch.sigmoid(x) - t * torch.sigmoid(-x)).abs()  # |p - t|
-            modulation = _power(distance, gamma)
-            if form == FORMS["varifocal"]:
-                modulation = torch.where(t > 0, t, alpha * modulation)
-            loss = modulation * ce
-    if alpha_t is not None:
-        loss = alpha_t * loss
+    loss = FAMILY[form].terms(x, t, *coefficients)
     if valid is not None:
         loss = loss * valid
     if weight is not None:
@@ -211,7 +208,7 @@ def softmax_focal_loss(
         # whatever it holds (inf, NaN) leaves no trace in the loss or any derivative.
         x = torch.where(valid.unsqueeze(dim), x, torch.zeros_like(x))
     log_p = torch.log_softmax(x, dim)
-    focal = -log_p if gamma == 0 else -_power(1 - log_p.exp(), gamma) * log_p
+    focal = -log_p if gamma == 0 else -power(1 - log_p.exp(), gamma) * log_p
     q = q * (1 - label_smoothing) + label_smoothing / classes
     if valid is not None:
         q = q * valid.unsqueeze(dim)

@@ -417,7 +417,7 @@ def coefficients_of(form, alpha, gamma, beta=0.0):
     (gamma: the quality focal loss's beta; alpha -1 or None: none)."""
     named = dict(alpha=-1.0 if alpha is None else alpha, gamma=gamma,
                  beta=gamma if form == focal_cuda.reference.FORMS["quality"] else beta)
-    return [named[name] for name in focal_cuda.reference.FORM_COEFFICIENTS[form]]
+    return [named[name] for name in focal_cuda.reference.FAMILY[form].coefficients]
 
 
 def assert_gradients_are_derivatives(forward, inputs, targets, options, scores=None, weight=None):
@@ -487,8 +487,9 @@ def assert_gradients_are_derivatives(forward, inputs, targets, options, scores=N
     differentiable = scores if scores is not None else None if labels else targets
     wrt = [x] if differentiable is None else [x, differentiable.clone().requires_grad_()]
     reference_loss = focal_cuda.reference.family_loss(
-        form, x, targets if scores is not None or labels else wrt[1], alpha, gamma, beta, "none",
-        weight, -100, label_smoothing, scores=wrt[1] if scores is not None else None)
+        form, x, targets if scores is not None or labels else wrt[1],
+        coefficients_of(form, alpha, gamma, beta), "none", weight, -100, label_smoothing,
+        scores=wrt[1] if scores is not None else None)
     assert torch.equal(reference_loss.isnan(), nan), "NaN where the reference is a number, or the reverse"
     # Rounding is relative to the size of the terms the loss's factors sum, which may cancel for
     # targets outside [0, 1] (alpha_t, q and CE can all be near 0 there).

@@ -22,7 +22,7 @@ import sys
 import torch
 
 import focal_cuda
-from conftest import assert_matches, derivative_term_scales, family_term_scales
+from conftest import assert_matches, coefficients_of, derivative_term_scales, family_term_scales
 
 ROWS, CLASSES = 37, 13  # 481 elements: odd, so every vector loop has a tail
 DEVICE = "cuda"
@@ -142,8 +142,8 @@ def run_forward_cases(failures):
             if weight is not None:
                 reference_w = weight.detach().cpu().double().requires_grad_(grad_inputs)
             expected = focal_cuda.reference.family_loss(
-                code, reference_x, reference_t, alpha, op_gamma, beta, reduction, reference_w, -100, 0.0,
-                scores=reference_s,
+                code, reference_x, reference_t, coefficients_of(code, alpha, op_gamma, beta), reduction,
+                reference_w, -100, 0.0, scores=reference_s,
             )
             scale_loss = None
             if form != "focal":

@@ -232,8 +232,8 @@ class Case:
         t = self.targets if self.labels else self.targets.double().requires_grad_()
         scores = None if self.scores is None else self.scores.double().requires_grad_()
         weight = None if self.weight is None else self.weight.double()
-        options = dict(form=o["form"], alpha=o["alpha"], gamma=o["gamma"], beta=o["beta"],
-                       ignore_index=o["ignore_index"], label_smoothing=o["label_smoothing"])
+        options = dict(form=o["form"], ignore_index=o["ignore_index"], label_smoothing=o["label_smoothing"],
+                       coefficients=coefficients_of(o["form"], o["alpha"], o["gamma"], o["beta"]))
         loss_of = focal_cuda.reference.family_loss
         elementwise = loss_of(inputs=x, targets=t, weight=weight, reduction="none", scores=scores, **options)
         loss = loss_of(inputs=x, targets=t, weight=weight, reduction=self.reduction, scores=scores, **options)

@@ -377,7 +377,7 @@ def test_op_checks_the_form_arguments(form, coefficients, label_smoothing, messa
 def test_op_and_reference_agree_on_each_forms_coefficients(form):
     """The op's table (csrc/focal_math.h) and the reference's name the same coefficients in the
     same order: asked for one too many, the op lists them."""
-    coefficients = focal_cuda.reference.FORM_COEFFICIENTS[form]
+    coefficients = focal_cuda.reference.FAMILY[form].coefficients
     with pytest.raises(ValueError) as raised:
         torch.ops.focal_cuda.sigmoid_focal_loss_forward(
             torch.zeros(2, 3), torch.zeros(2, 3), None, None, form, [0.5] * (len(coefficients) + 1),
@@ -505,16 +505,22 @@ def test_autocast_gives_a_float32_loss(form, dtype):
 
 
 def test_reference_functions_match_the_fused_ones():
-    """focal_cuda.reference documents the family with the public signatures."""
+    """focal_cuda.reference documents the family with the public signatures: each declared
+    form's function has its reference twin, computed by the form's terms."""
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(9, 4, generator=generator, dtype=torch.float64)
     t = torch.rand(9, 4, generator=generator, dtype=torch.float64)
-    for name in ("sigmoid_focal_loss_star", "quality_focal_loss", "varifocal_loss"):
+    names = {form.function.__name__ for form in focal_cuda.reference.FAMILY.values()}
+    assert names == {"sigmoid_focal_loss", "sigmoid_focal_loss_star", "quality_focal_loss", "varifocal_loss"}
+    for name in names:
+        ours, theirs = getattr(focal_cuda, name), getattr(focal_cuda.reference, name)
+        assert inspect.signature(ours) == inspect.signature(theirs), name
         for reduction in REDUCTIONS:
-            ours = getattr(focal_cuda, name)(x, t, reduction=reduction)
-            theirs = getattr(focal_cuda.reference, name)(x, t, reduction=reduction)
-            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+            torch.testing.assert_close(ours(x, t, reduction=reduction), theirs(x, t, reduction=reduction),
+                                       rtol=1e-12, atol=0)
     assert {name: focal_cuda.reference.FORMS[name] for name in FORMS} == FORMS
+    assert not hasattr(focal_cuda.reference, "sigmoid_focal_loss_typo")
+    assert "varifocal_loss" in dir(focal_cuda.reference)
 
 
 def test_focal_cuda_exports_exactly_the_public_losses():
