@@ -41,7 +41,8 @@ CLASSES = bench.CLASSES
 
 def star_composite(x, t, alpha, gamma, beta):
     """fvcore's sigmoid_focal_loss_star: alpha -1 and beta 0 there, the function's defaults."""
-    assert alpha == -1 and beta == 0, "fvcore's FL* has no alpha and no beta"
+    if alpha != -1 or beta != 0:
+        raise ValueError(f"fvcore's FL* takes alpha -1 and beta 0, got alpha={alpha}, beta={beta}")
     return (-F.logsigmoid(gamma * x * (2 * t - 1)) / gamma).sum()
 
 

@@ -22,11 +22,10 @@ constexpr int64_t kUnweightedLoss = 4;  // the elementwise loss before the weigh
 // weight: optional, broadcastable to inputs. scores: with integer labels only, optional,
 // floating, of the labels' shape: the target of the labelled class of each row (the others 0;
 // without scores, 1); then kGradTargets is d(loss)/d(scores), of the scores' shape.
-// coefficients: the form's, in the order and ranges of focal_math.h's kFormSignatures
-// (ValueError, named as the public functions name them, for anything else): focal loss (0)
-// (alpha, gamma), FL* (1) (alpha, gamma, beta), quality focal loss (2) (beta), varifocal loss
-// (3) (alpha, gamma); alpha -1 switches the focal loss's and FL*'s weighting off.
-// label_smoothing in [0, 1), 0 for the quality focal and varifocal losses. Returns
+// coefficients: the form's, in the order and ranges of its row of focal_math.h's
+// kFormSignatures (ValueError, named as the public functions name them, for anything else;
+// an alpha of range UnitOrOff is -1 for no weighting). label_smoothing in [0, 1), 0 for the
+// forms whose row takes none. Returns
 //   (loss, grad_inputs, grad_targets, unweighted_loss, count):
 // loss has inputs' shape for reduction None (0), else is 0-d (Mean 1, Sum 2); its dtype is the
 // promoted dtype of inputs and floating targets (inputs' dtype with labels), or float32 when

@@ -3,10 +3,10 @@ loss, varifocal loss) and the softmax focal loss; the options converted to what 
 take, and the path to them.
 
 The table of the sigmoid family: each form is declared here once, by its public function
-decorated with _family_form (its op code and its terms: the float64 formula that
-focal_cuda.reference computes and the higher-order paths differentiate), and its module made
-from that function by _family_module. A new form adds its terms to csrc/focal_math.h and such a
-declaration here; the tests then cover it.
+decorated with _family_form (its op code and its terms: its elementwise loss in PyTorch
+operations, which focal_cuda.reference computes and the higher-order paths differentiate), and
+its module made from that function by _family_module. A new form adds its terms to
+csrc/focal_math.h and such a declaration here; the tests then cover it.
 """
 
 import inspect
@@ -16,10 +16,10 @@ from typing import Callable, Optional, TypeVar
 import torch
 
 from . import _ops
-from .reference import FORMS, alpha_t, cross_entropy, distance, one_minus_p_t, power, softplus
+from .reference import FORMS, alpha_t, bce_with_logits, distance, one_minus_p_t, power, register_form, softplus
 from . import _C
 from ._function import EagerFunction
-from . import _higher_order, _softmax, reference
+from . import _higher_order, _softmax
 
 # What focal_cuda exports (its __init__ re-exports this list): a new loss form's function and
 # module are added here, not there.
@@ -104,13 +104,14 @@ def _family_form(key: str, code: int, terms: Callable[..., torch.Tensor]) -> Cal
     in csrc/focal_math.h, terms(x, t, *coefficients) its elementwise loss before validity and
     weight in PyTorch operations, its parameters after (x, t) the op's coefficients in order."""
     def declare(function: _Function) -> _Function:  # typed: checkers keep the function's signature
-        reference.register_form(key, code, terms, function)
+        register_form(key, code, terms, function)
         return function
     return declare
 
 
 def _focal_terms(x, t, alpha, gamma):
-    return alpha_t(alpha, t) * power(one_minus_p_t(x, t), gamma) * cross_entropy(x, t)
+    """alpha_t * (1 - p_t) ** gamma * BCE, multiplied left to right as the kernels do."""
+    return alpha_t(alpha, t) * power(one_minus_p_t(x, t), gamma) * bce_with_logits(x, t)
 
 
 @_family_form("focal", 0, _focal_terms)
@@ -177,7 +178,9 @@ def sigmoid_focal_loss(
 
 
 def _star_terms(x, t, alpha, gamma, beta):
-    return alpha_t(alpha, t) * softplus(-(gamma * (2 * t - 1) * x + beta)) / gamma
+    """alpha_t * (softplus(-(gamma * (2t - 1) * x + beta)) / gamma), the quotient first as in
+    the kernels."""
+    return alpha_t(alpha, t) * (softplus(-(gamma * (2 * t - 1) * x + beta)) / gamma)
 
 
 @_family_form("star", 1, _star_terms)
@@ -212,7 +215,8 @@ def sigmoid_focal_loss_star(
 
 
 def _quality_terms(x, t, beta):
-    return power(distance(x, t), beta) * cross_entropy(x, t)
+    """|p - t| ** beta * BCE."""
+    return power(distance(x, t), beta) * bce_with_logits(x, t)
 
 
 @_family_form("quality", 2, _quality_terms)
@@ -243,7 +247,8 @@ def quality_focal_loss(
 
 
 def _varifocal_terms(x, t, alpha, gamma):
-    return torch.where(t > 0, t, alpha * power(distance(x, t), gamma)) * cross_entropy(x, t)
+    """(t where t > 0, else alpha * |p - t| ** gamma) * BCE."""
+    return torch.where(t > 0, t, alpha * power(distance(x, t), gamma)) * bce_with_logits(x, t)
 
 
 @_family_form("varifocal", 3, _varifocal_terms)

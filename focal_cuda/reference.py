@@ -7,9 +7,11 @@ like the kernels. A modulating power's derivative is taken as 0 where its base i
 (power), as the kernels' analytic gradients take it.
 
 Each form of the sigmoid family is written once, in focal_cuda.loss: its public function and
-its terms (the elementwise loss in the building blocks below), which it registers here;
-family_loss adds what the forms share (labels, smoothing, validity, weight, reduction), and
-focal_cuda.reference.<function name> is each public function so computed.
+its terms (the elementwise loss in the building blocks below), which it registers here when the
+package is imported (FAMILY is empty before); family_loss adds what the forms share (labels,
+smoothing, validity, weight, reduction), and focal_cuda.reference.<function name> is each
+public function so computed, made from its signature (type checkers see the public functions'
+signatures, not these twins').
 """
 
 import inspect
@@ -43,32 +45,40 @@ def register_form(key, code, terms, function):
     terms' parameters after (x, t), and focal_cuda.reference.<its name> becomes the same
     function computed by terms in PyTorch operations."""
     coefficients = tuple(inspect.signature(terms).parameters)[2:]
+    parameters = inspect.signature(function).parameters
+    taken = [(code in FAMILY, f"code {code}"), (key in FORMS, f"key {key!r}"),
+             (function.__name__ in _REFERENCE_FUNCTIONS, f"name {function.__name__!r}")]
+    for is_taken, what in taken:
+        if is_taken:
+            raise ValueError(f"register_form: the family has a form of {what} already")
+    if not set(coefficients) <= set(parameters):
+        raise ValueError(f"register_form: {function.__name__}'s parameters must include its terms' "
+                         f"coefficients {coefficients}, got {tuple(parameters)}")
     FAMILY[code] = Form(key, code, coefficients, terms, function)
     FORMS[key] = code
     _REFERENCE_FUNCTIONS[function.__name__] = _reference_function(FAMILY[code])
 
 
-def _reference_function(form):
-    signature = inspect.signature(form.function)
+def _reference_function(member):
+    signature = inspect.signature(member.function)
 
     def reference_function(*args, **kwargs):
-        options = signature.bind(*args, **kwargs)
-        options.apply_defaults()
-        options = options.arguments
-        targets = options["targets"]
-        scores = None
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        options = bound.arguments
+        targets, scores = options["targets"], None
         if isinstance(targets, (tuple, list)):
             targets, scores = targets
-        return family_loss(form.code, options["inputs"], targets,
-                           [options[name] for name in form.coefficients], options["reduction"],
+        return family_loss(member.code, options["inputs"], targets,
+                           [options[name] for name in member.coefficients], options["reduction"],
                            options["weight"], options["ignore_index"],
                            options.get("label_smoothing", 0.0), scores)
 
-    reference_function.__name__ = reference_function.__qualname__ = form.function.__name__
+    reference_function.__name__ = reference_function.__qualname__ = member.function.__name__
     reference_function.__signature__ = signature
     reference_function.__doc__ = (
-        f"focal_cuda.{form.function.__name__} in PyTorch operations: its form's terms "
-        f"({form.terms.__module__}.{form.terms.__name__}) through family_loss.")
+        f"focal_cuda.{member.function.__name__} in PyTorch operations; its elementwise loss, "
+        f"before validity and weight: {inspect.cleandoc(member.terms.__doc__ or '')}")
     return reference_function
 
 
@@ -105,8 +115,8 @@ def softplus(v):
     return torch.logaddexp(v, torch.zeros_like(v))
 
 
-def cross_entropy(x, t):
-    """BCE-with-logits: t * softplus(-x) + (1 - t) * softplus(x)."""
+def bce_with_logits(x, t):
+    """Binary cross-entropy of sigmoid(x) against t: t * softplus(-x) + (1 - t) * softplus(x)."""
     return t * softplus(-x) + (1 - t) * softplus(x)
 
 
@@ -122,8 +132,8 @@ def distance(x, t):
 
 def alpha_t(alpha, t):
     """alpha for the positive class, 1 - alpha for the negative: alpha * t + (1 - alpha) *
-    (1 - t); 1 when alpha is None or negative (the op's -1)."""
-    return 1.0 if alpha is None or alpha < 0 else alpha * t + (1 - alpha) * (1 - t)
+    (1 - t); 1 when alpha is None or negative (the op's -1), or NaN."""
+    return 1.0 if alpha is None or not alpha >= 0 else alpha * t + (1 - alpha) * (1 - t)
 
 
 def family_loss(form, inputs, targets, coefficients, reduction, weight, ignore_index,

@@ -523,6 +523,29 @@ def test_reference_functions_match_the_fused_ones():
     assert "varifocal_loss" in dir(focal_cuda.reference)
 
 
+def test_a_form_registers_once_with_its_coefficients_among_its_parameters():
+    """register_form refuses a second form of a taken code, key or name, and terms whose
+    coefficients the public function does not take (its reference twin could not call them)."""
+    def terms(x, t, alpha):
+        return x
+
+    def function(inputs, targets, alpha=0.5, reduction="none", weight=None, ignore_index=-100):
+        return inputs
+
+    function.__name__ = "new_focal_loss"
+    with pytest.raises(ValueError, match="a form of code 1 already"):
+        focal_cuda.reference.register_form("new", 1, terms, function)
+    with pytest.raises(ValueError, match="a form of key 'star' already"):
+        focal_cuda.reference.register_form("star", 99, terms, function)
+    function.__name__ = "varifocal_loss"
+    with pytest.raises(ValueError, match="a form of name 'varifocal_loss' already"):
+        focal_cuda.reference.register_form("new", 99, terms, function)
+    function.__name__ = "new_focal_loss"
+    with pytest.raises(ValueError, match=r"must include its terms' coefficients \('delta',\), got"):
+        focal_cuda.reference.register_form("new", 99, lambda x, t, delta: x, function)
+    assert 99 not in focal_cuda.reference.FAMILY and "new" not in focal_cuda.reference.FORMS
+
+
 def test_focal_cuda_exports_exactly_the_public_losses():
     """focal_cuda re-exports focal_cuda.loss.__all__, the one list a new form's function and
     module join; that list names every public function and class focal_cuda.loss defines."""
