@@ -142,7 +142,10 @@ else:
     CPU_ISA_FLAGS = {"DEFAULT": ["-DFOCAL_CPU_ISA=DEFAULT"]}
 
 OPENMP_FLAGS = [] if sys.platform == "darwin" else ["-fopenmp"]
-CXX_FLAGS = ["-O3"] + OPENMP_FLAGS  # the C++ standard is the one torch asks for
+# -g1 after Python's -g: line tables and function names for backtraces, without the full debug
+# information that took a third of every C++ object's compile time. The C++ standard is the one
+# torch asks for.
+CXX_FLAGS = ["-O3", "-g1"] + OPENMP_FLAGS
 # gcc 12 reports its own AVX-512 intrinsics (the _mm512_undefined_* idiom in avx512fintrin.h)
 # as uninitialized or maybe-uninitialized once inlined into at::vec (GCC bug 105593; which of
 # the two depends on inlining): ~200 warnings that are not ours. Off for the AVX-512 variant
@@ -162,9 +165,11 @@ for isa in CPU_ISA_FLAGS:
 
 sources = ["csrc/bindings.cpp", "csrc/focal_ops.cpp", "csrc/cpu/focal_cpu.cpp"]
 if WITH_CUDA:
-    # The forward kernels in one file per inputs dtype: ninja compiles them in parallel.
+    # The forward kernels in one file per inputs dtype (the 16-bit ones' labels in another):
+    # ninja compiles them in parallel.
     sources += ["csrc/cuda/focal_cuda.cu", "csrc/cuda/softmax.cu"] + [
-        f"csrc/cuda/forward_{dtype}.cu" for dtype in ("float16", "bfloat16", "float32", "float64")
+        f"csrc/cuda/forward_{name}.cu"
+        for name in ("float16", "float16_labels", "bfloat16", "bfloat16_labels", "float32", "float64")
     ]
     DEFINES.append(("FOCAL_WITH_CUDA", "1"))
 

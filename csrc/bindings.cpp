@@ -2,7 +2,9 @@
 #include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Exceptions.h>
-#include <torch/extension.h>
+// pybind11 with torch's type casters (Tensor, ScalarType, ...): what <torch/extension.h> includes
+// for bindings, without the C++ frontend (torch/all.h), which took 60% of this file's compile.
+#include <torch/csrc/utils/pybind.h>
 
 #include <optional>
 #include <tuple>

@@ -123,12 +123,17 @@ bool reads_dtype_pair(at::ScalarType first, at::ScalarType second);
 void forward(const ForwardArgs& args);
 void backward(const BackwardArgs& args);
 void softmax_forward(const SoftmaxArgs& args);
-// forward for inputs of each dtype, defined in forward_<dtype>.cu, one file each, so that a
-// build compiles them in parallel.
+// forward for inputs of each dtype, with floating targets and with labels, defined in
+// forward_<dtype>.cu (the 16-bit dtypes' labels in forward_<dtype>_labels.cu), so that a build
+// compiles them in parallel.
 void forward_float16(const ForwardArgs& args);
+void forward_float16_labels(const ForwardArgs& args);
 void forward_bfloat16(const ForwardArgs& args);
+void forward_bfloat16_labels(const ForwardArgs& args);
 void forward_float32(const ForwardArgs& args);
+void forward_float32_labels(const ForwardArgs& args);
 void forward_float64(const ForwardArgs& args);
+void forward_float64_labels(const ForwardArgs& args);
 }  // namespace cuda
 #endif
 

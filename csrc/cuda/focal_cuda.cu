@@ -69,10 +69,10 @@ void forward(const ForwardArgs& args) {
               "focal_cuda: with class labels on CUDA, inputs' last dimension (the classes) must be "
               "at most ", std::numeric_limits<int32_t>::max(), "; got ", args.classes);
   switch (args.inputs.scalar_type()) {
-    case at::kHalf: forward_float16(args); break;
-    case at::kBFloat16: forward_bfloat16(args); break;
-    case at::kFloat: forward_float32(args); break;
-    case at::kDouble: forward_float64(args); break;
+    case at::kHalf: (args.labels ? forward_float16_labels : forward_float16)(args); break;
+    case at::kBFloat16: (args.labels ? forward_bfloat16_labels : forward_bfloat16)(args); break;
+    case at::kFloat: (args.labels ? forward_float32_labels : forward_float32)(args); break;
+    case at::kDouble: (args.labels ? forward_float64_labels : forward_float64)(args); break;
     default:
       TORCH_INTERNAL_ASSERT(false, "focal_cuda: inputs of dtype ", args.inputs.scalar_type(),
                             " reached the CUDA forward");

@@ -1,7 +1,7 @@
 // The fused forward kernels (loss and gradients in one pass over inputs and targets), their
-// deterministic two-stage reduction, and their launch for one inputs dtype: each
-// forward_<dtype>.cu calls forward_with_inputs for its dtype, so that a build compiles the
-// dtypes' kernels in parallel.
+// deterministic two-stage reduction, and their launch for one inputs dtype and kind of targets:
+// forward_<dtype>.cu and forward_<dtype>_labels.cu call forward_with_inputs for theirs, so that
+// a build compiles them in parallel.
 //
 // Grid-stride loops over packs of elements (16-byte loads of the inputs where every pointer is
 // aligned, one element at a time otherwise), 64-bit indices, math in float (double for float64)
@@ -708,19 +708,22 @@ void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The forward for inputs of dtype x_t: what forward_<dtype>.cu's entry point calls. In the
-// anonymous namespace like the kernels, so that each kernel file has its own.
-template <typename x_t>
+// The forward for inputs of dtype x_t and labels (kLabels) or floating targets: what the entry
+// points forward_<dtype> and forward_<dtype>_labels call. In the anonymous namespace like the
+// kernels, so that each kernel file has its own.
+template <typename x_t, bool kLabels>
 void forward_with_inputs(const ForwardArgs& args) {
   const c10::cuda::CUDAGuard device_guard(args.inputs.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool dispatched = dispatch_forward_types(args, [&](auto x_value, auto t_value, auto out_value) {
-    if constexpr (std::is_same_v<decltype(x_value), x_t>) {
+    if constexpr (std::is_same_v<decltype(x_value), x_t> &&
+                  std::is_integral_v<decltype(t_value)> == kLabels) {
       launch_forward<x_t, decltype(t_value), decltype(out_value)>(
           args, device_guard.current_device().index(), stream);
     }
   });
-  TORCH_INTERNAL_ASSERT(dispatched && args.inputs.scalar_type() == c10::CppTypeToScalarType<x_t>::value,
+  TORCH_INTERNAL_ASSERT(dispatched && args.inputs.scalar_type() == c10::CppTypeToScalarType<x_t>::value &&
+                            args.labels == kLabels,
                         "focal_cuda: dtypes ", args.inputs.scalar_type(), ", ",
                         args.targets.scalar_type(), " -> ", args.loss.scalar_type(),
                         " reached the CUDA forward unconverted");

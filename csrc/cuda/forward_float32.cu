@@ -1,7 +1,11 @@
-// The forward kernels for float32 inputs (forward.cuh), in a file of their own: a build compiles
-// each inputs dtype's kernels in parallel.
+// The forward kernels of float32 inputs (forward.cuh), with floating targets and with class
+// labels: a file per inputs dtype, which a build compiles in parallel with the others.
 #include "forward.cuh"
 
 void focal::cuda::forward_float32(const ForwardArgs& args) {
-  forward_with_inputs<float>(args);
+  forward_with_inputs<float, false>(args);
+}
+
+void focal::cuda::forward_float32_labels(const ForwardArgs& args) {
+  forward_with_inputs<float, true>(args);
 }

@@ -1,7 +1,11 @@
-// The forward kernels for float64 inputs (forward.cuh), in a file of their own: a build compiles
-// each inputs dtype's kernels in parallel.
+// The forward kernels of float64 inputs (forward.cuh), with floating targets and with class
+// labels: a file per inputs dtype, which a build compiles in parallel with the others.
 #include "forward.cuh"
 
 void focal::cuda::forward_float64(const ForwardArgs& args) {
-  forward_with_inputs<double>(args);
+  forward_with_inputs<double, false>(args);
+}
+
+void focal::cuda::forward_float64_labels(const ForwardArgs& args) {
+  forward_with_inputs<double, true>(args);
 }

@@ -5,7 +5,9 @@
 
 #include "cuda/focal_cuda.cu"
 #include "cuda/forward_bfloat16.cu"
+#include "cuda/forward_bfloat16_labels.cu"
 #include "cuda/forward_float16.cu"
+#include "cuda/forward_float16_labels.cu"
 #include "cuda/forward_float32.cu"
 #include "cuda/forward_float64.cu"
 #include "cuda/softmax.cu"
