@@ -218,7 +218,7 @@ class FocalBuildExtension(BuildExtension):
     def build_extension(self, ext):
         # One object per instruction set, each a compile of its own (its flags differ from the
         # other sources'): the three at once, then the other sources, which ninja spreads over
-        # MAX_JOBS (the forward kernels in one file per inputs dtype).
+        # MAX_JOBS (the forward kernels in one file per inputs dtype, the 16-bit labels apart).
         def compile_for(isa):
             cxx_flags = ext.extra_compile_args["cxx"] + CPU_ISA_FLAGS[isa]
             return self.compiler.compile(

@@ -1,5 +1,6 @@
-// The CUDA entry points of the op layer: the forward, whose kernels forward_<dtype>.cu compile
-// per inputs dtype (forward.cuh), and the backward that scales the saved gradient by grad_output.
+// The CUDA entry points of the op layer: the forward, whose kernels the files forward_<dtype>.cu
+// (and the 16-bit dtypes' forward_<dtype>_labels.cu) compile per inputs dtype and kind of
+// targets (forward.cuh), and the backward that scales the saved gradient by grad_output.
 #include <array>
 #include <atomic>
 #include <limits>

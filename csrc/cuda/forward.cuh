@@ -1,7 +1,7 @@
 // The fused forward kernels (loss and gradients in one pass over inputs and targets), their
 // deterministic two-stage reduction, and their launch for one inputs dtype and kind of targets:
-// forward_<dtype>.cu and forward_<dtype>_labels.cu call forward_with_inputs for theirs, so that
-// a build compiles them in parallel.
+// the kernel files (forward_<dtype>.cu, forward_<dtype>_labels.cu) call forward_with_inputs for
+// theirs, so that a build compiles them in parallel.
 //
 // Grid-stride loops over packs of elements (16-byte loads of the inputs where every pointer is
 // aligned, one element at a time otherwise), 64-bit indices, math in float (double for float64)
