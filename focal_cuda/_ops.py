@@ -42,8 +42,8 @@ def sigmoid_focal_loss_forward(
     """(loss, dloss/dinputs, dloss/dtargets, loss before weight, count) in one pass.
 
     form: the loss of the family (a reference.FAMILY code), coefficients its own in its order
-    (reference.FAMILY[form].coefficients); outputs: which of the gradients and the loss before weight to
-    compute (outputs_mask), the others empty. Gradients are unscaled; count is the number of
+    (reference.FAMILY[form].coefficients); outputs: which of the gradients and the loss before
+    weight to compute (outputs_mask), the others empty. Gradients are unscaled; count is the number of
     elements not ignored (the mean's divisor), a 0-d int64 tensor on the inputs' device.
     scores: with integer labels, the target of each row's labelled class (else 1); dloss/dtargets
     is then dloss/dscores (csrc/focal_ops.h).
