@@ -1,10 +1,17 @@
-// The CUDA entry points of the op layer: the forward, whose kernels the files forward_<dtype>.cu
-// (and the 16-bit dtypes' forward_<dtype>_labels.cu) compile per inputs dtype and kind of
-// targets (forward.cuh), and the backward that scales the saved gradient by grad_output.
+// The CUDA entry points of the op layer, the one CUDA file that sees ATen: the forwards, which
+// make the inputs' device current, allocate the reductions' scratch and hand the kernel files
+// (forward_<dtype>[_labels].cu, softmax.cu) their operands as DeviceTensors; and the backward
+// that scales the saved gradient by grad_output, kernel and all.
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAMacros.h>
+#include <c10/cuda/CUDAStream.h>
+
 #include <array>
 #include <atomic>
 #include <limits>
 
+#include "focal.h"
 #include "launch.cuh"
 
 namespace focal::cuda {
@@ -65,19 +72,53 @@ bool reads_dtype_pair(at::ScalarType first, at::ScalarType second) {
   return dispatch_dtype_pair(first, second, [](auto, auto) {});
 }
 
+namespace {
+
+DeviceTensor readable(const at::Tensor& tensor) {
+  return tensor.defined() ? DeviceTensor(tensor.const_data_ptr(), tensor.scalar_type(), tensor.numel(), false)
+                          : DeviceTensor();
+}
+
+DeviceTensor writable(const at::Tensor& tensor) {
+  return tensor.defined() ? DeviceTensor(tensor.mutable_data_ptr(), tensor.scalar_type(), tensor.numel(), true)
+                          : DeviceTensor();
+}
+
+// Calls launch(place) with the device of inputs current, its current stream, and scratch for
+// the partial sums of as many blocks as a forward launches at most: two grids of one wave.
+template <typename Launch>
+void launch_on_device_of(const at::Tensor& inputs, Launch&& launch) {
+  const c10::cuda::CUDAGuard device_guard(inputs.device());
+  const c10::DeviceIndex device = device_guard.current_device().index();
+  const int64_t blocks = 2 * static_cast<int64_t>(multiprocessor_count(device)) * kMaxBlocksPerSM;
+  const at::Tensor scratch = at::empty({blocks * kPartialBytes}, inputs.options().dtype(at::kByte));
+  launch(LaunchPlace{device, c10::cuda::getCurrentCUDAStream(), scratch.mutable_data_ptr(), blocks});
+}
+
+}  // namespace
+
 void forward(const ForwardArgs& args) {
   TORCH_CHECK(!args.labels || args.classes <= std::numeric_limits<int32_t>::max(),
               "focal_cuda: with class labels on CUDA, inputs' last dimension (the classes) must be "
               "at most ", std::numeric_limits<int32_t>::max(), "; got ", args.classes);
+  using Entry = void (*)(const DeviceForwardArgs&, const LaunchPlace&);
+  Entry entry = nullptr;
   switch (args.inputs.scalar_type()) {
-    case at::kHalf: (args.labels ? forward_float16_labels : forward_float16)(args); break;
-    case at::kBFloat16: (args.labels ? forward_bfloat16_labels : forward_bfloat16)(args); break;
-    case at::kFloat: (args.labels ? forward_float32_labels : forward_float32)(args); break;
-    case at::kDouble: (args.labels ? forward_float64_labels : forward_float64)(args); break;
+    case at::kHalf: entry = args.labels ? forward_float16_labels : forward_float16; break;
+    case at::kBFloat16: entry = args.labels ? forward_bfloat16_labels : forward_bfloat16; break;
+    case at::kFloat: entry = args.labels ? forward_float32_labels : forward_float32; break;
+    case at::kDouble: entry = args.labels ? forward_float64_labels : forward_float64; break;
     default:
       TORCH_INTERNAL_ASSERT(false, "focal_cuda: inputs of dtype ", args.inputs.scalar_type(),
                             " reached the CUDA forward");
   }
+  const DeviceForwardArgs device_args = args.with_tensors(readable, writable);
+  launch_on_device_of(args.inputs, [&](const LaunchPlace& place) { entry(device_args, place); });
+}
+
+void softmax_forward(const SoftmaxArgs& args) {
+  const DeviceSoftmaxArgs device_args = args.with_tensors(readable, writable);
+  launch_on_device_of(args.inputs, [&](const LaunchPlace& place) { launch_softmax_forward(device_args, place); });
 }
 
 void backward(const BackwardArgs& args) {

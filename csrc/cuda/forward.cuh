@@ -9,8 +9,6 @@
 // them in a fixed order: no floating-point atomics, so results are bitwise reproducible.
 #pragma once
 
-#include <ATen/ops/empty.h>
-
 #include <cstring>
 
 #include "launch.cuh"
@@ -101,7 +99,7 @@ struct DeviceMath<double> : ScalarMath<double> {
 // float32 for float16 operands: float16 would flush small values to zero before backward
 // multiplies them by a loss scale (GradScaler's 2^16). bfloat16 has float32's range.
 template <typename T>
-using saved_t = std::conditional_t<std::is_same_v<T, at::Half>, float, T>;
+using saved_t = std::conditional_t<std::is_same_v<T, c10::Half>, float, T>;
 
 
 // The forward's, but float64's one element at a time: with packs of two, three float64 kernels
@@ -123,7 +121,7 @@ constexpr int forward_pack_size() {
 // (the high half of its 32-bit word) takes a mask instead of a move and a shift.
 template <typename T>
 __device__ __forceinline__ math_t<T> to_math(const T* values, int k) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (k % 2 == 1) {  // in a pack: values[k - 1] starts a 4-byte aligned word
       uint32_t word;
       std::memcpy(&word, values + k - 1, sizeof(word));
@@ -595,12 +593,12 @@ __global__ void __launch_bounds__(kThreads)
 // (the loss takes the targets' dtype, the promoted one), or int64 labels (the loss takes the
 // inputs' dtype, or float32 for 16-bit inputs under autocast).
 template <typename Fn>
-bool dispatch_forward_types(const ForwardArgs& args, Fn&& fn) {
+bool dispatch_forward_types(const DeviceForwardArgs& args, Fn&& fn) {
   if (!args.labels) {
     return dispatch_dtype_pair(args.inputs.scalar_type(), args.targets.scalar_type(),
                                [&](auto x_value, auto t_value) { fn(x_value, t_value, t_value); });
   }
-  const bool float_loss = args.loss.scalar_type() == at::kFloat;
+  const bool float_loss = args.loss.scalar_type() == c10::kFloat;
   return dispatch_dtype_pair(args.inputs.scalar_type(), args.inputs.scalar_type(),
                              [&](auto x_value, auto) {
                                using x_t = decltype(x_value);
@@ -615,14 +613,14 @@ bool dispatch_forward_types(const ForwardArgs& args, Fn&& fn) {
 }
 
 template <typename T>
-T* data_or_null(const at::Tensor& tensor) {
+T* data_or_null(const DeviceTensor& tensor) {
   return tensor.defined() ? tensor.mutable_data_ptr<T>() : nullptr;
 }
 
 // The forward for inputs x_t, targets t_t and loss out_t: the fused kernel of the launch's gamma
 // mode and gradients, packed where every per-element array is aligned, then the reduction.
 template <typename x_t, typename t_t, typename out_t>
-void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream_t stream) {
+void launch_forward(const DeviceForwardArgs& args, const LaunchPlace& place) {
   const int64_t n = args.inputs.numel();
   const bool elementwise = args.reduction == Reduction::None;
   using S = math_t<x_t>;
@@ -661,13 +659,14 @@ void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream
       is_aligned_for_pack<saved_t<t_t>>(p.grad_targets, pack) &&
       is_aligned_for_pack<out_t>(p.loss, pack) &&
       is_aligned_for_pack<saved_t<out_t>>(p.unweighted_loss, pack);
-  const int grid = grid_size(packed ? n / pack : n, device);
+  const int grid = grid_size(packed ? n / pack : n, place.device);
   // Labels take a second launch over the rows (labelled_rows), with partial sums of its own.
-  const int rows_grid = kIsLabels<t_t> ? grid_size(n / args.classes, device) : 0;
+  const int rows_grid = kIsLabels<t_t> ? grid_size(n / args.classes, place.device) : 0;
   const int blocks = grid + rows_grid;
-  // One allocation for the per-block counts and partial sums (S: 4 or 8 bytes).
-  const at::Tensor partials = at::empty({2 * blocks}, args.inputs.options().dtype(at::kLong));
-  p.block_counts = partials.mutable_data_ptr<int64_t>();
+  // The per-block counts, then the partial sums (S: 4 or 8 bytes), in the scratch.
+  TORCH_INTERNAL_ASSERT(blocks <= place.scratch_blocks, "focal_cuda: ", blocks,
+                        " blocks for scratch of ", place.scratch_blocks);
+  p.block_counts = static_cast<int64_t*>(place.scratch);
   p.block_sums = reinterpret_cast<S*>(p.block_counts + blocks);
 
   // The family's forms run in the General element kernels only (their exponent by products
@@ -682,10 +681,10 @@ void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream
       constexpr bool kGradInputs = decltype(grad_inputs_flag)::value;
       constexpr int kPack = forward_pack_size<x_t, t_t, kGradInputs>();
       if (packed) {
-        FOCAL_LAUNCH(grid, kThreads, stream,
+        FOCAL_LAUNCH(grid, kThreads, place.stream,
                      focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, kPack>)(p);
       } else {
-        FOCAL_LAUNCH(grid, kThreads, stream,
+        FOCAL_LAUNCH(grid, kThreads, place.stream,
                      focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, 1>)(p);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -694,14 +693,14 @@ void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream
         rows.rows_pass = true;
         rows.block_sums += grid;
         rows.block_counts += grid;
-        FOCAL_LAUNCH(rows_grid, kThreads, stream,
+        FOCAL_LAUNCH(rows_grid, kThreads, place.stream,
                      focal_forward_kernel<x_t, t_t, out_t, kGamma, kGradInputs, 1>)(rows);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   });
 
-  FOCAL_LAUNCH(1, kThreads, stream, finish_forward_kernel<S, int64_t, out_t>)(
+  FOCAL_LAUNCH(1, kThreads, place.stream, finish_forward_kernel<S, int64_t, out_t>)(
       p.block_sums, p.block_counts, blocks, args.reduction == Reduction::Mean,
       elementwise ? nullptr : args.loss.mutable_data_ptr<out_t>(),
       args.count.mutable_data_ptr<int64_t>());
@@ -712,14 +711,11 @@ void launch_forward(const ForwardArgs& args, c10::DeviceIndex device, cudaStream
 // points forward_<dtype> and forward_<dtype>_labels call. In the anonymous namespace like the
 // kernels, so that each kernel file has its own.
 template <typename x_t, bool kLabels>
-void forward_with_inputs(const ForwardArgs& args) {
-  const c10::cuda::CUDAGuard device_guard(args.inputs.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+void forward_with_inputs(const DeviceForwardArgs& args, const LaunchPlace& place) {
   const bool dispatched = dispatch_forward_types(args, [&](auto x_value, auto t_value, auto out_value) {
     if constexpr (std::is_same_v<decltype(x_value), x_t> &&
                   std::is_integral_v<decltype(t_value)> == kLabels) {
-      launch_forward<x_t, decltype(t_value), decltype(out_value)>(
-          args, device_guard.current_device().index(), stream);
+      launch_forward<x_t, decltype(t_value), decltype(out_value)>(args, place);
     }
   });
   TORCH_INTERNAL_ASSERT(dispatched && args.inputs.scalar_type() == c10::CppTypeToScalarType<x_t>::value &&

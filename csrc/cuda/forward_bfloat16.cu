@@ -3,6 +3,6 @@
 // parallel with the others.
 #include "forward.cuh"
 
-void focal::cuda::forward_bfloat16(const ForwardArgs& args) {
-  forward_with_inputs<at::BFloat16, false>(args);
+void focal::cuda::forward_bfloat16(const DeviceForwardArgs& args, const LaunchPlace& place) {
+  forward_with_inputs<c10::BFloat16, false>(args, place);
 }

@@ -3,6 +3,6 @@
 // parallel with the others.
 #include "forward.cuh"
 
-void focal::cuda::forward_float16(const ForwardArgs& args) {
-  forward_with_inputs<at::Half, false>(args);
+void focal::cuda::forward_float16(const DeviceForwardArgs& args, const LaunchPlace& place) {
+  forward_with_inputs<c10::Half, false>(args, place);
 }

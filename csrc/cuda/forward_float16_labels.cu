@@ -3,6 +3,6 @@
 // parallel with the others.
 #include "forward.cuh"
 
-void focal::cuda::forward_float16_labels(const ForwardArgs& args) {
-  forward_with_inputs<at::Half, true>(args);
+void focal::cuda::forward_float16_labels(const DeviceForwardArgs& args, const LaunchPlace& place) {
+  forward_with_inputs<c10::Half, true>(args, place);
 }

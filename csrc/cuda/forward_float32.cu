@@ -2,10 +2,10 @@
 // labels: a file per inputs dtype, which a build compiles in parallel with the others.
 #include "forward.cuh"
 
-void focal::cuda::forward_float32(const ForwardArgs& args) {
-  forward_with_inputs<float, false>(args);
+void focal::cuda::forward_float32(const DeviceForwardArgs& args, const LaunchPlace& place) {
+  forward_with_inputs<float, false>(args, place);
 }
 
-void focal::cuda::forward_float32_labels(const ForwardArgs& args) {
-  forward_with_inputs<float, true>(args);
+void focal::cuda::forward_float32_labels(const DeviceForwardArgs& args, const LaunchPlace& place) {
+  forward_with_inputs<float, true>(args, place);
 }

@@ -2,10 +2,10 @@
 // labels: a file per inputs dtype, which a build compiles in parallel with the others.
 #include "forward.cuh"
 
-void focal::cuda::forward_float64(const ForwardArgs& args) {
-  forward_with_inputs<double, false>(args);
+void focal::cuda::forward_float64(const DeviceForwardArgs& args, const LaunchPlace& place) {
+  forward_with_inputs<double, false>(args, place);
 }
 
-void focal::cuda::forward_float64_labels(const ForwardArgs& args) {
-  forward_with_inputs<double, true>(args);
+void focal::cuda::forward_float64_labels(const DeviceForwardArgs& args, const LaunchPlace& place) {
+  forward_with_inputs<double, true>(args, place);
 }

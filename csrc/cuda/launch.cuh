@@ -1,18 +1,17 @@
-// What the CUDA kernel files share: the launch macro, the block and grid sizes, the math and
-// packed-load types, and the dispatch over the dtype pairs the kernels read.
+// What the CUDA kernel files share: the tensors and launch place the host glue (focal_cuda.cu)
+// hands them, the launch macro, the block and grid sizes, the math and packed-load types, and
+// the dispatch over the dtype pairs the kernels read. Only c10's light headers: no ATen.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAMacros.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
-#include "focal.h"
+#include "focal_args.h"
 
 // Every launch goes through this macro so that the CUDA emulation (tests/cuda_emulation), which
 // runs this very source on the CPU, can put its own launcher in place of <<<>>>.
@@ -26,6 +25,74 @@ namespace focal::cuda {
 // small inputs the launch overhead is the whole cost. (ATen's cached device properties need
 // headers, cuBLAS and cuSPARSE, that a bare toolkit may lack.)
 int multiprocessor_count(c10::DeviceIndex device);
+
+// A tensor as the kernel files see it: its memory, dtype and size. The data accessors check the
+// dtype as at::Tensor's do, and only a tensor the glue made writable (an output) hands out
+// mutable memory.
+class DeviceTensor {
+ public:
+  DeviceTensor() = default;
+  DeviceTensor(const void* data, c10::ScalarType dtype, int64_t numel, bool writable)
+      : data_(data), dtype_(dtype), numel_(numel), writable_(writable) {}
+
+  bool defined() const { return dtype_ != c10::ScalarType::Undefined; }
+  c10::ScalarType scalar_type() const { return dtype_; }
+  int64_t numel() const { return numel_; }
+
+  template <typename T>
+  const T* const_data_ptr() const {
+    check_dtype<T>();
+    return static_cast<const T*>(data_);
+  }
+  template <typename T>
+  T* mutable_data_ptr() const {
+    check_dtype<T>();
+    TORCH_INTERNAL_ASSERT(writable_, "focal_cuda: a kernel asked to write one of its inputs");
+    return static_cast<T*>(const_cast<void*>(data_));
+  }
+
+ private:
+  template <typename T>
+  void check_dtype() const {
+    TORCH_INTERNAL_ASSERT(dtype_ == c10::CppTypeToScalarType<T>::value, "focal_cuda: a ", dtype_,
+                          " tensor read as ", c10::CppTypeToScalarType<T>::value);
+  }
+
+  const void* data_ = nullptr;
+  c10::ScalarType dtype_ = c10::ScalarType::Undefined;
+  int64_t numel_ = 0;
+  bool writable_ = false;
+};
+
+using DeviceForwardArgs = ForwardArgsOf<DeviceTensor>;
+using DeviceSoftmaxArgs = SoftmaxArgsOf<DeviceTensor>;
+
+// Where a kernel file launches: the device (already current), its current stream, and scratch
+// memory on it for the per-block partial sums of a reduction, kPartialBytes for each of up to
+// scratch_blocks blocks.
+struct LaunchPlace {
+  c10::DeviceIndex device;
+  cudaStream_t stream;
+  void* scratch;
+  int64_t scratch_blocks;
+};
+
+// A block's partials: a count (int64) or divisor (double), and a sum (float or double).
+constexpr int64_t kPartialBytes = 16;
+
+// The kernel files' entry points, which the glue calls on the device of the inputs. forward for
+// inputs of each dtype, with floating targets and with labels, defined in forward_<dtype>.cu (the
+// 16-bit dtypes' labels in forward_<dtype>_labels.cu), so that a build compiles them in parallel.
+void forward_float16(const DeviceForwardArgs& args, const LaunchPlace& place);
+void forward_float16_labels(const DeviceForwardArgs& args, const LaunchPlace& place);
+void forward_bfloat16(const DeviceForwardArgs& args, const LaunchPlace& place);
+void forward_bfloat16_labels(const DeviceForwardArgs& args, const LaunchPlace& place);
+void forward_float32(const DeviceForwardArgs& args, const LaunchPlace& place);
+void forward_float32_labels(const DeviceForwardArgs& args, const LaunchPlace& place);
+void forward_float64(const DeviceForwardArgs& args, const LaunchPlace& place);
+void forward_float64_labels(const DeviceForwardArgs& args, const LaunchPlace& place);
+// softmax.cu: the softmax focal loss's forward.
+void launch_softmax_forward(const DeviceSoftmaxArgs& args, const LaunchPlace& place);
 
 namespace {
 
@@ -67,23 +134,23 @@ inline int grid_size(int64_t work_items, c10::DeviceIndex device,
 // dtypes, and 16-bit inputs (or saved gradients) with float32 targets (or grad_output), the
 // pair mixed-precision training produces. Returns false for any other pair.
 template <typename Fn>
-bool dispatch_dtype_pair(at::ScalarType first, at::ScalarType second, Fn&& fn) {
-  using at::BFloat16;
-  using at::Half;
+bool dispatch_dtype_pair(c10::ScalarType first, c10::ScalarType second, Fn&& fn) {
+  using c10::BFloat16;
+  using c10::Half;
   if (first == second) {
     switch (first) {
-      case at::kHalf: fn(Half{}, Half{}); return true;
-      case at::kBFloat16: fn(BFloat16{}, BFloat16{}); return true;
-      case at::kFloat: fn(float{}, float{}); return true;
-      case at::kDouble: fn(double{}, double{}); return true;
+      case c10::kHalf: fn(Half{}, Half{}); return true;
+      case c10::kBFloat16: fn(BFloat16{}, BFloat16{}); return true;
+      case c10::kFloat: fn(float{}, float{}); return true;
+      case c10::kDouble: fn(double{}, double{}); return true;
       default: return false;
     }
   }
-  if (second == at::kFloat && first == at::kHalf) {
+  if (second == c10::kFloat && first == c10::kHalf) {
     fn(Half{}, float{});
     return true;
   }
-  if (second == at::kFloat && first == at::kBFloat16) {
+  if (second == c10::kFloat && first == c10::kBFloat16) {
     fn(BFloat16{}, float{});
     return true;
   }

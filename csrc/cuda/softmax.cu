@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
 }
 
 template <typename x_t>
-void launch_softmax(const SoftmaxArgs& args, c10::DeviceIndex device, cudaStream_t stream) {
+void launch_softmax(const DeviceSoftmaxArgs& args, const LaunchPlace& place) {
   using S = math_t<x_t>;
   const bool elementwise = args.reduction == Reduction::None;
   SoftmaxPointers<x_t> p{
@@ -195,22 +195,23 @@ void launch_softmax(const SoftmaxArgs& args, c10::DeviceIndex device, cudaStream
       nullptr,
       nullptr,
   };
-  const int grid = grid_size(p.num_positions, device, kSoftmaxBlocksPerSM<x_t>);
-  // One allocation for the per-block divisors (double) and sums (S: 4 or 8 bytes).
-  const at::Tensor partials = at::empty({2 * grid}, args.inputs.options().dtype(at::kDouble));
-  p.block_divisors = partials.mutable_data_ptr<double>();
+  const int grid = grid_size(p.num_positions, place.device, kSoftmaxBlocksPerSM<x_t>);
+  // The per-block divisors (double), then the sums (S: 4 or 8 bytes), in the scratch.
+  TORCH_INTERNAL_ASSERT(grid <= place.scratch_blocks, "focal_cuda: ", grid, " blocks for scratch of ",
+                        place.scratch_blocks);
+  p.block_divisors = static_cast<double*>(place.scratch);
   p.block_sums = reinterpret_cast<S*>(p.block_divisors + grid);
   const bool soft = p.labels == nullptr || args.label_smoothing > 0.0;
   dispatch_flag(soft, [&](auto soft_flag) {
     dispatch_flag(p.grad_inputs != nullptr, [&](auto grad_flag) {
-      FOCAL_LAUNCH(grid, kThreads, stream,
+      FOCAL_LAUNCH(grid, kThreads, place.stream,
                    softmax_focal_kernel<x_t, decltype(soft_flag)::value, decltype(grad_flag)::value>)(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   // The sigmoid forward's finish, its counts the divisors: the mean of nothing is NaN, as
   // F.cross_entropy's.
-  FOCAL_LAUNCH(1, kThreads, stream, finish_forward_kernel<S, double, S>)(
+  FOCAL_LAUNCH(1, kThreads, place.stream, finish_forward_kernel<S, double, S>)(
       p.block_sums, p.block_divisors, grid, args.reduction == Reduction::Mean,
       elementwise ? nullptr : args.loss.mutable_data_ptr<S>(), args.divisor.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -218,15 +219,12 @@ void launch_softmax(const SoftmaxArgs& args, c10::DeviceIndex device, cudaStream
 
 }  // namespace
 
-void softmax_forward(const SoftmaxArgs& args) {
-  const c10::cuda::CUDAGuard device_guard(args.inputs.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const c10::DeviceIndex device = device_guard.current_device().index();
+void launch_softmax_forward(const DeviceSoftmaxArgs& args, const LaunchPlace& place) {
   switch (args.inputs.scalar_type()) {
-    case at::kHalf: launch_softmax<at::Half>(args, device, stream); break;
-    case at::kBFloat16: launch_softmax<at::BFloat16>(args, device, stream); break;
-    case at::kFloat: launch_softmax<float>(args, device, stream); break;
-    case at::kDouble: launch_softmax<double>(args, device, stream); break;
+    case c10::kHalf: launch_softmax<c10::Half>(args, place); break;
+    case c10::kBFloat16: launch_softmax<c10::BFloat16>(args, place); break;
+    case c10::kFloat: launch_softmax<float>(args, place); break;
+    case c10::kDouble: launch_softmax<double>(args, place); break;
     default:
       TORCH_INTERNAL_ASSERT(false, "focal_cuda: inputs of dtype ", args.inputs.scalar_type(),
                             " reached the CUDA softmax forward");
