@@ -674,7 +674,8 @@ FOCAL_HOST_DEVICE V where_counts(Mask counts, V v) {
   return Math::select(counts, v, V(0.0f));
 }
 
-// The sums of one position's exponentials, accumulated class by class (softmax_accumulate),
+// The sums of one position's exponentials, accumulated class by class (softmax_accumulate,
+// which returns the class's exp(z - m): p = exp(z - m) / (1 + r) for a caller that keeps it),
 // then finished (softmax_row).
 template <typename V>
 struct SoftmaxSums {
@@ -683,11 +684,13 @@ struct SoftmaxSums {
 };
 
 template <typename Math, typename V>
-FOCAL_HOST_DEVICE void softmax_accumulate(V z, V max, SoftmaxSums<V>& sums) {
+FOCAL_HOST_DEVICE V softmax_accumulate(V z, V max, SoftmaxSums<V>& sums) {
   const V zero(0.0f);
   const auto at_max = z == max;
-  sums.others = sums.others + Math::select(at_max, zero, Math::exp(z - max));
+  const V shifted_exp = Math::exp(z - max);
+  sums.others = sums.others + Math::select(at_max, zero, shifted_exp);
   sums.ties = sums.ties + Math::select(at_max, V(1.0f), zero);
+  return shifted_exp;
 }
 
 template <typename V>

@@ -110,17 +110,18 @@ struct Operands {
 
 // Everything one thread needs beyond the arguments: a buffer of `size` values (a block's
 // classes x kLanes, or a row's classes) for each per-element tensor the call reads or writes,
-// and for the soft targets' class terms.
+// and for what the gradient's pass takes from the earlier ones (class_values: the soft
+// targets' class terms g, or with a label each class's exp(z - m)).
 template <typename S>
 struct Buffers {
-  std::vector<S> inputs, probabilities, grad_inputs, grad_targets, unweighted, class_g;
-  Buffers(int64_t size, const SoftmaxArgs& args, bool class_terms)
+  std::vector<S> inputs, probabilities, grad_inputs, grad_targets, unweighted, class_values;
+  Buffers(int64_t size, const SoftmaxArgs& args, bool gradient)
       : inputs(size),
         probabilities(args.probabilities.defined() ? size : 0),
         grad_inputs(args.grad_inputs.defined() ? size : 0),
         grad_targets(args.grad_targets.defined() ? size : 0),
         unweighted(args.unweighted_loss.defined() ? size : 0),
-        class_g(class_terms ? size : 0) {}
+        class_values(gradient ? size : 0) {}
 };
 
 // kSoft: every class has a target (probabilities, or smoothed labels); else one label per
@@ -180,9 +181,12 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
   Vec label_logit = max;  // where no label is: the term at the max, zeroed
   for (int64_t c = 0; c < classes; ++c) {
     const Vec z = Vec::loadu(x.data + c * x.stride);
-    softmax_accumulate<Math>(z, max, sums);
+    const Vec shifted_exp = softmax_accumulate<Math>(z, max, sums);
     if constexpr (!kSoft) {
       label_logit = Math::select(label == Vec(static_cast<S>(c)), z, label_logit);
+      if constexpr (kGrad) {  // p, for the gradient below, without a second exp
+        shifted_exp.store(buffers.class_values.data() + c * kLanes);
+      }
     }
   }
   const SoftmaxRow<Vec> row = softmax_row<Math>(max, sums);
@@ -195,8 +199,7 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
     for (int64_t c = 0; c < classes; ++c) {
       const Vec is_label = label == Vec(static_cast<S>(c));
       if constexpr (kGrad) {
-        const Vec z = Vec::loadu(x.data + c * x.stride);
-        const Vec p = Math::exp(z - max) * row.inv_sum;
+        const Vec p = Vec::loadu(buffers.class_values.data() + c * kLanes) * row.inv_sum;
         where_counts<Math>(counts, softmax_label_gradient<Math>(is_label, p, terms.g, terms.u))
             .store(grad_inputs.data + c * grad_inputs.stride);
       }
@@ -217,7 +220,7 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
       loss = loss + terms.loss;
       if constexpr (kGrad) {
         softmax_gradient_accumulate<Math>(z, max, terms.g, g_sums);
-        terms.g.store(buffers.class_g.data() + c * kLanes);
+        terms.g.store(buffers.class_values.data() + c * kLanes);
       }
       if (unweighted.data != nullptr) {
         where_counts<Math>(counts, terms.unweighted).store(unweighted.data + c * unweighted.stride);
@@ -232,7 +235,7 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
       for (int64_t c = 0; c < classes; ++c) {
         const Vec z = Vec::loadu(x.data + c * x.stride);
         const Vec p = Math::exp(z - max) * row.inv_sum;
-        const Vec g = Vec::loadu(buffers.class_g.data() + c * kLanes);
+        const Vec g = Vec::loadu(buffers.class_values.data() + c * kLanes);
         where_counts<Math>(counts, softmax_gradient<Math>(z, g, p, row, g_sums))
             .store(grad_inputs.data + c * grad_inputs.stride);
       }
@@ -321,7 +324,10 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
   const Vec vmax(max);
   SoftmaxSums<Vec> sum_lanes{Vec(S(0)), Vec(S(0))};
   for (int64_t c = 0; c < classes; c += kLanes) {
-    softmax_accumulate<Math>(load(x, c, kMinusInf), vmax, sum_lanes);
+    const Vec shifted_exp = softmax_accumulate<Math>(load(x, c, kMinusInf), vmax, sum_lanes);
+    if constexpr (kGrad && !kSoft) {  // p, for the gradient below, without a second exp
+      store(shifted_exp, buffers.class_values.data(), c);
+    }
   }
   S other_lanes[kLanes], tie_lanes[kLanes];
   sum_lanes.others.store(other_lanes);
@@ -349,7 +355,7 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
     for (int64_t c = 0; c < classes; c += kLanes) {
       const Vec is_label = lane_classes + Vec(static_cast<S>(c)) == label_class;
       if constexpr (kGrad) {
-        const Vec p = Math::exp(load(x, c, max) - vmax) * row.inv_sum;
+        const Vec p = load(buffers.class_values.data(), c, S(0)) * row.inv_sum;
         store(softmax_label_gradient<Math>(is_label, p, terms.g, terms.u), grad_inputs, c);
       }
       if (unweighted != nullptr) {
@@ -376,7 +382,7 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
       loss_lanes = loss_lanes + terms.loss;
       if constexpr (kGrad) {
         softmax_gradient_accumulate<Math>(z, vmax, terms.g, g_sum_lanes);
-        store(terms.g, buffers.class_g.data(), c);
+        store(terms.g, buffers.class_values.data(), c);
       }
       if (unweighted != nullptr) {
         store(terms.unweighted, unweighted, c);
@@ -402,7 +408,7 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
       for (int64_t c = 0; c < classes; c += kLanes) {
         const Vec z = load(x, c, max);
         const Vec p = Math::exp(z - vmax) * row.inv_sum;
-        store(softmax_gradient<Math>(z, load(buffers.class_g.data(), c, S(0)), p, row, g_sums), grad_inputs, c);
+        store(softmax_gradient<Math>(z, load(buffers.class_values.data(), c, S(0)), p, row, g_sums), grad_inputs, c);
       }
     }
   }
@@ -437,7 +443,7 @@ void forward_impl(const SoftmaxArgs& args) {
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     const FlushSubnormals flush_subnormals;
-    Buffers<S> buffers(rows ? args.classes : args.classes * kLanes, args, kSoft && kGrad);
+    Buffers<S> buffers(rows ? args.classes : args.classes * kLanes, args, kGrad);
     for (int64_t index = chunk_begin; index < chunk_end; ++index) {
       const int64_t stop = std::min(positions, (index + 1) * chunk);
       double sum = 0, divisor = 0;
