@@ -53,29 +53,29 @@ struct ForwardArgsOf {
   // The same operands over another tensor type: read(tensor) for each tensor the kernels read,
   // write(tensor) for each they write.
   template <typename Read, typename Write>
-  auto with_tensors(Read read, Write write) const -> ForwardArgsOf<decltype(read(inputs))> {
-    return {
-        .inputs = read(inputs),
-        .targets = read(targets),
-        .labels = labels,
-        .scores = read(scores),
-        .classes = classes,
-        .ignore_index = ignore_index,
-        .weight = read(weight),
-        .weight_kind = weight_kind,
-        .form = form,
-        .alpha = alpha,
-        .gamma = gamma,
-        .beta = beta,
-        .label_smoothing = label_smoothing,
-        .reduction = reduction,
-        .loss = write(loss),
-        .grad_inputs = write(grad_inputs),
-        .grad_targets = write(grad_targets),
-        .grad_scores = write(grad_scores),
-        .unweighted_loss = write(unweighted_loss),
-        .count = write(count),
-    };
+  auto with_tensors(Read read, Write write) const {
+    ForwardArgsOf<decltype(read(inputs))> args;
+    args.inputs = read(inputs);
+    args.targets = read(targets);
+    args.labels = labels;
+    args.scores = read(scores);
+    args.classes = classes;
+    args.ignore_index = ignore_index;
+    args.weight = read(weight);
+    args.weight_kind = weight_kind;
+    args.form = form;
+    args.alpha = alpha;
+    args.gamma = gamma;
+    args.beta = beta;
+    args.label_smoothing = label_smoothing;
+    args.reduction = reduction;
+    args.loss = write(loss);
+    args.grad_inputs = write(grad_inputs);
+    args.grad_targets = write(grad_targets);
+    args.grad_scores = write(grad_scores);
+    args.unweighted_loss = write(unweighted_loss);
+    args.count = write(count);
+    return args;
   }
 };
 
@@ -112,29 +112,29 @@ struct SoftmaxArgsOf {
   // The same operands over another tensor type: read(tensor) for each tensor the kernels read,
   // write(tensor) for each they write.
   template <typename Read, typename Write>
-  auto with_tensors(Read read, Write write) const -> SoftmaxArgsOf<decltype(read(inputs))> {
-    return {
-        .inputs = read(inputs),
-        .batch = batch,
-        .classes = classes,
-        .positions = positions,
-        .batch_stride = batch_stride,
-        .class_stride = class_stride,
-        .position_stride = position_stride,
-        .labels = read(labels),
-        .probabilities = read(probabilities),
-        .ignore_index = ignore_index,
-        .weight = read(weight),
-        .alpha = alpha,
-        .gamma = gamma,
-        .label_smoothing = label_smoothing,
-        .reduction = reduction,
-        .loss = write(loss),
-        .grad_inputs = write(grad_inputs),
-        .grad_targets = write(grad_targets),
-        .unweighted_loss = write(unweighted_loss),
-        .divisor = write(divisor),
-    };
+  auto with_tensors(Read read, Write write) const {
+    SoftmaxArgsOf<decltype(read(inputs))> args;
+    args.inputs = read(inputs);
+    args.batch = batch;
+    args.classes = classes;
+    args.positions = positions;
+    args.batch_stride = batch_stride;
+    args.class_stride = class_stride;
+    args.position_stride = position_stride;
+    args.labels = read(labels);
+    args.probabilities = read(probabilities);
+    args.ignore_index = ignore_index;
+    args.weight = read(weight);
+    args.alpha = alpha;
+    args.gamma = gamma;
+    args.label_smoothing = label_smoothing;
+    args.reduction = reduction;
+    args.loss = write(loss);
+    args.grad_inputs = write(grad_inputs);
+    args.grad_targets = write(grad_targets);
+    args.unweighted_loss = write(unweighted_loss);
+    args.divisor = write(divisor);
+    return args;
   }
 };
 
