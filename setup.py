@@ -217,8 +217,14 @@ class FocalBuildExtension(BuildExtension):
 
     def build_extension(self, ext):
         # One object per instruction set, each a compile of its own (its flags differ from the
-        # other sources'): the three at once, then the other sources, which ninja spreads over
-        # MAX_JOBS (the forward kernels in one file per inputs dtype, the 16-bit labels apart).
+        # other sources'), then the other sources, which ninja spreads over MAX_JOBS (the forward
+        # kernels in one file per inputs dtype, the 16-bit labels apart). Instruction sets at
+        # once: as many as the jobs keep busy, each compiling its sources in parallel (all three
+        # on two cores ran six compilers, each object taking three times as long).
+        jobs = os.environ.get("MAX_JOBS", "")
+        jobs = int(jobs) if jobs.isdigit() else (os.cpu_count() or 1)
+        at_once = max(1, min(len(CPU_ISA_FLAGS), jobs // len(CPU_KERNEL_SOURCES)))
+
         def compile_for(isa):
             cxx_flags = ext.extra_compile_args["cxx"] + CPU_ISA_FLAGS[isa]
             return self.compiler.compile(
@@ -230,7 +236,7 @@ class FocalBuildExtension(BuildExtension):
                 depends=ext.depends,
             )
 
-        with concurrent.futures.ThreadPoolExecutor(len(CPU_ISA_FLAGS)) as pool:
+        with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
             for objects in pool.map(compile_for, CPU_ISA_FLAGS):
                 ext.extra_objects += objects
         super().build_extension(ext)
