@@ -12,7 +12,8 @@ measured copy bandwidth (and the time's ratio to that floor), the peak memory of
 above the inputs, and speedups. --tiny times sizes where the per-call overhead is the cost, each
 sample the mean of many back-to-back calls, with two yardsticks beside: a bare autograd.Function
 (focal_cuda's training step / its step is printed) and a plain (x * t).sum() (the no-grad call /
-its call). Writes results.json, then plot.png, to --out.
+its call). `--reduction sum none` times each reduction in the same interleaved rounds (the first
+one is plotted and gives the speedups). Writes results.json, then plot.png, to --out.
 """
 
 import argparse
@@ -110,16 +111,17 @@ def plain_product(x, targets, labels, gamma, reduction):
 BASELINES = {"bare autograd.Function": bare_function, "(x * t).sum()": plain_product}
 
 
-def design_bytes(name, dtype):
+def design_bytes(name, dtype, reduction):
     """Bytes per element the fused design must move: a training step, a no-grad forward."""
     size = element_bytes(dtype)
     label = 8 / CLASSES  # one int64 label per row of CLASSES logits
+    loss = size if reduction == "none" else 0  # the loss of every element written
     if name == "focal_cuda":
         # forward: read x, t, write the saved gradient; backward: read it, write the gradient.
-        return 5 * size, 2 * size
+        return 5 * size + loss, 2 * size + loss
     if name == "focal_cuda labels":
         # The same with one label per row in place of a target per element.
-        return 4 * size + label, size + label
+        return 4 * size + label + loss, size + label + loss
     return None, None
 
 
@@ -311,10 +313,12 @@ def run(args):
         x, t, labels = make_inputs(rows, device, dtype)
         x.requires_grad_()
         steps = {}
-        for name in names:
-            fn = implementation(name)
-            steps[(name, "train")] = train_step(fn, x, t, labels, args.gamma, args.reduction)
-            steps[(name, "forward")] = forward_only(fn, x, t, labels, args.gamma, args.reduction)
+        for reduction in args.reduction:
+            for name in names:
+                fn = implementation(name)
+                steps[(name, "train", reduction)] = train_step(fn, x, t, labels, args.gamma, reduction)
+                steps[(name, "forward", reduction)] = forward_only(fn, x, t, labels, args.gamma,
+                                                                   reduction)
         for step in steps.values():  # warm-up, compilation included
             for _ in range(args.warmup):
                 step()
@@ -323,16 +327,16 @@ def run(args):
         for _ in range(args.repeats):  # interleaved: each round times every implementation once
             for key, step in steps.items():
                 samples[key].append(timer(step))
-        for (name, mode), times in samples.items():
+        for (name, mode, reduction), times in samples.items():
             median = statistics.median(times)
-            train_bytes, forward_bytes = design_bytes(name, dtype)
+            train_bytes, forward_bytes = design_bytes(name, dtype, reduction)
             per_element = train_bytes if mode == "train" else forward_bytes
             moved = None if per_element is None else per_element * numel
             effective_gbs = None if moved is None else moved / (median * 1e-3) / 1e9
             case = {
                 "implementation": name, "mode": mode, "rows": rows, "classes": CLASSES,
                 "elements": numel, "dtype": args.dtype, "gamma": args.gamma,
-                "reduction": args.reduction, "calls_per_sample": timer.calls,
+                "reduction": reduction, "calls_per_sample": timer.calls,
                 "median_ms": median, "min_ms": min(times),
                 "max_ms": max(times), "ns_per_element": median * 1e6 / numel,
                 "design_bytes": moved,
@@ -342,21 +346,32 @@ def run(args):
             cases.append(case)
         print(f"{numel:>11,} elements: median (min-max) {'us' if args.tiny else 'ms'} per call", flush=True)
         unit = 1e3 if args.tiny else 1.0
-        for mode in ("train", "forward"):
-            for name in names:
-                times = samples[(name, mode)]
-                case = next(c for c in cases if c["implementation"] == name and c["mode"] == mode and c["rows"] == rows)
-                floor = "" if case["copy_fraction"] is None else f", {1 / case['copy_fraction']:.2f}x its floor"
-                print(f"    {mode:<8} {name:<28} {statistics.median(times) * unit:9.3f} "
-                      f"({min(times) * unit:.3f}-{max(times) * unit:.3f}){floor}", flush=True)
-            ours = statistics.median(samples[("focal_cuda", mode)])
-            print(f"    {mode:<8} speedup vs torchvision {statistics.median(samples[('torchvision', mode)]) / ours:.1f}x, "
-                  f"vs compiled {statistics.median(samples[('torchvision+compile', mode)]) / ours:.1f}x", flush=True)
+        main = args.reduction[0]  # gives the speedups and the per-call ratios
+        for reduction in args.reduction:
+            for mode in ("train", "forward"):
+                for name in names:
+                    times = samples[(name, mode, reduction)]
+                    case = next(c for c in cases if c["implementation"] == name and c["mode"] == mode
+                                and c["rows"] == rows and c["reduction"] == reduction)
+                    floor = "" if case["copy_fraction"] is None else f", {1 / case['copy_fraction']:.2f}x its floor"
+                    print(f"    {reduction:<4} {mode:<8} {name:<28} {statistics.median(times) * unit:9.3f} "
+                          f"({min(times) * unit:.3f}-{max(times) * unit:.3f}){floor}", flush=True)
+                ours = statistics.median(samples[("focal_cuda", mode, reduction)])
+                print(f"    {reduction:<4} {mode:<8} speedup vs torchvision "
+                      f"{statistics.median(samples[('torchvision', mode, reduction)]) / ours:.1f}x, "
+                      f"vs compiled {statistics.median(samples[('torchvision+compile', mode, reduction)]) / ours:.1f}x",
+                      flush=True)
+        for reduction in args.reduction[1:]:
+            for name in ("focal_cuda", "focal_cuda labels"):
+                ratio = (statistics.median(samples[(name, "forward", main)])
+                         / statistics.median(samples[(name, "forward", reduction)]))
+                print(f"    no-grad {name}: reduction {main} takes {ratio:.2f}x {reduction}'s time",
+                      flush=True)
         if args.tiny:
-            step_ratio = (statistics.median(samples[("focal_cuda", "train")])
-                          / statistics.median(samples[("bare autograd.Function", "train")]))
-            call_ratio = (statistics.median(samples[("focal_cuda", "forward")])
-                          / statistics.median(samples[("(x * t).sum()", "forward")]))
+            step_ratio = (statistics.median(samples[("focal_cuda", "train", main)])
+                          / statistics.median(samples[("bare autograd.Function", "train", main)]))
+            call_ratio = (statistics.median(samples[("focal_cuda", "forward", main)])
+                          / statistics.median(samples[("(x * t).sum()", "forward", main)]))
             overheads.append({"rows": rows, "train_vs_bare_function": step_ratio,
                               "no_grad_vs_plain_expression": call_ratio})
             print(f"    per call: training step {step_ratio:.2f}x a bare autograd.Function's, "
@@ -364,12 +379,13 @@ def run(args):
         if args.memory and not args.tiny and rows == max(args.rows):  # peak memory at the largest size
             for name in names:
                 if device == "cuda":
-                    extra = cuda_peak_extra_bytes(steps[(name, "train")])
+                    extra = cuda_peak_extra_bytes(steps[(name, "train", main)])
                 else:
-                    extra = cpu_peak_extra_bytes(name, rows, dtype, args.gamma, args.reduction)
+                    extra = cpu_peak_extra_bytes(name, rows, dtype, args.gamma, main)
                 grad_bytes = numel * element_bytes(dtype)
                 for case in cases:
-                    if case["implementation"] == name and case["rows"] == rows and case["mode"] == "train":
+                    if (case["implementation"] == name and case["rows"] == rows
+                            and case["mode"] == "train" and case["reduction"] == main):
                         case["peak_extra_bytes"] = extra
                         case["peak_extra_in_grad_buffers"] = extra / grad_bytes
                 print(f"    peak memory above inputs, {name}: {extra / 2**20:.1f} MiB "
@@ -385,12 +401,13 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    reduction = results["cases"][0]["reduction"]  # the run's first
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for axis, mode in zip(axes, ("train", "forward")):
         for name in [*IMPLEMENTATIONS, *BASELINES]:
             points = sorted(
                 (c["elements"], c["median_ms"]) for c in results["cases"]
-                if c["implementation"] == name and c["mode"] == mode
+                if c["implementation"] == name and c["mode"] == mode and c["reduction"] == reduction
             )
             if points:
                 axis.loglog(*zip(*points), marker="o", label=name)
@@ -401,7 +418,7 @@ def plot(results, path):
     axes[0].legend()
     machine = results["machine"]
     where = machine.get("gpu") if machine["device"] == "cuda" else f"{machine['cpu']}, {machine['cpu_threads']} threads"
-    fig.suptitle(f"sigmoid focal loss, {results['cases'][0]['dtype']}, reduction={results['cases'][0]['reduction']}: {where}")
+    fig.suptitle(f"sigmoid focal loss, {results['cases'][0]['dtype']}, reduction={reduction}: {where}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -412,7 +429,8 @@ def main():
     parser.add_argument("--rows", type=int, nargs="+", help="rows of 80 classes (default: a sweep)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     parser.add_argument("--gamma", type=float, default=2.0)
-    parser.add_argument("--reduction", default="sum", choices=["none", "mean", "sum"])
+    parser.add_argument("--reduction", nargs="+", default=["sum"], choices=["none", "mean", "sum"],
+                        help="one or more, timed in the same rounds (the first gives the speedups)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 21 CPU, 30 GPU)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-memory", dest="memory", action="store_false",
