@@ -719,14 +719,15 @@ struct SoftmaxClass {
   V slope;  // p_c d(focal)/d(p_c) = u^gamma (gamma p log p / u - 1) (when kSlope)
 };
 
+// shifted_exp: exp(z - m), as softmax_accumulate returned it.
 template <typename Math, bool kSlope, typename V, typename S>
-FOCAL_HOST_DEVICE SoftmaxClass<V> softmax_class(V z, const SoftmaxRow<V>& row,
+FOCAL_HOST_DEVICE SoftmaxClass<V> softmax_class(V z, V shifted_exp, const SoftmaxRow<V>& row,
                                                 const SoftmaxCoeffs<S>& coeffs) {
   const V zero(S(0));
   const V one(S(1));
   const V shifted = z - row.max;
   const V log_p = shifted - row.log_sum;
-  const V p = Math::exp(shifted) * row.inv_sum;
+  const V p = shifted_exp * row.inv_sum;
   const V u = Math::select(shifted == zero, row.rest * row.inv_sum, one - p);
   V u_gamma = one;
   if (coeffs.modulated) {  // the same for the whole launch
@@ -758,14 +759,22 @@ struct SoftmaxTerms {
   V u;
 };
 
+// shifted_exp: exp(z - m), from softmax_accumulate where the caller kept it (one exp fewer).
 template <typename Math, bool kGrad, typename V, typename S>
-FOCAL_HOST_DEVICE SoftmaxTerms<V> softmax_terms(V z, V q, V w, const SoftmaxRow<V>& row,
+FOCAL_HOST_DEVICE SoftmaxTerms<V> softmax_terms(V z, V shifted_exp, V q, V w,
+                                                const SoftmaxRow<V>& row,
                                                 const SoftmaxCoeffs<S>& coeffs) {
-  const SoftmaxClass<V> c = softmax_class<Math, kGrad>(z, row, coeffs);
+  const SoftmaxClass<V> c = softmax_class<Math, kGrad>(z, shifted_exp, row, coeffs);
   const V alpha(coeffs.alpha);
   const V alpha_q = alpha * q;
   const V unweighted = alpha_q * c.focal;
   return {w * unweighted, unweighted, w * alpha_q * c.slope, alpha * w * c.focal, c.p, c.u};
+}
+
+template <typename Math, bool kGrad, typename V, typename S>
+FOCAL_HOST_DEVICE SoftmaxTerms<V> softmax_terms(V z, V q, V w, const SoftmaxRow<V>& row,
+                                                const SoftmaxCoeffs<S>& coeffs) {
+  return softmax_terms<Math, kGrad>(z, Math::exp(z - row.max), q, w, row, coeffs);
 }
 
 // The class terms g summed over a position, apart at the max and below it (softmax_gradient).

@@ -110,18 +110,20 @@ struct Operands {
 
 // Everything one thread needs beyond the arguments: a buffer of `size` values (a block's
 // classes x kLanes, or a row's classes) for each per-element tensor the call reads or writes,
-// and for what the gradient's pass takes from the earlier ones (class_values: the soft
-// targets' class terms g, or with a label each class's exp(z - m)).
+// and for what a later pass over the classes takes from an earlier one, so that each class
+// takes one exp: shifted_exps, each class's exp(z - m) from the sums' pass (the soft targets'
+// terms pass leaves p there for the gradient's), and class_g, the soft targets' class terms g.
 template <typename S>
 struct Buffers {
-  std::vector<S> inputs, probabilities, grad_inputs, grad_targets, unweighted, class_values;
-  Buffers(int64_t size, const SoftmaxArgs& args, bool gradient)
+  std::vector<S> inputs, probabilities, grad_inputs, grad_targets, unweighted, shifted_exps, class_g;
+  Buffers(int64_t size, const SoftmaxArgs& args, bool soft, bool gradient)
       : inputs(size),
         probabilities(args.probabilities.defined() ? size : 0),
         grad_inputs(args.grad_inputs.defined() ? size : 0),
         grad_targets(args.grad_targets.defined() ? size : 0),
         unweighted(args.unweighted_loss.defined() ? size : 0),
-        class_values(gradient ? size : 0) {}
+        shifted_exps(soft || gradient ? size : 0),
+        class_g(soft && gradient ? size : 0) {}
 };
 
 // kSoft: every class has a target (probabilities, or smoothed labels); else one label per
@@ -184,9 +186,9 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
     const Vec shifted_exp = softmax_accumulate<Math>(z, max, sums);
     if constexpr (!kSoft) {
       label_logit = Math::select(label == Vec(static_cast<S>(c)), z, label_logit);
-      if constexpr (kGrad) {  // p, for the gradient below, without a second exp
-        shifted_exp.store(buffers.class_values.data() + c * kLanes);
-      }
+    }
+    if constexpr (kSoft || kGrad) {
+      shifted_exp.store(buffers.shifted_exps.data() + c * kLanes);
     }
   }
   const SoftmaxRow<Vec> row = softmax_row<Math>(max, sums);
@@ -199,7 +201,7 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
     for (int64_t c = 0; c < classes; ++c) {
       const Vec is_label = label == Vec(static_cast<S>(c));
       if constexpr (kGrad) {
-        const Vec p = Vec::loadu(buffers.class_values.data() + c * kLanes) * row.inv_sum;
+        const Vec p = Vec::loadu(buffers.shifted_exps.data() + c * kLanes) * row.inv_sum;
         where_counts<Math>(counts, softmax_label_gradient<Math>(is_label, p, terms.g, terms.u))
             .store(grad_inputs.data + c * grad_inputs.stride);
       }
@@ -216,11 +218,13 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
                  : Vec::loadu(t.data + c * t.stride) * Vec(coeffs.target_scale);
       const Vec q = target + Vec(coeffs.smoothing_share);
       const Vec w = weight != nullptr ? Vec(weight[c]) : Vec(S(1));
-      const auto terms = softmax_terms<Math, kGrad>(z, q, w, row, coeffs);
+      S* class_exp = buffers.shifted_exps.data() + c * kLanes;
+      const auto terms = softmax_terms<Math, kGrad>(z, Vec::loadu(class_exp), q, w, row, coeffs);
       loss = loss + terms.loss;
       if constexpr (kGrad) {
         softmax_gradient_accumulate<Math>(z, max, terms.g, g_sums);
-        terms.g.store(buffers.class_values.data() + c * kLanes);
+        terms.g.store(buffers.class_g.data() + c * kLanes);
+        terms.p.store(class_exp);
       }
       if (unweighted.data != nullptr) {
         where_counts<Math>(counts, terms.unweighted).store(unweighted.data + c * unweighted.stride);
@@ -234,8 +238,8 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
     if constexpr (kGrad) {
       for (int64_t c = 0; c < classes; ++c) {
         const Vec z = Vec::loadu(x.data + c * x.stride);
-        const Vec p = Math::exp(z - max) * row.inv_sum;
-        const Vec g = Vec::loadu(buffers.class_values.data() + c * kLanes);
+        const Vec p = Vec::loadu(buffers.shifted_exps.data() + c * kLanes);
+        const Vec g = Vec::loadu(buffers.class_g.data() + c * kLanes);
         where_counts<Math>(counts, softmax_gradient<Math>(z, g, p, row, g_sums))
             .store(grad_inputs.data + c * grad_inputs.stride);
       }
@@ -325,8 +329,8 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
   SoftmaxSums<Vec> sum_lanes{Vec(S(0)), Vec(S(0))};
   for (int64_t c = 0; c < classes; c += kLanes) {
     const Vec shifted_exp = softmax_accumulate<Math>(load(x, c, kMinusInf), vmax, sum_lanes);
-    if constexpr (kGrad && !kSoft) {  // p, for the gradient below, without a second exp
-      store(shifted_exp, buffers.class_values.data(), c);
+    if constexpr (kSoft || kGrad) {
+      store(shifted_exp, buffers.shifted_exps.data(), c);
     }
   }
   S other_lanes[kLanes], tie_lanes[kLanes];
@@ -355,7 +359,7 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
     for (int64_t c = 0; c < classes; c += kLanes) {
       const Vec is_label = lane_classes + Vec(static_cast<S>(c)) == label_class;
       if constexpr (kGrad) {
-        const Vec p = load(buffers.class_values.data(), c, S(0)) * row.inv_sum;
+        const Vec p = load(buffers.shifted_exps.data(), c, S(0)) * row.inv_sum;
         store(softmax_label_gradient<Math>(is_label, p, terms.g, terms.u), grad_inputs, c);
       }
       if (unweighted != nullptr) {
@@ -377,12 +381,14 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
       const Vec in_row = class_index < Vec(static_cast<S>(classes));
       const Vec q = Math::select(in_row, target + Vec(coeffs.smoothing_share), Vec(S(0)));
       const Vec w = weight != nullptr ? load(weight, c, S(1)) : Vec(S(1));
-      const Vec z = load(x, c, max);  // padding: the max, with target 0
-      const auto terms = softmax_terms<Math, kGrad>(z, q, w, row, coeffs);
+      const Vec z = load(x, c, max);  // padding: the max (exp 1), with target 0
+      const auto terms = softmax_terms<Math, kGrad>(z, load(buffers.shifted_exps.data(), c, S(1)),
+                                                    q, w, row, coeffs);
       loss_lanes = loss_lanes + terms.loss;
       if constexpr (kGrad) {
         softmax_gradient_accumulate<Math>(z, vmax, terms.g, g_sum_lanes);
-        store(terms.g, buffers.class_values.data(), c);
+        store(terms.g, buffers.class_g.data(), c);
+        store(terms.p, buffers.shifted_exps.data(), c);
       }
       if (unweighted != nullptr) {
         store(terms.unweighted, unweighted, c);
@@ -407,8 +413,8 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
       const SoftmaxGradientSums<Vec> g_sums{lane_sum(g_sum_lanes.below), lane_sum(g_sum_lanes.at_max)};
       for (int64_t c = 0; c < classes; c += kLanes) {
         const Vec z = load(x, c, max);
-        const Vec p = Math::exp(z - vmax) * row.inv_sum;
-        store(softmax_gradient<Math>(z, load(buffers.class_values.data(), c, S(0)), p, row, g_sums), grad_inputs, c);
+        const Vec p = load(buffers.shifted_exps.data(), c, S(0));
+        store(softmax_gradient<Math>(z, load(buffers.class_g.data(), c, S(0)), p, row, g_sums), grad_inputs, c);
       }
     }
   }
@@ -443,7 +449,7 @@ void forward_impl(const SoftmaxArgs& args) {
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     const FlushSubnormals flush_subnormals;
-    Buffers<S> buffers(rows ? args.classes : args.classes * kLanes, args, kGrad);
+    Buffers<S> buffers(rows ? args.classes : args.classes * kLanes, args, kSoft, kGrad);
     for (int64_t index = chunk_begin; index < chunk_end; ++index) {
       const int64_t stop = std::min(positions, (index + 1) * chunk);
       double sum = 0, divisor = 0;
