@@ -92,7 +92,7 @@ const S* element_weights(const ForwardArgs& args, const S* weight, int64_t offse
 }
 
 // Asks for the cache line kPrefetchBytes after p. compute_block's loop is long (~70 instructions
-// per 16 elements), so few of its loads are in flight at once, and on some Intel Xeons the
+// per vector), so few of its loads are in flight at once, and on some Intel Xeons the
 // hardware prefetcher alone leaves a loop that only reads (a reduced no-grad call) waiting on L3
 // (bench/NOTES.md). The address is computed as an integer: past the end of a tensor or buffer it
 // is still harmless, as a prefetch never faults.
