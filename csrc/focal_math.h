@@ -719,7 +719,6 @@ struct SoftmaxClass {
   V slope;  // p_c d(focal)/d(p_c) = u^gamma (gamma p log p / u - 1) (when kSlope)
 };
 
-// shifted_exp: exp(z - m), as softmax_accumulate returned it.
 template <typename Math, bool kSlope, typename V, typename S>
 FOCAL_HOST_DEVICE SoftmaxClass<V> softmax_class(V z, V shifted_exp, const SoftmaxRow<V>& row,
                                                 const SoftmaxCoeffs<S>& coeffs) {
@@ -759,7 +758,8 @@ struct SoftmaxTerms {
   V u;
 };
 
-// shifted_exp: exp(z - m), from softmax_accumulate where the caller kept it (one exp fewer).
+// shifted_exp: exp(z - m), which softmax_accumulate returned: a caller that kept it takes one exp
+// per class instead of two.
 template <typename Math, bool kGrad, typename V, typename S>
 FOCAL_HOST_DEVICE SoftmaxTerms<V> softmax_terms(V z, V shifted_exp, V q, V w,
                                                 const SoftmaxRow<V>& row,
@@ -771,6 +771,8 @@ FOCAL_HOST_DEVICE SoftmaxTerms<V> softmax_terms(V z, V shifted_exp, V q, V w,
   return {w * unweighted, unweighted, w * alpha_q * c.slope, alpha * w * c.focal, c.p, c.u};
 }
 
+// For callers that did not keep it: the CUDA kernels (one thread per position keeps no buffer
+// per class) and a label's one term per position.
 template <typename Math, bool kGrad, typename V, typename S>
 FOCAL_HOST_DEVICE SoftmaxTerms<V> softmax_terms(V z, V q, V w, const SoftmaxRow<V>& row,
                                                 const SoftmaxCoeffs<S>& coeffs) {

@@ -96,11 +96,10 @@ const S* element_weights(const ForwardArgs& args, const S* weight, int64_t offse
 // hardware prefetcher alone leaves a loop that only reads (a reduced no-grad call) waiting on L3
 // (bench/NOTES.md). The address is computed as an integer: past the end of a tensor or buffer it
 // is still harmless, as a prefetch never faults.
-constexpr uintptr_t kPrefetchBytes = 2048;
+constexpr std::uintptr_t kPrefetchBytes = 2048;
 
-template <typename S>
-void prefetch_ahead(const S* p) {
-  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + kPrefetchBytes));
+inline void prefetch_ahead(const void* p) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(p) + kPrefetchBytes));
 }
 
 // Computes n elements; writes the loss where loss is non-null, the unweighted loss where

@@ -187,7 +187,7 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
     if constexpr (!kSoft) {
       label_logit = Math::select(label == Vec(static_cast<S>(c)), z, label_logit);
     }
-    if constexpr (kSoft || kGrad) {
+    if constexpr (kSoft || kGrad) {  // for the later passes, which then take no exp of their own
       shifted_exp.store(buffers.shifted_exps.data() + c * kLanes);
     }
   }
@@ -329,7 +329,7 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
   SoftmaxSums<Vec> sum_lanes{Vec(S(0)), Vec(S(0))};
   for (int64_t c = 0; c < classes; c += kLanes) {
     const Vec shifted_exp = softmax_accumulate<Math>(load(x, c, kMinusInf), vmax, sum_lanes);
-    if constexpr (kSoft || kGrad) {
+    if constexpr (kSoft || kGrad) {  // for the later passes, which then take no exp of their own
       store(shifted_exp, buffers.shifted_exps.data(), c);
     }
   }
