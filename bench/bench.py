@@ -113,16 +113,20 @@ BASELINES = {"bare autograd.Function": bare_function, "(x * t).sum()": plain_pro
 
 
 def design_bytes(name, dtype, reduction):
-    """Bytes per element the fused design must move: a training step, a no-grad forward."""
+    """Bytes per element the fused design must move: a training step (train_step's, whose
+    backward() gives the loss a gradient of 1), a no-grad forward."""
     size = element_bytes(dtype)
     label = 8 / CLASSES  # one int64 label per row of CLASSES logits
     loss = size if reduction == "none" else 0  # the loss of every element written
+    # The backward reads and writes the saved gradient where it scales it: by the mean's 1 / count
+    # here; a factor of 1 (sum, none) leaves it as it is.
+    backward = 2 * size if reduction == "mean" else 0
     if name == "focal_cuda":
-        # forward: read x, t, write the saved gradient; backward: read it, write the gradient.
-        return 5 * size + loss, 2 * size + loss
+        # forward: read x, t, write the saved gradient.
+        return 3 * size + backward + loss, 2 * size + loss
     if name == "focal_cuda labels":
         # The same with one label per row in place of a target per element.
-        return 4 * size + label + loss, size + label + loss
+        return 2 * size + label + backward + loss, size + label + loss
     return None, None
 
 

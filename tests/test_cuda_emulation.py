@@ -748,12 +748,14 @@ BACKWARD_PAIRS = [(F16, F16), (BF16, BF16), (F32, F32), (F64, F64), (F16, F32), 
 
 
 @pytest.mark.parametrize("stored, grad_dtype", BACKWARD_PAIRS + [(F32, F16), (F16, F64)])
-@pytest.mark.parametrize("reduction", ["none", "expanded", "single", "mean", "sum"])
+@pytest.mark.parametrize("reduction, value", [("none", None)] + [
+    (reduction, value) for reduction in ["expanded", "single", "mean", "sum"] for value in [0.75, 1.0]])
 @pytest.mark.parametrize("misaligned", [False, True])
-def test_backward(emulated, stored, grad_dtype, reduction, misaligned):
+def test_backward(emulated, stored, grad_dtype, reduction, value, misaligned):
     """Functional and in-place backward of a saved gradient stored in `stored`: elementwise
-    grad_output (none), one value (an expanded scalar, a single-element loss, mean, sum); packed
-    and element paths; at one SM, so that the grid-stride loop iterates."""
+    grad_output (none), one value (an expanded scalar, a single-element loss, mean, sum), 1
+    among them (in place, the kernel leaves saved as it is; the functional one still copies
+    it); packed and element paths; at one SM, so that the grid-stride loop iterates."""
     generator = torch.Generator().manual_seed(5)
     shape = (1,) if reduction == "single" else (64, 130)
     saved = placed((torch.randn(shape, generator=generator, dtype=F64) * 3).to(stored), misaligned)
@@ -764,11 +766,11 @@ def test_backward(emulated, stored, grad_dtype, reduction, misaligned):
     if reduction == "none":
         grad_output = placed(torch.rand(shape, generator=generator, dtype=F64).to(grad_dtype), misaligned)
     elif reduction == "expanded":
-        grad_output = torch.tensor(0.75, dtype=grad_dtype).expand(shape)
+        grad_output = torch.tensor(value, dtype=grad_dtype).expand(shape)
     elif reduction == "single":
-        grad_output = torch.tensor([0.75], dtype=grad_dtype)
+        grad_output = torch.tensor([value], dtype=grad_dtype)
     else:
-        grad_output = torch.tensor(0.75, dtype=grad_dtype)
+        grad_output = torch.tensor(value, dtype=grad_dtype)
     count = torch.tensor(123, dtype=torch.int64)
     expected = saved.double() * grad_output.double() / (123 if reduction == "mean" else 1)
     functional = emulated.sigmoid_focal_loss_backward(grad_output, saved, count, code)

@@ -266,6 +266,11 @@ void backward_impl(const BackwardArgs& args) {
     factor = divisor > 0 ? factor / static_cast<double>(divisor) : 0.0;
   }
   const S scale = static_cast<S>(factor);
+  // In place with a factor of 1 (a sum's loss.backward(), or a sum among losses), the saved
+  // gradient already is the answer: a pass over it would read and write it unchanged.
+  if (args.grad_output_is_scalar && scale == S(1) && args.out.is_same(args.saved_grad)) {
+    return;
+  }
   const int64_t num_blocks = (n + kBlock - 1) / kBlock;
   const RawTensor saved_grad(args.saved_grad), grad_output(args.grad_output), out_tensor(args.out);
   at::parallel_for(0, num_blocks, kChunk / kBlock, [&](int64_t block_begin, int64_t block_end) {

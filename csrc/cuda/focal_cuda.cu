@@ -44,6 +44,11 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
     scale = *divisor > 0 ? S(1) / static_cast<S>(*divisor) : S(0);
   }
   const S uniform_factor = kScalarGrad ? static_cast<S>(grad_output[0]) * scale : scale;
+  // In place with a factor of 1 (a sum's loss.backward(), or a sum among losses), the saved
+  // gradient already is the answer. Decided on the device: the host would have to wait for it.
+  if (kScalarGrad && uniform_factor == S(1) && out == saved) {
+    return;
+  }
   auto element = [&](int64_t i, s_t saved_value) {
     const S factor = kScalarGrad ? uniform_factor : static_cast<S>(grad_output[i]) * scale;
     return static_cast<s_t>(static_cast<S>(saved_value) * factor);

@@ -71,6 +71,8 @@ MUTANTS = [
      "    const auto saved_values",
      "  for (int64_t pack = thread; pack < num_packs; pack += blockDim.x) {\n"
      "    const auto saved_values"),
+    ("backward_skip_not_in_place", "backward: a factor of 1 skips the pass also when out is not saved",
+     "uniform_factor == S(1) && out == saved)", "uniform_factor == S(1))"),
     ("backward_tail", "backward: the last tail element is not scaled",
      "  if (tail < n) {\n    out[tail]", "  if (tail + 1 < n) {\n    out[tail]"),
     ("label_past_the_end", "forward: the next row's label read even where the pack does not reach it",
