@@ -186,6 +186,20 @@ struct ForwardPointers {
 template <typename t_t>
 constexpr bool kIsLabels = std::is_same_v<t_t, int64_t>;
 
+// The weight of the element at (row, cls), element_weights[k] being its own (kind Element).
+template <typename x_t, typename t_t, typename out_t>
+__device__ __forceinline__ math_t<x_t> weight_of(const ForwardPointers<x_t, t_t, out_t>& p,
+                                                 const math_t<x_t>* element_weights, int64_t k,
+                                                 int64_t row, int64_t cls) {
+  switch (p.weight_kind) {
+    case WeightKind::None: break;
+    case WeightKind::Element: return element_weights[k];
+    case WeightKind::Row: return p.weight[row];
+    case WeightKind::Class: return p.weight[cls];
+  }
+  return math_t<x_t>(1);
+}
+
 #ifndef FOCAL_CUDA_EMULATION
 // PTX's vprintf system call, what printf compiles to, given an argument buffer that already lies
 // in memory: printf would first copy its arguments into a buffer on the stack.
@@ -309,14 +323,8 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
         }
         S weight(1);
         if constexpr (kWeights == WeightLoop::AnyKind) {
-          switch (p.weight_kind) {
-            case WeightKind::None: break;
-            case WeightKind::Element: weight = element_weights[k]; break;
-            case WeightKind::Row: weight = p.weight[row + (next_row ? 1 : 0)]; break;
-            case WeightKind::Class:
-              weight = p.weight[next_row ? cls + k - p.classes : cls + k];
-              break;
-          }
+          weight = weight_of(p, element_weights, k, row + (next_row ? 1 : 0),
+                             next_row ? cls + k - p.classes : cls + k);
         } else if constexpr (kWeights == WeightLoop::Element) {
           weight = element_weights[k];
         }
@@ -470,15 +478,8 @@ __device__ __forceinline__ Partial<math_t<x_t>> labelled_rows(
   S sum(0);
   const auto recompute = [&](int64_t row, int64_t cls, S target, S valid) {
     const int64_t i = row * p.classes + cls;
-    S weight(1);
-    switch (p.weight_kind) {
-      case WeightKind::None: break;
-      case WeightKind::Element: weight = p.weight[i]; break;
-      case WeightKind::Row: weight = p.weight[row]; break;
-      case WeightKind::Class: weight = p.weight[cls]; break;
-    }
     const auto terms = loss_terms<Math, kGamma, kGradInputs, kGradTargets, kFamily>(
-        to_math(p.inputs + i, 0), target, weight, valid, p.coeffs);
+        to_math(p.inputs + i, 0), target, weight_of(p, p.weight, i, row, cls), valid, p.coeffs);
     sum += terms.loss;
     if (p.loss != nullptr) {
       p.loss[i] = static_cast<out_t>(terms.loss);
