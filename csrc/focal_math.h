@@ -39,6 +39,17 @@ namespace focal {
 // Matches at::Reduction so the codes cross the Python boundary unchanged.
 enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };
 
+// The factor the backward scales a saved gradient by: grad_output (1 where it comes per
+// element), over the mean's count where there is one (divisor non-null); 0 when nothing
+// counted, whatever grad_output is (every saved gradient is 0 there, and NaN * 0 is NaN). In
+// double, then rounded once to the math type: a count above 2^24 is no float.
+FOCAL_HOST_DEVICE double backward_factor(double grad_output, const int64_t* divisor) {
+  if (divisor == nullptr) {
+    return grad_output;
+  }
+  return *divisor > 0 ? grad_output / static_cast<double>(*divisor) : 0.0;
+}
+
 // gamma == 2 (the RetinaNet default) squares and gamma == 0 (weighted BCE) skips the power, each
 // in a kernel of its own. Every other gamma shares the General kernels, which decide at run time
 // (the same way for all elements) between products and pow: see FocalCoeffs. One (q^1 = q) is

@@ -102,6 +102,23 @@ def test_ignored_rows_give_nothing_and_leave_the_mean(device, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("loss_function", [focal_cuda.sigmoid_focal_loss, focal_cuda.softmax_focal_loss])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_a_nan_after_the_mean_of_nothing_leaves_zero_gradients(device, loss_function, dtype):
+    """Every row ignored: the mean is NaN (as F.cross_entropy's), so a log after it sends NaN
+    back; every logit was ignored, so its gradient is 0 all the same, as F.cross_entropy's."""
+    inputs = torch.randn(6, 5, device=device).to(dtype).requires_grad_()
+    labels = torch.full((6,), -100, device=device)
+    loss = loss_function(inputs, labels, reduction="mean")
+    assert loss.isnan()
+    torch.log(loss).backward()
+    assert torch.equal(inputs.grad, torch.zeros_like(inputs))
+    expected = inputs.detach().float().requires_grad_()
+    torch.log(F.cross_entropy(expected, labels)).backward()
+    assert torch.equal(expected.grad, torch.zeros_like(expected))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("label_dtype", [torch.int8, torch.int16, torch.int32, torch.uint8])
 def test_narrow_label_dtypes_compare_as_integers(device, label_dtype):
     inputs = torch.randn(4, 300, device=device, dtype=torch.float64)

@@ -259,13 +259,9 @@ void backward_impl(const BackwardArgs& args) {
   // One grad_output value for all elements (mean/sum, or an expanded scalar): fold it and the
   // mean's divisor into one factor. On CPU reading them is free: no device to wait for.
   // Read through their pointers: item() would be a dispatch each.
-  double factor =
-      args.grad_output_is_scalar ? static_cast<double>(*args.grad_output.const_data_ptr<S>()) : 1.0;
-  if (args.divisor.defined()) {
-    const int64_t divisor = *args.divisor.const_data_ptr<int64_t>();
-    factor = divisor > 0 ? factor / static_cast<double>(divisor) : 0.0;
-  }
-  const S scale = static_cast<S>(factor);
+  const S scale = static_cast<S>(backward_factor(
+      args.grad_output_is_scalar ? static_cast<double>(*args.grad_output.const_data_ptr<S>()) : 1.0,
+      args.divisor.defined() ? args.divisor.const_data_ptr<int64_t>() : nullptr));
   // In place with a factor of 1 (a sum's loss.backward(), or a sum among losses), the saved
   // gradient already is the answer: a pass over it would read and write it unchanged.
   if (args.grad_output_is_scalar && scale == S(1) && args.out.is_same(args.saved_grad)) {

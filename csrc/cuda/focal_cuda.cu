@@ -39,18 +39,16 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
     focal_backward_kernel(const s_t* saved, const g_t* __restrict__ grad_output,
                           const int64_t* __restrict__ divisor, int64_t n, s_t* out) {
   using S = math_t<s_t>;
-  S scale(1);
-  if (divisor != nullptr) {
-    scale = *divisor > 0 ? S(1) / static_cast<S>(*divisor) : S(0);
-  }
-  const S uniform_factor = kScalarGrad ? static_cast<S>(grad_output[0]) * scale : scale;
+  // With kScalarGrad the whole factor, else the one each element's grad_output is scaled by.
+  const S scale =
+      static_cast<S>(backward_factor(kScalarGrad ? static_cast<double>(grad_output[0]) : 1.0, divisor));
   // In place with a factor of 1 (a sum's loss.backward(), or a sum among losses), the saved
   // gradient already is the answer. Decided on the device: the host would have to wait for it.
-  if (kScalarGrad && uniform_factor == S(1) && out == saved) {
+  if (kScalarGrad && scale == S(1) && out == saved) {
     return;
   }
   auto element = [&](int64_t i, s_t saved_value) {
-    const S factor = kScalarGrad ? uniform_factor : static_cast<S>(grad_output[i]) * scale;
+    const S factor = kScalarGrad ? scale : static_cast<S>(grad_output[i]) * scale;
     return static_cast<s_t>(static_cast<S>(saved_value) * factor);
   };
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;

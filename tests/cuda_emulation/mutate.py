@@ -72,7 +72,7 @@ MUTANTS = [
      "  for (int64_t pack = thread; pack < num_packs; pack += blockDim.x) {\n"
      "    const auto saved_values"),
     ("backward_skip_not_in_place", "backward: a factor of 1 skips the pass also when out is not saved",
-     "uniform_factor == S(1) && out == saved)", "uniform_factor == S(1))"),
+     "scale == S(1) && out == saved)", "scale == S(1))"),
     ("backward_tail", "backward: the last tail element is not scaled",
      "  if (tail < n) {\n    out[tail]", "  if (tail + 1 < n) {\n    out[tail]"),
     ("label_past_the_end", "forward: the next row's label read even where the pack does not reach it",
@@ -171,6 +171,10 @@ MATH_MUTANTS = [
      "  const double magnitude = corrected == corrected ? corrected : power;"),
     ("pow_negative_base_sign", "device math: float64 pow of a negative base never negated (odd exponents)",
      "         : half != ::trunc(half)       ? -magnitude", "         : half != ::trunc(half)       ? magnitude"),
+    ("backward_zero_count_times_nan", "backward: the mean's zero-count factor as grad_output * 0 (NaN for a NaN "
+     "grad_output), not 0",
+     "  return *divisor > 0 ? grad_output / static_cast<double>(*divisor) : 0.0;",
+     "  return grad_output * (*divisor > 0 ? 1.0 / static_cast<double>(*divisor) : 0.0);"),
     ("softmax_rest_ties", "device math: the softmax row's rest counts the max's own 1",
      "  const V rest = sums.others + (sums.ties - one);", "  const V rest = sums.others + sums.ties;"),
     ("softmax_u_at_max", "device math: 1 - p at the max by subtraction (cancels for confident positions)",
