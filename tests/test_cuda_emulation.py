@@ -834,6 +834,17 @@ def test_empty_inputs_launch_nothing(emulated):
     assert launched == {}
 
 
+def test_label_rows_of_more_than_2_30_classes_are_refused(emulated):
+    """The label kernels count a row's classes in 32 bits, a class and a grid stride's classes
+    added: more classes would wrap. Refused before any launch (the memory is never touched)."""
+    x = torch.empty(1, 2**30 + 1, dtype=F16)
+    labels = torch.zeros(1, dtype=torch.int64)
+    before = emulated.kernel_instances()
+    with pytest.raises(RuntimeError, match=r"the classes\) must be at most 1073741824; got 1073741825"):
+        emulated.sigmoid_focal_loss_forward(x, labels, None, None, 0, [0.25, 2.0], 2, -100, 0.0, False, 0)
+    assert emulated.kernel_instances() == before
+
+
 @pytest.mark.parametrize("bad_label", [14, -1, -7])
 def test_bad_label_raises_the_device_assert(emulated, capfd, bad_label):
     """As on a GPU: the kernel asserts, the error is sticky until the context is reset."""

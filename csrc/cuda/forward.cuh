@@ -277,7 +277,8 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
     const ForwardPointers<x_t, t_t, out_t>& p) {
   using S = math_t<x_t>;
   using Math = KernelMath<x_t, out_t, kGamma>;
-  // A label's class fits 32 bits (the host checks); float targets' classes may not.
+  // A label's class, and a class plus a grid stride's classes, fit 32 bits (the host checks C
+  // <= 2^30); float targets' classes may not.
   using class_t = std::conditional_t<kIsLabels<t_t>, int32_t, int64_t>;
   static_assert(!(kGradTargets && kIsLabels<t_t>), "the scores' gradient is labelled_rows'");
   S sum(0);
