@@ -374,7 +374,8 @@ def at_labelled_class(grad_loss, labels):
     background rows, whose score gradient is 0 anyway: no inf or NaN of theirs is picked up)."""
     classes = grad_loss.shape[-1]
     labelled = (labels >= 0) & (labels < classes)
-    picked = grad_loss.gather(-1, labels.clamp(0, classes - 1).unsqueeze(-1)).squeeze(-1)
+    # gather takes int64 indices: labels may be of any integer dtype.
+    picked = grad_loss.gather(-1, labels.clamp(0, classes - 1).long().unsqueeze(-1)).squeeze(-1)
     return torch.where(labelled, picked, torch.zeros_like(picked))
 
 

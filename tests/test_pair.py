@@ -182,6 +182,29 @@ def test_autocast_pair_gives_a_float32_loss_and_scores_gradients_in_their_dtype(
     assert scores.grad[2] == 0 and scores.grad[3] == 0  # background, ignored
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+@pytest.mark.parametrize("form", FUNCTIONS)
+def test_narrow_labels_give_the_int64_pairs_gradients(device, label_dtype, form):
+    """Labels of any integer dtype, elementwise grad_output included (the scores' gradient then
+    picks each row's value at its labelled class)."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 4, CLASSES, generator=generator, dtype=torch.float64, device=device)
+    labels, scores = make_pair(28, generator, ignore_index=255 if label_dtype == torch.uint8 else -100)
+    labels, scores = labels.view(7, 4).to(device), scores.view(7, 4).to(device)
+    grad_output = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(device)
+
+    def gradients(labels):
+        inputs, s = x.clone().requires_grad_(), scores.clone().requires_grad_()
+        ignore_index = 255 if label_dtype == torch.uint8 else -100
+        loss = FUNCTIONS[form](inputs, (labels, s), reduction="none", ignore_index=ignore_index)
+        loss.backward(grad_output)
+        return loss.detach(), inputs.grad, s.grad
+
+    for ours, expected in zip(gradients(labels.to(label_dtype)), gradients(labels)):
+        assert torch.equal(ours, expected)
+
+
 @pytest.mark.parametrize("targets, error, message", [
     (lambda labels, scores: (labels, scores, scores), TypeError,
      "targets must be a torch.Tensor, or a (labels, scores) tuple of two tensors, got a tuple of 3 "
