@@ -623,8 +623,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_f
     args.weight = weight->to(math).contiguous();
   }
   const int64_t num_positions = args.batch * args.positions;
-  args.loss = args.reduction == Reduction::None ? at::empty({num_positions}, x.options().dtype(math))
-                                                : at::empty({}, x.options().dtype(math));
+  // "none": the positions' losses in the shape the op returns, not a view a user could not
+  // write to (autograd forbids in-place changes of a Function's view outputs).
+  std::vector<int64_t> loss_shape;
+  if (args.reduction == Reduction::None) {
+    loss_shape = inputs.sizes().vec();
+    loss_shape.erase(loss_shape.begin() + class_dim(inputs));
+  }
+  args.loss = at::empty(loss_shape, x.options().dtype(math));
   if ((outputs & kGradInputs) != 0) {
     args.grad_inputs = like_inputs(saved_dtype(x.scalar_type()));
   }
@@ -663,13 +669,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_f
   const auto shaped = [&](const at::Tensor& output, at::ScalarType dtype) {
     return in_dtype(output.defined() && inputs.dim() == 1 ? output.squeeze(0) : output, dtype);
   };
-  at::Tensor loss = in_dtype(args.loss, loss_dtype);
-  if (args.reduction == Reduction::None) {
-    std::vector<int64_t> shape = inputs.sizes().vec();
-    shape.erase(shape.begin() + class_dim(inputs));
-    loss = loss.view(shape);
-  }
-  return {loss, shaped(args.grad_inputs, saved_dtype(inputs.scalar_type())),
+  return {in_dtype(args.loss, loss_dtype), shaped(args.grad_inputs, saved_dtype(inputs.scalar_type())),
           shaped(args.grad_targets, saved_dtype(targets.scalar_type())),
           shaped(args.unweighted_loss, math), args.divisor};
 }

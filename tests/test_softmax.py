@@ -331,6 +331,27 @@ def test_gradcheck_in_float64(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, CLASSES, 4, 5), (7, CLASSES), (CLASSES,)], ids=["nchw", "rows", "one"])
+def test_elementwise_loss_may_be_changed_in_place(device, dtype, shape):
+    """As F.cross_entropy's: the "none" loss is no view, so positions may be masked in place
+    before the backward (autograd refuses in-place changes to a Function's view outputs)."""
+    inputs, labels = make_case(shape, dtype, device, "labels", ignore_fraction=0)
+    mask = torch.arange(labels.numel(), device=device).view(labels.shape) % 3 == 0
+
+    def masked_gradient(loss_of, x):
+        x = x.clone().requires_grad_()
+        loss = loss_of(x)
+        loss[mask] = 0
+        loss.sum().backward()
+        return x.grad
+
+    ours = masked_gradient(lambda x: focal_cuda.softmax_focal_loss(x, labels, gamma=0.0, reduction="none"), inputs)
+    expected = masked_gradient(lambda x: F.cross_entropy(x, labels, reduction="none"), inputs.double())
+    assert_matches(ours, expected, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_mean_of_nothing_and_empty_inputs(device):
     inputs, labels = make_case((4, CLASSES), torch.float32, device, "labels")
     labels.fill_(-100)
