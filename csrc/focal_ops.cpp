@@ -26,10 +26,33 @@ std::string python_name(at::ScalarType dtype) {
   return "torch." + std::string(c10::getDtypeNames(dtype).first);
 }
 
+// The kernels read strided memory: not a sparse, mkldnn or other layout.
+void check_strided(const at::Tensor& tensor, const char* name) {
+  TORCH_CHECK_VALUE(tensor.layout() == at::kStrided, name,
+                    " must be a strided (dense) tensor, got layout ", tensor.layout());
+}
+
+// The floating dtypes the kernels compute in (isFloatingType would admit float8 too).
+bool is_kernel_floating(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble;
+}
+
 void check_floating(const at::Tensor& tensor, const char* name) {
-  TORCH_CHECK_VALUE(at::isFloatingType(tensor.scalar_type()), name,
+  check_strided(tensor, name);
+  TORCH_CHECK_VALUE(is_kernel_floating(tensor.scalar_type()), name,
                     " must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
                     python_name(tensor.scalar_type()));
+}
+
+// Targets: class labels of an integer dtype whose values int64 holds (uint64's upper half would
+// wrap to negative labels, ignore_index among them), or floating of a dtype the kernels compute
+// in; expected: what the loss calls the two.
+void check_targets(const at::Tensor& targets, bool labels, const char* expected) {
+  check_strided(targets, "targets");
+  const at::ScalarType dtype = targets.scalar_type();
+  TORCH_CHECK_VALUE(labels ? dtype != at::kUInt64 : is_kernel_floating(dtype), "targets must be ",
+                    expected, "; integer dtypes int8 to int64 and uint8 to uint32, floating "
+                    "float16, bfloat16, float32 or float64; got ", python_name(dtype));
 }
 
 void check_device(const at::Tensor& tensor) {
@@ -279,6 +302,7 @@ void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets
   check_floating(inputs, "inputs");
   check_same_device(targets, inputs, "targets");
   const bool labels = at::isIntegralType(targets.scalar_type(), /*includeBool=*/false);
+  check_targets(targets, labels, "a floating-point tensor, or an integer tensor of class labels");
   const bool has_scores = scores.has_value() && scores->defined();
   if (has_scores) {
     TORCH_CHECK_VALUE(labels, "scores go with integer targets (class labels), as in a (labels, "
@@ -299,9 +323,6 @@ void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets
     TORCH_CHECK_VALUE((outputs & kGradTargets) == 0 || has_scores,
                       "integer targets (class labels) have no gradient (scores may have one)");
   } else {
-    TORCH_CHECK_VALUE(at::isFloatingType(targets.scalar_type()),
-                      "targets must be a floating-point tensor, or an integer tensor of class "
-                      "labels, got ", python_name(targets.scalar_type()));
     TORCH_CHECK_VALUE(inputs.sym_sizes() == targets.sym_sizes(),
                       "targets must have the same shape as inputs, got ", inputs.sym_sizes(),
                       " and ", targets.sym_sizes());
@@ -551,7 +572,10 @@ void check_softmax_arguments(const at::Tensor& inputs, const at::Tensor& targets
                     "inputs must have at least one class along dimension ", dim, ", got shape ",
                     inputs.sym_sizes());
   check_same_device(targets, inputs, "targets");
-  if (at::isIntegralType(targets.scalar_type(), /*includeBool=*/false)) {
+  const bool labels = at::isIntegralType(targets.scalar_type(), /*includeBool=*/false);
+  check_targets(targets, labels,
+                "class indices (an integer tensor) or class probabilities (a floating-point tensor)");
+  if (labels) {
     std::vector<c10::SymInt> positions(inputs.sym_sizes().begin(), inputs.sym_sizes().end());
     positions.erase(positions.begin() + dim);
     const c10::SymIntArrayRef position_shape(positions);
@@ -560,9 +584,6 @@ void check_softmax_arguments(const at::Tensor& inputs, const at::Tensor& targets
                       "dimension ", dim, ", ", position_shape, ", got ", targets.sym_sizes());
     TORCH_CHECK_VALUE((outputs & kGradTargets) == 0, "class-index targets have no gradient");
   } else {
-    TORCH_CHECK_VALUE(at::isFloatingType(targets.scalar_type()),
-                      "targets must be class indices (an integer tensor) or class probabilities "
-                      "(a floating-point tensor), got ", python_name(targets.scalar_type()));
     TORCH_CHECK_VALUE(targets.sym_sizes() == inputs.sym_sizes(),
                       "class-probability targets must have the shape of inputs, ",
                       inputs.sym_sizes(), ", got ", targets.sym_sizes());

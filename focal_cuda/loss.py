@@ -92,7 +92,9 @@ def _reduction_code(reduction):
 
 def _as_index(ignore_index):
     if type(ignore_index) is int or isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool):
-        return int(ignore_index)
+        if -2**63 <= ignore_index < 2**63:  # the op's int64
+            return int(ignore_index)
+        raise ValueError(f"ignore_index must be an integer in int64's range, got {ignore_index!r}")
     raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
 
 
@@ -307,7 +309,7 @@ def softmax_focal_loss(
         targets: class indices of shape (N), (N, d1, ..., dk) or () (any integer dtype), with
             ``ignore_index``; or class probabilities of the inputs' shape (floating,
             differentiable).
-        alpha: a factor on the whole loss (>= 0); None means 1.
+        alpha: a factor on the whole loss (>= 0); None (or -1, as for the sigmoid losses) means 1.
         gamma: focusing exponent >= 0, fractional values included.
         reduction: ``"none"`` (loss per position), ``"mean"`` (over the positions not ignored,
             divided by their summed class weight as ``F.cross_entropy`` does; with

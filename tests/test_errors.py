@@ -23,7 +23,27 @@ X = torch.zeros(4, 4)
         (dict(inputs=torch.zeros(4, 4, dtype=torch.long)), ValueError,
          "inputs must be a floating-point tensor (float16, bfloat16, float32 or float64), got torch.int64"),
         (dict(targets=torch.zeros(4, 4, dtype=torch.bool)), ValueError,
-         "targets must be a floating-point tensor, or an integer tensor of class labels, got torch.bool"),
+         "targets must be a floating-point tensor, or an integer tensor of class labels; integer dtypes "
+         "int8 to int64 and uint8 to uint32, floating float16, bfloat16, float32 or float64; got torch.bool"),
+        (dict(targets=torch.zeros(4, 4).to(torch.float8_e4m3fn)), ValueError,
+         "targets must be a floating-point tensor, or an integer tensor of class labels; integer dtypes "
+         "int8 to int64 and uint8 to uint32, floating float16, bfloat16, float32 or float64; got "
+         "torch.float8_e4m3fn"),
+        (dict(targets=torch.zeros(4, dtype=torch.uint64)), ValueError, "got torch.uint64"),
+        (dict(inputs=torch.zeros(4, 4).to(torch.float8_e5m2)), ValueError,
+         "inputs must be a floating-point tensor (float16, bfloat16, float32 or float64), got torch.float8_e5m2"),
+        (dict(inputs=torch.zeros(4, 4).to_sparse()), ValueError,
+         "inputs must be a strided (dense) tensor, got layout Sparse"),
+        (dict(targets=torch.zeros(4, 4).to_sparse()), ValueError,
+         "targets must be a strided (dense) tensor, got layout Sparse"),
+        (dict(weight=torch.ones(4).to_sparse()), ValueError,
+         "weight must be a strided (dense) tensor, got layout Sparse"),
+        (dict(weight=torch.ones(4).to(torch.float8_e4m3fn)), ValueError,
+         "weight must be a floating-point tensor (float16, bfloat16, float32 or float64), got "
+         "torch.float8_e4m3fn"),
+        (dict(ignore_index=2**63), ValueError, "ignore_index must be an integer in int64's range, got "
+         "9223372036854775808"),
+        (dict(ignore_index=-2**63 - 1), ValueError, "ignore_index must be an integer in int64's range"),
         (dict(targets=torch.zeros(4, 4, dtype=torch.long)), ValueError,
          "integer targets (class labels) must have the shape of inputs without its last (class) "
          "dimension, got [4, 4] for inputs [4, 4]"),
