@@ -178,7 +178,7 @@ struct ForwardPointers {
   saved_t<x_t>* grad_inputs;
   saved_t<t_t>* grad_targets;
   S* grad_scores;  // labels only: d(loss)/d(scores) per row, written by the labelled element
-  S* block_sums;
+  double* block_sums;
   int64_t* block_counts;
   bool rows_pass;  // labels: the second launch, over rows (labelled_rows)
 };
@@ -257,10 +257,12 @@ enum class WeightLoop { None, Element, AnyKind };
 template <WeightLoop kWeights>
 using weight_loop_t = std::integral_constant<WeightLoop, kWeights>;
 
-// The sum of the loss over a thread's elements, and how many of them count for the mean.
-template <typename S>
+// The sum of the loss over a thread's elements, and how many of them count for the mean. The
+// sum in double, each pack's added in the math type first: a thread may add thousands of terms,
+// which float alone rounded to 5-25 ulp of the result (1,000-4,000 a thread), double to the
+// CPU's ~1 (tests/test_cuda_emulation.py), at one double add per pack.
 struct Partial {
-  S sum;
+  double sum;
   int64_t count;
 };
 
@@ -273,7 +275,7 @@ struct Partial {
 // (the labels' target gradient) is that launch's too.
 template <typename x_t, typename t_t, typename out_t, GammaMode kGamma, bool kGradInputs,
           bool kGradTargets, bool kFamily, int kPack>
-__device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
+__device__ __forceinline__ Partial forward_elements(
     const ForwardPointers<x_t, t_t, out_t>& p) {
   using S = math_t<x_t>;
   using Math = KernelMath<x_t, out_t, kGamma>;
@@ -281,7 +283,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
   // <= 2^30); float targets' classes may not.
   using class_t = std::conditional_t<kIsLabels<t_t>, int32_t, int64_t>;
   static_assert(!(kGradTargets && kIsLabels<t_t>), "the scores' gradient is labelled_rows'");
-  S sum(0);
+  double sum = 0;
   int64_t count = 0;
   const bool weights_by_position =
       p.weight_kind == WeightKind::Row || p.weight_kind == WeightKind::Class;
@@ -314,6 +316,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
     } else {
       count += num;
     }
+    S pack_sum(0);
 #pragma unroll
     for (int k = 0; k < kPack; ++k) {
       if (k < num) {
@@ -332,7 +335,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
         const auto terms = loss_terms<Math, kGamma, kGradInputs, kGradTargets, kFamily>(
             to_math(xs, k), target, weight, S(1), p.coeffs);
         if ((special >> k & 1u) == 0u) {
-          sum += terms.loss;
+          pack_sum += terms.loss;
         }
         losses[k] = static_cast<out_t>(terms.loss);
         unweighted[k] = static_cast<saved_t<out_t>>(terms.unweighted_loss);
@@ -342,6 +345,7 @@ __device__ __forceinline__ Partial<math_t<x_t>> forward_elements(
         }
       }
     }
+    sum += pack_sum;
   };
 
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -472,11 +476,10 @@ __device__ __forceinline__ int64_t check_and_count_labels(
 // logit makes the terms NaN, as the CPU kernels' validity factor gives).
 template <typename x_t, typename out_t, GammaMode kGamma, bool kGradInputs, bool kGradTargets,
           bool kFamily>
-__device__ __forceinline__ Partial<math_t<x_t>> labelled_rows(
-    const ForwardPointers<x_t, int64_t, out_t>& p) {
+__device__ __forceinline__ Partial labelled_rows(const ForwardPointers<x_t, int64_t, out_t>& p) {
   using S = math_t<x_t>;
   using Math = KernelMath<x_t, out_t, kGamma>;
-  S sum(0);
+  double sum = 0;
   const auto recompute = [&](int64_t row, int64_t cls, S target, S valid) {
     const int64_t i = row * p.classes + cls;
     const auto terms = loss_terms<Math, kGamma, kGradInputs, kGradTargets, kFamily>(
@@ -548,7 +551,7 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
                               kPack>(p);
     });
   };
-  Partial<math_t<x_t>> partial;
+  Partial partial;
   if constexpr (kIsLabels<t_t> && kPack == 1) {
     partial = !p.rows_pass ? elements()
                            : with_flags<kHasFamily>(target_gradient, family, [&](auto gradient, auto forms) {
@@ -566,18 +569,18 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
   }
 }
 
-// One block adds the per-block sums and counts in a fixed order (the sums in double), writes
-// the count, and the loss (divided by the count for the mean) when it is reduced. count_t:
-// int64_t, the elements counted; double, the softmax loss's divisor (a sum of class weights).
-template <typename S, typename count_t, typename out_t>
+// One block adds the per-block sums and counts in a fixed order, writes the count, and the loss
+// (divided by the count for the mean) when it is reduced. count_t: int64_t, the elements
+// counted; double, the softmax loss's divisor (a sum of class weights).
+template <typename count_t, typename out_t>
 __global__ void __launch_bounds__(kThreads)
-    finish_forward_kernel(const S* __restrict__ block_sums,
+    finish_forward_kernel(const double* __restrict__ block_sums,
                           const count_t* __restrict__ block_counts, int num_blocks, bool mean,
                           out_t* __restrict__ reduced_loss, count_t* __restrict__ count) {
   double sum = 0;
   count_t total = 0;
   for (int i = threadIdx.x; i < num_blocks; i += kThreads) {
-    sum += static_cast<double>(block_sums[i]);
+    sum += block_sums[i];
     total += block_counts[i];
   }
   sum = block_sum(sum);
@@ -665,11 +668,11 @@ void launch_forward(const DeviceForwardArgs& args, const LaunchPlace& place) {
   // Labels take a second launch over the rows (labelled_rows), with partial sums of its own.
   const int rows_grid = kIsLabels<t_t> ? grid_size(n / args.classes, place.device) : 0;
   const int blocks = grid + rows_grid;
-  // The per-block counts, then the partial sums (S: 4 or 8 bytes), in the scratch.
+  // The per-block counts, then the partial sums, in the scratch.
   TORCH_INTERNAL_ASSERT(blocks <= place.scratch_blocks, "focal_cuda: ", blocks,
                         " blocks for scratch of ", place.scratch_blocks);
   p.block_counts = static_cast<int64_t*>(place.scratch);
-  p.block_sums = reinterpret_cast<S*>(p.block_counts + blocks);
+  p.block_sums = reinterpret_cast<double*>(p.block_counts + blocks);
 
   // The family's forms run in the General element kernels only (their exponent by products
   // or pow): the Zero, Two and packed kernels carry the focal loss alone.
@@ -702,7 +705,7 @@ void launch_forward(const DeviceForwardArgs& args, const LaunchPlace& place) {
     });
   });
 
-  FOCAL_LAUNCH(1, kThreads, place.stream, finish_forward_kernel<S, int64_t, out_t>)(
+  FOCAL_LAUNCH(1, kThreads, place.stream, finish_forward_kernel<int64_t, out_t>)(
       p.block_sums, p.block_counts, blocks, args.reduction == Reduction::Mean,
       elementwise ? nullptr : args.loss.mutable_data_ptr<out_t>(),
       args.count.mutable_data_ptr<int64_t>());

@@ -77,7 +77,7 @@ struct LaunchPlace {
   int64_t scratch_blocks;
 };
 
-// A block's partials: a count (int64) or divisor (double), and a sum (float or double).
+// A block's partials: a count (int64) or divisor (double), and a sum (double).
 constexpr int64_t kPartialBytes = 16;
 
 // The kernel files' entry points, which the glue calls on the device of the inputs. forward for

@@ -28,7 +28,7 @@ struct SoftmaxPointers {
   saved_t<x_t>* grad_inputs;  // or null
   S* grad_targets;            // or null
   S* unweighted_loss;         // or null
-  S* block_sums;
+  double* block_sums;
   double* block_divisors;
 };
 
@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
   using S = math_t<x_t>;
   using Math = DeviceMath<S>;
   const S zero(0);
-  S sum(0);
+  double sum = 0;  // as the sigmoid forward's Partial
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t num_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   // The position's sample and place in it, stepped along with it: a 64-bit division per
@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
       }
     }
   }
-  const S block_loss = block_sum(sum);
+  const double block_loss = block_sum(sum);
   const double block_divisor = block_sum(labels_divisor(p));
   if (threadIdx.x == 0) {
     p.block_sums[blockIdx.x] = block_loss;
@@ -196,11 +196,11 @@ void launch_softmax(const DeviceSoftmaxArgs& args, const LaunchPlace& place) {
       nullptr,
   };
   const int grid = grid_size(p.num_positions, place.device, kSoftmaxBlocksPerSM<x_t>);
-  // The per-block divisors (double), then the sums (S: 4 or 8 bytes), in the scratch.
+  // The per-block divisors, then the sums (both double), in the scratch.
   TORCH_INTERNAL_ASSERT(grid <= place.scratch_blocks, "focal_cuda: ", grid, " blocks for scratch of ",
                         place.scratch_blocks);
   p.block_divisors = static_cast<double*>(place.scratch);
-  p.block_sums = reinterpret_cast<S*>(p.block_divisors + grid);
+  p.block_sums = p.block_divisors + grid;
   const bool soft = p.labels == nullptr || args.label_smoothing > 0.0;
   dispatch_flag(soft, [&](auto soft_flag) {
     dispatch_flag(p.grad_inputs != nullptr, [&](auto grad_flag) {
@@ -211,7 +211,7 @@ void launch_softmax(const DeviceSoftmaxArgs& args, const LaunchPlace& place) {
   });
   // The sigmoid forward's finish, its counts the divisors: the mean of nothing is NaN, as
   // F.cross_entropy's.
-  FOCAL_LAUNCH(1, kThreads, place.stream, finish_forward_kernel<S, double, S>)(
+  FOCAL_LAUNCH(1, kThreads, place.stream, finish_forward_kernel<double, S>)(
       p.block_sums, p.block_divisors, grid, args.reduction == Reduction::Mean,
       elementwise ? nullptr : args.loss.mutable_data_ptr<S>(), args.divisor.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
