@@ -1,6 +1,6 @@
 // The CUDA entry points of the op layer, the one CUDA file that sees ATen: the forwards, which
-// make the inputs' device current, allocate the reductions' scratch and hand the kernel files
-// (forward_<dtype>[_labels].cu, softmax.cu) their operands as DeviceTensors; and the backward
+// make the inputs' device current, allocate the reductions' scratch the kernel files ask for and
+// hand them (forward_<dtype>[_labels].cu, softmax.cu) their operands as DeviceTensors; and the backward
 // that scales the saved gradient by grad_output, kernel and all.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -87,15 +87,19 @@ DeviceTensor writable(const at::Tensor& tensor) {
                           : DeviceTensor();
 }
 
-// Calls launch(place) with the device of inputs current, its current stream, and scratch for
-// the partial sums of as many blocks as a forward launches at most: two grids of one wave.
+// Calls launch(place) with the device of inputs current, its current stream, and the partials'
+// scratch allocated as the kernel file asks. The scratch is freed once the launches are queued:
+// the caching allocator hands it out again only to the stream's later work.
 template <typename Launch>
 void launch_on_device_of(const at::Tensor& inputs, Launch&& launch) {
   const c10::cuda::CUDAGuard device_guard(inputs.device());
-  const c10::DeviceIndex device = device_guard.current_device().index();
-  const int64_t blocks = 2 * static_cast<int64_t>(multiprocessor_count(device)) * kMaxBlocksPerSM;
-  const at::Tensor scratch = at::empty({blocks * kPartialBytes}, inputs.options().dtype(at::kByte));
-  launch(LaunchPlace{device, c10::cuda::getCurrentCUDAStream(), scratch.mutable_data_ptr(), blocks});
+  at::Tensor scratch;
+  const auto partials = [&](int64_t blocks) {
+    scratch = at::empty({blocks * kPartialBytes}, inputs.options().dtype(at::kByte));
+    return scratch.mutable_data_ptr();
+  };
+  launch(LaunchPlace{device_guard.current_device().index(), c10::cuda::getCurrentCUDAStream(),
+                     partials});
 }
 
 }  // namespace

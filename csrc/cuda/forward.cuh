@@ -669,9 +669,7 @@ void launch_forward(const DeviceForwardArgs& args, const LaunchPlace& place) {
   const int rows_grid = kIsLabels<t_t> ? grid_size(n / args.classes, place.device) : 0;
   const int blocks = grid + rows_grid;
   // The per-block counts, then the partial sums, in the scratch.
-  TORCH_INTERNAL_ASSERT(blocks <= place.scratch_blocks, "focal_cuda: ", blocks,
-                        " blocks for scratch of ", place.scratch_blocks);
-  p.block_counts = static_cast<int64_t*>(place.scratch);
+  p.block_counts = static_cast<int64_t*>(place.partials(blocks));
   p.block_sums = reinterpret_cast<double*>(p.block_counts + blocks);
 
   // The family's forms run in the General element kernels only (their exponent by products

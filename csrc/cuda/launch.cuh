@@ -6,6 +6,7 @@
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/util/FunctionRef.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -67,14 +68,13 @@ class DeviceTensor {
 using DeviceForwardArgs = ForwardArgsOf<DeviceTensor>;
 using DeviceSoftmaxArgs = SoftmaxArgsOf<DeviceTensor>;
 
-// Where a kernel file launches: the device (already current), its current stream, and scratch
-// memory on it for the per-block partial sums of a reduction, kPartialBytes for each of up to
-// scratch_blocks blocks.
+// Where a kernel file launches: the device (already current), its current stream, and
+// partials(blocks): scratch memory on it for the per-block partials of a reduction over the
+// grids the kernel file chose, kPartialBytes for each of `blocks`; asked once per entry call.
 struct LaunchPlace {
   c10::DeviceIndex device;
   cudaStream_t stream;
-  void* scratch;
-  int64_t scratch_blocks;
+  c10::function_ref<void*(int64_t blocks)> partials;
 };
 
 // A block's partials: a count (int64) or divisor (double), and a sum (double).

@@ -197,9 +197,7 @@ void launch_softmax(const DeviceSoftmaxArgs& args, const LaunchPlace& place) {
   };
   const int grid = grid_size(p.num_positions, place.device, kSoftmaxBlocksPerSM<x_t>);
   // The per-block divisors, then the sums (both double), in the scratch.
-  TORCH_INTERNAL_ASSERT(grid <= place.scratch_blocks, "focal_cuda: ", grid, " blocks for scratch of ",
-                        place.scratch_blocks);
-  p.block_divisors = static_cast<double*>(place.scratch);
+  p.block_divisors = static_cast<double*>(place.partials(grid));
   p.block_sums = p.block_divisors + grid;
   const bool soft = p.labels == nullptr || args.label_smoothing > 0.0;
   dispatch_flag(soft, [&](auto soft_flag) {

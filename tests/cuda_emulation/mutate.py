@@ -158,9 +158,9 @@ MUTANTS = [
     ("sm_count_of_device_0", "launch: every device's grid sized by device 0's SM count, once known",
      "  int count = counts[device].load(std::memory_order_relaxed);",
      "  int count = counts[0].load(std::memory_order_relaxed);"),
-    ("scratch_of_one_grid", "launch: the forwards' scratch sized for one grid, where labels launch two",
-     "  const int64_t blocks = 2 * static_cast<int64_t>(multiprocessor_count(device)) * kMaxBlocksPerSM;",
-     "  const int64_t blocks = static_cast<int64_t>(multiprocessor_count(device)) * kMaxBlocksPerSM;"),
+    ("scratch_of_one_grid", "launch: the forwards' scratch asked for the first grid, where labels launch two",
+     "  p.block_counts = static_cast<int64_t*>(place.partials(blocks));",
+     "  p.block_counts = static_cast<int64_t*>(place.partials(grid));"),
 ]
 
 # The same, in the device math of csrc/focal_math.h (the float64 pow, the focal terms).
