@@ -301,15 +301,20 @@ def test_a_dual_level_without_tangents_keeps_the_fused_path():
     bits as outside it, finite where the loss saturates."""
     import torch.autograd.forward_ad as forward_ad
 
-    x = torch.tensor([[200.0, -200.0, 3.0]])
-    t = torch.tensor([[1.0, 0.0, 1.0]])
-    grads = []
+    # Saturated logits, and random ones where the reference formula's bits differ from the kernels'.
+    generator = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.tensor([[200.0, -200.0, 3.0]]), torch.randn(40, 3, generator=generator)])
+    t = torch.cat([torch.tensor([[1.0, 0.0, 1.0]]), torch.rand(40, 3, generator=generator)])
+    results = []
     for level in (False, True):
         leaf = x.clone().requires_grad_()
         with forward_ad.dual_level() if level else torch.enable_grad():
-            focal_cuda.sigmoid_focal_loss(leaf, t, gamma=0.5, reduction="sum").backward()
-        grads.append(leaf.grad)
-    assert torch.isfinite(grads[1]).all() and torch.equal(grads[0], grads[1])
+            loss = focal_cuda.sigmoid_focal_loss(leaf, t, gamma=0.5, reduction="sum")
+            loss.backward()
+        results.append((type(loss.grad_fn).__name__, loss.detach(), leaf.grad))
+    assert results[1][0] == results[0][0] == "EagerFunctionBackward"  # the fused op's Function
+    assert torch.isfinite(results[1][2]).all()
+    assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][2], results[1][2])
 
 
 @pytest.mark.parametrize("case", ["saturated focal", "quality at p == t", "softmax at p == 1"])
