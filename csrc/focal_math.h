@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #if defined(__CUDACC__)
@@ -747,10 +748,12 @@ FOCAL_HOST_DEVICE SoftmaxClass<V> softmax_class(V z, V shifted_exp, const Softma
   if constexpr (kSlope) {
     terms.slope = zero - u_gamma;
     if (coeffs.modulated) {
-      // p log p / u, in [-1, 0]; -1 where u is 0 (see kUnitScale for the scaling).
+      // p log p / u, in [-1, 0]; -1 where u is 0 (see kUnitScale for the scaling). A logit of
+      // -inf (a masked class) has p = 0 and log p = -inf: its p log p is the limit, 0.
       const V unit_scale(kUnitScale<S>);
-      const V ratio = Math::select(
-          u > zero, p * log_p * unit_scale * Math::reciprocal(u * unit_scale), zero - one);
+      const V p_log_p = p * Math::max(log_p, V(std::numeric_limits<S>::lowest()));
+      const V ratio =
+          Math::select(u > zero, p_log_p * unit_scale * Math::reciprocal(u * unit_scale), zero - one);
       terms.slope = u_gamma * (V(coeffs.gamma) * ratio - one);
     }
   }

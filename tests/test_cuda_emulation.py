@@ -1037,6 +1037,22 @@ def test_softmax_extreme_logits_are_finite_and_exact(emulated, dtype, gamma):
     assert_extreme_rows_exact(loss, grad, dtype, gamma)
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_softmax_class_masked_with_minus_inf_has_a_finite_gradient(emulated, dtype):
+    """Label smoothing gives a class of -inf logits a target: the loss is inf, its gradient the
+    limit, as the CPU kernels give it (tests/test_softmax.py checks the limit there)."""
+    generator = torch.Generator().manual_seed(4)
+    inputs = (torch.randn(37, 13, generator=generator) * 3).to(dtype)
+    inputs[:, 5] = -math.inf
+    labels = torch.randint(0, 13, (37,), generator=generator)
+    labels[labels == 5] = 0
+    arguments = (inputs, labels, None, [-1.0, 2.0], 0, -100, 0.1, False, GRAD_INPUTS)
+    loss, grad, *_ = emulated.softmax_focal_loss_forward(*arguments)
+    cpu_loss, cpu_grad, *_ = torch.ops.focal_cuda.softmax_focal_loss_forward(*arguments)
+    assert loss.isinf().all() and torch.isfinite(grad).all()
+    assert_matches(grad, cpu_grad.double(), dtype)
+
+
 @pytest.mark.parametrize("bad_label", [13, -1])
 def test_softmax_bad_label_raises_the_device_assert(emulated, capfd, bad_label):
     inputs, labels = softmax_case((37, 13), None, F32, "labels", 4)

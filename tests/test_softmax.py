@@ -332,6 +332,27 @@ def test_gradcheck_in_float64(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["smoothed", "probabilities"])
+def test_a_class_masked_with_minus_inf_keeps_the_gradient_finite(device, dtype, kind):
+    """A class whose logits are -inf (masked) but whose target is not 0: the loss is inf, as
+    F.cross_entropy's; the logits' gradient is its limit, finite as F.cross_entropy's (at
+    gamma 2 too, where p log p / u enters it): the gradient of logits of -1e4 there, whose p is
+    0 as well, bit for bit."""
+    inputs, targets = make_case((6, CLASSES, 4), dtype, device, kind if kind == "probabilities" else "labels",
+                                ignore_fraction=0)
+    options = dict(gamma=2.0, label_smoothing=0.1 if kind == "smoothed" else 0.0)
+    masked, far = inputs.clone(), inputs.clone()
+    masked[:, 2] = -math.inf
+    far[:, 2] = -1e4
+    loss, grad, *_ = loss_and_grads(focal_cuda.softmax_focal_loss, masked, targets, **options)
+    limit = loss_and_grads(focal_cuda.softmax_focal_loss, far, targets, **options)[1]
+    assert loss.isinf() and loss > 0
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, limit, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, CLASSES, 4, 5), (7, CLASSES), (CLASSES,)], ids=["nchw", "rows", "one"])
 def test_elementwise_loss_may_be_changed_in_place(device, dtype, shape):
