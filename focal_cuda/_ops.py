@@ -373,9 +373,9 @@ def at_labelled_class(grad_loss, labels):
     """An elementwise grad_output's value at each row's labelled class, where a score acts (0 for
     background rows, whose score gradient is 0 anyway: no inf or NaN of theirs is picked up)."""
     classes = grad_loss.shape[-1]
+    labels = labels.long()  # gather's indices; and C - 1 need not fit a narrow label dtype
     labelled = (labels >= 0) & (labels < classes)
-    # gather takes int64 indices: labels may be of any integer dtype.
-    picked = grad_loss.gather(-1, labels.clamp(0, classes - 1).long().unsqueeze(-1)).squeeze(-1)
+    picked = grad_loss.gather(-1, labels.clamp(0, classes - 1).unsqueeze(-1)).squeeze(-1)
     return torch.where(labelled, picked, torch.zeros_like(picked))
 
 

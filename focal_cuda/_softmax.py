@@ -161,8 +161,11 @@ def _weight_gradient(ctx, grad_loss, unweighted, targets, weight, divisor, dim):
             mean = (per_class * weight.to(math_dtype)).sum() / divisor.to(math_dtype)
             per_class = per_class - mean * label_counts
         divisor = divisor.to(math_dtype)
-        # Zero where nothing counted, as the other gradients of a mean of nothing.
-        per_class = torch.where(divisor != 0, per_class / divisor, torch.zeros_like(per_class))
+        # Zero where nothing counted, whatever grad_loss is (a NaN after the mean of nothing), as
+        # the other gradients of a mean of nothing.
+        scaled = torch.where(divisor != 0, per_class / divisor * grad_loss.to(math_dtype),
+                             torch.zeros_like(per_class))
+        return scaled.to(weight.dtype)
     return (per_class * grad_loss.to(math_dtype)).to(weight.dtype)
 
 

@@ -306,9 +306,9 @@ def softmax_focal_loss(
     Args:
         inputs: logits of shape (N, C), (N, C, d1, ..., dk) or (C); float16, bfloat16, float32
             or float64, any strides (NCHW and channels-last maps are read in place).
-        targets: class indices of shape (N), (N, d1, ..., dk) or () (any integer dtype), with
-            ``ignore_index``; or class probabilities of the inputs' shape (floating,
-            differentiable).
+        targets: class indices of shape (N), (N, d1, ..., dk) or () (any integer dtype but
+            uint64), with ``ignore_index``; or class probabilities of the inputs' shape
+            (floating, differentiable).
         alpha: a factor on the whole loss (>= 0); None (or -1, as for the sigmoid losses) means 1.
         gamma: focusing exponent >= 0, fractional values included.
         reduction: ``"none"`` (loss per position), ``"mean"`` (over the positions not ignored,

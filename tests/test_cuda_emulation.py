@@ -830,7 +830,7 @@ def test_backward(emulated, stored, grad_dtype, reduction, value, misaligned):
 def test_mean_with_zero_count_gives_zero_gradient(emulated, dtype, grad_output):
     """The mean of nothing is NaN, so whatever follows it (a log, a sqrt) may send NaN back:
     every element was ignored, and its gradient is 0 all the same, on CUDA as on the CPU."""
-    saved = torch.zeros(37, 13).to(dtype)  # what the forward saves where nothing counts
+    saved = torch.randn(37, 13).to(dtype)  # nonzero: a factor that is not 0 shows
     zero = torch.tensor(0, dtype=torch.int64)
     value = torch.tensor(grad_output, dtype=dtype)
     for backward in (emulated.sigmoid_focal_loss_backward, torch.ops.focal_cuda.sigmoid_focal_loss_backward):

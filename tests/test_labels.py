@@ -108,11 +108,13 @@ def test_a_nan_after_the_mean_of_nothing_leaves_zero_gradients(device, loss_func
     """Every row ignored: the mean is NaN (as F.cross_entropy's), so a log after it sends NaN
     back; every logit was ignored, so its gradient is 0 all the same, as F.cross_entropy's."""
     inputs = torch.randn(6, 5, device=device).to(dtype).requires_grad_()
+    weight = torch.rand(5, device=device).to(dtype).requires_grad_()
     labels = torch.full((6,), -100, device=device)
-    loss = loss_function(inputs, labels, reduction="mean")
+    loss = loss_function(inputs, labels, reduction="mean", weight=weight)
     assert loss.isnan()
     torch.log(loss).backward()
     assert torch.equal(inputs.grad, torch.zeros_like(inputs))
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
     expected = inputs.detach().float().requires_grad_()
     torch.log(F.cross_entropy(expected, labels)).backward()
     assert torch.equal(expected.grad, torch.zeros_like(expected))

@@ -205,6 +205,27 @@ def test_narrow_labels_give_the_int64_pairs_gradients(device, label_dtype, form)
         assert torch.equal(ours, expected)
 
 
+@pytest.mark.parametrize("label_dtype, classes", [(torch.int8, 200), (torch.uint8, 300), (torch.int16, 40_000)])
+def test_narrow_labels_of_many_classes_give_the_int64_pairs_gradients(label_dtype, classes):
+    """C - 1 beyond the label dtype's range: the elementwise backward must not compare or clamp
+    in that dtype."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, classes, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([1, 100, -100 if label_dtype != torch.uint8 else 255])
+    scores = torch.rand(3, generator=generator, dtype=torch.float64)
+    ignore_index = 255 if label_dtype == torch.uint8 else -100
+    grad_output = torch.rand(x.shape, generator=generator, dtype=torch.float64)
+
+    def gradients(labels):
+        inputs, s = x.clone().requires_grad_(), scores.clone().requires_grad_()
+        loss = focal_cuda.quality_focal_loss(inputs, (labels, s), reduction="none", ignore_index=ignore_index)
+        loss.backward(grad_output)
+        return inputs.grad, s.grad
+
+    for ours, expected in zip(gradients(labels.to(label_dtype)), gradients(labels)):
+        assert torch.equal(ours, expected)
+
+
 @pytest.mark.parametrize("targets, error, message", [
     (lambda labels, scores: (labels, scores, scores), TypeError,
      "targets must be a torch.Tensor, or a (labels, scores) tuple of two tensors, got a tuple of 3 "
