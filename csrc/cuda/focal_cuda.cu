@@ -1,7 +1,7 @@
 // The CUDA entry points of the op layer, the one CUDA file that sees ATen: the forwards, which
-// make the inputs' device current, allocate the reductions' scratch the kernel files ask for and
-// hand them (forward_<dtype>[_labels].cu, softmax.cu) their operands as DeviceTensors; and the backward
-// that scales the saved gradient by grad_output, kernel and all.
+// make the inputs' device current, allocate the reductions' scratch the kernel files ask for
+// and hand them (forward_<dtype>[_labels].cu, softmax.cu) their operands as DeviceTensors; and
+// the backward that scales the saved gradient by grad_output, kernel and all.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAMacros.h>
@@ -9,7 +9,6 @@
 
 #include <array>
 #include <atomic>
-#include <limits>
 
 #include "focal.h"
 #include "launch.cuh"
