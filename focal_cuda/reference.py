@@ -218,7 +218,15 @@ def softmax_focal_loss(
         # whatever it holds (inf, NaN) leaves no trace in the loss or any derivative.
         x = torch.where(valid.unsqueeze(dim), x, torch.zeros_like(x))
     log_p = torch.log_softmax(x, dim)
-    focal = -log_p if gamma == 0 else -power(1 - log_p.exp(), gamma) * log_p
+    if gamma == 0:
+        focal = -log_p
+    else:
+        # A class of -inf logits (masked) has log p = -inf: the modulating factor's derivative
+        # (0 there) meets it through a finite stand-in, so that it gives 0, not 0 * inf = NaN;
+        # the rest, 0 wherever log p is finite, carries the infinite loss.
+        modulating = power(1 - log_p.exp(), gamma)
+        finite_log_p = log_p.clamp_min(torch.finfo(math_dtype).min)
+        focal = -modulating * finite_log_p - modulating.detach() * (log_p - finite_log_p)
     q = q * (1 - label_smoothing) + label_smoothing / classes
     if valid is not None:
         q = q * valid.unsqueeze(dim)

@@ -350,6 +350,14 @@ def test_a_class_masked_with_minus_inf_keeps_the_gradient_finite(device, dtype, 
     assert loss.isinf() and loss > 0
     assert torch.isfinite(grad).all()
     torch.testing.assert_close(grad, limit, rtol=0, atol=0)
+    # The reference formula's paths (create_graph, torch.func): the same limit, to rounding.
+    loss_of = lambda x: focal_cuda.softmax_focal_loss(x, targets, **options)
+    x = masked.clone().requires_grad_()
+    reference_loss = loss_of(x)
+    (differentiable,) = torch.autograd.grad(reference_loss, x, create_graph=True)
+    assert reference_loss.isinf() and reference_loss > 0
+    for reference in (differentiable.detach(), torch.func.grad(loss_of)(masked)):
+        assert_matches(reference, limit.double())
 
 
 @pytest.mark.parametrize("device", DEVICES)
