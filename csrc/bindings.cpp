@@ -136,6 +136,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("check_softmax_options", &Bound<&focal::check_softmax_options, nullptr, true>::call,
         pybind11::arg("coefficients"), pybind11::arg("label_smoothing"),
         "The softmax focal loss's scalar options checked as its forward checks them.");
+  m.def("check_cpu_labels", &Bound<&focal::check_cpu_labels>::call, pybind11::arg("labels"),
+        pybind11::arg("classes"), pybind11::arg("ignore_index"), pybind11::arg("with_background"),
+        "The forwards' label check on CPU labels (ValueError), for paths without the kernels.");
   // The outputs mask's bits (csrc/focal_ops.h).
   m.attr("GRAD_INPUTS") = focal::kGradInputs;
   m.attr("GRAD_TARGETS") = focal::kGradTargets;

@@ -30,6 +30,8 @@ std::string python_name(at::ScalarType dtype) {
 void check_strided(const at::Tensor& tensor, const char* name) {
   TORCH_CHECK_VALUE(tensor.layout() == at::kStrided, name,
                     " must be a strided (dense) tensor, got layout ", tensor.layout());
+  // A nested tensor of the strided layout has no sizes() to check the rest against.
+  TORCH_CHECK_VALUE(!tensor.is_nested(), name, " must be a strided (dense) tensor, got a nested tensor");
 }
 
 // The floating dtypes the kernels compute in (isFloatingType would admit float8 too).
@@ -291,6 +293,14 @@ void check_form_arguments(int64_t form, const std::vector<double>& coefficients,
 }
 
 }  // namespace
+
+void check_cpu_labels(const at::Tensor& labels, int64_t classes, int64_t ignore_index,
+                      bool with_background) {
+  TORCH_CHECK(labels.is_cpu() && at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
+              "check_cpu_labels takes integer labels on the CPU, got ", labels.scalar_type(),
+              " on ", labels.device());
+  check_labels_on_cpu(labels.to(at::kLong).contiguous(), classes, ignore_index, with_background);
+}
 
 void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets,
                              const std::optional<at::Tensor>& weight,

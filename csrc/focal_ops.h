@@ -75,6 +75,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_f
     const std::vector<double>& coefficients, int64_t reduction, int64_t ignore_index,
     double label_smoothing, bool float32_loss, int64_t outputs);
 
+// The label check of the forwards' CPU kernels, on its own for the paths that compute without
+// them (the reference formula under torch.func and forward-mode AD): every label (any integer
+// dtype) names one of classes (with_background: or classes itself) or is ignore_index, else
+// ValueError. CPU labels only.
+void check_cpu_labels(const at::Tensor& labels, int64_t classes, int64_t ignore_index,
+                      bool with_background);
+
 // The softmax focal loss's coefficients and label smoothing (ValueError); part of
 // check_softmax_arguments, which the modules run when they are built.
 void check_softmax_options(const std::vector<double>& coefficients, double label_smoothing);

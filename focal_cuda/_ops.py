@@ -25,6 +25,13 @@ def outputs_mask(grad_inputs, grad_targets, unweighted_loss):
         UNWEIGHTED_LOSS if unweighted_loss else 0)
 
 
+def traced_outputs_mask(differentiable_targets, weight):
+    """The outputs a call under torch.jit.trace asks for: the gradient of every floating
+    operand, since the graph records the mask as a constant and must neither depend on the grad
+    mode (trace's check reruns the function under no_grad) nor fail a later backward."""
+    return outputs_mask(True, differentiable_targets.is_floating_point(), weight is not None)
+
+
 @torch.library.custom_op("focal_cuda::sigmoid_focal_loss_forward", mutates_args=())
 def sigmoid_focal_loss_forward(
     inputs: torch.Tensor,
@@ -67,7 +74,6 @@ def with_empty_for_none(inputs, per_element, dtypes):
 _PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
 # plain_eager's and last_use_of_saved's probes, looked up once: they run in every training step.
 _is_compiling = torch.compiler.is_compiling
-_is_tracing = torch.jit.is_tracing
 _has_torch_function = torch.overrides.has_torch_function
 # The dispatch keys this thread adds to op calls, 0 in plain eager mode (csrc/bindings.cpp: the
 # one private torch API in C++): torch.func's transforms (their wrappers report type Tensor),
@@ -99,14 +105,13 @@ def tangents_about(*tensors):
 
 def plain_eager(inputs, *tensors):
     """Whether an eager call may go straight to the C++ functions rather than through the
-    dispatcher, which costs tens of microseconds a call in Python: not tracing, on CPU or CUDA
-    tensors that are plain (or parameters, or None), with no dispatch key of a transform or
-    mode, no forward-mode AD tangent and no function mode. The caller has ruled out
-    torch.compile first: Dynamo must not trace these probes. (The profiler sees either way:
+    dispatcher, which costs tens of microseconds a call in Python: on CPU or CUDA tensors that
+    are plain (or parameters, or None), with no dispatch key of a transform or mode, no
+    forward-mode AD tangent and no function mode. The caller has ruled out torch.compile and
+    torch.jit.trace first: neither must record these probes. (The profiler sees either way:
     the C++ functions record themselves.)"""
     return (
         not thread_dispatch_keys()
-        and not _is_tracing()
         and not tangents_about(inputs, *tensors)
         and not _has_torch_function((inputs,))  # a function mode
         and (inputs.is_cpu or inputs.is_cuda)  # not inputs.device: building one costs ~0.5 us
@@ -182,6 +187,32 @@ def sigmoid_focal_loss_backward_(
 @sigmoid_focal_loss_backward_.register_fake
 def _(grad_output, saved_grad, count, reduction):
     return None
+
+
+@torch.library.custom_op("focal_cuda::check_labels", mutates_args=())
+def check_labels(labels: torch.Tensor, classes: int, ignore_index: int, with_background: bool) -> None:
+    """The forward kernels' label check, for the reference formula's paths (torch.func,
+    forward-mode AD), which run no kernel: every label names one of classes (with_background:
+    or classes itself, the background) or is ignore_index. On CPU a ValueError naming the
+    label; on CUDA, as the kernels, a device-side assertion, with no wait for the device."""
+    if labels.is_cuda:
+        # index_select asserts on the device that each index lies in the table.
+        indices = labels.long()
+        indices = torch.where(indices == ignore_index, torch.zeros_like(indices), indices)
+        labels.new_empty(classes + with_background, dtype=torch.uint8).index_select(0, indices.reshape(-1))
+    else:
+        _C.check_cpu_labels(labels, classes, ignore_index, with_background)
+
+
+@check_labels.register_fake
+def _(labels, classes, ignore_index, with_background):
+    return None
+
+
+@check_labels.register_vmap
+def _(info, in_dims, labels, classes, ignore_index, with_background):
+    check_labels(labels, classes, ignore_index, with_background)  # the whole batch at once
+    return None, None
 
 
 def _batch_first(tensor, batch_dim, batch_size):
@@ -373,6 +404,8 @@ def at_labelled_class(grad_loss, labels):
     """An elementwise grad_output's value at each row's labelled class, where a score acts (0 for
     background rows, whose score gradient is 0 anyway: no inf or NaN of theirs is picked up)."""
     classes = grad_loss.shape[-1]
+    if classes == 0:  # every row is background: nothing to gather from
+        return grad_loss.new_zeros(labels.shape)
     labels = labels.long()  # gather's indices; and C - 1 need not fit a narrow label dtype
     labelled = (labels >= 0) & (labels < classes)
     picked = grad_loss.gather(-1, labels.clamp(0, classes - 1).unsqueeze(-1)).squeeze(-1)

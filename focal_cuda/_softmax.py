@@ -114,6 +114,10 @@ def gradients(ctx, grad_loss, needed):
     x, t, weight, saved_grad_inputs, saved_grad_targets, unweighted, divisor = ctx.saved_tensors
     reduction = ctx.arguments[1]
     dim = class_dim(x)
+    if reduction == _NONE and not t.is_floating_point():
+        # An ignored position's gradients are 0 whatever grad_loss holds there (the NaN of a
+        # later 0 / 0, say), as F.cross_entropy's: selected, not multiplied by the saved 0.
+        grad_loss = torch.where(t.long() == ctx.arguments[2], torch.zeros_like(grad_loss), grad_loss)
     grad_inputs = grad_targets = grad_weight = None
     if needed[0]:
         saved = _ops.saved_or_error(saved_grad_inputs, "inputs", _FUNCTION)

@@ -76,6 +76,9 @@ def _as_alpha(alpha):
     return -1.0 if alpha is None else _as_float(alpha, "alpha")
 
 
+_LOWER_THAN_FLOAT64 = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _float32_loss(inputs):
     """The op's float32_loss: whether 16-bit inputs give a float32 loss, as under torch.autocast
     (the only dtypes it changes; autocast exists for CPU and CUDA only, not e.g. meta tensors)."""
@@ -171,6 +174,7 @@ def sigmoid_focal_loss(
     Raises:
         ValueError: an argument outside what is accepted above; on CPU also a label that is not
             a class, the background or ``ignore_index`` (on CUDA a device-side assertion).
+        TypeError: inputs, targets or weight not a tensor (targets: nor a (labels, scores) pair).
     """
     if torch.jit.is_scripting():
         return _scripted_sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction, weight,
@@ -320,18 +324,26 @@ def softmax_focal_loss(
 
     Returns:
         The loss: of the targets' (positions') shape for ``"none"``, else 0-d, in the inputs'
-        dtype (float32 for 16-bit inputs under ``torch.autocast``). Differentiable with respect
+        dtype promoted with probability targets' (float32 for 16-bit inputs under
+        ``torch.autocast``), as ``F.cross_entropy``'s. Differentiable with respect
         to ``inputs``, probability ``targets`` and ``weight``; the gradients are computed in the
         forward pass, finite for every finite logit and every gamma >= 0.
 
     Raises:
         ValueError: an argument outside what is accepted above; on CPU also a class index
             outside [0, C) that is not ``ignore_index`` (on CUDA a device-side assertion).
+        TypeError: inputs, targets or weight not a tensor.
     """
     _check_tensor(inputs, "inputs")
     _check_tensor(targets, "targets")
     if weight is not None:
         _check_tensor(weight, "weight")
+    float32_loss = _float32_loss(inputs)
+    # Probabilities of another dtype: the loss in the dtype the two promote to, as F.cross_entropy's.
+    if targets.dtype == torch.float64 and inputs.dtype in _LOWER_THAN_FLOAT64:
+        inputs = inputs.double()
+    elif inputs.dtype in _ops.SIXTEEN_BIT_DTYPES and targets.dtype in _LOWER_THAN_FLOAT64:
+        float32_loss = float32_loss or targets.dtype != inputs.dtype
     if torch.is_grad_enabled():
         needs = (inputs.requires_grad, targets.requires_grad,
                  weight is not None and weight.requires_grad)
@@ -340,8 +352,11 @@ def softmax_focal_loss(
     outputs = _ops.outputs_mask(*needs)
     arguments = ([_as_alpha(alpha), _as_float(gamma, "gamma")], _reduction_code(reduction),
                  _as_index(ignore_index), _as_float(label_smoothing, "label_smoothing"),
-                 _float32_loss(inputs), outputs)
+                 float32_loss, outputs)
     if torch.compiler.is_compiling():
+        return _softmax.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
+    if torch.jit.is_tracing():  # the op, whose registered autograd a saved graph keeps
+        arguments = (*arguments[:-1], _ops.traced_outputs_mask(targets, weight))
         return _softmax.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
     if _ops.plain_eager(inputs, targets, weight):
         if outputs:
@@ -351,8 +366,10 @@ def softmax_focal_loss(
     # torch.func transforms and forward-mode AD: the reference formula (focal_cuda/_higher_order.py).
     if _ops.transforms_active() or _ops.tangents_about(inputs, targets, weight):
         _C.check_softmax_arguments(inputs, targets, weight, *arguments)
+        if not targets.is_floating_point():
+            _ops.check_labels(targets, inputs.shape[_softmax.class_dim(inputs)], arguments[2], False)
         return _softmax.reference_loss(inputs, targets, weight, arguments)
-    # Modes, subclasses, meta tensors, tracing: the same paths through the dispatcher.
+    # Modes, subclasses, meta tensors: the same paths through the dispatcher.
     if outputs:
         return _softmax.SoftmaxFunction.apply(inputs, targets, weight, arguments,
                                               _softmax.softmax_focal_loss_forward)
@@ -384,6 +401,9 @@ def _fused_loss(form, inputs, targets, coefficients, reduction, weight, ignore_i
     # forward_backward): Dynamo traces neither EagerFunction's C++ callable nor the probes.
     if torch.compiler.is_compiling():
         return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)[0]
+    if torch.jit.is_tracing():  # the op, whose registered autograd a saved graph keeps
+        arguments = (*arguments[:-1], _ops.traced_outputs_mask(differentiable_targets, weight))
+        return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)[0]
     if _ops.plain_eager(inputs, targets, weight, scores):
         if outputs:
             return EagerFunction.apply(inputs, targets, weight, scores, arguments,
@@ -392,8 +412,10 @@ def _fused_loss(form, inputs, targets, coefficients, reduction, weight, ignore_i
     # torch.func transforms and forward-mode AD: the reference formula (focal_cuda/_higher_order.py).
     if _ops.transforms_active() or _ops.tangents_about(inputs, targets, weight, scores):
         _C.check_forward_arguments(inputs, targets, weight, scores, *arguments)
+        if not targets.is_floating_point():
+            _ops.check_labels(targets, inputs.shape[-1] if inputs.dim() else 1, arguments[3], True)
         return _higher_order.reference_loss(inputs, targets, weight, scores, arguments)
-    # Modes, subclasses, meta tensors, tracing: the same paths through the dispatcher.
+    # Modes, subclasses, meta tensors: the same paths through the dispatcher.
     if outputs:
         return EagerFunction.apply(inputs, targets, weight, scores, arguments,
                                    _ops.sigmoid_focal_loss_forward)

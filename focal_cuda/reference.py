@@ -232,6 +232,8 @@ def softmax_focal_loss(
         q = q * valid.unsqueeze(dim)
     terms = q * focal if class_weight is None else q * class_weight * focal
     loss = terms.sum(dim) * (1.0 if alpha is None else alpha)
+    if valid is not None:  # selected, so that no grad_output of an ignored position reaches a derivative
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
     if reduction == "mean":
         if valid is None:
             loss = loss.sum() / loss.numel()

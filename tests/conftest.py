@@ -158,7 +158,8 @@ def derivative_term_scales(inputs, targets, alpha, gamma, *, weight=None, ignore
     scale_inputs = factor * alpha_t * q_gamma * (
         ((1 - t) * p).abs() + (t * pm).abs() + gamma * (1 - 2 * t).abs() * ce.abs() * ratio)
     scale_targets = factor * (1 - label_smoothing) * q_gamma * (
-        abs(alpha_slope) * ce.abs() + alpha_t * (x.abs() + gamma * (pm - p).abs() * ce_over_q)
+        # 1 - 2p is the difference of the rounded pm and p, known to their sum's rounding.
+        abs(alpha_slope) * ce.abs() + alpha_t * (x.abs() + gamma * (pm + p) * ce_over_q)
     )
     return scale_inputs, scale_targets
 

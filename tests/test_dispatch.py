@@ -124,6 +124,41 @@ def test_jit_trace_records_the_op(operands):
     assert torch.equal(traced(other), focal_cuda.sigmoid_focal_loss(other, t, 0.25, 2.0, "sum"))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.(trace_method|save|load)` is deprecated:FutureWarning")
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_jit_trace_of_a_training_head_saves_and_gives_eager_gradients(loss, tmp_path):
+    """Traced with parameters that require grad, the graph holds the op (a Python
+    autograd.Function would be a node no saved graph can hold, and trace's own check, which
+    reruns the function under no_grad, would see another graph) and trains as eager does."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(8, 6, generator=generator)
+    if loss == "sigmoid":
+        targets = torch.rand(8, 5, generator=generator)
+        loss_function = lambda logits, t: focal_cuda.sigmoid_focal_loss(logits, t, 0.25, 2.0, "mean")  # noqa: E731
+    else:
+        targets = torch.randint(0, 5, (8,), generator=generator)
+        loss_function = lambda logits, t: focal_cuda.softmax_focal_loss(logits, t, gamma=2.0)  # noqa: E731
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(6, 5)
+
+        def forward(self, features_, targets_):
+            return loss_function(self.linear(features_), targets_)
+
+    head = Head()
+    traced = torch.jit.trace(head, (features, targets))
+    assert f"focal_cuda::{loss}_focal_loss_forward" in str(traced.graph)
+    torch.jit.save(traced, tmp_path / "head.pt")
+    loaded = torch.jit.load(tmp_path / "head.pt")
+    loaded(features, targets).backward()
+    head(features, targets).backward()
+    torch.testing.assert_close(loaded.linear.weight.grad, head.linear.weight.grad, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(features, targets), head(features, targets), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("no_grad", [True, False], ids=["under-no_grad", "inputs-without-grad"])
 def test_compile_fullgraph_without_gradient(operands, no_grad):
     x, t = operands

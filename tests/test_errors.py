@@ -78,6 +78,25 @@ def test_bad_arguments(kwargs, error, message):
         focal_cuda.sigmoid_focal_loss(**arguments)
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage:UserWarning")
+@pytest.mark.parametrize("argument", ["inputs", "targets", "weight"])
+def test_nested_tensors_are_refused_by_name(argument):
+    # A nested tensor of the strided layout passes a layout check but has no sizes to check.
+    nested = torch.nested.nested_tensor([torch.zeros(2, 4), torch.zeros(2, 4)])
+    arguments = dict(inputs=torch.zeros(2, 2, 4), targets=torch.zeros(2, 2, 4), alpha=0.25, gamma=2.0)
+    arguments[argument] = nested
+    message = f"{argument} must be a strided (dense) tensor, got a nested tensor"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        focal_cuda.sigmoid_focal_loss(**arguments)
+    if argument != "targets":
+        softmax_arguments = dict(inputs=torch.zeros(2, 4), targets=torch.zeros(2, dtype=torch.long),
+                                 weight=torch.ones(4))
+        softmax_arguments[argument] = nested if argument == "inputs" else torch.nested.nested_tensor(
+            [torch.ones(4)])
+        with pytest.raises(ValueError, match=re.escape(message)):
+            focal_cuda.softmax_focal_loss(**softmax_arguments)
+
+
 def test_device_mismatch():
     meta = torch.zeros(4, 4, device="meta")
     with pytest.raises(ValueError, match=re.escape("targets must be on the same device as inputs, got cpu and meta")):

@@ -272,20 +272,59 @@ def test_bad_label_without_classes_says_so():
         focal_cuda.sigmoid_focal_loss(torch.zeros(3, 0), torch.tensor([0, 1, -100]))
 
 
+@pytest.mark.parametrize("path", ["grad", "vmap_batched_labels", "vmap_shared_labels", "forward_ad"])
+@pytest.mark.parametrize("bad_label", [CLASSES + 1, -1])
+def test_bad_labels_raise_under_transforms_as_in_eager(path, bad_label):
+    """torch.func and forward-mode AD take the reference formula, which runs no kernel: the
+    labels are checked there too, with the eager call's message."""
+    inputs = torch.randn(3, CLASSES)
+    labels = torch.tensor([0, bad_label, CLASSES])
+    message = f"targets holds the class label {bad_label}; valid labels are 0 to {CLASSES - 1}"
+
+    def loss_of(x, y=labels):
+        return focal_cuda.sigmoid_focal_loss(x, y, 0.25, 2.0, "sum")
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        if path == "grad":
+            torch.func.grad(loss_of)(inputs)
+        elif path == "vmap_batched_labels":
+            torch.func.vmap(loss_of)(inputs, labels)
+        elif path == "vmap_shared_labels":
+            torch.func.vmap(loss_of)(inputs.unsqueeze(0).expand(2, -1, -1))
+        else:
+            with torch.autograd.forward_ad.dual_level():
+                loss_of(torch.autograd.forward_ad.make_dual(inputs, torch.ones_like(inputs)))
+
+
+# What a CUDA process runs with a bad label: the fused kernels' assertion names it; the
+# reference formula's paths (torch.func) assert in the index check that stands in for them.
+CUDA_BAD_LABEL_CALLS = {
+    "sigmoid": f"focal_cuda.sigmoid_focal_loss(x, torch.tensor([0, {CLASSES + 3}, 1], device='cuda'))",
+    "softmax": f"focal_cuda.softmax_focal_loss(x, torch.tensor([0, {CLASSES}, 1], device='cuda'))",
+    "sigmoid_torch_func": ("torch.func.grad(lambda a: focal_cuda.sigmoid_focal_loss(a, torch.tensor("
+                           f"[0, {CLASSES + 3}, 1], device='cuda'), reduction='sum'))(x)"),
+    "softmax_torch_func": ("torch.func.grad(lambda a: focal_cuda.softmax_focal_loss(a, torch.tensor("
+                           f"[0, {CLASSES}, 1], device='cuda')))(x)"),
+}
+
+
 @requires_cuda
-def test_bad_label_on_cuda_is_a_device_side_assertion(tmp_path):
+@pytest.mark.parametrize("call", list(CUDA_BAD_LABEL_CALLS))
+def test_bad_label_on_cuda_is_a_device_side_assertion(tmp_path, call):
     # A device-side assertion leaves the CUDA context unusable: run it in its own process.
     script = (
         "import torch, focal_cuda\n"
         f"x = torch.zeros(3, {CLASSES}, device='cuda')\n"
-        f"focal_cuda.sigmoid_focal_loss(x, torch.tensor([0, {CLASSES + 3}, 1], device='cuda'))\n"
+        f"{CUDA_BAD_LABEL_CALLS[call]}\n"
         "torch.cuda.synchronize()\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
                             env=dict(os.environ, CUDA_LAUNCH_BLOCKING="1"))
     assert result.returncode != 0
-    assert f"targets holds the class label {CLASSES + 3}" in result.stdout + result.stderr
     assert "device-side assert" in result.stderr
+    if not call.endswith("torch_func"):
+        bad_label = CLASSES + 3 if call == "sigmoid" else CLASSES
+        assert f"targets holds the class label {bad_label}" in result.stdout + result.stderr
 
 
 # mmcv's published golden values for its CUDA sigmoid focal loss (tests/test_ops/test_focal_loss.py):

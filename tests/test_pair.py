@@ -226,6 +226,20 @@ def test_narrow_labels_of_many_classes_give_the_int64_pairs_gradients(label_dtyp
         assert torch.equal(ours, expected)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("form", FUNCTIONS)
+def test_no_classes_is_all_background(form, reduction):
+    """With C = 0 every row's label is the background (or ignored): empty gradients for the
+    logits and 0 for the scores, which act on no class."""
+    x = torch.zeros(3, 0, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, -100, 0])
+    scores = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    loss = FUNCTIONS[form](x, (labels, scores), reduction=reduction)
+    grad_x, grad_scores = torch.autograd.grad(loss.sum(), [x, scores], allow_unused=True)
+    assert grad_x.shape == (3, 0)
+    assert grad_scores is None or torch.equal(grad_scores, torch.zeros(3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("targets, error, message", [
     (lambda labels, scores: (labels, scores, scores), TypeError,
      "targets must be a torch.Tensor, or a (labels, scores) tuple of two tensors, got a tuple of 3 "

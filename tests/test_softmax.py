@@ -595,6 +595,80 @@ def test_a_negative_weight_sum_still_has_gradients():
     torch.testing.assert_close(grad_w, w.grad)
 
 
+@pytest.mark.parametrize("path", ["grad", "vmap_batched_labels", "vmap_shared_labels", "forward_ad"])
+@pytest.mark.parametrize("bad_label", [CLASSES, -1])
+def test_bad_labels_raise_under_transforms_as_in_eager(path, bad_label):
+    """torch.func and forward-mode AD take the reference formula, which runs no kernel: the
+    labels are checked there too, with the eager call's message (a -1 must not pick the last
+    class's weight, a C must not count in the mean's divisor)."""
+    inputs, labels = make_case((3, CLASSES), torch.float32, "cpu", "labels", ignore_fraction=0)
+    labels[1] = bad_label
+    weight = torch.rand(CLASSES) + 0.5
+    message = f"targets holds the class label {bad_label}; valid labels are 0 to {CLASSES - 1}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        focal_cuda.softmax_focal_loss(inputs, labels, weight=weight)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        if path == "grad":
+            torch.func.grad(lambda x: focal_cuda.softmax_focal_loss(x, labels, weight=weight))(inputs)
+        elif path == "vmap_batched_labels":
+            torch.func.vmap(lambda x, y: focal_cuda.softmax_focal_loss(x, y, weight=weight))(inputs, labels)
+        elif path == "vmap_shared_labels":
+            torch.func.vmap(lambda x: focal_cuda.softmax_focal_loss(x, labels, weight=weight))(
+                inputs.unsqueeze(0).expand(2, -1, -1))
+        else:
+            with torch.autograd.forward_ad.dual_level():
+                dual = torch.autograd.forward_ad.make_dual(inputs, torch.ones_like(inputs))
+                focal_cuda.softmax_focal_loss(dual, labels, weight=weight)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("create_graph", [False, True], ids=["fused", "reference"])
+def test_ignored_positions_take_no_gradient_from_a_nan_grad_output(device, label_smoothing, create_graph):
+    """A per-image mean of the elementwise loss divides an image with no labelled pixel by 0: its
+    grad_output is NaN. F.cross_entropy's gradients are 0 at ignored positions whatever it is;
+    so are ours, of the inputs and of the weight, on the fused and the reference path."""
+    inputs, labels = make_case((2, CLASSES, 4, 4), torch.float64, device, "labels", ignore_fraction=0.3)
+    labels[1] = -100
+    weight = torch.rand(CLASSES, dtype=torch.float64, device=device) + 0.5
+
+    def gradients(loss_function, weight_, images=2):
+        x = inputs[:images].clone().requires_grad_()
+        y = labels[:images]
+        loss = loss_function(x, y, weight=weight_, reduction="none", label_smoothing=label_smoothing)
+        per_image = loss.sum((1, 2)) / (y != -100).sum((1, 2))  # 0 / 0 for the second image
+        differentiated = [x] if not weight_.requires_grad else [x, weight_]
+        return torch.autograd.grad(per_image.nansum(), differentiated, create_graph=create_graph)
+
+    def focal(*args, **options):
+        return focal_cuda.softmax_focal_loss(*args, gamma=0.0, **options)
+
+    expected = gradients(F.cross_entropy, weight)[0]
+    assert not expected.isnan().any()
+    got_x, got_weight = gradients(focal, weight.clone().requires_grad_())
+    torch.testing.assert_close(got_x, expected)
+    assert (got_x[1] == 0).all()
+    torch.testing.assert_close(got_weight, gradients(focal, weight.clone().requires_grad_(), images=1)[1])
+
+
+# F.cross_entropy's loss takes the dtype the logits and probability targets promote to.
+MIXED_DTYPES = [(torch.float32, torch.float64), (torch.float16, torch.float32), (torch.bfloat16, torch.float64),
+                (torch.float16, torch.bfloat16), (torch.float64, torch.float32), (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("inputs_dtype, targets_dtype", MIXED_DTYPES)
+def test_probabilities_of_another_dtype_give_the_promoted_loss(inputs_dtype, targets_dtype):
+    inputs, targets = make_case((6, CLASSES, 3), inputs_dtype, "cpu", "probabilities")
+    targets = targets.to(targets_dtype)
+    promoted = torch.promote_types(inputs_dtype, targets_dtype)
+    loss, grad_x, grad_t, _ = loss_and_grads(focal_cuda.softmax_focal_loss, inputs, targets, gamma=0.0)
+    expected = F.cross_entropy(inputs.to(promoted), targets.to(promoted))
+    assert loss.dtype == expected.dtype == promoted
+    assert grad_x.dtype == inputs_dtype and grad_t.dtype == targets_dtype
+    # Computed in the promoted dtype's math (float32 or float64) from the stored values.
+    assert_matches(loss, expected_loss(inputs, targets, gamma=0.0), promoted if promoted == torch.float64 else torch.float32)
+
+
 def test_torch_func_grad_and_vmap_match_eager():
     inputs, labels = make_case((3, CLASSES, 4), torch.float64, "cpu", "labels")
 
