@@ -24,7 +24,7 @@ import tempfile
 
 from setuptools import build_meta as _setuptools
 
-MIN_TORCH = (2, 4)  # as in setup.py
+MIN_TORCH = (2, 11)  # as in setup.py
 
 # Runs in the target environment: where its torch is and which version, without importing torch.
 _PROBE = r"""

@@ -102,10 +102,10 @@ def test_backend_adds_torch_to_the_build_only_where_none_is_found():
     target = {"version": "2.13.0+cpu", "site": "/somewhere"}
     assert focal_backend.torch_requirements(True, None) == []
     assert focal_backend.torch_requirements(False, target) == []
-    assert focal_backend.torch_requirements(False, None) == ["torch>=2.4"]
-    with pytest.raises(RuntimeError, match=r"has torch 2\.3\.1 at /old\. Upgrade it first "
-                                           r"\(`.* -m pip install 'torch>=2\.4'`\)"):
-        focal_backend.torch_requirements(False, {"version": "2.3.1", "site": "/old"})
+    assert focal_backend.torch_requirements(False, None) == ["torch>=2.11"]
+    with pytest.raises(RuntimeError, match=r"has torch 2\.10\.1 at /old\. Upgrade it first "
+                                           r"\(`.* -m pip install 'torch>=2\.11'`\)"):
+        focal_backend.torch_requirements(False, {"version": "2.10.1", "site": "/old"})
 
 
 def tracked_files():
