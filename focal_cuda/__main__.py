@@ -4,6 +4,7 @@ it did not check, and a timing against torchvision (or the plain-PyTorch referen
 Exits 0 and prints PASS when every check passes, else prints FAIL and exits 1.
 """
 
+import argparse
 import os
 import sys
 import time
@@ -160,7 +161,10 @@ def unchecked(info):
     return lines
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m focal_cuda", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-timing", action="store_true", help="skip the timing (the checks only)")
+    timing = not parser.parse_args(argv).no_timing
     info = focal_cuda.backends()
     print(f"focal_cuda {focal_cuda.__version__}")
     print(f"torch {torch.__version__}, CUDA runtime of torch: {torch.version.cuda or 'none'}")
@@ -188,11 +192,12 @@ def main():
     for line in unchecked(info):
         print(f"not checked: {line}")
 
-    print("speed:")
-    for device in devices():
-        print(time_device(device, rounds=50 if device == "cuda" else 21))
-    if torchvision_focal_loss is None:
-        print("  (torchvision is not installed: `pip install torchvision` to time against it)")
+    if timing:
+        print("speed:")
+        for device in devices():
+            print(time_device(device, rounds=50 if device == "cuda" else 21))
+        if torchvision_focal_loss is None:
+            print("  (torchvision is not installed: `pip install torchvision` to time against it)")
 
     print("PASS" if not failures else "FAIL")
     return 0 if not failures else 1

@@ -1,6 +1,8 @@
-"""`python -m focal_cuda`: its timing helpers and what it reports as not checked."""
+"""`python -m focal_cuda`: its options, its timing helpers and what it reports as not checked."""
 
 import os
+
+import pytest
 
 import torch
 
@@ -38,3 +40,12 @@ def test_unchecked_names_the_cuda_kernels_and_the_unused_cpu_variants():
     else:
         assert cuda_lines == ["CUDA kernels: compiled, but no GPU is visible, so they did not run here"]
     assert lines[-1].startswith("CPU kernels DEFAULT, AVX512: compiled, not used on this CPU")
+
+
+def test_help_and_the_checks_without_timing(capsys):
+    with pytest.raises(SystemExit) as exited:
+        selfcheck.main(["--help"])
+    assert exited.value.code == 0 and "--no-timing" in capsys.readouterr().out
+    assert selfcheck.main(["--no-timing"]) == 0
+    output = capsys.readouterr().out
+    assert output.rstrip().endswith("PASS") and "speed:" not in output
