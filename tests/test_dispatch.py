@@ -154,9 +154,10 @@ def test_jit_trace_of_a_training_head_saves_and_gives_eager_gradients(loss, tmp_
     loaded = torch.jit.load(tmp_path / "head.pt")
     loaded(features, targets).backward()
     head(features, targets).backward()
-    torch.testing.assert_close(loaded.linear.weight.grad, head.linear.weight.grad, rtol=0, atol=0)
+    # Not bit for bit: TorchScript's executor may run the linear layer its own way.
+    torch.testing.assert_close(loaded.linear.weight.grad, head.linear.weight.grad)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(features, targets), head(features, targets), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(features, targets), head(features, targets))
 
 
 @pytest.mark.parametrize("no_grad", [True, False], ids=["under-no_grad", "inputs-without-grad"])
