@@ -196,10 +196,10 @@ def check_labels(labels: torch.Tensor, classes: int, ignore_index: int, with_bac
     or classes itself, the background) or is ignore_index. On CPU a ValueError naming the
     label; on CUDA, as the kernels, a device-side assertion, with no wait for the device."""
     if labels.is_cuda:
-        # index_select asserts on the device that each index lies in the table.
+        # gather asserts on the device that each index lies in [0, the table's size).
         indices = labels.long()
         indices = torch.where(indices == ignore_index, torch.zeros_like(indices), indices)
-        labels.new_empty(classes + with_background, dtype=torch.uint8).index_select(0, indices.reshape(-1))
+        labels.new_empty(classes + with_background, dtype=torch.uint8).gather(0, indices.reshape(-1))
     else:
         _C.check_cpu_labels(labels, classes, ignore_index, with_background)
 
