@@ -295,8 +295,11 @@ FOCAL_HOST_DEVICE double pow_double(double base, double exponent) {
                                        : magnitude;
 }
 
+// A Math policy says whether its fma rounds once (kFusedMultiplyAdd): the formulas that rely on
+// it take another form where it does not.
 template <typename S>
 struct ScalarMath {
+  static constexpr bool kFusedMultiplyAdd = true;
   static FOCAL_HOST_DEVICE S exp(S v) { return ::exp(v); }
   static FOCAL_HOST_DEVICE S log1p(S v) { return ::log1p(v); }
   static FOCAL_HOST_DEVICE S log(S v) { return ::log(v); }
@@ -314,6 +317,7 @@ struct ScalarMath {
 
 template <>
 struct ScalarMath<float> {
+  static constexpr bool kFusedMultiplyAdd = true;
   static FOCAL_HOST_DEVICE float exp(float v) { return ::expf(v); }
   static FOCAL_HOST_DEVICE float log1p(float v) { return log1p_float<ScalarMath<float>>(v); }
   static FOCAL_HOST_DEVICE float log(float v) { return ::logf(v); }
@@ -363,9 +367,16 @@ FOCAL_HOST_DEVICE Logistic<V> logistic(V x, V t) {
   const auto x_nonneg = x >= zero;
   // softplus(-x) = log1p(e) + max(-x, 0), softplus(x) = log1p(e) + max(x, 0), so CE = log1p(e)
   // + max(x, 0) - t x: for t in [0, 1] the last two are (1 - t) x or -t x, non-negative, and one
-  // fused multiply-add rounds them once.
+  // fused multiply-add rounds them once. Unfused, x - t x would round t x first and cancel for
+  // t near 1: each branch's product then, 1 - t exact for t in [0.5, 1].
+  V linear;
+  if constexpr (Math::kFusedMultiplyAdd) {
+    linear = Math::fma(-t, x, Math::max(x, zero));
+  } else {
+    linear = Math::select(x_nonneg, (one - t) * x, (zero - t) * x);
+  }
   return {Math::select(x_nonneg, sig_abs, e * sig_abs), Math::select(x_nonneg, e * sig_abs, sig_abs),
-          Math::log1p(e) + Math::fma(-t, x, Math::max(x, zero))};
+          Math::log1p(e) + linear};
 }
 
 // base^gamma (base in [0, 1] for targets in [0, 1], of any sign beyond) for the launch's

@@ -66,6 +66,12 @@ Vectorized<S> log_unit(const Vectorized<S>& v);
 template <typename S>
 struct VecMath {
   using Vec = Vectorized<S>;
+  // at::vec::fmadd is one instruction on AVX2 and AVX-512; elsewhere it may be a * b + c.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  static constexpr bool kFusedMultiplyAdd = true;
+#else
+  static constexpr bool kFusedMultiplyAdd = false;
+#endif
   static Vec exp(const Vec& v) { return exp_nonpositive(v); }
   static Vec log1p(const Vec& v) { return log1p_unit(v); }
   // exp(exponent * log|base|): several times faster than SLEEF's pow, and exact enough for the
