@@ -162,7 +162,10 @@ def unchecked(info):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m focal_cuda", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(  # not from __doc__, which python -OO drops
+        prog="python -m focal_cuda",
+        description="What was built, a correctness check on each device it can run, what it did "
+                    "not check, and a timing against torchvision.")
     parser.add_argument("--no-timing", action="store_true", help="skip the timing (the checks only)")
     timing = not parser.parse_args(argv).no_timing
     info = focal_cuda.backends()

@@ -325,7 +325,8 @@ def softmax_focal_loss(
     Returns:
         The loss: of the targets' (positions') shape for ``"none"``, else 0-d, in the inputs'
         dtype promoted with probability targets' (float32 for 16-bit inputs under
-        ``torch.autocast``), as ``F.cross_entropy``'s. Differentiable with respect
+        ``torch.autocast``), as ``F.cross_entropy``'s; ``weight``'s dtype does not change it.
+        Differentiable with respect
         to ``inputs``, probability ``targets`` and ``weight``; the gradients are computed in the
         forward pass, finite for every finite logit and every gamma >= 0.
 

@@ -201,7 +201,9 @@ def softmax_focal_loss(
     """
     dim = 0 if inputs.dim() == 1 else 1
     classes = inputs.shape[dim]
-    math_dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32
+    # Probabilities of another dtype: the loss in the dtype the two promote to.
+    out_dtype = torch.promote_types(inputs.dtype, targets.dtype) if targets.is_floating_point() else inputs.dtype
+    math_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
     x = inputs.to(math_dtype)
     class_shape = [1] * inputs.dim()
     class_shape[dim] = classes
@@ -242,9 +244,13 @@ def softmax_focal_loss(
             if class_weight is not None:
                 picked = weight.to(math_dtype)[torch.where(valid, labels, 0)]
                 label_weight = label_weight * picked
-            loss = loss.sum() / label_weight.sum()  # NaN for nothing counted, as F.cross_entropy
+            divisor = label_weight.sum()
+            # NaN or inf for a divisor of 0, as F.cross_entropy's, but no gradient, as the kernels'.
+            total = loss.sum()
+            safe = torch.where(divisor != 0, divisor, torch.ones_like(divisor))
+            loss = torch.where(divisor != 0, total / safe, (total / divisor).detach())
     elif reduction == "sum":
         loss = loss.sum()
     elif reduction != "none":
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return loss.to(inputs.dtype)
+    return loss.to(out_dtype)

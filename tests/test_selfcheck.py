@@ -1,9 +1,10 @@
 """`python -m focal_cuda`: its options, its timing helpers and what it reports as not checked."""
 
 import os
+import subprocess
+import sys
 
 import pytest
-
 import torch
 
 from focal_cuda import __main__ as selfcheck
@@ -49,3 +50,8 @@ def test_help_and_the_checks_without_timing(capsys):
     assert selfcheck.main(["--no-timing"]) == 0
     output = capsys.readouterr().out
     assert output.rstrip().endswith("PASS") and "speed:" not in output
+
+
+def test_help_under_python_optimized_without_docstrings():
+    result = subprocess.run([sys.executable, "-OO", "-m", "focal_cuda", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--no-timing" in result.stdout, result.stderr

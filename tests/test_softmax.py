@@ -669,6 +669,30 @@ def test_probabilities_of_another_dtype_give_the_promoted_loss(inputs_dtype, tar
     assert_matches(loss, expected_loss(inputs, targets, gamma=0.0), promoted if promoted == torch.float64 else torch.float32)
 
 
+@pytest.mark.parametrize("path", ["fused", "create_graph", "torch_func"])
+@pytest.mark.parametrize("case", ["zero_weights", "cancelling_weights"])
+def test_a_mean_whose_divisor_is_zero_leaves_zero_gradients_on_every_path(path, case):
+    """The counted labels' weights sum to 0: the loss is NaN or inf, as F.cross_entropy's, and
+    the gradients of the inputs and the weight are 0 on the fused and the reference paths."""
+    inputs, _ = make_case((3, 4), torch.float64, "cpu", "labels", ignore_fraction=0)
+    if case == "zero_weights":
+        labels, weight = torch.tensor([0, 0, 1]), torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    else:
+        labels, weight = torch.tensor([0, 1, 2]), torch.tensor([1.0, -2.0, 1.0, 1.0], dtype=torch.float64)
+    expected_loss = F.cross_entropy(inputs, labels, weight=weight)
+    x, w = inputs.clone().requires_grad_(), weight.clone().requires_grad_()
+    if path == "torch_func":
+        loss = focal_cuda.softmax_focal_loss(inputs, labels, gamma=2.0, weight=weight)
+        grads = torch.func.grad(lambda a, b: focal_cuda.softmax_focal_loss(a, labels, gamma=2.0, weight=b),
+                                argnums=(0, 1))(inputs, weight)
+    else:
+        loss = focal_cuda.softmax_focal_loss(x, labels, gamma=2.0, weight=w)
+        grads = torch.autograd.grad(loss, [x, w], create_graph=path == "create_graph")
+    assert loss.isnan() == expected_loss.isnan() and loss.isinf() == expected_loss.isinf()
+    for grad in grads:
+        assert (grad == 0).all()
+
+
 def test_torch_func_grad_and_vmap_match_eager():
     inputs, labels = make_case((3, CLASSES, 4), torch.float64, "cpu", "labels")
 
