@@ -664,6 +664,7 @@ def test_probabilities_of_another_dtype_give_the_promoted_loss(inputs_dtype, tar
     loss, grad_x, grad_t, _ = loss_and_grads(focal_cuda.softmax_focal_loss, inputs, targets, gamma=0.0)
     expected = F.cross_entropy(inputs.to(promoted), targets.to(promoted))
     assert loss.dtype == expected.dtype == promoted
+    assert focal_cuda.reference.softmax_focal_loss(inputs, targets, gamma=0.0).dtype == promoted
     assert grad_x.dtype == inputs_dtype and grad_t.dtype == targets_dtype
     # Computed in the promoted dtype's math (float32 or float64) from the stored values.
     assert_matches(loss, expected_loss(inputs, targets, gamma=0.0), promoted if promoted == torch.float64 else torch.float32)
