@@ -52,6 +52,8 @@ def test_help_and_the_checks_without_timing(capsys):
     assert output.rstrip().endswith("PASS") and "speed:" not in output
 
 
-def test_help_under_python_optimized_without_docstrings():
-    result = subprocess.run([sys.executable, "-OO", "-m", "focal_cuda", "--help"], capture_output=True, text=True)
+def test_help_under_python_optimized_without_docstrings(tmp_path):
+    # From another folder: under `python -m`, the current folder comes first on sys.path.
+    result = subprocess.run([sys.executable, "-OO", "-m", "focal_cuda", "--help"], capture_output=True, text=True,
+                            cwd=tmp_path)
     assert result.returncode == 0 and "--no-timing" in result.stdout, result.stderr
