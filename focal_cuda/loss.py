@@ -326,9 +326,9 @@ def softmax_focal_loss(
         The loss: of the targets' (positions') shape for ``"none"``, else 0-d, in the inputs'
         dtype promoted with probability targets' (float32 for 16-bit inputs under
         ``torch.autocast``), as ``F.cross_entropy``'s; ``weight``'s dtype does not change it.
-        Differentiable with respect
-        to ``inputs``, probability ``targets`` and ``weight``; the gradients are computed in the
-        forward pass, finite for every finite logit and every gamma >= 0.
+        Differentiable with respect to ``inputs``, probability ``targets`` and ``weight``; the
+        gradients are computed in the forward pass, finite for every finite logit and every
+        gamma >= 0.
 
     Raises:
         ValueError: an argument outside what is accepted above; on CPU also a class index
