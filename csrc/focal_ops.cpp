@@ -139,8 +139,8 @@ void check_labels_on_cpu(const at::Tensor& labels, int64_t classes, int64_t igno
   }
   const int64_t value = values[first_bad.load()];
   TORCH_CHECK_VALUE(with_background, "targets holds the class label ", value, "; valid labels are 0 "
-                    "to ", classes - 1, " (the ", classes, " classes of inputs' dimension 1) and "
-                    "ignore_index (", ignore_index, ")");
+                    "to ", classes - 1, " (the ", classes, " classes along inputs' class dimension) "
+                    "and ignore_index (", ignore_index, ")");
   TORCH_CHECK_VALUE(classes > 0, "targets holds the class label ", value, "; inputs' last "
                     "dimension (the classes) is 0, so the only valid labels are 0 (background) "
                     "and ignore_index (", ignore_index, ")");

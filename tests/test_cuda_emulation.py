@@ -1062,7 +1062,7 @@ def test_softmax_bad_label_raises_the_device_assert(emulated, capfd, bad_label):
                                             GRAD_INPUTS)
     printed = capfd.readouterr().out
     assert (f"targets holds the class label {bad_label}; valid labels are 0 to C - 1 and ignore_index, "
-            "for the C classes of inputs' dimension 1") in printed
+            "for the C classes along inputs' class dimension") in printed
     assert "Assertion `*label >= 0 && *label < classes" in printed
     emulated.reset_device()
 

@@ -35,7 +35,7 @@ struct SoftmaxPointers {
 // A label that is no class and not ignore_index, reported as report_bad_label does.
 __device__ __noinline__ void report_bad_softmax_label(const int64_t* label, int64_t classes) {
   vprintf_from("focal_cuda: targets holds the class label %lld; valid labels are 0 to C - 1 and "
-               "ignore_index, for the C classes of inputs' dimension 1\n",
+               "ignore_index, for the C classes along inputs' class dimension\n",
                label);
   CUDA_KERNEL_ASSERT(*label >= 0 && *label < classes && "class label out of range");
 }
