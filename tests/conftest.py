@@ -252,7 +252,8 @@ def exact_focal_loss_and_grads(inputs, targets, alpha, gamma):
         losses.append(alpha_t * qg * ce)
         grads_x.append(alpha_t * qg * ((1 - t) * p - t * pm + gamma * (1 - 2 * t) * ce * ratio))
         grads_t.append(qg * ((2 * alpha - 1) * ce + alpha_t * (gamma * (pm - p) * ce_over_q - x)))
-    return tuple(torch.tensor(values, dtype=torch.float64) for values in (losses, grads_x, grads_t))
+    return tuple(torch.tensor(values, dtype=torch.float64, device=inputs.device)
+                 for values in (losses, grads_x, grads_t))
 
 
 def every_16_bit_logit(dtype, limit):
