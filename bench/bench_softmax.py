@@ -99,9 +99,9 @@ def peak_memory_child(name, case, scale):
     print(json.dumps({"peak_extra_bytes": bench.peak_rss_of(train)}))
 
 
-def peak_extra_bytes(name, case, scale, device, train):
+def peak_extra_bytes(name, case, scale, device, train, x):
     if device == "cuda":
-        return bench.cuda_peak_extra_bytes(train)
+        return bench.cuda_peak_extra_bytes(train, x)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # freed buffers go back to the OS
     result = subprocess.run([sys.executable, __file__, "--peak-memory-child", name, case, str(scale)],
                             capture_output=True, text=True, env=env)
@@ -132,7 +132,7 @@ def run(args):
             entry = {"case": case, "shape": list(x.shape), "implementation": name, "mode": mode,
                      "median_ms": medians[(name, mode)], "min_ms": min(times), "max_ms": max(times)}
             if mode == "train":
-                extra = peak_extra_bytes(name, case, args.scale, args.device, timed[(name, "train")])
+                extra = peak_extra_bytes(name, case, args.scale, args.device, timed[(name, "train")], x)
                 entry["peak_extra_bytes"] = extra
                 entry["peak_extra_gradients"] = extra / gradient_bytes
             cases.append(entry)
