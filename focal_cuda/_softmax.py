@@ -117,8 +117,8 @@ def gradients(ctx, grad_loss, needed):
     if reduction == _NONE and not t.is_floating_point():
         # An ignored position's gradients are 0 whatever grad_loss holds there (the NaN of a
         # later 0 / 0, say), as F.cross_entropy's: selected, not multiplied by the saved 0.
-        labels = t if t.dtype == torch.int64 else t.long()  # a narrow dtype would wrap ignore_index
-        grad_loss = grad_loss.masked_fill(labels == ctx.arguments[2], 0)
+        ignored = t.long() == ctx.arguments[2]  # in int64: a narrow dtype would wrap ignore_index
+        grad_loss = grad_loss.masked_fill(ignored, 0)
     grad_inputs = grad_targets = grad_weight = None
     if needed[0]:
         saved = _ops.saved_or_error(saved_grad_inputs, "inputs", _FUNCTION)
