@@ -308,10 +308,14 @@ def _scaled_saved_grad(ctx, grad_loss, saved, count, reduction):
 
 
 def mean_scale(grad_output, count, reduction):
-    """grad_output, divided by count for the mean (0 where nothing counted)."""
+    """grad_output, divided by count for the mean: the label count, or the softmax loss's sum of
+    weights (which may be below 1 or negative); 0 where that is 0, whatever grad_output is (the
+    NaN of a mean of nothing), as the backward op's kernels."""
     if reduction != _MEAN:
         return grad_output
-    return torch.where(count > 0, grad_output / count.clamp_min(1), torch.zeros_like(grad_output))
+    counted = count != 0
+    safe_count = torch.where(counted, count, torch.ones_like(count))  # no 0 / 0 in a double backward
+    return torch.where(counted, grad_output / safe_count, torch.zeros_like(grad_output))
 
 
 def forward_setup_context(ctx, inputs, output):

@@ -165,12 +165,8 @@ def _weight_gradient(ctx, grad_loss, unweighted, targets, weight, divisor, dim):
                 0, labels.clamp(0, weight.shape[0] - 1), counted)
             mean = (per_class * weight.to(math_dtype)).sum() / divisor.to(math_dtype)
             per_class = per_class - mean * label_counts
-        divisor = divisor.to(math_dtype)
-        # Zero where nothing counted, whatever grad_loss is (a NaN after the mean of nothing), as
-        # the other gradients of a mean of nothing.
-        scaled = torch.where(divisor != 0, per_class / divisor * grad_loss.to(math_dtype),
-                             torch.zeros_like(per_class))
-        return scaled.to(weight.dtype)
+        return _ops.mean_scale(per_class * grad_loss.to(math_dtype), divisor.to(math_dtype),
+                               _MEAN).to(weight.dtype)
     return (per_class * grad_loss.to(math_dtype)).to(weight.dtype)
 
 

@@ -46,6 +46,31 @@ def test_second_derivatives(device, reduction, gamma):
     assert_second_derivatives_match_kernel_differences(focal_fn(0.25, gamma, reduction), (inputs, targets))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction, count", [
+    ("none", 7), ("sum", 7), ("mean", 7), ("mean", 0),
+    # The softmax loss's mean divides by its labels' summed weight: below 1, negative, or 0.
+    ("mean", 0.3), ("mean", -0.8), ("mean", 0.0),
+])
+def test_backward_op_derivatives_match_finite_differences(device, reduction, count):
+    """The backward op's own autograd formula (out = saved_grad * grad_output / count), which
+    differentiating through the op directly or through opcheck takes; a mean of nothing is 0."""
+    saved = torch.randn(3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    shape = (3, 5) if reduction == "none" else ()
+    grad_output = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
+    # int64 for the sigmoid family, float64 for the softmax loss
+    count = torch.tensor(count, dtype=torch.float64 if isinstance(count, float) else torch.int64, device=device)
+    code = focal_cuda.reference.REDUCTIONS.index(reduction)
+
+    def backward_op(grad_output_, saved_):
+        return torch.ops.focal_cuda.sigmoid_focal_loss_backward(grad_output_, saved_, count, code)
+
+    assert torch.autograd.gradcheck(backward_op, (grad_output, saved))
+    if reduction == "mean" and count == 0:
+        grads = torch.autograd.grad(backward_op(grad_output, saved).sum(), (grad_output, saved))
+        assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in grads)
+
+
 class RecordFocalOps(TorchDispatchMode):
     """Records the calls of the focal_cuda ops with their arguments."""
 
