@@ -89,6 +89,17 @@ def transforms_active():
     return bool(thread_dispatch_keys() & _FUNCTORCH_TRANSFORM)
 
 
+# The op layer's argument checks, for the paths that take the reference formula instead of the
+# op; in compiled code (allowed in the graph) run on the fake tensors while Dynamo traces, as the
+# fake kernels run them.
+check_forward_arguments = torch.compiler.allow_in_graph(_C.check_forward_arguments)
+check_softmax_arguments = torch.compiler.allow_in_graph(_C.check_softmax_arguments)
+# torch.compile of a torch.func transform (torch.compile(torch.func.grad(loss))): Dynamo runs the
+# transform on fake tensors while it traces, so the probe answers then, and the answer is the
+# traced code's constant (Dynamo guards compiled code on the transforms around it).
+transforms_active_while_compiling = torch.compiler.assume_constant_result(transforms_active)
+
+
 def forward_ad_active():
     # Private: the dual tensors of torch.autograd.forward_ad are plain tensors too; only the
     # level in use tells that tangents may be about.
@@ -132,7 +143,7 @@ def saved_dtype(dtype):
 
 def loss_dtype(inputs, targets, float32_loss):
     labels = not targets.is_floating_point()
-    dtype = inputs.dtype if labels else torch.result_type(inputs, targets)
+    dtype = inputs.dtype if labels else torch.promote_types(inputs.dtype, targets.dtype)  # same shapes
     if float32_loss and dtype in SIXTEEN_BIT_DTYPES:
         return torch.float32
     return dtype
@@ -213,63 +224,6 @@ def _(labels, classes, ignore_index, with_background):
 def _(info, in_dims, labels, classes, ignore_index, with_background):
     check_labels(labels, classes, ignore_index, with_background)  # the whole batch at once
     return None, None
-
-
-def _batch_first(tensor, batch_dim, batch_size):
-    """tensor with its vmap batch dimension first (expanded when it has none)."""
-    if batch_dim is None:
-        return tensor.expand((batch_size,) + tuple(tensor.shape))
-    return tensor.movedim(batch_dim, 0)
-
-
-@sigmoid_focal_loss_backward.register_vmap
-def _(info, in_dims, grad_output, saved_grad, count, reduction):
-    # One elementwise call on the whole batch: for "mean"/"sum" each sample's one grad_output
-    # value (divided by its count for the mean) spread over the sample's elements.
-    saved = _batch_first(saved_grad, in_dims[1], info.batch_size)
-    grad = _batch_first(grad_output, in_dims[0], info.batch_size)
-    if reduction != REDUCTION_CODES["none"]:
-        per_sample = (info.batch_size,) + (1,) * (saved.dim() - 1)
-        counts = count if in_dims[2] is None else count.movedim(in_dims[2], 0).reshape(per_sample)
-        grad = mean_scale(grad.reshape(per_sample), counts, reduction).expand_as(saved)
-    unused_count = torch.zeros((), dtype=torch.int64, device=saved.device)
-    out = sigmoid_focal_loss_backward(grad.contiguous(), saved.contiguous(), unused_count,
-                                      REDUCTION_CODES["none"])
-    return out, 0
-
-
-@sigmoid_focal_loss_forward.register_vmap
-def _(info, in_dims, inputs, targets, weight, scores, form, coefficients, reduction, ignore_index,
-      label_smoothing, float32_loss, outputs):
-    # One call on the whole batch, elementwise; "mean" and "sum" then reduce each sample.
-    x = _batch_first(inputs, in_dims[0], info.batch_size)
-    t = _batch_first(targets, in_dims[1], info.batch_size)
-    if scores is not None:
-        scores = _batch_first(scores, in_dims[3], info.batch_size)
-    if weight is not None and in_dims[2] is not None:
-        per_sample = weight.movedim(in_dims[2], 0)
-        # Broadcast against a sample of x as the unbatched weight would.
-        weight = per_sample.reshape(
-            (info.batch_size,) + (1,) * (x.dim() - per_sample.dim()) + tuple(per_sample.shape[1:])
-        )
-    loss, grad_inputs, grad_targets, unweighted, _ = sigmoid_focal_loss_forward(
-        x, t, weight, scores, form, coefficients, REDUCTION_CODES["none"], ignore_index,
-        label_smoothing, float32_loss, outputs,
-    )
-    samples = info.batch_size
-    if t.is_floating_point():
-        count = torch.full((samples,), x[0].numel(), dtype=torch.int64, device=x.device)
-    else:
-        count = (t != ignore_index).reshape(samples, -1).sum(1) * (x.shape[-1] if x.dim() > 1 else 1)
-    if reduction != REDUCTION_CODES["none"]:
-        math_dtype = torch.float64 if loss.dtype == torch.float64 else torch.float32
-        total = loss.reshape(samples, -1).sum(1, dtype=math_dtype)
-        if reduction == _MEAN:
-            total = total / count  # 0 / 0 is NaN: the mean of nothing, as unbatched
-        loss = total.to(loss.dtype)
-    computed = (True, outputs & GRAD_INPUTS, outputs & GRAD_TARGETS, outputs & UNWEIGHTED_LOSS, True)
-    return ((loss, grad_inputs, grad_targets, unweighted, count),
-            tuple(0 if batched else None for batched in computed))
 
 
 def last_use_of_saved(ctx, saved):

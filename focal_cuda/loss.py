@@ -354,19 +354,22 @@ def softmax_focal_loss(
     arguments = ([_as_alpha(alpha), _as_float(gamma, "gamma")], _reduction_code(reduction),
                  _as_index(ignore_index), _as_float(label_smoothing, "label_smoothing"),
                  float32_loss, outputs)
-    if torch.compiler.is_compiling():
-        return _softmax.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
-    if torch.jit.is_tracing():  # the op, whose registered autograd a saved graph keeps
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        if not _ops.transforms_active_while_compiling():
+            return _softmax.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
+    elif torch.jit.is_tracing():  # the op, whose registered autograd a saved graph keeps
         arguments = (*arguments[:-1], _ops.traced_outputs_mask(targets, weight))
         return _softmax.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
-    if _ops.plain_eager(inputs, targets, weight):
+    elif _ops.plain_eager(inputs, targets, weight):
         if outputs:
             return _softmax.SoftmaxFunction.apply(inputs, targets, weight, arguments,
                                                   _C.softmax_focal_loss_forward)
         return _C.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
-    # torch.func transforms and forward-mode AD: the reference formula (focal_cuda/_higher_order.py).
-    if _ops.transforms_active() or _ops.tangents_about(inputs, targets, weight):
-        _C.check_softmax_arguments(inputs, targets, weight, *arguments)
+    # torch.func transforms, compiled or not, and forward-mode AD: the reference formula
+    # (focal_cuda/_higher_order.py).
+    if compiling or _ops.transforms_active() or _ops.tangents_about(inputs, targets, weight):
+        _ops.check_softmax_arguments(inputs, targets, weight, *arguments)
         if not targets.is_floating_point():
             _ops.check_labels(targets, inputs.shape[_softmax.class_dim(inputs)], arguments[2], False)
         return _softmax.reference_loss(inputs, targets, weight, arguments)
@@ -400,19 +403,22 @@ def _fused_loss(form, inputs, targets, coefficients, reduction, weight, ignore_i
                  _as_float(label_smoothing, "label_smoothing"), _float32_loss(inputs), outputs)
     # Compiled code calls the op, with its registered autograd (_ops.forward_setup_context,
     # forward_backward): Dynamo traces neither EagerFunction's C++ callable nor the probes.
-    if torch.compiler.is_compiling():
-        return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)[0]
-    if torch.jit.is_tracing():  # the op, whose registered autograd a saved graph keeps
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        if not _ops.transforms_active_while_compiling():
+            return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)[0]
+    elif torch.jit.is_tracing():  # the op, whose registered autograd a saved graph keeps
         arguments = (*arguments[:-1], _ops.traced_outputs_mask(differentiable_targets, weight))
         return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)[0]
-    if _ops.plain_eager(inputs, targets, weight, scores):
+    elif _ops.plain_eager(inputs, targets, weight, scores):
         if outputs:
             return EagerFunction.apply(inputs, targets, weight, scores, arguments,
                                        _C.sigmoid_focal_loss_forward)
         return _C.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)[0]
-    # torch.func transforms and forward-mode AD: the reference formula (focal_cuda/_higher_order.py).
-    if _ops.transforms_active() or _ops.tangents_about(inputs, targets, weight, scores):
-        _C.check_forward_arguments(inputs, targets, weight, scores, *arguments)
+    # torch.func transforms, compiled or not, and forward-mode AD: the reference formula
+    # (focal_cuda/_higher_order.py).
+    if compiling or _ops.transforms_active() or _ops.tangents_about(inputs, targets, weight, scores):
+        _ops.check_forward_arguments(inputs, targets, weight, scores, *arguments)
         if not targets.is_floating_point():
             _ops.check_labels(targets, inputs.shape[-1] if inputs.dim() else 1, arguments[3], True)
         return _higher_order.reference_loss(inputs, targets, weight, scores, arguments)

@@ -143,7 +143,7 @@ def family_loss(form, inputs, targets, coefficients, reduction, weight, ignore_i
     or integer labels (over the last dimension's classes: label C is background, ignore_index
     drops the row) with optional scores, each labelled class's target instead of 1."""
     labels = not targets.is_floating_point()
-    out_dtype = inputs.dtype if labels else torch.result_type(inputs, targets)
+    out_dtype = inputs.dtype if labels else torch.promote_types(inputs.dtype, targets.dtype)
     math_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
     x = inputs.to(math_dtype)
     valid = None
