@@ -99,35 +99,65 @@ def __dir__():
 
 
 def power(base, exponent):
-    """base ** exponent. For an exponent in (0, 1) its derivative at base 0 is infinite, and
-    autograd's product with the base's own zero slope (a saturated logit, p == t) is NaN where
-    the loss's derivative is finite: there the power is a constant 0, differentiated as one."""
-    if not 0 < exponent < 1:
+    """base ** exponent. For an exponent that is not a whole number some derivative at base 0 is
+    infinite (the first for exponents in (0, 1), the second in (1, 2), ...), and autograd's
+    product with the base's own zero slope (a saturated logit, p == t) is NaN where the loss's
+    derivative is finite: there the power is a constant 0, differentiated as one."""
+    if exponent == int(exponent):
         return base.pow(exponent)
     at_zero = base == 0
     nonzero = torch.where(at_zero, torch.ones_like(base), base)
     return torch.where(at_zero, torch.zeros_like(base), nonzero.pow(exponent))
 
 
+def _sigmoids(x):
+    """(sigmoid(x), sigmoid(-x)) from e = exp(-|x|): 1 / (1 + e) and e / (1 + e). Autograd's
+    derivatives of these keep their relative accuracy in the tails, where torch.sigmoid's,
+    p (1 - p) with 1 - p rounded to 0 (x > 17 in float32), are 0."""
+    upper, e = _decay(x)
+    big = 1 / (1 + e)
+    small = e * big
+    return torch.where(upper, big, small), torch.where(upper, small, big)
+
+
+def _softpluses(v):
+    """(softplus(v), softplus(-v)) = (max(v, 0), max(-v, 0)) + log1p(exp(-|v|)). F.softplus
+    turns linear past v = 20, torch's binary_cross_entropy_with_logits forms log(1 + exp(-|x|))
+    without log1p, and logaddexp(v, 0)'s second derivative is NaN past |v| ~ 89 (float32)."""
+    upper, e = _decay(v)
+    zero = torch.zeros_like(v)
+    tail = torch.log1p(e)
+    return torch.where(upper, v, zero) + tail, torch.where(upper, zero, -v) + tail
+
+
+def _decay(v):
+    """(v >= 0, exp(-|v|)), the latter's derivative at 0 that of exp(-v), as the formulas above
+    take their v >= 0 forms there (abs's derivative at 0 is 0)."""
+    upper = v >= 0
+    return upper, torch.exp(torch.where(upper, -v, v))
+
+
 def softplus(v):
-    """log(1 + exp(v)) as logaddexp(v, 0): F.softplus turns linear past v = 20, and torch's
-    binary_cross_entropy_with_logits forms log(1 + exp(-|x|)) without log1p; both lose digits."""
-    return torch.logaddexp(v, torch.zeros_like(v))
+    """log(1 + exp(v)), accurate, with accurate derivatives (_softpluses)."""
+    return _softpluses(v)[0]
 
 
 def bce_with_logits(x, t):
     """Binary cross-entropy of sigmoid(x) against t: t * softplus(-x) + (1 - t) * softplus(x)."""
-    return t * softplus(-x) + (1 - t) * softplus(x)
+    plus, minus = _softpluses(x)
+    return t * minus + (1 - t) * plus
 
 
 def one_minus_p_t(x, t):
     """1 - p_t = t * (1 - p) + (1 - t) * p, without cancellation."""
-    return t * torch.sigmoid(-x) + (1 - t) * torch.sigmoid(x)
+    p, one_minus_p = _sigmoids(x)
+    return t * one_minus_p + (1 - t) * p
 
 
 def distance(x, t):
     """|p - t|, without cancellation."""
-    return ((1 - t) * torch.sigmoid(x) - t * torch.sigmoid(-x)).abs()
+    p, one_minus_p = _sigmoids(x)
+    return ((1 - t) * p - t * one_minus_p).abs()
 
 
 def alpha_t(alpha, t):
@@ -197,7 +227,9 @@ def softmax_focal_loss(
         loss = -alpha * sum_c weight[c] * q_c * (1 - p_c) ** gamma * log(p_c),
 
     reduced as F.cross_entropy reduces (the mean over labels divides by their summed weight).
-    Its autograd gradient is NaN where p_c == 1 exactly and 0 < gamma < 1; the kernel's is not.
+    Its second derivatives are NaN for a gamma below 2 that is not a whole number where
+    (1 - p_c)^(gamma - 2) overflows short of 1 - p_c = 0 (a margin of ~60 in float32 at gamma
+    0.5), as the sigmoid family's are.
     """
     dim = 0 if inputs.dim() == 1 else 1
     classes = inputs.shape[dim]
@@ -219,14 +251,14 @@ def softmax_focal_loss(
         # An ignored position is computed at logits 0, selected rather than multiplied by 0:
         # whatever it holds (inf, NaN) leaves no trace in the loss or any derivative.
         x = torch.where(valid.unsqueeze(dim), x, torch.zeros_like(x))
-    log_p = torch.log_softmax(x, dim)
+    log_p = _log_softmax(x, dim)
     if gamma == 0:
         focal = -log_p
     else:
         # A class of -inf logits (masked) has log p = -inf: the modulating factor's derivative
         # (0 there) meets it through a finite stand-in, so that it gives 0, not 0 * inf = NaN;
         # the rest, 0 wherever log p is finite, carries the infinite loss.
-        modulating = power(1 - log_p.exp(), gamma)
+        modulating = power(-torch.expm1(log_p), gamma)  # 1 - p, exact as p -> 1
         finite_log_p = log_p.clamp_min(torch.finfo(math_dtype).min)
         focal = -modulating * finite_log_p - modulating.detach() * (log_p - finite_log_p)
     q = q * (1 - label_smoothing) + label_smoothing / classes
@@ -254,3 +286,18 @@ def softmax_focal_loss(
     elif reduction != "none":
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return loss.to(out_dtype)
+
+
+def _log_softmax(x, dim):
+    """log softmax(x) over dim, relatively accurate where p -> 1: the top logit's log p is
+    -log1p(sum of the others' exp(x - top)), which torch.log_softmax rounds to 0 once that sum
+    is below the rounding of 1 (a margin of ~17 in float32). Written through the differences
+    x - top alone, its derivatives keep their digits too: 1 - p of the top is that sum's share,
+    not 1 minus p."""
+    top = x.argmax(dim, keepdim=True)
+    shifted = x - x.gather(dim, top)
+    is_top = torch.arange(x.shape[dim], device=x.device).reshape(
+        [-1 if d == dim else 1 for d in range(x.dim())]) == top
+    zero = torch.zeros_like(shifted)
+    others = torch.where(is_top, zero, shifted.exp()).sum(dim, keepdim=True)
+    return torch.where(is_top, zero, shifted) - torch.log1p(others)

@@ -71,6 +71,50 @@ def test_backward_op_derivatives_match_finite_differences(device, reduction, cou
         assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in grads)
 
 
+def exact_hard_target_second_derivative(x, t, alpha, gamma):
+    """d^2/dx^2 of alpha_t (1 - p_t)^gamma BCE for t in {0, 1}, in float64 from its closed form:
+    with z = x (t = 1) or -x, q = sigmoid(-z), p_t = 1 - q, S = softplus(-z), it is
+    alpha_t q^gamma p_t (gamma^2 p_t S + 2 gamma q - gamma q S + q); also the magnitude of its
+    terms, which a float32 result's rounding is relative to."""
+    z = torch.where(t == 1, x, -x).double()
+    q = torch.where(z >= 0, torch.exp(-z) / (1 + torch.exp(-z)), 1 / (1 + torch.exp(z)))
+    p_t = torch.where(z >= 0, 1 / (1 + torch.exp(-z)), torch.exp(z) / (1 + torch.exp(z)))
+    s = torch.where(z >= 0, torch.log1p(torch.exp(-z)), -z + torch.log1p(torch.exp(z)))
+    alpha_t = torch.where(t == 1, alpha, 1 - alpha).double()
+    factor = alpha_t * q**gamma * p_t
+    terms = (gamma**2 * p_t * s, 2 * gamma * q, -gamma * q * s, q)
+    return factor * sum(terms), factor * sum(term.abs() for term in terms)
+
+
+@pytest.mark.parametrize("dtype, logits", [
+    (torch.float32, [-100.0, -89.0, -60.0, -30.0, -17.0, 0.0, 1.0, 17.0, 30.0, 60.0, 89.0, 100.0]),
+    (torch.float64, [-710.0, -700.0, -100.0, -40.0, -30.0, 0.0, 1.0, 30.0, 40.0, 100.0, 700.0, 710.0]),
+])
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 1.5, 2.0, 3.0])
+def test_second_derivatives_in_the_tails(dtype, logits, gamma):
+    """create_graph's and torch.func.hessian's second derivatives (the reference formula's) at
+    saturated logits, where sigmoid's own derivative p (1 - p) rounds to 0 and logaddexp's
+    second one is NaN: within 64 roundings of its terms' magnitude (a chain of some twenty ops)
+    of the closed form wherever that is far from the subnormals, and finite everywhere."""
+    x = torch.tensor(logits, dtype=dtype).repeat(2)
+    t = torch.cat([torch.zeros(len(logits)), torch.ones(len(logits))]).to(dtype)
+
+    def loss_of(x_):
+        return focal_cuda.sigmoid_focal_loss(x_, t, 0.25, gamma, "sum")
+
+    x_ = x.clone().requires_grad_()
+    (first,) = torch.autograd.grad(loss_of(x_), x_, create_graph=True)
+    (by_create_graph,) = torch.autograd.grad(first.sum(), x_)
+    by_hessian = torch.func.hessian(loss_of)(x).diagonal()
+    exact, scale = exact_hard_target_second_derivative(x, t, 0.25, gamma)
+    resolvable = exact.abs() > torch.finfo(dtype).tiny * 2**24  # far above the subnormals
+    for second in (by_create_graph, by_hessian):
+        assert second.isfinite().all(), second
+        error = (second.double() - exact).abs()
+        assert (error[resolvable] <= 64 * torch.finfo(dtype).eps * scale[resolvable]).all(), (
+            second, exact)
+
+
 class RecordFocalOps(TorchDispatchMode):
     """Records the calls of the focal_cuda ops with their arguments."""
 

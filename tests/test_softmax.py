@@ -758,3 +758,37 @@ def test_training_step_replays_in_a_cuda_graph(device, weighted):
                                   weight=weight, weight_grad=False)
         torch.testing.assert_close(static_loss, expected[0])
         torch.testing.assert_close(static_x.grad, expected[1])
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_transforms_keep_a_confident_position_accurate(gamma):
+    """Under torch.func (the reference formula) a confident position's loss and gradients keep
+    their relative accuracy as the eager kernels' do: 1 - p where p -> 1 is not 1 minus p.
+    float32 rows of 5 classes, the label ahead by 8 to 20; exact values from mpmath."""
+    margins = [8.0, 12.0, 16.0, 20.0]
+    x = torch.zeros(len(margins), 5)
+    x[:, 2] = torch.tensor(margins)
+    labels = torch.full((len(margins),), 2)
+
+    def loss_of(x_):
+        return focal_cuda.softmax_focal_loss(x_, labels, gamma=gamma, reduction="sum")
+
+    losses = torch.func.vmap(lambda row, label: focal_cuda.softmax_focal_loss(row, label, gamma=gamma,
+                                                                              reduction="sum"))(x, labels)
+    grads = torch.func.grad(loss_of)(x)
+
+    def exact_loss(*row):
+        top = max(row)
+        total = mpmath.fsum(mpmath.exp(v - top) for v in row)
+        log_p = row[2] - top - mpmath.log(total)
+        one_minus_p = mpmath.fsum(mpmath.exp(v - top) for i, v in enumerate(row) if i != 2) / total
+        return -one_minus_p**gamma * log_p
+
+    for row, loss, grad in zip(x.tolist(), losses, grads):
+        with mpmath.workdps(50):
+            exact = float(exact_loss(*row))
+            partials = [float(mpmath.diff(exact_loss, row, tuple(int(i == c) for i in range(5))))
+                        for c in range(5)]
+        assert abs(loss.item() - exact) <= 8 * 2**-23 * exact
+        for c, partial in enumerate(partials):
+            assert abs(grad[c].item() - partial) <= 8 * 2**-23 * abs(partial), (c, grad, partial)
