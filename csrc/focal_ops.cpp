@@ -57,9 +57,9 @@ void check_targets(const at::Tensor& targets, bool labels, const char* expected)
                     "float16, bfloat16, float32 or float64; got ", python_name(dtype));
 }
 
-void check_device(const at::Tensor& tensor) {
-  TORCH_CHECK(tensor.is_cpu() || tensor.is_cuda(), "focal_cuda runs on CPU and CUDA tensors, got ",
-              tensor.device());
+void check_device(const at::Tensor& tensor, const char* name) {
+  TORCH_CHECK(tensor.is_cpu() || tensor.is_cuda(), name,
+              " must be a CPU or CUDA tensor (what focal_cuda runs on), got one on ", tensor.device());
 #ifndef FOCAL_WITH_CUDA
   TORCH_CHECK(!tensor.is_cuda(), kRebuildWithCuda);
 #endif
@@ -158,6 +158,9 @@ std::pair<WeightKind, at::Tensor> weight_for_kernels(const at::Tensor& weight,
                                                      at::ScalarType dtype) {
   const auto shape = inputs.sizes();
   const at::Tensor expanded = weight.to(dtype).expand(shape);
+  if (expanded.numel() == 0) {  // nothing to weigh: the views below would reach past its storage
+    return {WeightKind::Element, expanded.contiguous()};
+  }
   const int64_t rank = expanded.dim();
   const int64_t classes = rank == 0 ? 1 : shape.back();
   const bool varies_with_class = rank > 0 && classes > 1 && expanded.stride(-1) != 0;
@@ -355,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     int64_t outputs) {
   check_forward_arguments(inputs, targets, weight, scores, form, coefficients, reduction,
                           ignore_index, label_smoothing, float32_loss, outputs);
-  check_device(inputs);
+  check_device(inputs, "inputs");
   const bool labels = at::isIntegralType(targets.scalar_type(), /*includeBool=*/false);
   const bool has_scores = scores.has_value() && scores->defined();
   const auto loss_form = static_cast<LossForm>(form);
@@ -457,11 +460,12 @@ BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& s
   TORCH_CHECK(grad_output.device() == saved_grad.device() && count.device() == saved_grad.device(),
               "grad_output, saved_grad and count must be on one device, got ", grad_output.device(),
               ", ", saved_grad.device(), " and ", count.device());
-  check_device(saved_grad);
+  check_device(saved_grad, "saved_grad");
   // Any dense layout (the softmax loss saves its gradient in the inputs' strides): the kernels
   // read it, grad_output and out as flat arrays in the same memory order.
   TORCH_CHECK(saved_grad.is_non_overlapping_and_dense(),
-              "saved_grad must be dense, as the forward ops return it");
+              "saved_grad must be dense, as the forward ops return it, got sizes ",
+              saved_grad.sizes(), " and strides ", saved_grad.strides());
   TORCH_CHECK(count.numel() == 1 && (count.scalar_type() == at::kLong || count.scalar_type() == at::kDouble),
               "count must be the 0-d int64 (or float64, the softmax loss's) tensor the forward op "
               "returns, got ", count.scalar_type(), " of shape ", count.sizes());
@@ -615,7 +619,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_f
     double label_smoothing, bool float32_loss, int64_t outputs) {
   check_softmax_arguments(inputs, targets, weight, coefficients, reduction, ignore_index,
                           label_smoothing, float32_loss, outputs);
-  check_device(inputs);
+  check_device(inputs, "inputs");
   const bool labels = !targets.is_floating_point();
   SoftmaxArgs args;
   const at::Tensor x = as_batched(inputs, args.position_stride);

@@ -111,7 +111,7 @@ def forward_op(inputs, targets, alpha=0.25, gamma=2.0, reduction=0, weight=None,
 
 def test_unsupported_device():
     meta = torch.zeros(4, 4, device="meta")
-    with pytest.raises(RuntimeError, match="focal_cuda runs on CPU and CUDA tensors, got meta"):
+    with pytest.raises(RuntimeError, match="inputs must be a CPU or CUDA tensor .what focal_cuda runs on., got one on meta"):
         forward_op(meta, meta)
 
 
@@ -209,3 +209,19 @@ def test_user_errors_raise_in_a_fresh_process():
 def test_ops_check_their_grouped_arguments(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
+
+
+def test_a_tensor_coefficient_is_named_under_torch_compile():
+    """The eager message, which Dynamo carries (it cannot take the tensor's repr into it)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, gamma: focal_cuda.sigmoid_focal_loss(x, x, gamma=gamma),
+                             fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="gamma must be a real number, got a Tensor"):
+        compiled(torch.zeros(2, 3), torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("module", [focal_cuda.SigmoidFocalLossStar, focal_cuda.QualityFocalLoss,
+                                    focal_cuda.VarifocalLoss])
+def test_family_module_constructor_errors_name_the_module(module):
+    with pytest.raises(TypeError, match=rf"^{module.__name__}\(\): got an unexpected keyword argument 'weight'"):
+        module(weight=torch.ones(3))

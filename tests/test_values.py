@@ -117,6 +117,27 @@ def test_empty_mean_is_nan_and_sum_is_zero(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape, weight_shape", [
+    ((0, 4), (0, 1)), ((0, 4), (0, 4)), ((3, 0), (3, 0)), ((3, 0), (3, 1)),
+    ((2, 0, 4), (0, 4)), ((2, 0, 4), (1, 0, 1)), ((2, 0, 4), (1, 0, 4)), ((0, 4), (4,)),
+])
+@pytest.mark.parametrize("labels", [False, True], ids=["soft", "labels"])
+def test_empty_inputs_with_a_weight_of_any_kind(device, shape, weight_shape, labels):
+    """Per-anchor and per-element weights of empty inputs weigh nothing (their views once
+    reached past an empty storage): sum 0, mean NaN, gradients empty."""
+    x = torch.zeros(shape, device=device, requires_grad=True)
+    targets = torch.zeros(shape[:-1], dtype=torch.long, device=device) if labels else torch.zeros(shape, device=device)
+    weight = torch.ones(weight_shape, device=device, requires_grad=True)
+    total = focal_cuda.sigmoid_focal_loss(x, targets, reduction="sum", weight=weight)
+    assert total.item() == 0.0
+    assert focal_cuda.sigmoid_focal_loss(x, targets, reduction="mean", weight=weight).isnan()
+    assert focal_cuda.sigmoid_focal_loss(x, targets, reduction="none", weight=weight).shape == shape
+    grad_x, grad_weight = torch.autograd.grad(total, (x, weight))
+    assert grad_x.shape == shape and grad_weight.shape == weight_shape
+    assert (grad_weight == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0, -1.0, None])
 def test_alpha_values(device, alpha):
     inputs, targets = random_case((6, 50), torch.float64, device, soft=True)
