@@ -184,9 +184,10 @@ def family_loss(form, inputs, targets, coefficients, reduction, weight, ignore_i
         # One-hot by comparison (not F.one_hot, whose range check vmap cannot batch): ignored
         # rows and the background C match no class.
         classes_range = torch.arange(classes, device=targets.device)
-        t = ((targets.unsqueeze(-1) == classes_range) & valid.unsqueeze(-1)).to(math_dtype)
-        if scores is not None:
-            t = t * scores.to(math_dtype).unsqueeze(-1)
+        labelled = (targets.unsqueeze(-1) == classes_range) & valid.unsqueeze(-1)
+        t = labelled.to(math_dtype)
+        if scores is not None:  # selected: a background or ignored row's score is never read
+            t = torch.where(labelled, scores.to(math_dtype).unsqueeze(-1), torch.zeros_like(t))
         valid = valid.unsqueeze(-1).to(math_dtype)
     else:
         t = targets.to(math_dtype)

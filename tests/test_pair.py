@@ -240,6 +240,29 @@ def test_no_classes_is_all_background(form, reduction):
     assert grad_scores is None or torch.equal(grad_scores, torch.zeros(3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("form", FUNCTIONS)
+@pytest.mark.parametrize("bad_score", [float("nan"), float("inf")])
+def test_scores_of_background_and_ignored_rows_are_never_read(form, bad_score):
+    """A row without a labelled class reads no score, whatever it holds, on every path: the
+    kernels, and the reference formula that torch.func, forward-mode AD and create_graph take."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(3, CLASSES, dtype=torch.float64, generator=generator)
+    labels = torch.tensor([2, CLASSES, -100])  # labelled, background, ignored
+    scores = torch.tensor([0.7, bad_score, bad_score], dtype=torch.float64)
+    clean = torch.tensor([0.7, 0.0, 0.0], dtype=torch.float64)
+
+    def loss_of(x_, scores_):
+        return FUNCTIONS[form](x_, (labels, scores_), reduction="sum")
+
+    eager = kernel_gradients(lambda x_: loss_of(x_, clean), (x,))
+    x_ = x.clone().requires_grad_()
+    (by_create_graph,) = torch.autograd.grad(loss_of(x_, scores), x_, create_graph=True)
+    by_func, value = torch.func.grad_and_value(loss_of)(x, scores)
+    assert_matches(value, loss_of(x, clean))
+    for gradient in (by_create_graph, by_func):
+        assert_matches(gradient, eager[0])
+
+
 @pytest.mark.parametrize("targets, error, message", [
     (lambda labels, scores: (labels, scores, scores), TypeError,
      "targets must be a torch.Tensor, or a (labels, scores) tuple of two tensors, got a tuple of 3 "
