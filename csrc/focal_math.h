@@ -96,7 +96,7 @@ struct FocalCoeffs {
 };
 
 // The member of the family a launch computes: a run-time switch, the same for every element of
-// a launch (no divergence on a GPU, no extra template instances). The codes cross the Python
+// a launch (no divergence on a GPU, no kernel per form). The codes cross the Python
 // boundary unchanged.
 enum class LossForm : int { Focal = 0, Star = 1, Quality = 2, Varifocal = 3 };
 
@@ -667,8 +667,8 @@ struct SoftmaxCoeffs : FocalCoeffs<S> {
 // What a position's label means to its terms: its class (-1 for none: probability targets, or
 // a label that does not count), whether the position counts, and its share of the mean's
 // divisor (the label's class weight, 1 without weights or for probabilities, 0 if it does not
-// count). A label that is neither a class nor ignore_index does not count here; the kernels'
-// label checks report it.
+// count). A label that is neither a class nor ignore_index does not count here; the label
+// check reports it (the op layer's on CPU, the kernels' on CUDA).
 template <typename S>
 struct PositionLabel {
   int64_t label;

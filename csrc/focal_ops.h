@@ -28,8 +28,8 @@ constexpr int64_t kUnweightedLoss = 4;  // the elementwise loss before the weigh
 // forms whose row takes none. Returns
 //   (loss, grad_inputs, grad_targets, unweighted_loss, count):
 // loss has inputs' shape for reduction None (0), else is 0-d (Mean 1, Sum 2); its dtype is the
-// promoted dtype of inputs and floating targets (inputs' dtype with labels), or float32 when
-// float32_loss. The gradients are unscaled, contiguous, in the dtype of what they
+// promoted dtype of inputs and floating targets (inputs' dtype with labels), or float32 where
+// that is 16-bit and float32_loss. The gradients are unscaled, contiguous, in the dtype of what they
 // differentiate; unweighted_loss has the loss dtype; float32 instead of float16 for all three,
 // so that a loss scale applied in backward cannot meet values float16 already flushed. count
 // is a 0-d int64 tensor on the inputs' device: the elements not ignored, the mean's divisor.
@@ -75,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_f
     const std::vector<double>& coefficients, int64_t reduction, int64_t ignore_index,
     double label_smoothing, bool float32_loss, int64_t outputs);
 
-// The label check of the forwards' CPU kernels, on its own for the paths that compute without
+// The CPU forwards' label check (the op layer's), on its own for the paths that compute without
 // them (the reference formula under torch.func and forward-mode AD): every label (any integer
 // dtype) names one of classes (with_background: or classes itself) or is ignore_index, else
 // ValueError. CPU labels only.

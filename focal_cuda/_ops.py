@@ -156,7 +156,7 @@ def _(inputs, targets, weight, scores, form, coefficients, reduction, ignore_ind
     _C.check_forward_arguments(inputs, targets, weight, scores, form, coefficients, reduction,
                                ignore_index, label_smoothing, float32_loss, outputs)
     dtype = loss_dtype(inputs, targets, float32_loss)
-    loss = inputs.new_empty(inputs.shape if reduction == 0 else (), dtype=dtype)
+    loss = inputs.new_empty(inputs.shape if reduction == REDUCTION_CODES["none"] else (), dtype=dtype)
     differentiated = targets if scores is None else scores
     shapes = (inputs.shape, differentiated.shape, inputs.shape)
     per_element = (

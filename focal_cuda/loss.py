@@ -68,7 +68,12 @@ def _as_float(value, name):
         return value
     if _real_number(value):
         return float(value)
-    raise ValueError(f"{name} must be a real number, got {value!r}")
+    raise ValueError(f"{name} must be a real number, got {_described(value)}")
+
+
+def _described(value):
+    # A tensor by its kind, not its repr, which torch.compile cannot trace.
+    return f"a {type(value).__name__}" if isinstance(value, torch.Tensor) else repr(value)
 
 
 def _as_alpha(alpha):
@@ -98,7 +103,7 @@ def _as_index(ignore_index):
         if -2**63 <= ignore_index < 2**63:  # the op's int64
             return int(ignore_index)
         raise ValueError(f"ignore_index must be an integer in int64's range, got {ignore_index!r}")
-    raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
+    raise ValueError(f"ignore_index must be an integer, got {_described(ignore_index)}")
 
 
 _Function = TypeVar("_Function", bound=Callable[..., torch.Tensor])
@@ -514,7 +519,10 @@ def _family_module(function, name):
 
     def __init__(self, *args, **kwargs):
         torch.nn.Module.__init__(self)
-        bound = init_signature.bind(self, *args, **kwargs)
+        try:
+            bound = init_signature.bind(self, *args, **kwargs)
+        except TypeError as error:  # bind's message names no function
+            raise TypeError(f"{name}(): {error}") from None
         bound.apply_defaults()
         values = {option: bound.arguments[option] for option in names}
         _check_options(function, **values)
@@ -543,7 +551,8 @@ VarifocalLoss = _family_module(varifocal_loss, "VarifocalLoss")
 class SoftmaxFocalLoss(torch.nn.Module):
     """``softmax_focal_loss`` as a module, built as ``torch.nn.CrossEntropyLoss`` is:
     ``SoftmaxFocalLoss(alpha, gamma, reduction, weight, ...)(inputs, targets)``; the weight is
-    a buffer (it moves with the module)."""
+    a buffer (it moves with the module). Not scriptable by TorchScript (as the sigmoid family's
+    other forms: only sigmoid_focal_loss and SigmoidFocalLoss are)."""
 
     alpha: Optional[float]
     gamma: float

@@ -27,7 +27,7 @@ using at::vec::Vectorized;
 
 // 1 / v. A division has a throughput of ~10 cycles per vector on x86 cores; the hardware
 // reciprocal estimate refined by Newton steps, r + r * (1 - v * r), costs 3-5 and is within
-// 1 ulp of 1 / v for the positive, normal v it gets here (1 + exp(-|x|), 2 + exp(-|x|) and q).
+// 1 ulp of 1 / v for the positive, normal v it gets here (1 + exp(-|x|), log1p's 1 + v / 2, q).
 // For v = 0 or inf it gives NaN, not inf or 0: q = 0 is masked out where 1 / q is used.
 template <typename S>
 Vectorized<S> fast_reciprocal(const Vectorized<S>& v) {

@@ -43,7 +43,7 @@ __device__ __forceinline__ float ex2_approx(float v) {
 #endif
 
 // The kernels' math: focal_math.h's scalar functions, with the GPU's reciprocal in float. The
-// formulas divide only by normal floats (1 + e and 2 + v in [1, 3]; q and |p - t| scaled by
+// formulas divide only by normal floats (1 + e in [1, 2], log1p's 1 + v / 2 in [1, 1.5]; q and |p - t| scaled by
 // kUnitScale, in [2^-117, 2^32] for targets in [0, 1], larger in magnitude beyond; 0 only where
 // a select drops the result), so the hardware
 // estimate and one Newton step (which squares the estimate's error) give 1 / v within 0.5 ulp
