@@ -1092,6 +1092,27 @@ def test_softmax_soft_target_gradient_at_a_confident_class_keeps_its_accuracy(em
         assert_confident_class_gradient_exact(grad, inputs, targets, gamma, smoothing)
 
 
+@pytest.mark.parametrize("kind", ["labels", "smoothed"])
+def test_softmax_many_classes_a_thread(emulated, kind):
+    """A thread reads its position's classes one by one: 5,000 classes in float32, against the
+    float64 definition at the float32 tolerance (a plain running sum drifts past it)."""
+    from test_softmax import MANY_CLASSES_LAYOUTS, expected_loss, gradient_scale, labels_in_layout
+
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(16, 5000, generator=generator, dtype=torch.float64) * 3
+    labels = labels_in_layout("nchw", torch.randint(0, 5000, (16,), generator=generator))
+    inputs = MANY_CLASSES_LAYOUTS["nchw"](logits).float()
+    smoothing = 0.1 if kind == "smoothed" else 0.0
+    loss, grad, *_ = emulated.softmax_focal_loss_forward(inputs, labels, None, [-1.0, 2.0],
+                                                         REDUCTION_CODES["sum"], -100, smoothing,
+                                                         False, GRAD_INPUTS)
+    x = inputs.double().requires_grad_()
+    expected = expected_loss(x, labels, None, 2.0, "sum", label_smoothing=smoothing)
+    expected.backward()
+    assert_matches(loss, expected.detach(), F32)
+    assert_matches(grad, x.grad, F32, scale=gradient_scale(inputs, labels, 1.0, 2.0, "sum", None, smoothing))
+
+
 def test_every_mutant_text_is_in_the_kernels_once():
     """mutate.py plants each mutant by replacing its text, which must occur exactly once in csrc:
     a kernel change that moves the text leaves the mutant unplantable (two had been, unnoticed)."""

@@ -792,3 +792,46 @@ def test_transforms_keep_a_confident_position_accurate(gamma):
         assert abs(loss.item() - exact) <= 8 * 2**-23 * exact
         for c, partial in enumerate(partials):
             assert abs(grad[c].item() - partial) <= 8 * 2**-23 * abs(partial), (c, grad, partial)
+
+
+# Many classes in every layout: the (N, C) rows sum across vector lanes, the others (NCHW,
+# column-major (N, C), channels-last) each position's classes one by one, which a plain running
+# sum in float32 would round by up to C/2 ulp (29 times the tolerance at 5,000 classes).
+MANY_CLASSES_LAYOUTS = {
+    "rows": lambda x: x,
+    "column_major": lambda x: x.t().contiguous().t(),
+    "nchw": lambda x: x.t().reshape(1, x.shape[1], 4, x.shape[0] // 4),
+    "channels_last": lambda x: x[:, :, None, None].contiguous(memory_format=torch.channels_last),
+}
+
+
+def labels_in_layout(layout, labels):
+    """Labels of a (16, C) tensor's rows, shaped as its positions in layout."""
+    if layout == "nchw":
+        return labels.reshape(1, 4, labels.shape[0] // 4)
+    if layout == "channels_last":
+        return labels[:, None, None]
+    return labels
+
+
+@pytest.mark.parametrize("layout", MANY_CLASSES_LAYOUTS)
+@pytest.mark.parametrize("kind", ["labels", "smoothed"])
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_many_classes_in_every_layout(layout, kind, gamma):
+    """5,000 classes, float32: loss and gradient against the float64 definition at the float32
+    tolerance, in each layout."""
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(16, 5000, generator=generator, dtype=torch.float64) * 3
+    labels = torch.randint(0, 5000, (16,), generator=generator)
+    smoothing = 0.1 if kind == "smoothed" else 0.0
+    x64 = MANY_CLASSES_LAYOUTS[layout](logits)
+    y = labels_in_layout(layout, labels)
+    x = x64.float().detach().requires_grad_()
+    loss = focal_cuda.softmax_focal_loss(x, y, gamma=gamma, reduction="sum", label_smoothing=smoothing)
+    loss.backward()
+    exact_x = x.detach().double().requires_grad_()
+    expected = expected_loss(exact_x, y, None, gamma, "sum", label_smoothing=smoothing)
+    expected.backward()
+    assert_matches(loss, expected.detach())
+    scale = gradient_scale(x.detach(), y, 1.0, gamma, "sum", None, smoothing)
+    assert_matches(x.grad, exact_x.grad, scale=scale)

@@ -179,7 +179,7 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
   for (int64_t c = 1; c < classes; ++c) {
     max = Math::max(Vec::loadu(x.data + c * x.stride), max);
   }
-  SoftmaxSums<Vec> sums{Vec(S(0)), Vec(S(0))};
+  SoftmaxSums<Vec> sums = softmax_sums_start<Vec>();
   Vec label_logit = max;  // where no label is: the term at the max, zeroed
   for (int64_t c = 0; c < classes; ++c) {
     const Vec z = Vec::loadu(x.data + c * x.stride);
@@ -210,7 +210,7 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
       }
     }
   } else {
-    SoftmaxGradientSums<Vec> g_sums{Vec(S(0)), Vec(S(0))};
+    SoftmaxGradientSums<Vec> g_sums = softmax_gradient_sums_start<Vec>();
     for (int64_t c = 0; c < classes; ++c) {
       const Vec z = Vec::loadu(x.data + c * x.stride);
       const Vec target =
@@ -326,7 +326,7 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
     max = ScalarMath<S>::max(lanes[lane], max);
   }
   const Vec vmax(max);
-  SoftmaxSums<Vec> sum_lanes{Vec(S(0)), Vec(S(0))};
+  SoftmaxSums<Vec> sum_lanes = softmax_sums_start<Vec>();
   for (int64_t c = 0; c < classes; c += kLanes) {
     const Vec shifted_exp = softmax_accumulate<Math>(load(x, c, kMinusInf), vmax, sum_lanes);
     if constexpr (kSoft || kGrad) {  // for the later passes, which then take no exp of their own
@@ -334,14 +334,14 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
     }
   }
   S other_lanes[kLanes], tie_lanes[kLanes];
-  sum_lanes.others.store(other_lanes);
+  sum_lanes.others.value().store(other_lanes);
   sum_lanes.ties.store(tie_lanes);
   S others(0), ties(0);
   for (int64_t lane = 0; lane < kLanes; ++lane) {
     others += other_lanes[lane];
     ties += tie_lanes[lane];
   }
-  const SoftmaxRow<Vec> row = softmax_row<Math>(vmax, SoftmaxSums<Vec>{Vec(others), Vec(ties)});
+  const SoftmaxRow<Vec> row = softmax_row<Math>(vmax, SoftmaxSums<Vec>{{Vec(others), Vec(S(0))}, Vec(ties)});
 
   S* grad_inputs = kGrad ? block_destination(operands.grad_inputs, offset, buffers.grad_inputs.data())
                          : nullptr;
@@ -371,7 +371,7 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
                      ? read_block(operands.probabilities, offset, classes, buffers.probabilities.data())
                      : nullptr;
     Vec loss_lanes(S(0));
-    SoftmaxGradientSums<Vec> g_sum_lanes{Vec(S(0)), Vec(S(0))};
+    SoftmaxGradientSums<Vec> g_sum_lanes = softmax_gradient_sums_start<Vec>();
     for (int64_t c = 0; c < classes; c += kLanes) {
       const Vec class_index = lane_classes + Vec(static_cast<S>(c));
       const Vec target =
@@ -410,7 +410,8 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
         }
         return Vec(sum);
       };
-      const SoftmaxGradientSums<Vec> g_sums{lane_sum(g_sum_lanes.below), lane_sum(g_sum_lanes.at_max)};
+      const SoftmaxGradientSums<Vec> g_sums{{lane_sum(g_sum_lanes.below.value()), Vec(S(0))},
+                                            lane_sum(g_sum_lanes.at_max)};
       for (int64_t c = 0; c < classes; c += kLanes) {
         const Vec z = load(x, c, max);
         const Vec p = load(buffers.shifted_exps.data(), c, S(0));

@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
     for (int64_t c = 1; c < p.classes; ++c) {
       max = Math::max(static_cast<S>(x[c * p.class_stride]), max);
     }
-    SoftmaxSums<S> sums{zero, zero};
+    SoftmaxSums<S> sums = softmax_sums_start<S>();
     for (int64_t c = 0; c < p.classes; ++c) {
       softmax_accumulate<Math>(static_cast<S>(x[c * p.class_stride]), max, sums);
     }
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
       };
       const auto class_weight = [&](int64_t c) { return p.weight != nullptr ? p.weight[c] : S(1); };
       S loss(0);
-      SoftmaxGradientSums<S> g_sums{zero, zero};
+      SoftmaxGradientSums<S> g_sums = softmax_gradient_sums_start<S>();
       for (int64_t c = 0; c < p.classes; ++c) {
         const S z = static_cast<S>(x[c * p.class_stride]);
         const auto terms = softmax_terms<Math, kGrad>(z, target(c), class_weight(c), row, p.coeffs);
