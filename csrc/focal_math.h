@@ -699,7 +699,8 @@ FOCAL_HOST_DEVICE V where_counts(Mask counts, V v) {
 
 // A running sum of finite terms with Kahan's compensation: within a few ulp of their exact sum
 // however many they are, where a plain running sum drifts by up to n/2 ulp (a position's 5,000
-// classes read one by one: 1e-4). value() is the sum; an inf term would make it NaN.
+// classes read one by one: 1e-4). value() is the sum; an inf term, or a sum past the float range
+// (terms near 1e38), makes it NaN where a plain sum would be inf.
 template <typename V>
 struct CompensatedSum {
   V sum;

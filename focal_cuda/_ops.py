@@ -201,29 +201,33 @@ def _(grad_output, saved_grad, count, reduction):
 
 
 @torch.library.custom_op("focal_cuda::check_labels", mutates_args=())
-def check_labels(labels: torch.Tensor, classes: int, ignore_index: int, with_background: bool) -> None:
+def check_labels(labels: torch.Tensor, classes: int, ignore_index: int,
+                 with_background: bool) -> torch.Tensor:
     """The forward kernels' label check, for the reference formula's paths (torch.func,
     forward-mode AD), which run no kernel: every label names one of classes (with_background:
     or classes itself, the background) or is ignore_index. On CPU a ValueError naming the
-    label; on CUDA, as the kernels, a device-side assertion, with no wait for the device."""
+    label; on CUDA, as the kernels, a device-side assertion, with no wait for the device.
+    Returns the labels in int64, a copy the caller computes with: a compiled graph keeps an op
+    whose result is used, where it drops one that returns nothing."""
+    checked = labels.to(torch.int64, copy=True)  # compared in int64: no narrow label wraps
     if labels.is_cuda:
         # gather asserts on the device that each index lies in [0, the table's size).
-        indices = labels.long()
-        indices = torch.where(indices == ignore_index, torch.zeros_like(indices), indices)
+        indices = torch.where(checked == ignore_index, torch.zeros_like(checked), checked)
         labels.new_empty(classes + with_background, dtype=torch.uint8).gather(0, indices.reshape(-1))
     else:
         _C.check_cpu_labels(labels, classes, ignore_index, with_background)
+    return checked
 
 
 @check_labels.register_fake
 def _(labels, classes, ignore_index, with_background):
-    return None
+    return torch.empty_like(labels, dtype=torch.int64)
 
 
 @check_labels.register_vmap
 def _(info, in_dims, labels, classes, ignore_index, with_background):
-    check_labels(labels, classes, ignore_index, with_background)  # the whole batch at once
-    return None, None
+    # The whole batch at once, its batch dimension where it was.
+    return check_labels(labels, classes, ignore_index, with_background), in_dims[0]
 
 
 def last_use_of_saved(ctx, saved):

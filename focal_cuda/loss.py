@@ -376,7 +376,7 @@ def softmax_focal_loss(
     if compiling or _ops.transforms_active() or _ops.tangents_about(inputs, targets, weight):
         _ops.check_softmax_arguments(inputs, targets, weight, *arguments)
         if not targets.is_floating_point():
-            _ops.check_labels(targets, inputs.shape[_softmax.class_dim(inputs)], arguments[2], False)
+            targets = _ops.check_labels(targets, inputs.shape[_softmax.class_dim(inputs)], arguments[2], False)
         return _softmax.reference_loss(inputs, targets, weight, arguments)
     # Modes, subclasses, meta tensors: the same paths through the dispatcher.
     if outputs:
@@ -407,7 +407,8 @@ def _fused_loss(form, inputs, targets, coefficients, reduction, weight, ignore_i
     arguments = (form, coefficients, _reduction_code(reduction), _as_index(ignore_index),
                  _as_float(label_smoothing, "label_smoothing"), _float32_loss(inputs), outputs)
     # Compiled code calls the op, with its registered autograd (_ops.forward_setup_context,
-    # forward_backward): Dynamo traces neither EagerFunction's C++ callable nor the probes.
+    # forward_backward): Dynamo traces neither EagerFunction's C++ callable nor the eager
+    # probes; the transforms it asks about once, while it traces.
     compiling = torch.compiler.is_compiling()
     if compiling:
         if not _ops.transforms_active_while_compiling():
@@ -425,7 +426,7 @@ def _fused_loss(form, inputs, targets, coefficients, reduction, weight, ignore_i
     if compiling or _ops.transforms_active() or _ops.tangents_about(inputs, targets, weight, scores):
         _ops.check_forward_arguments(inputs, targets, weight, scores, *arguments)
         if not targets.is_floating_point():
-            _ops.check_labels(targets, inputs.shape[-1] if inputs.dim() else 1, arguments[3], True)
+            targets = _ops.check_labels(targets, inputs.shape[-1] if inputs.dim() else 1, arguments[3], True)
         return _higher_order.reference_loss(inputs, targets, weight, scores, arguments)
     # Modes, subclasses, meta tensors: the same paths through the dispatcher.
     if outputs:

@@ -103,7 +103,7 @@ def power(base, exponent):
     infinite (the first for exponents in (0, 1), the second in (1, 2), ...), and autograd's
     product with the base's own zero slope (a saturated logit, p == t) is NaN where the loss's
     derivative is finite: there the power is a constant 0, differentiated as one."""
-    if exponent == int(exponent):
+    if float(exponent).is_integer():
         return base.pow(exponent)
     at_zero = base == 0
     nonzero = torch.where(at_zero, torch.ones_like(base), base)
@@ -266,6 +266,8 @@ def softmax_focal_loss(
     if valid is not None:
         q = q * valid.unsqueeze(dim)
     terms = q * focal if class_weight is None else q * class_weight * focal
+    if valid is not None:  # labels: a class without target adds nothing, a masked one (-inf) too
+        terms = torch.where(q != 0, terms, torch.zeros_like(terms))
     loss = terms.sum(dim) * (1.0 if alpha is None else alpha)
     if valid is not None:  # selected, so that no grad_output of an ignored position reaches a derivative
         loss = torch.where(valid, loss, torch.zeros_like(loss))

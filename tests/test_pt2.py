@@ -248,3 +248,18 @@ def test_backward_through_a_compiled_vmap(loss):
     torch.stack([loss_of(sample) for sample in eager_x]).sum().backward()
     assert_matches(compiled_x.grad, eager_x.grad.detach())
 
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_compiled_torch_func_transform_checks_labels(loss, transform):
+    """A bad label raises the eager ValueError when the compiled transform runs: the check's
+    op returns the labels it checked, which the loss uses, so the graph cannot drop it."""
+    torch._dynamo.reset()
+    bad = torch.tensor([0, 1, 7, 2])
+    loss_of = {"sigmoid": lambda x: focal_cuda.sigmoid_focal_loss(x, bad, reduction="sum"),
+               "softmax": lambda x: focal_cuda.softmax_focal_loss(x, bad)}[loss]
+    x = torch.randn(4, 5)
+    compiled = torch.compile(TRANSFORMS[transform](loss_of), fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match="targets holds the class label 7"):
+        compiled(x.unsqueeze(0) if transform == "vmap" else x)

@@ -360,6 +360,30 @@ def test_a_class_masked_with_minus_inf_keeps_the_gradient_finite(device, dtype, 
         assert_matches(reference, limit.double())
 
 
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_a_masked_class_no_label_names_adds_nothing_on_every_path(gamma):
+    """Labels, none of them the masked (-inf) class: a finite loss, the logits' of -1e4 there,
+    from the kernels and from the reference formula (torch.func, create_graph) alike, where
+    0 * inf had made the latter NaN."""
+    inputs, labels = make_case((6, CLASSES, 4), torch.float64, "cpu", "labels", ignore_fraction=0)
+    labels = torch.where(labels == 2, torch.zeros_like(labels), labels)
+    masked, far = inputs.clone(), inputs.clone()
+    masked[:, 2] = -math.inf
+    far[:, 2] = -1e4
+
+    def loss_of(x):
+        return focal_cuda.softmax_focal_loss(x, labels, gamma=gamma)
+
+    expected, expected_grad = loss_and_grads(focal_cuda.softmax_focal_loss, far, labels, gamma=gamma)[:2]
+    grad, value = torch.func.grad_and_value(loss_of)(masked)
+    x = masked.clone().requires_grad_()
+    (differentiable,) = torch.autograd.grad(loss_of(x), x, create_graph=True)
+    assert_matches(loss_of(masked), expected)
+    assert_matches(value, expected)
+    assert_matches(grad, expected_grad)
+    assert_matches(differentiable.detach(), expected_grad)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, CLASSES, 4, 5), (7, CLASSES), (CLASSES,)], ids=["nchw", "rows", "one"])
