@@ -1,5 +1,5 @@
-"""The public function's autograd in eager mode: one torch.autograd.Function around the fused
-forward.
+"""The public functions' autograd in eager mode: one torch.autograd.Function around either
+loss's fused forward.
 
 EagerFunction is the one path of first-order gradients in eager mode: the fused forward (from
 C++ directly when _ops.plain_eager, else through the dispatcher, for modes and subclasses), the
@@ -15,24 +15,22 @@ from . import _ops
 
 
 class EagerFunction(torch.autograd.Function):
-    """apply(inputs, targets, weight, scores, arguments, fused_forward) -> the loss, where
-    arguments are the op's scalar arguments (from form on) and fused_forward the op
-    (focal_cuda::sigmoid_focal_loss_forward) or the C++ function behind it."""
+    """apply(operand_gradients, arguments, fused_forward, *operands) -> the loss, for either loss:
+    operands the forward op's tensors (inputs, targets, weight, ...), arguments its scalar
+    arguments after them, fused_forward the op or the C++ function behind it, and
+    operand_gradients(ctx, grad_loss, needs) the loss's gradients for the operands
+    (_ops.operand_gradients, _softmax.gradients)."""
 
     # forward takes ctx, with no setup_context, and returns the loss alone: with setup_context,
     # apply binds the arguments to forward's signature and takes functorch's path on every
     # call, which cost ~20 us of a small step (bench/NOTES.md).
     @staticmethod
-    def forward(ctx, inputs, targets, weight, scores, arguments, fused_forward):
-        output = fused_forward(inputs, targets, weight, scores, *arguments)
-        _ops.save_for_gradients(ctx, (inputs, targets, weight, scores), output, arguments,
-                                gradients_private=True)
+    def forward(ctx, operand_gradients, arguments, fused_forward, *operands):
+        output = fused_forward(*operands, *arguments)
+        _ops.save_for_gradients(ctx, operands, output, arguments, gradients_private=True)
+        ctx.operand_gradients = operand_gradients
         return output[0]
 
     @staticmethod
     def backward(ctx, grad_loss):
-        needs = ctx.needs_input_grad  # with scores, the targets are labels: needs[1] is False
-        grad_inputs, grad_targets, grad_weight = _ops.gradients(
-            ctx, grad_loss, (needs[0], needs[1] or needs[3], needs[2]))
-        grad_scores = grad_targets if needs[3] else None
-        return grad_inputs, grad_targets if needs[1] else None, grad_weight, grad_scores, None, None
+        return (None, None, None, *ctx.operand_gradients(ctx, grad_loss, ctx.needs_input_grad[3:]))

@@ -22,20 +22,38 @@ def reference_loss(inputs, targets, weight, scores, arguments):
                                  ignore_index, label_smoothing, scores)
 
 
+def checked_reference_loss(inputs, targets, weight, scores, arguments):
+    """reference_loss after the checks the op makes, the labels' included: the loss of the paths
+    that run no kernel."""
+    _ops.check_forward_arguments(inputs, targets, weight, scores, *arguments)
+    if not targets.is_floating_point():
+        classes = inputs.shape[-1] if inputs.dim() else 1
+        targets = _ops.check_labels(targets, classes, arguments[3], True)  # ignore_index
+    return reference_loss(inputs, targets, weight, scores, arguments)
+
+
 def differentiable_gradients(ctx, grad_loss, needed):
     """What _ops.gradients returns, (d/dinputs, d/d(targets or scores), d/dweight) for the needed
     ones, as the reference formula's vector-Jacobian product (differentiable again), from what
     _ops.save_for_gradients saved."""
     x, t, weight, scores, *_ = ctx.saved_tensors
-    candidates = (x, t if scores is None else scores, weight)
-    wrt = [tensor for tensor, need in zip(candidates, needed) if need]
 
-    def loss_of(*differentiated):
-        values = iter(differentiated)
-        x_, target_, weight_ = (next(values) if need else tensor for tensor, need in zip(candidates, needed))
+    def loss_of(x_, target_, weight_):
         t_, scores_ = (target_, None) if scores is None else (t, target_)
         return reference_loss(x_, t_, weight_, scores_, ctx.arguments)
 
-    _, vjp = torch.func.vjp(loss_of, *wrt)
+    return reference_vjp(loss_of, (x, t if scores is None else scores, weight), needed, grad_loss)
+
+
+def reference_vjp(loss_of, operands, needed, grad_loss):
+    """The vector-Jacobian product of loss_of(*operands) with grad_loss: its gradient for each
+    needed operand (None for the others), differentiable again."""
+    wrt = [operand for operand, need in zip(operands, needed) if need]
+
+    def loss_of_needed(*differentiated):
+        values = iter(differentiated)
+        return loss_of(*(next(values) if need else operand for operand, need in zip(operands, needed)))
+
+    _, vjp = torch.func.vjp(loss_of_needed, *wrt)
     grads = iter(vjp(grad_loss))
     return tuple(next(grads) if need else None for need in needed)

@@ -315,14 +315,16 @@ def saved_or_error(saved, name, function="sigmoid_focal_loss"):
 
 
 def forward_backward(ctx, grad_loss, *_grads_of_saved_outputs):
-    scores = ctx.saved_tensors[3]
-    needs = ctx.needs_input_grad
+    return operand_gradients(ctx, grad_loss, ctx.needs_input_grad[:4]) + (None,) * 7
+
+
+def operand_gradients(ctx, grad_loss, needs):
+    """The gradients of the forward op's operands (inputs, targets, weight, scores) that needs
+    asks for: with scores the targets are labels, and the scores take the targets' gradient."""
     grad_inputs, grad_targets, grad_weight = gradients(
         ctx, grad_loss, (needs[0], needs[1] or needs[3], needs[2]))
-    # The targets' gradient is the scores' when there are scores (the labels have none).
-    if scores is None:
-        return (grad_inputs, grad_targets, grad_weight, None) + (None,) * 7
-    return (grad_inputs, None, grad_weight, grad_targets) + (None,) * 7
+    return (grad_inputs, grad_targets if needs[1] else None, grad_weight,
+            grad_targets if needs[3] else None)
 
 
 def gradients(ctx, grad_loss, needed):

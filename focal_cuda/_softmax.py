@@ -1,17 +1,18 @@
 """The softmax focal loss's op and autograd.
 
 focal_cuda::softmax_focal_loss_forward is a torch.library custom op (fake kernel, registered
-autograd) for torch.compile, opcheck and the dispatcher's modes; SoftmaxFunction is the eager
-path, the loss its only output. Both take their first-order gradients from what the fused
-forward saved, scaled by the backward op the sigmoid losses use (csrc/focal_ops.h), and
-higher-order ones from the reference formula (focal_cuda.reference.softmax_focal_loss).
+autograd) for torch.compile, opcheck and the dispatcher's modes; eager calls go through
+focal_cuda._function.EagerFunction with gradients() below. Both take their first-order
+gradients from what the fused forward saved, scaled by the backward op the sigmoid losses use
+(csrc/focal_ops.h), and higher-order ones from the reference formula
+(focal_cuda.reference.softmax_focal_loss).
 """
 
 from typing import List, Optional, Tuple
 
 import torch
 
-from . import _C, _ops, reference
+from . import _C, _higher_order, _ops, reference
 
 _NONE = _ops.REDUCTION_CODES["none"]
 _MEAN = _ops.REDUCTION_CODES["mean"]
@@ -172,17 +173,19 @@ def _weight_gradient(ctx, grad_loss, unweighted, targets, weight, divisor, dim):
 
 def _differentiable_gradients(ctx, grad_loss, needed):
     """gradients() as the reference formula's vector-Jacobian product, differentiable again."""
-    candidates = tuple(ctx.saved_tensors[:3])  # inputs, targets, weight
-    wrt = [tensor for tensor, need in zip(candidates, needed) if need]
+    def loss_of(inputs, targets, weight):
+        return reference_loss(inputs, targets, weight, ctx.arguments)
 
-    def loss_of(*differentiated):
-        values = iter(differentiated)
-        x_, t_, weight_ = (next(values) if need else tensor for tensor, need in zip(candidates, needed))
-        return reference_loss(x_, t_, weight_, ctx.arguments)
+    return _higher_order.reference_vjp(loss_of, ctx.saved_tensors[:3], needed, grad_loss)
 
-    _, vjp = torch.func.vjp(loss_of, *wrt)
-    grads = iter(vjp(grad_loss))
-    return tuple(next(grads) if need else None for need in needed)
+
+def checked_reference_loss(inputs, targets, weight, arguments):
+    """reference_loss after the checks the op makes, the labels' included: the loss of the paths
+    that run no kernel."""
+    _ops.check_softmax_arguments(inputs, targets, weight, *arguments)
+    if not targets.is_floating_point():
+        targets = _ops.check_labels(targets, inputs.shape[class_dim(inputs)], arguments[2], False)  # ignore_index
+    return reference_loss(inputs, targets, weight, arguments)
 
 
 def reference_loss(inputs, targets, weight, arguments):
@@ -199,19 +202,3 @@ def reference_loss(inputs, targets, weight, arguments):
 
 
 softmax_focal_loss_forward.register_autograd(forward_backward, setup_context=forward_setup_context)
-
-
-class SoftmaxFunction(torch.autograd.Function):
-    """apply(inputs, targets, weight, arguments, fused_forward) -> the loss: the eager path, where
-    arguments are the op's from coefficients on and fused_forward the op or the C++ function behind it."""
-
-    @staticmethod
-    def forward(ctx, inputs, targets, weight, arguments, fused_forward):
-        output = fused_forward(inputs, targets, weight, *arguments)
-        _ops.save_for_gradients(ctx, (inputs, targets, weight), output, arguments,
-                                gradients_private=True)
-        return output[0]
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return gradients(ctx, grad_loss, ctx.needs_input_grad[:3]) + (None, None)

@@ -11,7 +11,7 @@ csrc/focal_math.h and such a declaration here; the tests then cover it.
 
 import inspect
 import numbers
-from typing import Callable, Optional, TypeVar
+from typing import Callable, NamedTuple, Optional, Tuple, TypeVar
 
 import torch
 
@@ -359,30 +359,7 @@ def softmax_focal_loss(
     arguments = ([_as_alpha(alpha), _as_float(gamma, "gamma")], _reduction_code(reduction),
                  _as_index(ignore_index), _as_float(label_smoothing, "label_smoothing"),
                  float32_loss, outputs)
-    compiling = torch.compiler.is_compiling()
-    if compiling:
-        if not _ops.transforms_active_while_compiling():
-            return _softmax.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
-    elif torch.jit.is_tracing():  # the op, whose registered autograd a saved graph keeps
-        arguments = (*arguments[:-1], _ops.traced_outputs_mask(targets, weight))
-        return _softmax.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
-    elif _ops.plain_eager(inputs, targets, weight):
-        if outputs:
-            return _softmax.SoftmaxFunction.apply(inputs, targets, weight, arguments,
-                                                  _C.softmax_focal_loss_forward)
-        return _C.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
-    # torch.func transforms, compiled or not, and forward-mode AD: the reference formula
-    # (focal_cuda/_higher_order.py).
-    if compiling or _ops.transforms_active() or _ops.tangents_about(inputs, targets, weight):
-        _ops.check_softmax_arguments(inputs, targets, weight, *arguments)
-        if not targets.is_floating_point():
-            targets = _ops.check_labels(targets, inputs.shape[_softmax.class_dim(inputs)], arguments[2], False)
-        return _softmax.reference_loss(inputs, targets, weight, arguments)
-    # Modes, subclasses, meta tensors: the same paths through the dispatcher.
-    if outputs:
-        return _softmax.SoftmaxFunction.apply(inputs, targets, weight, arguments,
-                                              _softmax.softmax_focal_loss_forward)
-    return _softmax.softmax_focal_loss_forward(inputs, targets, weight, *arguments)[0]
+    return _call(_SOFTMAX_PATHS, (inputs, targets, weight), arguments, targets)
 
 
 def _fused_loss(form, inputs, targets, coefficients, reduction, weight, ignore_index,
@@ -406,33 +383,48 @@ def _fused_loss(form, inputs, targets, coefficients, reduction, weight, ignore_i
             outputs |= _UNWEIGHTED_LOSS
     arguments = (form, coefficients, _reduction_code(reduction), _as_index(ignore_index),
                  _as_float(label_smoothing, "label_smoothing"), _float32_loss(inputs), outputs)
-    # Compiled code calls the op, with its registered autograd (_ops.forward_setup_context,
-    # forward_backward): Dynamo traces neither EagerFunction's C++ callable nor the eager
-    # probes; the transforms it asks about once, while it traces.
+    return _call(_SIGMOID_PATHS, (inputs, targets, weight, scores), arguments, differentiable_targets)
+
+
+class _Paths(NamedTuple):
+    """One loss's ways to its value, which _call picks from."""
+    op: Callable[..., Tuple[torch.Tensor, ...]]  # the custom op, through the dispatcher
+    fused: Callable[..., Tuple[torch.Tensor, ...]]  # the C++ function behind it
+    gradients: Callable[..., Tuple]  # the operands' gradients, for EagerFunction
+    reference: Callable[..., torch.Tensor]  # the reference formula after the op's checks
+
+
+_SIGMOID_PATHS = _Paths(_ops.sigmoid_focal_loss_forward, _C.sigmoid_focal_loss_forward,
+                        _ops.operand_gradients, _higher_order.checked_reference_loss)
+_SOFTMAX_PATHS = _Paths(_softmax.softmax_focal_loss_forward, _C.softmax_focal_loss_forward,
+                        _softmax.gradients, _softmax.checked_reference_loss)
+
+
+def _call(paths, tensors, arguments, differentiable_targets):
+    """The loss of the op's operands (inputs, targets, weight, ...) and scalar arguments (the
+    outputs mask last), by the path for how it is called."""
+    # Compiled code calls the op, with its registered autograd: Dynamo traces neither the
+    # Function's C++ callable nor the eager probes; the transforms it asks about once, while it
+    # traces.
     compiling = torch.compiler.is_compiling()
     if compiling:
         if not _ops.transforms_active_while_compiling():
-            return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)[0]
+            return paths.op(*tensors, *arguments)[0]
     elif torch.jit.is_tracing():  # the op, whose registered autograd a saved graph keeps
-        arguments = (*arguments[:-1], _ops.traced_outputs_mask(differentiable_targets, weight))
-        return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)[0]
-    elif _ops.plain_eager(inputs, targets, weight, scores):
-        if outputs:
-            return EagerFunction.apply(inputs, targets, weight, scores, arguments,
-                                       _C.sigmoid_focal_loss_forward)
-        return _C.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)[0]
+        arguments = (*arguments[:-1], _ops.traced_outputs_mask(differentiable_targets, tensors[2]))
+        return paths.op(*tensors, *arguments)[0]
+    elif _ops.plain_eager(*tensors):
+        if arguments[-1]:
+            return EagerFunction.apply(paths.gradients, arguments, paths.fused, *tensors)
+        return paths.fused(*tensors, *arguments)[0]
     # torch.func transforms, compiled or not, and forward-mode AD: the reference formula
     # (focal_cuda/_higher_order.py).
-    if compiling or _ops.transforms_active() or _ops.tangents_about(inputs, targets, weight, scores):
-        _ops.check_forward_arguments(inputs, targets, weight, scores, *arguments)
-        if not targets.is_floating_point():
-            targets = _ops.check_labels(targets, inputs.shape[-1] if inputs.dim() else 1, arguments[3], True)
-        return _higher_order.reference_loss(inputs, targets, weight, scores, arguments)
+    if compiling or _ops.transforms_active() or _ops.tangents_about(*tensors):
+        return paths.reference(*tensors, arguments)
     # Modes, subclasses, meta tensors: the same paths through the dispatcher.
-    if outputs:
-        return EagerFunction.apply(inputs, targets, weight, scores, arguments,
-                                   _ops.sigmoid_focal_loss_forward)
-    return _ops.sigmoid_focal_loss_forward(inputs, targets, weight, scores, *arguments)[0]
+    if arguments[-1]:
+        return EagerFunction.apply(paths.gradients, arguments, paths.op, *tensors)
+    return paths.op(*tensors, *arguments)[0]
 
 
 def _scripted_sigmoid_focal_loss(
