@@ -258,7 +258,7 @@ void check_signature(const FormSignature& signature, const std::vector<double>& 
         break;
       case CoefficientRange::NonNegativeOrOff:
         TORCH_CHECK_VALUE(value == -1.0 || (value >= 0.0 && value < kInf), name,
-                          " must be a finite number >= 0, or None for 1, got ", value);
+                          " must be a finite number >= 0, or None (or -1) for 1, got ", value);
         break;
       case CoefficientRange::Positive:
         TORCH_CHECK_VALUE(value > 0.0 && value < kInf, name, " must be a finite number > 0, got ",
@@ -323,8 +323,8 @@ void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets
     check_floating(*scores, "scores");
     check_same_device(*scores, inputs, "scores");
     TORCH_CHECK_VALUE(scores->sym_sizes() == targets.sym_sizes(),
-                      "scores must have the shape of the class labels, got ", scores->sym_sizes(),
-                      " and ", targets.sym_sizes());
+                      "scores must have the shape of the class labels, ", targets.sym_sizes(),
+                      ", got ", scores->sym_sizes());
   }
   if (labels) {
     TORCH_CHECK_VALUE(inputs.dim() >= 1, "integer targets (class labels) need inputs with a class "
@@ -337,8 +337,8 @@ void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets
                       "integer targets (class labels) have no gradient (scores may have one)");
   } else {
     TORCH_CHECK_VALUE(inputs.sym_sizes() == targets.sym_sizes(),
-                      "targets must have the same shape as inputs, got ", inputs.sym_sizes(),
-                      " and ", targets.sym_sizes());
+                      "targets must have the shape of inputs, ", inputs.sym_sizes(), ", got ",
+                      targets.sym_sizes());
   }
   if (weight.has_value() && weight->defined()) {
     check_floating(*weight, "weight");

@@ -17,9 +17,9 @@ X = torch.zeros(4, 4)
     "kwargs,error,message",
     [
         (dict(targets=torch.zeros(4, 3)), ValueError,
-         "targets must have the same shape as inputs, got [4, 4] and [4, 3]"),
+         "targets must have the shape of inputs, [4, 4], got [4, 3]"),
         (dict(targets=torch.zeros(4)), ValueError,
-         "targets must have the same shape as inputs, got [4, 4] and [4]"),
+         "targets must have the shape of inputs, [4, 4], got [4]"),
         (dict(inputs=torch.zeros(4, 4, dtype=torch.long)), ValueError,
          "inputs must be a floating-point tensor (float16, bfloat16, float32 or float64), got torch.int64"),
         (dict(targets=torch.zeros(4, 4, dtype=torch.bool)), ValueError,
@@ -132,7 +132,7 @@ def test_op_level_checks_raise_value_error(call, message):
 def test_meta_tensors_are_checked_as_real_ones():
     """The fake (and meta) kernel runs the op's own checks."""
     x = torch.zeros(4, 4, device="meta")
-    with pytest.raises(ValueError, match=re.escape("targets must have the same shape as inputs, got [4, 4] and [4, 3]")):
+    with pytest.raises(ValueError, match=re.escape("targets must have the shape of inputs, [4, 4], got [4, 3]")):
         focal_cuda.sigmoid_focal_loss(x, torch.zeros(4, 3, device="meta"))
     with pytest.raises(ValueError, match=re.escape("weight must be broadcastable to the shape of inputs [4, 4], got [3]")):
         focal_cuda.sigmoid_focal_loss(x, x, weight=torch.ones(3, device="meta"))
@@ -147,7 +147,7 @@ def test_compile_reports_bad_input_with_the_eager_message(dynamic, fullgraph):
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, t: focal_cuda.sigmoid_focal_loss(x, t, reduction="sum"),
                              fullgraph=fullgraph, backend="eager", dynamic=dynamic)
-    with pytest.raises(torch._dynamo.exc.TorchRuntimeError, match="targets must have the same shape as inputs, got"):
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError, match=re.escape("targets must have the shape of inputs, [")):
         compiled(X, torch.zeros(4, 3))
 
 

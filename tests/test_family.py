@@ -344,7 +344,7 @@ def test_varifocal_gradient_with_respect_to_targets_at_zero_is_the_negative_bran
     (lambda x, t: focal_cuda.varifocal_loss(x, t, reduction="avg"), ValueError,
      "reduction must be one of 'none', 'mean', 'sum', got 'avg'"),
     (lambda x, t: focal_cuda.quality_focal_loss(x, t[:, :3]), ValueError,
-     "targets must have the same shape as inputs, got [4, 4] and [4, 3]"),
+     "targets must have the shape of inputs, [4, 4], got [4, 3]"),
 ])
 def test_errors_name_the_argument(call, error, message):
     with pytest.raises(error) as raised:

@@ -276,7 +276,7 @@ def test_scores_of_background_and_ignored_rows_are_never_read(form, bad_score):
     (lambda labels, scores: (labels, labels), ValueError,
      "scores must be a floating-point tensor (float16, bfloat16, float32 or float64), got torch.int64"),
     (lambda labels, scores: (labels, scores[:3]), ValueError,
-     "scores must have the shape of the class labels, got [3] and [4]"),
+     "scores must have the shape of the class labels, [4], got [3]"),
     (lambda labels, scores: (labels[:3], scores[:3]), ValueError,
      "integer targets (class labels) must have the shape of inputs without its last (class) dimension"),
     (lambda labels, scores: (labels, [0.5] * 4), TypeError,

@@ -526,7 +526,7 @@ def test_autocast_computes_16_bit_logits_in_float32():
         (lambda x, y: focal_cuda.softmax_focal_loss(x[:, :0], y), "at least one class along dimension 1"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, weight=torch.ones(3)), "weight must have one value per class"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, gamma=-1.0), "gamma must be a finite number >= 0, got -1"),
-        (lambda x, y: focal_cuda.softmax_focal_loss(x, y, alpha=-0.5), "alpha must be a finite number >= 0"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, y, alpha=-0.5), "alpha must be a finite number >= 0, or None (or -1) for 1, got -0.5"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, label_smoothing=1.0), "label_smoothing must be in"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, reduction="avg"), "reduction must be one of"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x.long(), y), "inputs must be a floating-point tensor"),
