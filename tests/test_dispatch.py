@@ -8,6 +8,7 @@ import contextlib
 
 import pytest
 import torch
+import torchvision
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -188,3 +189,36 @@ def test_eager_forward_allocates_only_what_is_asked(operands, dtype):
         assert torch.equal(op_outputs[0], loss) and torch.equal(op_outputs[1], grad_inputs)
         assert op_outputs[2].shape == op_outputs[3].shape == (0,)
         assert op_outputs[3].dtype == torch.float32  # the saved dtype of a float16 loss too
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_only_the_ops_loss_is_differentiable(loss):
+    """The forward ops' other outputs carry what backward needs; differentiating through one is
+    an error, not a silent zero gradient."""
+    x = torch.randn(4, 3, requires_grad=True)
+    mask = focal_cuda._ops.outputs_mask(True, False, False)
+    if loss == "sigmoid":
+        outputs = torch.ops.focal_cuda.sigmoid_focal_loss_forward(
+            x, torch.rand(4, 3), None, None, 0, [0.25, 2.0], 2, -100, 0.0, False, mask)
+    else:
+        outputs = torch.ops.focal_cuda.softmax_focal_loss_forward(
+            x, torch.tensor([0, 2, 1, 0]), None, [-1.0, 2.0], 2, -100, 0.0, False, mask)
+    assert outputs[0].requires_grad
+    assert not any(output.requires_grad for output in outputs[1:])
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        outputs[1].sum().backward()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
+def test_jit_trace_gives_the_weight_its_gradient():
+    """A traced call records the op asking for the weight's gradient too; d(sum loss)/d(weight)
+    is each element's loss before the weight, summed over the rows (torchvision's, in float64)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    t = torch.rand(5, 3, dtype=torch.float64, generator=generator)
+    weight = torch.rand(3, dtype=torch.float64, generator=generator, requires_grad=True)
+    traced = torch.jit.trace(lambda x_, w_: focal_cuda.sigmoid_focal_loss(x_, t, 0.25, 2.0, "sum", w_),
+                             (x, weight))
+    (gradient,) = torch.autograd.grad(traced(x, weight), weight)
+    expected = torchvision.ops.sigmoid_focal_loss(x.detach(), t, 0.25, 2.0, "none").sum(0)
+    torch.testing.assert_close(gradient, expected)

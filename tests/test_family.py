@@ -504,6 +504,21 @@ def test_autocast_gives_a_float32_loss(form, dtype):
     assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
 
 
+def test_quality_focal_loss_of_beta_0_is_the_bce_where_p_equals_t():
+    """|p - t| ** 0 is 1 at p == t too (x = 0, t = 1/2), on every path: the fused kernels, the
+    reference formula, and torch.func's transforms that compute with it."""
+    x = torch.zeros(2, dtype=torch.float64)
+    t = torch.full((2,), 0.5, dtype=torch.float64)
+    expected = F.binary_cross_entropy_with_logits(x, t, reduction="sum")
+
+    def function(x_):
+        return focal_cuda.quality_focal_loss(x_, t, beta=0.0, reduction="sum")
+
+    for value in (function(x), focal_cuda.reference.quality_focal_loss(x, t, beta=0.0, reduction="sum"),
+                  torch.func.vmap(function)(x[None])[0]):
+        torch.testing.assert_close(value, expected, rtol=1e-15, atol=0)
+
+
 def test_reference_functions_match_the_fused_ones():
     """focal_cuda.reference documents the family with the public signatures: each declared
     form's function has its reference twin, computed by the form's terms."""

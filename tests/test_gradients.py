@@ -66,9 +66,14 @@ def test_backward_op_derivatives_match_finite_differences(device, reduction, cou
         return torch.ops.focal_cuda.sigmoid_focal_loss_backward(grad_output_, saved_, count, code)
 
     assert torch.autograd.gradcheck(backward_op, (grad_output, saved))
+    # Its formula's own derivatives (a third derivative of the loss, through the op).
+    assert torch.autograd.gradgradcheck(backward_op, (grad_output, saved))
     if reduction == "mean" and count == 0:
-        grads = torch.autograd.grad(backward_op(grad_output, saved).sum(), (grad_output, saved))
+        grads = torch.autograd.grad(backward_op(grad_output, saved).sum(), (grad_output, saved),
+                                    create_graph=True)
         assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in grads)
+        (second,) = torch.autograd.grad(grads[0].sum(), saved)
+        assert torch.equal(second, torch.zeros_like(second))
 
 
 def exact_hard_target_second_derivative(x, t, alpha, gamma):

@@ -152,6 +152,13 @@ def test_every_row_ignored(device, reduction):
     # The differentiable path (create_graph) agrees: zero gradients, not NaN.
     second, = torch.autograd.grad(loss, inputs, create_graph=True)
     assert (second == 0).all()
+    # So do the paths of the reference formula (torch.func, forward-mode AD).
+    def function(x):
+        return focal_cuda.sigmoid_focal_loss(x, labels, reduction=reduction, ignore_index=-1)
+
+    x = inputs.detach()
+    for value in (torch.func.vmap(function)(x[None])[0], torch.func.jvp(function, (x,), (x,))[0]):
+        assert torch.isnan(value) if reduction == "mean" else value.item() == 0.0
 
 
 WEIGHT_SHAPES = [(), (CLASSES,), (1, CLASSES), (12, 1), (12, CLASSES), (1, 1)]
@@ -366,3 +373,20 @@ def test_module():
     assert torch.equal(module(inputs, labels, weight), expected)
     with pytest.raises(ValueError, match="gamma must be a finite number >= 0, got -1"):
         focal_cuda.SigmoidFocalLoss(gamma=-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_logits_give_the_weight_gradient_summed_in_float32(device):
+    """d(mean loss)/d(weight[c]) is the sum over rows of each element's loss before the weight,
+    divided by the count. For bfloat16 logits those losses are stored in bfloat16 (the values the
+    unweighted "none" loss returns); their sum and the division are float32 (the weight's dtype),
+    so the gradient is a float32 rounding away from the float64 sum of the stored values, where
+    bfloat16 arithmetic would be ~1e-3 away."""
+    inputs, labels = label_case((3000,), torch.bfloat16, device)
+    weight = torch.rand(CLASSES, device=device, requires_grad=True)
+    loss = focal_cuda.sigmoid_focal_loss(inputs, labels, 0.25, 2.0, "mean", weight=weight)
+    (gradient,) = torch.autograd.grad(loss, weight)
+    stored = focal_cuda.sigmoid_focal_loss(inputs, labels, 0.25, 2.0, "none").double()
+    expected = stored.sum(0) / stored.numel()
+    assert gradient.dtype == torch.float32
+    torch.testing.assert_close(gradient.double(), expected, rtol=1e-5, atol=0)

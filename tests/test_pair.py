@@ -293,3 +293,24 @@ def test_op_refuses_scores_without_labels():
     with pytest.raises(ValueError, match="scores go with integer targets"):
         torch.ops.focal_cuda.sigmoid_focal_loss_forward(
             torch.zeros(2, 3), torch.zeros(2, 3), None, torch.zeros(2), 0, [0.25, 2.0], 0, -100, 0.0, False, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", FUNCTIONS)
+def test_rows_without_a_labelled_class_ignore_their_grad_output(device, form):
+    """A background or ignored row's loss does not depend on its score, so the score's gradient
+    is 0 whatever grad_output holds in that row (the inf or NaN of a later division by a zero
+    normaliser, say), with reduction "none"."""
+    x = torch.randn(4, CLASSES, dtype=torch.float64, device=device)
+    labels = torch.tensor([1, CLASSES, -100, 2], device=device)  # row 1 background, row 2 ignored
+    scores = torch.rand(4, dtype=torch.float64, device=device, requires_grad=True)
+    loss = FUNCTIONS[form](x, (labels, scores), reduction="none")
+    with torch.no_grad():  # the oracle: those rows' losses do not move with their scores
+        moved = scores + torch.tensor([0.0, 0.3, 0.3, 0.0], dtype=torch.float64, device=device)
+        assert torch.equal(FUNCTIONS[form](x, (labels, moved), reduction="none")[1:3], loss[1:3])
+    grad_output = torch.ones_like(loss)
+    grad_output[1] = float("inf")
+    grad_output[2] = float("nan")
+    (gradient,) = torch.autograd.grad(loss, scores, grad_output)
+    assert gradient[1] == 0 and gradient[2] == 0
+    assert torch.isfinite(gradient).all()

@@ -24,6 +24,22 @@ def test_opcheck_forward(device, dtype, reduction, requires_grad):
     torch.library.opcheck(forward_op, args)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64), (torch.bfloat16, torch.float16),
+                                    (torch.float16, torch.float32)], ids=str)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_forward_with_targets_of_another_dtype(device, dtypes, requires_grad):
+    """The loss takes the dtype the two promote to (torch.promote_types), in the fake kernel as
+    in the real one."""
+    inputs, targets = random_case((6, 5), dtypes[0], device)
+    targets = targets.to(dtypes[1]).requires_grad_(requires_grad)
+    args = (inputs.requires_grad_(requires_grad), targets, None, None, 0, [0.25, 2.0], 2, -100, 0.0,
+            False, focal_cuda._ops.outputs_mask(requires_grad, requires_grad, False))
+    torch.library.opcheck(forward_op, args)
+    meta = forward_op(*(arg.to("meta") if isinstance(arg, torch.Tensor) else arg for arg in args))
+    assert meta[0].dtype == torch.promote_types(*dtypes)
+
+
 def backward_case(device, dtype, reduction):
     """(grad_output, saved gradient, count) as the backward ops receive them."""
     saved, _ = random_case((6, 5), dtype, device)

@@ -486,6 +486,19 @@ def test_narrow_label_dtypes(label_dtype):
                                                              reduction="none"), expected)
 
 
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int8])
+def test_an_ignore_index_outside_narrow_labels_range_ignores_nothing(label_dtype):
+    """ignore_index 300 is no uint8 or int8 label: class 44 (300 wrapped to 8 bits) keeps its
+    loss and gradients, as F.cross_entropy's at gamma 0 with int64 labels."""
+    inputs = torch.randn(6, 50, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([44, 3, 44, 10, 49, 0])
+    loss = focal_cuda.softmax_focal_loss(inputs, labels.to(label_dtype), None, 0.0, "none", ignore_index=300)
+    expected = F.cross_entropy(inputs, labels, reduction="none", ignore_index=300)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(torch.autograd.grad(loss.sum(), inputs)[0],
+                               torch.autograd.grad(expected.sum(), inputs)[0])
+
+
 def test_bitwise_same_at_any_thread_count():
     inputs, labels = make_case((64, 19, 40, 40), torch.float32, "cpu", "labels")
     threads = torch.get_num_threads()
@@ -548,6 +561,16 @@ def test_module_matches_the_function_and_moves_its_weight():
     assert "weight" in dict(module.named_buffers())
     assert module.double().weight.dtype == torch.float64
     assert "gamma=1.5" in repr(module)
+
+
+@pytest.mark.parametrize("options", [dict(ignore_index=255), dict(ignore_index=2, reduction="sum"),
+                                     dict(ignore_index=1, label_smoothing=0.1, reduction="none")], ids=str)
+def test_module_takes_its_options_as_cross_entropy_loss_does(options):
+    inputs = torch.randn(4, CLASSES, 3, 3, dtype=torch.float64)
+    labels = torch.randint(0, CLASSES, (4, 3, 3))
+    labels[0, 0] = options["ignore_index"]
+    module = focal_cuda.SoftmaxFocalLoss(alpha=None, gamma=0.0, **options)
+    torch.testing.assert_close(module(inputs, labels), torch.nn.CrossEntropyLoss(**options)(inputs, labels))
 
 
 def test_compile_fullgraph_matches_eager():

@@ -6,6 +6,7 @@ against central differences of them, never against the reference formula itself.
 
 import pytest
 import torch
+import torchvision
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import focal_cuda
@@ -337,3 +338,49 @@ def test_forward_mode_is_finite_where_a_fractional_power_meets_zero(case):
     assert torch.isfinite(tangent) and torch.isfinite(gradient).all()
     assert_matches(tangent, (gradient * direction).sum(), F64)
     assert torch.isfinite(grad(lambda x_: function(x_, target))(x)).all()
+
+
+AUTOCAST_LOSSES = {
+    "sigmoid": lambda x, t, labels, scores: focal_cuda.sigmoid_focal_loss(x, t, reduction="sum"),
+    "pair": lambda x, t, labels, scores: focal_cuda.varifocal_loss(x, (labels, scores), reduction="sum"),
+    "softmax": lambda x, t, labels, scores: focal_cuda.softmax_focal_loss(x, labels, reduction="sum"),
+}
+
+
+@pytest.mark.parametrize("loss", AUTOCAST_LOSSES)
+@pytest.mark.parametrize("path", ["vmap", "jvp", "forward_ad"])
+def test_autocast_gives_the_eager_float32_loss_under_transforms(loss, path):
+    """Under autocast 16-bit logits give a float32 loss on the reference formula's paths too,
+    computed from the same 16-bit values as the fused kernels' eager loss."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=generator).to(torch.bfloat16)
+    t = torch.rand(6, 4, generator=generator).to(torch.bfloat16)
+    labels = torch.randint(0, 4, (6,), generator=generator)
+    scores = torch.rand(6, generator=generator).to(torch.bfloat16)
+
+    def function(inputs):
+        return AUTOCAST_LOSSES[loss](inputs, t, labels, scores)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = function(x)
+        if path == "vmap":
+            value = vmap(function)(x[None])[0]
+        elif path == "jvp":
+            value = jvp(function, (x,), (torch.ones_like(x),))[0]
+        else:
+            with torch.autograd.forward_ad.dual_level():
+                dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+                value = torch.autograd.forward_ad.unpack_dual(function(dual)).primal
+    assert expected.dtype == value.dtype == torch.float32
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
+
+
+def test_scripted_function_gives_the_weight_its_gradient():
+    """d(sum loss)/d(weight) through TorchScript: each element's loss before the weight, summed
+    over the rows (torchvision's, in float64)."""
+    x, t, _, _ = make_case("soft", "cpu")
+    weight = torch.rand(4, dtype=F64, requires_grad=True)
+    scripted = torch.jit.script(focal_cuda.sigmoid_focal_loss)
+    (gradient,) = torch.autograd.grad(scripted(x, t, 0.25, 2.0, "sum", weight, -100, 0.0), weight)
+    expected = torchvision.ops.sigmoid_focal_loss(x, t, 0.25, 2.0, "none").sum(0)
+    torch.testing.assert_close(gradient, expected)
