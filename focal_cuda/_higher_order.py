@@ -27,8 +27,8 @@ def checked_reference_loss(inputs, targets, weight, scores, arguments):
     that run no kernel."""
     _ops.check_forward_arguments(inputs, targets, weight, scores, *arguments)
     if not targets.is_floating_point():
-        classes = inputs.shape[-1] if inputs.dim() else 1
-        targets = _ops.check_labels(targets, classes, arguments[3], True)  # ignore_index
+        classes, ignore_index = inputs.shape[-1] if inputs.dim() else 1, arguments[3]
+        targets = _ops.check_labels(targets, classes, ignore_index, True)
     return reference_loss(inputs, targets, weight, scores, arguments)
 
 

@@ -184,7 +184,8 @@ def checked_reference_loss(inputs, targets, weight, arguments):
     that run no kernel."""
     _ops.check_softmax_arguments(inputs, targets, weight, *arguments)
     if not targets.is_floating_point():
-        targets = _ops.check_labels(targets, inputs.shape[class_dim(inputs)], arguments[2], False)  # ignore_index
+        ignore_index = arguments[2]
+        targets = _ops.check_labels(targets, inputs.shape[class_dim(inputs)], ignore_index, False)
     return reference_loss(inputs, targets, weight, arguments)
 
 

@@ -387,7 +387,8 @@ def _fused_loss(form, inputs, targets, coefficients, reduction, weight, ignore_i
 
 
 class _Paths(NamedTuple):
-    """One loss's ways to its value, which _call picks from."""
+    """One loss's ways to its value, which _call picks from: the sigmoid family's and the
+    softmax loss's differ in their operands and functions, not in when each is taken."""
     op: Callable[..., Tuple[torch.Tensor, ...]]  # the custom op, through the dispatcher
     fused: Callable[..., Tuple[torch.Tensor, ...]]  # the C++ function behind it
     gradients: Callable[..., Tuple]  # the operands' gradients, for EagerFunction
