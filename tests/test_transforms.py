@@ -6,12 +6,11 @@ against central differences of them, never against the reference formula itself.
 
 import pytest
 import torch
-import torchvision
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import focal_cuda
 from conftest import (DEVICES, DIFFERENCE_TOLERANCE, SECOND_DIFFERENCE_TOLERANCE, assert_matches,
-                      finite_difference_jacobian, kernel_gradients)
+                      exact_focal_loss_and_grads, finite_difference_jacobian, kernel_gradients)
 
 REFERENCE = focal_cuda.reference.sigmoid_focal_loss
 F64 = torch.float64
@@ -377,10 +376,10 @@ def test_autocast_gives_the_eager_float32_loss_under_transforms(loss, path):
 
 def test_scripted_function_gives_the_weight_its_gradient():
     """d(sum loss)/d(weight) through TorchScript: each element's loss before the weight, summed
-    over the rows (torchvision's, in float64)."""
+    over the rows (the float64 formula)."""
     x, t, _, _ = make_case("soft", "cpu")
     weight = torch.rand(4, dtype=F64, requires_grad=True)
     scripted = torch.jit.script(focal_cuda.sigmoid_focal_loss)
     (gradient,) = torch.autograd.grad(scripted(x, t, 0.25, 2.0, "sum", weight, -100, 0.0), weight)
-    expected = torchvision.ops.sigmoid_focal_loss(x, t, 0.25, 2.0, "none").sum(0)
+    expected = exact_focal_loss_and_grads(x.flatten(), t.flatten(), 0.25, 2.0)[0].reshape(x.shape).sum(0)
     torch.testing.assert_close(gradient, expected)
