@@ -106,27 +106,28 @@ def forward_ad_active():
     return _forward_ad._current_level >= 0
 
 
-def tangents_about(*tensors):
-    """Whether any of tensors (None allowed) is a dual tensor of the forward-mode AD level in
+def tangents_about(tensors):
+    """Whether any of the tensors (None allowed) is a dual tensor of the forward-mode AD level in
     use; the tensors are asked only while a level is (forward_ad_active)."""
     return forward_ad_active() and any(
         tensor is not None and tensor.is_floating_point()
         and _forward_ad.unpack_dual(tensor).tangent is not None for tensor in tensors)
 
 
-def plain_eager(inputs, *tensors):
-    """Whether an eager call may go straight to the C++ functions rather than through the
-    dispatcher, which costs tens of microseconds a call in Python: on CPU or CUDA tensors that
-    are plain (or parameters, or None), with no dispatch key of a transform or mode, no
-    forward-mode AD tangent and no function mode. The caller has ruled out torch.compile and
-    torch.jit.trace first: neither must record these probes. (The profiler sees either way:
-    the C++ functions record themselves.)"""
+def plain_eager(tensors):
+    """Whether an eager call of tensors (an op's operands, the first a tensor that sets the
+    device) may go straight to the C++ functions rather than through the dispatcher, which
+    costs tens of microseconds a call in Python: on CPU or CUDA tensors that are plain (or
+    parameters, or None), with no dispatch key of a transform or mode, no forward-mode AD
+    tangent and no function mode. The caller has ruled out torch.compile and torch.jit.trace
+    first: neither must record these probes. (The profiler sees either way: the C++ functions
+    record themselves.)"""
+    first = tensors[0]
     return (
         not thread_dispatch_keys()
-        and not tangents_about(inputs, *tensors)
-        and not _has_torch_function((inputs,))  # a function mode
-        and (inputs.is_cpu or inputs.is_cuda)  # not inputs.device: building one costs ~0.5 us
-        and type(inputs) in _PLAIN_TYPES
+        and not tangents_about(tensors)
+        and not _has_torch_function(tensors)  # a function mode (or an operand overriding it)
+        and (first.is_cpu or first.is_cuda)  # not first.device: building one costs ~0.5 us
         and _PLAIN_TYPES.issuperset(map(type, tensors))
     )
 
@@ -257,7 +258,7 @@ def _scaled_saved_grad(ctx, grad_loss, saved, count, reduction):
     is its last use (last_use_of_saved)."""
     if not last_use_of_saved(ctx, saved):
         return sigmoid_focal_loss_backward(grad_loss, saved, count, reduction)
-    if plain_eager(saved, grad_loss, count):  # last_use_of_saved ruled out torch.compile
+    if plain_eager((saved, grad_loss, count)):  # last_use_of_saved ruled out torch.compile
         _C.sigmoid_focal_loss_backward_(grad_loss, saved, count, reduction)
         torch.autograd.graph.increment_version(saved)  # as the in-place op's dispatch does
     else:  # e.g. under a function mode: the dispatcher's in-place op

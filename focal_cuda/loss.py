@@ -414,13 +414,13 @@ def _call(paths, tensors, arguments, differentiable_targets):
     elif torch.jit.is_tracing():  # the op, whose registered autograd a saved graph keeps
         arguments = (*arguments[:-1], _ops.traced_outputs_mask(differentiable_targets, tensors[2]))
         return paths.op(*tensors, *arguments)[0]
-    elif _ops.plain_eager(*tensors):
+    elif _ops.plain_eager(tensors):
         if arguments[-1]:
             return EagerFunction.apply(paths.gradients, arguments, paths.fused, *tensors)
         return paths.fused(*tensors, *arguments)[0]
     # torch.func transforms, compiled or not, and forward-mode AD: the reference formula
     # (focal_cuda/_higher_order.py).
-    if compiling or _ops.transforms_active() or _ops.tangents_about(*tensors):
+    if compiling or _ops.transforms_active() or _ops.tangents_about(tensors):
         return paths.reference(*tensors, arguments)
     # Modes, subclasses, meta tensors: the same paths through the dispatcher.
     if arguments[-1]:
