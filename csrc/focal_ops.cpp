@@ -329,10 +329,10 @@ void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets
   if (labels) {
     TORCH_CHECK_VALUE(inputs.dim() >= 1, "integer targets (class labels) need inputs with a class "
                       "dimension, its last; got 0-d inputs");
-    TORCH_CHECK_VALUE(targets.sym_sizes() == inputs.sym_sizes().slice(0, inputs.dim() - 1),
+    const auto rows_shape = inputs.sym_sizes().slice(0, inputs.dim() - 1);
+    TORCH_CHECK_VALUE(targets.sym_sizes() == rows_shape,
                       "integer targets (class labels) must have the shape of inputs without its "
-                      "last (class) dimension, got ", targets.sym_sizes(), " for inputs ",
-                      inputs.sym_sizes());
+                      "last (class) dimension, ", rows_shape, ", got ", targets.sym_sizes());
     TORCH_CHECK_VALUE((outputs & kGradTargets) == 0 || has_scores,
                       "integer targets (class labels) have no gradient (scores may have one)");
   } else {
@@ -344,7 +344,7 @@ void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets
     check_floating(*weight, "weight");
     check_same_device(*weight, inputs, "weight");
     TORCH_CHECK_VALUE(broadcasts_to(*weight, inputs),
-                      "weight must be broadcastable to the shape of inputs ", inputs.sym_sizes(),
+                      "weight must be broadcastable to the shape of inputs, ", inputs.sym_sizes(),
                       ", got ", weight->sym_sizes());
   }
   check_form_arguments(form, coefficients, label_smoothing);

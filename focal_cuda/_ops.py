@@ -126,7 +126,7 @@ def plain_eager(tensors):
     return (
         not thread_dispatch_keys()
         and not tangents_about(tensors)
-        and not _has_torch_function(tensors)  # a function mode (or an operand overriding it)
+        and not _has_torch_function(tensors)  # a function mode (the types are checked below)
         and (first.is_cpu or first.is_cuda)  # not first.device: building one costs ~0.5 us
         and _PLAIN_TYPES.issuperset(map(type, tensors))
     )

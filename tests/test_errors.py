@@ -46,13 +46,13 @@ X = torch.zeros(4, 4)
         (dict(ignore_index=-2**63 - 1), ValueError, "ignore_index must be an integer in int64's range"),
         (dict(targets=torch.zeros(4, 4, dtype=torch.long)), ValueError,
          "integer targets (class labels) must have the shape of inputs without its last (class) "
-         "dimension, got [4, 4] for inputs [4, 4]"),
+         "dimension, [4], got [4, 4]"),
         (dict(inputs=torch.zeros(()), targets=torch.zeros((), dtype=torch.long)), ValueError,
          "integer targets (class labels) need inputs with a class dimension, its last; got 0-d inputs"),
         (dict(weight=torch.ones(3)), ValueError,
-         "weight must be broadcastable to the shape of inputs [4, 4], got [3]"),
+         "weight must be broadcastable to the shape of inputs, [4, 4], got [3]"),
         (dict(weight=torch.ones(2, 4, 4)), ValueError,
-         "weight must be broadcastable to the shape of inputs [4, 4], got [2, 4, 4]"),
+         "weight must be broadcastable to the shape of inputs, [4, 4], got [2, 4, 4]"),
         (dict(weight=torch.ones(4, dtype=torch.long)), ValueError,
          "weight must be a floating-point tensor (float16, bfloat16, float32 or float64), got torch.int64"),
         (dict(weight=[1.0]), TypeError, "weight must be a torch.Tensor, got list"),
@@ -134,7 +134,7 @@ def test_meta_tensors_are_checked_as_real_ones():
     x = torch.zeros(4, 4, device="meta")
     with pytest.raises(ValueError, match=re.escape("targets must have the shape of inputs, [4, 4], got [4, 3]")):
         focal_cuda.sigmoid_focal_loss(x, torch.zeros(4, 3, device="meta"))
-    with pytest.raises(ValueError, match=re.escape("weight must be broadcastable to the shape of inputs [4, 4], got [3]")):
+    with pytest.raises(ValueError, match=re.escape("weight must be broadcastable to the shape of inputs, [4, 4], got [3]")):
         focal_cuda.sigmoid_focal_loss(x, x, weight=torch.ones(3, device="meta"))
 
 

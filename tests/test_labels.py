@@ -152,13 +152,19 @@ def test_every_row_ignored(device, reduction):
     # The differentiable path (create_graph) agrees: zero gradients, not NaN.
     second, = torch.autograd.grad(loss, inputs, create_graph=True)
     assert (second == 0).all()
-    # So do the paths of the reference formula (torch.func, forward-mode AD).
+    # So do the paths of the reference formula (torch.func, forward-mode AD): eager's loss, and
+    # zero derivatives.
     def function(x):
         return focal_cuda.sigmoid_focal_loss(x, labels, reduction=reduction, ignore_index=-1)
 
     x = inputs.detach()
-    for value in (torch.func.vmap(function)(x[None])[0], torch.func.jvp(function, (x,), (x,))[0]):
-        assert torch.isnan(value) if reduction == "mean" else value.item() == 0.0
+    value, tangent = torch.func.jvp(function, (x,), (x,))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.unpack_dual(function(torch.autograd.forward_ad.make_dual(x, x)))
+    for loss_ in (torch.func.vmap(function)(x[None])[0], value, dual.primal):
+        assert torch.isnan(loss_) if reduction == "mean" else loss_.item() == 0.0
+    assert tangent.item() == 0.0 and dual.tangent.item() == 0.0
+    assert (torch.func.grad(function)(x) == 0).all()
 
 
 WEIGHT_SHAPES = [(), (CLASSES,), (1, CLASSES), (12, 1), (12, CLASSES), (1, 1)]

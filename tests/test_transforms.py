@@ -383,3 +383,37 @@ def test_scripted_function_gives_the_weight_its_gradient():
     (gradient,) = torch.autograd.grad(scripted(x, t, 0.25, 2.0, "sum", weight, -100, 0.0), weight)
     expected = exact_focal_loss_and_grads(x.flatten(), t.flatten(), 0.25, 2.0)[0].reshape(x.shape).sum(0)
     torch.testing.assert_close(gradient, expected)
+
+
+def dual_operand_case(name):
+    """(the loss as a function of one operand other than the inputs, that operand), float64."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 4, generator=generator, dtype=F64) * 2
+    t = torch.rand(5, 4, generator=generator, dtype=F64)
+    weight = torch.rand(4, generator=generator, dtype=F64) + 0.5
+    scores = torch.rand(5, generator=generator, dtype=F64) * 0.8 + 0.1
+    labels = torch.tensor([0, 4, 2, -100, 3])  # 4 is the background
+    probabilities = torch.rand(5, 4, generator=generator, dtype=F64).softmax(1)
+    return {
+        "sigmoid-targets": (lambda o: focal_cuda.sigmoid_focal_loss(x, o, reduction="sum"), t),
+        "sigmoid-weight": (lambda o: focal_cuda.sigmoid_focal_loss(x, t, reduction="sum", weight=o), weight),
+        "pair-scores": (lambda o: focal_cuda.varifocal_loss(x, (labels, o), reduction="sum"), scores),
+        "softmax-probabilities": (lambda o: focal_cuda.softmax_focal_loss(x, o, reduction="sum"), probabilities),
+        "softmax-weight": (lambda o: focal_cuda.softmax_focal_loss(x, labels.clamp(max=3), weight=o), weight),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["sigmoid-targets", "sigmoid-weight", "pair-scores",
+                                  "softmax-probabilities", "softmax-weight"])
+def test_forward_ad_tangent_of_an_operand_other_than_the_inputs(name):
+    """A dual tensor passed as targets, weight or scores carries its tangent through the loss
+    (the call takes the reference formula), against central differences of the fused loss."""
+    function, operand = dual_operand_case(name)
+    direction = torch.rand(operand.shape, generator=torch.Generator().manual_seed(4), dtype=F64)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(operand, direction)
+        tangent = torch.autograd.forward_ad.unpack_dual(function(dual)).tangent
+    step = 1e-6
+    expected = (function(operand + step * direction) - function(operand - step * direction)) / (2 * step)
+    assert tangent is not None
+    torch.testing.assert_close(tangent, expected, **DIFFERENCE_TOLERANCE)
