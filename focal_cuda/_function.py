@@ -33,4 +33,5 @@ class EagerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # None for operand_gradients, arguments and fused_forward, which come before the operands.
         return (None, None, None, *ctx.operand_gradients(ctx, grad_loss, ctx.needs_input_grad[3:]))

@@ -412,7 +412,8 @@ def _call(paths, tensors, arguments, differentiable_targets):
         if not _ops.transforms_active_while_compiling():
             return paths.op(*tensors, *arguments)[0]
     elif torch.jit.is_tracing():  # the op, whose registered autograd a saved graph keeps
-        arguments = (*arguments[:-1], _ops.traced_outputs_mask(differentiable_targets, tensors[2]))
+        weight = tensors[2]  # both ops' third operand
+        arguments = (*arguments[:-1], _ops.traced_outputs_mask(differentiable_targets, weight))
         return paths.op(*tensors, *arguments)[0]
     elif _ops.plain_eager(tensors):
         if arguments[-1]:
