@@ -12,10 +12,13 @@ from conftest import (
     TOLERANCES,
     assert_16_bit_results_are_correctly_rounded,
     assert_matches,
+    correctly_rounded,
     derivative_term_scales,
     exact_focal_loss_and_grads,
     extreme_grid,
     reference_results,
+    ulps_apart,
+    every_16_bit_logit,
     worst_float32_softplus_sigmoid_ulp,
 )
 
@@ -40,6 +43,28 @@ def test_16_bit_results_are_correctly_rounded(device, dtype, gamma):
         limit = 87.0 / max(gamma, 1.0)
     assert_16_bit_results_are_correctly_rounded(forward, dtype, gamma, limit,
                                                 flushes_subnormals=device == "cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_gradients_scaled_by_grad_output(device, dtype):
+    """A grad_output other than 1 (a mean, a loss divided by a count) scales the saved gradient:
+    float16's is float32, so its gradient is rounded once and stays correctly rounded (as above);
+    bfloat16's is bfloat16 (2 bytes per element less to write and read, and float32's range, so
+    nothing flushes), rounded again by the scaling: within 1 ulp of the correctly rounded value
+    (README, Forward)."""
+    x = every_16_bit_logit(dtype, 16.0).repeat(2)
+    t = torch.tensor([0.0, 1.0], dtype=dtype).repeat_interleave(x.numel() // 2)
+    inputs = x.to(device).requires_grad_()
+    loss = focal_cuda.sigmoid_focal_loss(inputs, t.to(device), 0.25, 2.0)
+    grad_output = torch.full_like(loss, 0.1)
+    ours, = torch.autograd.grad(loss, inputs, grad_output)
+    exact = exact_focal_loss_and_grads(x, t, 0.25, 2.0)[1] * grad_output.double().cpu()
+    apart = ulps_apart(ours.cpu(), correctly_rounded(exact, dtype))
+    worst = int(apart.argmax())
+    assert apart[worst] <= 1, f"{apart[worst]} ulp at x={x[worst].item()}, t={t[worst].item()}"
+    if dtype == torch.float16:
+        assert (apart == 0).double().mean().item() >= 0.999
 
 
 @pytest.mark.parametrize("device", DEVICES)
