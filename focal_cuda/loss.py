@@ -501,6 +501,16 @@ class SigmoidFocalLoss(torch.nn.Module):
         )
 
 
+def _refuse_scripting(module):
+    """A module's __prepare_scriptable__, which torch.jit.script calls before it compiles the
+    module (or a model holding it): a message that says what to do instead of TorchScript's
+    own about the Python inside the function."""
+    raise RuntimeError(f"{type(module).__name__} cannot be scripted by TorchScript (of the "
+                       "losses, only sigmoid_focal_loss and SigmoidFocalLoss can): use "
+                       "torch.compile or torch.jit.trace, or compute the loss outside the "
+                       "scripted module")
+
+
 def _family_module(function, name):
     """The nn.Module of one of the family's functions, made from its signature rather than
     written per form: built with the function's options (its parameters but inputs, targets and
@@ -533,7 +543,7 @@ def _family_module(function, name):
 
     __init__.__signature__ = init_signature
     namespace = dict(__init__=__init__, forward=forward, extra_repr=extra_repr, __module__=__name__,
-                     __qualname__=name,
+                     __qualname__=name, __prepare_scriptable__=_refuse_scripting,
                      __doc__=f"``{function.__name__}`` as a module: ``{name}(...)(inputs, targets, weight=None)``.")
     return type(name, (torch.nn.Module,), namespace)
 
@@ -547,7 +557,7 @@ class SoftmaxFocalLoss(torch.nn.Module):
     """``softmax_focal_loss`` as a module, built as ``torch.nn.CrossEntropyLoss`` is:
     ``SoftmaxFocalLoss(alpha, gamma, reduction, weight, ...)(inputs, targets)``; the weight is
     a buffer (it moves with the module). Not scriptable by TorchScript (as the sigmoid family's
-    other forms: only sigmoid_focal_loss and SigmoidFocalLoss are)."""
+    other forms: only sigmoid_focal_loss and SigmoidFocalLoss are; _refuse_scripting says so)."""
 
     alpha: Optional[float]
     gamma: float
@@ -578,3 +588,5 @@ class SoftmaxFocalLoss(torch.nn.Module):
     def extra_repr(self):
         return (f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}, "
                 f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}")
+
+    __prepare_scriptable__ = _refuse_scripting

@@ -225,3 +225,25 @@ def test_a_tensor_coefficient_is_named_under_torch_compile():
 def test_family_module_constructor_errors_name_the_module(module):
     with pytest.raises(TypeError, match=rf"^{module.__name__}\(\): got an unexpected keyword argument 'weight'"):
         module(weight=torch.ones(3))
+
+
+@pytest.mark.parametrize("module", [focal_cuda.SigmoidFocalLossStar, focal_cuda.QualityFocalLoss,
+                                    focal_cuda.VarifocalLoss, focal_cuda.SoftmaxFocalLoss])
+def test_scripting_a_model_that_holds_an_unscriptable_loss_says_what_to_do(module):
+    """torch.jit.script calls a module's __prepare_scriptable__ before compiling it (the hook
+    torchvision's v2 transforms use): these modules' hook names the module and the way out,
+    where TorchScript would report the Python inside the function. If torch stops calling
+    the hook, TorchScript's own message comes back and this fails."""
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 5)
+            self.loss = module()
+
+        def forward(self, inputs, targets):
+            return self.loss(self.linear(inputs), targets)
+
+    with pytest.raises(RuntimeError, match=f"^{module.__name__} cannot be scripted by TorchScript "
+                                           r"\(of the losses, only sigmoid_focal_loss and "
+                                           r"SigmoidFocalLoss can\): use torch.compile or torch.jit.trace"):
+        torch.jit.script(Head())
