@@ -72,8 +72,11 @@ def _as_float(value, name):
 
 
 def _described(value):
-    # A tensor by its kind, not its repr, which torch.compile cannot trace.
-    return f"a {type(value).__name__}" if isinstance(value, torch.Tensor) else repr(value)
+    # A tensor by its kind, not its repr, which torch.compile cannot trace; not converted here,
+    # which would read a CUDA tensor back to the host on every call.
+    if isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__} (float() or int() of a 0-d tensor gives the number)"
+    return repr(value)
 
 
 def _as_alpha(alpha):

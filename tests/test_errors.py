@@ -211,6 +211,21 @@ def test_ops_check_their_grouped_arguments(call, message):
         call()
 
 
+@pytest.mark.parametrize("call,name", [
+    (lambda: focal_cuda.sigmoid_focal_loss(X, X, alpha=torch.tensor(0.25)), "alpha must be a real number"),
+    (lambda: focal_cuda.softmax_focal_loss(X, torch.zeros(4, dtype=torch.long), gamma=torch.tensor(2.0)),
+     "gamma must be a real number"),
+    (lambda: focal_cuda.sigmoid_focal_loss(X, torch.zeros(4, dtype=torch.long),
+                                           ignore_index=torch.tensor(-1)), "ignore_index must be an integer"),
+])
+def test_a_tensor_coefficient_is_refused_with_the_way_to_a_number(call, name):
+    """torchvision's function takes a tensor alpha into its arithmetic; ours are numbers the op
+    takes on the host, and converting a tensor on each call would read it back from the GPU."""
+    with pytest.raises(ValueError, match=re.escape(
+            f"{name}, got a Tensor (float() or int() of a 0-d tensor gives the number)")):
+        call()
+
+
 def test_a_tensor_coefficient_is_named_under_torch_compile():
     """The eager message, which Dynamo carries (it cannot take the tensor's repr into it)."""
     torch._dynamo.reset()
