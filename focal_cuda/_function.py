@@ -1,7 +1,7 @@
 """The public functions' autograd in eager mode: one torch.autograd.Function around either
 loss's fused forward.
 
-EagerFunction is the one path of first-order gradients in eager mode: the fused forward (from
+FusedFocalLoss is the one path of first-order gradients in eager mode: the fused forward (from
 C++ directly when _ops.plain_eager, else through the dispatcher, for modes and subclasses), the
 loss its only output, backward the saved gradient scaled. Gradients that must be differentiable
 again (create_graph) go through focal_cuda._higher_order, as do torch.func transforms and
@@ -14,7 +14,7 @@ import torch
 from . import _ops
 
 
-class EagerFunction(torch.autograd.Function):
+class FusedFocalLoss(torch.autograd.Function):
     """apply(operand_gradients, arguments, fused_forward, *operands) -> the loss, for either loss:
     operands the forward op's tensors (inputs, targets, weight, ...), arguments its scalar
     arguments after them, fused_forward the op or the C++ function behind it, and

@@ -2,7 +2,7 @@
 
 focal_cuda::softmax_focal_loss_forward is a torch.library custom op (fake kernel, registered
 autograd) for torch.compile, opcheck and the dispatcher's modes; eager calls go through
-focal_cuda._function.EagerFunction with gradients() below. Both take their first-order
+focal_cuda._function.FusedFocalLoss with gradients() below. Both take their first-order
 gradients from what the fused forward saved, scaled by the backward op the sigmoid losses use
 (csrc/focal_ops.h), and higher-order ones from the reference formula
 (focal_cuda.reference.softmax_focal_loss).

@@ -18,7 +18,7 @@ import torch
 from . import _ops
 from .reference import FORMS, alpha_t, bce_with_logits, distance, one_minus_p_t, power, register_form, softplus
 from . import _C
-from ._function import EagerFunction
+from ._function import FusedFocalLoss
 from . import _higher_order, _softmax
 
 # What focal_cuda exports (its __init__ re-exports this list): a new loss form's function and
@@ -394,7 +394,7 @@ class _Paths(NamedTuple):
     softmax loss's differ in their operands and functions, not in when each is taken."""
     op: Callable[..., Tuple[torch.Tensor, ...]]  # the custom op, through the dispatcher
     fused: Callable[..., Tuple[torch.Tensor, ...]]  # the C++ function behind it
-    gradients: Callable[..., Tuple]  # the operands' gradients, for EagerFunction
+    gradients: Callable[..., Tuple]  # the operands' gradients, for FusedFocalLoss
     reference: Callable[..., torch.Tensor]  # the reference formula after the op's checks
 
 
@@ -420,7 +420,7 @@ def _call(paths, tensors, arguments, differentiable_targets):
         return paths.op(*tensors, *arguments)[0]
     elif _ops.plain_eager(tensors):
         if arguments[-1]:
-            return EagerFunction.apply(paths.gradients, arguments, paths.fused, *tensors)
+            return FusedFocalLoss.apply(paths.gradients, arguments, paths.fused, *tensors)
         return paths.fused(*tensors, *arguments)[0]
     # torch.func transforms, compiled or not, and forward-mode AD: the reference formula
     # (focal_cuda/_higher_order.py).
@@ -428,7 +428,7 @@ def _call(paths, tensors, arguments, differentiable_targets):
         return paths.reference(*tensors, arguments)
     # Modes, subclasses, meta tensors: the same paths through the dispatcher.
     if arguments[-1]:
-        return EagerFunction.apply(paths.gradients, arguments, paths.op, *tensors)
+        return FusedFocalLoss.apply(paths.gradients, arguments, paths.op, *tensors)
     return paths.op(*tensors, *arguments)[0]
 
 

@@ -312,7 +312,7 @@ def test_a_dual_level_without_tangents_keeps_the_fused_path():
             loss = focal_cuda.sigmoid_focal_loss(leaf, t, gamma=0.5, reduction="sum")
             loss.backward()
         results.append((type(loss.grad_fn).__name__, loss.detach(), leaf.grad))
-    assert results[1][0] == results[0][0] == "EagerFunctionBackward"  # the fused op's Function
+    assert results[1][0] == results[0][0] == "FusedFocalLossBackward"  # the fused op's Function
     assert torch.isfinite(results[1][2]).all()
     assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][2], results[1][2])
 
