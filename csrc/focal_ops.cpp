@@ -9,7 +9,9 @@
 #include <cmath>
 #include <iterator>
 #include <limits>
+#include <numeric>
 #include <string>
+#include <vector>
 
 #include "focal.h"
 
@@ -202,6 +204,24 @@ std::pair<at::Tensor, at::Tensor> readable_pair(const at::Tensor& first, const a
   return {first.to(promoted), second.to(promoted)};
 }
 
+// Floating targets make the loss elementwise, so the kernels may take the dimensions in any
+// order: inputs laid out densely but not contiguously (channels-last, a transposed matrix), and
+// targets laid out alike, are read in place through the permutation of their dimensions that is
+// contiguous, and the per-element outputs take the inputs' layout, as torch's elementwise ops
+// give it (the fake kernel, focal_cuda/_ops.py keeps_layout, follows the same rule). Empty where
+// the kernels read contiguous tensors (copies, if the inputs are not).
+std::vector<int64_t> in_place_order(const at::Tensor& inputs, const at::Tensor& targets) {
+  if (inputs.is_contiguous() || !inputs.is_non_overlapping_and_dense() ||
+      targets.strides() != inputs.strides()) {
+    return {};
+  }
+  std::vector<int64_t> order(inputs.dim());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return inputs.stride(a) > inputs.stride(b); });
+  return inputs.permute(order).is_contiguous() ? order : std::vector<int64_t>{};
+}
+
 // tensor in dtype, converted only where it is not (a same-dtype to() is still a dispatch);
 // undefined stays undefined.
 at::Tensor in_dtype(const at::Tensor& tensor, at::ScalarType dtype) {
@@ -392,31 +412,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
     if (has_scores) {
       args.scores = scores->to(math_dtype(loss_dtype)).contiguous();
     }
-  } else {
-    std::tie(args.inputs, args.targets) =
-        readable_pair(inputs.contiguous(), floating_targets.contiguous());
+  }
+  std::vector<int64_t> order;  // in_place_order's permutation, or empty
+  if (!labels) {
+    order = in_place_order(inputs, floating_targets);
+    const auto read = [&](const at::Tensor& tensor) {
+      return order.empty() ? tensor.contiguous() : tensor.permute(order);
+    };
+    std::tie(args.inputs, args.targets) = readable_pair(read(inputs), read(floating_targets));
+    args.classes = args.inputs.dim() == 0 ? 1 : args.inputs.size(-1);
   }
   args.weight_kind = WeightKind::None;
   if (weight.has_value() && weight->defined()) {
+    at::Tensor aligned = *weight;
+    if (!order.empty()) {  // broadcast from the right first, then permuted as the inputs are
+      std::vector<int64_t> shape(inputs.dim() - weight->dim(), 1);
+      shape.insert(shape.end(), weight->sizes().begin(), weight->sizes().end());
+      aligned = weight->reshape(shape).permute(order);
+    }
     std::tie(args.weight_kind, args.weight) =
-        weight_for_kernels(*weight, inputs, math_dtype(loss_dtype));
+        weight_for_kernels(aligned, args.inputs, math_dtype(loss_dtype));
   }
 
   const auto& x = args.inputs;
+  // A per-element output: in the inputs' layout, seen by the kernels through order, or
+  // contiguous.
+  const auto per_element = [&](const at::TensorOptions& options) {
+    return order.empty() ? at::empty(x.sizes(), options)
+                         : at::empty_like(inputs, options).permute(order);
+  };
   const auto loss_options = x.options().dtype(loss_dtype);
-  args.loss = mode == Reduction::None ? at::empty(x.sizes(), loss_options)
-                                      : at::empty({}, loss_options);
+  args.loss = mode == Reduction::None ? per_element(loss_options) : at::empty({}, loss_options);
   if ((outputs & kGradInputs) != 0) {
-    args.grad_inputs = at::empty(x.sizes(), x.options().dtype(saved_dtype(x.scalar_type())));
+    args.grad_inputs = per_element(x.options().dtype(saved_dtype(x.scalar_type())));
   }
   if ((outputs & kGradTargets) != 0 && labels) {
     args.grad_scores = at::zeros(args.scores.sizes(), args.scores.options());
   } else if ((outputs & kGradTargets) != 0) {
-    args.grad_targets = at::empty(args.targets.sizes(),
-                                  args.targets.options().dtype(saved_dtype(args.targets.scalar_type())));
+    args.grad_targets =
+        per_element(args.targets.options().dtype(saved_dtype(args.targets.scalar_type())));
   }
   if ((outputs & kUnweightedLoss) != 0) {
-    args.unweighted_loss = at::empty(x.sizes(), loss_options.dtype(saved_dtype(loss_dtype)));
+    args.unweighted_loss = per_element(loss_options.dtype(saved_dtype(loss_dtype)));
   }
   args.count = at::empty({}, x.options().dtype(at::kLong));
 
@@ -431,13 +468,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
   }
 
   // Outputs not requested stay undefined (None); one computed in a converted dtype goes back to
-  // the saved dtype of what it differentiates.
-  auto finish = [](const at::Tensor& output, const at::Tensor& like) {
-    return in_dtype(output, saved_dtype(like.scalar_type()));
+  // the saved dtype of what it differentiates; per-element ones read through order are given
+  // back the inputs' dimension order.
+  std::vector<int64_t> inverse(order.size());
+  for (size_t d = 0; d < order.size(); ++d) {
+    inverse[order[d]] = static_cast<int64_t>(d);
+  }
+  const auto restored = [&](const at::Tensor& output) {
+    return !order.empty() && output.defined() && output.dim() > 0 ? output.permute(inverse) : output;
+  };
+  auto finish = [&](const at::Tensor& output, const at::Tensor& like) {
+    return in_dtype(restored(output), saved_dtype(like.scalar_type()));
   };
   const at::Tensor grad_targets = has_scores ? finish(args.grad_scores, *scores)
                                             : finish(args.grad_targets, targets);
-  return {args.loss, finish(args.grad_inputs, inputs), grad_targets,
+  return {restored(args.loss), finish(args.grad_inputs, inputs), grad_targets,
           finish(args.unweighted_loss, args.loss), args.count};
 }
 

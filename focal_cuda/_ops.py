@@ -157,15 +157,30 @@ def _(inputs, targets, weight, scores, form, coefficients, reduction, ignore_ind
     _C.check_forward_arguments(inputs, targets, weight, scores, form, coefficients, reduction,
                                ignore_index, label_smoothing, float32_loss, outputs)
     dtype = loss_dtype(inputs, targets, float32_loss)
-    loss = inputs.new_empty(inputs.shape if reduction == REDUCTION_CODES["none"] else (), dtype=dtype)
-    differentiated = targets if scores is None else scores
-    shapes = (inputs.shape, differentiated.shape, inputs.shape)
+    shaped_like = torch.empty_like if keeps_layout(inputs, targets) else _contiguous_like
+    loss = (shaped_like(inputs, dtype=dtype) if reduction == REDUCTION_CODES["none"]
+            else inputs.new_empty((), dtype=dtype))
+    likes = (inputs, targets if scores is None else scores, inputs)
     per_element = (
-        inputs.new_empty(shape if outputs & requested else (0,), dtype=dtype_)
-        for shape, requested, dtype_ in zip(shapes, (GRAD_INPUTS, GRAD_TARGETS, UNWEIGHTED_LOSS),
-                                            _per_element_dtypes(inputs, targets, scores, dtype)))
+        shaped_like(like, dtype=dtype_) if outputs & requested else inputs.new_empty((0,), dtype=dtype_)
+        for like, requested, dtype_ in zip(likes, (GRAD_INPUTS, GRAD_TARGETS, UNWEIGHTED_LOSS),
+                                           _per_element_dtypes(inputs, targets, scores, dtype)))
     count = inputs.new_empty((), dtype=torch.int64)
     return (loss, *per_element, count)
+
+
+def keeps_layout(inputs, targets):
+    """Whether the per-element outputs take the inputs' layout (torch.empty_like's), as
+    csrc/focal_ops.cpp in_place_order decides: floating targets laid out as dense, non-contiguous
+    inputs are; otherwise they are contiguous."""
+    # Python has no is_non_overlapping_and_dense; empty_like keeps exactly such strides.
+    return (targets.is_floating_point() and not inputs.is_contiguous()
+            and targets.stride() == inputs.stride()
+            and torch.empty_like(inputs).stride() == inputs.stride())
+
+
+def _contiguous_like(tensor, dtype):
+    return tensor.new_empty(tensor.shape, dtype=dtype)
 
 
 def _per_element_dtypes(inputs, targets, scores, loss_dtype_):

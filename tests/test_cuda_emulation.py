@@ -619,6 +619,28 @@ def test_one_misaligned_output_takes_the_element_path(emulated, output, dtype):
                          outputs["unweighted_loss"], count), case.describe)
 
 
+@pytest.mark.parametrize("dtype", [F16, F32, F64])
+def test_channels_last_is_read_in_place_through_the_op_layer(emulated, dtype):
+    """The op layer's CUDA path hands the kernels channels-last inputs and targets as their
+    contiguous permutation (csrc/focal_ops.cpp in_place_order), with a per-class weight permuted
+    alike, and gives every per-element output the inputs' layout."""
+    generator = torch.Generator().manual_seed(3)
+    inputs = (torch.randn(2, 6, 3, 5, generator=generator, dtype=F64) * 4).to(dtype)
+    targets = torch.rand(2, 6, 3, 5, generator=generator, dtype=F64).to(dtype)
+    inputs, targets = (tensor.contiguous(memory_format=torch.channels_last) for tensor in (inputs, targets))
+    weight = torch.rand(1, 6, 1, 1, generator=generator, dtype=F64).to(dtype)
+    outputs = emulated.sigmoid_focal_loss_forward(
+        inputs, targets, weight, None, 0, [0.25, 2.0], REDUCTION_CODES["none"], -100, 0.0, False,
+        outputs_mask(True, True, True))
+    x, t = inputs.double().requires_grad_(), targets.double().requires_grad_()
+    unweighted = focal_cuda.reference.sigmoid_focal_loss(x, t, 0.25, 2.0, "none")
+    expected = unweighted * weight.double()
+    expected_grads = torch.autograd.grad(expected, (x, t), torch.ones_like(expected))
+    for output, exact in zip(outputs[:4], (expected, *expected_grads, unweighted)):
+        assert output.stride() == inputs.stride()
+        assert_matches(output, exact.detach(), dtype)
+
+
 @pytest.mark.parametrize("form, gamma", [("star", 2.0), ("quality", 2.0), ("quality", 0.0),
                                          ("varifocal", 2.0), ("varifocal", 0.0)])
 @pytest.mark.parametrize("targets", [F32, "labels"])

@@ -40,6 +40,32 @@ def test_opcheck_forward_with_targets_of_another_dtype(device, dtypes, requires_
     assert meta[0].dtype == torch.promote_types(*dtypes)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layouts", [("channels_last", "channels_last"), ("channels_last", "contiguous"),
+                                     ("reversed", "reversed")], ids=str)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck_forward_in_the_inputs_layout(device, layouts, reduction):
+    """The fake kernel gives the per-element outputs the strides the op gives them: the inputs'
+    for a dense layout the targets share (_ops.keeps_layout), contiguous otherwise."""
+    inputs, targets = random_case((2, 5, 3, 4), torch.float32, device, soft=True)
+    def laid_out(tensor, layout):
+        if layout == "reversed":
+            return tensor.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+        formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+        return tensor.contiguous(memory_format=formats[layout])
+    inputs, targets = laid_out(inputs, layouts[0]), laid_out(targets, layouts[1])
+    args = (inputs.requires_grad_(), targets.requires_grad_(), None, None, 0, [0.25, 2.0], reduction,
+            -100, 0.0, False, focal_cuda._ops.GRAD_INPUTS | focal_cuda._ops.GRAD_TARGETS
+            | focal_cuda._ops.UNWEIGHTED_LOSS)
+    torch.library.opcheck(forward_op, args)
+    real = forward_op(*args)
+    fake = forward_op(*(arg.to("meta") if isinstance(arg, torch.Tensor) else arg for arg in args))
+    for real_output, fake_output in zip(real, fake):
+        assert fake_output.stride() == real_output.stride()
+    expected = inputs.stride() if layouts[0] == layouts[1] else inputs.contiguous().stride()
+    assert real[1].stride() == expected
+
+
 def backward_case(device, dtype, reduction):
     """(grad_output, saved gradient, count) as the backward ops receive them."""
     saved, _ = random_case((6, 5), dtype, device)

@@ -96,6 +96,47 @@ def test_non_contiguous_and_misaligned_views(device, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("layout", ["channels_last", "reversed", "targets contiguous"])
+@pytest.mark.parametrize("weight_shape", [None, (1, 5, 1, 1), (5, 1, 1), (7,), (2, 5, 6, 7)],
+                         ids=["none", "class", "class right-aligned", "column", "element"])
+def test_dense_layouts_are_read_in_place_and_kept(device, reduction, layout, weight_shape):
+    """As torch's elementwise ops, the loss with floating targets keeps the layout of dense
+    inputs (channels-last; reversed, as a transposed matrix): "none" losses and the gradients
+    come back in it, read without a copy, when the targets share it (otherwise contiguous); with
+    any weight broadcast."""
+    base_x, base_t = random_case((2, 5, 6, 7), torch.float32, device, soft=True)
+    if layout == "reversed":
+        reverse = lambda tensor: tensor.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+        inputs, targets = reverse(base_x), reverse(base_t)
+    else:
+        inputs = base_x.contiguous(memory_format=torch.channels_last)
+        targets = base_t if layout == "targets contiguous" else base_t.contiguous(
+            memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(1)
+    weight = (None if weight_shape is None else
+              torch.rand(weight_shape, generator=generator, dtype=torch.float64).to(device))
+    operands = [inputs.clone().requires_grad_(), targets.clone().requires_grad_()]
+    if weight is not None:
+        operands.append(weight.float().requires_grad_())
+    loss = focal_cuda.sigmoid_focal_loss(*operands[:2], 0.25, 2.0, reduction,
+                                         weight=None if weight is None else operands[2])
+    grads = torch.autograd.grad(loss, operands, torch.ones_like(loss))
+    exact = [operand.detach().double().requires_grad_() for operand in operands]
+    exact_loss = focal_cuda.reference.sigmoid_focal_loss(
+        *exact[:2], 0.25, 2.0, reduction, weight=None if weight is None else exact[2])
+    exact_grads = torch.autograd.grad(exact_loss, exact, torch.ones_like(exact_loss))
+    assert_matches(loss, exact_loss.detach())
+    for grad, exact_grad in zip(grads, exact_grads):
+        assert_matches(grad, exact_grad)
+    kept = layout != "targets contiguous"
+    expected_strides = inputs.stride() if kept else base_x.contiguous().stride()
+    if reduction == "none":
+        assert loss.stride() == expected_strides
+    assert grads[0].stride() == expected_strides and grads[1].stride() == expected_strides
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(), (1,), (0,), (0, 80), (2, 0, 3), (5, 1, 1, 3)])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_shapes_including_scalar_and_empty(device, shape, reduction):
