@@ -861,24 +861,52 @@ def labels_in_layout(layout, labels):
     return labels
 
 
-@pytest.mark.parametrize("layout", MANY_CLASSES_LAYOUTS)
-@pytest.mark.parametrize("kind", ["labels", "smoothed"])
-@pytest.mark.parametrize("gamma", [0.0, 2.0])
-def test_many_classes_in_every_layout(layout, kind, gamma):
-    """5,000 classes, float32: loss and gradient against the float64 definition at the float32
-    tolerance, in each layout."""
-    generator = torch.Generator().manual_seed(7)
-    logits = torch.randn(16, 5000, generator=generator, dtype=torch.float64) * 3
-    labels = torch.randint(0, 5000, (16,), generator=generator)
-    smoothing = 0.1 if kind == "smoothed" else 0.0
-    x64 = MANY_CLASSES_LAYOUTS[layout](logits)
-    y = labels_in_layout(layout, labels)
-    x = x64.float().detach().requires_grad_()
-    loss = focal_cuda.softmax_focal_loss(x, y, gamma=gamma, reduction="sum", label_smoothing=smoothing)
+def many_classes_targets(layout, kind, logits, generator):
+    """Labels of logits' (16, C) rows, or (for "probabilities") a distribution over their
+    classes, laid out as the logits are in layout."""
+    if kind == "probabilities":
+        probabilities = torch.softmax(torch.randn(logits.shape, generator=generator, dtype=torch.float64), 1)
+        return MANY_CLASSES_LAYOUTS[layout](probabilities).float().requires_grad_()
+    return labels_in_layout(layout, torch.randint(0, logits.shape[1], (16,), generator=generator))
+
+
+def assert_many_classes_match_the_definition(layout, kind, gamma, logits, targets):
+    """Loss and gradients (inputs; probabilities too, smoothed by 0.1 as labels are for
+    "smoothed") of float32 logits in layout against the float64 definition at the float32
+    tolerance."""
+    smoothing = 0.0 if kind == "labels" else 0.1
+    x = MANY_CLASSES_LAYOUTS[layout](logits).float().detach().requires_grad_()
+    loss = focal_cuda.softmax_focal_loss(x, targets, gamma=gamma, reduction="sum", label_smoothing=smoothing)
     loss.backward()
     exact_x = x.detach().double().requires_grad_()
-    expected = expected_loss(exact_x, y, None, gamma, "sum", label_smoothing=smoothing)
+    exact_t = targets.detach().double().requires_grad_() if kind == "probabilities" else targets
+    expected = expected_loss(exact_x, exact_t, None, gamma, "sum", label_smoothing=smoothing)
     expected.backward()
     assert_matches(loss, expected.detach())
-    scale = gradient_scale(x.detach(), y, 1.0, gamma, "sum", None, smoothing)
+    scale = gradient_scale(x.detach(), targets.detach(), 1.0, gamma, "sum", None, smoothing)
     assert_matches(x.grad, exact_x.grad, scale=scale)
+    if kind == "probabilities":
+        assert_matches(targets.grad, exact_t.grad)
+
+
+@pytest.mark.parametrize("layout", MANY_CLASSES_LAYOUTS)
+@pytest.mark.parametrize("kind", ["labels", "smoothed", "probabilities"])
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_many_classes_in_every_layout(layout, kind, gamma):
+    """5,000 classes, float32, in each layout."""
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(16, 5000, generator=generator, dtype=torch.float64) * 3
+    targets = many_classes_targets(layout, kind, logits, generator)
+    assert_many_classes_match_the_definition(layout, kind, gamma, logits, targets)
+
+
+@pytest.mark.parametrize("layout", MANY_CLASSES_LAYOUTS)
+@pytest.mark.parametrize("kind", ["labels", "probabilities"])
+def test_logits_far_below_zero_at_a_class_count_no_vector_divides(layout, kind):
+    """Every logit near -200 (exp(-200) is 0 in float32): only the shift by the row's true
+    maximum keeps the sums; 1,003 classes leave a part-filled last vector on every ISA, whose
+    unused lanes must not take part in the maximum."""
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(16, 1003, generator=generator, dtype=torch.float64) * 3 - 200
+    targets = many_classes_targets(layout, kind, logits, generator)
+    assert_many_classes_match_the_definition(layout, kind, 2.0, logits, targets)
