@@ -1,5 +1,7 @@
 """Saturated logits, exact zeros, the BCE special case, finite gradients where torchvision NaNs."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,6 +168,24 @@ def test_targets_outside_0_1_give_what_the_reference_gives_in_every_lane(device)
         ours = focal_cuda.sigmoid_focal_loss(x, t, 0.25, 1.5)
         expected = focal_cuda.reference.sigmoid_focal_loss(x.double(), t.double(), 0.25, 1.5)
         torch.testing.assert_close(ours.double(), expected, equal_nan=True, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("call", ["sigmoid forward", "sigmoid backward", "softmax forward"])
+def test_the_cpu_flush_of_subnormals_ends_with_the_call(call):
+    """The CPU kernels set the floating-point unit to flush subnormals (README, Subnormals) on
+    each thread that runs them, and must restore it: afterwards torch's own arithmetic, on
+    every thread of its pool, and Python's keep subnormal results."""
+    x = torch.randn(200_000, 8, requires_grad=True)
+    if call == "softmax forward":
+        focal_cuda.softmax_focal_loss(x, torch.zeros(200_000, dtype=torch.long))
+    else:
+        loss = focal_cuda.sigmoid_focal_loss(x, torch.rand(200_000, 8), reduction="sum")
+        if call == "sigmoid backward":
+            loss.backward()
+    smallest_normal = torch.finfo(torch.float32).tiny
+    halved = torch.full((1_000_000,), smallest_normal) / 2  # a parallel loop over the pool
+    assert (halved == smallest_normal / 2).all() and halved[0] > 0
+    assert sys.float_info.min / 2 > 0
 
 
 @pytest.mark.xfail(strict=True, reason=(
