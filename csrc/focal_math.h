@@ -715,6 +715,30 @@ struct CompensatedSum {
   FOCAL_HOST_DEVICE V value() const { return sum - lost; }
 };
 
+// A position's loss over its classes with soft targets: the compensated sum, or, where a term
+// is not finite (an inf where the target names a masked class, as F.cross_entropy's loss is
+// there), the plain sum, which keeps the inf that the compensation turns into NaN.
+template <typename V>
+struct ClassLossSum {
+  CompensatedSum<V> compensated;
+  V plain;
+
+  FOCAL_HOST_DEVICE void add(V term) {
+    compensated.add(term);
+    plain = plain + term;
+  }
+  template <typename Math>
+  FOCAL_HOST_DEVICE V value() const {
+    return Math::select(plain - plain == V(0.0f), compensated.value(), plain);
+  }
+};
+
+template <typename V>
+FOCAL_HOST_DEVICE ClassLossSum<V> class_loss_sum_start() {
+  const V zero(0.0f);
+  return {{zero, zero}, zero};
+}
+
 // The sums of one position's exponentials, accumulated class by class (softmax_accumulate,
 // which returns the class's exp(z - m): p = exp(z - m) / (1 + r) for a caller that keeps it),
 // then finished (softmax_row).

@@ -1135,6 +1135,29 @@ def test_softmax_many_classes_a_thread(emulated, kind):
     assert_matches(grad, x.grad, F32, scale=gradient_scale(inputs, labels, 1.0, 2.0, "sum", None, smoothing))
 
 
+@pytest.mark.parametrize("kind", ["labels", "smoothed"])
+def test_softmax_thousands_of_tiny_terms_a_thread(emulated, kind):
+    """tests/test_softmax.py's row of large terms, then 65,536 each below half an ulp of the
+    running sum, on threads that read their positions' classes one by one (NCHW): the sums of
+    exponentials and, with soft targets, of the classes' losses stay compensated."""
+    from test_softmax import MANY_CLASSES_LAYOUTS, expected_loss, gradient_scale, labels_in_layout
+
+    logits = torch.full((16, 17 + 65536), -26 * math.log(2), dtype=F64)
+    logits[:, 0] = 0.0
+    logits[:, 1:17] = math.log(0.5)
+    labels = labels_in_layout("nchw", torch.zeros(16, dtype=torch.long))
+    inputs = MANY_CLASSES_LAYOUTS["nchw"](logits).float()
+    smoothing = 0.1 if kind == "smoothed" else 0.0
+    loss, grad, *_ = emulated.softmax_focal_loss_forward(inputs, labels, None, [-1.0, 2.0],
+                                                         REDUCTION_CODES["sum"], -100, smoothing,
+                                                         False, GRAD_INPUTS)
+    x = inputs.double().requires_grad_()
+    expected = expected_loss(x, labels, None, 2.0, "sum", label_smoothing=smoothing)
+    expected.backward()
+    assert_matches(loss, expected.detach(), F32)
+    assert_matches(grad, x.grad, F32, scale=gradient_scale(inputs, labels, 1.0, 2.0, "sum", None, smoothing))
+
+
 def test_every_mutant_text_is_in_the_kernels_once():
     """mutate.py plants each mutant by replacing its text, which must occur exactly once in csrc:
     a kernel change that moves the text leaves the mutant unplantable (two had been, unnoticed)."""

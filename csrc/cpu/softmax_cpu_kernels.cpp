@@ -211,6 +211,7 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
     }
   } else {
     SoftmaxGradientSums<Vec> g_sums = softmax_gradient_sums_start<Vec>();
+    ClassLossSum<Vec> class_losses = class_loss_sum_start<Vec>();
     for (int64_t c = 0; c < classes; ++c) {
       const Vec z = Vec::loadu(x.data + c * x.stride);
       const Vec target =
@@ -220,7 +221,7 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
       const Vec w = weight != nullptr ? Vec(weight[c]) : Vec(S(1));
       S* class_exp = buffers.shifted_exps.data() + c * kLanes;
       const auto terms = softmax_terms<Math, kGrad>(z, Vec::loadu(class_exp), q, w, row, coeffs);
-      loss = loss + terms.loss;
+      class_losses.add(terms.loss);
       if constexpr (kGrad) {
         softmax_gradient_accumulate<Math>(z, max, terms.g, g_sums);
         terms.g.store(buffers.class_g.data() + c * kLanes);
@@ -234,7 +235,7 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
             .store(grad_targets.data + c * grad_targets.stride);
       }
     }
-    loss = where_counts<Math>(counts, loss);
+    loss = where_counts<Math>(counts, class_losses.template value<Math>());
     if constexpr (kGrad) {
       for (int64_t c = 0; c < classes; ++c) {
         const Vec z = Vec::loadu(x.data + c * x.stride);
@@ -370,7 +371,7 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
     const S* t = operands.probabilities.data != nullptr
                      ? read_block(operands.probabilities, offset, classes, buffers.probabilities.data())
                      : nullptr;
-    Vec loss_lanes(S(0));
+    ClassLossSum<Vec> loss_lanes = class_loss_sum_start<Vec>();
     SoftmaxGradientSums<Vec> g_sum_lanes = softmax_gradient_sums_start<Vec>();
     for (int64_t c = 0; c < classes; c += kLanes) {
       const Vec class_index = lane_classes + Vec(static_cast<S>(c));
@@ -384,7 +385,7 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
       const Vec z = load(x, c, max);  // padding: the max (exp 1), with target 0
       const auto terms = softmax_terms<Math, kGrad>(z, load(buffers.shifted_exps.data(), c, S(1)),
                                                     q, w, row, coeffs);
-      loss_lanes = loss_lanes + terms.loss;
+      loss_lanes.add(terms.loss);
       if constexpr (kGrad) {
         softmax_gradient_accumulate<Math>(z, vmax, terms.g, g_sum_lanes);
         store(terms.g, buffers.class_g.data(), c);
@@ -397,7 +398,7 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
         store(terms.d_target * Vec(coeffs.target_scale), grad_targets, c);
       }
     }
-    loss_lanes.store(lanes);
+    loss_lanes.template value<Math>().store(lanes);
     for (int64_t lane = 0; lane < kLanes; ++lane) {
       loss += lanes[lane];
     }

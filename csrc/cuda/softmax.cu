@@ -130,12 +130,12 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
         return given * p.coeffs.target_scale + p.coeffs.smoothing_share;
       };
       const auto class_weight = [&](int64_t c) { return p.weight != nullptr ? p.weight[c] : S(1); };
-      S loss(0);
+      ClassLossSum<S> class_losses = class_loss_sum_start<S>();
       SoftmaxGradientSums<S> g_sums = softmax_gradient_sums_start<S>();
       for (int64_t c = 0; c < p.classes; ++c) {
         const S z = static_cast<S>(x[c * p.class_stride]);
         const auto terms = softmax_terms<Math, kGrad>(z, target(c), class_weight(c), row, p.coeffs);
-        loss += terms.loss;
+        class_losses.add(terms.loss);
         if constexpr (kGrad) {
           softmax_gradient_accumulate<Math>(z, max, terms.g, g_sums);
         }
@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
               where_counts<Math>(label.counts, terms.d_target * p.coeffs.target_scale);
         }
       }
-      loss = where_counts<Math>(label.counts, loss);
+      const S loss = where_counts<Math>(label.counts, class_losses.template value<Math>());
       sum += loss;
       if (p.loss != nullptr) {
         p.loss[position] = loss;

@@ -189,6 +189,14 @@ MATH_MUTANTS = [
     ("softmax_sums_uncompensated", "device math: a position's sums over its classes without Kahan's "
      "compensation (a plain running sum, 1e-4 off over 5,000 classes)",
      "    lost = (next - sum) - corrected;", "    lost = V(0.0f);"),
+    ("softmax_class_losses_plain", "device math: a position's loss over its classes (soft targets) "
+     "summed plainly, without Kahan's compensation",
+     "    return Math::select(plain - plain == V(0.0f), compensated.value(), plain);",
+     "    return plain;"),
+    ("softmax_class_losses_inf_lost", "device math: a position's loss over its classes always the "
+     "compensated sum, NaN where a term is inf (a masked class the target names)",
+     "    return Math::select(plain - plain == V(0.0f), compensated.value(), plain);",
+     "    return compensated.value();"),
     ("softmax_u_at_max", "device math: 1 - p at the max by subtraction (cancels for confident positions)",
      "Math::select(shifted == zero, row.rest * row.inv_sum, one - p)", "one - p"),
     ("softmax_gradient_at_max", "device math: soft targets' gradient at the max as g - p sum(g), which "
