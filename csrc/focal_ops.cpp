@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <iterator>
@@ -207,12 +208,11 @@ std::pair<at::Tensor, at::Tensor> readable_pair(const at::Tensor& first, const a
 // Floating targets make the loss elementwise, so the kernels may take the dimensions in any
 // order: inputs laid out densely but not contiguously (channels-last, a transposed matrix), and
 // targets laid out alike, are read in place through the permutation of their dimensions that is
-// contiguous, and the per-element outputs take the inputs' layout, as torch's elementwise ops
-// give it (the fake kernel, focal_cuda/_ops.py keeps_layout, follows the same rule). Empty where
-// the kernels read contiguous tensors (copies, if the inputs are not).
+// contiguous, and the per-element outputs take the inputs' strides, as torch's elementwise ops
+// give a dense layout (the fake kernel, focal_cuda/_ops.py keeps_layout, follows the same rule,
+// step for step). Empty where the kernels read contiguous tensors (copies, if the inputs are not).
 std::vector<int64_t> in_place_order(const at::Tensor& inputs, const at::Tensor& targets) {
-  if (inputs.is_contiguous() || !inputs.is_non_overlapping_and_dense() ||
-      targets.strides() != inputs.strides()) {
+  if (inputs.is_contiguous() || targets.strides() != inputs.strides()) {
     return {};
   }
   std::vector<int64_t> order(inputs.dim());
@@ -415,7 +415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
   }
   std::vector<int64_t> order;  // in_place_order's permutation, or empty
   if (!labels) {
-    order = in_place_order(inputs, floating_targets);
+    order = in_place_order(inputs, targets);  // as given: autocast's conversion keeps strides
     const auto read = [&](const at::Tensor& tensor) {
       return order.empty() ? tensor.contiguous() : tensor.permute(order);
     };
@@ -439,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
   // contiguous.
   const auto per_element = [&](const at::TensorOptions& options) {
     return order.empty() ? at::empty(x.sizes(), options)
-                         : at::empty_like(inputs, options).permute(order);
+                         : at::empty_strided(inputs.sizes(), inputs.strides(), options).permute(order);
   };
   const auto loss_options = x.options().dtype(loss_dtype);
   args.loss = mode == Reduction::None ? per_element(loss_options) : at::empty({}, loss_options);

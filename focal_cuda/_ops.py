@@ -157,7 +157,7 @@ def _(inputs, targets, weight, scores, form, coefficients, reduction, ignore_ind
     _C.check_forward_arguments(inputs, targets, weight, scores, form, coefficients, reduction,
                                ignore_index, label_smoothing, float32_loss, outputs)
     dtype = loss_dtype(inputs, targets, float32_loss)
-    shaped_like = torch.empty_like if keeps_layout(inputs, targets) else _contiguous_like
+    shaped_like = _strided_like if keeps_layout(inputs, targets) else _contiguous_like
     loss = (shaped_like(inputs, dtype=dtype) if reduction == REDUCTION_CODES["none"]
             else inputs.new_empty((), dtype=dtype))
     likes = (inputs, targets if scores is None else scores, inputs)
@@ -170,13 +170,17 @@ def _(inputs, targets, weight, scores, form, coefficients, reduction, ignore_ind
 
 
 def keeps_layout(inputs, targets):
-    """Whether the per-element outputs take the inputs' layout (torch.empty_like's), as
-    csrc/focal_ops.cpp in_place_order decides: floating targets laid out as dense, non-contiguous
-    inputs are; otherwise they are contiguous."""
-    # Python has no is_non_overlapping_and_dense; empty_like keeps exactly such strides.
-    return (targets.is_floating_point() and not inputs.is_contiguous()
-            and targets.stride() == inputs.stride()
-            and torch.empty_like(inputs).stride() == inputs.stride())
+    """Whether the per-element outputs take the inputs' strides, as csrc/focal_ops.cpp
+    in_place_order decides, step for step: floating targets laid out as dense, non-contiguous
+    inputs are; otherwise the outputs are contiguous."""
+    if not targets.is_floating_point() or inputs.is_contiguous() or targets.stride() != inputs.stride():
+        return False
+    order = sorted(range(inputs.dim()), key=lambda dim: -inputs.stride(dim))  # stable, as C++'s
+    return inputs.permute(order).is_contiguous()
+
+
+def _strided_like(tensor, dtype):
+    return tensor.new_empty_strided(tensor.shape, tensor.stride(), dtype=dtype)
 
 
 def _contiguous_like(tensor, dtype):

@@ -40,26 +40,40 @@ def test_opcheck_forward_with_targets_of_another_dtype(device, dtypes, requires_
     assert meta[0].dtype == torch.promote_types(*dtypes)
 
 
+def laid_out(tensor, layout):
+    """tensor (2, 5, 3, 4) in layout; "size-one dims": (1, 3, 1, 5) from a permuted (1, 5, 3, 1),
+    whose size-1 dimensions carry strides a fresh tensor of that layout would not."""
+    if layout == "size-one dims":
+        return tensor.reshape(-1)[:15].reshape(1, 5, 3, 1).permute(0, 2, 3, 1)
+    if layout == "reversed":
+        return tensor.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+    if layout == "channels_last slice":  # not dense: a copy, such as autocast's, would be
+        return torch.cat([tensor, tensor], -1).contiguous(memory_format=torch.channels_last)[..., ::2]
+    formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+    return tensor.contiguous(memory_format=formats[layout])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layouts", [("channels_last", "channels_last"), ("channels_last", "contiguous"),
-                                     ("reversed", "reversed")], ids=str)
+                                     ("channels_last", "channels_last slice"), ("reversed", "reversed"),
+                                     ("size-one dims", "size-one dims")], ids=str)
 @pytest.mark.parametrize("reduction", [0, 1, 2])
-def test_opcheck_forward_in_the_inputs_layout(device, layouts, reduction):
+@pytest.mark.parametrize("float32_loss", [False, True], ids=["", "float32 loss"])
+def test_opcheck_forward_in_the_inputs_layout(device, layouts, reduction, float32_loss):
     """The fake kernel gives the per-element outputs the strides the op gives them: the inputs'
-    for a dense layout the targets share (_ops.keeps_layout), contiguous otherwise."""
-    inputs, targets = random_case((2, 5, 3, 4), torch.float32, device, soft=True)
-    def laid_out(tensor, layout):
-        if layout == "reversed":
-            return tensor.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
-        formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-        return tensor.contiguous(memory_format=formats[layout])
+    for a dense layout the targets share (_ops.keeps_layout), contiguous otherwise; also for
+    autocast's float32 loss of 16-bit operands, whose targets the op converts first."""
+    dtype = torch.bfloat16 if float32_loss else torch.float32
+    inputs, targets = random_case((2, 5, 3, 4), dtype, device, soft=True)
     inputs, targets = laid_out(inputs, layouts[0]), laid_out(targets, layouts[1])
     args = (inputs.requires_grad_(), targets.requires_grad_(), None, None, 0, [0.25, 2.0], reduction,
-            -100, 0.0, False, focal_cuda._ops.GRAD_INPUTS | focal_cuda._ops.GRAD_TARGETS
+            -100, 0.0, float32_loss, focal_cuda._ops.GRAD_INPUTS | focal_cuda._ops.GRAD_TARGETS
             | focal_cuda._ops.UNWEIGHTED_LOSS)
     torch.library.opcheck(forward_op, args)
     real = forward_op(*args)
-    fake = forward_op(*(arg.to("meta") if isinstance(arg, torch.Tensor) else arg for arg in args))
+    # Meta operands of the same strides (to("meta") would give size-1 dimensions others).
+    as_meta = lambda arg: torch.empty_strided(arg.shape, arg.stride(), dtype=arg.dtype, device="meta")
+    fake = forward_op(*(as_meta(arg) if isinstance(arg, torch.Tensor) else arg for arg in args))
     for real_output, fake_output in zip(real, fake):
         assert fake_output.stride() == real_output.stride()
     expected = inputs.stride() if layouts[0] == layouts[1] else inputs.contiguous().stride()
