@@ -1137,9 +1137,9 @@ def test_softmax_many_classes_a_thread(emulated, kind):
 
 @pytest.mark.parametrize("kind", ["labels", "smoothed"])
 def test_softmax_thousands_of_tiny_terms_a_thread(emulated, kind):
-    """tests/test_softmax.py's row of large terms, then 65,536 each below half an ulp of the
-    running sum, on threads that read their positions' classes one by one (NCHW): the sums of
-    exponentials and, with soft targets, of the classes' losses stay compensated."""
+    """tests/test_softmax.py's rows of large exponentials, then 65,536 each below half an ulp of
+    their running sum, on threads that read their positions' classes one by one (NCHW): the sums
+    of exponentials and, with soft targets, of the 65,553 classes' losses stay compensated."""
     from test_softmax import MANY_CLASSES_LAYOUTS, expected_loss, gradient_scale, labels_in_layout
 
     logits = torch.full((16, 17 + 65536), -26 * math.log(2), dtype=F64)

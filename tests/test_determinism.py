@@ -1,11 +1,13 @@
 """Bitwise reproducibility: run to run, and on CPU whatever the number of threads; the loss
 with and without gradients."""
 
+import math
+
 import pytest
 import torch
 
 import focal_cuda
-from conftest import DEVICES, DTYPES, REDUCTIONS, TOLERANCES, random_case, requires_cuda
+from conftest import DEVICES, DTYPES, REDUCTIONS, random_case, requires_cuda
 
 
 def loss_and_grad(inputs, targets, reduction):
@@ -52,17 +54,16 @@ def test_hundred_calls_at_retinanet_scale_are_bitwise_identical(reduction):
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("loss", ["focal soft targets", "focal labels", "softmax labels",
                                   "softmax smoothed", "softmax nchw"])
-def test_losses_with_and_without_gradients_agree_within_the_tolerance(device, dtype, loss):
+def test_losses_with_and_without_gradients_agree_within_twenty_ulp(device, dtype, loss):
     """A call that computes gradients and a no-grad call run two instances of the same source,
     which the compiler contracts into fused multiply-adds differently: their elementwise losses
-    agree within the accuracy each has against float64 (TOLERANCES), not bit for bit (README,
-    Determinism). gamma 2.5 takes the sigmoid family's General loops, where its instances
-    differ at all."""
+    agree, not bit for bit, within twice the worst error either path was measured at against
+    float64, 9.3 ulp (README, Determinism): 20 ulp. gamma 2.5 takes the sigmoid family's
+    General loops, where its instances differ at all."""
     generator = torch.Generator().manual_seed(0)
     if loss.startswith("focal"):
         inputs = torch.randn(2000, 80, generator=generator, dtype=torch.float64) * 4
@@ -82,4 +83,6 @@ def test_losses_with_and_without_gradients_agree_within_the_tolerance(device, dt
     with torch.no_grad():
         without = call(inputs)
     with_gradients = call(inputs.clone().requires_grad_())
-    torch.testing.assert_close(with_gradients.detach(), without, **TOLERANCES[dtype])
+    larger = torch.maximum(with_gradients.detach().abs(), without.abs())
+    spacing = torch.nextafter(larger, torch.full_like(larger, math.inf)) - larger
+    assert ((with_gradients.detach() - without).abs() / spacing).max().item() <= 20

@@ -16,11 +16,11 @@ from conftest import (
     assert_matches,
     correctly_rounded,
     derivative_term_scales,
+    every_16_bit_logit,
     exact_focal_loss_and_grads,
     extreme_grid,
     reference_results,
     ulps_apart,
-    every_16_bit_logit,
     worst_float32_softplus_sigmoid_ulp,
 )
 
@@ -51,7 +51,8 @@ def test_16_bit_results_are_correctly_rounded(device, dtype, gamma):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_16_bit_gradients_scaled_by_grad_output(device, dtype):
     """A grad_output other than 1 (a mean, a loss divided by a count) scales the saved gradient:
-    float16's is float32, so its gradient is rounded once and stays correctly rounded (as above);
+    float16's is float32, so its gradient is rounded once from float32, correctly rounded but
+    for 1 in about 2^13 (a float32 value on a float16 rounding midpoint; as above);
     bfloat16's is bfloat16 (2 bytes per element less to write and read, and float32's range, so
     nothing flushes), rounded again by the scaling: within 1 ulp of the correctly rounded value
     (README, Forward)."""

@@ -916,9 +916,10 @@ def test_logits_far_below_zero_at_a_class_count_no_vector_divides(layout, kind):
 @pytest.mark.parametrize("kind", ["labels", "smoothed"])
 def test_thousands_of_tiny_terms_after_large_ones_keep_their_sum(layout, kind):
     """Per row: class 0 the maximum, 16 classes of p = max / 2, then 65,536 of 2^-26 of it,
-    so that every vector lane (or, in NCHW, every position) adds thousands of terms each below
-    half an ulp of its running sum: 2^-10 of the sum of exponentials, 1e-4, that a plain float32
-    sum drops (README: compensated sums). The float64 definition keeps it."""
+    so that every vector lane (or, in NCHW, every position) adds thousands of exponentials each
+    below half an ulp of its running sum: 2^-10 of their sum, 1e-4, that a plain float32 sum
+    drops; with smoothing, also 65,553 classes' losses, whose plain float32 sum rounds to 5e-5
+    (rows) and 1e-3 (NCHW) off (README: compensated sums). The float64 definition keeps both."""
     logits = torch.full((16, 17 + 65536), -26 * math.log(2), dtype=torch.float64)
     logits[:, 0] = 0.0
     logits[:, 1:17] = math.log(0.5)
