@@ -1114,15 +1114,13 @@ def test_softmax_soft_target_gradient_at_a_confident_class_keeps_its_accuracy(em
         assert_confident_class_gradient_exact(grad, inputs, targets, gamma, smoothing)
 
 
-@pytest.mark.parametrize("kind", ["labels", "smoothed"])
-def test_softmax_many_classes_a_thread(emulated, kind):
-    """A thread reads its position's classes one by one: 5,000 classes in float32, against the
-    float64 definition at the float32 tolerance (a plain running sum drifts past it)."""
+def assert_positions_of_many_classes_match(emulated, logits, labels, kind):
+    """logits (16, C) as 16 NCHW positions, whose threads read their classes one by one, with
+    labels (16,), smoothed by 0.1 for "smoothed": float32 loss and gradient against the float64
+    definition at the float32 tolerance."""
     from test_softmax import MANY_CLASSES_LAYOUTS, expected_loss, gradient_scale, labels_in_layout
 
-    generator = torch.Generator().manual_seed(7)
-    logits = torch.randn(16, 5000, generator=generator, dtype=torch.float64) * 3
-    labels = labels_in_layout("nchw", torch.randint(0, 5000, (16,), generator=generator))
+    labels = labels_in_layout("nchw", labels)
     inputs = MANY_CLASSES_LAYOUTS["nchw"](logits).float()
     smoothing = 0.1 if kind == "smoothed" else 0.0
     loss, grad, *_ = emulated.softmax_focal_loss_forward(inputs, labels, None, [-1.0, 2.0],
@@ -1133,29 +1131,25 @@ def test_softmax_many_classes_a_thread(emulated, kind):
     expected.backward()
     assert_matches(loss, expected.detach(), F32)
     assert_matches(grad, x.grad, F32, scale=gradient_scale(inputs, labels, 1.0, 2.0, "sum", None, smoothing))
+
+
+@pytest.mark.parametrize("kind", ["labels", "smoothed"])
+def test_softmax_many_classes_a_thread(emulated, kind):
+    """5,000 classes a thread (a plain running sum drifts past the float32 tolerance)."""
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(16, 5000, generator=generator, dtype=torch.float64) * 3
+    assert_positions_of_many_classes_match(emulated, logits, torch.randint(0, 5000, (16,), generator=generator),
+                                           kind)
 
 
 @pytest.mark.parametrize("kind", ["labels", "smoothed"])
 def test_softmax_thousands_of_tiny_terms_a_thread(emulated, kind):
     """tests/test_softmax.py's rows of large exponentials, then 65,536 each below half an ulp of
-    their running sum, on threads that read their positions' classes one by one (NCHW): the sums
-    of exponentials and, with soft targets, of the 65,553 classes' losses stay compensated."""
-    from test_softmax import MANY_CLASSES_LAYOUTS, expected_loss, gradient_scale, labels_in_layout
+    their running sum: the sums of exponentials and, with soft targets, of the 65,553 classes'
+    losses stay compensated."""
+    from test_softmax import tiny_terms_logits
 
-    logits = torch.full((16, 17 + 65536), -26 * math.log(2), dtype=F64)
-    logits[:, 0] = 0.0
-    logits[:, 1:17] = math.log(0.5)
-    labels = labels_in_layout("nchw", torch.zeros(16, dtype=torch.long))
-    inputs = MANY_CLASSES_LAYOUTS["nchw"](logits).float()
-    smoothing = 0.1 if kind == "smoothed" else 0.0
-    loss, grad, *_ = emulated.softmax_focal_loss_forward(inputs, labels, None, [-1.0, 2.0],
-                                                         REDUCTION_CODES["sum"], -100, smoothing,
-                                                         False, GRAD_INPUTS)
-    x = inputs.double().requires_grad_()
-    expected = expected_loss(x, labels, None, 2.0, "sum", label_smoothing=smoothing)
-    expected.backward()
-    assert_matches(loss, expected.detach(), F32)
-    assert_matches(grad, x.grad, F32, scale=gradient_scale(inputs, labels, 1.0, 2.0, "sum", None, smoothing))
+    assert_positions_of_many_classes_match(emulated, tiny_terms_logits(), torch.zeros(16, dtype=torch.long), kind)
 
 
 def test_every_mutant_text_is_in_the_kernels_once():

@@ -920,8 +920,14 @@ def test_thousands_of_tiny_terms_after_large_ones_keep_their_sum(layout, kind):
     below half an ulp of its running sum: 2^-10 of their sum, 1e-4, that a plain float32 sum
     drops; with smoothing, also 65,553 classes' losses, whose plain float32 sum rounds to 5e-5
     (rows) and 1e-3 (NCHW) off (README: compensated sums). The float64 definition keeps both."""
+    labels = labels_in_layout(layout, torch.zeros(16, dtype=torch.long))
+    assert_many_classes_match_the_definition(layout, kind, 2.0, tiny_terms_logits(), labels)
+
+
+def tiny_terms_logits():
+    """16 rows of class 0 the maximum, 16 classes of half its exponential, then 65,536 of 2^-26
+    of it (test_thousands_of_tiny_terms_after_large_ones_keep_their_sum)."""
     logits = torch.full((16, 17 + 65536), -26 * math.log(2), dtype=torch.float64)
     logits[:, 0] = 0.0
     logits[:, 1:17] = math.log(0.5)
-    labels = labels_in_layout(layout, torch.zeros(16, dtype=torch.long))
-    assert_many_classes_match_the_definition(layout, kind, 2.0, logits, labels)
+    return logits
