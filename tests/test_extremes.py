@@ -55,7 +55,8 @@ def test_16_bit_gradients_scaled_by_grad_output(device, dtype):
     for 1 in about 2^13 (a float32 value on a float16 rounding midpoint; as above);
     bfloat16's is bfloat16 (2 bytes per element less to write and read, and float32's range, so
     nothing flushes), rounded again by the scaling: within 1 ulp of the correctly rounded value
-    (README, Forward)."""
+    where the saved one is correctly rounded (CPU), 2 where it may itself be 1 ulp off (the CUDA
+    kernels' approximations for 16-bit results; README, Forward)."""
     x = every_16_bit_logit(dtype, 16.0).repeat(2)
     t = torch.tensor([0.0, 1.0], dtype=dtype).repeat_interleave(x.numel() // 2)
     inputs = x.to(device).requires_grad_()
@@ -65,7 +66,8 @@ def test_16_bit_gradients_scaled_by_grad_output(device, dtype):
     exact = exact_focal_loss_and_grads(x, t, 0.25, 2.0)[1] * grad_output.double().cpu()
     apart = ulps_apart(ours.cpu(), correctly_rounded(exact, dtype))
     worst = int(apart.argmax())
-    assert apart[worst] <= 1, f"{apart[worst]} ulp at x={x[worst].item()}, t={t[worst].item()}"
+    bound = 2 if device == "cuda" and dtype == torch.bfloat16 else 1
+    assert apart[worst] <= bound, f"{apart[worst]} ulp at x={x[worst].item()}, t={t[worst].item()}"
     if dtype == torch.float16:
         assert (apart == 0).double().mean().item() >= 0.999
 
