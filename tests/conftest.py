@@ -314,6 +314,22 @@ def assert_16_bit_results_are_correctly_rounded(forward, dtype, gamma, limit, fl
         assert equal >= 0.999, f"{name}: {equal:.5f} of the results for |x| <= 16 correctly rounded"
 
 
+def laid_out(tensor, layout):
+    """A 4-d tensor's values in layout: "contiguous", "channels_last", "reversed" (its
+    dimensions stored last first, as a transposed matrix's), "channels_last slice" (every other
+    element of a channels-last tensor twice as wide: not dense); "size-one dims": 15 of its
+    values as (1, 3, 1, 5) from a permuted (1, 5, 3, 1), whose size-1 dimensions carry strides a
+    fresh tensor of that layout would not."""
+    if layout == "size-one dims":
+        return tensor.reshape(-1)[:15].reshape(1, 5, 3, 1).permute(0, 2, 3, 1)
+    if layout == "reversed":
+        return tensor.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+    if layout == "channels_last slice":  # not dense: a copy, such as autocast's, would be
+        return torch.cat([tensor, tensor], -1).contiguous(memory_format=torch.channels_last)[..., ::2]
+    formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+    return tensor.contiguous(memory_format=formats[layout])
+
+
 def random_case(shape, dtype, device, *, seed=0, scale=4.0, soft=False, positive_rate=0.3):
     """Logits ~ N(0, scale^2) and hard (or soft) targets, generated on CPU for reproducibility."""
     generator = torch.Generator().manual_seed(seed)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import focal_cuda
-from conftest import DEVICES, DTYPES, REDUCTIONS, assert_matches, random_case
+from conftest import DEVICES, DTYPES, REDUCTIONS, assert_matches, laid_out, random_case
 
 forward_op = torch.ops.focal_cuda.sigmoid_focal_loss_forward.default
 backward_op = torch.ops.focal_cuda.sigmoid_focal_loss_backward.default
@@ -38,19 +38,6 @@ def test_opcheck_forward_with_targets_of_another_dtype(device, dtypes, requires_
     torch.library.opcheck(forward_op, args)
     meta = forward_op(*(arg.to("meta") if isinstance(arg, torch.Tensor) else arg for arg in args))
     assert meta[0].dtype == torch.promote_types(*dtypes)
-
-
-def laid_out(tensor, layout):
-    """tensor (2, 5, 3, 4) in layout; "size-one dims": (1, 3, 1, 5) from a permuted (1, 5, 3, 1),
-    whose size-1 dimensions carry strides a fresh tensor of that layout would not."""
-    if layout == "size-one dims":
-        return tensor.reshape(-1)[:15].reshape(1, 5, 3, 1).permute(0, 2, 3, 1)
-    if layout == "reversed":
-        return tensor.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
-    if layout == "channels_last slice":  # not dense: a copy, such as autocast's, would be
-        return torch.cat([tensor, tensor], -1).contiguous(memory_format=torch.channels_last)[..., ::2]
-    formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-    return tensor.contiguous(memory_format=formats[layout])
 
 
 @pytest.mark.parametrize("device", DEVICES)

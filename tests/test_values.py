@@ -11,6 +11,7 @@ from conftest import (
     REDUCTIONS,
     assert_matches,
     derivative_term_scales,
+    laid_out,
     random_case,
     reference_results,
     requires_cuda,
@@ -106,13 +107,8 @@ def test_dense_layouts_are_read_in_place_and_kept(device, reduction, layout, wei
     come back in it, read without a copy, when the targets share it (otherwise contiguous); with
     any weight broadcast."""
     base_x, base_t = random_case((2, 5, 6, 7), torch.float32, device, soft=True)
-    if layout == "reversed":
-        reverse = lambda tensor: tensor.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
-        inputs, targets = reverse(base_x), reverse(base_t)
-    else:
-        inputs = base_x.contiguous(memory_format=torch.channels_last)
-        targets = base_t if layout == "targets contiguous" else base_t.contiguous(
-            memory_format=torch.channels_last)
+    inputs = laid_out(base_x, "reversed" if layout == "reversed" else "channels_last")
+    targets = base_t if layout == "targets contiguous" else laid_out(base_t, layout)
     generator = torch.Generator().manual_seed(1)
     weight = (None if weight_shape is None else
               torch.rand(weight_shape, generator=generator, dtype=torch.float64).to(device))
