@@ -68,15 +68,19 @@ def _as_float(value, name):
         return value
     if _real_number(value):
         return float(value)
-    raise ValueError(f"{name} must be a real number, got {_described(value)}")
+    raise ValueError(f"{name} must be a real number, got {_described(value, name)}")
 
 
-def _described(value):
-    # A tensor by its kind, not its repr, which torch.compile cannot trace; not converted here,
-    # which would read a CUDA tensor back to the host on every call.
-    if isinstance(value, torch.Tensor):
+def _described(value, name):
+    # A tensor by its kind and shape, not its repr, which torch.compile cannot trace; not
+    # converted here, which would read a CUDA tensor back to the host on every call.
+    if not isinstance(value, torch.Tensor):
+        return repr(value)
+    if value.dim() == 0:
         return f"a {type(value).__name__} (float() or int() of a 0-d tensor gives the number)"
-    return repr(value)
+    # A per-class alpha is kornia's and mmdet's habit, and F.cross_entropy's third argument is weight.
+    per_class = "; per-class factors go in weight=" if name == "alpha" else ""
+    return f"a {type(value).__name__} of shape {list(value.shape)} (one number is expected{per_class})"
 
 
 def _as_alpha(alpha):
@@ -106,7 +110,7 @@ def _as_index(ignore_index):
         if -2**63 <= ignore_index < 2**63:  # the op's int64
             return int(ignore_index)
         raise ValueError(f"ignore_index must be an integer in int64's range, got {ignore_index!r}")
-    raise ValueError(f"ignore_index must be an integer, got {_described(ignore_index)}")
+    raise ValueError(f"ignore_index must be an integer, got {_described(ignore_index, 'ignore_index')}")
 
 
 _Function = TypeVar("_Function", bound=Callable[..., torch.Tensor])

@@ -226,6 +226,18 @@ def test_a_tensor_coefficient_is_refused_with_the_way_to_a_number(call, name):
         call()
 
 
+@pytest.mark.parametrize("call,message", [
+    (lambda: focal_cuda.sigmoid_focal_loss(X, X, alpha=torch.full((4,), 0.25)),
+     "alpha must be a real number, got a Tensor of shape [4] (one number is expected; per-class "
+     "factors go in weight=)"),
+    (lambda: focal_cuda.sigmoid_focal_loss(X, X, gamma=torch.full((1,), 2.0)),
+     "gamma must be a real number, got a Tensor of shape [1] (one number is expected)"),
+])
+def test_a_tensor_of_several_values_is_refused_by_its_shape(call, message):
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        call()
+
+
 def test_a_tensor_coefficient_is_named_under_torch_compile():
     """The eager message, which Dynamo carries (it cannot take the tensor's repr into it)."""
     torch._dynamo.reset()

@@ -536,6 +536,14 @@ def test_autocast_computes_16_bit_logits_in_float32():
          "inputs must be a floating-point tensor (float16, bfloat16, float32 or float64), got torch.float8_e4m3fn"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x.to_sparse(), y), "inputs must be a strided (dense) tensor"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, x[:, :2]), "class-probability targets must have the shape"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, y.float()),
+         f"class-probability targets must have the shape of inputs, [4, {CLASSES}], got [4] "
+         "(class indices must be an integer tensor, got torch.float32)"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, y, torch.ones(CLASSES)),
+         f"alpha must be a real number, got a Tensor of shape [{CLASSES}] (one number is expected; "
+         "per-class factors go in weight=)"),
+        (lambda x, y: focal_cuda.SoftmaxFocalLoss(torch.ones(CLASSES)),
+         "alpha must be a real number, got a Tensor of shape"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x[:, :0], y), "at least one class along dimension 1"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, weight=torch.ones(3)), "weight must have one value per class"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, gamma=-1.0), "gamma must be a finite number >= 0, got -1"),
@@ -550,6 +558,30 @@ def test_bad_arguments_raise_value_errors(call, message):
     inputs, labels = make_case((4, CLASSES), torch.float32, "cpu", "labels", ignore_fraction=0)
     with pytest.raises(ValueError, match=re.escape(message)):
         call(inputs, labels)
+
+
+def test_migrations_from_kornia_and_mmcv_as_the_readme_writes_them():
+    """Their formulas as they compute them (kornia's focal_loss over (N, C, *) logits, its mean
+    over every position; mmcv's softmax_focal_loss over (N, C), weight[label] on each row's loss,
+    its mean the sum over N), against README's lines."""
+    alpha, gamma = 0.5, 2.0
+    inputs = torch.randn(4, CLASSES, 3, 3, dtype=torch.float64)
+    labels = torch.randint(0, CLASSES, (4, 3, 3))
+    log_p = F.log_softmax(inputs, 1)
+    one_hot = F.one_hot(labels, CLASSES).movedim(-1, 1)
+    kornia_mean = (one_hot * -alpha * (1 - log_p.exp()) ** gamma * log_p).sum(1).mean()
+    torch.testing.assert_close(
+        focal_cuda.softmax_focal_loss(inputs, labels, alpha=alpha, gamma=gamma, reduction="sum") / labels.numel(),
+        kornia_mean)
+
+    rows, weight = torch.randn(16, CLASSES, dtype=torch.float64), torch.rand(CLASSES, dtype=torch.float64) + 0.5
+    row_labels = torch.randint(0, CLASSES, (16,))
+    p_label = torch.softmax(rows, 1).gather(1, row_labels[:, None])[:, 0]
+    mmcv_mean = (-0.25 * (1 - p_label) ** gamma * p_label.log() * weight[row_labels]).sum() / rows.shape[0]
+    torch.testing.assert_close(
+        focal_cuda.softmax_focal_loss(rows, row_labels, alpha=0.25, gamma=gamma, weight=weight,
+                                      reduction="sum") / rows.shape[0],
+        mmcv_mean)
 
 
 def test_module_matches_the_function_and_moves_its_weight():
