@@ -8,10 +8,12 @@ import re
 import mpmath
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 
 import focal_cuda
-from conftest import (DEVICES, DTYPES, REDUCTIONS, assert_matches, assert_second_derivatives_match_kernel_differences,
+from conftest import (CUDA_AVAILABLE, DEVICES, DTYPES, REDUCTIONS, assert_matches, assert_second_derivatives_match_kernel_differences,
                       capture_cuda_graph)
 
 CLASSES = 5
@@ -160,6 +162,78 @@ def test_loss_and_gradients_match_the_definition(device, dtype, kind, gamma, sha
         assert_matches(grad_x, x.grad, dtype, scale=scale)
         if grad_t is not None:
             assert_matches(grad_t, t.grad, dtype)
+        assert_matches(grad_w, w.grad, weight_dtype, scale=w.grad.abs().max().expand_as(w.grad))
+
+
+@st.composite
+def strided_layouts(draw):
+    """A shape with its class dimension (up to 140 classes: the CPU's row loops from 64), and a
+    memory layout: a permutation of the dimensions and a step and offset in each."""
+    rank = draw(st.integers(1, 5))
+    shape = draw(st.lists(st.integers(0, 5), min_size=rank, max_size=rank))
+    shape[0 if rank == 1 else 1] = draw(st.one_of(st.integers(1, 9), st.integers(60, 140)))
+    permutation = draw(st.permutations(range(rank)))
+    steps = draw(st.lists(st.integers(1, 3), min_size=rank, max_size=rank))
+    offsets = draw(st.lists(st.integers(0, 2), min_size=rank, max_size=rank))
+    return shape, permutation, steps, offsets
+
+
+def strided(values, layout):
+    """A tensor of layout's shape whose elements lie in values(storage shape) as layout says."""
+    shape, permutation, steps, offsets = layout
+    padded = [offset + max(size - 1, 0) * step + 1 for size, step, offset in zip(shape, steps, offsets)]
+    storage = values([padded[dim] for dim in permutation])
+    logical = storage.permute([permutation.index(dim) for dim in range(len(shape))])
+    return logical[tuple(slice(offset, offset + size * step, step)
+                         for size, step, offset in zip(shape, steps, offsets))]
+
+
+@settings(max_examples=200, deadline=None)
+@given(layout=strided_layouts(), same_target_layout=st.booleans(),
+       kind=st.sampled_from(TARGET_KINDS), dtype=st.sampled_from(DTYPES),
+       device=st.sampled_from(["cpu", "cuda"] if CUDA_AVAILABLE else ["cpu"]),
+       reduction=st.sampled_from(REDUCTIONS), gamma=st.sampled_from(SOFTMAX_GAMMAS),
+       weighted=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_random_layouts_match_the_definition(layout, same_target_layout, kind, dtype, device, reduction,
+                                             gamma, weighted, seed):
+    """Any strides of the logits (and of probability targets, which need not sum to 1), any
+    class count and rank, against the float64 definition."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda shape: (torch.randn(shape, generator=generator, dtype=torch.float64) * 3).to(device, dtype)
+    inputs = strided(draw, layout)
+    dim = 0 if inputs.dim() == 1 else 1
+    classes = inputs.shape[dim]
+    # One class: p = 1, where the float64 autograd's (1 - p)^(gamma - 1) is inf times 0.
+    assume(classes > 1 or gamma >= 1)
+    if kind == "probabilities":
+        uniform = lambda shape: torch.rand(shape, generator=generator, dtype=torch.float64).to(device, dtype)
+        targets = strided(uniform, layout) if same_target_layout else uniform(inputs.shape)
+    else:
+        positions = inputs.shape[:dim] + inputs.shape[dim + 1:]
+        targets = torch.randint(0, classes, positions, generator=generator)
+        targets[torch.rand(positions, generator=generator) < 0.2] = -100
+        targets = targets.to(device)
+    smoothing = 0.1 if kind == "smoothed" else 0.0
+    weight = torch.rand(classes, generator=generator, dtype=torch.float64).to(device) + 0.5 if weighted else None
+    options = dict(alpha=0.25, gamma=gamma, reduction=reduction, label_smoothing=smoothing)
+    x = inputs.double().clone().requires_grad_()
+    t = targets.double().clone().requires_grad_() if targets.is_floating_point() else targets
+    w = None if weight is None else weight.clone().requires_grad_()
+    expected = expected_loss(x, t, weight=w, **options)
+    assume(not expected.isnan().any())  # a mean of nothing: test_mean_of_nothing_and_empty_inputs
+    loss, grad_x, grad_t, grad_w = loss_and_grads(focal_cuda.softmax_focal_loss, inputs, targets,
+                                                  weight=weight, **options)
+    assert loss.shape == expected.shape and loss.dtype == dtype
+    assert_matches(loss, expected.detach(), dtype)
+    if inputs.numel() == 0:
+        return
+    expected.backward(torch.ones_like(expected))
+    assert_matches(grad_x, x.grad, dtype,
+                   scale=gradient_scale(inputs, targets, 0.25, gamma, reduction, weight, smoothing))
+    if grad_t is not None:
+        assert_matches(grad_t, t.grad, dtype)
+    if grad_w is not None:
+        weight_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         assert_matches(grad_w, w.grad, weight_dtype, scale=w.grad.abs().max().expand_as(w.grad))
 
 
