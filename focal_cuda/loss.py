@@ -78,7 +78,7 @@ def _described(value, name):
         return repr(value)
     if value.dim() == 0:
         return f"a {type(value).__name__} (float() or int() of a 0-d tensor gives the number)"
-    # A per-class alpha is kornia's and mmdet's habit, and F.cross_entropy's third argument is weight.
+    # Hand-written focal losses often take a per-class alpha; F.cross_entropy's third argument is weight.
     per_class = "; per-class factors go in weight=" if name == "alpha" else ""
     return f"a {type(value).__name__} of shape {list(value.shape)} (one number is expected{per_class})"
 
