@@ -596,6 +596,19 @@ def test_converted_dtype_pairs(emulated, x_dtype, target_dtype):
     assert outputs[1].dtype == saved_dtype(x_dtype) and outputs[2].dtype == saved_dtype(target_dtype)
 
 
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_autocast_reads_16_bit_soft_targets_as_float32(emulated, dtype, reduction):
+    """Under autocast (float32_loss) the loss of 16-bit logits and 16-bit floating targets is
+    float32, computed from the targets in float32: the op layer converts them, so that the
+    kernels read a (16-bit, float32) pair, one they have an instance for."""
+    case = Case(x_dtype=dtype, targets=dtype, float32_loss=True, gamma=2.0, shape=(37, 13),
+                misaligned=False, reduction=reduction, weight_kind="class", alpha=0.25, label_smoothing=0.0,
+                grad_inputs=True, grad_targets=True, ignore="none")
+    outputs = run_case(emulated, case, 1)
+    assert outputs[0].dtype == torch.float32
+
+
 @pytest.mark.parametrize("output", ["loss", "grad_inputs", "grad_targets", "unweighted_loss"])
 @pytest.mark.parametrize("dtype", [F16, F32, F64])
 def test_one_misaligned_output_takes_the_element_path(emulated, output, dtype):

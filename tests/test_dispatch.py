@@ -189,6 +189,20 @@ def test_eager_forward_allocates_only_what_is_asked(operands, dtype):
         assert op_outputs[3].dtype == torch.float32  # the saved dtype of a float16 loss too
 
 
+@pytest.mark.parametrize("keep_graph", [False, True], ids=["last use", "graph kept"])
+def test_backward_reads_an_expanded_grad_output_as_its_one_value(operands, keep_graph):
+    """loss.sum().backward() hands a "none" loss an expanded scalar: the backward op reads its one
+    value rather than a gradient-sized copy of it (no aten::copy_ under the profiler)."""
+    x, t = operands
+    x = x.clone().requires_grad_()
+    loss = focal_cuda.sigmoid_focal_loss(x, t, 0.25, 2.0, "none")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        (grad,) = torch.autograd.grad(loss.sum(), x, retain_graph=keep_graph)
+    assert "aten::copy_" not in {event.name for event in profile.events()}
+    _, exact_x, _ = exact_focal_loss_and_grads(x.detach().flatten(), t.flatten(), 0.25, 2.0)
+    torch.testing.assert_close(grad, exact_x.reshape(x.shape).float(), rtol=4e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
 def test_only_the_ops_loss_is_differentiable(loss):
     """The forward ops' other outputs carry what backward needs; differentiating through one is

@@ -103,6 +103,22 @@ def test_device_mismatch():
         focal_cuda.sigmoid_focal_loss(X, meta)
 
 
+@pytest.mark.parametrize("name, call", [
+    ("weight", lambda other: focal_cuda.sigmoid_focal_loss(X, X, reduction="sum", weight=other(4))),
+    ("weight", lambda other: focal_cuda.sigmoid_focal_loss(X, X, reduction="none", weight=other(()))),
+    ("scores", lambda other: focal_cuda.sigmoid_focal_loss(
+        X, (torch.zeros(4, dtype=torch.long), other(4)))),
+    ("weight", lambda other: focal_cuda.softmax_focal_loss(X, torch.zeros(4, dtype=torch.long),
+                                                           weight=other(4))),
+], ids=["sigmoid weight", "sigmoid 0-d weight", "scores", "softmax weight"])
+def test_operands_on_another_device_are_refused_by_name(name, call):
+    """Every tensor operand is checked against the inputs' device (the kernels would read a
+    pointer of another device), not only the targets."""
+    message = f"{name} must be on the same device as inputs, got cpu and meta"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(lambda shape: torch.ones(shape, device="meta"))
+
+
 def forward_op(inputs, targets, alpha=0.25, gamma=2.0, reduction=0, weight=None, label_smoothing=0.0):
     return focal_cuda._C.sigmoid_focal_loss_forward(
         inputs, targets, weight, None, 0, [alpha, gamma], reduction, -100, label_smoothing, False, 0

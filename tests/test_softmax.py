@@ -620,6 +620,8 @@ def test_autocast_computes_16_bit_logits_in_float32():
          "alpha must be a real number, got a Tensor of shape"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x[:, :0], y), "at least one class along dimension 1"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, weight=torch.ones(3)), "weight must have one value per class"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, y, weight=torch.ones(CLASSES, 2)),
+         "weight must have one value per class, shape (5), got [5, 2]"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, gamma=-1.0), "gamma must be a finite number >= 0, got -1"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, alpha=-0.5), "alpha must be a finite number >= 0, or None (or -1) for 1, got -0.5"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, label_smoothing=1.0), "label_smoothing must be in"),
@@ -723,6 +725,28 @@ def test_opcheck(kind, layout):
         arguments = (inputs.detach().requires_grad_(), targets, weight, [0.5, 2.0], reduction, -100, 0.1,
                      False, focal_cuda._ops.outputs_mask(True, kind == "probabilities", True))
         torch.library.opcheck(torch.ops.focal_cuda.softmax_focal_loss_forward.default, arguments)
+
+
+@pytest.mark.parametrize("kind", ["labels", "probabilities"])
+def test_unbatched_inputs_give_per_class_outputs_of_their_shape(kind):
+    """(C) inputs, as F.cross_entropy takes them: the op's per-element outputs have the shape
+    (C), as its fake kernel says (opcheck), and at gamma 0 d(loss)/d(inputs) is
+    F.cross_entropy's gradient."""
+    inputs, targets = make_case((CLASSES,), torch.float64, "cpu", kind)
+    mask = focal_cuda._ops.outputs_mask(True, kind == "probabilities", True)
+    weight = torch.rand(CLASSES, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for reduction in (0, 1, 2):
+        arguments = (inputs.detach().requires_grad_(), targets, weight, [-1.0, 0.0], reduction, -100,
+                     0.0, False, mask)
+        torch.library.opcheck(torch.ops.focal_cuda.softmax_focal_loss_forward.default, arguments)
+    _, grad_inputs, grad_targets, unweighted, _ = torch.ops.focal_cuda.softmax_focal_loss_forward(
+        inputs, targets, weight, [-1.0, 0.0], 0, -100, 0.0, False, mask)
+    assert grad_inputs.shape == unweighted.shape == inputs.shape
+    if kind == "probabilities":
+        assert grad_targets.shape == inputs.shape
+    x = inputs.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(F.cross_entropy(x, targets, weight=weight, reduction="sum"), x)
+    assert_matches(grad_inputs, expected)
 
 
 def test_float32_probabilities_are_not_rounded_to_16_bit_logits():

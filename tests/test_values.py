@@ -11,6 +11,7 @@ from conftest import (
     REDUCTIONS,
     assert_matches,
     derivative_term_scales,
+    exact_focal_loss_and_grads,
     laid_out,
     random_case,
     reference_results,
@@ -133,6 +134,31 @@ def test_dense_layouts_are_read_in_place_and_kept(device, reduction, layout, wei
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["channels_last", "reversed"])
+@pytest.mark.parametrize("keep_graph", [False, True], ids=["last use", "graph kept"])
+def test_dense_layouts_take_a_grad_output_laid_out_otherwise(device, dtype, layout, keep_graph):
+    """A "none" loss kept in the inputs' dense layout is back-propagated from a grad_output of
+    another layout (contiguous, as torch.randn makes it) element by element: where backward
+    scales the saved gradient in place (its last use) and where it writes a new tensor (the graph
+    kept), which takes the saved gradient's layout. Against the float64 formula (math.*) on the
+    rounded values."""
+    base_x, base_t = random_case((2, 5, 6, 7), dtype, device, soft=True)
+    inputs = laid_out(base_x, layout).requires_grad_()
+    targets = laid_out(base_t, layout).requires_grad_()
+    loss = focal_cuda.sigmoid_focal_loss(inputs, targets, 0.25, 2.0, "none")
+    generator = torch.Generator().manual_seed(1)
+    grad_output = torch.randn(loss.shape, generator=generator, dtype=torch.float64).to(device, loss.dtype)
+    assert loss.stride() == inputs.stride() != grad_output.stride()
+    grads = torch.autograd.grad(loss, (inputs, targets), grad_output, retain_graph=keep_graph)
+    _, exact_x, exact_t = exact_focal_loss_and_grads(base_x.flatten(), base_t.flatten(), 0.25, 2.0)
+    scales = derivative_term_scales(base_x, base_t, 0.25, 2.0, grad_output=grad_output)
+    for grad, exact, scale in zip(grads, (exact_x, exact_t), scales):
+        assert grad.stride() == inputs.stride()
+        assert_matches(grad, exact.reshape(base_x.shape) * grad_output.double(), scale=scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(), (1,), (0,), (0, 80), (2, 0, 3), (5, 1, 1, 3)])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_shapes_including_scalar_and_empty(device, shape, reduction):
@@ -172,6 +198,17 @@ def test_empty_inputs_with_a_weight_of_any_kind(device, shape, weight_shape, lab
     grad_x, grad_weight = torch.autograd.grad(total, (x, weight))
     assert grad_x.shape == shape and grad_weight.shape == weight_shape
     assert (grad_weight == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_loss_takes_an_expanded_empty_grad_output(device):
+    """An empty grad_output whose strides are all 0 (an expansion of nothing, with no storage)
+    is no one value to read: the backward of an empty loss gives an empty gradient."""
+    x = torch.zeros(0, 4, device=device, requires_grad=True)
+    loss = focal_cuda.sigmoid_focal_loss(x, torch.zeros(0, 4, device=device), reduction="none")
+    grad_output = torch.empty(0, device=device).as_strided((0, 4), (0, 0))
+    (grad,) = torch.autograd.grad(loss, x, grad_output)
+    assert grad.shape == (0, 4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
