@@ -8,13 +8,13 @@ import re
 import mpmath
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
 
 import focal_cuda
-from conftest import (CUDA_AVAILABLE, DEVICES, DTYPES, REDUCTIONS, assert_matches, assert_second_derivatives_match_kernel_differences,
-                      capture_cuda_graph)
+from conftest import (CUDA_AVAILABLE, DEVICES, DTYPES, REDUCTIONS, assert_matches,
+                      assert_second_derivatives_match_kernel_differences, capture_cuda_graph)
 
 CLASSES = 5
 SOFTMAX_GAMMAS = [0.0, 0.5, 1.0, 2.0, 2.5, 0.3]  # 0.3 by pow
@@ -641,8 +641,9 @@ def test_migrations_from_kornia_and_mmcv_as_the_readme_writes_them():
     over every position; mmcv's softmax_focal_loss over (N, C), weight[label] on each row's loss,
     its mean the sum over N), against README's lines."""
     alpha, gamma = 0.5, 2.0
-    inputs = torch.randn(4, CLASSES, 3, 3, dtype=torch.float64)
-    labels = torch.randint(0, CLASSES, (4, 3, 3))
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(4, CLASSES, 3, 3, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, CLASSES, (4, 3, 3), generator=generator)
     log_p = F.log_softmax(inputs, 1)
     one_hot = F.one_hot(labels, CLASSES).movedim(-1, 1)
     kornia_mean = (one_hot * -alpha * (1 - log_p.exp()) ** gamma * log_p).sum(1).mean()
@@ -650,8 +651,9 @@ def test_migrations_from_kornia_and_mmcv_as_the_readme_writes_them():
         focal_cuda.softmax_focal_loss(inputs, labels, alpha=alpha, gamma=gamma, reduction="sum") / labels.numel(),
         kornia_mean)
 
-    rows, weight = torch.randn(16, CLASSES, dtype=torch.float64), torch.rand(CLASSES, dtype=torch.float64) + 0.5
-    row_labels = torch.randint(0, CLASSES, (16,))
+    rows = torch.randn(16, CLASSES, generator=generator, dtype=torch.float64)
+    weight = torch.rand(CLASSES, generator=generator, dtype=torch.float64) + 0.5
+    row_labels = torch.randint(0, CLASSES, (16,), generator=generator)
     p_label = torch.softmax(rows, 1).gather(1, row_labels[:, None])[:, 0]
     mmcv_mean = (-0.25 * (1 - p_label) ** gamma * p_label.log() * weight[row_labels]).sum() / rows.shape[0]
     torch.testing.assert_close(
