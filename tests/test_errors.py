@@ -1,12 +1,15 @@
 """Every bad argument raises a clear error that names it, what was expected and what was got."""
 
 import os
+import random
 import re
 import subprocess
 import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import focal_cuda
 
@@ -290,3 +293,70 @@ def test_scripting_a_model_that_holds_an_unscriptable_loss_says_what_to_do(modul
                                            r"\(of the losses, only sigmoid_focal_loss and "
                                            r"SigmoidFocalLoss can\): use torch.compile or torch.jit.trace"):
         torch.jit.script(Head())
+
+
+FUZZ_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32,
+               torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn]
+
+
+def random_operand(r, shape=None):
+    """A small tensor of a random dtype and shape (or the given one), laid out at random:
+    contiguous, transposed, expanded from one value, flattened, sparse or on the meta device."""
+    shape = [r.choice([0, 1, 2, 3, 5]) for _ in range(r.randint(0, 4))] if shape is None else list(shape)
+    dtype = r.choice(FUZZ_DTYPES)
+    values = torch.randn(shape) * r.choice([1.0, 100.0, 1e30])
+    tensor = values.to(dtype) if dtype.is_floating_point or dtype.is_complex else values.abs().to(dtype)
+    layout = r.choice(["contiguous", "transposed", "expanded", "flat", "sparse", "meta"])
+    if layout == "transposed" and tensor.dim() > 1:
+        return tensor.transpose(0, -1)
+    if layout == "expanded" and tensor.numel() > 0:
+        return tensor.flatten()[:1].reshape([1] * tensor.dim()).expand(tensor.shape)
+    if layout == "flat":
+        return tensor.reshape(-1)
+    if layout == "sparse" and tensor.dim() > 0 and dtype != torch.float8_e4m3fn:
+        return tensor.to_sparse()
+    if layout == "meta":
+        return tensor.to("meta")
+    return tensor
+
+
+def random_call(r):
+    """One call of a public function or an op with random operands and options."""
+    inputs = random_operand(r)
+    other = lambda: random_operand(r, inputs.shape if r.random() < 0.6 else None)
+    optional = lambda make: None if r.random() < 0.4 else make()
+    coefficients = [r.choice([0.0, 0.25, 2.0, -1.0, -5.0, float("nan"), float("inf")])
+                    for _ in range(r.randint(0, 4))]
+    ops = focal_cuda._C
+    calls = [
+        lambda: focal_cuda.sigmoid_focal_loss(
+            inputs, other(), r.choice([0.25, -1, 2.0]), r.choice([0.0, 2.0, 0.5, -1.0]),
+            r.choice(["none", "mean", "sum", "avg"]), weight=optional(other),
+            ignore_index=r.choice([-100, 0, 3])),
+        lambda: focal_cuda.softmax_focal_loss(
+            inputs, other(), r.choice([None, 0.25]), r.choice([0.0, 2.0, 0.5]), r.choice(["none", "mean", "sum"]),
+            weight=optional(lambda: random_operand(r)), ignore_index=r.choice([-100, 0, 3]),
+            label_smoothing=r.choice([0.0, 0.1])),
+        lambda: ops.sigmoid_focal_loss_forward(
+            inputs, other(), optional(other), optional(lambda: random_operand(r)), r.randint(-1, 5), coefficients,
+            r.randint(-1, 3), r.choice([-100, 0, 3]), r.choice([0.0, 0.1, 1.0, float("nan")]), r.random() < 0.5,
+            r.randint(-2, 9)),
+        lambda: ops.softmax_focal_loss_forward(
+            inputs, other(), optional(lambda: random_operand(r)), coefficients, r.randint(-1, 3),
+            r.choice([-100, 0, 3]), r.choice([0.0, 0.1, 1.0]), r.random() < 0.5, r.randint(-2, 9)),
+        lambda: r.choice([ops.sigmoid_focal_loss_backward, ops.sigmoid_focal_loss_backward_])(
+            other(), inputs, random_operand(r, r.choice([[], [1], [2]])), r.randint(-1, 3)),
+    ]
+    return r.choice(calls)()
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_random_arguments_return_or_raise_a_python_error(seed):
+    """Random, mostly wrong operands (any dtype, rank, strides, layout, the meta device) and
+    options, to the public functions and to the ops: each call returns or raises ValueError,
+    TypeError or RuntimeError with a message. A crash kills the suite (issue 24)."""
+    try:
+        random_call(random.Random(seed))
+    except (ValueError, TypeError, RuntimeError) as error:
+        assert str(error).strip()
