@@ -634,20 +634,26 @@ void check_softmax_arguments(const at::Tensor& inputs, const at::Tensor& targets
   const bool labels = at::isIntegralType(targets.scalar_type(), /*includeBool=*/false);
   check_targets(targets, labels,
                 "class indices (an integer tensor) or class probabilities (a floating-point tensor)");
-  std::vector<c10::SymInt> positions(inputs.sym_sizes().begin(), inputs.sym_sizes().end());
-  positions.erase(positions.begin() + dim);
-  const c10::SymIntArrayRef position_shape(positions);
+  // The positions' shape: inputs' without the class dimension.
+  const auto positions = [&] {
+    std::vector<c10::SymInt> shape(inputs.sym_sizes().begin(), inputs.sym_sizes().end());
+    shape.erase(shape.begin() + dim);
+    return shape;
+  };
   if (labels) {
-    TORCH_CHECK_VALUE(targets.sym_sizes() == position_shape,
+    const auto position_shape = positions();
+    TORCH_CHECK_VALUE(targets.sym_sizes() == c10::SymIntArrayRef(position_shape),
                       "class-index targets must have the shape of inputs without its class "
-                      "dimension ", dim, ", ", position_shape, ", got ", targets.sym_sizes());
+                      "dimension ", dim, ", ", c10::SymIntArrayRef(position_shape), ", got ",
+                      targets.sym_sizes());
     TORCH_CHECK_VALUE((outputs & kGradTargets) == 0, "class-index targets have no gradient");
   } else {
-    // Floating labels (F.cross_entropy refuses them too) are read as probabilities: say so.
+    // Floating labels (F.cross_entropy refuses them too) are read as probabilities: say so
+    // (the message, and positions() in it, are evaluated only when the check fails).
     TORCH_CHECK_VALUE(targets.sym_sizes() == inputs.sym_sizes(),
                       "class-probability targets must have the shape of inputs, ",
                       inputs.sym_sizes(), ", got ", targets.sym_sizes(),
-                      targets.sym_sizes() == position_shape
+                      targets.sym_sizes() == c10::SymIntArrayRef(positions())
                           ? " (class indices must be an integer tensor, got " +
                                 python_name(targets.scalar_type()) + ")"
                           : std::string());
