@@ -227,7 +227,7 @@ def softmax_focal_loss(
 
         loss = -alpha * sum_c weight[c] * q_c * (1 - p_c) ** gamma * log(p_c),
 
-    reduced as F.cross_entropy reduces (the mean over labels divides by their summed weight).
+    alpha None (or the op's -1) being 1, reduced as F.cross_entropy reduces (the mean over labels divides by their summed weight).
     Its second derivatives are NaN for a gamma below 2 that is not a whole number where
     (1 - p_c)^(gamma - 2) overflows short of 1 - p_c = 0 (a margin of ~60 in float32 at gamma
     0.5), as the sigmoid family's are.
@@ -268,7 +268,7 @@ def softmax_focal_loss(
     terms = q * focal if class_weight is None else q * class_weight * focal
     if valid is not None:  # labels: a class without target adds nothing, a masked one (-inf) too
         terms = torch.where(q != 0, terms, torch.zeros_like(terms))
-    loss = terms.sum(dim) * (1.0 if alpha is None else alpha)
+    loss = terms.sum(dim) * (1.0 if alpha is None or alpha < 0 else alpha)  # the op's -1 is None
     if valid is not None:  # selected, so that no grad_output of an ignored position reaches a derivative
         loss = torch.where(valid, loss, torch.zeros_like(loss))
     if reduction == "mean":

@@ -681,6 +681,17 @@ def test_module_matches_the_function_and_moves_its_weight():
     assert "gamma=1.5" in repr(module)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1, -1.0, None])
+def test_module_keeps_every_alpha_the_function_takes(alpha):
+    """The module passes its alpha on as given: 0 (a zero loss) is not None (1), and None and -1
+    both mean 1."""
+    inputs, labels = make_case((4, CLASSES, 3), torch.float64, "cpu", "labels")
+    module = focal_cuda.SoftmaxFocalLoss(alpha=alpha, gamma=2.0)
+    expected = focal_cuda.softmax_focal_loss(inputs, labels, alpha, 2.0)
+    torch.testing.assert_close(module(inputs, labels), expected, rtol=0, atol=0)
+    assert f"alpha={alpha if alpha is None else float(alpha)}" in repr(module)
+
+
 @pytest.mark.parametrize("options", [dict(ignore_index=255), dict(ignore_index=2, reduction="sum"),
                                      dict(ignore_index=1, label_smoothing=0.1, reduction="none")], ids=str)
 def test_module_takes_its_options_as_cross_entropy_loss_does(options):
@@ -735,6 +746,27 @@ def test_opcheck(kind, layout):
         arguments = (inputs.detach().requires_grad_(), targets, weight, [0.5, 2.0], reduction, -100, 0.1,
                      False, focal_cuda._ops.outputs_mask(True, kind == "probabilities", True))
         torch.library.opcheck(torch.ops.focal_cuda.softmax_focal_loss_forward.default, arguments)
+
+
+@pytest.mark.parametrize("kind", ["labels", "probabilities"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("float32_loss", [False, True], ids=["", "float32 loss"])
+def test_opcheck_of_16_bit_inputs_gives_the_ops_dtypes(kind, dtype, float32_loss):
+    """16-bit inputs, with and without autocast's float32 loss: the fake kernel gives each output
+    the op's dtype (the loss float32 under float32_loss, each class's loss before its weight in
+    float32, the saved gradients in float32 for float16), as opcheck and meta tensors compare."""
+    inputs, targets = make_case((3, CLASSES, 4), dtype, "cpu", kind)
+    weight = torch.rand(CLASSES, generator=torch.Generator().manual_seed(1)).to(dtype)
+    mask = focal_cuda._ops.outputs_mask(True, kind == "probabilities", True)
+    for reduction in (0, 1, 2):
+        arguments = (inputs.detach().requires_grad_(), targets.detach().requires_grad_(kind == "probabilities"),
+                     weight.requires_grad_(), [0.5, 2.0], reduction, -100, 0.1, float32_loss, mask)
+        torch.library.opcheck(torch.ops.focal_cuda.softmax_focal_loss_forward.default, arguments)
+        real = torch.ops.focal_cuda.softmax_focal_loss_forward(*arguments)
+        meta = torch.ops.focal_cuda.softmax_focal_loss_forward(
+            *(arg.to("meta") if isinstance(arg, torch.Tensor) else arg for arg in arguments))
+        assert [output.dtype for output in meta] == [output.dtype for output in real]
+        assert real[0].dtype == (torch.float32 if float32_loss else dtype)
 
 
 @pytest.mark.parametrize("kind", ["labels", "probabilities"])
@@ -892,6 +924,33 @@ def test_torch_func_grad_and_vmap_match_eager():
     batched = torch.func.vmap(torch.func.grad(loss_of))(inputs.unsqueeze(0).expand(2, -1, -1, -1),
                                                         labels.unsqueeze(0).expand(2, -1, -1))
     torch.testing.assert_close(batched, eager.unsqueeze(0).expand(2, -1, -1, -1))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, -1.0, None])
+@pytest.mark.parametrize("path", ["grad", "jvp", "create_graph", "focal_cuda.reference"])
+def test_alpha_scales_the_derivatives_on_every_path(alpha, path):
+    """alpha multiplies the whole loss (None and -1 mean 1), on the reference formula's paths
+    and in focal_cuda.reference as on the fused one: alpha 0 gives zero derivatives everywhere.
+    Compared with alpha times the fused eager gradient of alpha None, in float64."""
+    inputs, labels = make_case((3, CLASSES, 4), torch.float64, "cpu", "labels")
+    factor = 1.0 if alpha is None or alpha < 0 else alpha
+
+    def loss_of(x):
+        return focal_cuda.softmax_focal_loss(x, labels, alpha, 2.0, "mean")
+
+    x = inputs.detach().requires_grad_()
+    (unit_grad,) = torch.autograd.grad(focal_cuda.softmax_focal_loss(x, labels, None, 2.0, "mean"), x)
+    expected = factor * unit_grad
+    if path == "grad":
+        actual = torch.func.grad(loss_of)(inputs)
+    elif path == "jvp":
+        tangent = torch.randn(inputs.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        actual, expected = torch.func.jvp(loss_of, (inputs,), (tangent,))[1], (expected * tangent).sum()
+    elif path == "create_graph":
+        (actual,) = torch.autograd.grad(loss_of(x), x, create_graph=True)
+    else:
+        (actual,) = torch.autograd.grad(focal_cuda.reference.softmax_focal_loss(x, labels, alpha, 2.0, "mean"), x)
+    assert_matches(actual, expected)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
