@@ -71,14 +71,63 @@ X = torch.zeros(4, 4)
         (dict(gamma=-1.0), ValueError, "gamma must be a finite number >= 0, got -1"),
         (dict(gamma=float("inf")), ValueError, "gamma must be a finite number >= 0, got inf"),
         (dict(gamma=None), ValueError, "gamma must be a real number, got None"),
+        (dict(gamma=True), ValueError, "gamma must be a real number, got True"),  # bool is an int, not a number here
+        (dict(ignore_index=True), ValueError, "ignore_index must be an integer, got True"),
         (dict(reduction="avg"), ValueError, "reduction must be one of 'none', 'mean', 'sum', got 'avg'"),
         (dict(reduction=None), ValueError, "reduction must be one of 'none', 'mean', 'sum', got None"),
+        (dict(reduction=["mean"]), ValueError, "reduction must be one of 'none', 'mean', 'sum', got ['mean']"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):
     arguments = dict(inputs=X, targets=X, alpha=0.25, gamma=2.0, reduction="none") | kwargs
     with pytest.raises(error, match=re.escape(message)):
         focal_cuda.sigmoid_focal_loss(**arguments)
+
+
+# Arguments that only the op's checks refuse (check_forward_arguments, check_softmax_arguments):
+# the reference formula's paths, which run no kernel, make the same checks first.
+OP_CHECKED_ARGUMENTS = {
+    "sigmoid target shape": (focal_cuda.sigmoid_focal_loss, dict(targets=torch.rand(4, 3)),
+                             "targets must have the shape of inputs, [4, 4], got [4, 3]"),
+    "sigmoid weight shape": (focal_cuda.sigmoid_focal_loss, dict(weight=torch.ones(3)),
+                             "weight must be broadcastable to the shape of inputs, [4, 4], got [3]"),
+    "sigmoid gamma": (focal_cuda.sigmoid_focal_loss, dict(gamma=-1.0), "gamma must be a finite number >= 0, got -1"),
+    "sigmoid alpha": (focal_cuda.sigmoid_focal_loss, dict(alpha=1.5), "alpha must be in [0, 1]"),
+    "sigmoid label_smoothing": (focal_cuda.sigmoid_focal_loss, dict(label_smoothing=1.0),
+                                "label_smoothing must be in [0, 1), got 1"),
+    "FL* gamma": (focal_cuda.sigmoid_focal_loss_star, dict(gamma=0.0), "gamma"),
+    "varifocal alpha": (focal_cuda.varifocal_loss, dict(alpha=-0.5), "alpha"),
+    "softmax weight shape": (focal_cuda.softmax_focal_loss, dict(weight=torch.ones(3)),
+                             "weight must have one value per class"),
+    "softmax gamma": (focal_cuda.softmax_focal_loss, dict(gamma=-1.0), "gamma must be a finite number >= 0, got -1"),
+}
+
+
+@pytest.mark.parametrize("path", ["eager", "grad", "vmap", "forward_ad"])
+@pytest.mark.parametrize("case", list(OP_CHECKED_ARGUMENTS))
+def test_bad_arguments_raise_the_eager_error_under_transforms(case, path):
+    """torch.func and forward-mode AD compute the loss by the reference formula, which would
+    broadcast a wrong shape or compute with an exponent out of range: they raise the eager
+    call's ValueError instead."""
+    function, options, message = OP_CHECKED_ARGUMENTS[case]
+    options = dict(options)
+    inputs = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([0, 1, 2, 3]) if function is focal_cuda.softmax_focal_loss else torch.rand(4, 4)
+    targets = options.pop("targets", targets)
+
+    def loss_of(x):
+        return function(x, targets, reduction="sum", **options)
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        if path == "eager":
+            loss_of(inputs)
+        elif path == "grad":
+            torch.func.grad(loss_of)(inputs)
+        elif path == "vmap":
+            torch.func.vmap(loss_of)(inputs.unsqueeze(0).expand(2, -1, -1))
+        else:
+            with torch.autograd.forward_ad.dual_level():
+                loss_of(torch.autograd.forward_ad.make_dual(inputs, torch.ones_like(inputs)))
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage:UserWarning")

@@ -306,3 +306,22 @@ def test_compiled_torch_func_transform_checks_labels(loss, transform):
     compiled = torch.compile(TRANSFORMS[transform](loss_of), fullgraph=True, backend="aot_eager")
     with pytest.raises(ValueError, match="targets holds the class label 7"):
         compiled(x.unsqueeze(0) if transform == "vmap" else x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32, torch.int16, torch.uint8], ids=str)
+@pytest.mark.parametrize("with_background", [False, True], ids=["softmax", "sigmoid"])
+def test_opcheck_check_labels_returns_int64_labels_as_its_fake_kernel_says(device, label_dtype,
+                                                                           with_background):
+    """The third custom op, the label check of the reference formula's paths (torch.func,
+    forward-mode AD, compiled transforms): its fake kernel gives the int64 copy the op returns,
+    whatever the labels' dtype, so a compiled graph computes with what the eager op gives."""
+    classes = 5
+    labels = torch.tensor([[0, classes - 1, 200], [2, 200, 1]], device=device)
+    if with_background:
+        labels[0, 0] = classes  # the background label, which only the sigmoid losses take
+    args = (labels.to(label_dtype), classes, 200, with_background)
+    torch.library.opcheck(torch.ops.focal_cuda.check_labels.default, args)
+    checked = torch.ops.focal_cuda.check_labels(*args)
+    assert checked.dtype == torch.int64
+    assert torch.equal(checked, labels)

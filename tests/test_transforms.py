@@ -416,3 +416,29 @@ def test_forward_ad_tangent_of_an_operand_other_than_the_inputs(name):
     expected = (finite_difference_jacobian(function, (operand,), 0) * direction).sum()
     assert tangent is not None
     torch.testing.assert_close(tangent, expected, **DIFFERENCE_TOLERANCE)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, F64), (torch.bfloat16, torch.float32),
+                                    (torch.float16, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("path", ["vmap", "forward_ad", "reference"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_targets_of_another_dtype_give_the_eager_loss_dtype_on_every_path(dtypes, path, reduction):
+    """Floating targets of another dtype: the loss takes the dtype the two promote to on the
+    reference formula's paths (and in focal_cuda.reference) as in eager mode, at that dtype's
+    tolerance of the fused eager loss."""
+    x, t, _, options = make_case("soft", "cpu")
+    x, t = x.to(dtypes[0]), t.to(dtypes[1])
+    eager = focal_cuda.sigmoid_focal_loss(x, t, reduction=reduction, **options)
+    promoted = torch.promote_types(*dtypes)
+    if path == "vmap":
+        value = vmap(lambda x_: focal_cuda.sigmoid_focal_loss(x_, t, reduction=reduction, **options))(
+            x.unsqueeze(0))[0]
+    elif path == "forward_ad":
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+            loss = focal_cuda.sigmoid_focal_loss(dual, t, reduction=reduction, **options)
+            value = torch.autograd.forward_ad.unpack_dual(loss).primal
+    else:
+        value = REFERENCE(x, t, reduction=reduction, **options)
+    assert eager.dtype == value.dtype == promoted
+    assert_matches(value, eager.double(), promoted)
