@@ -227,7 +227,8 @@ def softmax_focal_loss(
 
         loss = -alpha * sum_c weight[c] * q_c * (1 - p_c) ** gamma * log(p_c),
 
-    alpha None (or the op's -1) being 1, reduced as F.cross_entropy reduces (the mean over labels divides by their summed weight).
+    alpha None (or the op's -1) being 1, reduced as F.cross_entropy reduces (the mean over labels
+    divides by their summed weight).
     Its second derivatives are NaN for a gamma below 2 that is not a whole number where
     (1 - p_c)^(gamma - 2) overflows short of 1 - p_c = 0 (a margin of ~60 in float32 at gamma
     0.5), as the sigmoid family's are.
