@@ -16,6 +16,7 @@ def test_version_and_backends():
     assert focal_cuda.__version__ == info["version"]
     assert set(info) >= {"cuda", "cuda_version", "cuda_arch_list", "cpu_isas", "cpu_active_isa", "cuda_available"}
     assert info["cpu_active_isa"] in info["cpu_isas"].split(",")
+    assert info["cuda_available"] == torch.cuda.is_available()  # the machine's, not the build's
     if info["cuda"]:
         assert info["cuda_arch_list"], "a CUDA build names the architectures it was compiled for"
 

@@ -31,11 +31,14 @@ def run_python(code, cwd, env=None, python=sys.executable):
                           capture_output=True, text=True)
 
 
-def test_import_refuses_an_extension_built_against_another_torch(tmp_path):
+# Another release, and the same release of another build (e.g. +cpu against +cu130: other
+# libraries, so another ABI).
+@pytest.mark.parametrize("other_version", ["0.0.0+other", torch.__version__.split("+")[0] + "+other"])
+def test_import_refuses_an_extension_built_against_another_torch(tmp_path, other_version):
     result = run_python(
-        """
+        f"""
         import torch
-        torch.__version__ = "0.0.0+other"
+        torch.__version__ = "{other_version}"
         import focal_cuda
         """,
         cwd=tmp_path,
@@ -43,7 +46,7 @@ def test_import_refuses_an_extension_built_against_another_torch(tmp_path):
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("ImportError: focal_cuda's extension was built against torch "
-                              f"{torch.__version__}, but this is torch 0.0.0+other"), message
+                              f"{torch.__version__}, but this is torch {other_version}"), message
     assert f"{sys.executable} -m pip install" in message, message
     # What pip can resolve: the release without its local build label.
     assert f"pip install torch=={torch.__version__.split('+')[0]}`" in message, message
@@ -90,6 +93,31 @@ def test_unbuilt_source_folder_alone(tmp_path):
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith(f"ImportError: focal_cuda's compiled extension (focal_cuda._C) is "
                               f"not built in {source}. Build it: "), message
+
+
+def test_an_extension_offered_from_another_folder_is_not_taken(tmp_path):
+    """An unbuilt source folder first on sys.path, where a finder (another checkout's editable
+    install) offers focal_cuda._C from the built package's folder: that extension belongs to
+    another copy of the Python files, so the import names the two folders instead of loading it."""
+    source = unbuilt_copy(tmp_path)
+    extension = next(PACKAGE_DIR.glob("_C.*"))
+    result = run_python(
+        f"""
+        import importlib.util, sys
+
+        class OtherCheckout:
+            def find_spec(self, name, path=None, target=None):
+                if name == "focal_cuda._C":
+                    return importlib.util.spec_from_file_location(name, {str(extension)!r})
+
+        sys.meta_path.insert(0, OtherCheckout())
+        import focal_cuda
+        """,
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(PACKAGE_DIR.parent)),
+    )
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert f"imported from the source folder {source}" in message, message
 
 
 def test_backend_finds_the_target_environments_torch():
