@@ -92,6 +92,12 @@ bool broadcasts_to(const at::Tensor& weight, const at::Tensor& inputs) {
   return true;
 }
 
+// Whether tensor has the shape of inputs without its last (class) dimension: the shape of class
+// labels or of a per-row weight, and so the likely intent behind a shape error.
+bool has_rows_shape(const at::Tensor& tensor, const at::Tensor& inputs) {
+  return inputs.dim() >= 1 && tensor.sym_sizes() == inputs.sym_sizes().slice(0, inputs.dim() - 1);
+}
+
 Reduction checked_reduction(int64_t reduction) {
   TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2,
                     "reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
@@ -358,14 +364,22 @@ void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets
   } else {
     TORCH_CHECK_VALUE(inputs.sym_sizes() == targets.sym_sizes(),
                       "targets must have the shape of inputs, ", inputs.sym_sizes(), ", got ",
-                      targets.sym_sizes());
+                      targets.sym_sizes(),
+                      has_rows_shape(targets, inputs)
+                          ? " (class labels of that shape must be an integer tensor, got " +
+                                python_name(targets.scalar_type()) + ")"
+                          : std::string());
   }
   if (weight.has_value() && weight->defined()) {
     check_floating(*weight, "weight");
     check_same_device(*weight, inputs, "weight");
     TORCH_CHECK_VALUE(broadcasts_to(*weight, inputs),
                       "weight must be broadcastable to the shape of inputs, ", inputs.sym_sizes(),
-                      ", got ", weight->sym_sizes());
+                      ", got ", weight->sym_sizes(),
+                      has_rows_shape(*weight, inputs)
+                          ? " (a weight per row needs a last dimension of size 1: "
+                            "weight.unsqueeze(-1))"
+                          : "");
   }
   check_form_arguments(form, coefficients, label_smoothing);
   checked_reduction(reduction);

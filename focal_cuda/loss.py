@@ -249,8 +249,8 @@ def quality_focal_loss(
     """Quality focal loss (Li et al. 2020, GFL), fused with its gradient.
 
     For soft (IoU-quality) targets t in [0, 1]; equivalent to
-    ``focal_cuda.reference.quality_focal_loss`` and to mmdet's ``quality_focal_loss`` in its
-    soft-target form::
+    ``focal_cuda.reference.quality_focal_loss`` and, element by element, to mmdet's
+    ``quality_focal_loss`` (which sums each anchor's classes before it reduces: README)::
 
         loss = weight * BCE(sigmoid(inputs), t) * |t - sigmoid(inputs)| ** beta, then reduced
 
@@ -283,7 +283,8 @@ def varifocal_loss(
 
     For soft (IoU-quality) targets t in [0, 1]: positives (t > 0) are weighted by their score,
     negatives down-weighted focally. Equivalent to ``focal_cuda.reference.varifocal_loss`` and
-    mmdet's ``varifocal_loss`` with ``iou_weighted=True``::
+    mmdet's ``varifocal_loss`` with ``iou_weighted=True`` (not to RT-DETR's, whose modulation
+    has no gradient: README)::
 
         p = sigmoid(inputs)
         modulation = t if t > 0 else alpha * |p - t| ** gamma

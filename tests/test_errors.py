@@ -84,6 +84,22 @@ def test_bad_arguments(kwargs, error, message):
         focal_cuda.sigmoid_focal_loss(**arguments)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(targets=torch.zeros(4)), "targets must have the shape of inputs, [4, 3], got [4] (class labels "
+     "of that shape must be an integer tensor, got torch.float32)"),
+    (dict(targets=torch.zeros(3)), "targets must have the shape of inputs, [4, 3], got [3]"),
+    (dict(weight=torch.ones(4)), "weight must be broadcastable to the shape of inputs, [4, 3], got [4] (a "
+     "weight per row needs a last dimension of size 1: weight.unsqueeze(-1))"),
+    (dict(weight=torch.ones(2)), "weight must be broadcastable to the shape of inputs, [4, 3], got [2]"),
+])
+def test_a_shape_error_in_the_rows_shape_says_what_was_likely_meant(kwargs, message):
+    """Float class labels and a per-anchor weight without its last dimension (mmdet's
+    label_weights) have the shape of inputs without the class dimension; other shapes get no hint."""
+    arguments = dict(inputs=torch.zeros(4, 3), targets=torch.zeros(4, 3)) | kwargs
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        focal_cuda.sigmoid_focal_loss(**arguments)
+
+
 # Arguments that only the op's checks refuse (check_forward_arguments, check_softmax_arguments):
 # the reference formula's paths, which run no kernel, make the same checks first.
 OP_CHECKED_ARGUMENTS = {

@@ -324,6 +324,53 @@ def test_varifocal_gradient_with_respect_to_targets_at_zero_is_the_negative_bran
     assert_matches(grad_t, 0.75 * p**2 * (-2.0 * ce / p - x))
 
 
+def anchor_targets(generator, anchors=40, classes=6):
+    """Logits, labels (background = C) and IoU scores as a one-stage head's assigner gives them."""
+    x = (3 * torch.randn(anchors, classes, generator=generator, dtype=torch.float64)).requires_grad_()
+    labels = torch.randint(0, classes + 1, (anchors,), generator=generator)
+    scores = torch.rand(anchors, generator=generator, dtype=torch.float64) * 0.9 + 0.05
+    return x, labels, scores
+
+
+def test_mmdet_quality_focal_loss_is_the_sum_over_each_anchors_classes():
+    """README's mapping: mmdet sums each anchor's C terms, weights the anchor, then takes the mean
+    over anchors or divides by avg_factor (mmdet's composite, written here in float64)."""
+    x, labels, scores = anchor_targets(torch.Generator().manual_seed(5))
+    anchor_weight = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    dense, _ = one_hot(labels, x.shape[1])
+    per_anchor = formula("quality", x, dense * scores[:, None], beta=2.0).sum(1) * anchor_weight
+    ours = focal_cuda.quality_focal_loss(x, (labels, scores), weight=anchor_weight[:, None], reduction="sum")
+    avg_factor = 7.5
+    for mmdet, mapped in [(per_anchor.mean(), ours / x.shape[0]), (per_anchor.sum() / avg_factor, ours / avg_factor)]:
+        assert_matches(mapped, mmdet)
+        assert_matches(torch.autograd.grad(mapped, x, retain_graph=True)[0],
+                       torch.autograd.grad(mmdet, x, retain_graph=True)[0])
+    assert_matches(focal_cuda.quality_focal_loss(x, (labels, scores), reduction="none").sum(1),
+                   formula("quality", x, dense * scores[:, None], beta=2.0).sum(1))
+
+
+def test_rt_detr_varifocal_loss_has_the_values_and_a_detached_modulation():
+    """README's mapping: RT-DETR's VFL (its composite, written here in float64) weights by a
+    one-hot label mask and detaches p in alpha * p^gamma. Where no labelled score is 0 the values
+    agree; on negatives ours differentiates the modulation too, 1 + gamma (1 - p) softplus(x) / p
+    times theirs (in [1, 1 + gamma]); positives' gradients agree."""
+    x, labels, scores = anchor_targets(torch.Generator().manual_seed(7))
+    dense, _ = one_hot(labels, x.shape[1])
+    target = dense * scores[:, None]
+    weight = 0.75 * x.sigmoid().detach().pow(2) * (1 - dense) + target
+    theirs = F.binary_cross_entropy_with_logits(x, target, weight=weight, reduction="sum")
+    ours = focal_cuda.varifocal_loss(x, (labels, scores), alpha=0.75, gamma=2.0, reduction="sum")
+    assert_matches(ours, theirs)
+    grad_ours, = torch.autograd.grad(ours, x)
+    grad_theirs, = torch.autograd.grad(theirs, x)
+    p = x.detach().sigmoid()
+    negative = dense == 0
+    ratio = 1 + 2.0 * (1 - p) * F.softplus(x.detach()) / p
+    assert_matches(grad_ours[negative], (grad_theirs * ratio)[negative])
+    assert_matches(grad_ours[~negative], grad_theirs[~negative])
+    assert ratio.min() >= 1 and ratio.max() <= 3
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda x, t: focal_cuda.sigmoid_focal_loss_star(x, t, gamma=0.0), ValueError,
      "gamma must be a finite number > 0, got 0"),
