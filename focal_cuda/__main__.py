@@ -1,11 +1,13 @@
-"""`python -m focal_cuda`: what was built, a correctness check on each device it can run, what
-it did not check, and a timing against torchvision (or the plain-PyTorch reference without it).
+"""`python -m focal_cuda`: what was built, a check of every loss's values and gradient on each
+device it can run, what it did not check, and a timing against torchvision (or the plain-PyTorch
+reference without it).
 
 Exits 0 and prints PASS when every check passes, else prints FAIL and exits 1.
 """
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -19,41 +21,91 @@ try:
 except ImportError:  # the plain-PyTorch reference stands in for the timing, and says so
     torchvision_focal_loss = None
 
+# Relative error allowed per storage dtype: of each value against its float64 reference, plus the
+# same share of the tensor's largest reference value (values near 0 and 16-bit subnormal gradients
+# are judged on the tensor's scale). A check that the build works, coarser than the suite's bounds:
+# a few ulp of 16-bit storage; the rounding of float32 and float64 sums of 24,000 terms.
 CHECK_TOLERANCE = {
     torch.float16: 2e-3,
     torch.bfloat16: 1.6e-2,
     torch.float32: 2e-5,
     torch.float64: 1e-10,
 }
+REDUCTIONS = ("none", "mean", "sum")
+ROWS, CLASSES = 301, 80
 
 
-def devices():
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() and focal_cuda.backends()["cuda"] else [])
+def devices(info):
+    return ["cpu"] + (["cuda"] if info["cuda_available"] and info["cuda"] else [])
+
+
+def check_cases(generator):
+    """(name, loss function's name, targets, options) for each kind of work the kernels do: float
+    targets at gammas with code paths of their own, class labels with ignored rows and a class
+    weight, each family form, the family's (labels, scores) pairs, softmax labels and
+    probabilities. Tensors in float64, on the CPU."""
+    hard = (torch.rand(ROWS, CLASSES, generator=generator) < 0.05).double()
+    labels = torch.randint(0, CLASSES + 1, (ROWS,), generator=generator)  # CLASSES: background
+    labels[::10] = -100
+    scores = torch.rand(ROWS, generator=generator, dtype=torch.float64)
+    weight = torch.rand(CLASSES, generator=generator, dtype=torch.float64) + 0.5
+    classes = torch.randint(0, CLASSES, (ROWS,), generator=generator)
+    classes[::10] = -100
+    probabilities = torch.randn(ROWS, CLASSES, generator=generator, dtype=torch.float64).softmax(1)
+    return [
+        *[(f"sigmoid_focal_loss gamma={gamma}", "sigmoid_focal_loss", hard, dict(alpha=0.25, gamma=gamma))
+          for gamma in (0.0, 0.5, 2.0)],
+        ("sigmoid_focal_loss labels, weight", "sigmoid_focal_loss", labels, dict(alpha=0.25, weight=weight)),
+        ("sigmoid_focal_loss_star", "sigmoid_focal_loss_star", hard, dict(gamma=2.0, beta=1.0)),
+        ("quality_focal_loss (labels, scores)", "quality_focal_loss", (labels, scores), {}),
+        ("varifocal_loss (labels, scores)", "varifocal_loss", (labels, scores), {}),
+        ("softmax_focal_loss labels, weight", "softmax_focal_loss", classes, dict(weight=weight)),
+        ("softmax_focal_loss probabilities", "softmax_focal_loss", probabilities, {}),
+    ]
+
+
+def on(value, device, dtype):
+    """value (a tensor, a (labels, scores) pair, a number) on device, floating tensors in dtype."""
+    if isinstance(value, tuple):
+        return tuple(on(part, device, dtype) for part in value)
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype if value.is_floating_point() else value.dtype)
+    return value
+
+
+def loss_and_gradient(function, inputs, targets, options, reduction):
+    inputs = inputs.detach().requires_grad_()
+    loss = function(inputs, targets, reduction=reduction, **options)
+    loss.backward(torch.ones_like(loss))
+    return loss.detach(), inputs.grad
 
 
 def check_device(device):
-    """Loss and gradient against the float64 reference for every dtype, reduction, a few gammas."""
-    failures = []
+    """(checks run, failures): each case's loss and d(loss)/d(inputs) in every dtype and
+    reduction against the float64 reference formula on the same rounded operands. A case that
+    raises is a failure, and the others still run."""
     generator = torch.Generator().manual_seed(0)
-    x64 = torch.randn(301, 80, generator=generator, dtype=torch.float64) * 4
-    t64 = (torch.rand(301, 80, generator=generator) < 0.05).double()
+    x64 = torch.randn(ROWS, CLASSES, generator=generator, dtype=torch.float64) * 4
+    cases = check_cases(generator)
+    failures = []
     for dtype, rtol in CHECK_TOLERANCE.items():
-        for gamma in (0.0, 0.5, 2.0):
-            for reduction in ("none", "mean", "sum"):
-                x = x64.to(device=device, dtype=dtype).detach().requires_grad_()
-                t = t64.to(device=device, dtype=dtype)
-                loss = focal_cuda.sigmoid_focal_loss(x, t, 0.25, gamma, reduction)
-                loss.backward(torch.ones_like(loss))
-                xr = x.detach().double().requires_grad_()
-                expected = reference.sigmoid_focal_loss(xr, t.double(), 0.25, gamma, reduction)
-                expected.backward(torch.ones_like(expected))
-                for name, ours, ref in (("loss", loss, expected), ("grad", x.grad, xr.grad)):
-                    ok = torch.isfinite(ours).all() and torch.allclose(
-                        ours.double(), ref.detach(), rtol=rtol, atol=1e-5
-                    )
-                    if not ok:
-                        failures.append(f"{device} {dtype} gamma={gamma} {reduction}: {name} differs")
-    return failures
+        for name, function, targets, options in cases:
+            operands = [on(value, device, dtype) for value in (x64, targets, options)]
+            exact = [on(value, device, torch.float64) for value in operands]
+            for reduction in REDUCTIONS:
+                where = f"{device} {dtype} {name} {reduction}"
+                try:
+                    ours = loss_and_gradient(getattr(focal_cuda, function), *operands, reduction)
+                    expected = loss_and_gradient(getattr(reference, function), *exact, reduction)
+                except Exception as error:  # reported, so that the remaining checks still run
+                    first_line = str(error).partition("\n")[0]
+                    failures.append(f"{where}: raised {type(error).__name__}: {first_line}")
+                else:
+                    for what, value, wanted in zip(("loss", "gradient"), ours, expected):
+                        scale = wanted.abs().max().item()
+                        if not torch.allclose(value.double(), wanted, rtol=rtol, atol=rtol * scale):
+                            failures.append(f"{where}: {what} differs")
+    return len(CHECK_TOLERANCE) * len(cases) * len(REDUCTIONS), failures
 
 
 def timed_rounds(steps, device, rounds):
@@ -82,7 +134,8 @@ def timed_rounds(steps, device, rounds):
 def cpu_seconds():
     """(CPU seconds used by the whole machine, by this process) so far; the first is None where
     /proc/stat is not available (not Linux)."""
-    ours = os.times().user + os.times().system
+    times = os.times()
+    ours = times.user + times.system
     try:
         with open("/proc/stat") as stat:
             ticks = [int(value) for value in stat.readline().split()[1:]]
@@ -101,11 +154,10 @@ def others_share(before, after, seconds):
 
 
 def spread(values):
-    """(median, first quartile, third quartile) of a list of numbers: the middle half of the
+    """(median, first quartile, third quartile) of at least two numbers: the middle half of the
     rounds, which one stall of a shared machine does not stretch as it does min-max."""
-    ordered = sorted(values)
-    count = len(ordered)
-    return ordered[count // 2], ordered[count // 4], ordered[(3 * count) // 4]
+    first, median, third = statistics.quantiles(values, n=4, method="inclusive")
+    return median, first, third
 
 
 def time_device(device, rounds):
@@ -149,7 +201,7 @@ def time_device(device, rounds):
 def unchecked(info):
     """What this run does not exercise, and why."""
     lines = []
-    if not torch.cuda.is_available():
+    if not info["cuda_available"]:
         if info["cuda"]:
             lines.append("CUDA kernels: compiled, but no GPU is visible, so they did not run here")
         else:
@@ -164,8 +216,8 @@ def unchecked(info):
 def main(argv=None):
     parser = argparse.ArgumentParser(  # not from __doc__, which python -OO drops
         prog="python -m focal_cuda",
-        description="What was built, a correctness check on each device it can run, what it did "
-                    "not check, and a timing against torchvision.")
+        description="What was built, a check of every loss's values and gradient on each device it "
+                    "can run, what it did not check, and a timing against torchvision.")
     parser.add_argument("--no-timing", action="store_true", help="skip the timing (the checks only)")
     timing = not parser.parse_args(argv).no_timing
     info = focal_cuda.backends()
@@ -176,19 +228,20 @@ def main(argv=None):
         if info["cuda"] else "no (CPU-only build)"
     )
     print(f"CUDA kernels compiled: {cuda_line}")
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none visible"
+    gpu = torch.cuda.get_device_name() if info["cuda_available"] else "none visible"
     print(f"GPU: {gpu}")
     print(f"CPU kernels compiled: {info['cpu_isas']}; in use: {info['cpu_active_isa']}; "
           f"threads: {torch.get_num_threads()}")
 
     failures = []
-    if torch.cuda.is_available() and not info["cuda"]:
+    if info["cuda_available"] and not info["cuda"]:
         failures.append("a GPU is visible but this build has no CUDA kernels: rebuild with "
                         "FORCE_CUDA=1 pip install --no-build-isolation .")
-    for device in devices():
-        device_failures = check_device(device)
-        status = "ok" if not device_failures else f"{len(device_failures)} failures"
-        print(f"correctness on {device} (4 dtypes x 3 gammas x 3 reductions vs reference): {status}")
+    for device in devices(info):
+        checks, device_failures = check_device(device)
+        print(f"correctness on {device}: {checks - len(device_failures)} of {checks} checks ok "
+              f"(each loss form and target kind in {len(CHECK_TOLERANCE)} dtypes and {len(REDUCTIONS)} "
+              "reductions, loss and gradient against the float64 reference)")
         failures += device_failures
     for failure in failures:
         print(f"  {failure}")
@@ -197,7 +250,7 @@ def main(argv=None):
 
     if timing:
         print("speed:")
-        for device in devices():
+        for device in devices(info):
             print(time_device(device, rounds=50 if device == "cuda" else 21))
         if torchvision_focal_loss is None:
             print("  (torchvision is not installed: `pip install torchvision` to time against it)")
