@@ -606,6 +606,30 @@ namespace {
 // The class dimension: 1, or 0 for unbatched (C) inputs, as F.cross_entropy takes them.
 int64_t class_dim(const at::Tensor& inputs) { return inputs.dim() == 1 ? 0 : 1; }
 
+// What softmax targets of the wrong shape were likely meant to be, for the error message only:
+// a one-hot integer tensor meant as probabilities, floating class indices (F.cross_entropy
+// refuses them too), or class indices that kept a class dimension of size 1 ((N, 1, H, W) masks).
+std::string softmax_target_shape_hint(const at::Tensor& inputs, const at::Tensor& targets,
+                                      int64_t dim, bool class_indices) {
+  std::vector<c10::SymInt> positions(inputs.sym_sizes().begin(), inputs.sym_sizes().end());
+  std::vector<c10::SymInt> one_class = positions;
+  one_class[dim] = 1;
+  positions.erase(positions.begin() + dim);
+  const auto shape = targets.sym_sizes();
+  const std::string dtype = python_name(targets.scalar_type());
+  if (class_indices && shape == inputs.sym_sizes()) {
+    return " (class probabilities must be a floating-point tensor, got " + dtype + ")";
+  }
+  if (!class_indices && shape == c10::SymIntArrayRef(positions)) {
+    return " (class indices must be an integer tensor, got " + dtype + ")";
+  }
+  if (shape == c10::SymIntArrayRef(one_class)) {
+    return " (class indices without the class dimension of size 1: targets.squeeze(" +
+           std::to_string(dim) + ")" + (class_indices ? "" : ".long()") + ")";
+  }
+  return "";
+}
+
 // inputs as (N, C, S) (see SoftmaxArgs), read where they lie in the layouts the kernels index
 // directly: contiguous (NCHW), channels-last (NHWC, NDHWC) and (N, C) of either order;
 // any other layout is copied to contiguous. The per-element outputs take the strides of what
@@ -648,29 +672,20 @@ void check_softmax_arguments(const at::Tensor& inputs, const at::Tensor& targets
   const bool labels = at::isIntegralType(targets.scalar_type(), /*includeBool=*/false);
   check_targets(targets, labels,
                 "class indices (an integer tensor) or class probabilities (a floating-point tensor)");
-  // The positions' shape: inputs' without the class dimension.
-  const auto positions = [&] {
-    std::vector<c10::SymInt> shape(inputs.sym_sizes().begin(), inputs.sym_sizes().end());
-    shape.erase(shape.begin() + dim);
-    return shape;
-  };
   if (labels) {
-    const auto position_shape = positions();
+    // The positions' shape: inputs' without the class dimension.
+    std::vector<c10::SymInt> position_shape(inputs.sym_sizes().begin(), inputs.sym_sizes().end());
+    position_shape.erase(position_shape.begin() + dim);
     TORCH_CHECK_VALUE(targets.sym_sizes() == c10::SymIntArrayRef(position_shape),
                       "class-index targets must have the shape of inputs without its class "
                       "dimension ", dim, ", ", c10::SymIntArrayRef(position_shape), ", got ",
-                      targets.sym_sizes());
+                      targets.sym_sizes(), softmax_target_shape_hint(inputs, targets, dim, true));
     TORCH_CHECK_VALUE((outputs & kGradTargets) == 0, "class-index targets have no gradient");
   } else {
-    // Floating labels (F.cross_entropy refuses them too) are read as probabilities: say so
-    // (the message, and positions() in it, are evaluated only when the check fails).
     TORCH_CHECK_VALUE(targets.sym_sizes() == inputs.sym_sizes(),
                       "class-probability targets must have the shape of inputs, ",
                       inputs.sym_sizes(), ", got ", targets.sym_sizes(),
-                      targets.sym_sizes() == c10::SymIntArrayRef(positions())
-                          ? " (class indices must be an integer tensor, got " +
-                                python_name(targets.scalar_type()) + ")"
-                          : std::string());
+                      softmax_target_shape_hint(inputs, targets, dim, false));
   }
   if (weight.has_value() && weight->defined()) {
     check_floating(*weight, "weight");

@@ -621,6 +621,16 @@ def test_autocast_computes_16_bit_logits_in_float32():
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y.float()),
          f"class-probability targets must have the shape of inputs, [4, {CLASSES}], got [4] "
          "(class indices must be an integer tensor, got torch.float32)"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, F.one_hot(y, CLASSES)),
+         f"class-index targets must have the shape of inputs without its class dimension 1, [4], got "
+         f"[4, {CLASSES}] (class probabilities must be a floating-point tensor, got torch.int64)"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, y[:, None].float()),
+         f"class-probability targets must have the shape of inputs, [4, {CLASSES}], got [4, 1] "
+         "(class indices without the class dimension of size 1: targets.squeeze(1).long())"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x[:, :, None, None].expand(-1, -1, 2, 2),
+                                                    y[:, None, None, None].expand(-1, 1, 2, 2)),
+         "class-index targets must have the shape of inputs without its class dimension 1, [4, 2, 2], got "
+         "[4, 1, 2, 2] (class indices without the class dimension of size 1: targets.squeeze(1))"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, torch.ones(CLASSES)),
          f"alpha must be a real number, got a Tensor of shape [{CLASSES}] (one number is expected; "
          "per-class factors go in weight=)"),
@@ -668,6 +678,39 @@ def test_migrations_from_kornia_and_mmcv_as_the_readme_writes_them():
         focal_cuda.softmax_focal_loss(rows, row_labels, alpha=0.25, gamma=gamma, weight=weight,
                                       reduction="sum") / rows.shape[0],
         mmcv_mean)
+
+
+def test_the_exp_ce_recipe_as_the_readme_maps_it():
+    """README's migration: the recipe's sum over the counted positions is our "mean"; a per-class
+    alpha tensor in it is our weight for "none" and "sum", but its .mean() divides by the count
+    where ours divides by the summed weight, so "sum" / count keeps its scale."""
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.randn(2, CLASSES, 4, 4, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, CLASSES, (2, 4, 4), generator=generator)
+    ignored = labels.clone()
+    ignored[0, 0] = 255
+    ce = F.cross_entropy(inputs, ignored, reduction="none", ignore_index=255)
+    recipe = ((1 - torch.exp(-ce)) ** 2 * ce).sum() / (ignored != 255).sum()
+    torch.testing.assert_close(focal_cuda.softmax_focal_loss(inputs, ignored, gamma=2.0, ignore_index=255), recipe)
+
+    alpha = torch.rand(CLASSES, generator=generator, dtype=torch.float64) + 0.1
+    ce = F.cross_entropy(inputs, labels, reduction="none")
+    recipe = alpha[labels] * (1 - torch.exp(-ce)) ** 2 * ce
+    ours = focal_cuda.softmax_focal_loss(inputs, labels, gamma=2.0, weight=alpha, reduction="none")
+    torch.testing.assert_close(ours, recipe)
+    torch.testing.assert_close(focal_cuda.softmax_focal_loss(inputs, labels, gamma=2.0, weight=alpha,
+                                                             reduction="sum") / labels.numel(), recipe.mean())
+    assert not torch.allclose(focal_cuda.softmax_focal_loss(inputs, labels, gamma=2.0, weight=alpha), recipe.mean())
+
+
+def test_a_plus_inf_logit_on_an_unlabelled_class_gives_the_limit_or_nan_as_readme_says():
+    """The loss's limit, inf, without smoothing (F.cross_entropy: NaN); NaN with smoothing, as
+    F.cross_entropy; a gradient that is not finite either way."""
+    inputs = torch.tensor([[float("inf"), 0.0, 1.0, 2.0, 3.0]], requires_grad=True)
+    for smoothing, expected in [(0.0, float("inf")), (0.1, float("nan"))]:
+        loss = focal_cuda.softmax_focal_loss(inputs, torch.tensor([2]), gamma=0.0, label_smoothing=smoothing)
+        torch.testing.assert_close(loss, torch.tensor(expected), equal_nan=True)
+        assert not torch.autograd.grad(loss, inputs)[0].isfinite().all()
 
 
 def test_module_matches_the_function_and_moves_its_weight():
