@@ -299,7 +299,8 @@ SOURCE_PATHS = ["csrc", "focal_cuda", "setup.py", "bench/bench.py"]
 
 def source_commit():
     """The git commit of the benchmarked source, marked dirty when the source differs from it
-    (results already written under bench/results do not count); None outside a git checkout."""
+    (results already written under bench/results do not count); outside a git checkout (the GPU
+    machine's copy) the COMMIT its caller names, else None."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
@@ -307,7 +308,7 @@ def source_commit():
         dirty = subprocess.run(["git", "status", "--porcelain", "--", *SOURCE_PATHS], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("COMMIT")
     return commit + ("-dirty" if dirty else "")
 
 
