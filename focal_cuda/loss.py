@@ -550,9 +550,11 @@ def _family_module(function, name):
         return ", ".join(f"{option}={getattr(self, option)!r}" for option in names)
 
     __init__.__signature__ = init_signature
+    # help() on the module shows the function's documentation too (absent under python -OO).
+    summary = f"``{function.__name__}`` as a module: ``{name}(...)(inputs, targets, weight=None)``."
     namespace = dict(__init__=__init__, forward=forward, extra_repr=extra_repr, __module__=__name__,
                      __qualname__=name, __prepare_scriptable__=_refuse_scripting,
-                     __doc__=f"``{function.__name__}`` as a module: ``{name}(...)(inputs, targets, weight=None)``.")
+                     __doc__="\n\n".join(filter(None, [summary, inspect.getdoc(function)])))
     return type(name, (torch.nn.Module,), namespace)
 
 

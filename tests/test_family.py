@@ -471,6 +471,9 @@ def test_module_takes_its_functions_options(module, function):
     built.reduction = "sum"  # options stay plain attributes, read at each call
     x, t = torch.randn(3, 4), torch.rand(3, 4)
     assert torch.equal(built(x, t), function(x, t, reduction="sum"))
+    if function.__doc__:  # help() on the module documents the loss as the function does
+        assert module.__doc__.startswith(f"``{function.__name__}`` as a module")
+        assert module.__doc__.endswith(inspect.getdoc(function))
 
 
 @pytest.mark.parametrize("form", FUNCTIONS)
