@@ -606,15 +606,21 @@ namespace {
 // The class dimension: 1, or 0 for unbatched (C) inputs, as F.cross_entropy takes them.
 int64_t class_dim(const at::Tensor& inputs) { return inputs.dim() == 1 ? 0 : 1; }
 
+// The positions' shape: inputs' without the class dimension dim.
+std::vector<c10::SymInt> positions_shape(const at::Tensor& inputs, int64_t dim) {
+  std::vector<c10::SymInt> shape(inputs.sym_sizes().begin(), inputs.sym_sizes().end());
+  shape.erase(shape.begin() + dim);
+  return shape;
+}
+
 // What softmax targets of the wrong shape were likely meant to be, for the error message only:
 // a one-hot integer tensor meant as probabilities, floating class indices (F.cross_entropy
 // refuses them too), or class indices that kept a class dimension of size 1 ((N, 1, H, W) masks).
 std::string softmax_target_shape_hint(const at::Tensor& inputs, const at::Tensor& targets,
                                       int64_t dim, bool class_indices) {
-  std::vector<c10::SymInt> positions(inputs.sym_sizes().begin(), inputs.sym_sizes().end());
-  std::vector<c10::SymInt> one_class = positions;
+  const auto positions = positions_shape(inputs, dim);
+  std::vector<c10::SymInt> one_class(inputs.sym_sizes().begin(), inputs.sym_sizes().end());
   one_class[dim] = 1;
-  positions.erase(positions.begin() + dim);
   const auto shape = targets.sym_sizes();
   const std::string dtype = python_name(targets.scalar_type());
   if (class_indices && shape == inputs.sym_sizes()) {
@@ -673,9 +679,7 @@ void check_softmax_arguments(const at::Tensor& inputs, const at::Tensor& targets
   check_targets(targets, labels,
                 "class indices (an integer tensor) or class probabilities (a floating-point tensor)");
   if (labels) {
-    // The positions' shape: inputs' without the class dimension.
-    std::vector<c10::SymInt> position_shape(inputs.sym_sizes().begin(), inputs.sym_sizes().end());
-    position_shape.erase(position_shape.begin() + dim);
+    const auto position_shape = positions_shape(inputs, dim);
     TORCH_CHECK_VALUE(targets.sym_sizes() == c10::SymIntArrayRef(position_shape),
                       "class-index targets must have the shape of inputs without its class "
                       "dimension ", dim, ", ", c10::SymIntArrayRef(position_shape), ", got ",
