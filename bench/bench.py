@@ -22,6 +22,8 @@ import datetime
 import json
 import os
 import platform
+import random
+import re
 import statistics
 import subprocess
 import sys
@@ -32,13 +34,13 @@ import torch
 
 import focal_cuda
 
-# Checked before minutes of timing, not when the results are plotted.
+# main() refuses to start without it (the other benchmarks, which import this module for its
+# timer, run without it).
 try:
     import torchvision
     from torchvision.ops import sigmoid_focal_loss as torchvision_focal_loss
-except ImportError as error:
-    sys.exit(f"the benchmark needs {error.name} (it compares with torchvision): "
-             "pip install -r requirements-bench.txt")
+except ImportError:
+    torchvision = None
 try:
     import matplotlib
 except ImportError:  # a machine without network (a lent GPU) may lack it: the timings still count
@@ -119,18 +121,21 @@ def design_bytes(name, dtype, reduction):
     """Bytes per element the fused design must move: a training step (train_step's, whose
     backward() gives the loss a gradient of 1), a no-grad forward."""
     size = element_bytes(dtype)
-    label = 8 / CLASSES  # one int64 label per row of CLASSES logits
-    loss = size if reduction == "none" else 0  # the loss of every element written
-    # The backward reads and writes the saved gradient where it scales it: by the mean's 1 / count
-    # here; a factor of 1 (sum, none) leaves it as it is.
-    backward = 2 * size if reduction == "mean" else 0
+    # float16's gradient is saved in float32 (focal_ops.cpp's saved_dtype), out of a loss
+    # scale's reach until the backward scales it.
+    saved = element_bytes(torch.float32) if dtype == torch.float16 else size
+    # The backward reads the saved gradient and writes the inputs' where it scales it (by the
+    # mean's 1 / count) or converts it; a factor of 1 in the inputs' dtype leaves it as it is.
+    backward = saved + size if reduction == "mean" or saved != size else 0
+    # "none" writes the loss of every element, which the step's .sum() reads back.
+    loss = size if reduction == "none" else 0
     if name == "focal_cuda":
-        # forward: read x, t, write the saved gradient.
-        return 3 * size + backward + loss, 2 * size + loss
-    if name == "focal_cuda labels":
-        # The same with one label per row in place of a target per element.
-        return 2 * size + label + backward + loss, size + label + loss
-    return None, None
+        reads = 2 * size  # x, t
+    elif name == "focal_cuda labels":
+        reads = size + 8 / CLASSES  # x, one int64 label per row of CLASSES logits
+    else:
+        return None, None
+    return reads + saved + backward + 2 * loss, reads + loss
 
 
 def synchronize(device):
@@ -161,11 +166,25 @@ class Timer:
         return (time.perf_counter() - start) * 1e3 / self.calls
 
 
+def interleaved_samples(steps, timer, repeats):
+    """{key: [ms per call, one per round]}: each round times every step once, in an order of
+    its own (seeded), so that no step always inherits one neighbour's allocator, page and cache
+    state."""
+    order, samples = list(steps), {key: [] for key in steps}
+    shuffle = random.Random(0).shuffle
+    for _ in range(repeats):
+        shuffle(order)
+        for key in order:
+            samples[key].append(timer(steps[key]))
+    return samples
+
+
 def copy_bandwidth_gbs(device, numel=50_000_000):
-    """Device-to-device (or memory-to-memory on CPU) copy bandwidth: bytes read + written."""
+    """Device-to-device (or memory-to-memory on CPU) copy bandwidth: bytes read + written, ten
+    copies a sample (one copy's launch from an idle GPU would count against its bandwidth)."""
     src = torch.empty(numel, device=device, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
-    timer = Timer(device)
+    timer = Timer(device, calls=10)
     for _ in range(3):
         dst.copy_(src)
     synchronize(device)
@@ -270,31 +289,107 @@ def implementation(name):
     return IMPLEMENTATIONS[name] if name in IMPLEMENTATIONS else BASELINES[name]
 
 
+# The environment variables that change what a benchmark measures.
+ENVIRONMENT = ["OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "THP_MEM_ALLOC_ENABLE",
+               "MALLOC_MMAP_THRESHOLD_", "CUDA_VISIBLE_DEVICES", "CUDA_LAUNCH_BLOCKING",
+               "PYTORCH_CUDA_ALLOC_CONF", "TORCHINDUCTOR_COMPILE_THREADS", "TORCHINDUCTOR_MAX_AUTOTUNE"]
+# The GPU's driver, clocks and throttling, read by nvidia-smi at the start and at each write.
+GPU_STATE = ["driver_version", "clocks.sm", "clocks.mem", "clocks.max.sm", "power.draw", "power.limit",
+             "temperature.gpu", "clocks_throttle_reasons.active"]
+
+
 def describe_machine(device):
+    """What the numbers depend on, besides the source: versions, CPU model, threads, load,
+    environment; on CUDA the GPU's properties and state."""
+    try:
+        import triton
+    except ImportError:
+        triton = None
     info = {
-        "date": datetime.date.today().isoformat(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "torchvision": torchvision.__version__,
+        "torchvision": getattr(torchvision, "__version__", None),
+        "triton": getattr(triton, "__version__", None),
         "focal_cuda": focal_cuda.__version__,
         "focal_cuda_backends": focal_cuda.backends(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "environment": {name: os.environ[name] for name in ENVIRONMENT if name in os.environ},
         "device": device,
     }
-    try:
-        model = next(line for line in open("/proc/cpuinfo") if line.startswith("model name"))
-        info["cpu"] = model.split(":", 1)[1].strip()
-    except (OSError, StopIteration):
+    try:  # name, family and model: one name covers several generations ("Intel Xeon Processor")
+        fields = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+                      if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        info["cpu"] = fields["model name"]
+        info["cpu_family_model"] = f"{fields['cpu family']}/{fields['model']}"
+    except (OSError, KeyError):
         pass
     if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
+        properties = torch.cuda.get_device_properties()
+        info["gpu"] = properties.name
+        info["gpu_properties"] = {
+            "capability": f"{properties.major}.{properties.minor}",
+            "multiprocessors": properties.multi_processor_count,
+            "memory_bytes": properties.total_memory,
+            "l2_cache_bytes": properties.L2_cache_size,
+        }
+        info["gpu_state"] = gpu_state()
     info["commit"] = source_commit()
     return info
 
 
-SOURCE_PATHS = ["csrc", "focal_cuda", "setup.py", "bench/bench.py"]
+def gpu_state():
+    """nvidia-smi's GPU_STATE for each GPU it sees: {field: value} (a field this driver does not
+    know, such as a renamed one, read as its error), or why nvidia-smi could not run."""
+    def query(fields):
+        try:
+            result = subprocess.run(["nvidia-smi", "--format=csv,noheader", "--query-gpu=" + ",".join(fields)],
+                                    capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return None, f"nvidia-smi: {error}"
+        if result.returncode != 0:
+            return None, f"exit {result.returncode}: {(result.stdout + result.stderr).strip()[:200]}"
+        return [[value.strip() for value in line.split(",")] for line in result.stdout.strip().splitlines()], None
+
+    rows, error = query(GPU_STATE)
+    if rows is not None:
+        return [dict(zip(GPU_STATE, row)) for row in rows]
+    if error.startswith("nvidia-smi"):
+        return error
+    # One field at a time: the rest still read where one is unknown.
+    columns = {field: query([field]) for field in GPU_STATE}
+    gpus = max((len(rows) for rows, _ in columns.values() if rows), default=1)
+    return [{field: rows[gpu][0] if rows else error for field, (rows, error) in columns.items()}
+            for gpu in range(gpus)]
+
+
+def start_results(device, **fields):
+    """The results of this run so far, which write_results writes as they grow."""
+    return {"machine": describe_machine(device), "command": " ".join(["python"] + sys.argv),
+            "complete": False, **fields, "cases": []}
+
+
+def write_results(results, out, complete=False):
+    """out/results.json, written again after each size or case: a run cut at its time limit
+    (.ci/gpu-validate's caps) keeps what it had measured, marked incomplete."""
+    results["complete"] = complete
+    results["machine"]["load_average_end"] = os.getloadavg()
+    if results["machine"]["device"] == "cuda":
+        results["machine"]["gpu_state_end"] = gpu_state()
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "results.json.partial"
+    # Lists of numbers (the samples) on one line each: .ci/gpu-validate prints some files whole.
+    text = re.sub(r"\[\s+([^\[\]{}\"]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
+                  json.dumps(results, indent=1))
+    partial.write_text(text)
+    partial.replace(out / "results.json")  # never a half-written file
+
+
+SOURCE_PATHS = ["csrc", "focal_cuda", "setup.py", "bench/*.py"]
 
 
 def source_commit():
@@ -312,18 +407,24 @@ def source_commit():
     return commit + ("-dirty" if dirty else "")
 
 
-def run(args):
+def never_eager_when_compiled(versions):
+    """Room for `versions` compiled versions of each function, and an error past it: at Dynamo's
+    limit a compiled baseline would otherwise go on eagerly, timed as if compiled."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * versions)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def run(args, results):
     device, dtype = args.device, getattr(torch, args.dtype)
     # Each reduction and grad mode is a compiled version of its own, at two sizes (static, then
-    # dynamic): past Dynamo's limit of 8 per function a third reduction would run eagerly.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
-                                                4 * len(args.reduction))
+    # dynamic).
+    never_eager_when_compiled(4 * len(args.reduction))
     names = list(IMPLEMENTATIONS) + (list(BASELINES) if args.tiny else [])
     timer = Timer(device, calls=TINY_CALLS if args.tiny else 1)
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"copy bandwidth on {device}: {copy_gbs:.1f} GB/s", flush=True)
-    cases = []
-    overheads = []  # --tiny: focal_cuda's per-call cost against the baselines
+    results["copy_gbs"] = copy_gbs
+    cases = results["cases"]
     for rows in args.rows:
         numel = rows * CLASSES
         x, t, labels = make_inputs(rows, device, dtype)
@@ -339,10 +440,7 @@ def run(args):
             for _ in range(args.warmup):
                 step()
         synchronize(device)
-        samples = {key: [] for key in steps}
-        for _ in range(args.repeats):  # interleaved: each round times every implementation once
-            for key, step in steps.items():
-                samples[key].append(timer(step))
+        samples = interleaved_samples(steps, timer, args.repeats)
         for (name, mode, reduction), times in samples.items():
             median = statistics.median(times)
             train_bytes, forward_bytes = design_bytes(name, dtype, reduction)
@@ -354,7 +452,7 @@ def run(args):
                 "elements": numel, "dtype": args.dtype, "gamma": args.gamma,
                 "reduction": reduction, "calls_per_sample": timer.calls,
                 "median_ms": median, "min_ms": min(times),
-                "max_ms": max(times), "ns_per_element": median * 1e6 / numel,
+                "max_ms": max(times), "samples_ms": times, "ns_per_element": median * 1e6 / numel,
                 "design_bytes": moved,
                 "effective_gbs": effective_gbs,
                 "copy_fraction": None if effective_gbs is None else effective_gbs / copy_gbs,
@@ -388,8 +486,8 @@ def run(args):
                           / statistics.median(samples[("bare autograd.Function", "train", first)]))
             call_ratio = (statistics.median(samples[("focal_cuda", "forward", first)])
                           / statistics.median(samples[("(x * t).sum()", "forward", first)]))
-            overheads.append({"rows": rows, "train_vs_bare_function": step_ratio,
-                              "no_grad_vs_plain_expression": call_ratio})
+            results.setdefault("per_call_ratios", []).append(
+                {"rows": rows, "train_vs_bare_function": step_ratio, "no_grad_vs_plain_expression": call_ratio})
             print(f"    per call: training step {step_ratio:.2f}x a bare autograd.Function's, "
                   f"no-grad call {call_ratio:.2f}x (x * t).sum()'s", flush=True)
         if args.memory and not args.tiny and rows == max(args.rows):  # peak memory at the largest size
@@ -407,11 +505,7 @@ def run(args):
                 print(f"    peak memory above inputs, {name}: {extra / 2**20:.1f} MiB "
                       f"({extra / grad_bytes:.2f} gradient-sized buffers)", flush=True)
         del x, t, steps
-    results = {"machine": describe_machine(device), "copy_gbs": copy_gbs,
-               "reductions": args.reduction, "cases": cases}
-    if overheads:
-        results["per_call_ratios"] = overheads
-    return results
+        write_results(results, args.out)
 
 
 def plot(results, path):
@@ -456,6 +550,8 @@ def main():
     parser.add_argument("--tiny", action="store_true",
                         help=f"per-call overhead: rows {TINY_ROWS}, each sample {TINY_CALLS} calls")
     args = parser.parse_args()
+    if torchvision is None:  # before minutes of timing
+        sys.exit("the benchmark compares with torchvision: pip install -r requirements-bench.txt")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible")
     args.reduction = list(dict.fromkeys(args.reduction))  # each once
@@ -464,10 +560,9 @@ def main():
     args.out = args.out or Path("bench/scratch") / (
         f"{args.device}-{args.dtype}-gamma{args.gamma:g}" + ("-tiny" if args.tiny else ""))
 
-    results = run(args)
-    results["command"] = " ".join(["python"] + sys.argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    results = start_results(args.device, reductions=args.reduction)
+    run(args, results)
+    write_results(results, args.out, complete=True)
     print(f"wrote {args.out / 'results.json'}")
     save_plot(plot, results, args.out / "plot.png")
 

@@ -23,7 +23,6 @@ Writes results.json to --out. Uses bench/bench.py's timer and machine descriptio
 import argparse
 import functools
 import inspect
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -91,11 +90,18 @@ FORMS = forms()
 def implementations(form):
     """name -> fn(x, dense soft targets, (labels, scores)): the summed loss."""
     fused, composite = FORMS[form]
+
+    def composite_on_dense(x, dense, pair):
+        return composite(x, dense)
+
+    # Dynamo keeps its compiled versions by code object, which every form's composite_on_dense
+    # shares: each form starts from none (a static version at its first size, then a dynamic one).
+    torch._dynamo.reset()
     return {
         "focal_cuda": lambda x, dense, pair: fused(x, dense),
         "focal_cuda pair": lambda x, dense, pair: fused(x, pair),
-        "composite": lambda x, dense, pair: composite(x, dense),
-        "composite+compile": torch.compile(lambda x, dense, pair: composite(x, dense)),
+        "composite": composite_on_dense,
+        "composite+compile": torch.compile(composite_on_dense),
     }
 
 
@@ -125,10 +131,11 @@ def steps(fn, x, dense, pair):
     return train, forward
 
 
-def run(args):
+def run(args, results):
     device, dtype = args.device, getattr(torch, args.dtype)
+    bench.never_eager_when_compiled(4)  # training step and no-grad forward, static and dynamic
     timer = bench.Timer(device)
-    cases = []
+    cases = results["cases"]
     for form in FORMS:
         fns = implementations(form)
         for rows in args.rows:
@@ -141,15 +148,13 @@ def run(args):
                 for _ in range(args.warmup):
                     step()
             bench.synchronize(device)
-            samples = {key: [] for key in timed}
-            for _ in range(args.repeats):  # interleaved rounds
-                for key, step in timed.items():
-                    samples[key].append(timer(step))
+            samples = bench.interleaved_samples(timed, timer, args.repeats)
             medians = {key: statistics.median(times) for key, times in samples.items()}
             for (name, mode), times in samples.items():
                 cases.append({"form": form, "implementation": name, "mode": mode, "rows": rows,
                               "classes": CLASSES, "elements": rows * CLASSES, "dtype": args.dtype,
-                              "median_ms": medians[(name, mode)], "min_ms": min(times), "max_ms": max(times)})
+                              "median_ms": medians[(name, mode)], "min_ms": min(times), "max_ms": max(times),
+                              "samples_ms": times})
             line = [f"{form}, {rows * CLASSES:>11,} elements"]
             for mode in ("train", "forward"):
                 ours = medians[("focal_cuda", mode)]
@@ -159,7 +164,7 @@ def run(args):
                             f"pair vs dense {ours / medians[('focal_cuda pair', mode)]:.2f}x")
             print("\n    ".join(line), flush=True)
             del x, dense, pair, timed
-    return {"machine": bench.describe_machine(device), "cases": cases}
+            bench.write_results(results, args.out)
 
 
 def main():
@@ -177,10 +182,9 @@ def main():
     args.repeats = args.repeats or (21 if args.device == "cpu" else 30)
     args.out = args.out or Path("bench/scratch") / f"family-{args.device}-{args.dtype}"
 
-    results = run(args)
-    results["command"] = " ".join(["python"] + sys.argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    results = bench.start_results(args.device)
+    run(args, results)
+    bench.write_results(results, args.out, complete=True)
     print(f"wrote {args.out / 'results.json'}")
 
 

@@ -110,9 +110,11 @@ def peak_extra_bytes(name, case, scale, device, train, x):
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
 
 
-def run(args):
+def run(args, results):
+    # Per case (a rank of its own), training step and no-grad forward: 4 compiled versions.
+    bench.never_eager_when_compiled(4)
     timer = bench.Timer(args.device)
-    cases = []
+    cases = results["cases"]
     for case in args.cases:
         x, y = make_inputs(case, args.scale, args.device)
         timed = {}
@@ -122,15 +124,13 @@ def run(args):
             for _ in range(args.warmup):
                 step()
         bench.synchronize(args.device)
-        samples = {key: [] for key in timed}
-        for _ in range(args.repeats):  # interleaved rounds
-            for key, step in timed.items():
-                samples[key].append(timer(step))
+        samples = bench.interleaved_samples(timed, timer, args.repeats)
         medians = {key: statistics.median(times) for key, times in samples.items()}
         gradient_bytes = x.numel() * x.element_size()
         for (name, mode), times in samples.items():
             entry = {"case": case, "shape": list(x.shape), "implementation": name, "mode": mode,
-                     "median_ms": medians[(name, mode)], "min_ms": min(times), "max_ms": max(times)}
+                     "median_ms": medians[(name, mode)], "min_ms": min(times), "max_ms": max(times),
+                     "samples_ms": times}
             if mode == "train":
                 extra = peak_extra_bytes(name, case, args.scale, args.device, timed[(name, "train")], x)
                 entry["peak_extra_bytes"] = extra
@@ -148,8 +148,7 @@ def run(args):
         print("  peak extra memory of a step, in gradient-sized buffers: "
               + ", ".join(f"{name} {value:.2f}" for name, value in peaks.items()), flush=True)
         del x, y, timed
-    return {"machine": bench.describe_machine(args.device), "threads": torch.get_num_threads(),
-            "cases": cases}
+        bench.write_results(results, args.out)
 
 
 def plot(results, path):
@@ -174,7 +173,7 @@ def plot(results, path):
         axis.grid(True, axis="y", alpha=0.3)
     axes[0][0].legend()
     machine = results["machine"]
-    where = machine.get("gpu") if machine["device"] == "cuda" else f"{machine['cpu']}, {results['threads']} threads"
+    where = machine.get("gpu") if machine["device"] == "cuda" else f"{machine['cpu']}, {machine['cpu_threads']} threads"
     fig.suptitle(f"softmax focal loss, float32, gamma {GAMMA}, mean: {where}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -196,10 +195,9 @@ def main():
         sys.exit("--device cuda: no CUDA device visible")
     args.repeats = args.repeats or (7 if args.device == "cpu" else 30)
     args.out = args.out or Path("bench/scratch") / f"softmax-{args.device}"
-    results = run(args)
-    results["command"] = " ".join(["python"] + sys.argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    results = bench.start_results(args.device)
+    run(args, results)
+    bench.write_results(results, args.out, complete=True)
     print(f"wrote {args.out / 'results.json'}")
     bench.save_plot(plot, results, args.out / "plot.png")
 

@@ -8,7 +8,6 @@ a warm-up; prints median (min-max) per call and the ratio to gamma 2, and writes
 """
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -30,6 +29,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", type=Path, default=None, help="directory for results.json")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device visible")
+    out = args.out or Path("bench/scratch") / f"gammas-{args.device}-{args.dtype}"
+    results = bench.start_results(args.device, elements=args.rows * bench.CLASSES, dtype=args.dtype)
     x, t, labels = bench.make_inputs(args.rows, args.device, getattr(torch, args.dtype))
     x.requires_grad_()
     steps = {}
@@ -40,12 +43,7 @@ def main():
         step()
         step()
     bench.synchronize(args.device)
-    timer = bench.Timer(args.device)
-    samples = {key: [] for key in steps}
-    for _ in range(args.repeats):
-        for key, step in steps.items():
-            samples[key].append(timer(step))
-    cases = []
+    samples = bench.interleaved_samples(steps, bench.Timer(args.device), args.repeats)
     print(f"{x.numel():,} elements, {args.dtype}, reduction='sum': median (min-max) ms, ratio to gamma 2")
     for mode in ("train", "forward"):
         base = statistics.median(samples[(2.0, mode)]) if (2.0, mode) in samples else None
@@ -54,13 +52,9 @@ def main():
             median = statistics.median(times)
             ratio = f"  {median / base:.2f}x" if base else ""
             print(f"  {mode:<8} gamma {gamma:<5g} {median:7.2f} ({min(times):.2f}-{max(times):.2f}){ratio}")
-            cases.append({"mode": mode, "gamma": gamma, "median_ms": median, "min_ms": min(times),
-                          "max_ms": max(times)})
-    results = {"machine": bench.describe_machine(args.device), "elements": x.numel(), "dtype": args.dtype,
-               "cases": cases, "command": " ".join(["python"] + sys.argv)}
-    out = args.out or Path("bench/scratch") / f"gammas-{args.device}-{args.dtype}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+            results["cases"].append({"mode": mode, "gamma": gamma, "median_ms": median, "min_ms": min(times),
+                                     "max_ms": max(times), "samples_ms": times})
+    bench.write_results(results, out, complete=True)
     print(f"wrote {out / 'results.json'}")
 
 
