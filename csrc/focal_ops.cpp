@@ -69,9 +69,8 @@ void check_device(const at::Tensor& tensor, const char* name) {
 }
 
 void check_same_device(const at::Tensor& tensor, const at::Tensor& inputs, const char* name) {
-  TORCH_CHECK_VALUE(tensor.device() == inputs.device(), name,
-                    " must be on the same device as inputs, got ", inputs.device(), " and ",
-                    tensor.device());
+  TORCH_CHECK_VALUE(tensor.device() == inputs.device(), name, " must be on inputs' device (",
+                    inputs.device(), "), got one on ", tensor.device());
 }
 
 // Whether weight broadcasts to inputs (sizes read as SymInts: see check_forward_arguments).
@@ -147,6 +146,11 @@ void check_labels_on_cpu(const at::Tensor& labels, int64_t classes, int64_t igno
     return;
   }
   const int64_t value = values[first_bad.load()];
+  TORCH_CHECK_VALUE(with_background || classes != 1, "targets holds the class label ", value,
+                    "; inputs have one class along their class dimension, so the only valid labels "
+                    "are 0 and ignore_index (", ignore_index, "), and the softmax is 1 and the loss "
+                    "0 everywhere: a two-class classifier wants 2 logits (or sigmoid_focal_loss on "
+                    "one)");
   TORCH_CHECK_VALUE(with_background, "targets holds the class label ", value, "; valid labels are 0 "
                     "to ", classes - 1, " (the ", classes, " classes along inputs' class dimension) "
                     "and ignore_index (", ignore_index, ")");
@@ -664,7 +668,7 @@ void check_softmax_options(const std::vector<double>& coefficients, double label
 void check_softmax_arguments(const at::Tensor& inputs, const at::Tensor& targets,
                              const std::optional<at::Tensor>& weight,
                              const std::vector<double>& coefficients, int64_t reduction,
-                             int64_t /*ignore_index*/, double label_smoothing,
+                             int64_t ignore_index, double label_smoothing,
                              bool /*float32_loss*/, int64_t outputs) {
   check_outputs(outputs);
   check_floating(inputs, "inputs");
@@ -678,6 +682,11 @@ void check_softmax_arguments(const at::Tensor& inputs, const at::Tensor& targets
   const bool labels = at::isIntegralType(targets.scalar_type(), /*includeBool=*/false);
   check_targets(targets, labels,
                 "class indices (an integer tensor) or class probabilities (a floating-point tensor)");
+  // As F.cross_entropy: probabilities name no class to ignore, and a position to ignore has
+  // none to give (a refusal, not a setting that would silently do nothing).
+  TORCH_CHECK_VALUE(labels || ignore_index < 0, "ignore_index applies to class-index targets; "
+                    "with class-probability targets it must be negative (the default, -100), got ",
+                    ignore_index);
   if (labels) {
     const auto position_shape = positions_shape(inputs, dim);
     TORCH_CHECK_VALUE(targets.sym_sizes() == c10::SymIntArrayRef(position_shape),

@@ -1,4 +1,6 @@
-"""focal_cuda: the sigmoid focal loss of RetinaNet fused with its gradient, on CUDA and CPU."""
+"""focal_cuda: focal losses fused with their gradients, on CUDA and CPU: the sigmoid focal loss of
+RetinaNet (torchvision's), its family (FL*, quality and varifocal losses) and the multi-class
+softmax focal loss (F.cross_entropy's arguments with the focal factor)."""
 
 import importlib.machinery
 import importlib.metadata

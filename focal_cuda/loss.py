@@ -332,7 +332,9 @@ def softmax_focal_loss(
             divided by their summed class weight as ``F.cross_entropy`` does; with
             probabilities, by the number of positions) or ``"sum"``.
         weight: optional per-class weights of shape (C), floating. Differentiable.
-        ignore_index: with class indices, the target of positions that contribute nothing.
+        ignore_index: with class indices, the target of positions that contribute nothing; with
+            class probabilities it must be negative (the default), as ``F.cross_entropy``
+            requires: they name no position to ignore.
         label_smoothing: in [0, 1); q becomes ``q * (1 - eps) + eps / C``.
 
     Returns:
@@ -476,9 +478,14 @@ def _check_options(function, **options):
     function(meta, meta, **options)
 
 
-class SigmoidFocalLoss(torch.nn.Module):
-    """``sigmoid_focal_loss`` as a module: ``SigmoidFocalLoss(...)(inputs, targets, weight=None)``."""
+def _module_doc(summary, function):
+    """A module's docstring: its summary, then its function's documentation, so that help() on
+    the module documents the options (the summary alone under python -OO, which strips the
+    function's)."""
+    return "\n\n".join(filter(None, [summary, inspect.getdoc(function)]))
 
+
+class SigmoidFocalLoss(torch.nn.Module):
     alpha: Optional[float]
     gamma: float
     reduction: str
@@ -507,6 +514,11 @@ class SigmoidFocalLoss(torch.nn.Module):
             f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}, "
             f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
         )
+
+
+SigmoidFocalLoss.__doc__ = _module_doc(
+    "``sigmoid_focal_loss`` as a module: ``SigmoidFocalLoss(...)(inputs, targets, weight=None)``.",
+    sigmoid_focal_loss)
 
 
 def _refuse_scripting(module):
@@ -550,11 +562,10 @@ def _family_module(function, name):
         return ", ".join(f"{option}={getattr(self, option)!r}" for option in names)
 
     __init__.__signature__ = init_signature
-    # help() on the module shows the function's documentation too (absent under python -OO).
     summary = f"``{function.__name__}`` as a module: ``{name}(...)(inputs, targets, weight=None)``."
     namespace = dict(__init__=__init__, forward=forward, extra_repr=extra_repr, __module__=__name__,
                      __qualname__=name, __prepare_scriptable__=_refuse_scripting,
-                     __doc__="\n\n".join(filter(None, [summary, inspect.getdoc(function)])))
+                     __doc__=_module_doc(summary, function))
     return type(name, (torch.nn.Module,), namespace)
 
 
@@ -564,10 +575,6 @@ VarifocalLoss = _family_module(varifocal_loss, "VarifocalLoss")
 
 
 class SoftmaxFocalLoss(torch.nn.Module):
-    """``softmax_focal_loss`` as a module, built as ``torch.nn.CrossEntropyLoss`` is:
-    ``SoftmaxFocalLoss(alpha, gamma, reduction, weight, ...)(inputs, targets)``; the weight is
-    a buffer (it moves with the module). Not scriptable by TorchScript (as the sigmoid family's
-    other forms: only sigmoid_focal_loss and SigmoidFocalLoss are; _refuse_scripting says so)."""
 
     alpha: Optional[float]
     gamma: float
@@ -600,3 +607,11 @@ class SoftmaxFocalLoss(torch.nn.Module):
                 f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}")
 
     __prepare_scriptable__ = _refuse_scripting
+
+
+SoftmaxFocalLoss.__doc__ = _module_doc(
+    "``softmax_focal_loss`` as a module: ``SoftmaxFocalLoss(alpha=None, gamma=2.0, "
+    "reduction='mean', weight=None, ignore_index=-100, label_smoothing=0.0)(inputs, targets)``, its "
+    "options given by name as ``torch.nn.CrossEntropyLoss``'s are (the first positional one is "
+    "alpha, not weight); the weight is a buffer, which moves with the module. Not scriptable by "
+    "TorchScript (only sigmoid_focal_loss and SigmoidFocalLoss are).", softmax_focal_loss)

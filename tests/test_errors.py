@@ -167,7 +167,7 @@ def test_nested_tensors_are_refused_by_name(argument):
 
 def test_device_mismatch():
     meta = torch.zeros(4, 4, device="meta")
-    with pytest.raises(ValueError, match=re.escape("targets must be on the same device as inputs, got cpu and meta")):
+    with pytest.raises(ValueError, match=re.escape("targets must be on inputs' device (cpu), got one on meta")):
         focal_cuda.sigmoid_focal_loss(X, meta)
 
 
@@ -182,7 +182,7 @@ def test_device_mismatch():
 def test_operands_on_another_device_are_refused_by_name(name, call):
     """Every tensor operand is checked against the inputs' device (the kernels would read a
     pointer of another device), not only the targets."""
-    message = f"{name} must be on the same device as inputs, got cpu and meta"
+    message = f"{name} must be on inputs' device (cpu), got one on meta"
     with pytest.raises(ValueError, match=re.escape(message)):
         call(lambda shape: torch.ones(shape, device="meta"))
 

@@ -476,6 +476,17 @@ def test_module_takes_its_functions_options(module, function):
         assert module.__doc__.endswith(inspect.getdoc(function))
 
 
+@pytest.mark.parametrize("module, function", [
+    (focal_cuda.SigmoidFocalLoss, focal_cuda.sigmoid_focal_loss),
+    (focal_cuda.SoftmaxFocalLoss, focal_cuda.softmax_focal_loss),
+])
+def test_written_modules_document_their_functions_options(module, function):
+    """help() on the two modules written by hand documents their options, as on the family's."""
+    assert module.__doc__.startswith(f"``{function.__name__}`` as a module")
+    if function.__doc__:
+        assert module.__doc__.endswith(inspect.getdoc(function))
+
+
 @pytest.mark.parametrize("form", FUNCTIONS)
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("labels", [False, True])

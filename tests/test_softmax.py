@@ -644,6 +644,13 @@ def test_autocast_computes_16_bit_logits_in_float32():
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, alpha=-0.5), "alpha must be a finite number >= 0, or None (or -1) for 1, got -0.5"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, label_smoothing=1.0), "label_smoothing must be in"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, reduction="avg"), "reduction must be one of"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, torch.softmax(x, 1), ignore_index=255),
+         "ignore_index applies to class-index targets; with class-probability targets it must be "
+         "negative (the default, -100), got 255"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x[:, :1], y.clamp(max=1)),
+         "targets holds the class label 1; inputs have one class along their class dimension, so the "
+         "only valid labels are 0 and ignore_index (-100), and the softmax is 1 and the loss 0 "
+         "everywhere: a two-class classifier wants 2 logits (or sigmoid_focal_loss on one)"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x.long(), y), "inputs must be a floating-point tensor"),
         (lambda x, y: focal_cuda.SoftmaxFocalLoss(gamma=-2), "gamma must be a finite number >= 0"),
     ],
@@ -652,6 +659,22 @@ def test_bad_arguments_raise_value_errors(call, message):
     inputs, labels = make_case((4, CLASSES), torch.float32, "cpu", "labels", ignore_fraction=0)
     with pytest.raises(ValueError, match=re.escape(message)):
         call(inputs, labels)
+
+
+def test_probability_targets_take_ignore_index_where_f_cross_entropy_does():
+    """A negative ignore_index (the default among them) names no class and is accepted with
+    probabilities; a class is refused, by F.cross_entropy too (a peer's check, not ours)."""
+    inputs, _ = make_case((4, CLASSES), torch.float64, "cpu", "labels")
+    probabilities = torch.softmax(torch.randn(4, CLASSES, dtype=torch.float64), 1)
+    for ignore_index in (-100, -1):
+        torch.testing.assert_close(
+            focal_cuda.softmax_focal_loss(inputs, probabilities, gamma=0.0, ignore_index=ignore_index),
+            F.cross_entropy(inputs, probabilities, ignore_index=ignore_index), rtol=1e-14, atol=0)
+    for ignore_index in (0, 255):
+        with pytest.raises(RuntimeError, match="ignore_index is not supported for floating point target"):
+            F.cross_entropy(inputs, probabilities, ignore_index=ignore_index)
+        with pytest.raises(ValueError, match=f"must be negative .the default, -100., got {ignore_index}"):
+            focal_cuda.softmax_focal_loss(inputs, probabilities, ignore_index=ignore_index)
 
 
 def test_migrations_from_kornia_and_mmcv_as_the_readme_writes_them():
