@@ -385,7 +385,7 @@ def write_results(results, out, complete=False):
     # Lists of numbers (the samples) on one line each: .ci/gpu-validate prints some files whole.
     text = re.sub(r"\[\s+([^\[\]{}\"]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
                   json.dumps(results, indent=1))
-    partial.write_text(text)
+    partial.write_text(text + "\n")
     partial.replace(out / "results.json")  # never a half-written file
 
 
