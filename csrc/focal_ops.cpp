@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <cmath>
 #include <iterator>
 #include <limits>
@@ -267,6 +268,21 @@ std::string coefficient_names(const FormSignature& signature) {
   return names + ")";
 }
 
+// A number as Python writes it, as the user wrote it: the shortest form that reads back
+// exactly (a stream's six digits print alpha=1.0000001 as 1, inside the range it broke).
+std::string python_float(double value) {
+  if (std::isnan(value)) {
+    return "nan";
+  }
+  if (std::isinf(value)) {
+    return value > 0 ? "inf" : "-inf";
+  }
+  char text[32];
+  const auto end = std::to_chars(text, text + sizeof(text), value).ptr;
+  std::string written(text, end);
+  return written.find_first_of(".e") == std::string::npos ? written + ".0" : written;
+}
+
 // The coefficients' number and ranges (focal_math.h's table), and the label smoothing.
 void check_signature(const FormSignature& signature, const std::vector<double>& coefficients,
                      double label_smoothing) {
@@ -277,33 +293,34 @@ void check_signature(const FormSignature& signature, const std::vector<double>& 
   for (int i = 0; i < signature.count; ++i) {
     const char* name = signature.coefficients[i].name;
     const double value = coefficients[i];
+    const std::string written = python_float(value);
     switch (signature.coefficients[i].range) {
       case CoefficientRange::UnitOrOff:
         TORCH_CHECK_VALUE(value == -1.0 || (value >= 0.0 && value <= 1.0), name,
-                          " must be in [0, 1], or -1 or None to disable the weighting, got ", value);
+                          " must be in [0, 1], or -1 or None to disable the weighting, got ", written);
         break;
       case CoefficientRange::NonNegative:
         TORCH_CHECK_VALUE(value >= 0.0 && value < kInf, name, " must be a finite number >= 0, got ",
-                          value);
+                          written);
         break;
       case CoefficientRange::NonNegativeOrOff:
         TORCH_CHECK_VALUE(value == -1.0 || (value >= 0.0 && value < kInf), name,
-                          " must be a finite number >= 0, or None (or -1) for 1, got ", value);
+                          " must be a finite number >= 0, or None (or -1) for 1, got ", written);
         break;
       case CoefficientRange::Positive:
         TORCH_CHECK_VALUE(value > 0.0 && value < kInf, name, " must be a finite number > 0, got ",
-                          value);
+                          written);
         break;
       case CoefficientRange::Finite:
-        TORCH_CHECK_VALUE(std::abs(value) < kInf, name, " must be a finite number, got ", value);
+        TORCH_CHECK_VALUE(std::abs(value) < kInf, name, " must be a finite number, got ", written);
         break;
     }
   }
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
-                    "label_smoothing must be in [0, 1), got ", label_smoothing);
+                    "label_smoothing must be in [0, 1), got ", python_float(label_smoothing));
   TORCH_CHECK_VALUE(label_smoothing == 0.0 || signature.smoothable,
                     "label_smoothing must be 0 for the ", signature.name,
-                    ", whose targets are soft scores already, got ", label_smoothing);
+                    ", whose targets are soft scores already, got ", python_float(label_smoothing));
 }
 
 constexpr int64_t kForms = static_cast<int64_t>(std::size(kFormSignatures));

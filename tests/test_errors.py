@@ -59,7 +59,7 @@ X = torch.zeros(4, 4)
         (dict(weight=torch.ones(4, dtype=torch.long)), ValueError,
          "weight must be a floating-point tensor (float16, bfloat16, float32 or float64), got torch.int64"),
         (dict(weight=[1.0]), TypeError, "weight must be a torch.Tensor, got list"),
-        (dict(label_smoothing=1.0), ValueError, "label_smoothing must be in [0, 1), got 1"),
+        (dict(label_smoothing=1.0), ValueError, "label_smoothing must be in [0, 1), got 1.0"),
         (dict(label_smoothing=-0.1), ValueError, "label_smoothing must be in [0, 1), got -0.1"),
         (dict(ignore_index=1.5), ValueError, "ignore_index must be an integer, got 1.5"),
         (dict(inputs=[[0.0]]), TypeError, "inputs must be a torch.Tensor, got list"),
@@ -68,7 +68,10 @@ X = torch.zeros(4, 4)
         (dict(alpha=-0.5), ValueError, "got -0.5"),
         (dict(alpha=float("nan")), ValueError, "got nan"),
         (dict(alpha="0.25"), ValueError, "got '0.25'"),
-        (dict(gamma=-1.0), ValueError, "gamma must be a finite number >= 0, got -1"),
+        (dict(gamma=-1.0), ValueError, "gamma must be a finite number >= 0, got -1.0"),
+        # Numbers as Python writes them: a stream's six digits would print 1 here.
+        (dict(alpha=1.0000001), ValueError, "the weighting, got 1.0000001"),
+        (dict(gamma=-1e-300), ValueError, "gamma must be a finite number >= 0, got -1e-300"),
         (dict(gamma=float("inf")), ValueError, "gamma must be a finite number >= 0, got inf"),
         (dict(gamma=None), ValueError, "gamma must be a real number, got None"),
         (dict(gamma=True), ValueError, "gamma must be a real number, got True"),  # bool is an int, not a number here
