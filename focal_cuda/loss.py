@@ -575,7 +575,6 @@ VarifocalLoss = _family_module(varifocal_loss, "VarifocalLoss")
 
 
 class SoftmaxFocalLoss(torch.nn.Module):
-
     alpha: Optional[float]
     gamma: float
     reduction: str
