@@ -138,6 +138,12 @@ def design_bytes(name, dtype, reduction):
     return reads + saved + backward + 2 * loss, reads + loss
 
 
+def require_device(device):
+    """Exit, before any timing, where --device cuda finds no GPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device visible")
+
+
 def synchronize(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -552,8 +558,7 @@ def main():
     args = parser.parse_args()
     if torchvision is None:  # before minutes of timing
         sys.exit("the benchmark compares with torchvision: pip install -r requirements-bench.txt")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device visible")
+    require_device(args.device)
     args.reduction = list(dict.fromkeys(args.reduction))  # each once
     args.rows = args.rows or (TINY_ROWS if args.tiny else DEFAULT_ROWS[args.device])
     args.repeats = args.repeats or (21 if args.device == "cpu" else 30)

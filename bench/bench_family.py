@@ -176,8 +176,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="directory for results.json")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device visible")
+    bench.require_device(args.device)
     args.rows = args.rows or bench.DEFAULT_ROWS[args.device]
     args.repeats = args.repeats or (21 if args.device == "cpu" else 30)
     args.out = args.out or Path("bench/scratch") / f"family-{args.device}-{args.dtype}"

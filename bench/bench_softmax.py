@@ -191,8 +191,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="directory for results.json")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device visible")
+    bench.require_device(args.device)
     args.repeats = args.repeats or (7 if args.device == "cpu" else 30)
     args.out = args.out or Path("bench/scratch") / f"softmax-{args.device}"
     results = bench.start_results(args.device)

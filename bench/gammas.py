@@ -29,8 +29,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", type=Path, default=None, help="directory for results.json")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device visible")
+    bench.require_device(args.device)
     out = args.out or Path("bench/scratch") / f"gammas-{args.device}-{args.dtype}"
     results = bench.start_results(args.device, elements=args.rows * bench.CLASSES, dtype=args.dtype)
     x, t, labels = bench.make_inputs(args.rows, args.device, getattr(torch, args.dtype))
