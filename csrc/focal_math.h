@@ -844,8 +844,8 @@ FOCAL_HOST_DEVICE SoftmaxTerms<V> softmax_terms(V z, V shifted_exp, V q, V w,
   return {w * unweighted, unweighted, w * alpha_q * c.slope, alpha * w * c.focal, c.p, c.u};
 }
 
-// For callers that did not keep it: the CUDA kernels (one thread per position keeps no buffer
-// per class) and a label's one term per position.
+// For callers that did not keep it: the CUDA kernels (a thread or warp per position keeps no
+// buffer per class) and a label's one term per position.
 template <typename Math, bool kGrad, typename V, typename S>
 FOCAL_HOST_DEVICE SoftmaxTerms<V> softmax_terms(V z, V q, V w, const SoftmaxRow<V>& row,
                                                 const SoftmaxCoeffs<S>& coeffs) {

@@ -936,13 +936,16 @@ def test_bad_label_raises_the_device_assert(emulated, capfd, bad_label):
     emulated.sigmoid_focal_loss_forward(x, good, None, None, 0, [0.25, 2.0], 0, -100, 0.0, False, GRAD_INPUTS)
 
 
-# The softmax focal loss's kernel: (inputs dtype, soft targets, gradient) instances, on NCHW
-# (positions one stride apart), (N, C), channels-last and unbatched layouts.
+# The softmax focal loss's kernel: (inputs dtype, soft targets, gradient, threads a position)
+# instances, on NCHW (positions one stride apart), (N, C), channels-last and unbatched layouts,
+# a thread a position; with a warp's worth of classes or more side by side, a warp a position.
 SOFTMAX_LAYOUTS = {
     "nchw": ((3, 5, 4, 7), None),
     "rows": ((37, 13), None),
     "channels_last": ((2, 6, 3, 5), torch.channels_last),
-    "unbatched": ((11,), None),
+    "unbatched": ((31,), None),
+    "warp_rows": ((9, 70), None),
+    "warp_channels_last": ((2, 32, 2, 3), torch.channels_last),
 }
 
 
@@ -974,7 +977,7 @@ def test_softmax_instance(emulated, dtype, kind, grad):
         classes = shape[0] if len(shape) == 1 else shape[1]
         for weight in (None, torch.rand(classes, dtype=torch.float64) + 0.5):
             for reduction in ("none", "mean", "sum"):
-                emulated.set_multiprocessor_count(MULTIPROCESSORS[seed])
+                emulated.set_multiprocessor_count(MULTIPROCESSORS[seed % len(MULTIPROCESSORS)])
                 arguments = (kernel_inputs, targets, weight, [0.25, 1.5], REDUCTION_CODES[reduction], -100,
                              smoothing, False,
                              outputs_mask(grad, grad and kind == "probabilities", grad and weight is not None))
@@ -1021,13 +1024,15 @@ def unweighted_terms(inputs, targets, alpha, gamma, label_smoothing):
     return -alpha * q * (-torch.expm1(log_p)) ** gamma * log_p
 
 
-# More positions than one SM's grid has threads (1,024): a thread's positions step through the
-# samples, by less than one sample (900 a sample) and by several, wrapping past a sample's end.
-@pytest.mark.parametrize("shape", [(2, 5, 30, 30), (30, 5, 10, 10)])
-def test_softmax_grid_stride_and_many_blocks(emulated, shape):
+# More positions than one SM's grid has threads (1,024) or warps (32): a thread's (a warp's)
+# positions step through the samples, by less than one sample (900 a sample) and by several,
+# wrapping past a sample's end (9 a sample, 32 warps: 3 samples and 5 positions a step).
+@pytest.mark.parametrize("shape, memory_format", [((2, 5, 30, 30), None), ((30, 5, 10, 10), None),
+                                                  ((9, 40, 3, 3), torch.channels_last)])
+def test_softmax_grid_stride_and_many_blocks(emulated, shape, memory_format):
     from test_softmax import expected_loss, gradient_scale
 
-    inputs, labels = softmax_case(shape, None, F32, "labels", 0)
+    inputs, labels = softmax_case(shape, memory_format, F32, "labels", 0)
     x = inputs.double().requires_grad_()
     expected = expected_loss(x, labels, None, 2.0, "sum")
     expected.backward()
@@ -1060,16 +1065,31 @@ def test_softmax_weighted_mean_divisor_scales_the_backward(emulated):
                        torch.zeros_like(saved))
 
 
+def rows_spread_over_lanes(rows):
+    """EXTREME_ROWS-like (logits, label) rows of 5 classes spread over 40 (classes 1, 10, 19, 28
+    and 37: lanes 1, 10, 19, 28 and 5 of a warp, so that ties at the max lie in different
+    lanes), the other classes at -1e30, whose probabilities are 0 in float."""
+    spread = []
+    for row, label in rows:
+        wide = [-1e30] * 40
+        for c, value in enumerate(row):
+            wide[1 + 9 * c] = value
+        spread.append((wide, 1 + 9 * label))
+    return spread
+
+
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("gamma", [0.0, 0.25, 2.0])
-def test_softmax_extreme_logits_are_finite_and_exact(emulated, dtype, gamma):
+@pytest.mark.parametrize("lanes", ["thread", "warp"])
+def test_softmax_extreme_logits_are_finite_and_exact(emulated, dtype, gamma, lanes):
     from test_softmax import EXTREME_ROWS, assert_extreme_rows_exact
 
-    inputs = torch.tensor([row for row, _ in EXTREME_ROWS], dtype=dtype)
-    labels = torch.tensor([label for _, label in EXTREME_ROWS])
+    rows = EXTREME_ROWS if lanes == "thread" else rows_spread_over_lanes(EXTREME_ROWS)
+    inputs = torch.tensor([row for row, _ in rows], dtype=dtype)
+    labels = torch.tensor([label for _, label in rows])
     loss, grad, *_ = emulated.softmax_focal_loss_forward(inputs, labels, None, [-1.0, gamma], 0, -100, 0.0,
                                                          False, GRAD_INPUTS)
-    assert_extreme_rows_exact(loss, grad, dtype, gamma)
+    assert_extreme_rows_exact(loss, grad, dtype, gamma, rows)
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
@@ -1110,7 +1130,7 @@ def test_every_kernel_instance_was_launched(emulated):
                  if name.startswith("focal::cuda::")}
     cuda_emulation.launch_counts = instances
     never = sorted(name for name, count in instances.items() if count == 0)
-    assert len(instances) == 174, f"{len(instances)} kernel instances; update this count with the kernels"
+    assert len(instances) == 190, f"{len(instances)} kernel instances; update this count with the kernels"
     assert not never, f"{len(never)} of {len(instances)} kernel instances never launched: {never}"
 
 
@@ -1127,14 +1147,15 @@ def test_softmax_soft_target_gradient_at_a_confident_class_keeps_its_accuracy(em
         assert_confident_class_gradient_exact(grad, inputs, targets, gamma, smoothing)
 
 
-def assert_positions_of_many_classes_match(emulated, logits, labels, kind):
-    """logits (16, C) as 16 NCHW positions, whose threads read their classes one by one, with
-    labels (16,), smoothed by 0.1 for "smoothed": float32 loss and gradient against the float64
-    definition at the float32 tolerance."""
+def assert_positions_of_many_classes_match(emulated, logits, labels, kind, layout):
+    """logits (16, C) as 16 positions in layout ("nchw": a thread reads a position's classes one
+    by one; "rows": a warp, each lane every 32nd class), with labels (16,), smoothed by 0.1 for
+    "smoothed": float32 loss and gradient against the float64 definition at the float32
+    tolerance."""
     from test_softmax import MANY_CLASSES_LAYOUTS, expected_loss, gradient_scale, labels_in_layout
 
-    labels = labels_in_layout("nchw", labels)
-    inputs = MANY_CLASSES_LAYOUTS["nchw"](logits).float()
+    labels = labels_in_layout(layout, labels)
+    inputs = MANY_CLASSES_LAYOUTS[layout](logits).float()
     smoothing = 0.1 if kind == "smoothed" else 0.0
     loss, grad, *_ = emulated.softmax_focal_loss_forward(inputs, labels, None, [-1.0, 2.0],
                                                          REDUCTION_CODES["sum"], -100, smoothing,
@@ -1147,22 +1168,26 @@ def assert_positions_of_many_classes_match(emulated, logits, labels, kind):
 
 
 @pytest.mark.parametrize("kind", ["labels", "smoothed"])
-def test_softmax_many_classes_a_thread(emulated, kind):
-    """5,000 classes a thread (a plain running sum drifts past the float32 tolerance)."""
+@pytest.mark.parametrize("layout", ["nchw", "rows"])
+def test_softmax_many_classes_a_thread(emulated, kind, layout):
+    """5,000 classes a thread, or 156-157 a lane of a warp (a plain running sum drifts past the
+    float32 tolerance)."""
     generator = torch.Generator().manual_seed(7)
     logits = torch.randn(16, 5000, generator=generator, dtype=torch.float64) * 3
     assert_positions_of_many_classes_match(emulated, logits, torch.randint(0, 5000, (16,), generator=generator),
-                                           kind)
+                                           kind, layout)
 
 
 @pytest.mark.parametrize("kind", ["labels", "smoothed"])
-def test_softmax_thousands_of_tiny_terms_a_thread(emulated, kind):
+@pytest.mark.parametrize("layout", ["nchw", "rows"])
+def test_softmax_thousands_of_tiny_terms_a_thread(emulated, kind, layout):
     """tests/test_softmax.py's rows of large exponentials, then 65,536 each below half an ulp of
     their running sum: the sums of exponentials and, with soft targets, of the 65,553 classes'
-    losses stay compensated."""
+    losses stay compensated, in a thread and in each lane."""
     from test_softmax import tiny_terms_logits
 
-    assert_positions_of_many_classes_match(emulated, tiny_terms_logits(), torch.zeros(16, dtype=torch.long), kind)
+    assert_positions_of_many_classes_match(emulated, tiny_terms_logits(), torch.zeros(16, dtype=torch.long), kind,
+                                           layout)
 
 
 def test_every_mutant_text_is_in_the_kernels_once():

@@ -320,10 +320,10 @@ EXTREME_ROWS = [
 ]
 
 
-def assert_extreme_rows_exact(loss, grad_x, dtype, gamma):
-    """The loss and gradients of EXTREME_ROWS (reduction "none") against mpmath's."""
+def assert_extreme_rows_exact(loss, grad_x, dtype, gamma, rows=EXTREME_ROWS):
+    """The loss and gradients of rows (reduction "none") against mpmath's."""
     assert torch.isfinite(loss).all() and torch.isfinite(grad_x).all()
-    exact = [exact_softmax_focal(row, label, gamma) for row, label in EXTREME_ROWS]
+    exact = [exact_softmax_focal(row, label, gamma) for row, label in rows]
     expected_loss_ = torch.tensor([value for value, _ in exact], dtype=torch.float64)
     expected_grad = torch.tensor([grads for _, grads in exact], dtype=torch.float64)
     # Relative to each value (the loss of a confident row is kept, not cancelled), within a few
@@ -1126,21 +1126,22 @@ def labels_in_layout(layout, labels):
     return labels
 
 
-def many_classes_targets(layout, kind, logits, generator):
+def many_classes_targets(layout, kind, logits, generator, device):
     """Labels of logits' (16, C) rows, or (for "probabilities") a distribution over their
-    classes, laid out as the logits are in layout."""
+    classes, laid out as the logits are in layout, on device."""
     if kind == "probabilities":
         probabilities = torch.softmax(torch.randn(logits.shape, generator=generator, dtype=torch.float64), 1)
-        return MANY_CLASSES_LAYOUTS[layout](probabilities).float().requires_grad_()
-    return labels_in_layout(layout, torch.randint(0, logits.shape[1], (16,), generator=generator))
+        return MANY_CLASSES_LAYOUTS[layout](probabilities).float().to(device).requires_grad_()
+    return labels_in_layout(layout, torch.randint(0, logits.shape[1], (16,), generator=generator)).to(device)
 
 
 def assert_many_classes_match_the_definition(layout, kind, gamma, logits, targets):
     """Loss and gradients (inputs; probabilities too, smoothed by 0.1 as labels are for
-    "smoothed") of float32 logits in layout against the float64 definition at the float32
-    tolerance."""
+    "smoothed") of float32 logits in layout, on the targets' device (on CUDA, a warp takes each
+    row of the (N, C) layouts, a thread each position of the others), against the float64
+    definition at the float32 tolerance."""
     smoothing = 0.0 if kind == "labels" else 0.1
-    x = MANY_CLASSES_LAYOUTS[layout](logits).float().detach().requires_grad_()
+    x = MANY_CLASSES_LAYOUTS[layout](logits).float().to(targets.device).requires_grad_()
     loss = focal_cuda.softmax_focal_loss(x, targets, gamma=gamma, reduction="sum", label_smoothing=smoothing)
     loss.backward()
     exact_x = x.detach().double().requires_grad_()
@@ -1154,38 +1155,41 @@ def assert_many_classes_match_the_definition(layout, kind, gamma, logits, target
         assert_matches(targets.grad, exact_t.grad)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", MANY_CLASSES_LAYOUTS)
 @pytest.mark.parametrize("kind", ["labels", "smoothed", "probabilities"])
 @pytest.mark.parametrize("gamma", [0.0, 2.0])
-def test_many_classes_in_every_layout(layout, kind, gamma):
+def test_many_classes_in_every_layout(device, layout, kind, gamma):
     """5,000 classes, float32, in each layout."""
     generator = torch.Generator().manual_seed(7)
     logits = torch.randn(16, 5000, generator=generator, dtype=torch.float64) * 3
-    targets = many_classes_targets(layout, kind, logits, generator)
+    targets = many_classes_targets(layout, kind, logits, generator, device)
     assert_many_classes_match_the_definition(layout, kind, gamma, logits, targets)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", MANY_CLASSES_LAYOUTS)
 @pytest.mark.parametrize("kind", ["labels", "probabilities"])
-def test_logits_far_below_zero_at_a_class_count_no_vector_divides(layout, kind):
+def test_logits_far_below_zero_at_a_class_count_no_vector_divides(device, layout, kind):
     """Every logit near -200 (exp(-200) is 0 in float32): only the shift by the row's true
     maximum keeps the sums; 1,003 classes leave a part-filled last vector on every ISA, whose
     unused lanes must not take part in the maximum."""
     generator = torch.Generator().manual_seed(8)
     logits = torch.randn(16, 1003, generator=generator, dtype=torch.float64) * 3 - 200
-    targets = many_classes_targets(layout, kind, logits, generator)
+    targets = many_classes_targets(layout, kind, logits, generator, device)
     assert_many_classes_match_the_definition(layout, kind, 2.0, logits, targets)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", MANY_CLASSES_LAYOUTS)
 @pytest.mark.parametrize("kind", ["labels", "smoothed"])
-def test_thousands_of_tiny_terms_after_large_ones_keep_their_sum(layout, kind):
+def test_thousands_of_tiny_terms_after_large_ones_keep_their_sum(device, layout, kind):
     """Per row: class 0 the maximum, 16 classes of p = max / 2, then 65,536 of 2^-26 of it,
     so that every vector lane (or, in NCHW, every position) adds thousands of exponentials each
     below half an ulp of its running sum: 2^-10 of their sum, 1e-4, that a plain float32 sum
     drops; with smoothing, also 65,553 classes' losses, whose plain float32 sum rounds to 5e-5
     (rows) and 1e-3 (NCHW) off (README: compensated sums). The float64 definition keeps both."""
-    labels = labels_in_layout(layout, torch.zeros(16, dtype=torch.long))
+    labels = labels_in_layout(layout, torch.zeros(16, dtype=torch.long)).to(device)
     assert_many_classes_match_the_definition(layout, kind, 2.0, tiny_terms_logits(), labels)
 
 
