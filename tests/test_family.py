@@ -471,8 +471,14 @@ def test_module_takes_its_functions_options(module, function):
     built.reduction = "sum"  # options stay plain attributes, read at each call
     x, t = torch.randn(3, 4), torch.rand(3, 4)
     assert torch.equal(built(x, t), function(x, t, reduction="sum"))
-    if function.__doc__:  # help() on the module documents the loss as the function does
-        assert module.__doc__.startswith(f"``{function.__name__}`` as a module")
+    assert_documents_its_function(module, function)
+
+
+def assert_documents_its_function(module, function):
+    """help() on the module documents the loss as the function does (no function documentation
+    under python -OO)."""
+    assert module.__doc__.startswith(f"``{function.__name__}`` as a module")
+    if function.__doc__:
         assert module.__doc__.endswith(inspect.getdoc(function))
 
 
@@ -482,9 +488,7 @@ def test_module_takes_its_functions_options(module, function):
 ])
 def test_written_modules_document_their_functions_options(module, function):
     """help() on the two modules written by hand documents their options, as on the family's."""
-    assert module.__doc__.startswith(f"``{function.__name__}`` as a module")
-    if function.__doc__:
-        assert module.__doc__.endswith(inspect.getdoc(function))
+    assert_documents_its_function(module, function)
 
 
 @pytest.mark.parametrize("form", FUNCTIONS)
