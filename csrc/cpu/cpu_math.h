@@ -28,7 +28,8 @@ using at::vec::Vectorized;
 // 1 / v. A division has a throughput of ~10 cycles per vector on x86 cores; the hardware
 // reciprocal estimate refined by Newton steps, r + r * (1 - v * r), costs 3-5 and is within
 // 1 ulp of 1 / v for the positive, normal v it gets here (1 + exp(-|x|), log1p's 1 + v / 2, q).
-// For v = 0 or inf it gives NaN, not inf or 0: q = 0 is masked out where 1 / q is used.
+// For v = 0 or inf the AVX2 and AVX-512 float estimates below give NaN, not inf or 0 (this
+// generic version divides): q = 0 is masked out where 1 / q is used.
 template <typename S>
 Vectorized<S> fast_reciprocal(const Vectorized<S>& v) {
   return Vectorized<S>(S(1)) / v;
@@ -232,6 +233,16 @@ class FlushSubnormals {
   unsigned saved_;
 #endif
 };
+
+// float64 tensors compute in double, all others in float.
+template <typename Fn>
+void with_math_type(const at::Tensor& tensor, Fn&& fn) {
+  if (tensor.scalar_type() == at::kDouble) {
+    fn(double{});
+  } else {
+    fn(float{});
+  }
+}
 
 // value stored into the one element of a 0-d floating tensor, converted as torch converts (to
 // 16-bit through float), without fill_'s dispatch; beyond the dtype's range it is inf, as torch's

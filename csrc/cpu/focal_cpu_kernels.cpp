@@ -292,16 +292,6 @@ void backward_impl(const BackwardArgs& args) {
   });
 }
 
-// float64 tensors compute in double, all others in float.
-template <typename Fn>
-void with_math_type(const at::Tensor& tensor, Fn&& fn) {
-  if (tensor.scalar_type() == at::kDouble) {
-    fn(double{});
-  } else {
-    fn(float{});
-  }
-}
-
 }  // namespace
 
 void forward(const ForwardArgs& args) {

@@ -2,12 +2,14 @@
 // position's C logits (focal_math.h's softmax terms), compiled once per instruction set like
 // focal_cpu_kernels.cpp.
 //
-// A vector holds W positions, one per lane, and the loops run over the classes: the math of one
-// position never crosses lanes, so every C and every layout vectorizes the same way. W
-// consecutive positions of an NCHW map lie side by side in each class's plane and are read where
-// they lie; other blocks (the (N, C) and channels-last layouts, a sample's last positions, 16-bit
-// storage) are first gathered class-major into a buffer in the math type, and their outputs
-// scattered back. Chunks of a fixed number of positions (for a given C) are summed in order, so
+// Two ways to fill a vector. compute_block: W positions, one per lane, the loops over the
+// classes, so the math of one position never crosses lanes and every C and layout vectorizes
+// alike; W consecutive positions of an NCHW map lie side by side in each class's plane and are
+// read where they lie, other blocks (channels-last, few classes in rows, a sample's last
+// positions, 16-bit storage) are first gathered class-major into a buffer in the math type and
+// their outputs scattered back. compute_row, where at least 4 W classes lie side by side ((N, C)
+// rows, wide channels-last maps): one position at a time, vectors over its classes, their sums
+// reduced across lanes. Chunks of a fixed number of positions (for a given C) are summed in order, so
 // the reduction is bitwise the same at any thread count.
 #include <ATen/Parallel.h>
 
@@ -266,6 +268,18 @@ double compute_block(const SoftmaxArgs& args, const Operands<S>& operands,
   return sum;
 }
 
+// The sum of a vector's lanes, in lane order.
+template <typename S>
+S sum_of_lanes(const Vectorized<S>& values) {
+  S lanes[Vectorized<S>::size()];
+  values.store(lanes);
+  S sum(0);
+  for (const S lane : lanes) {
+    sum += lane;
+  }
+  return sum;
+}
+
 // A position whose many classes lie side by side (class_stride 1: (N, C) rows, large C): vectors
 // over its classes, their sums reduced across lanes, one position at a time. The last partial
 // vector is padded: -inf for the max and the sums (no term, no tie), the max itself for the
@@ -334,15 +348,9 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
       store(shifted_exp, buffers.shifted_exps.data(), c);
     }
   }
-  S other_lanes[kLanes], tie_lanes[kLanes];
-  sum_lanes.others.value().store(other_lanes);
-  sum_lanes.ties.store(tie_lanes);
-  S others(0), ties(0);
-  for (int64_t lane = 0; lane < kLanes; ++lane) {
-    others += other_lanes[lane];
-    ties += tie_lanes[lane];
-  }
-  const SoftmaxRow<Vec> row = softmax_row<Math>(vmax, SoftmaxSums<Vec>{{Vec(others), Vec(S(0))}, Vec(ties)});
+  const Vec others(sum_of_lanes(sum_lanes.others.value()));
+  const SoftmaxRow<Vec> row =
+      softmax_row<Math>(vmax, SoftmaxSums<Vec>{{others, Vec(S(0))}, Vec(sum_of_lanes(sum_lanes.ties))});
 
   S* grad_inputs = kGrad ? block_destination(operands.grad_inputs, offset, buffers.grad_inputs.data())
                          : nullptr;
@@ -398,21 +406,10 @@ double compute_row(const SoftmaxArgs& args, const Operands<S>& operands,
         store(terms.d_target * Vec(coeffs.target_scale), grad_targets, c);
       }
     }
-    loss_lanes.template value<Math>().store(lanes);
-    for (int64_t lane = 0; lane < kLanes; ++lane) {
-      loss += lanes[lane];
-    }
+    loss = sum_of_lanes(loss_lanes.template value<Math>());
     if constexpr (kGrad) {
-      const auto lane_sum = [&](const Vec& values) {
-        values.store(lanes);
-        S sum(0);
-        for (int64_t lane = 0; lane < kLanes; ++lane) {
-          sum += lanes[lane];
-        }
-        return Vec(sum);
-      };
-      const SoftmaxGradientSums<Vec> g_sums{{lane_sum(g_sum_lanes.below.value()), Vec(S(0))},
-                                            lane_sum(g_sum_lanes.at_max)};
+      const SoftmaxGradientSums<Vec> g_sums{{Vec(sum_of_lanes(g_sum_lanes.below.value())), Vec(S(0))},
+                                            Vec(sum_of_lanes(g_sum_lanes.at_max))};
       for (int64_t c = 0; c < classes; c += kLanes) {
         const Vec z = load(x, c, max);
         const Vec p = load(buffers.shifted_exps.data(), c, S(0));
@@ -504,19 +501,14 @@ void forward_impl(const SoftmaxArgs& args) {
 
 void softmax_forward(const SoftmaxArgs& args) {
   const bool soft = !args.labels.defined() || args.label_smoothing > 0.0;
-  const auto run = [&](auto math_type) {
+  with_math_type(args.inputs, [&](auto math_type) {
     using S = decltype(math_type);
     dispatch_flag(soft, [&](auto soft_flag) {
       dispatch_flag(args.grad_inputs.defined(), [&](auto grad_flag) {
         forward_impl<S, decltype(soft_flag)::value, decltype(grad_flag)::value>(args);
       });
     });
-  };
-  if (args.inputs.scalar_type() == at::kDouble) {
-    run(double{});
-  } else {
-    run(float{});
-  }
+  });
 }
 
 }  // namespace focal::cpu::FOCAL_CPU_ISA
