@@ -99,11 +99,15 @@ struct FocalCoeffs {
 // a launch (no divergence on a GPU, no kernel per form). The codes cross the Python
 // boundary unchanged.
 enum class LossForm : int { Focal = 0, Star = 1, Quality = 2, Varifocal = 3 };
+// The last code: a new form moves it, and the static_asserts below then point at each place
+// that must know the form (its row in kFormSignatures, its case in loss_terms).
+inline constexpr LossForm kLastForm = LossForm::Varifocal;
 
 // What each loss takes: its coefficients in the op's order (csrc/focal_ops.h), each with the
 // range it must lie in and the coefficient of the terms it sets (FormScalars holds the others'
 // defaults), and whether its targets may be smoothed. The op layer checks and converts every
-// form through this table alone: a new form adds its row here and its terms below.
+// form through this table alone: a new form adds its row here, its terms and its case in
+// loss_terms below (kLastForm's static_asserts point at both).
 enum class CoefficientRange { UnitOrOff, NonNegative, NonNegativeOrOff, Positive, Finite };
 enum class CoefficientRole { Alpha, Gamma, Beta };
 struct FormCoefficient {
@@ -166,7 +170,7 @@ constexpr bool every_form_names_its_coefficients() {
 }
 static_assert(every_form_names_its_coefficients(), "a row of kFormSignatures is incomplete");
 static_assert(sizeof(kFormSignatures) / sizeof(kFormSignatures[0]) ==
-                  static_cast<size_t>(LossForm::Varifocal) + 1,
+                  static_cast<size_t>(kLastForm) + 1,
               "kFormSignatures needs one row per LossForm, in code order");
 
 // A signature's coefficients (count of them, checked) as the terms' alpha, gamma and beta
@@ -619,6 +623,7 @@ FOCAL_HOST_DEVICE FocalTerms<V> loss_terms(V x, V t, V weight, V valid,
   if constexpr (!kFamily) {
     return focal_terms<Math, kGamma, kGradInputs, kGradTargets>(x, t, weight, valid, coeffs);
   }
+  static_assert(kLastForm == LossForm::Varifocal, "loss_terms needs a case for the new form");
   switch (coeffs.form) {
     case LossForm::Star: {
       t = t * V(coeffs.target_scale) + V(coeffs.target_offset);
@@ -632,7 +637,8 @@ FOCAL_HOST_DEVICE FocalTerms<V> loss_terms(V x, V t, V weight, V valid,
     case LossForm::Varifocal:
       return weighted_terms(varifocal_terms<Math, kGamma, kGradInputs, kGradTargets>(x, t, coeffs),
                             weight, valid, coeffs);
-    default:
+    case LossForm::Focal:
+    default:  // no other code reaches a kernel: the op layer checks it against the table
       return focal_terms<Math, kGamma, kGradInputs, kGradTargets>(x, t, weight, valid, coeffs);
   }
 }

@@ -6,7 +6,8 @@ The table of the sigmoid family: each form is declared here once, by its public 
 decorated with _family_form (its op code and its terms: its elementwise loss in PyTorch
 operations, which focal_cuda.reference computes and the higher-order paths differentiate), and
 its module made from that function by _family_module. A new form adds its terms to
-csrc/focal_math.h and such a declaration here; the tests then cover it.
+csrc/focal_math.h and such a declaration here, and its formulas to the tests that name the
+forms one by one (README, "How it works", says which).
 """
 
 import inspect

@@ -23,8 +23,8 @@ GAMMAS = [0.0, 0.5, 0.75, 1.0, 2.0, 3.5]
 # one rounding (its gradients are saved in float32), half an ulp, 2^-11, with room for the math.
 # bfloat16: a gradient saved in bfloat16 is rounded again when scaled, one ulp, 2^-7, with room.
 # float32: the math's own error (the focal form's worst, over 10^5 elements per gamma: 1.1e-6,
-# ~9 ulp, at gamma 0.75 by pow; pow's grows with gamma |log q|, to 4.8e-6 at gamma 3.7, which no
-# test takes, on terms of ~1e-23 that atol covers). float64:
+# ~9 ulp, at gamma 0.75 by pow; pow's grows with gamma |log q|, to 4.8e-6 at gamma 3.7, on terms
+# of ~1e-23 that atol covers: test_properties draws gammas up to 5). float64:
 # the float64 oracles' own cancellation (up to ~3e-12 against mpmath, e.g. QFL's d/dt at x = -11).
 TOLERANCES = {
     torch.float16: dict(rtol=1e-3, atol=1e-5),
@@ -183,6 +183,9 @@ def family_term_scales(form, inputs, targets, alpha, gamma, beta=0.0, *, weight=
     a^(g-1) to (g - 1) eps s / a; below eps * s a cannot be resolved (a_eff = max(a, eps s)).
     FL*: z = gamma (2t - 1) x + beta is known to eps * (|gamma (2t - 1) x| + |beta|), and
     softplus(-z), sigmoid(-z) to that relative error (d log / dz <= 1 for both)."""
+    if known_form_key(form) == "focal":
+        raise ValueError("family_term_scales is for the forms other than the focal loss "
+                         "(derivative_term_scales has its)")
     x = inputs.detach().double()
     t, valid = dense_targets(inputs, targets, ignore_index, label_smoothing, scores)
     eps = torch.finfo(torch.float64 if inputs.dtype == torch.float64 else torch.float32).eps / 2
@@ -403,11 +406,25 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"CUDA emulation ({cuda_emulation.variant_from_environment()}): {summary}")
 
 
+# The forms the helpers below know (each has formulas of its own in them): a new form of the
+# sigmoid family adds its branch to each (test_family's tripwire lists every such table).
+HELPER_FORMS = ("focal", "star", "quality", "varifocal")
+
+
+def known_form_key(form):
+    """form's key (from a key or a FORMS code), or an error that names the helpers to extend."""
+    key = form if isinstance(form, str) else focal_cuda.reference.FAMILY[form].key
+    if key not in HELPER_FORMS:
+        raise KeyError(f"tests/conftest.py's helpers (consistency_options, loss_magnitude, "
+                       f"family_term_scales, coefficients_of) have no branch for the form {key!r}")
+    return key
+
+
 def consistency_options(form, gamma, alpha, beta, label_smoothing):
     """The op's (form, alpha, gamma, beta, label_smoothing) for form (a reference.FORMS name),
     from drawn values a form may not take: FL* needs gamma > 0, QFL no alpha, QFL and VFL no
     label smoothing, VFL an alpha >= 0."""
-    code = focal_cuda.reference.FORMS[form]
+    code = focal_cuda.reference.FORMS[known_form_key(form)]
     if form == "star":
         return code, alpha, max(gamma, 0.25), beta, label_smoothing
     if form == "quality":
@@ -420,6 +437,7 @@ def consistency_options(form, gamma, alpha, beta, label_smoothing):
 def loss_magnitude(form, inputs, targets, alpha, gamma, beta, label_smoothing):
     """The loss of the form (a FORMS code) with every sum in it taken of its terms' magnitudes
     (alpha_t, q or p - t, CE; FL*'s z), in float64: what the loss's rounding is relative to."""
+    known_form_key(form)
     x = inputs.double()
     t = targets.double() * (1 - label_smoothing) + label_smoothing / 2
     zero = torch.zeros_like(x)
@@ -439,6 +457,7 @@ def loss_magnitude(form, inputs, targets, alpha, gamma, beta, label_smoothing):
 def coefficients_of(form, alpha, gamma, beta=0.0):
     """The sigmoid forward op's coefficients of form from the options in the kernels' meaning
     (gamma: the quality focal loss's beta; alpha -1 or None: none)."""
+    known_form_key(form)
     named = dict(alpha=-1.0 if alpha is None else alpha, gamma=gamma,
                  beta=gamma if form == focal_cuda.reference.FORMS["quality"] else beta)
     return [named[name] for name in focal_cuda.reference.FAMILY[form].coefficients]

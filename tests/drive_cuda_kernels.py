@@ -49,8 +49,10 @@ def form_call(form, gamma):
     if form == "quality":
         return form, lambda x, t, reduction, weight: focal_cuda.quality_focal_loss(
             x, t, gamma, reduction, weight=weight), (-1.0, gamma, 0.0)
-    return form, lambda x, t, reduction, weight: focal_cuda.varifocal_loss(
-        x, t, 0.75, gamma, reduction, weight=weight), (0.75, gamma, 0.0)
+    if form == "varifocal":
+        return form, lambda x, t, reduction, weight: focal_cuda.varifocal_loss(
+            x, t, 0.75, gamma, reduction, weight=weight), (0.75, gamma, 0.0)
+    raise KeyError(f"form_call has no call of the form {form!r}")
 
 
 def placed(values, misaligned):

@@ -359,13 +359,17 @@ FORWARD_INSTANCES = [
 ]
 
 
+# The forms in the order the General element kernels' cases take them in turn.
+FORM_ROTATION = ["focal", "star", "quality", "varifocal"]
+
+
 def form_options(step, gamma, gamma_mode="general", packed=False):
     """(form, alpha, beta, label_smoothing) of a forward case: in the General element kernels
     the forms in turn (a run-time switch there; the host sends every form but the focal loss to
     them), each with the options it takes, elsewhere the focal loss; FL* needs gamma > 0, so
     where gamma is 0 the quality focal loss (plain BCE then) takes its turn."""
     family = gamma_mode == "general" and not packed
-    form = ["focal", "star", "quality", "varifocal"][step % 4] if family else "focal"
+    form = FORM_ROTATION[step % len(FORM_ROTATION)] if family else "focal"
     if form == "star" and gamma == 0:
         form = "quality"
     alpha = [0.25, -1.0, 0.0, 1.0][step // 4 % 4]
@@ -374,6 +378,8 @@ def form_options(step, gamma, gamma_mode="general", packed=False):
         return form, -1.0, 0.0, 0.0
     if form == "varifocal":
         return form, 0.75 if alpha < 0 else alpha, 0.0, 0.0
+    if form not in ("focal", "star"):
+        raise KeyError(f"form_options has no options of the form {form!r}")
     return form, alpha, (0.5 if form == "star" else 0.0), smoothing
 
 

@@ -420,6 +420,32 @@ def test_op_checks_the_form_arguments(form, coefficients, label_smoothing, messa
     assert message in str(raised.value)
 
 
+def test_every_table_that_names_the_forms_holds_each_registered_one():
+    """The tables that name the forms one by one (each form's options and formulas are its own)
+    hold every form that focal_cuda.loss registers: a new form fails here, naming the table to
+    extend, rather than going untested there."""
+    import conftest
+    import drive_cuda_kernels
+    import test_cuda_emulation
+    from focal_cuda import __main__ as selfcheck
+
+    registered = set(focal_cuda.reference.FORMS)
+    names = {focal_cuda.reference.FAMILY[code].function.__name__ for code in focal_cuda.reference.FAMILY}
+    self_checked = {case[1] for case in selfcheck.check_cases(torch.Generator().manual_seed(0))}
+    tables = {
+        "tests/test_family.py FORMS, FUNCTIONS, REFERENCES, PARAMETERS (and defaults, formula, "
+        "op_arguments)": set(FORMS) | {"focal"},
+        "tests/conftest.py HELPER_FORMS (and its helpers' branches)": set(conftest.HELPER_FORMS),
+        "tests/drive_cuda_kernels.py FORMS (and form_call)": set(drive_cuda_kernels.FORMS),
+        "tests/test_cuda_emulation.py FORM_ROTATION (and form_options)":
+            set(test_cuda_emulation.FORM_ROTATION),
+    }
+    for table, forms in tables.items():
+        assert forms == registered, f"{table}: {sorted(forms)}, registered {sorted(registered)}"
+    assert names <= self_checked, f"focal_cuda/__main__.py check_cases misses {sorted(names - self_checked)}"
+    assert {FUNCTIONS[form].__name__ for form in FUNCTIONS} | {"sigmoid_focal_loss"} == names
+
+
 @pytest.mark.parametrize("form", sorted(focal_cuda.reference.FORMS.values()))
 def test_op_and_reference_agree_on_each_forms_coefficients(form):
     """The op's table (csrc/focal_math.h) and the reference's name the same coefficients in the
