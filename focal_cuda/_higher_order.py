@@ -27,8 +27,8 @@ def checked_reference_loss(inputs, targets, weight, scores, arguments):
     that run no kernel."""
     _ops.check_forward_arguments(inputs, targets, weight, scores, *arguments)
     if not targets.is_floating_point():
-        classes, ignore_index = inputs.shape[-1] if inputs.dim() else 1, arguments[3]
-        targets = _ops.check_labels(targets, classes, ignore_index, True)
+        # check_forward_arguments refuses labels with 0-d inputs: there is a last dimension.
+        targets = _ops.check_labels(targets, inputs.shape[-1], arguments[3], True)
     return reference_loss(inputs, targets, weight, scores, arguments)
 
 

@@ -190,13 +190,13 @@ def checked_reference_loss(inputs, targets, weight, arguments):
 
 
 def reference_loss(inputs, targets, weight, arguments):
-    """reference.softmax_focal_loss with the op's arguments; in float32 where the op's loss was
+    """reference.softmax_loss with the op's arguments; in float32 where the op's loss was
     (16-bit inputs under autocast)."""
     (alpha, gamma), reduction, ignore_index, label_smoothing, float32_loss, _ = arguments
     if float32_loss and inputs.dtype in _ops.SIXTEEN_BIT_DTYPES:
         inputs = inputs.float()
         targets = targets.float() if targets.is_floating_point() else targets
-    return reference.softmax_focal_loss(
+    return reference.softmax_loss(
         inputs, targets, None if alpha < 0 else alpha, gamma, reference.REDUCTIONS[reduction],
         weight, ignore_index, label_smoothing,
     )

@@ -68,7 +68,10 @@ def _as_float(value, name):
     if type(value) is float:  # the common case, first: every call converts three or four
         return value
     if _real_number(value):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past float64's range: past every coefficient's too
+            raise ValueError(f"{name} must be a real number that float64 holds, got {value!r}") from None
     raise ValueError(f"{name} must be a real number, got {_described(value, name)}")
 
 
@@ -590,7 +593,15 @@ class SoftmaxFocalLoss(torch.nn.Module):
         _C.check_softmax_options([_as_alpha(alpha), _as_float(gamma, "gamma")],
                                  _as_float(label_smoothing, "label_smoothing"))
         if weight is not None:
+            # Checked by the op on meta tensors of as many classes as it has values; its shape
+            # alone here, where no inputs tell the classes.
             _check_tensor(weight, "weight")
+            if weight.dim() != 1 or weight.numel() == 0:
+                raise ValueError(f"weight must have one value per class, shape (C) with C >= 1, "
+                                 f"got shape {list(weight.shape)}")
+            softmax_focal_loss(torch.empty((1, weight.shape[0]), device="meta"),
+                               torch.empty((1,), dtype=torch.long, device="meta"),
+                               weight=weight.to("meta"))
         self.alpha = None if alpha is None else float(alpha)
         self.gamma = float(gamma)
         self.reduction = reduction

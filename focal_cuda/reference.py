@@ -69,6 +69,9 @@ def _reference_function(member):
         targets, scores = options["targets"], None
         if isinstance(targets, (tuple, list)):
             targets, scores = targets
+        inputs = options["inputs"]
+        if not targets.is_floating_point():
+            _check_labels(targets, inputs.shape[-1], options["ignore_index"], with_background=True)
         return family_loss(member.code, options["inputs"], targets,
                            [options[name] for name in member.coefficients], options["reduction"],
                            options["weight"], options["ignore_index"],
@@ -166,6 +169,15 @@ def alpha_t(alpha, t):
     return 1.0 if alpha is None or not alpha >= 0 else alpha * t + (1 - alpha) * (1 - t)
 
 
+def _check_labels(labels, classes, ignore_index, with_background):
+    """The fused functions' label check (focal_cuda._ops.check_labels: a ValueError on CPU, a
+    device-side assertion on CUDA), for the public functions here, which a label that names no
+    class would otherwise give a loss computed as if it named none."""
+    from . import _ops  # here, not at import: _ops imports this module
+
+    _ops.check_labels(labels, classes, ignore_index, with_background)
+
+
 def family_loss(form, inputs, targets, coefficients, reduction, weight, ignore_index,
                 label_smoothing, scores=None):
     """The loss of form (a FORMS code) with the op's arguments: coefficients the form's own in
@@ -233,6 +245,16 @@ def softmax_focal_loss(
     (1 - p_c)^(gamma - 2) overflows short of 1 - p_c = 0 (a margin of ~60 in float32 at gamma
     0.5), as the sigmoid family's are.
     """
+    if not targets.is_floating_point():
+        _check_labels(targets, inputs.shape[0 if inputs.dim() == 1 else 1], ignore_index,
+                      with_background=False)
+    return softmax_loss(inputs, targets, alpha, gamma, reduction, weight, ignore_index,
+                        label_smoothing)
+
+
+def softmax_loss(inputs, targets, alpha, gamma, reduction, weight, ignore_index, label_smoothing):
+    """softmax_focal_loss without its label check, for the paths that made it (the fused
+    function's reference-formula paths, _softmax.checked_reference_loss)."""
     dim = 0 if inputs.dim() == 1 else 1
     classes = inputs.shape[dim]
     # Probabilities of another dtype: the loss in the dtype the two promote to.

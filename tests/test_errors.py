@@ -73,6 +73,7 @@ X = torch.zeros(4, 4)
         (dict(alpha=1.0000001), ValueError, "the weighting, got 1.0000001"),
         (dict(gamma=-1e-300), ValueError, "gamma must be a finite number >= 0, got -1e-300"),
         (dict(gamma=float("inf")), ValueError, "gamma must be a finite number >= 0, got inf"),
+        (dict(gamma=10**400), ValueError, "gamma must be a real number that float64 holds, got 1000"),
         (dict(gamma=None), ValueError, "gamma must be a real number, got None"),
         (dict(gamma=True), ValueError, "gamma must be a real number, got True"),  # bool is an int, not a number here
         (dict(ignore_index=True), ValueError, "ignore_index must be an integer, got True"),
@@ -416,6 +417,28 @@ def random_call(r):
             other(), inputs, random_operand(r, r.choice([[], [1], [2]])), r.randint(-1, 3)),
     ]
     return r.choice(calls)()
+
+
+@pytest.mark.parametrize("name", ["sigmoid_focal_loss", "varifocal_loss", "softmax_focal_loss"])
+def test_the_reference_functions_check_labels_as_the_fused_ones(name):
+    """focal_cuda.reference's public functions, the definition of what the kernels compute,
+    refuse a label that names no class, with the fused functions' message: computed, it would
+    give the loss of a row without a positive class."""
+    labels = torch.tensor([0, 7, 2, 1])
+    for function in (getattr(focal_cuda, name), getattr(focal_cuda.reference, name)):
+        with pytest.raises(ValueError, match="targets holds the class label 7"):
+            function(torch.zeros(4, 5), labels)
+
+
+@pytest.mark.parametrize("weight, message", [
+    (torch.ones(5, dtype=torch.long), "weight must be a floating-point tensor (float16, bfloat16, "
+     "float32 or float64), got torch.int64"),
+    (torch.ones(5, 2), "weight must have one value per class, shape (C) with C >= 1, got shape [5, 2]"),
+    (torch.ones(0), "weight must have one value per class, shape (C) with C >= 1, got shape [0]"),
+])
+def test_softmax_module_checks_its_weight_when_built(weight, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        focal_cuda.SoftmaxFocalLoss(weight=weight)
 
 
 @settings(max_examples=300, deadline=None)

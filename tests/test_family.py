@@ -577,22 +577,29 @@ def test_forward_mode_and_functorch(form):
     _, derivative = torch.func.jvp(loss, (x,), (tangent,))
     (gradient,) = kernel_gradients(loss, (x,))
     assert_matches(derivative, (gradient * tangent).sum())
-    batched = torch.func.vmap(lambda x_: FUNCTIONS[form](x_, t, reduction="sum", **parameters))(x.expand(3, 5, 4))
-    looped = torch.stack([FUNCTIONS[form](x, t, reduction="sum", **parameters)] * 3)
+    samples = torch.stack([x, -x, 0.5 * x])  # distinct: a batch rule that mixes them up fails
+    batched = torch.func.vmap(lambda x_: FUNCTIONS[form](x_, t, reduction="sum", **parameters))(samples)
+    looped = torch.stack([FUNCTIONS[form](sample, t, reduction="sum", **parameters) for sample in samples])
     torch.testing.assert_close(batched, looped)
 
 
 @pytest.mark.parametrize("form", FUNCTIONS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_autocast_gives_a_float32_loss(form, dtype):
-    """Under autocast, 16-bit logits give a float32 loss, as the focal loss does."""
+    """Under autocast, 16-bit logits give a float32 loss, as the focal loss does: the float64
+    formula's on the 16-bit values, to float32's rounding, and its gradient to the dtype's."""
     x = torch.randn(6, 5).to(dtype).requires_grad_()
-    t = torch.rand(6, 5)
+    t = torch.rand(6, 5).to(dtype)
     with torch.autocast("cpu", dtype=dtype):
-        loss = FUNCTIONS[form](x, t.to(dtype), reduction="sum", **PARAMETERS[form][1])
+        loss = FUNCTIONS[form](x, t, reduction="sum", **PARAMETERS[form][1])
     assert loss.dtype == torch.float32
     loss.backward()
-    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+    assert x.grad.dtype == dtype
+    x64 = x.detach().double().requires_grad_()
+    expected = formula(form, x64, t.double(), **dict(defaults(form), **PARAMETERS[form][1])).sum()
+    expected.backward()
+    assert_matches(loss, expected.detach(), torch.float32)
+    assert_matches(x.grad, x64.grad, dtype)
 
 
 def test_quality_focal_loss_of_beta_0_is_the_bce_where_p_equals_t():

@@ -268,6 +268,14 @@ def test_scripted_function_matches_eager(device, kind, reduction):
     assert_matches(results[0][1], results[1][1], F64)
 
 
+def test_scripted_function_literals_are_the_ops_codes():
+    """TorchScript reads no globals, so the scripted function writes the reduction codes and
+    the outputs mask's bits as literals: they must stay the op's."""
+    assert (focal_cuda._C.GRAD_INPUTS, focal_cuda._C.GRAD_TARGETS,
+            focal_cuda._C.UNWEIGHTED_LOSS) == (1, 2, 4)
+    assert focal_cuda._ops.REDUCTION_CODES == {"none": 0, "mean": 1, "sum": 2}
+
+
 def test_scripted_function_rejects_a_bad_reduction():
     scripted = torch.jit.script(focal_cuda.sigmoid_focal_loss)
     x = torch.zeros(2, 3)
