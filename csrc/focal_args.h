@@ -21,6 +21,13 @@ enum class WeightKind : int {
   Class,    // one weight per class (last dimension), shared by the rows
 };
 
+// The most classes the CUDA label kernels take: they count classes in 32 bits, and a class
+// plus a grid stride's classes must fit.
+inline constexpr int64_t kMaxCudaLabelClasses = int64_t{1} << 30;
+// The most classes the CPU softmax kernel takes below float64: it compares class numbers in
+// its float32 lanes, exact up to 2^24 (float64's lanes hold every class count that fits memory).
+inline constexpr int64_t kMaxCpuFloatSoftmaxClasses = int64_t{1} << 24;
+
 // All tensors contiguous, shapes and dtypes already checked, outputs allocated by the caller.
 // inputs is seen as rows x classes (classes = its last dimension, 1 for a 0-d tensor).
 template <typename Tensor>

@@ -55,7 +55,8 @@ FOCAL_HOST_DEVICE double backward_factor(double grad_output, const int64_t* divi
 // in a kernel of its own. Every other gamma shares the General kernels, which decide at run time
 // (the same way for all elements) between products and pow: see FocalCoeffs. One (q^1 = q) is
 // a kernel of its own on the CPU only, whose vector loops pay that decision per vector (see
-// focal_cpu_kernels.cpp); it is last so that the other modes keep their values.
+// focal_cpu_kernels.cpp); it is last so that the other modes keep the numbers that
+// tests/test_sass.py reads in the kernels' mangled names.
 enum class GammaMode : int { Zero, Two, General, One };
 
 inline GammaMode gamma_mode(double gamma) {
@@ -108,7 +109,13 @@ inline constexpr LossForm kLastForm = LossForm::Varifocal;
 // defaults), and whether its targets may be smoothed. The op layer checks and converts every
 // form through this table alone: a new form adds its row here, its terms and its case in
 // loss_terms below (kLastForm's static_asserts point at both).
-enum class CoefficientRange { UnitOrOff, NonNegative, NonNegativeOrOff, Positive, Finite };
+// Every range also ends at float32's largest number: the kernels compute every dtype but
+// float64 in float32, where a larger coefficient would be inf (and 0 * inf NaN). A gamma
+// (Exponent, or FL*'s Positive slope) ends at kMaxGamma: float32 rounds q to 24 bits, an error
+// q^gamma multiplies by gamma (1e-4 relative at 1,000, 4% at 10^6, and past ~10^8 a gradient of
+// the wrong magnitude), and FL*'s gamma * x overflows long before float32's largest.
+enum class CoefficientRange { UnitOrOff, NonNegative, NonNegativeOrOff, Positive, Finite, Exponent };
+inline constexpr double kMaxGamma = 1000.0;
 enum class CoefficientRole { Alpha, Gamma, Beta };
 struct FormCoefficient {
   const char* name;
@@ -125,7 +132,7 @@ struct FormSignature {
 inline constexpr FormSignature kFormSignatures[] = {
     {"focal loss", 2,
      {{"alpha", CoefficientRange::UnitOrOff, CoefficientRole::Alpha},
-      {"gamma", CoefficientRange::NonNegative, CoefficientRole::Gamma}},
+      {"gamma", CoefficientRange::Exponent, CoefficientRole::Gamma}},
      true},
     {"FL*", 3,
      {{"alpha", CoefficientRange::UnitOrOff, CoefficientRole::Alpha},
@@ -133,18 +140,18 @@ inline constexpr FormSignature kFormSignatures[] = {
       {"beta", CoefficientRange::Finite, CoefficientRole::Beta}},
      true},
     // Its exponent is named beta, as in the paper; the terms take it as the modulating gamma.
-    {"quality focal loss", 1, {{"beta", CoefficientRange::NonNegative, CoefficientRole::Gamma}},
+    {"quality focal loss", 1, {{"beta", CoefficientRange::Exponent, CoefficientRole::Gamma}},
      false},
     // alpha weighs the negatives (the terms switch alpha_t off); targets are soft scores already.
     {"varifocal loss", 2,
      {{"alpha", CoefficientRange::NonNegative, CoefficientRole::Alpha},
-      {"gamma", CoefficientRange::NonNegative, CoefficientRole::Gamma}},
+      {"gamma", CoefficientRange::Exponent, CoefficientRole::Gamma}},
      false},
 };
 inline constexpr FormSignature kSoftmaxSignature = {
     "softmax focal loss", 2,
     {{"alpha", CoefficientRange::NonNegativeOrOff, CoefficientRole::Alpha},
-     {"gamma", CoefficientRange::NonNegative, CoefficientRole::Gamma}},
+     {"gamma", CoefficientRange::Exponent, CoefficientRole::Gamma}},
     true};
 
 // Every row names the coefficients it counts, and every LossForm has its row: the op layer
@@ -657,6 +664,8 @@ FOCAL_HOST_DEVICE FocalTerms<V> loss_terms(V x, V t, V weight, V valid,
 // and, at the max, u = r / (1 + r); elsewhere p <= 1/2 and u = 1 - p loses nothing. A confident
 // position (the focal loss's common case) keeps its relative accuracy, where log(sum exp) and
 // 1 - p would cancel.
+// Of FocalCoeffs it reads the power (gamma, whole_powers, half_power) and target_scale; the
+// sigmoid's alpha_offset, alpha_slope and target_offset (eps / 2) it leaves unread for its own.
 template <typename S>
 struct SoftmaxCoeffs : FocalCoeffs<S> {
   S alpha;            // 1 for alpha None

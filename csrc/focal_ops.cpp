@@ -65,7 +65,7 @@ void check_device(const at::Tensor& tensor, const char* name) {
   TORCH_CHECK(tensor.is_cpu() || tensor.is_cuda(), name,
               " must be a CPU or CUDA tensor (what focal_cuda runs on), got one on ", tensor.device());
 #ifndef FOCAL_WITH_CUDA
-  TORCH_CHECK(!tensor.is_cuda(), kRebuildWithCuda);
+  TORCH_CHECK(!tensor.is_cuda(), name, " is a CUDA tensor, but ", kRebuildWithCuda);
 #endif
 }
 
@@ -119,6 +119,29 @@ at::ScalarType math_dtype(at::ScalarType dtype) {
 // by a loss scale; the dtype itself otherwise (bfloat16 has float32's range).
 at::ScalarType saved_dtype(at::ScalarType dtype) {
   return dtype == at::kHalf ? at::kFloat : dtype;
+}
+
+// The loss's dtype, from the one torch's promotion gives: float32 for 16-bit operands under
+// autocast (float32_loss), as torchvision's and F.cross_entropy's results are there.
+at::ScalarType result_dtype(at::ScalarType promoted, bool float32_loss) {
+  return float32_loss && (promoted == at::kHalf || promoted == at::kBFloat16) ? at::kFloat
+                                                                              : promoted;
+}
+
+// The loss of no element: torch's mean of nothing is NaN, its sum 0; nothing counted.
+void fill_result_of_nothing(at::Tensor& loss, at::Tensor& count, Reduction mode) {
+  count.fill_(0);
+  if (mode != Reduction::None) {
+    loss.fill_(mode == Reduction::Mean ? std::numeric_limits<double>::quiet_NaN() : 0.0);
+  }
+}
+
+// As F.cross_entropy's with class probabilities: floating targets name no row to ignore, so a
+// non-negative ignore_index (255, a config's) is refused rather than silently doing nothing.
+void check_ignore_index(bool labels, int64_t ignore_index, const char* labels_are,
+                        const char* floating_are) {
+  TORCH_CHECK_VALUE(labels || ignore_index < 0, "ignore_index applies to ", labels_are, "; with ",
+                    floating_are, " it must be negative (the default, -100), got ", ignore_index);
 }
 
 // Every label must name a class (0..C-1), the background (C, for the sigmoid losses: with_background)
@@ -268,8 +291,9 @@ std::string coefficient_names(const FormSignature& signature) {
   return names + ")";
 }
 
-// A number as Python writes it, as the user wrote it: the shortest form that reads back
-// exactly (a stream's six digits print alpha=1.0000001 as 1, inside the range it broke).
+// A number as Python's repr writes it, as the user wrote it: the shortest digits that read back
+// exactly (a stream's six print alpha=1.0000001 as 1, inside the range it broke), positional
+// from 1e-4 to 1e16 (-100000.0, not -1e+05), scientific beyond (1e+39).
 std::string python_float(double value) {
   if (std::isnan(value)) {
     return "nan";
@@ -277,42 +301,54 @@ std::string python_float(double value) {
   if (std::isinf(value)) {
     return value > 0 ? "inf" : "-inf";
   }
-  char text[32];
-  const auto end = std::to_chars(text, text + sizeof(text), value).ptr;
+  const double magnitude = std::abs(value);
+  const bool positional = magnitude == 0.0 || (magnitude >= 1e-4 && magnitude < 1e16);
+  char text[64];
+  const auto end = std::to_chars(text, text + sizeof(text), value,
+                                 positional ? std::chars_format::fixed
+                                            : std::chars_format::scientific).ptr;
   std::string written(text, end);
-  return written.find_first_of(".e") == std::string::npos ? written + ".0" : written;
+  return positional && written.find('.') == std::string::npos ? written + ".0" : written;
 }
 
 // The coefficients' number and ranges (focal_math.h's table), and the label smoothing.
 void check_signature(const FormSignature& signature, const std::vector<double>& coefficients,
                      double label_smoothing) {
-  constexpr double kInf = std::numeric_limits<double>::infinity();
-  TORCH_CHECK_VALUE(coefficients.size() == static_cast<size_t>(signature.count), "the ",
-                    signature.name, " takes the coefficients ", coefficient_names(signature),
-                    ", got ", coefficients.size(), " values");
+  // float32's largest: the kernels' math type for every dtype but float64 (focal_math.h).
+  constexpr double kMax = std::numeric_limits<float>::max();
+  const std::string largest = python_float(kMax) + " (float32's largest)";
+  const size_t count = coefficients.size();
+  TORCH_CHECK_VALUE(count == static_cast<size_t>(signature.count), "the ", signature.name,
+                    " takes the coefficients ", coefficient_names(signature), ", got ", count,
+                    count == 1 ? " value" : " values");
   for (int i = 0; i < signature.count; ++i) {
     const char* name = signature.coefficients[i].name;
     const double value = coefficients[i];
-    const std::string written = python_float(value);
+    const std::string got = ", got " + python_float(value);
     switch (signature.coefficients[i].range) {
       case CoefficientRange::UnitOrOff:
         TORCH_CHECK_VALUE(value == -1.0 || (value >= 0.0 && value <= 1.0), name,
-                          " must be in [0, 1], or -1 or None to disable the weighting, got ", written);
+                          " must be in [0, 1], or -1 or None to disable the weighting", got);
         break;
       case CoefficientRange::NonNegative:
-        TORCH_CHECK_VALUE(value >= 0.0 && value < kInf, name, " must be a finite number >= 0, got ",
-                          written);
+        TORCH_CHECK_VALUE(value >= 0.0 && value <= kMax, name, " must be >= 0 and at most ",
+                          largest, got);
         break;
       case CoefficientRange::NonNegativeOrOff:
-        TORCH_CHECK_VALUE(value == -1.0 || (value >= 0.0 && value < kInf), name,
-                          " must be a finite number >= 0, or None (or -1) for 1, got ", written);
+        TORCH_CHECK_VALUE(value == -1.0 || (value >= 0.0 && value <= kMax), name,
+                          " must be >= 0 and at most ", largest, ", or None (or -1) for 1", got);
         break;
       case CoefficientRange::Positive:
-        TORCH_CHECK_VALUE(value > 0.0 && value < kInf, name, " must be a finite number > 0, got ",
-                          written);
+        TORCH_CHECK_VALUE(value > 0.0 && value <= kMaxGamma, name, " must be in (0, ",
+                          static_cast<int64_t>(kMaxGamma), "]", got);
         break;
       case CoefficientRange::Finite:
-        TORCH_CHECK_VALUE(std::abs(value) < kInf, name, " must be a finite number, got ", written);
+        TORCH_CHECK_VALUE(std::abs(value) <= kMax, name, " must be a number of magnitude at most ",
+                          largest, got);
+        break;
+      case CoefficientRange::Exponent:
+        TORCH_CHECK_VALUE(value >= 0.0 && value <= kMaxGamma, name, " must be in [0, ",
+                          static_cast<int64_t>(kMaxGamma), "]", got);
         break;
     }
   }
@@ -346,9 +382,11 @@ void check_form_arguments(int64_t form, const std::vector<double>& coefficients,
 
 void check_cpu_labels(const at::Tensor& labels, int64_t classes, int64_t ignore_index,
                       bool with_background) {
-  TORCH_CHECK(labels.is_cpu() && at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
-              "check_cpu_labels takes integer labels on the CPU, got ", labels.scalar_type(),
-              " on ", labels.device());
+  const at::ScalarType dtype = labels.scalar_type();
+  TORCH_CHECK_VALUE(labels.is_cpu() && at::isIntegralType(dtype, /*includeBool=*/false) &&
+                        dtype != at::kUInt64,  // whose upper half would wrap to negative labels
+                    "labels must be a CPU tensor of an integer dtype int8 to int64 or uint8 to "
+                    "uint32, got ", python_name(dtype), " on ", labels.device());
   check_labels_on_cpu(labels.to(at::kLong).contiguous(), classes, ignore_index, with_background);
 }
 
@@ -356,13 +394,14 @@ void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets
                              const std::optional<at::Tensor>& weight,
                              const std::optional<at::Tensor>& scores, int64_t form,
                              const std::vector<double>& coefficients, int64_t reduction,
-                             int64_t /*ignore_index*/, double label_smoothing,
+                             int64_t ignore_index, double label_smoothing,
                              bool /*float32_loss*/, int64_t outputs) {
   check_outputs(outputs);
   check_floating(inputs, "inputs");
   check_same_device(targets, inputs, "targets");
   const bool labels = at::isIntegralType(targets.scalar_type(), /*includeBool=*/false);
   check_targets(targets, labels, "a floating-point tensor, or an integer tensor of class labels");
+  check_ignore_index(labels, ignore_index, "integer targets (class labels)", "floating targets");
   const bool has_scores = scores.has_value() && scores->defined();
   if (has_scores) {
     TORCH_CHECK_VALUE(labels, "scores go with integer targets (class labels), as in a (labels, "
@@ -379,7 +418,11 @@ void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets
     const auto rows_shape = inputs.sym_sizes().slice(0, inputs.dim() - 1);
     TORCH_CHECK_VALUE(targets.sym_sizes() == rows_shape,
                       "integer targets (class labels) must have the shape of inputs without its "
-                      "last (class) dimension, ", rows_shape, ", got ", targets.sym_sizes());
+                      "last (class) dimension, ", rows_shape, ", got ", targets.sym_sizes(),
+                      targets.sym_sizes() == inputs.sym_sizes()
+                          ? " (one-hot or soft targets must be a floating-point tensor, got " +
+                                python_name(targets.scalar_type()) + ": targets.float())"
+                          : std::string());
     TORCH_CHECK_VALUE((outputs & kGradTargets) == 0 || has_scores,
                       "integer targets (class labels) have no gradient (scores may have one)");
   } else {
@@ -422,6 +465,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
   ForwardArgs args;
   args.labels = labels;
   args.classes = inputs.dim() == 0 ? 1 : inputs.size(-1);
+  TORCH_CHECK_VALUE(!labels || !inputs.is_cuda() || args.classes <= kMaxCudaLabelClasses,
+                    "with class labels on CUDA, inputs' last dimension (the classes) must be at "
+                    "most ", kMaxCudaLabelClasses, ", got ", args.classes);
   args.ignore_index = ignore_index;
   args.form = loss_form;
   const FormScalars scalars = form_scalars(kFormSignatures[form], coefficients.data());
@@ -432,14 +478,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
   args.reduction = mode;
 
   // Floating targets have inputs' shape (checked), so torch's promotion is the dtypes' alone.
-  at::ScalarType loss_dtype =
+  const at::ScalarType promoted =
       labels ? inputs.scalar_type() : c10::promoteTypes(inputs.scalar_type(), targets.scalar_type());
-  at::Tensor floating_targets = targets;
-  if (float32_loss && (loss_dtype == at::kHalf || loss_dtype == at::kBFloat16)) {
-    // Autocast's float32 result: float32 targets give it (only the targets are converted).
-    loss_dtype = at::kFloat;
-    floating_targets = labels ? targets : targets.to(at::kFloat);
-  }
+  const at::ScalarType loss_dtype = result_dtype(promoted, float32_loss);
+  // Autocast's float32 result: float32 targets give it (only the targets are converted).
+  const at::Tensor floating_targets =
+      labels || loss_dtype == promoted ? targets : targets.to(at::kFloat);
   if (labels) {
     args.inputs = inputs.contiguous();
     args.targets = targets.to(at::kLong).contiguous();  // before any comparison: no wrapping
@@ -493,11 +537,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
   args.count = at::empty({}, x.options().dtype(at::kLong));
 
   if (x.numel() == 0) {
-    args.count.fill_(0);
-    if (mode != Reduction::None) {
-      // torch's mean of nothing is NaN, its sum 0.
-      args.loss.fill_(mode == Reduction::Mean ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-    }
+    fill_result_of_nothing(args.loss, args.count, mode);
   } else {
     run_forward(args);
   }
@@ -548,7 +588,7 @@ BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& s
               saved_grad.sizes(), " and strides ", saved_grad.strides());
   TORCH_CHECK(count.numel() == 1 && (count.scalar_type() == at::kLong || count.scalar_type() == at::kDouble),
               "count must be the 0-d int64 (or float64, the softmax loss's) tensor the forward op "
-              "returns, got ", count.scalar_type(), " of shape ", count.sizes());
+              "returns, got ", python_name(count.scalar_type()), " of shape ", count.sizes());
   const Reduction mode = checked_reduction(reduction);
   const int64_t n = saved_grad.numel();
 
@@ -563,8 +603,8 @@ BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& s
   }
   if (mode == Reduction::None) {
     TORCH_CHECK(grad_output.sizes() == saved_grad.sizes(),
-                "grad_output must have the shape of the loss, got ", grad_output.sizes(),
-                " and ", saved_grad.sizes());
+                "grad_output must have the shape of the loss, ", saved_grad.sizes(), ", got ",
+                grad_output.sizes());
     // An expanded scalar (e.g. from loss.sum().backward()) is read as the one value it is.
     bool expanded_scalar = n > 0;
     for (const auto stride : grad_output.strides()) {
@@ -699,11 +739,7 @@ void check_softmax_arguments(const at::Tensor& inputs, const at::Tensor& targets
   const bool labels = at::isIntegralType(targets.scalar_type(), /*includeBool=*/false);
   check_targets(targets, labels,
                 "class indices (an integer tensor) or class probabilities (a floating-point tensor)");
-  // As F.cross_entropy: probabilities name no class to ignore, and a position to ignore has
-  // none to give (a refusal, not a setting that would silently do nothing).
-  TORCH_CHECK_VALUE(labels || ignore_index < 0, "ignore_index applies to class-index targets; "
-                    "with class-probability targets it must be negative (the default, -100), got ",
-                    ignore_index);
+  check_ignore_index(labels, ignore_index, "class-index targets", "class-probability targets");
   if (labels) {
     const auto position_shape = positions_shape(inputs, dim);
     TORCH_CHECK_VALUE(targets.sym_sizes() == c10::SymIntArrayRef(position_shape),
@@ -747,9 +783,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_f
   }
   args.batch_stride = x.stride(0);
   args.class_stride = x.stride(1);
-  TORCH_CHECK_VALUE(!x.is_cpu() || args.classes <= (int64_t{1} << 24),
-                    "on CPU, inputs may have at most 16777216 classes (float32's exact "
-                    "integers), got ", args.classes);
+  TORCH_CHECK_VALUE(!x.is_cpu() || x.scalar_type() == at::kDouble ||
+                        args.classes <= kMaxCpuFloatSoftmaxClasses,
+                    "on CPU, inputs of dtype ", python_name(x.scalar_type()), " may have at most ",
+                    kMaxCpuFloatSoftmaxClasses, " classes (float32's exact integers; float64 "
+                    "inputs may have more), got ", args.classes);
   args.ignore_index = ignore_index;
   const FormScalars scalars = form_scalars(kSoftmaxSignature, coefficients.data());
   args.alpha = scalars.alpha;
@@ -793,11 +831,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_f
   args.divisor = at::empty({}, x.options().dtype(at::kDouble));
 
   if (num_positions == 0) {
-    args.divisor.fill_(0);
-    if (args.reduction != Reduction::None) {
-      // torch's mean of nothing is NaN, its sum 0.
-      args.loss.fill_(args.reduction == Reduction::Mean ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-    }
+    fill_result_of_nothing(args.loss, args.divisor, args.reduction);
   } else {
 #ifdef FOCAL_WITH_CUDA
     if (x.is_cuda()) {
@@ -812,10 +846,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_f
   // The outputs in the inputs' shape and the dtypes the autograd formulas expect: the loss in the
   // inputs' dtype (float32 for 16-bit inputs under autocast), the target gradient in the saved
   // dtype of the targets; outputs not requested undefined (None).
-  at::ScalarType loss_dtype = inputs.scalar_type();
-  if (float32_loss && (loss_dtype == at::kHalf || loss_dtype == at::kBFloat16)) {
-    loss_dtype = at::kFloat;
-  }
+  const at::ScalarType loss_dtype = result_dtype(inputs.scalar_type(), float32_loss);
   const auto shaped = [&](const at::Tensor& output, at::ScalarType dtype) {
     return in_dtype(output.defined() && inputs.dim() == 1 ? output.squeeze(0) : output, dtype);
   };

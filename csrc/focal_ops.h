@@ -29,8 +29,8 @@ constexpr int64_t kUnweightedLoss = 4;  // the elementwise loss before the weigh
 //   (loss, grad_inputs, grad_targets, unweighted_loss, count):
 // loss has inputs' shape for reduction None (0), else is 0-d (Mean 1, Sum 2); its dtype is the
 // promoted dtype of inputs and floating targets (inputs' dtype with labels), or float32 where
-// that is 16-bit and float32_loss. The gradients are unscaled, contiguous, in the dtype of what they
-// differentiate; unweighted_loss has the loss dtype; float32 instead of float16 for all three,
+// that is 16-bit and float32_loss. The gradients are unscaled, laid out as inputs where floating
+// targets share their dense layout (else contiguous), in the dtype of what they differentiate; unweighted_loss has the loss dtype; float32 instead of float16 for all three,
 // so that a loss scale applied in backward cannot meet values float16 already flushed. count
 // is a 0-d int64 tensor on the inputs' device: the elements not ignored, the mean's divisor.
 // No argument has a default: the public functions' (focal_cuda/loss.py) are the only ones.

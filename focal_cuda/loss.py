@@ -169,14 +169,15 @@ def sigmoid_focal_loss(
             dense soft target would, without building it; differentiable w.r.t. the scores.
             The loss then has the dtype of ``inputs`` (as with labels). Not under TorchScript.
         alpha: weight of the positive class in [0, 1]; -1 or None switches the weighting off.
-        gamma: focusing exponent >= 0, fractional values included.
+        gamma: focusing exponent in [0, 1000], fractional values included.
         reduction: ``"none"`` (loss per element), ``"mean"`` (over the elements not ignored) or
             ``"sum"``.
         weight: optional floating tensor broadcastable to ``inputs`` (per class ``(C,)``, per
             row ``(N, 1)``, per element), multiplying the elementwise loss. Differentiable.
         ignore_index: with integer targets, the label of rows that contribute no loss and no
-            gradient and are left out of the mean. Only applicable to integer targets (as with
-            ``F.cross_entropy``'s class probabilities, floating targets ignore it).
+            gradient and are left out of the mean. With floating targets, which name no row to
+            ignore, it must be negative (the default), as ``F.cross_entropy`` requires of class
+            probabilities.
         label_smoothing: in [0, 1); targets become ``t * (1 - eps) + eps / 2``.
 
     Returns:
@@ -185,7 +186,7 @@ def sigmoid_focal_loss(
         labels), float32 for 16-bit operands under ``torch.autocast`` as torchvision's is there.
         Differentiable with respect to ``inputs``, floating ``targets`` and ``weight``; the
         gradients are computed in the forward pass only when needed, and are finite for every
-        gamma >= 0 and every finite logit.
+        gamma in [0, 1000] and every finite logit.
 
     Raises:
         ValueError: an argument outside what is accepted above; on CPU also a label that is not
@@ -258,7 +259,7 @@ def quality_focal_loss(
 
         loss = weight * BCE(sigmoid(inputs), t) * |t - sigmoid(inputs)| ** beta, then reduced
 
-    beta >= 0. ``targets`` (floating, or integer class labels meaning score 1), ``weight``,
+    beta in [0, 1000]. ``targets`` (floating, or integer class labels meaning score 1), ``weight``,
     ``ignore_index``, the dtypes and the gradients as in ``sigmoid_focal_loss``; no alpha and no
     label smoothing (the targets are soft scores already). The gradient is finite at saturated
     logits for every beta; for beta < 1 it is unbounded near sigmoid(inputs) == t, as the
@@ -294,7 +295,7 @@ def varifocal_loss(
         modulation = t if t > 0 else alpha * |p - t| ** gamma
         loss = weight * BCE(p, t) * modulation, then reduced
 
-    alpha >= 0, gamma >= 0. ``targets`` (floating, or integer class labels meaning score 1),
+    alpha >= 0, gamma in [0, 1000]. ``targets`` (floating, or integer class labels meaning score 1),
     ``weight``, ``ignore_index``, the dtypes and the gradients as in ``sigmoid_focal_loss``; no
     label smoothing (it would turn every negative into a positive). The loss jumps at t = 0;
     the gradient w.r.t. targets there is the negative branch's. Not scriptable by TorchScript.
@@ -331,7 +332,7 @@ def softmax_focal_loss(
             uint64), with ``ignore_index``; or class probabilities of the inputs' shape
             (floating, differentiable).
         alpha: a factor on the whole loss (>= 0); None (or -1, as for the sigmoid losses) means 1.
-        gamma: focusing exponent >= 0, fractional values included.
+        gamma: focusing exponent in [0, 1000], fractional values included.
         reduction: ``"none"`` (loss per position), ``"mean"`` (over the positions not ignored,
             divided by their summed class weight as ``F.cross_entropy`` does; with
             probabilities, by the number of positions) or ``"sum"``.
@@ -347,7 +348,7 @@ def softmax_focal_loss(
         ``torch.autocast``), as ``F.cross_entropy``'s; ``weight``'s dtype does not change it.
         Differentiable with respect to ``inputs``, probability ``targets`` and ``weight``; the
         gradients are computed in the forward pass, finite for every finite logit and every
-        gamma >= 0.
+        gamma in [0, 1000].
 
     Raises:
         ValueError: an argument outside what is accepted above; on CPU also a class index
@@ -477,9 +478,10 @@ def _scripted_sigmoid_focal_loss(
 
 def _check_options(function, **options):
     """A module's options checked when it is built, by a call of its function on meta tensors:
-    the function's own conversions and the op's checks, no data."""
-    meta = torch.empty((1, 1), device="meta")
-    function(meta, meta, **options)
+    the function's own conversions and the op's checks, no data. Class labels as targets: every
+    option applies to them (ignore_index too, which floating targets refuse unless negative)."""
+    function(torch.empty((1, 1), device="meta"), torch.empty((1,), dtype=torch.long, device="meta"),
+             **options)
 
 
 def _module_doc(summary, function):

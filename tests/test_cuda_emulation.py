@@ -914,11 +914,12 @@ def test_empty_inputs_launch_nothing(emulated):
 
 def test_label_rows_of_more_than_2_30_classes_are_refused(emulated):
     """The label kernels count a row's classes in 32 bits, a class and a grid stride's classes
-    added: more classes would wrap. Refused before any launch (the memory is never touched)."""
+    added: more classes would wrap. Refused by the op layer before any launch (the memory is
+    never touched)."""
     x = torch.empty(1, 2**30 + 1, dtype=F16)
     labels = torch.zeros(1, dtype=torch.int64)
     before = emulated.kernel_instances()
-    with pytest.raises(RuntimeError, match=r"the classes\) must be at most 1073741824; got 1073741825"):
+    with pytest.raises(ValueError, match=r"the classes\) must be at most 1073741824, got 1073741825"):
         emulated.sigmoid_focal_loss_forward(x, labels, None, None, 0, [0.25, 2.0], 2, -100, 0.0, False, 0)
     assert emulated.kernel_instances() == before
 

@@ -68,11 +68,17 @@ X = torch.zeros(4, 4)
         (dict(alpha=-0.5), ValueError, "got -0.5"),
         (dict(alpha=float("nan")), ValueError, "got nan"),
         (dict(alpha="0.25"), ValueError, "got '0.25'"),
-        (dict(gamma=-1.0), ValueError, "gamma must be a finite number >= 0, got -1.0"),
+        (dict(gamma=-1.0), ValueError, "gamma must be in [0, 1000], got -1.0"),
         # Numbers as Python writes them: a stream's six digits would print 1 here.
         (dict(alpha=1.0000001), ValueError, "the weighting, got 1.0000001"),
-        (dict(gamma=-1e-300), ValueError, "gamma must be a finite number >= 0, got -1e-300"),
-        (dict(gamma=float("inf")), ValueError, "gamma must be a finite number >= 0, got inf"),
+        (dict(gamma=-1e-300), ValueError, "gamma must be in [0, 1000], got -1e-300"),
+        (dict(gamma=float("inf")), ValueError, "gamma must be in [0, 1000], got inf"),
+        # Past 1,000 float32's rounding of q decides q^gamma (README, Semantics).
+        (dict(gamma=1000.5), ValueError, "gamma must be in [0, 1000], got 1000.5"),
+        # Positional from 1e-4 to 1e16, as Python's repr.
+        (dict(gamma=-100000.0), ValueError, "gamma must be in [0, 1000], got -100000.0"),
+        (dict(gamma=-1e16), ValueError, "gamma must be in [0, 1000], got -1e+16"),
+        (dict(gamma=-0.00015), ValueError, "gamma must be in [0, 1000], got -0.00015"),
         (dict(gamma=10**400), ValueError, "gamma must be a real number that float64 holds, got 1000"),
         (dict(gamma=None), ValueError, "gamma must be a real number, got None"),
         (dict(gamma=True), ValueError, "gamma must be a real number, got True"),  # bool is an int, not a number here
@@ -95,6 +101,10 @@ def test_bad_arguments(kwargs, error, message):
     (dict(weight=torch.ones(4)), "weight must be broadcastable to the shape of inputs, [4, 3], got [4] (a "
      "weight per row needs a last dimension of size 1: weight.unsqueeze(-1))"),
     (dict(weight=torch.ones(2)), "weight must be broadcastable to the shape of inputs, [4, 3], got [2]"),
+    (dict(targets=torch.zeros(4, 3, dtype=torch.long), ignore_index=-100),
+     "integer targets (class labels) must have the shape of inputs without its last (class) "
+     "dimension, [4], got [4, 3] (one-hot or soft targets must be a floating-point tensor, got "
+     "torch.int64: targets.float())"),
 ])
 def test_a_shape_error_in_the_rows_shape_says_what_was_likely_meant(kwargs, message):
     """Float class labels and a per-anchor weight without its last dimension (mmdet's
@@ -111,7 +121,7 @@ OP_CHECKED_ARGUMENTS = {
                              "targets must have the shape of inputs, [4, 4], got [4, 3]"),
     "sigmoid weight shape": (focal_cuda.sigmoid_focal_loss, dict(weight=torch.ones(3)),
                              "weight must be broadcastable to the shape of inputs, [4, 4], got [3]"),
-    "sigmoid gamma": (focal_cuda.sigmoid_focal_loss, dict(gamma=-1.0), "gamma must be a finite number >= 0, got -1"),
+    "sigmoid gamma": (focal_cuda.sigmoid_focal_loss, dict(gamma=-1.0), "gamma must be in [0, 1000], got -1"),
     "sigmoid alpha": (focal_cuda.sigmoid_focal_loss, dict(alpha=1.5), "alpha must be in [0, 1]"),
     "sigmoid label_smoothing": (focal_cuda.sigmoid_focal_loss, dict(label_smoothing=1.0),
                                 "label_smoothing must be in [0, 1), got 1"),
@@ -119,7 +129,7 @@ OP_CHECKED_ARGUMENTS = {
     "varifocal alpha": (focal_cuda.varifocal_loss, dict(alpha=-0.5), "alpha"),
     "softmax weight shape": (focal_cuda.softmax_focal_loss, dict(weight=torch.ones(3)),
                              "weight must have one value per class"),
-    "softmax gamma": (focal_cuda.softmax_focal_loss, dict(gamma=-1.0), "gamma must be a finite number >= 0, got -1"),
+    "softmax gamma": (focal_cuda.softmax_focal_loss, dict(gamma=-1.0), "gamma must be in [0, 1000], got -1"),
 }
 
 
@@ -207,7 +217,7 @@ def test_unsupported_device():
     "call,message",
     [
         (lambda: forward_op(X, X, alpha=2.0), "alpha must be in [0, 1], or -1 or None to disable the weighting, got 2"),
-        (lambda: forward_op(X, X, gamma=-2.0), "gamma must be a finite number >= 0, got -2"),
+        (lambda: forward_op(X, X, gamma=-2.0), "gamma must be in [0, 1000], got -2"),
         (lambda: forward_op(X, X, reduction=3), "reduction must be 0 (none), 1 (mean) or 2 (sum), got 3"),
         (lambda: forward_op(X, X, label_smoothing=1.0), "label_smoothing must be in [0, 1), got 1"),
     ],
@@ -243,11 +253,11 @@ def test_compile_reports_bad_input_with_the_eager_message(dynamic, fullgraph):
     "call,message",
     [
         (lambda: focal_cuda._C.sigmoid_focal_loss_backward(torch.zeros(3), X, torch.tensor(16), 0),
-         "grad_output must have the shape of the loss, got [3] and [4, 4]"),
+         "grad_output must have the shape of the loss, [4, 4], got [3]"),
         (lambda: focal_cuda._C.sigmoid_focal_loss_backward(torch.zeros(3), X, torch.tensor(16), 2),
          "grad_output of a reduced loss must have one element, got shape [3]"),
         (lambda: focal_cuda._C.sigmoid_focal_loss_backward(torch.zeros(()), X, torch.tensor(1.0), 2),
-         "count must be the 0-d int64 (or float64, the softmax loss's) tensor the forward op returns, got Float"),
+         "count must be the 0-d int64 (or float64, the softmax loss's) tensor the forward op returns, got torch.float32 of shape []"),
     ],
 )
 def test_backward_op_checks(call, message):
@@ -292,7 +302,7 @@ def test_user_errors_raise_in_a_fresh_process():
      "outputs must be a mask of GRAD_INPUTS (1), GRAD_TARGETS (2) and UNWEIGHTED_LOSS (4), got -1"),
     (lambda: torch.ops.focal_cuda.softmax_focal_loss_forward(
         X, torch.zeros(4, dtype=torch.long), None, [0.25], 0, -100, 0.0, False, 0),
-     "the softmax focal loss takes the coefficients (alpha, gamma), got 1 values"),
+     "the softmax focal loss takes the coefficients (alpha, gamma), got 1 value"),
 ])
 def test_ops_check_their_grouped_arguments(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -419,6 +429,29 @@ def random_call(r):
     return r.choice(calls)()
 
 
+@pytest.mark.parametrize("function", [focal_cuda.sigmoid_focal_loss, focal_cuda.quality_focal_loss])
+def test_floating_targets_refuse_an_ignore_index_they_would_silently_not_apply(function):
+    """As F.cross_entropy refuses one with class probabilities: a config's ignore_index=255
+    meeting one-hot targets fails, where it would ignore nothing; a negative one is the default."""
+    x = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match=re.escape(
+            "ignore_index applies to integer targets (class labels); with floating targets it must "
+            "be negative (the default, -100), got 255")):
+        function(x, torch.zeros(4, 3), ignore_index=255)
+    function(x, torch.zeros(4, 3), ignore_index=-1)
+    function(x, torch.zeros(4, dtype=torch.long), ignore_index=255)  # labels: it applies
+
+
+def test_modules_take_an_ignore_index_for_the_labels_they_will_get():
+    """A module is built before it sees targets: any ignore_index is taken then, and checked
+    against the targets of each call."""
+    module = focal_cuda.SigmoidFocalLoss(ignore_index=255)
+    labels = torch.tensor([0, 255, 2, 1])
+    assert module(torch.zeros(4, 3), labels).shape == (4, 3)
+    with pytest.raises(ValueError, match="with floating targets it must be negative"):
+        module(torch.zeros(4, 3), torch.zeros(4, 3))
+
+
 @pytest.mark.parametrize("name", ["sigmoid_focal_loss", "varifocal_loss", "softmax_focal_loss"])
 def test_the_reference_functions_check_labels_as_the_fused_ones(name):
     """focal_cuda.reference's public functions, the definition of what the kernels compute,
@@ -428,6 +461,14 @@ def test_the_reference_functions_check_labels_as_the_fused_ones(name):
     for function in (getattr(focal_cuda, name), getattr(focal_cuda.reference, name)):
         with pytest.raises(ValueError, match="targets holds the class label 7"):
             function(torch.zeros(4, 5), labels)
+
+
+def test_the_label_check_refuses_uint64_labels():
+    """uint64's upper half would wrap to negative labels, ignore_index among them."""
+    labels = torch.tensor([2**63 + 1], dtype=torch.uint64)
+    with pytest.raises(ValueError, match=re.escape("labels must be a CPU tensor of an integer dtype "
+                                                   "int8 to int64 or uint8 to uint32, got torch.uint64")):
+        torch.ops.focal_cuda.check_labels(labels, 5, -100, True)
 
 
 @pytest.mark.parametrize("weight, message", [

@@ -229,3 +229,44 @@ def test_reduced_loss_is_the_total_converted_or_inf(device, dtype, logit, elemen
         assert loss.dtype == dtype
         expected = (-x[0].double() * elements).to(dtype)
         assert torch.equal(loss.cpu(), expected.cpu()), (loss, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name, options", [
+    ("sigmoid_focal_loss", dict(alpha=0.25, gamma=1000.0)),
+    ("quality_focal_loss", dict(beta=1000.0)),
+    ("varifocal_loss", dict(alpha=0.75, gamma=1000.0)),
+    ("softmax_focal_loss", dict(gamma=1000.0, reduction="none")),
+])
+def test_the_largest_exponent_keeps_float32_near_float64(device, name, options):
+    """At gamma 1,000, the largest taken, float32 losses and gradients stay finite and within
+    2e-4 of float64's (README, Semantics: q's rounding times gamma, 6e-5, and pow's log, whose
+    error grows with gamma |log q|), wherever float64's are normal float32 numbers."""
+    generator = torch.Generator().manual_seed(11)
+    x64 = (torch.rand(64, 6, generator=generator, dtype=torch.float64) * 40 - 20).to(device)
+    if name == "softmax_focal_loss":
+        targets = torch.randint(0, 6, (64,), generator=generator).to(device)
+    else:
+        targets = (torch.rand(64, 6, generator=generator, dtype=torch.float64) < 0.5).double().to(device)
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        x = x64.to(dtype).requires_grad_()
+        t = targets if not targets.is_floating_point() else targets.to(dtype)
+        loss = getattr(focal_cuda, name)(x, t, **options)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        results.append((loss.detach(), grad))
+    for ours, exact in zip(*results):
+        assert torch.isfinite(ours).all()
+        normal = exact.abs() > torch.finfo(torch.float32).tiny
+        torch.testing.assert_close(ours.double()[normal], exact[normal], rtol=2e-4, atol=0)
+
+
+def test_fl_star_at_its_largest_gamma():
+    """FL*'s gamma scales the logit: at 1,000, the largest taken, the loss of a misclassified
+    logit is |x| and its gradient the sign, as -log(sigmoid(gamma z)) / gamma tends to."""
+    x = torch.tensor([-3.0, -0.5, 0.5, 3.0], requires_grad=True)
+    t = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    loss = focal_cuda.sigmoid_focal_loss_star(x, t, gamma=1000.0)
+    loss.sum().backward()
+    torch.testing.assert_close(loss.detach(), torch.tensor([3.0, 0.5, 0.5, 3.0]))
+    torch.testing.assert_close(x.grad, torch.tensor([-1.0, -1.0, 1.0, 1.0]))

@@ -640,8 +640,8 @@ def test_autocast_computes_16_bit_logits_in_float32():
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, weight=torch.ones(3)), "weight must have one value per class"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, weight=torch.ones(CLASSES, 2)),
          "weight must have one value per class, shape (5), got [5, 2]"),
-        (lambda x, y: focal_cuda.softmax_focal_loss(x, y, gamma=-1.0), "gamma must be a finite number >= 0, got -1"),
-        (lambda x, y: focal_cuda.softmax_focal_loss(x, y, alpha=-0.5), "alpha must be a finite number >= 0, or None (or -1) for 1, got -0.5"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, y, gamma=-1.0), "gamma must be in [0, 1000], got -1"),
+        (lambda x, y: focal_cuda.softmax_focal_loss(x, y, alpha=-0.5), "alpha must be >= 0 and at most 3.4028234663852886e+38 (float32's largest), or None (or -1) for 1, got -0.5"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, label_smoothing=1.0), "label_smoothing must be in"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, y, reduction="avg"), "reduction must be one of"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x, torch.softmax(x, 1), ignore_index=255),
@@ -652,13 +652,31 @@ def test_autocast_computes_16_bit_logits_in_float32():
          "only valid labels are 0 and ignore_index (-100), and the softmax is 1 and the loss 0 "
          "everywhere: a two-class classifier wants 2 logits (or sigmoid_focal_loss on one)"),
         (lambda x, y: focal_cuda.softmax_focal_loss(x.long(), y), "inputs must be a floating-point tensor"),
-        (lambda x, y: focal_cuda.SoftmaxFocalLoss(gamma=-2), "gamma must be a finite number >= 0"),
+        (lambda x, y: focal_cuda.SoftmaxFocalLoss(gamma=-2), "gamma must be in [0, 1000]"),
     ],
 )
 def test_bad_arguments_raise_value_errors(call, message):
     inputs, labels = make_case((4, CLASSES), torch.float32, "cpu", "labels", ignore_fraction=0)
     with pytest.raises(ValueError, match=re.escape(message)):
         call(inputs, labels)
+
+
+def test_cpu_class_count_limit_is_float32s_exact_integers():
+    """The CPU kernel compares class numbers in its math type's lanes: float32 holds every
+    integer up to 2^24, float64 every class count memory allows (one row past 2^24 here, its
+    label the last class, against the closed form at gamma 0: log of the sum of exponentials,
+    2^24 + 1 ones and e^3 and e^5, minus 3; F.cross_entropy's was 5.5e-12 off)."""
+    classes = 2**24 + 3
+    with pytest.raises(ValueError, match=re.escape(
+            "on CPU, inputs of dtype torch.float32 may have at most 16777216 classes (float32's "
+            "exact integers; float64 inputs may have more), got 16777219")):
+        focal_cuda.softmax_focal_loss(torch.zeros(1, classes), torch.tensor([classes - 1]))
+    logits = torch.zeros(1, classes, dtype=torch.float64)
+    logits[0, -1], logits[0, -2] = 3.0, 5.0
+    labels = torch.tensor([classes - 1])
+    exact = math.log((classes - 2) + math.exp(3.0) + math.exp(5.0)) - 3.0
+    torch.testing.assert_close(focal_cuda.softmax_focal_loss(logits, labels, gamma=0.0),
+                               torch.tensor(exact, dtype=torch.float64), rtol=1e-14, atol=0)
 
 
 def test_probability_targets_take_ignore_index_where_f_cross_entropy_does():

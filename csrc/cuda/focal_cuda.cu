@@ -104,11 +104,6 @@ void launch_on_device_of(const at::Tensor& inputs, Launch&& launch) {
 }  // namespace
 
 void forward(const ForwardArgs& args) {
-  // The label kernels count classes in 32 bits: a class plus a grid stride's classes fits.
-  constexpr int64_t kMaxLabelClasses = int64_t{1} << 30;
-  TORCH_CHECK(!args.labels || args.classes <= kMaxLabelClasses,
-              "focal_cuda: with class labels on CUDA, inputs' last dimension (the classes) must be "
-              "at most ", kMaxLabelClasses, "; got ", args.classes);
   using Entry = void (*)(const DeviceForwardArgs&, const LaunchPlace&);
   Entry entry = nullptr;
   switch (args.inputs.scalar_type()) {
