@@ -1,4 +1,5 @@
-"""Pure-PyTorch losses with the semantics of focal_cuda's: the focal loss and its family.
+"""Pure-PyTorch losses with the semantics of focal_cuda's: the focal loss and its family (the
+public functions check class labels with the fused functions' check, _ops.check_labels).
 
 The tests' oracle and the documentation of what the kernels compute. Composed of ordinary
 PyTorch ops (so autograd differentiates them, twice if asked), they build the one-hot targets
@@ -72,7 +73,7 @@ def _reference_function(member):
         inputs = options["inputs"]
         if not targets.is_floating_point():
             _check_labels(targets, inputs.shape[-1], options["ignore_index"], with_background=True)
-        return family_loss(member.code, options["inputs"], targets,
+        return family_loss(member.code, inputs, targets,
                            [options[name] for name in member.coefficients], options["reduction"],
                            options["weight"], options["ignore_index"],
                            options.get("label_smoothing", 0.0), scores)
