@@ -935,7 +935,7 @@ def test_bad_label_raises_the_device_assert(emulated, capfd, bad_label):
     printed = capfd.readouterr().out
     assert (f"targets holds the class label {bad_label}; valid labels are 0 to C - 1, C (background) and "
             "ignore_index, for the C classes of inputs") in printed
-    assert "Assertion `*label >= 0 && *label <= classes" in printed
+    assert "Assertion `*label >= 0 && *label < classes + with_background" in printed
     good = torch.randint(0, 14, (37,))
     with pytest.raises(RuntimeError, match="device-side assert triggered"):  # sticky
         emulated.sigmoid_focal_loss_forward(x, good, None, None, 0, [0.25, 2.0], 0, -100, 0.0, False, GRAD_INPUTS)
@@ -1125,7 +1125,7 @@ def test_softmax_bad_label_raises_the_device_assert(emulated, capfd, bad_label):
     printed = capfd.readouterr().out
     assert (f"targets holds the class label {bad_label}; valid labels are 0 to C - 1 and ignore_index, "
             "for the C classes along inputs' class dimension") in printed
-    assert "Assertion `*label >= 0 && *label < classes" in printed
+    assert "Assertion `*label >= 0 && *label < classes + with_background" in printed
     emulated.reset_device()
 
 

@@ -50,8 +50,8 @@ __global__ void __launch_bounds__(kThreads, kMaxBlocksPerSM)
     const S factor = kScalarGrad ? scale : static_cast<S>(grad_output[i]) * scale;
     return static_cast<s_t>(static_cast<S>(saved_value) * factor);
   };
-  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t num_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t thread = grid_thread();
+  const int64_t num_threads = grid_threads();
   const int64_t num_packs = n / kPack;
   for (int64_t pack = thread; pack < num_packs; pack += num_threads) {
     const auto saved_values = reinterpret_cast<const Pack<s_t, kPack>*>(saved)[pack];

@@ -217,14 +217,19 @@ __device__ __forceinline__ void vprintf_from(const char* format, const void* arg
 }
 #endif
 
-// The GPU's report of a label (at `label` in targets) that is no class, not the background and
-// not ignore_index: out of line, so that the kernels hold only a branch to it. The label is
-// printed from where it lies in targets, which makes it vprintf's argument buffer: no stack.
-__device__ __noinline__ void report_bad_label(const int64_t* label, int64_t classes) {
-  vprintf_from("focal_cuda: targets holds the class label %lld; valid labels are 0 to C - 1, C "
-               "(background) and ignore_index, for the C classes of inputs\n",
+// The GPU's report of a label (at `label` in targets) that is no class, not the background
+// (with_background: class C, the sigmoid losses') and not ignore_index: out of line, so that the
+// kernels hold only a branch to it. The label is printed from where it lies in targets, which
+// makes it vprintf's argument buffer: no stack.
+__device__ __noinline__ void report_bad_label(const int64_t* label, int64_t classes,
+                                              bool with_background) {
+  vprintf_from(with_background
+                   ? "focal_cuda: targets holds the class label %lld; valid labels are 0 to C - 1, "
+                     "C (background) and ignore_index, for the C classes of inputs\n"
+                   : "focal_cuda: targets holds the class label %lld; valid labels are 0 to C - 1 "
+                     "and ignore_index, for the C classes along inputs' class dimension\n",
                label);
-  CUDA_KERNEL_ASSERT(*label >= 0 && *label <= classes && "class label out of range");
+  CUDA_KERNEL_ASSERT(*label >= 0 && *label < classes + with_background && "class label out of range");
 }
 
 // The elements of a pack that are not their counted row's negatives, as a bit mask: its rows'
@@ -348,8 +353,8 @@ __device__ __forceinline__ Partial forward_elements(
     sum += pack_sum;
   };
 
-  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t num_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t thread = grid_thread();
+  const int64_t num_threads = grid_threads();
   const int64_t num_packs = p.n / kPack;
   auto all_elements = [&](auto weight_loop) {
     const bool tracking = tracks_rows(weight_loop);
@@ -457,12 +462,11 @@ __device__ __forceinline__ int64_t check_and_count_labels(
     const ForwardPointers<x_t, int64_t, out_t>& p) {
   const int64_t rows = p.n / p.classes;
   int64_t counted_rows = 0;
-  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int64_t row = thread; row < rows; row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t row = grid_thread(); row < rows; row += grid_threads()) {
     const int64_t label = p.targets[row];
     const bool counted = label != p.ignore_index;
     if (counted && static_cast<uint64_t>(label) > static_cast<uint64_t>(p.classes)) {
-      report_bad_label(p.targets + row, p.classes);
+      report_bad_label(p.targets + row, p.classes, /*with_background=*/true);
     }
     counted_rows += counted ? 1 : 0;
   }
@@ -497,8 +501,7 @@ __device__ __forceinline__ Partial labelled_rows(const ForwardPointers<x_t, int6
     return terms.grad_targets;
   };
   const int64_t rows = p.n / p.classes;
-  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int64_t row = thread; row < rows; row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t row = grid_thread(); row < rows; row += grid_threads()) {
     const int64_t label = p.targets[row];
     if (label == p.ignore_index) {
       for (int64_t cls = 0; cls < p.classes; ++cls) {

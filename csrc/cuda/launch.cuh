@@ -121,6 +121,15 @@ bool is_aligned_for_pack(const void* ptr, int pack) {
   return ptr == nullptr || reinterpret_cast<std::uintptr_t>(ptr) % (sizeof(T) * pack) == 0;
 }
 
+// A grid-stride loop's first item, this thread's index in the grid, and its stride, the grid's
+// threads: 64-bit, so that neither wraps past 2^31 items.
+__device__ __forceinline__ int64_t grid_thread() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t grid_threads() {
+  return static_cast<int64_t>(gridDim.x) * blockDim.x;
+}
+
 // Blocks for work_items grid-stride items on device, for a kernel of blocks_per_sm resident
 // blocks per SM (its launch bounds: kMaxBlocksPerSM but where stated): one wave at most.
 inline int grid_size(int64_t work_items, c10::DeviceIndex device,

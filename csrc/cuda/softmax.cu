@@ -34,26 +34,18 @@ struct SoftmaxPointers {
   double* block_divisors;
 };
 
-// A label that is no class and not ignore_index, reported as report_bad_label does.
-__device__ __noinline__ void report_bad_softmax_label(const int64_t* label, int64_t classes) {
-  vprintf_from("focal_cuda: targets holds the class label %lld; valid labels are 0 to C - 1 and "
-               "ignore_index, for the C classes along inputs' class dimension\n",
-               label);
-  CUDA_KERNEL_ASSERT(*label >= 0 && *label < classes && "class label out of range");
-}
-
 // The mean's divisor over a thread's positions (the weight of their labels not ignored, or their
 // number), in a loop of its own after the loss's: the label check's report stays out of the hot
 // loop, and its accumulator does not live across the hot loop's calls.
 template <typename x_t>
 __device__ __forceinline__ double labels_divisor(const SoftmaxPointers<x_t>& p) {
-  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t num_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t thread = grid_thread();
+  const int64_t num_threads = grid_threads();
   double divisor = 0;
   for (int64_t position = thread; position < p.num_positions; position += num_threads) {
     const auto label = position_label(p.labels, position, p.ignore_index, p.classes, p.weight);
     if (!label.counts && p.labels[position] != p.ignore_index) {
-      report_bad_softmax_label(p.labels + position, p.classes);
+      report_bad_label(p.labels + position, p.classes, /*with_background=*/false);
     }
     divisor += static_cast<double>(label.weight);
   }
@@ -124,8 +116,8 @@ __global__ void __launch_bounds__(kThreads, kSoftmaxBlocksPerSM<x_t>)
   using Math = DeviceMath<S>;
   const S zero(0);
   double sum = 0;  // as the sigmoid forward's Partial; lane 0's positions only
-  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t num_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t thread = grid_thread();
+  const int64_t num_threads = grid_threads();
   const PositionLanes<kLanes> lanes{static_cast<int>(threadIdx.x % kLanes)};
   const bool first_lane = lanes.lane == 0;
   const int64_t class_stride = kLanes > 1 ? 1 : p.class_stride;
