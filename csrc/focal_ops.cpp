@@ -316,7 +316,9 @@ void check_signature(const FormSignature& signature, const std::vector<double>& 
                      double label_smoothing) {
   // float32's largest: the kernels' math type for every dtype but float64 (focal_math.h).
   constexpr double kMax = std::numeric_limits<float>::max();
-  const std::string largest = python_float(kMax) + " (float32's largest)";
+  // Message parts as functions: TORCH_CHECK evaluates its message only when the check fails, and
+  // this runs on every call.
+  const auto largest = [] { return python_float(kMax) + " (float32's largest)"; };
   const size_t count = coefficients.size();
   TORCH_CHECK_VALUE(count == static_cast<size_t>(signature.count), "the ", signature.name,
                     " takes the coefficients ", coefficient_names(signature), ", got ", count,
@@ -324,31 +326,31 @@ void check_signature(const FormSignature& signature, const std::vector<double>& 
   for (int i = 0; i < signature.count; ++i) {
     const char* name = signature.coefficients[i].name;
     const double value = coefficients[i];
-    const std::string got = ", got " + python_float(value);
+    const auto got = [value] { return ", got " + python_float(value); };
     switch (signature.coefficients[i].range) {
       case CoefficientRange::UnitOrOff:
         TORCH_CHECK_VALUE(value == -1.0 || (value >= 0.0 && value <= 1.0), name,
-                          " must be in [0, 1], or -1 or None to disable the weighting", got);
+                          " must be in [0, 1], or -1 or None to disable the weighting", got());
         break;
       case CoefficientRange::NonNegative:
         TORCH_CHECK_VALUE(value >= 0.0 && value <= kMax, name, " must be >= 0 and at most ",
-                          largest, got);
+                          largest(), got());
         break;
       case CoefficientRange::NonNegativeOrOff:
         TORCH_CHECK_VALUE(value == -1.0 || (value >= 0.0 && value <= kMax), name,
-                          " must be >= 0 and at most ", largest, ", or None (or -1) for 1", got);
+                          " must be >= 0 and at most ", largest(), ", or None (or -1) for 1", got());
         break;
       case CoefficientRange::Positive:
         TORCH_CHECK_VALUE(value > 0.0 && value <= kMaxGamma, name, " must be in (0, ",
-                          static_cast<int64_t>(kMaxGamma), "]", got);
+                          static_cast<int64_t>(kMaxGamma), "]", got());
         break;
       case CoefficientRange::Finite:
         TORCH_CHECK_VALUE(std::abs(value) <= kMax, name, " must be a number of magnitude at most ",
-                          largest, got);
+                          largest(), got());
         break;
       case CoefficientRange::Exponent:
         TORCH_CHECK_VALUE(value >= 0.0 && value <= kMaxGamma, name, " must be in [0, ",
-                          static_cast<int64_t>(kMaxGamma), "]", got);
+                          static_cast<int64_t>(kMaxGamma), "]", got());
         break;
     }
   }
