@@ -9,8 +9,8 @@
 // positions, 16-bit storage) are first gathered class-major into a buffer in the math type and
 // their outputs scattered back. compute_row, where at least 4 W classes lie side by side ((N, C)
 // rows, wide channels-last maps): one position at a time, vectors over its classes, their sums
-// reduced across lanes. Chunks of a fixed number of positions (for a given C) are summed in order, so
-// the reduction is bitwise the same at any thread count.
+// reduced across lanes. Chunks of a fixed number of positions (for a given C) are summed in
+// order, so the reduction is bitwise the same at any thread count.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
