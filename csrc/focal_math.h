@@ -353,6 +353,16 @@ struct ScalarMath<float> {
 template <typename S>
 constexpr S kUnitScale = sizeof(S) == sizeof(double) ? S(0x1p64) : S(0x1p32);
 
+// v clamped to the finite numbers of its type. A target gradient's bracket, whose terms grow
+// like the logit, overflows only at logits near float's largest, where the power that then
+// multiplies it may have underflowed to 0: clamped, the product is 0 there, not 0 * inf = NaN.
+// (The power multiplied into each term instead would flush small terms at moderate logits.)
+template <typename S, typename Math, typename V>
+FOCAL_HOST_DEVICE V within_range(V v) {
+  const V largest(sizeof(S) == sizeof(double) ? S(0x1.fffffffffffffp1023) : S(0x1.fffffep127));
+  return Math::max(Math::min(v, largest), V(S(0)) - largest);
+}
+
 template <typename V>
 struct FocalTerms {
   V loss;             // weight * focal loss
@@ -477,15 +487,16 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
   if constexpr (kGradInputs) {
     V bracket = tm * p - t * pm;  // p - t, exact near t = 1 where p - 1 would cancel
     if constexpr (kWholeGamma) {
-      // q^(gamma-1) [q (p - t) + gamma (1 - 2t) CE p(1-p)]
-      bracket = q * bracket + whole_gamma * (tm - t) * ce * (p * pm);
+      // q^(gamma-1) [q (p - t) + gamma (1 - 2t) CE p(1-p)]; CE p(1-p) first: it is bounded
+      // where CE alone, times gamma, would overflow (|x| near float's largest) and meet a 0.
+      bracket = q * bracket + whole_gamma * (tm - t) * (ce * (p * pm));
       terms.grad_inputs = weight_valid * alpha_t * q_lower * bracket;
     } else {
       if constexpr (kModulated) {
         // p(1-p)/q (in [0, 1] for t in [0, 1]); where q == 0 the factor q^gamma already zeroes
         // the term, so any finite value does. q < 0 (a target outside [0, 1]) takes the formula.
         const V ratio = Math::select(q != zero, p * unit_scale * pm * inv_scaled_q, zero);
-        bracket = bracket + gamma * (tm - t) * ce * ratio;
+        bracket = bracket + gamma * (tm - t) * (ce * ratio);  // CE ratio first, as above
       }
       terms.grad_inputs = weight_valid * alpha_t * q_gamma * bracket;
     }
@@ -505,8 +516,8 @@ FOCAL_HOST_DEVICE FocalTerms<V> focal_terms(V x, V t, V weight, V valid,
         const V ce_over_q = Math::select(q != zero, ce * inv_scaled_q * unit_scale, zero);
         bracket = bracket + gamma * (pm - p) * ce_over_q;
       }
-      terms.grad_targets =
-          weight_valid * V(coeffs.target_scale) * q_gamma * (slope * ce + alpha_t * bracket);
+      terms.grad_targets = weight_valid * V(coeffs.target_scale) * q_gamma *
+                           within_range<S, Math>(slope * ce + alpha_t * bracket);
     }
   }
   return terms;
@@ -553,7 +564,8 @@ FOCAL_HOST_DEVICE FormTerms<V> star_terms(V x, V t, const LossCoeffs<S>& coeffs)
     terms.d_inputs = zero - alpha_t * y * sig_neg;
   }
   if constexpr (kGradTargets) {
-    terms.d_targets = V(coeffs.alpha_slope) * star - V(S(2)) * alpha_t * x * sig_neg;
+    // x sigmoid(-z) first: bounded where it vanishes and 2 alpha_t x alone would overflow.
+    terms.d_targets = V(coeffs.alpha_slope) * star - V(S(2)) * alpha_t * (x * sig_neg);
   }
   return terms;
 }
@@ -577,19 +589,33 @@ FOCAL_HOST_DEVICE FormTerms<V> quality_terms(V x, V t, const Logistic<V>& logit,
   const V gamma(coeffs.gamma);
   const V a_gamma = gamma_power<Math, kGamma>(a, coeffs);
   FormTerms<V> terms{a_gamma * logit.ce, zero, zero};
-  V signed_ratio = zero;  // g * sign(d) * CE / a
-  if constexpr (kGamma != GammaMode::Zero && (kGradInputs || kGradTargets)) {
-    // CE >= a (see kUnitScale for the scaling): CE / a stays finite for a subnormal a.
-    const V unit_scale(kUnitScale<S>);
-    const V ratio = Math::select(
-        a > zero, gamma * logit.ce * Math::reciprocal(a * unit_scale) * unit_scale, zero);
-    signed_ratio = Math::select(d < zero, zero - ratio, ratio);
+  constexpr bool kModulated = kGamma != GammaMode::Zero;
+  // 1 / (a kUnitScale) (see kUnitScale): the numerators below, CE and p(1-p), are of a's order
+  // or larger where a is subnormal (a hard target), so their ratios to a stay finite.
+  [[maybe_unused]] V inv_scaled_a = zero;
+  if constexpr (kModulated && (kGradInputs || kGradTargets)) {
+    inv_scaled_a = Math::reciprocal(a * V(kUnitScale<S>));
   }
+  // g * sign(d) * numerator / a, 0 where a == 0.
+  const auto signed_over_a = [&](V numerator) {
+    const V over_a = Math::select(a > zero, numerator * inv_scaled_a * V(kUnitScale<S>), zero);
+    return gamma * Math::select(d < zero, zero - over_a, over_a);
+  };
   if constexpr (kGradInputs) {
-    terms.d_inputs = a_gamma * (d + signed_ratio * logit.p * logit.pm);
+    V bracket = d;
+    if constexpr (kModulated) {
+      // p(1-p) / a (at most 1 for a hard target) before CE: CE / a, times gamma, overflows at
+      // |x| near float's largest, where p(1-p) is 0.
+      bracket = bracket + logit.ce * signed_over_a(logit.p * logit.pm);
+    }
+    terms.d_inputs = a_gamma * bracket;
   }
   if constexpr (kGradTargets) {
-    terms.d_targets = a_gamma * (zero - x - signed_ratio);
+    V bracket = zero - x;
+    if constexpr (kModulated) {
+      bracket = within_range<S, Math>(bracket - signed_over_a(logit.ce));
+    }
+    terms.d_targets = a_gamma * bracket;
   }
   return terms;
 }

@@ -186,7 +186,9 @@ def sigmoid_focal_loss(
         labels), float32 for 16-bit operands under ``torch.autocast`` as torchvision's is there.
         Differentiable with respect to ``inputs``, floating ``targets`` and ``weight``; the
         gradients are computed in the forward pass only when needed, and are finite for every
-        gamma in [0, 1000] and every finite logit.
+        gamma in [0, 1000] and every finite logit (the one w.r.t. ``targets``, which grows like
+        the logit, overflows to inf beyond about 3.4e38 / (gamma + 1), 1.8e308 / (gamma + 1)
+        in float64).
 
     Raises:
         ValueError: an argument outside what is accepted above; on CPU also a label that is not

@@ -302,6 +302,41 @@ def test_saturated_logits_stay_finite(form, index, dtype):
         assert_matches(ours.detach()[moderate], wanted.detach()[moderate], dtype, scale=scale[moderate])
 
 
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", ["focal", *FUNCTIONS])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_logits_up_to_the_largest_float_keep_their_gradients(device, form, dtype):
+    """Logits up to float32's largest (bfloat16 shares its range, and its math is float32's),
+    where an exponent times CE overflows though p(1 - p) is 0: the loss and the gradient w.r.t.
+    the logits are the float64 reference's, inf only where that exceeds the dtype's range; the
+    target gradient, whose terms grow like the logit, is never NaN and is the reference's up to
+    |x| = 1e30 (beyond, a sum of such terms may overflow where the exact one does not). FL*'s
+    gamma is a slope whose product with the logit overflows (README): gamma <= 1 here."""
+    largest = torch.finfo(dtype).max
+    logits = torch.tensor([largest, largest / 4, 1e30], dtype=torch.float64)
+    x = torch.cat([logits, -logits]).repeat(3).to(device, dtype).requires_grad_()
+    t = torch.tensor([0.0, 1.0, 0.5]).repeat_interleave(6).to(device, dtype).requires_grad_()
+    function = FUNCTIONS.get(form, focal_cuda.sigmoid_focal_loss)
+    reference = REFERENCES.get(form, focal_cuda.reference.sigmoid_focal_loss)
+    exponent = "beta" if form == "quality" else "gamma"
+    for value in (0.5, 1.0) if form == "star" else (0.5, 1.0, 2.0, 3.7, 1000.0):
+        loss = function(x, t, reduction="none", **{exponent: value})
+        results = (loss, *torch.autograd.grad(loss.sum(), (x, t)))
+        exact_x = x.detach().double().requires_grad_()
+        exact_t = t.detach().double().requires_grad_()
+        expected = reference(exact_x, exact_t, reduction="none", **{exponent: value})
+        wanted = (expected, *torch.autograd.grad(expected.sum(), (exact_x, exact_t)))
+        moderate = x.detach().double().abs() <= 1e30
+        for ours, exact, compared in zip(results, wanted, (True, True, moderate)):
+            assert not ours.isnan().any(), (value, ours)
+            ours, exact = ours.detach().double()[compared], exact.detach()[compared]
+            assert not exact.isnan().any(), (value, exact)
+            # Near the dtype's largest, rounding decides between it and inf: the sign only.
+            huge = exact.abs() > largest / 2
+            assert torch.equal(ours[huge].sign(), exact[huge].sign()), (value, ours, exact)
+            assert_matches(ours[~huge], exact[~huge], dtype)
+
 def test_quality_gradient_at_exact_target_is_finite():
     """QFL with beta < 1 where sigmoid(x) == t exactly: the sign(d) term is taken as 0 (abs'(0))."""
     x = torch.zeros(3, dtype=torch.float64, requires_grad=True)
