@@ -150,6 +150,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         &Bound<&focal::sigmoid_focal_loss_backward_, kBackwardInPlace>::call,
         pybind11::arg("grad_output"), pybind11::arg("saved_grad"), pybind11::arg("count"),
         pybind11::arg("reduction"), "sigmoid_focal_loss_backward, written into saved_grad.");
+  m.def("check_backward_arguments",
+        &Bound<&focal::check_backward_arguments, nullptr, true>::call, pybind11::arg("grad_output"),
+        pybind11::arg("saved_grad"), pybind11::arg("count"), pybind11::arg("reduction"),
+        "The backward ops' checks that read no data, for their fake kernels.");
   m.def("build_info", &build_info, "What this build of focal_cuda contains.");
   m.def("thread_dispatch_keys", &thread_dispatch_keys,
         "The dispatch keys this thread adds to op calls: FUNCTORCH_TRANSFORM | OTHER_DISPATCH_KEYS "

@@ -573,25 +573,43 @@ at::Tensor in_memory_order_of(const at::Tensor& dense, const at::Tensor& values)
   return at::empty_like(dense, values.options()).copy_(values);
 }
 
-// Checks the backward's arguments and fills args but for out. grad_output is read as it is
-// where the kernels can; otherwise it is converted (saved_grad too when not in_place).
-BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& saved_grad,
-                              const at::Tensor& count, int64_t reduction, bool in_place) {
+}  // namespace
+
+void check_backward_arguments(const at::Tensor& grad_output, const at::Tensor& saved_grad,
+                              const at::Tensor& count, int64_t reduction) {
   check_floating(grad_output, "grad_output");
   check_floating(saved_grad, "saved_grad");
   TORCH_CHECK(grad_output.device() == saved_grad.device() && count.device() == saved_grad.device(),
               "grad_output, saved_grad and count must be on one device, got ", grad_output.device(),
               ", ", saved_grad.device(), " and ", count.device());
-  check_device(saved_grad, "saved_grad");
   // Any dense layout (the softmax loss saves its gradient in the inputs' strides): the kernels
   // read it, grad_output and out as flat arrays in the same memory order.
   TORCH_CHECK(saved_grad.is_non_overlapping_and_dense(),
               "saved_grad must be dense, as the forward ops return it, got sizes ",
-              saved_grad.sizes(), " and strides ", saved_grad.strides());
-  TORCH_CHECK(count.numel() == 1 && (count.scalar_type() == at::kLong || count.scalar_type() == at::kDouble),
+              saved_grad.sym_sizes(), " and strides ", saved_grad.sym_strides());
+  TORCH_CHECK(count.sym_numel() == 1 && (count.scalar_type() == at::kLong || count.scalar_type() == at::kDouble),
               "count must be the 0-d int64 (or float64, the softmax loss's) tensor the forward op "
-              "returns, got ", python_name(count.scalar_type()), " of shape ", count.sizes());
-  const Reduction mode = checked_reduction(reduction);
+              "returns, got ", python_name(count.scalar_type()), " of shape ", count.sym_sizes());
+  if (checked_reduction(reduction) == Reduction::None) {
+    TORCH_CHECK(grad_output.sym_sizes() == saved_grad.sym_sizes(),
+                "grad_output must have the shape of the loss, ", saved_grad.sym_sizes(), ", got ",
+                grad_output.sym_sizes());
+  } else {
+    TORCH_CHECK(grad_output.sym_numel() == 1,
+                "grad_output of a reduced loss must have one element, got shape ",
+                grad_output.sym_sizes());
+  }
+}
+
+namespace {
+
+// Checks the backward's arguments and fills args but for out. grad_output is read as it is
+// where the kernels can; otherwise it is converted (saved_grad too when not in_place).
+BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& saved_grad,
+                              const at::Tensor& count, int64_t reduction, bool in_place) {
+  check_backward_arguments(grad_output, saved_grad, count, reduction);
+  check_device(saved_grad, "saved_grad");
+  const Reduction mode = static_cast<Reduction>(reduction);
   const int64_t n = saved_grad.numel();
 
   BackwardArgs args;
@@ -604,9 +622,6 @@ BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& s
     args.divisor = scalar_count;
   }
   if (mode == Reduction::None) {
-    TORCH_CHECK(grad_output.sizes() == saved_grad.sizes(),
-                "grad_output must have the shape of the loss, ", saved_grad.sizes(), ", got ",
-                grad_output.sizes());
     // An expanded scalar (e.g. from loss.sum().backward()) is read as the one value it is.
     bool expanded_scalar = n > 0;
     for (const auto stride : grad_output.strides()) {
@@ -614,9 +629,6 @@ BackwardArgs prepare_backward(const at::Tensor& grad_output, const at::Tensor& s
     }
     args.grad_output_is_scalar = expanded_scalar || n == 1;
   } else {
-    TORCH_CHECK(grad_output.numel() == 1,
-                "grad_output of a reduced loss must have one element, got shape ",
-                grad_output.sizes());
     args.grad_output_is_scalar = true;
   }
   args.saved_grad = saved_grad;

@@ -50,6 +50,11 @@ void check_forward_arguments(const at::Tensor& inputs, const at::Tensor& targets
                              int64_t ignore_index, double label_smoothing, bool float32_loss,
                              int64_t outputs);
 
+// The backward ops' checks that read no data: dtypes, devices, shapes, the reduction code. The
+// ops run them first; their fake kernels run them on fake and meta tensors (sizes as SymInts).
+void check_backward_arguments(const at::Tensor& grad_output, const at::Tensor& saved_grad,
+                              const at::Tensor& count, int64_t reduction);
+
 // saved_grad * grad_output (elementwise for reduction None, else one value), divided by count
 // for Mean (zero where count is 0): the backward of both forwards (count: the sigmoid's int64
 // count, or the softmax's float64 divisor).

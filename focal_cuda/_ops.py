@@ -204,6 +204,7 @@ def sigmoid_focal_loss_backward(
 
 @sigmoid_focal_loss_backward.register_fake
 def _(grad_output, saved_grad, count, reduction):
+    _C.check_backward_arguments(grad_output, saved_grad, count, reduction)  # as the op's own
     return torch.empty_like(saved_grad)  # its layout, as the op's
 
 
@@ -217,6 +218,7 @@ def sigmoid_focal_loss_backward_(
 
 @sigmoid_focal_loss_backward_.register_fake
 def _(grad_output, saved_grad, count, reduction):
+    _C.check_backward_arguments(grad_output, saved_grad, count, reduction)
     return None
 
 

@@ -249,20 +249,39 @@ def test_compile_reports_bad_input_with_the_eager_message(dynamic, fullgraph):
         compiled(X, torch.zeros(4, 3))
 
 
+@pytest.mark.parametrize("op", ["sigmoid_focal_loss_backward", "sigmoid_focal_loss_backward_"])
+# meta: through the dispatcher to the ops' fake kernels, which must check as the ops do.
+@pytest.mark.parametrize("device", ["cpu", "meta"])
 @pytest.mark.parametrize(
-    "call,message",
+    "arguments,message",
     [
-        (lambda: focal_cuda._C.sigmoid_focal_loss_backward(torch.zeros(3), X, torch.tensor(16), 0),
+        ((torch.zeros(3), X, torch.tensor(16), 0),
          "grad_output must have the shape of the loss, [4, 4], got [3]"),
-        (lambda: focal_cuda._C.sigmoid_focal_loss_backward(torch.zeros(3), X, torch.tensor(16), 2),
+        ((torch.zeros(3), X, torch.tensor(16), 2),
          "grad_output of a reduced loss must have one element, got shape [3]"),
-        (lambda: focal_cuda._C.sigmoid_focal_loss_backward(torch.zeros(()), X, torch.tensor(1.0), 2),
+        ((torch.zeros(()), X, torch.tensor(1.0), 2),
          "count must be the 0-d int64 (or float64, the softmax loss's) tensor the forward op returns, got torch.float32 of shape []"),
+        ((torch.zeros(()), X[:, ::2], torch.tensor(16), 2), "saved_grad must be dense"),
+        ((torch.zeros(()), X, torch.tensor(16), 3), "reduction must be 0 (none), 1 (mean) or 2 (sum), got 3"),
     ],
 )
-def test_backward_op_checks(call, message):
+def test_backward_op_checks(op, device, arguments, message):
+    *tensors, reduction = arguments
+    # In their strides (to() would make the non-dense one dense on meta).
+    tensors = [torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
+               for tensor in tensors]
+    call = getattr(focal_cuda._C if device == "cpu" else torch.ops.focal_cuda, op)
+    with pytest.raises((RuntimeError, ValueError), match=re.escape(message)):
+        call(*tensors, reduction)
+
+
+@pytest.mark.parametrize("op", ["sigmoid_focal_loss_backward", "sigmoid_focal_loss_backward_"])
+def test_backward_ops_refuse_operands_on_two_devices(op):
+    """One meta operand sends the call to the fake kernel, which must refuse it as the op does
+    rather than return memory nobody wrote."""
+    message = "grad_output, saved_grad and count must be on one device, got cpu, cpu and meta"
     with pytest.raises(RuntimeError, match=re.escape(message)):
-        call()
+        getattr(torch.ops.focal_cuda, op)(torch.tensor(1.0), torch.ones(2, 3), torch.tensor(6, device="meta"), 1)
 
 
 def test_backward_without_saved_gradient_explains():
