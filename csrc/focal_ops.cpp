@@ -587,7 +587,8 @@ void check_backward_arguments(const at::Tensor& grad_output, const at::Tensor& s
   TORCH_CHECK(saved_grad.is_non_overlapping_and_dense(),
               "saved_grad must be dense, as the forward ops return it, got sizes ",
               saved_grad.sym_sizes(), " and strides ", saved_grad.sym_strides());
-  TORCH_CHECK(count.sym_numel() == 1 && (count.scalar_type() == at::kLong || count.scalar_type() == at::kDouble),
+  TORCH_CHECK(count.sym_numel() == 1 &&
+                  (count.scalar_type() == at::kLong || count.scalar_type() == at::kDouble),
               "count must be the 0-d int64 (or float64, the softmax loss's) tensor the forward op "
               "returns, got ", python_name(count.scalar_type()), " of shape ", count.sym_sizes());
   if (checked_reduction(reduction) == Reduction::None) {

@@ -262,7 +262,8 @@ def test_compile_reports_bad_input_with_the_eager_message(dynamic, fullgraph):
         ((torch.zeros(()), X, torch.tensor(1.0), 2),
          "count must be the 0-d int64 (or float64, the softmax loss's) tensor the forward op returns, got torch.float32 of shape []"),
         ((torch.zeros(()), X[:, ::2], torch.tensor(16), 2), "saved_grad must be dense"),
-        ((torch.zeros(()), X, torch.tensor(16), 3), "reduction must be 0 (none), 1 (mean) or 2 (sum), got 3"),
+        ((torch.zeros(()), X, torch.tensor(16), 3),
+         "reduction must be 0 (none), 1 (mean) or 2 (sum), got 3"),
     ],
 )
 def test_backward_op_checks(op, device, arguments, message):
@@ -281,7 +282,8 @@ def test_backward_ops_refuse_operands_on_two_devices(op):
     rather than return memory nobody wrote."""
     message = "grad_output, saved_grad and count must be on one device, got cpu, cpu and meta"
     with pytest.raises(RuntimeError, match=re.escape(message)):
-        getattr(torch.ops.focal_cuda, op)(torch.tensor(1.0), torch.ones(2, 3), torch.tensor(6, device="meta"), 1)
+        getattr(torch.ops.focal_cuda, op)(torch.tensor(1.0), torch.ones(2, 3),
+                                          torch.tensor(6, device="meta"), 1)
 
 
 def test_backward_without_saved_gradient_explains():
