@@ -302,7 +302,6 @@ def test_saturated_logits_stay_finite(form, index, dtype):
         assert_matches(ours.detach()[moderate], wanted.detach()[moderate], dtype, scale=scale[moderate])
 
 
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("form", ["focal", *FUNCTIONS])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -328,7 +327,8 @@ def test_logits_up_to_the_largest_float_keep_their_gradients(device, form, dtype
         expected = reference(exact_x, exact_t, reduction="none", **{exponent: value})
         wanted = (expected, *torch.autograd.grad(expected.sum(), (exact_x, exact_t)))
         moderate = x.detach().double().abs() <= 1e30
-        for ours, exact, compared in zip(results, wanted, (True, True, moderate)):
+        everywhere = torch.ones_like(moderate)
+        for ours, exact, compared in zip(results, wanted, (everywhere, everywhere, moderate)):
             assert not ours.isnan().any(), (value, ours)
             ours, exact = ours.detach().double()[compared], exact.detach()[compared]
             assert not exact.isnan().any(), (value, exact)
@@ -336,6 +336,7 @@ def test_logits_up_to_the_largest_float_keep_their_gradients(device, form, dtype
             huge = exact.abs() > largest / 2
             assert torch.equal(ours[huge].sign(), exact[huge].sign()), (value, ours, exact)
             assert_matches(ours[~huge], exact[~huge], dtype)
+
 
 def test_quality_gradient_at_exact_target_is_finite():
     """QFL with beta < 1 where sigmoid(x) == t exactly: the sign(d) term is taken as 0 (abs'(0))."""
