@@ -3,8 +3,8 @@ initialised where there is a GPU, and checks that each arrives as its Python exc
 
 On the first GPU run a user error raised from C++ killed the process (docs/gpu-validation.md):
 tests/test_errors.py runs this script in a subprocess, so that such a death fails one test
-instead of the suite, and .ci/gpu-validate runs it under cuda-gdb, which prints the native stack
-of a fault. Prints one line per case and "all errors raised" at the end.
+instead of the suite, and .ci/gpu-validate runs it, and again under cuda-gdb if it fails, which
+prints the native stack of a fault. Prints one line per case and "all errors raised" at the end.
 
     python tests/raise_errors.py
 """
