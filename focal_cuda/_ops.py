@@ -233,9 +233,10 @@ def check_labels(labels: torch.Tensor, classes: int, ignore_index: int,
     whose result is used, where it drops one that returns nothing."""
     checked = labels.to(torch.int64, copy=True)  # compared in int64: no narrow label wraps
     if labels.is_cuda:
-        # gather asserts on the device that each index lies in [0, the table's size).
+        # gather asserts on the device that each index lies in [0, the table's size); a zeroed
+        # table, so that compute-sanitizer's initcheck reads no uninitialised memory.
         indices = torch.where(checked == ignore_index, torch.zeros_like(checked), checked)
-        labels.new_empty(classes + with_background, dtype=torch.uint8).gather(0, indices.reshape(-1))
+        labels.new_zeros(classes + with_background, dtype=torch.uint8).gather(0, indices.reshape(-1))
     else:
         _C.check_cpu_labels(labels, classes, ignore_index, with_background)
     return checked
