@@ -321,6 +321,9 @@ struct ScalarMath {
   static FOCAL_HOST_DEVICE S abs(S v) { return ::fabs(v); }
   static FOCAL_HOST_DEVICE S max(S a, S b) { return a > b ? a : b; }
   static FOCAL_HOST_DEVICE S min(S a, S b) { return a < b ? a : b; }
+  static FOCAL_HOST_DEVICE S clamp(S v, S low, S high) {
+    return v > high ? high : v < low ? low : v;  // NaN stays NaN
+  }
   static FOCAL_HOST_DEVICE S select(bool mask, S if_true, S if_false) {
     return mask ? if_true : if_false;
   }
@@ -339,6 +342,9 @@ struct ScalarMath<float> {
   static FOCAL_HOST_DEVICE float abs(float v) { return ::fabsf(v); }
   static FOCAL_HOST_DEVICE float max(float a, float b) { return a > b ? a : b; }
   static FOCAL_HOST_DEVICE float min(float a, float b) { return a < b ? a : b; }
+  static FOCAL_HOST_DEVICE float clamp(float v, float low, float high) {
+    return v > high ? high : v < low ? low : v;  // NaN stays NaN
+  }
   static FOCAL_HOST_DEVICE float select(bool mask, float if_true, float if_false) {
     return mask ? if_true : if_false;
   }
@@ -357,10 +363,11 @@ constexpr S kUnitScale = sizeof(S) == sizeof(double) ? S(0x1p64) : S(0x1p32);
 // like the logit, overflows only at logits near float's largest, where the power that then
 // multiplies it may have underflowed to 0: clamped, the product is 0 there, not 0 * inf = NaN.
 // (The power multiplied into each term instead would flush small terms at moderate logits.)
+// A NaN (an infinite logit's inf - inf) stays NaN, in the vector lanes and the scalar tail alike.
 template <typename S, typename Math, typename V>
 FOCAL_HOST_DEVICE V within_range(V v) {
   const V largest(sizeof(S) == sizeof(double) ? S(0x1.fffffffffffffp1023) : S(0x1.fffffep127));
-  return Math::max(Math::min(v, largest), V(S(0)) - largest);
+  return Math::clamp(v, V(S(0)) - largest, largest);
 }
 
 template <typename V>

@@ -338,6 +338,31 @@ def test_logits_up_to_the_largest_float_keep_their_gradients(device, form, dtype
             assert_matches(ours[~huge], exact[~huge], dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", ["focal", *FUNCTIONS])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_infinite_logits_give_one_result_wherever_the_element_lies(device, form, dtype):
+    """An infinite logit's loss and gradients (NaN where a term is inf - inf or 0 * inf) are the
+    same for every element of a tensor of equal elements: the CPU's vector lanes and its scalar
+    tail alike (a clamp once turned the tail's NaN target gradient into float's largest), and
+    on CUDA, whose kernels compute every element as that tail does, the CPU's (to rounding)."""
+    function = FUNCTIONS.get(form, focal_cuda.sigmoid_focal_loss)
+    for logit in (math.inf, -math.inf):
+        for target in (0.0, 0.5, 1.0):
+            results = []
+            for on in ("cpu", device):
+                x = torch.full((37,), logit, dtype=dtype, device=on, requires_grad=True)
+                t = torch.full((37,), target, dtype=dtype, device=on, requires_grad=True)
+                loss = function(x, t, reduction="none")
+                results.append([r.cpu() for r in (loss, *torch.autograd.grad(loss.sum(), (x, t)))])
+            for name, on_cpu, on_device in zip(("loss", "d/dx", "d/dt"), *results):
+                where = (form, logit, target, name)
+                torch.testing.assert_close(on_cpu, on_cpu[:1].expand(37), rtol=0, atol=0,
+                                           equal_nan=True, msg=lambda m: f"{where}: {m}")
+                torch.testing.assert_close(on_device, on_cpu, equal_nan=True,
+                                           msg=lambda m: f"{where}: {m}")
+
+
 def test_quality_gradient_at_exact_target_is_finite():
     """QFL with beta < 1 where sigmoid(x) == t exactly: the sign(d) term is taken as 0 (abs'(0))."""
     x = torch.zeros(3, dtype=torch.float64, requires_grad=True)

@@ -101,6 +101,9 @@ struct VecMath {
   // propagates.
   static Vec max(const Vec& a, const Vec& b) { return at::vec::clamp_min(a, b); }
   static Vec min(const Vec& a, const Vec& b) { return at::vec::clamp_max(a, b); }
+  static Vec clamp(const Vec& v, const Vec& low, const Vec& high) {
+    return at::vec::clamp(v, low, high);  // NaN stays NaN
+  }
   static Vec select(const Vec& mask, const Vec& if_true, const Vec& if_false) {
     return Vec::blendv(if_false, if_true, mask);
   }

@@ -232,6 +232,10 @@ MATH_MUTANTS = [
      "(a target outside [0, 1]), as before the consistency fix",
      "Math::select(q != zero, p * unit_scale * pm * inv_scaled_q, zero)",
      "Math::select(q > zero, p * unit_scale * pm * inv_scaled_q, zero)"),
+    ("within_range_nan", "device math: a NaN target-gradient bracket (an infinite logit's) clamped to "
+     "float's largest, where the CPU's vector lanes keep it NaN",
+     "  return Math::clamp(v, V(S(0)) - largest, largest);",
+     "  return Math::max(Math::min(v, largest), V(S(0)) - largest);"),
 ]
 
 
