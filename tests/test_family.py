@@ -341,17 +341,12 @@ def test_logits_up_to_the_largest_float_keep_their_gradients(device, form, dtype
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("form", ["focal", *FUNCTIONS])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_infinite_logits_give_one_result_wherever_the_element_lies(request, device, form, dtype):
+def test_infinite_logits_give_one_result_wherever_the_element_lies(device, form, dtype):
     """An infinite logit's loss and gradients (NaN where a term is inf - inf or 0 * inf) are the
     same for every element of a tensor of equal elements: the CPU's vector lanes and its scalar
-    tail alike (a clamp once turned the tail's NaN target gradient into float's largest), and
-    on CUDA, whose kernels compute every element as that tail does, the CPU's (to rounding)."""
-    request.applymarker(pytest.mark.xfail(
-        torch.backends.cpu.get_cpu_capability() == "DEFAULT" and form != "star", strict=True,
-        reason="known limit of the CPU kernels without FMA (ATEN_CPU_CAPABILITY=default): their "
-        "vector lanes take CE's linear part as (1 - t) x, inf at x = +inf, where the fused form of "
-        "the scalar tail (and of the other ISAs and CUDA) gives inf - inf = NaN (README). Strict: "
-        "a fix makes this pass."))
+    tail alike, under every ISA (a clamp once turned the tail's NaN target gradient into float's
+    largest; the lanes without FMA once gave inf for CE at x = +inf), and on CUDA, whose kernels
+    compute every element as that tail does, the CPU's (to rounding)."""
     function = FUNCTIONS.get(form, focal_cuda.sigmoid_focal_loss)
     for logit in (math.inf, -math.inf):
         for target in (0.0, 0.5, 1.0):
