@@ -262,6 +262,13 @@ enum class WeightLoop { None, Element, AnyKind };
 template <WeightLoop kWeights>
 using weight_loop_t = std::integral_constant<WeightLoop, kWeights>;
 
+// Whether a forward's loops track each element's row and class: for labels, and for weights
+// per row or per class (which only the AnyKind loop reads). The host packs such rows only when
+// they are at least a pack long, so that a pack meets at most two rows.
+FOCAL_HOST_DEVICE bool tracks_rows(bool labels, WeightKind weights) {
+  return labels || weights == WeightKind::Row || weights == WeightKind::Class;
+}
+
 // The sum of the loss over a thread's elements, and how many of them count for the mean. The
 // sum in double, each pack's added in the math type first: a thread may add thousands of terms,
 // which float alone rounded to 5-25 ulp of the result (1,000-4,000 a thread), double to the
@@ -290,12 +297,11 @@ __device__ __forceinline__ Partial forward_elements(
   static_assert(!(kGradTargets && kIsLabels<t_t>), "the scores' gradient is labelled_rows'");
   double sum = 0;
   int64_t count = 0;
-  const bool weights_by_position =
-      p.weight_kind == WeightKind::Row || p.weight_kind == WeightKind::Class;
-  // Whether the loop of `weights` (a weight_loop_t, below) tracks each element's row and class.
-  const auto tracks_rows = [&](auto weights) {
-    return kIsLabels<t_t> ||
-           (decltype(weights)::value == WeightLoop::AnyKind && weights_by_position);
+  // Whether the loop of `weights` (a weight_loop_t, below) tracks rows; the None and Element
+  // loops, which never meet weights per row or per class, know it at compile time.
+  const bool launch_tracks_rows = tracks_rows(kIsLabels<t_t>, p.weight_kind);
+  const auto loop_tracks_rows = [&](auto weights) {
+    return decltype(weights)::value == WeightLoop::AnyKind ? launch_tracks_rows : kIsLabels<t_t>;
   };
 
   // The num elements of one pack, the first of which lies in row `row`, class `cls`; labels'
@@ -311,7 +317,7 @@ __device__ __forceinline__ Partial forward_elements(
                      saved_t<out_t>* unweighted, saved_t<x_t>* grads_inputs,
                      saved_t<t_t>* grads_targets) {
     constexpr WeightLoop kWeights = decltype(weights)::value;
-    const bool tracking = tracks_rows(weights);
+    const bool tracking = loop_tracks_rows(weights);
     // Elements [0, boundary) lie in `row`, the rest in the next row (the host packs rows only
     // when they are at least a pack long).
     const class_t boundary = static_cast<class_t>(p.classes - cls);
@@ -357,7 +363,7 @@ __device__ __forceinline__ Partial forward_elements(
   const int64_t num_threads = grid_threads();
   const int64_t num_packs = p.n / kPack;
   auto all_elements = [&](auto weight_loop) {
-    const bool tracking = tracks_rows(weight_loop);
+    const bool tracking = loop_tracks_rows(weight_loop);
     // The row and class of each pack's first element. The packed loops advance them by the grid
     // stride (divisions once per thread, not per pack); the element loops divide per element,
     // which keeps the registers the float64 kernels lack at 64.
@@ -653,14 +659,12 @@ void launch_forward(const DeviceForwardArgs& args, const LaunchPlace& place) {
   };
   // Packs of inputs are loaded whole; the other per-element arrays must then be aligned too.
   // The family's forms run one element at a time (loads still coalesced across the warp), and
-  // so do rows shorter than a pack where the loops track rows (labels, weights per row or
-  // class): a pack then meets at most two rows.
-  const bool tracks_rows = kIsLabels<t_t> || args.weight_kind == WeightKind::Row ||
-                           args.weight_kind == WeightKind::Class;
+  // so do rows shorter than a pack where the loops track rows.
   const int pack = p.grad_inputs != nullptr ? forward_pack_size<x_t, t_t, true>()
                                             : forward_pack_size<x_t, t_t, false>();
   const bool packed =
-      args.form == LossForm::Focal && (!tracks_rows || args.classes >= pack) &&
+      args.form == LossForm::Focal &&
+      (!tracks_rows(kIsLabels<t_t>, args.weight_kind) || args.classes >= pack) &&
       is_aligned_for_pack<x_t>(p.inputs, pack) &&
       is_aligned_for_pack<saved_t<x_t>>(p.grad_inputs, pack) &&
       (kIsLabels<t_t> || is_aligned_for_pack<t_t>(p.targets, pack)) &&
