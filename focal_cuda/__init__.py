@@ -80,7 +80,8 @@ def _check_extension() -> None:
     except (OSError, ValueError, KeyError):
         raise ImportError(
             f"focal_cuda's extension in {_PACKAGE_DIR} does not record which torch it was built "
-            f"against (_build.json is missing or unreadable; it was built by an older setup.py). "
+            f"against (the _build.json that setup.py writes beside it is missing or unreadable: "
+            f"built by an older setup.py, or copied without it). "
             f"Rebuild it: `{_rebuild_command()}`."
         ) from None
     if built_against != torch.__version__:

@@ -95,6 +95,20 @@ def test_unbuilt_source_folder_alone(tmp_path):
                               f"not built in {source}. Build it: "), message
 
 
+def test_an_extension_without_its_build_record(tmp_path):
+    """The package with its extension but not the _build.json beside it (a hand copy, an older
+    setup.py): the import says what is missing and how to rebuild, instead of guessing."""
+    source = unbuilt_copy(tmp_path)
+    shutil.copy(next(PACKAGE_DIR.glob("_C.*")), source)
+    result = run_python("import focal_cuda", cwd=tmp_path)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"ImportError: focal_cuda's extension in {source} does not record "
+                              "which torch it was built against (the _build.json that setup.py "
+                              "writes beside it is missing or unreadable"), message
+    assert "Rebuild it: `" in message, message
+
+
 def test_an_extension_offered_from_another_folder_is_not_taken(tmp_path):
     """An unbuilt source folder first on sys.path, where a finder (another checkout's editable
     install) offers focal_cuda._C from the built package's folder: that extension belongs to
