@@ -396,13 +396,14 @@ FOCAL_HOST_DEVICE Logistic<V> logistic(V x, V t) {
   // softplus(-x) = log1p(e) + max(-x, 0), softplus(x) = log1p(e) + max(x, 0), so CE = log1p(e)
   // + max(x, 0) - t x: for t in [0, 1] the last two are (1 - t) x or -t x, non-negative, and one
   // fused multiply-add rounds them once. Unfused, x - t x would round t x first and cancel for
-  // t near 1: each branch's product then, 1 - t exact for t in [0.5, 1]; and x - x, NaN at
-  // x = +inf as the fused inf - t inf is, so both forms give one result for infinite logits.
+  // t near 1: each branch's product then, 1 - t exact for t in [0.5, 1]. At x = +inf the fused
+  // inf - t inf is NaN but for t < 0; x - x (+0 for finite x) makes the product agree.
   V linear;
   if constexpr (Math::kFusedMultiplyAdd) {
     linear = Math::fma(-t, x, Math::max(x, zero));
   } else {
-    linear = Math::select(x_nonneg, (one - t) * x + (x - x), (zero - t) * x);
+    const V nan_at_inf = Math::select(t < zero, zero, x - x);
+    linear = Math::select(x_nonneg, (one - t) * x + nan_at_inf, (zero - t) * x);
   }
   return {Math::select(x_nonneg, sig_abs, e * sig_abs), Math::select(x_nonneg, e * sig_abs, sig_abs),
           Math::log1p(e) + linear};

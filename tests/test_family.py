@@ -349,7 +349,7 @@ def test_infinite_logits_give_one_result_wherever_the_element_lies(device, form,
     compute every element as that tail does, the CPU's (to rounding)."""
     function = FUNCTIONS.get(form, focal_cuda.sigmoid_focal_loss)
     for logit in (math.inf, -math.inf):
-        for target in (0.0, 0.5, 1.0):
+        for target in (-0.5, 0.0, 0.5, 1.0, 1.5):  # beyond [0, 1] too: inf - t inf is inf for t < 0
             results = []
             for on in ("cpu", device):
                 x = torch.full((37,), logit, dtype=dtype, device=on, requires_grad=True)

@@ -99,7 +99,8 @@ def test_an_extension_without_its_build_record(tmp_path):
     """The package with its extension but not the _build.json beside it (a hand copy, an older
     setup.py): the import says what is missing and how to rebuild, instead of guessing."""
     source = unbuilt_copy(tmp_path)
-    shutil.copy(next(PACKAGE_DIR.glob("_C.*")), source)
+    extension = next(PACKAGE_DIR.glob("_C.*"))
+    (source / extension.name).symlink_to(extension)
     result = run_python("import focal_cuda", cwd=tmp_path)
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
