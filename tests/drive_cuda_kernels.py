@@ -1,17 +1,20 @@
 """Runs every CUDA kernel variant on small, awkward inputs and checks each result: the program
-to run under compute-sanitizer, where the test suite would take hours.
+to run under compute-sanitizer, where the test suite would take hours. "Every" by the host's
+dispatch rules in csrc/cuda (rows at least a pack long, aligned focal losses packed, at least 32
+classes side by side for the softmax's warps); the emulated sweep, not this, counts launches.
 
     cd tests && compute-sanitizer --tool memcheck python drive_cuda_kernels.py
 
 Covers input dtypes x target kinds (float targets of the inputs' dtype, float32 targets with
 16-bit inputs, int64 and int32 labels, (int64 labels, scores) pairs) x gamma modes (0, 2; 1.5 by
-products, 0.75 by pow) x gradients (none, inputs, inputs and targets) x the loss forms (focal
-loss, FL*, quality focal, varifocal, in turn) on aligned tensors (the vectorised loads) and
-misaligned views (the scalar path) at a size no vector width divides, with the weight kinds and
-reductions cycled through (weights requiring grad, so the unweighted loss is written too); then
-the functional and in-place backward with elementwise and scalar grad_output on aligned and
-misaligned buffers, autocast with labels (16-bit logits, float32 loss), an all-ignored mean and
-an empty tensor; then the softmax focal loss's instances on three layouts.
+products, 0.75 by pow) x gradients (none, inputs, inputs and targets), the loss forms (focal
+loss, FL*, quality focal, varifocal) in turn at gamma 0.75, on aligned tensors (the vectorised
+loads) and misaligned views (the scalar path) at a size no vector width divides, with the weight
+kinds and reductions cycled through (weights requiring grad, so the unweighted loss is written
+too); then the functional and in-place backward with elementwise and scalar grad_output on
+aligned and misaligned buffers, autocast with labels (16-bit logits, float32 loss; each gamma
+mode), an all-ignored mean and an empty tensor; then the softmax focal loss's instances on three
+layouts (a thread or a warp per position).
 Every loss and gradient is compared with the float64 reference at the tolerance of
 tests/conftest.py. Prints one line per failure and a summary; exits 1 on any failure.
 """
@@ -24,7 +27,9 @@ import torch
 import focal_cuda
 from conftest import assert_matches, coefficients_of, derivative_term_scales, family_term_scales
 
-ROWS, CLASSES = 37, 13  # 481 elements: odd, so every vector loop has a tail
+# 629 elements: odd, so every vector loop has a tail; 17 classes, so that rows are at least as
+# long as the longest pack (16-bit labels without gradient: 16), which the label loops need.
+ROWS, CLASSES = 37, 17
 DEVICE = "cuda"
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 GAMMAS = [0.0, 2.0, 1.5, 0.75]
@@ -118,8 +123,12 @@ def run_forward_cases(failures):
             continue
         step = next(cycle)
         reduction = REDUCTIONS[step % len(REDUCTIONS)]
-        # A case and its misaligned twin are consecutive steps: both get the same weight kind.
-        weight_kind = WEIGHT_KINDS[(step // 2) % len(WEIGHT_KINDS)]
+        # A case and its misaligned twin are consecutive steps: both get the same weight kind,
+        # and the same form. The focal loss at gammas 0, 2 and 1.5 runs every instance, packed
+        # (aligned) and element by element (misaligned); the forms take turns at 0.75.
+        pair = step // 2
+        weight_kind = WEIGHT_KINDS[pair % len(WEIGHT_KINDS)]
+        form = FORMS[pair % len(FORMS)] if gamma == 0.75 else "focal"
         x, targets, scores = make_case(dtype, target_kind, misaligned, generator)
         weight = make_weight(weight_kind, dtype, generator)
         grad_inputs, grad_targets = grads != "none", grads == "inputs+targets"
@@ -129,7 +138,7 @@ def run_forward_cases(failures):
         differentiable.requires_grad_(grad_targets)
         if weight is not None:
             weight.requires_grad_(grad_inputs)  # the kernels then also write the unweighted loss
-        form, loss_fn, (alpha, op_gamma, beta) = form_call(FORMS[step % len(FORMS)], gamma)
+        form, loss_fn, (alpha, op_gamma, beta) = form_call(form, gamma)
         code = focal_cuda.reference.FORMS[form]
         name = (f"{form} {dtype} targets={target_kind} gamma={gamma} grads={grads} "
                 f"misaligned={misaligned} reduction={reduction} weight={weight_kind}")
@@ -217,21 +226,24 @@ def run_edge_cases(failures):
     """Autocast with labels (16-bit logits, float32 loss), an all-ignored mean, empty input."""
     generator = torch.Generator().manual_seed(2)
     autocast_dtypes = [torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" else [])
-    for dtype in autocast_dtypes:
-        x, labels, _ = make_case(dtype, "int64", False, generator)
-        x.requires_grad_()
+    # The instances of 16-bit logits with a float32 loss: each gamma mode, with and without the
+    # gradient, packed and element by element.
+    autocast_cases = list(itertools.product(autocast_dtypes, GAMMAS[:3], [False, True], [False, True]))
+    for dtype, gamma, grad, misaligned in autocast_cases:
+        x, labels, _ = make_case(dtype, "int64", misaligned, generator)
+        x.requires_grad_(grad)
+        name = f"autocast {dtype} labels gamma={gamma} grad={grad} misaligned={misaligned}"
         with torch.autocast(DEVICE, dtype=dtype):
-            loss = focal_cuda.sigmoid_focal_loss(x, labels, 0.25, 2.0, "sum")
-        loss.backward()
-        reference_x = x.detach().cpu().double().requires_grad_()
-        expected = focal_cuda.reference.sigmoid_focal_loss(
-            reference_x, labels.cpu(), 0.25, 2.0, "sum"
-        )
-        expected.backward()
+            loss = focal_cuda.sigmoid_focal_loss(x, labels, 0.25, gamma, "sum")
+        reference_x = x.detach().cpu().double().requires_grad_(grad)
+        expected = focal_cuda.reference.sigmoid_focal_loss(reference_x, labels.cpu(), 0.25, gamma, "sum")
         if loss.dtype != torch.float32:
-            failures.append(f"autocast {dtype} labels: loss dtype {loss.dtype}, expected float32")
-        compare(f"autocast {dtype} labels loss", loss, expected.detach(), dtype, failures)
-        compare(f"autocast {dtype} labels grad", x.grad, reference_x.grad, dtype, failures)
+            failures.append(f"{name}: loss dtype {loss.dtype}, expected float32")
+        compare(f"{name} loss", loss, expected.detach(), dtype, failures)
+        if grad:
+            loss.backward()
+            expected.backward()
+            compare(f"{name} grad", x.grad, reference_x.grad, dtype, failures)
     labels = torch.full((ROWS,), -100, device=DEVICE)  # every row ignored: the mean is NaN
     x = torch.randn(ROWS, CLASSES, device=DEVICE, requires_grad=True)
     mean = focal_cuda.sigmoid_focal_loss(x, labels, 0.25, 2.0, "mean")
@@ -245,7 +257,7 @@ def run_edge_cases(failures):
     if empty_loss.item() != 0 or empty.grad.shape != empty.shape:
         failures.append("empty input: expected a zero sum and an empty gradient")
     synchronize()
-    return len(autocast_dtypes) + 2
+    return len(autocast_cases) + 2
 
 
 def run_softmax_cases(failures):
@@ -255,7 +267,9 @@ def run_softmax_cases(failures):
     from test_softmax import expected_loss, gradient_scale, make_case as softmax_case, with_ignored_logits_poisoned
 
     calls = 0
-    layouts = [((3, 5, 4, 7), None), ((37, 13), None), ((2, 6, 3, 5), torch.channels_last)]
+    # NCHW and channels-last with few classes: a thread per position; (9, 70), classes side by
+    # side and at least 32 of them: a warp per position.
+    layouts = [((3, 5, 4, 7), None), ((9, 70), None), ((2, 6, 3, 5), torch.channels_last)]
     for dtype, kind, grad, (shape, memory_format), reduction in itertools.product(
             FLOAT_DTYPES, ["labels", "smoothed", "probabilities"], [False, True], layouts, REDUCTIONS):
         inputs, targets = softmax_case(shape, dtype, "cpu", "probabilities" if kind == "probabilities" else "labels")

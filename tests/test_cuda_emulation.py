@@ -1147,18 +1147,6 @@ def test_softmax_bad_label_raises_the_device_assert(emulated, capfd, bad_label):
     emulated.reset_device()
 
 
-def test_every_kernel_instance_was_launched(emulated):
-    """Runs last: every focal_cuda kernel instance compiled into the module was launched by the
-    tests above (a new instance without a case fails here). The counts go into the session's
-    summary (tests/conftest.py)."""
-    instances = {name: count for name, count in emulated.kernel_instances().items()
-                 if name.startswith("focal::cuda::")}
-    cuda_emulation.launch_counts = instances
-    never = sorted(name for name, count in instances.items() if count == 0)
-    assert len(instances) == 190, f"{len(instances)} kernel instances; update this count with the kernels"
-    assert not never, f"{len(never)} of {len(instances)} kernel instances never launched: {never}"
-
-
 @pytest.mark.parametrize("kind", ["smoothed", "probabilities"])
 @pytest.mark.parametrize("gamma", [0.0, 2.0])
 def test_softmax_soft_target_gradient_at_a_confident_class_keeps_its_accuracy(emulated, kind, gamma):
@@ -1224,3 +1212,15 @@ def test_every_mutant_text_is_in_the_kernels_once():
     counts = {name: sum(source.count(old) for source in sources)
               for name, _, old, _ in mutate.MUTANTS + mutate.MATH_MUTANTS}
     assert all(count == 1 for count in counts.values()), {n: c for n, c in counts.items() if c != 1}
+
+
+def test_every_kernel_instance_was_launched(emulated):
+    """Runs last: every focal_cuda kernel instance compiled into the module was launched by the
+    tests above (a new instance without a case fails here). The counts go into the session's
+    summary (tests/conftest.py)."""
+    instances = {name: count for name, count in emulated.kernel_instances().items()
+                 if name.startswith("focal::cuda::")}
+    cuda_emulation.launch_counts = instances
+    never = sorted(name for name, count in instances.items() if count == 0)
+    assert len(instances) == 190, f"{len(instances)} kernel instances; update this count with the kernels"
+    assert not never, f"{len(never)} of {len(instances)} kernel instances never launched: {never}"
