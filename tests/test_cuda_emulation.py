@@ -682,12 +682,14 @@ def test_family_forms_run_in_the_general_element_kernels(emulated, form, gamma, 
 @pytest.mark.parametrize("form", FORM_ROTATION)
 @pytest.mark.parametrize("dtype", [F16, BF16, F32, F64], ids=lambda dtype: str(dtype)[len("torch."):])
 def test_infinite_logits_give_the_cpu_kernels_results(emulated, form, dtype, gamma):
-    """Logits of +-inf with targets 0, 1/2 and 1, where some results are NaN (inf - inf, 0 * inf):
-    the CPU kernels' results, NaN where theirs are (the scalar math's clamp once turned a NaN
-    target gradient into float's largest, which the CPU's vector lanes kept NaN)."""
-    # 66 elements: the CPU kernels' vector lanes and their scalar tail.
-    x = torch.tensor([math.inf, -math.inf], dtype=dtype).repeat_interleave(3).repeat(11)
-    t = torch.tensor([0.0, 0.5, 1.0], dtype=dtype).repeat(22)
+    """Logits of +-inf with targets in [0, 1] and beyond it, where some results are NaN
+    (inf - inf, 0 * inf): the CPU kernels' results, NaN where theirs are (the scalar math's clamp
+    once turned a NaN target gradient into float's largest, which the CPU's vector lanes kept
+    NaN)."""
+    # 70 elements: the CPU kernels' vector lanes and their scalar tail.
+    targets = [-0.5, 0.0, 0.5, 1.0, 1.5]
+    x = torch.tensor([math.inf, -math.inf], dtype=dtype).repeat_interleave(len(targets)).repeat(7)
+    t = torch.tensor(targets, dtype=dtype).repeat(14)
     arguments = (x, t, None, None, FORMS[form], coefficients_of(FORMS[form], 0.25, gamma, 0.5),
                  REDUCTION_CODES["none"], -100, 0.0, False, outputs_mask(True, True, False))
     ours = emulated.sigmoid_focal_loss_forward(*arguments)
