@@ -29,7 +29,7 @@ MUTANTS = [
     ("no_publish_barrier", "block_sum: the barrier between writing and reading the per-warp sums removed",
      "    warp_sums[warp] = value;\n  }\n  __syncthreads();\n", "    warp_sums[warp] = value;\n  }\n"),
     ("no_reuse_barrier", "block_sum: the barrier before reusing the per-warp sums removed "
-     "(a race the emulation's schedules do not expose: compute-sanitizer's racecheck's)",
+     "(a race between the softmax loss's two sums of doubles, which the reverse schedule shows)",
      "  __syncthreads();  // an earlier call's readers are done with warp_sums\n", ""),
     ("shuffle_mask", "block_sum: the second-stage shuffle's mask leaves out lanes 16-31",
      "    for (int offset = kThreads / 64; offset > 0; offset /= 2) {\n"
