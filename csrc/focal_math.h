@@ -6,7 +6,7 @@
 // and their scalar tails (V = float/double), so the CPU tests exercise the very formulas the GPU runs.
 // Everything a value type needs beyond + - * / and comparisons comes from a Math policy:
 // exp, log1p (called only for arguments in [0, 1]), log (for arguments >= 1), pow, sqrt,
-// reciprocal, abs, max, min, select(mask, if_true, if_false).
+// reciprocal, abs, max, min, select(mask, if_true, if_false), positive (v > 0 by its bits).
 //
 // With p = sigmoid(x), t the target (after label smoothing), w the element's weight (the loss and
 // its derivatives below are multiplied by it):
@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -306,6 +307,16 @@ FOCAL_HOST_DEVICE double pow_double(double base, double exponent) {
                                        : magnitude;
 }
 
+// v > 0 read from v's bits (sign clear, not zero): a subnormal v is positive where the CPU
+// kernels' flush-to-zero mode would compare it as 0 (VFL's t > 0 must not turn it negative).
+template <typename S>
+FOCAL_HOST_DEVICE bool positive_bits(S v) {
+  std::conditional_t<sizeof(S) == sizeof(int64_t), int64_t, int32_t> bits;
+  static_assert(sizeof(bits) == sizeof(S), "positive_bits: float or double");
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits > 0;
+}
+
 // A Math policy says whether its fma rounds once (kFusedMultiplyAdd): the formulas that rely on
 // it take another form where it does not.
 template <typename S>
@@ -327,6 +338,7 @@ struct ScalarMath {
   static FOCAL_HOST_DEVICE S select(bool mask, S if_true, S if_false) {
     return mask ? if_true : if_false;
   }
+  static FOCAL_HOST_DEVICE bool positive(S v) { return positive_bits(v); }
 };
 
 template <>
@@ -348,6 +360,7 @@ struct ScalarMath<float> {
   static FOCAL_HOST_DEVICE float select(bool mask, float if_true, float if_false) {
     return mask ? if_true : if_false;
   }
+  static FOCAL_HOST_DEVICE bool positive(float v) { return positive_bits(v); }
 };
 
 // 1 / v for v in (0, 1] overflows to inf for the smallest subnormal v (below 2^-128 in float,
@@ -634,7 +647,7 @@ FOCAL_HOST_DEVICE FormTerms<V> quality_terms(V x, V t, const Logistic<V>& logit,
 //   t > 0: loss = t * CE, dL/dx = t * (p - t), dL/dt = CE - t * x
 //   else:  alpha * quality_terms
 // The loss jumps at t = 0; there d/dt is the negative branch's, as autograd of the composite
-// form gives it.
+// form gives it. A subnormal t is a positive on every device (Math::positive).
 template <typename Math, GammaMode kGamma, bool kGradInputs, bool kGradTargets, typename V,
           typename S>
 FOCAL_HOST_DEVICE FormTerms<V> varifocal_terms(V x, V t, const LossCoeffs<S>& coeffs) {
@@ -643,7 +656,7 @@ FOCAL_HOST_DEVICE FormTerms<V> varifocal_terms(V x, V t, const LossCoeffs<S>& co
   const FormTerms<V> negative =
       quality_terms<Math, kGamma, kGradInputs, kGradTargets>(x, t, logit, coeffs);
   const V alpha(coeffs.negative_scale);
-  const auto positive = t > zero;
+  const auto positive = Math::positive(t);
   FormTerms<V> terms{Math::select(positive, t * logit.ce, alpha * negative.loss), zero, zero};
   if constexpr (kGradInputs) {
     const V d = (V(S(1)) - t) * logit.p - t * logit.pm;

@@ -386,6 +386,45 @@ def test_varifocal_gradient_with_respect_to_targets_at_zero_is_the_negative_bran
     assert_matches(grad_t, 0.75 * p**2 * (-2.0 * ce / p - x))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("labels", [False, True], ids=["scores", "labels"])
+def test_varifocal_subnormal_target_is_a_positive(device, dtype, labels):
+    """A subnormal target (an IoU score below the smallest normal number) is a positive: its
+    loss t CE and d/dx t (p - t) are subnormal, d/dt CE - t x, though the CPU kernels flush the
+    arithmetic's subnormals to 0 (README, Subnormals); not the negatives' alpha |p - t|^gamma CE.
+    70 positions: the CPU kernels' vector lanes and their scalar tail."""
+    smallest_normal = torch.finfo(dtype).smallest_normal
+    score = smallest_normal / 4  # a power of two: exact in every dtype here
+    x = torch.linspace(-2, 2, 70, dtype=torch.float64).reshape(35, 2)
+    if labels:
+        classes = torch.tensor([0, 1, 2] * 11 + [0, 2])  # 2: background, two classes
+        dense = F.one_hot(classes, 3)[:, :2].double() * score
+        targets = (classes.to(device), torch.full((35,), score, dtype=dtype, device=device))
+    else:
+        dense = torch.full_like(x, score)
+        targets = dense.to(device, dtype, copy=True)
+    graded = targets[1] if labels else targets
+    graded.requires_grad_()
+    inputs = x.to(device, dtype, copy=True).requires_grad_()
+    loss = focal_cuda.varifocal_loss(inputs, targets, alpha=0.75, gamma=2.0, reduction="none")
+    loss.sum().backward()
+
+    x64, t64 = x.clone().requires_grad_(), dense.clone().requires_grad_()
+    expected = formula("varifocal", x64, t64, alpha=0.75, gamma=2.0)
+    expected.sum().backward()
+    positive = dense != 0
+    assert expected[positive].abs().max() < smallest_normal  # their losses are subnormal
+    within_a_subnormal = dict(rtol=0, atol=smallest_normal)
+    for name, ours, truth in [("loss", loss.detach(), expected.detach()), ("d/dx", inputs.grad, x64.grad)]:
+        ours = ours.double().cpu()
+        torch.testing.assert_close(ours[positive], truth[positive], **within_a_subnormal,
+                                   msg=lambda m: f"{name} of the positives: {m}")
+        assert_matches(ours[~positive], truth[~positive], dtype)
+    grad_targets = (t64.grad * positive).sum(-1) if labels else t64.grad  # a label's score's
+    assert_matches(graded.grad.cpu(), grad_targets, dtype)
+
+
 def anchor_targets(generator, anchors=40, classes=6):
     """Logits, labels (background = C) and IoU scores as a one-stage head's assigner gives them."""
     x = (3 * torch.randn(anchors, classes, generator=generator, dtype=torch.float64)).requires_grad_()

@@ -107,6 +107,17 @@ struct VecMath {
   static Vec select(const Vec& mask, const Vec& if_true, const Vec& if_false) {
     return Vec::blendv(if_false, if_true, mask);
   }
+  // The lanes of v > 0, compared as integers (focal_math.h's positive_bits): FlushSubnormals
+  // makes a float comparison read a subnormal v as 0.
+  static Vec positive(const Vec& v) {
+    using Bits = at::vec::int_same_size_t<S>;
+    static_assert(Vectorized<Bits>::size() == Vec::size(), "one integer lane per lane");
+    alignas(64) S lanes[Vec::size()];
+    v.store(lanes);
+    const Vectorized<Bits> mask = Vectorized<Bits>::loadu(lanes) > Vectorized<Bits>(0);
+    mask.store(lanes);  // all bits set where true: select's mask
+    return Vec::loadu(lanes);
+  }
 };
 
 // exp(v) for v <= 0, nearly all the loss needs (exp(-|x|), and q^gamma = exp(gamma log q) with
