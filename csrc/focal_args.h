@@ -43,9 +43,7 @@ struct ForwardArgsOf {
                          // float32), indexed per weight_kind; or undefined
   WeightKind weight_kind;
   LossForm form;
-  double alpha;  // < 0: no alpha weighting (focal loss, FL*); VFL: the negatives' weight
-  double gamma;  // the modulating exponent (FL, QFL's beta, VFL), or FL*'s gamma
-  double beta;   // FL*'s beta
+  FormScalars coefficients;  // the form's, by role (focal_math.h)
   double label_smoothing;
   Reduction reduction;
   Tensor loss;             // inputs' shape for Reduction::None, else 0-d
@@ -71,9 +69,7 @@ struct ForwardArgsOf {
     args.weight = read(weight);
     args.weight_kind = weight_kind;
     args.form = form;
-    args.alpha = alpha;
-    args.gamma = gamma;
-    args.beta = beta;
+    args.coefficients = coefficients;
     args.label_smoothing = label_smoothing;
     args.reduction = reduction;
     args.loss = write(loss);

@@ -115,9 +115,9 @@ inline constexpr LossForm kLastForm = LossForm::Varifocal;
 // (Exponent, or FL*'s Positive slope) ends at kMaxGamma: float32 rounds q to 24 bits, an error
 // q^gamma multiplies by gamma (1e-4 relative at 1,000, 4% at 10^6, and past ~10^8 a gradient of
 // the wrong magnitude), and FL*'s gamma * x overflows long before float32's largest.
-enum class CoefficientRange { UnitOrOff, NonNegative, NonNegativeOrOff, Positive, Finite, Exponent };
+enum class CoefficientRange { UnitOrOff, NonNegative, NonNegativeOrOff, Positive, Finite, Exponent, Flag };
 inline constexpr double kMaxGamma = 1000.0;
-enum class CoefficientRole { Alpha, Gamma, Beta };
+enum class CoefficientRole { Alpha, Gamma, Beta, DetachModulation };
 struct FormCoefficient {
   const char* name;
   CoefficientRange range;
@@ -144,9 +144,11 @@ inline constexpr FormSignature kFormSignatures[] = {
     {"quality focal loss", 1, {{"beta", CoefficientRange::Exponent, CoefficientRole::Gamma}},
      false},
     // alpha weighs the negatives (the terms switch alpha_t off); targets are soft scores already.
-    {"varifocal loss", 2,
+    // detach_modulation 1: the negatives' |p - t|^gamma carries no gradient to x (RT-DETR's).
+    {"varifocal loss", 3,
      {{"alpha", CoefficientRange::NonNegative, CoefficientRole::Alpha},
-      {"gamma", CoefficientRange::Exponent, CoefficientRole::Gamma}},
+      {"gamma", CoefficientRange::Exponent, CoefficientRole::Gamma},
+      {"detach_modulation", CoefficientRange::Flag, CoefficientRole::DetachModulation}},
      false},
 };
 inline constexpr FormSignature kSoftmaxSignature = {
@@ -187,6 +189,7 @@ struct FormScalars {
   double alpha = -1.0;
   double gamma = 0.0;
   double beta = 0.0;
+  bool detach_modulation = false;
 };
 inline FormScalars form_scalars(const FormSignature& signature, const double* coefficients) {
   FormScalars scalars;
@@ -195,6 +198,7 @@ inline FormScalars form_scalars(const FormSignature& signature, const double* co
       case CoefficientRole::Alpha: scalars.alpha = coefficients[i]; break;
       case CoefficientRole::Gamma: scalars.gamma = coefficients[i]; break;
       case CoefficientRole::Beta: scalars.beta = coefficients[i]; break;
+      case CoefficientRole::DetachModulation: scalars.detach_modulation = coefficients[i] != 0.0; break;
     }
   }
   return scalars;
@@ -209,13 +213,18 @@ struct LossCoeffs : FocalCoeffs<S> {
   S star_beta;       // FL*'s beta
   S star_inv_gamma;  // FL*'s 1 / gamma (gamma > 0 there)
   S negative_scale;  // VFL's alpha
+  // The modulating factor's gamma in d/dx (QFL's and VFL's |p - t|^gamma): 0 where p is
+  // detached in it, so that the factor only weighs the cross-entropy's gradient.
+  S modulation_gamma_dx;
 
-  LossCoeffs(LossForm form_, double alpha, double gamma_, double beta, double label_smoothing)
-      : FocalCoeffs<S>(form_ == LossForm::Varifocal ? -1.0 : alpha, gamma_, label_smoothing),
+  LossCoeffs(LossForm form_, const FormScalars& scalars, double label_smoothing)
+      : FocalCoeffs<S>(form_ == LossForm::Varifocal ? -1.0 : scalars.alpha, scalars.gamma,
+                       label_smoothing),
         form(form_),
-        star_beta(static_cast<S>(beta)),
-        star_inv_gamma(static_cast<S>(gamma_ > 0.0 ? 1.0 / gamma_ : 0.0)),
-        negative_scale(static_cast<S>(alpha)) {}
+        star_beta(static_cast<S>(scalars.beta)),
+        star_inv_gamma(static_cast<S>(scalars.gamma > 0.0 ? 1.0 / scalars.gamma : 0.0)),
+        negative_scale(static_cast<S>(scalars.alpha)),
+        modulation_gamma_dx(static_cast<S>(scalars.detach_modulation ? 0.0 : scalars.gamma)) {}
 };
 
 // log(1 + v) for float v in [-0.25, 1]: 2 atanh(s) with s = v / (2 + v), |s| <= 1/3. In h = 2s
@@ -595,7 +604,7 @@ FOCAL_HOST_DEVICE FormTerms<V> star_terms(V x, V t, const LossCoeffs<S>& coeffs)
 // CE * |p - t|^g, QFL's loss (Li et al., GFL) and VFL's on negatives (without its alpha). With
 // d = p - t, a = |d|, dCE/dx = d, dCE/dt = -x, da/dx = sign(d) p(1-p), da/dt = -sign(d):
 //   loss  = a^g * CE
-//   dL/dx = a^g * [d + g * sign(d) * (CE / a) * p(1-p)]
+//   dL/dx = a^g * [d + g * sign(d) * (CE / a) * p(1-p)]     (g_dx for g: 0 where p is detached)
 //   dL/dt = a^g * [-x - g * sign(d) * (CE / a)]
 // At a saturated logit with a hard target CE vanishes like a (CE / a -> 1), so the gradient
 // stays finite for fractional g; at a == 0 the sign(d) terms are 0 (abs'(0) = 0, as autograd
@@ -604,7 +613,7 @@ FOCAL_HOST_DEVICE FormTerms<V> star_terms(V x, V t, const LossCoeffs<S>& coeffs)
 template <typename Math, GammaMode kGamma, bool kGradInputs, bool kGradTargets, typename V,
           typename S>
 FOCAL_HOST_DEVICE FormTerms<V> quality_terms(V x, V t, const Logistic<V>& logit,
-                                             const FocalCoeffs<S>& coeffs) {
+                                             const LossCoeffs<S>& coeffs) {
   const V zero(S(0));
   const V d = (V(S(1)) - t) * logit.p - t * logit.pm;  // p - t, exact near t = 1
   const V a = Math::abs(d);
@@ -619,23 +628,23 @@ FOCAL_HOST_DEVICE FormTerms<V> quality_terms(V x, V t, const Logistic<V>& logit,
     inv_scaled_a = Math::reciprocal(a * V(kUnitScale<S>));
   }
   // g * sign(d) * numerator / a, 0 where a == 0.
-  const auto signed_over_a = [&](V numerator) {
+  const auto signed_over_a = [&](V g, V numerator) {
     const V over_a = Math::select(a > zero, numerator * inv_scaled_a * V(kUnitScale<S>), zero);
-    return gamma * Math::select(d < zero, zero - over_a, over_a);
+    return g * Math::select(d < zero, zero - over_a, over_a);
   };
   if constexpr (kGradInputs) {
     V bracket = d;
     if constexpr (kModulated) {
       // p(1-p) / a (at most 1 for a hard target) before CE: CE / a, times gamma, overflows at
       // |x| near float's largest, where p(1-p) is 0.
-      bracket = bracket + logit.ce * signed_over_a(logit.p * logit.pm);
+      bracket = bracket + logit.ce * signed_over_a(V(coeffs.modulation_gamma_dx), logit.p * logit.pm);
     }
     terms.d_inputs = a_gamma * bracket;
   }
   if constexpr (kGradTargets) {
     V bracket = zero - x;
     if constexpr (kModulated) {
-      bracket = within_range<S, Math>(bracket - signed_over_a(logit.ce));
+      bracket = within_range<S, Math>(bracket - signed_over_a(gamma, logit.ce));
     }
     terms.d_targets = a_gamma * bracket;
   }

@@ -352,6 +352,10 @@ void check_signature(const FormSignature& signature, const std::vector<double>& 
         TORCH_CHECK_VALUE(value >= 0.0 && value <= kMaxGamma, name, " must be in [0, ",
                           static_cast<int64_t>(kMaxGamma), "]", got());
         break;
+      case CoefficientRange::Flag:
+        TORCH_CHECK_VALUE(value == 0.0 || value == 1.0, name, " must be 0 or 1 (False or True)",
+                          got());
+        break;
     }
   }
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
@@ -472,10 +476,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_f
                     "most ", kMaxCudaLabelClasses, ", got ", args.classes);
   args.ignore_index = ignore_index;
   args.form = loss_form;
-  const FormScalars scalars = form_scalars(kFormSignatures[form], coefficients.data());
-  args.alpha = scalars.alpha;
-  args.gamma = scalars.gamma;
-  args.beta = scalars.beta;
+  args.coefficients = form_scalars(kFormSignatures[form], coefficients.data());
   args.label_smoothing = label_smoothing;
   args.reduction = mode;
 

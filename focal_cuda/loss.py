@@ -75,6 +75,13 @@ def _as_float(value, name):
     raise ValueError(f"{name} must be a real number, got {_described(value, name)}")
 
 
+def _as_flag(value, name):
+    """A bool option as the op's coefficient: 1.0 or 0.0."""
+    if type(value) is bool:
+        return float(value)
+    raise ValueError(f"{name} must be a bool, got {_described(value, name)}")
+
+
 def _described(value, name):
     # A tensor by its kind and shape, not its repr, which torch.compile cannot trace; not
     # converted here, which would read a CUDA tensor back to the host on every call.
@@ -271,9 +278,11 @@ def quality_focal_loss(
                        ignore_index, 0.0)
 
 
-def _varifocal_terms(x, t, alpha, gamma):
-    """(t where t > 0, else alpha * |p - t| ** gamma) * BCE."""
-    return torch.where(t > 0, t, alpha * power(distance(x, t), gamma)) * bce_with_logits(x, t)
+def _varifocal_terms(x, t, alpha, gamma, detach_modulation):
+    """(t where t > 0, else alpha * |p - t| ** gamma) * BCE, p detached in the modulation when
+    detach_modulation."""
+    modulated = x.detach() if detach_modulation else x
+    return torch.where(t > 0, t, alpha * power(distance(modulated, t), gamma)) * bce_with_logits(x, t)
 
 
 @_family_form("varifocal", 3, _varifocal_terms)
@@ -285,25 +294,27 @@ def varifocal_loss(
     reduction: str = "mean",
     weight: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
+    detach_modulation: bool = False,
 ) -> torch.Tensor:
     """Varifocal loss (Zhang et al. 2021, VarifocalNet), fused with its gradient.
 
     For soft (IoU-quality) targets t in [0, 1]: positives (t > 0) are weighted by their score,
     negatives down-weighted focally. Equivalent to ``focal_cuda.reference.varifocal_loss`` and
-    mmdet's ``varifocal_loss`` with ``iou_weighted=True`` (not to RT-DETR's, whose modulation
-    has no gradient: README)::
+    mmdet's ``varifocal_loss`` with ``iou_weighted=True``; with ``detach_modulation=True``, to
+    RT-DETR's (and the DETRs built on its criterion), whose modulation carries no gradient::
 
         p = sigmoid(inputs)
-        modulation = t if t > 0 else alpha * |p - t| ** gamma
+        modulation = t if t > 0 else alpha * |p - t| ** gamma   (p detached: detach_modulation)
         loss = weight * BCE(p, t) * modulation, then reduced
 
-    alpha >= 0, gamma in [0, 1000]. ``targets`` (floating, or integer class labels meaning score 1),
+    alpha >= 0, gamma in [0, 1000]; detach_modulation a bool, the same loss either way. ``targets`` (floating, or integer class labels meaning score 1),
     ``weight``, ``ignore_index``, the dtypes and the gradients as in ``sigmoid_focal_loss``; no
     label smoothing (it would turn every negative into a positive). The loss jumps at t = 0;
     the gradient w.r.t. targets there is the negative branch's. Not scriptable by TorchScript.
     """
-    return _fused_loss(FORMS["varifocal"], inputs, targets, [_as_float(alpha, "alpha"), _as_float(gamma, "gamma")],
-                       reduction, weight, ignore_index, 0.0)
+    coefficients = [_as_float(alpha, "alpha"), _as_float(gamma, "gamma"),
+                    _as_flag(detach_modulation, "detach_modulation")]
+    return _fused_loss(FORMS["varifocal"], inputs, targets, coefficients, reduction, weight, ignore_index, 0.0)
 
 
 def softmax_focal_loss(

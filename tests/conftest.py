@@ -454,12 +454,13 @@ def loss_magnitude(form, inputs, targets, alpha, gamma, beta, label_smoothing):
     return a * q.pow(gamma) * ce
 
 
-def coefficients_of(form, alpha, gamma, beta=0.0):
+def coefficients_of(form, alpha, gamma, beta=0.0, detach_modulation=False):
     """The sigmoid forward op's coefficients of form from the options in the kernels' meaning
     (gamma: the quality focal loss's beta; alpha -1 or None: none)."""
     known_form_key(form)
     named = dict(alpha=-1.0 if alpha is None else alpha, gamma=gamma,
-                 beta=gamma if form == focal_cuda.reference.FORMS["quality"] else beta)
+                 beta=gamma if form == focal_cuda.reference.FORMS["quality"] else beta,
+                 detach_modulation=float(detach_modulation))
     return [named[name] for name in focal_cuda.reference.FAMILY[form].coefficients]
 
 

@@ -678,6 +678,36 @@ def test_family_forms_run_in_the_general_element_kernels(emulated, form, gamma, 
                             targets == "labels", False, 2)
 
 
+@pytest.mark.parametrize("gamma", [1.5, 2.0])
+@pytest.mark.parametrize("dtype", [F16, BF16, F32, F64], ids=lambda dtype: str(dtype)[len("torch."):])
+def test_varifocal_detached_modulation(emulated, dtype, gamma):
+    """VFL with detach_modulation (RT-DETR's), in the General element kernels: the loss and d/dt
+    of the float64 reference, and on the negatives d/dx = alpha |p - t|^gamma (p - t)
+    (tests/test_family.py checks the CPU kernels against RT-DETR's composite)."""
+    generator = torch.Generator().manual_seed(9)
+    x = 4 * torch.randn(37, 13, generator=generator, dtype=F64)
+    t = torch.where(torch.rand(37, 13, generator=generator) < 0.5, torch.zeros_like(x),
+                    torch.rand(37, 13, generator=generator, dtype=F64))
+    x, t = x.to(dtype).double().requires_grad_(), t.to(dtype).double().requires_grad_()
+    code = FORMS["varifocal"]
+    arguments = (x.detach().to(dtype), t.detach().to(dtype), None, None, code,
+                 coefficients_of(code, 0.75, gamma, detach_modulation=True), REDUCTION_CODES["none"],
+                 -100, 0.0, False, outputs_mask(True, True, False))
+    launched = launches_during(emulated, lambda: emulated.sigmoid_focal_loss_forward(*arguments))
+    loss, grad_x, grad_t = emulated.sigmoid_focal_loss_forward(*arguments)[:3]
+    assert any("General" in name for name in launched), launched
+    expected = focal_cuda.reference.varifocal_loss(x, t, 0.75, gamma, "none", detach_modulation=True)
+    expected_x, expected_t = torch.autograd.grad(expected, (x, t), torch.ones_like(expected))
+    d = x.detach().sigmoid() - t.detach()
+    negative = t.detach() <= 0
+    assert_matches(expected_x[negative], (0.75 * d.abs() ** gamma * d)[negative])  # the oracle's
+    # The undetached derivative's term scales bound the detached one's (a subset of its terms).
+    scale_loss, scale_x, scale_t = family_term_scales(code, x, t, 0.75, gamma)
+    assert_matches(loss, expected.detach(), dtype, scale=scale_loss)
+    assert_matches(grad_x, expected_x, dtype, scale=scale_x)
+    assert_matches(grad_t, expected_t, dtype, scale=scale_t)
+
+
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
 @pytest.mark.parametrize("form", FORM_ROTATION)
 @pytest.mark.parametrize("dtype", [F16, BF16, F32, F64], ids=lambda dtype: str(dtype)[len("torch."):])

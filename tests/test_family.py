@@ -472,6 +472,79 @@ def test_rt_detr_varifocal_loss_has_the_values_and_a_detached_modulation():
     assert ratio.min() >= 1 and ratio.max() <= 3
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("labels", [False, True], ids=["scores", "labels"])
+def test_detached_modulation_is_rt_detrs_varifocal_loss(device, dtype, labels):
+    """detach_modulation=True is RT-DETR's VFL (its composite, written here in float64, p
+    detached in alpha * p^gamma; its scores, IoUs, detached too): the same loss and gradient
+    w.r.t. the logits; gamma 2 and 1.5 (on CUDA the General kernels' products and pow)."""
+    x64, label_index, scores = anchor_targets(torch.Generator().manual_seed(11))
+    dense, _ = one_hot(label_index, x64.shape[1])
+    target = dense * scores[:, None]
+    x = x64.detach().to(device, dtype).requires_grad_()
+    targets = (label_index.to(device), scores.to(device, dtype)) if labels else target.to(device, dtype)
+    for gamma in (2.0, 1.5):
+        weight = 0.75 * x64.sigmoid().detach().pow(gamma) * (1 - dense) + target
+        theirs = F.binary_cross_entropy_with_logits(x64, target, weight=weight, reduction="sum")
+        ours = focal_cuda.varifocal_loss(x, targets, alpha=0.75, gamma=gamma, reduction="sum",
+                                         detach_modulation=True)
+        assert_matches(ours.cpu(), theirs.detach(), dtype)
+        assert_matches(torch.autograd.grad(ours, x)[0].cpu(), torch.autograd.grad(theirs, x64)[0], dtype)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 0.5])
+def test_detached_modulation_changes_only_the_negatives_logit_gradient(gamma):
+    """Against the module's own float64 terms differentiated by autograd (reference.varifocal_loss
+    with p detached in its modulation): the loss and the target gradient as without detach,
+    d/dx alpha |p - t|^gamma (p - t) on the negatives; on the CPU kernels, lanes and tail."""
+    generator = torch.Generator().manual_seed(5)
+    x = (4 * torch.randn(67, generator=generator, dtype=torch.float64)).requires_grad_()
+    t = torch.where(torch.rand(67, generator=generator) < 0.5, torch.zeros(67, dtype=torch.float64),
+                    torch.rand(67, generator=generator, dtype=torch.float64)).requires_grad_()
+    options = dict(alpha=0.75, gamma=gamma, reduction="sum")
+    detached = focal_cuda.varifocal_loss(x, t, detach_modulation=True, **options)
+    attached = focal_cuda.varifocal_loss(x, t, **options)
+    grad_x, grad_t = torch.autograd.grad(detached, (x, t))
+    attached_x, attached_t = torch.autograd.grad(attached, (x, t))
+    p = x.detach().sigmoid()
+    d = p - t.detach()
+    negative = t.detach() <= 0
+    expected_x = torch.where(negative, 0.75 * d.abs() ** gamma * d, attached_x)
+    assert_matches(detached, attached.detach())
+    assert_matches(grad_t, attached_t)
+    assert_matches(grad_x, expected_x)
+    assert gamma == 0 or not torch.allclose(grad_x[negative], attached_x[negative])
+    reference = focal_cuda.reference.varifocal_loss(x, t, detach_modulation=True, **options)
+    assert_matches(torch.autograd.grad(reference, x)[0], expected_x)
+
+
+def test_detached_modulation_on_the_reference_formulas_paths():
+    """torch.func.grad and create_graph take the reference formula (p detached there by
+    x.detach()): the eager kernels' gradient, and a second derivative through it."""
+    generator = torch.Generator().manual_seed(6)
+    x = 3 * torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    t = torch.where(torch.rand(5, 4, generator=generator) < 0.5, torch.zeros_like(x), torch.rand_like(x))
+
+    def loss(inputs):
+        return focal_cuda.varifocal_loss(inputs, t, reduction="sum", detach_modulation=True)
+
+    eager = x.clone().requires_grad_()
+    (eager_grad,) = torch.autograd.grad(loss(eager), eager)
+    assert_matches(torch.func.grad(loss)(x), eager_grad)
+    graph = x.clone().requires_grad_()
+    (graph_grad,) = torch.autograd.grad(loss(graph), graph, create_graph=True)
+    assert_matches(graph_grad.detach(), eager_grad)
+    assert graph_grad.requires_grad
+
+
+def test_detach_modulation_must_be_a_bool():
+    with pytest.raises(ValueError, match="detach_modulation must be a bool, got 1"):
+        focal_cuda.varifocal_loss(torch.zeros(2, 3), torch.zeros(2, 3), detach_modulation=1)
+    with pytest.raises(ValueError, match="detach_modulation must be a bool, got 1"):
+        focal_cuda.VarifocalLoss(detach_modulation=1)
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda x, t: focal_cuda.sigmoid_focal_loss_star(x, t, gamma=0.0), ValueError,
      "gamma must be in (0, 1000], got 0"),
@@ -514,9 +587,11 @@ def test_errors_name_the_argument(call, error, message):
     (1, [-1.0, 0.0, 0.0], 0.0, "gamma must be in (0, 1000], got 0"),
     (1, [-1.0, 1.0, math.inf], 0.0, "beta must be a number of magnitude at most 3.4028234663852886e+38 (float32's largest), got inf"),
     (2, [-0.5], 0.0, "beta must be in [0, 1000], got -0.5"),
-    (3, [0.75, 2.0], 0.1, "label_smoothing must be 0 for the varifocal loss, whose targets are soft scores already, got 0.1"),
+    (3, [0.75, 2.0, 0.0], 0.1, "label_smoothing must be 0 for the varifocal loss, whose targets are soft scores already, got 0.1"),
     (2, [2.0], 0.1, "label_smoothing must be 0 for the quality focal loss, whose targets are soft scores already, got 0.1"),
-    (3, [-1.0, 2.0], 0.0, "alpha must be >= 0 and at most 3.4028234663852886e+38 (float32's largest), got -1"),
+    (3, [-1.0, 2.0, 0.0], 0.0, "alpha must be >= 0 and at most 3.4028234663852886e+38 (float32's largest), got -1"),
+    (3, [0.75, 2.0, 0.5], 0.0, "detach_modulation must be 0 or 1 (False or True), got 0.5"),
+    (3, [0.75, 2.0], 0.0, "the varifocal loss takes the coefficients (alpha, gamma, detach_modulation), got 2 values"),
     (0, [0.25, 2.0], 1.0, "label_smoothing must be in [0, 1), got 1"),
 ])
 def test_op_checks_the_form_arguments(form, coefficients, label_smoothing, message):
@@ -570,6 +645,7 @@ def test_op_and_reference_agree_on_each_forms_coefficients(form):
     (focal_cuda.SigmoidFocalLossStar, focal_cuda.sigmoid_focal_loss_star, dict(alpha=0.25, gamma=2.0, beta=0.5)),
     (focal_cuda.QualityFocalLoss, focal_cuda.quality_focal_loss, dict(beta=1.5)),
     (focal_cuda.VarifocalLoss, focal_cuda.varifocal_loss, dict(alpha=0.5, gamma=1.5)),
+    (focal_cuda.VarifocalLoss, focal_cuda.varifocal_loss, dict(alpha=0.75, gamma=2.0, detach_modulation=True)),
 ])
 def test_modules(module, function, parameters):
     generator = torch.Generator().manual_seed(3)

@@ -165,7 +165,7 @@ double compute_block(const S* x, const S* t, const S* w, const S* v, int64_t n,
 template <typename S, GammaMode kGamma, bool kGradInputs, bool kGradTargets>
 void forward_impl(const ForwardArgs& args) {
   const int64_t n = args.inputs.numel();
-  const LossCoeffs<S> coeffs(args.form, args.alpha, args.gamma, args.beta, args.label_smoothing);
+  const LossCoeffs<S> coeffs(args.form, args.coefficients, args.label_smoothing);
   const bool elementwise = args.reduction == Reduction::None;
   const bool weighted = args.weight_kind != WeightKind::None;
   const int64_t num_chunks = (n + kChunk - 1) / kChunk;
@@ -299,7 +299,8 @@ void forward(const ForwardArgs& args) {
     using S = decltype(math_type);
     // gamma 1 gets loops of its own: the General loops choose the exponent's products (or pow)
     // once per vector, which q^1 = q does not need (bench/NOTES.md).
-    const GammaMode mode = args.gamma == 1.0 ? GammaMode::One : gamma_mode(args.gamma);
+    const double gamma = args.coefficients.gamma;
+    const GammaMode mode = gamma == 1.0 ? GammaMode::One : gamma_mode(gamma);
     dispatch_gamma_mode<GammaMode::Zero, GammaMode::One, GammaMode::Two, GammaMode::General>(
         mode, [&](auto gamma_mode) {
       dispatch_flag(args.grad_inputs.defined(), [&](auto grad_inputs) {

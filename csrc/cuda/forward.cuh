@@ -647,7 +647,7 @@ void launch_forward(const DeviceForwardArgs& args, const LaunchPlace& place) {
       args.classes,
       args.ignore_index,
       n,
-      LossCoeffs<S>(args.form, args.alpha, args.gamma, args.beta, args.label_smoothing),
+      LossCoeffs<S>(args.form, args.coefficients, args.label_smoothing),
       elementwise ? args.loss.mutable_data_ptr<out_t>() : nullptr,
       data_or_null<saved_t<out_t>>(args.unweighted_loss),
       data_or_null<saved_t<x_t>>(args.grad_inputs),
@@ -681,7 +681,7 @@ void launch_forward(const DeviceForwardArgs& args, const LaunchPlace& place) {
 
   // The family's forms run in the General element kernels only (their exponent by products
   // or pow): the Zero, Two and packed kernels carry the focal loss alone.
-  const GammaMode mode = args.form == LossForm::Focal ? gamma_mode(args.gamma) : GammaMode::General;
+  const GammaMode mode = args.form == LossForm::Focal ? gamma_mode(args.coefficients.gamma) : GammaMode::General;
   // gamma 1 runs in the General kernels: their products-or-pow decision is uniform across a
   // warp, and one kernel set fewer keeps the build and the emulated sweep smaller.
   dispatch_gamma_mode<GammaMode::Zero, GammaMode::Two, GammaMode::General>(

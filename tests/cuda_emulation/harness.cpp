@@ -47,9 +47,8 @@ void forward_into(const at::Tensor& inputs, const at::Tensor& targets,
   args.weight = weight.value_or(at::Tensor());
   args.weight_kind = static_cast<focal::WeightKind>(weight_kind);
   args.form = focal::LossForm::Focal;
-  args.alpha = alpha;
-  args.gamma = gamma;
-  args.beta = 0.0;
+  args.coefficients.alpha = alpha;
+  args.coefficients.gamma = gamma;
   args.label_smoothing = label_smoothing;
   args.reduction = static_cast<focal::Reduction>(reduction);
   args.loss = loss;
