@@ -50,9 +50,10 @@ def quality_composite(x, t, beta):
     return (F.binary_cross_entropy_with_logits(x, t, reduction="none") * (t - x.sigmoid()).abs().pow(beta)).sum()
 
 
-def varifocal_composite(x, t, alpha, gamma):
-    """mmdet's varifocal_loss with iou_weighted=True."""
-    p = x.sigmoid()
+def varifocal_composite(x, t, alpha, gamma, detach_modulation):
+    """mmdet's varifocal_loss with iou_weighted=True (p detached in the modulation, as RT-DETR's,
+    with detach_modulation)."""
+    p = x.sigmoid().detach() if detach_modulation else x.sigmoid()
     focal_weight = t * (t > 0.0).to(t.dtype) + alpha * (p - t).abs().pow(gamma) * (t <= 0.0).to(t.dtype)
     return (F.binary_cross_entropy_with_logits(x, t, reduction="none") * focal_weight).sum()
 

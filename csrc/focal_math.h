@@ -183,8 +183,8 @@ static_assert(sizeof(kFormSignatures) / sizeof(kFormSignatures[0]) ==
                   static_cast<size_t>(kLastForm) + 1,
               "kFormSignatures needs one row per LossForm, in code order");
 
-// A signature's coefficients (count of them, checked) as the terms' alpha, gamma and beta
-// (LossCoeffs', SoftmaxCoeffs').
+// A signature's coefficients (count of them, checked) as the terms' alpha, gamma, beta and
+// VFL's detach flag (LossCoeffs', SoftmaxCoeffs').
 struct FormScalars {
   double alpha = -1.0;
   double gamma = 0.0;

@@ -79,7 +79,9 @@ def _as_flag(value, name):
     """A bool option as the op's coefficient: 1.0 or 0.0."""
     if type(value) is bool:
         return float(value)
-    raise ValueError(f"{name} must be a bool, got {_described(value, name)}")
+    # A tensor by its type only, as _described: no repr, which torch.compile cannot trace.
+    got = f"a {type(value).__name__}" if isinstance(value, torch.Tensor) else repr(value)
+    raise ValueError(f"{name} must be a bool (True or False), got {got}")
 
 
 def _described(value, name):
@@ -307,10 +309,11 @@ def varifocal_loss(
         modulation = t if t > 0 else alpha * |p - t| ** gamma   (p detached: detach_modulation)
         loss = weight * BCE(p, t) * modulation, then reduced
 
-    alpha >= 0, gamma in [0, 1000]; detach_modulation a bool, the same loss either way. ``targets`` (floating, or integer class labels meaning score 1),
-    ``weight``, ``ignore_index``, the dtypes and the gradients as in ``sigmoid_focal_loss``; no
-    label smoothing (it would turn every negative into a positive). The loss jumps at t = 0;
-    the gradient w.r.t. targets there is the negative branch's. Not scriptable by TorchScript.
+    alpha >= 0, gamma in [0, 1000]; detach_modulation a bool (the same loss either way).
+    ``targets`` (floating, or integer class labels meaning score 1), ``weight``,
+    ``ignore_index``, the dtypes and the gradients as in ``sigmoid_focal_loss``; no label
+    smoothing (it would turn every negative into a positive). The loss jumps at t = 0; the
+    gradient w.r.t. targets there is the negative branch's. Not scriptable by TorchScript.
     """
     coefficients = [_as_float(alpha, "alpha"), _as_float(gamma, "gamma"),
                     _as_flag(detach_modulation, "detach_modulation")]

@@ -560,7 +560,8 @@ def consistency_cases(draw):
     """(inputs, targets, options, scores, weight) for assert_gradients_are_derivatives: 4 rows of
     5 classes in float64, logits in [-50, 50], targets (or the scores of labels) in [-3, 3] with
     0 and 1 drawn often, any form with the options it takes, whole and fractional gammas."""
-    # No subnormals: the CPU kernels flush them to 0 (README), which moves VFL across its jump.
+    # No subnormals: the CPU kernels flush them to 0 in their arithmetic (README, Subnormals),
+    # so a subnormal operand is not the value the float64 oracles compute with.
     values = lambda low, high, special: st.lists(
         st.one_of(st.floats(low, high, allow_subnormal=False), st.sampled_from(special)),
         min_size=20, max_size=20)

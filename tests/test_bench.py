@@ -14,6 +14,7 @@ import pytest
 import torch
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench.py")
+BENCH_FAMILY = os.path.join(os.path.dirname(BENCH), "bench_family.py")
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +121,27 @@ def test_interleaved_rounds_vary_the_order(bench):
     for name in "abcde":
         predecessors = {order[order.index(name) - 1] for order in rounds if order[0] != name}
         assert len(predecessors) > 1, (name, predecessors)
+
+
+def test_family_benchmark_times_each_form_against_a_composite_of_the_same_loss():
+    """bench/bench_family.py's cases (one per registered form, at the function's defaults): the
+    composite it times gives the fused function's loss and gradient, so that a new coefficient
+    or form cannot leave a case that fails, or times another loss."""
+    spec = importlib.util.spec_from_file_location("focal_cuda_bench_family", BENCH_FAMILY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import focal_cuda
+
+    assert len(module.FORMS) == len(focal_cuda.reference.FAMILY) - 1  # all but the focal loss
+    generator = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    t = torch.where(torch.rand(6, 5, generator=generator) < 0.5, 0.0,
+                    torch.rand(6, 5, generator=generator, dtype=torch.float64))
+    for name, (fused, composite) in module.FORMS.items():
+        gradients = []
+        for function in (fused, composite):
+            inputs = x.clone().requires_grad_()
+            loss = function(inputs, t)
+            gradients.append((loss.detach(), *torch.autograd.grad(loss, inputs)))
+        for ours, theirs in zip(*gradients):
+            torch.testing.assert_close(ours, theirs, msg=lambda m: f"{name}: {m}")

@@ -521,7 +521,8 @@ def test_detached_modulation_changes_only_the_negatives_logit_gradient(gamma):
 
 def test_detached_modulation_on_the_reference_formulas_paths():
     """torch.func.grad and create_graph take the reference formula (p detached there by
-    x.detach()): the eager kernels' gradient, and a second derivative through it."""
+    x.detach()): the eager kernels' gradient, and a second derivative through it; compiled
+    code the op."""
     generator = torch.Generator().manual_seed(6)
     x = 3 * torch.randn(5, 4, generator=generator, dtype=torch.float64)
     t = torch.where(torch.rand(5, 4, generator=generator) < 0.5, torch.zeros_like(x), torch.rand_like(x))
@@ -536,12 +537,18 @@ def test_detached_modulation_on_the_reference_formulas_paths():
     (graph_grad,) = torch.autograd.grad(loss(graph), graph, create_graph=True)
     assert_matches(graph_grad.detach(), eager_grad)
     assert graph_grad.requires_grad
+    compiled = x.clone().requires_grad_()  # the op with its registered autograd
+    (compiled_grad,) = torch.autograd.grad(torch.compile(loss, fullgraph=True)(compiled), compiled)
+    assert_matches(compiled_grad, eager_grad)
 
 
 def test_detach_modulation_must_be_a_bool():
-    with pytest.raises(ValueError, match="detach_modulation must be a bool, got 1"):
+    message = r"detach_modulation must be a bool \(True or False\), got "
+    with pytest.raises(ValueError, match=message + "1$"):
         focal_cuda.varifocal_loss(torch.zeros(2, 3), torch.zeros(2, 3), detach_modulation=1)
-    with pytest.raises(ValueError, match="detach_modulation must be a bool, got 1"):
+    with pytest.raises(ValueError, match=message + "a Tensor$"):
+        focal_cuda.varifocal_loss(torch.zeros(2, 3), torch.zeros(2, 3), detach_modulation=torch.tensor(True))
+    with pytest.raises(ValueError, match=message + "1$"):
         focal_cuda.VarifocalLoss(detach_modulation=1)
 
 
@@ -654,7 +661,10 @@ def test_modules(module, function, parameters):
     weight = torch.rand(4, generator=generator)
     for reduction in REDUCTIONS:
         loss = module(reduction=reduction, **parameters)(x, t, weight)
-        assert torch.equal(loss, function(x, t, reduction=reduction, weight=weight, **parameters))
+        expected = function(x, t, reduction=reduction, weight=weight, **parameters)
+        assert torch.equal(loss, expected)
+        # The gradient too: an option such as detach_modulation changes it alone.
+        assert torch.equal(*(torch.autograd.grad(value.sum(), x)[0] for value in (loss, expected)))
     assert "reduction='mean'" in repr(module(reduction="mean", **parameters))
     with pytest.raises(ValueError, match="reduction must be one of"):
         module(reduction="avg")

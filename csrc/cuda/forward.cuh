@@ -681,7 +681,8 @@ void launch_forward(const DeviceForwardArgs& args, const LaunchPlace& place) {
 
   // The family's forms run in the General element kernels only (their exponent by products
   // or pow): the Zero, Two and packed kernels carry the focal loss alone.
-  const GammaMode mode = args.form == LossForm::Focal ? gamma_mode(args.coefficients.gamma) : GammaMode::General;
+  const GammaMode mode =
+      args.form == LossForm::Focal ? gamma_mode(args.coefficients.gamma) : GammaMode::General;
   // gamma 1 runs in the General kernels: their products-or-pow decision is uniform across a
   // warp, and one kernel set fewer keeps the build and the emulated sweep smaller.
   dispatch_gamma_mode<GammaMode::Zero, GammaMode::Two, GammaMode::General>(
