@@ -213,9 +213,9 @@ struct LossCoeffs : FocalCoeffs<S> {
   S star_beta;       // FL*'s beta
   S star_inv_gamma;  // FL*'s 1 / gamma (gamma > 0 there)
   S negative_scale;  // VFL's alpha
-  // The modulating factor's gamma in d/dx (QFL's and VFL's |p - t|^gamma): 0 where p is
-  // detached in it, so that the factor only weighs the cross-entropy's gradient.
-  S modulation_gamma_dx;
+  // VFL's detach_modulation: p in |p - t|^gamma carries no gradient to x, so that the factor
+  // only weighs the cross-entropy's gradient.
+  bool detach_modulation;
 
   LossCoeffs(LossForm form_, const FormScalars& scalars, double label_smoothing)
       : FocalCoeffs<S>(form_ == LossForm::Varifocal ? -1.0 : scalars.alpha, scalars.gamma,
@@ -224,7 +224,7 @@ struct LossCoeffs : FocalCoeffs<S> {
         star_beta(static_cast<S>(scalars.beta)),
         star_inv_gamma(static_cast<S>(scalars.gamma > 0.0 ? 1.0 / scalars.gamma : 0.0)),
         negative_scale(static_cast<S>(scalars.alpha)),
-        modulation_gamma_dx(static_cast<S>(scalars.detach_modulation ? 0.0 : scalars.gamma)) {}
+        detach_modulation(scalars.detach_modulation) {}
 };
 
 // log(1 + v) for float v in [-0.25, 1]: 2 atanh(s) with s = v / (2 + v), |s| <= 1/3. In h = 2s
@@ -604,7 +604,7 @@ FOCAL_HOST_DEVICE FormTerms<V> star_terms(V x, V t, const LossCoeffs<S>& coeffs)
 // CE * |p - t|^g, QFL's loss (Li et al., GFL) and VFL's on negatives (without its alpha). With
 // d = p - t, a = |d|, dCE/dx = d, dCE/dt = -x, da/dx = sign(d) p(1-p), da/dt = -sign(d):
 //   loss  = a^g * CE
-//   dL/dx = a^g * [d + g * sign(d) * (CE / a) * p(1-p)]     (g_dx for g: 0 where p is detached)
+//   dL/dx = a^g * [d + g * sign(d) * (CE / a) * p(1-p)]     (a^g * d where p is detached)
 //   dL/dt = a^g * [-x - g * sign(d) * (CE / a)]
 // At a saturated logit with a hard target CE vanishes like a (CE / a -> 1), so the gradient
 // stays finite for fractional g; at a == 0 the sign(d) terms are 0 (abs'(0) = 0, as autograd
@@ -634,10 +634,13 @@ FOCAL_HOST_DEVICE FormTerms<V> quality_terms(V x, V t, const Logistic<V>& logit,
   };
   if constexpr (kGradInputs) {
     V bracket = d;
+    // Detached, the term is left out rather than weighed by 0: at x = +-inf its CE is inf.
     if constexpr (kModulated) {
-      // p(1-p) / a (at most 1 for a hard target) before CE: CE / a, times gamma, overflows at
-      // |x| near float's largest, where p(1-p) is 0.
-      bracket = bracket + logit.ce * signed_over_a(V(coeffs.modulation_gamma_dx), logit.p * logit.pm);
+      if (!coeffs.detach_modulation) {
+        // p(1-p) / a (at most 1 for a hard target) before CE: CE / a, times gamma, overflows
+        // at |x| near float's largest, where p(1-p) is 0.
+        bracket = bracket + logit.ce * signed_over_a(gamma, logit.p * logit.pm);
+      }
     }
     terms.d_inputs = a_gamma * bracket;
   }

@@ -708,6 +708,26 @@ def test_varifocal_detached_modulation(emulated, dtype, gamma):
     assert_matches(grad_t, expected_t, dtype, scale=scale_t)
 
 
+@pytest.mark.parametrize("dtype", [F16, BF16, F32, F64], ids=lambda dtype: str(dtype)[len("torch."):])
+def test_varifocal_detached_modulation_at_infinite_logits(emulated, dtype):
+    """Detached, d/dx at x = +-inf is finite, the closed form with p = 1 or 0: t (p - t) on
+    positives, alpha |p - t|^gamma (p - t) on negatives (the left-out term is not 0 times an
+    infinite CE); gamma 1.5, the General kernels."""
+    targets = [-0.5, 0.0, 0.5, 1.0, 1.5]
+    x = torch.tensor([math.inf, -math.inf], dtype=F64).repeat_interleave(len(targets)).repeat(7)
+    t = torch.tensor(targets, dtype=F64).repeat(14)
+    code = FORMS["varifocal"]
+    arguments = (x.to(dtype), t.to(dtype), None, None, code,
+                 coefficients_of(code, 0.75, 1.5, detach_modulation=True), REDUCTION_CODES["none"],
+                 -100, 0.0, False, outputs_mask(True, False, False))
+    launched = launches_during(emulated, lambda: emulated.sigmoid_focal_loss_forward(*arguments))
+    assert any("General" in name for name in launched), launched
+    grad_x = emulated.sigmoid_focal_loss_forward(*arguments)[1]
+    d = (x > 0).double() - t
+    expected = torch.where(t > 0, t * d, 0.75 * d.abs() ** 1.5 * d)
+    assert_matches(grad_x, expected, dtype)
+
+
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
 @pytest.mark.parametrize("form", FORM_ROTATION)
 @pytest.mark.parametrize("dtype", [F16, BF16, F32, F64], ids=lambda dtype: str(dtype)[len("torch."):])

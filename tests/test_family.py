@@ -519,6 +519,31 @@ def test_detached_modulation_changes_only_the_negatives_logit_gradient(gamma):
     assert_matches(torch.autograd.grad(reference, x)[0], expected_x)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gamma", [2.0, 1.5])
+def test_detached_modulation_keeps_the_gradient_at_infinite_logits_finite(device, dtype, gamma):
+    """Detached, d/dx at x = +-inf is the closed form with p = 1 or 0: t (p - t) on positives,
+    alpha |p - t|^gamma (p - t) on negatives, finite, as the reference formula's (autograd); the
+    left-out modulation term is not 0 times the infinite CE, which is NaN. 37 elements: the CPU
+    kernels' lanes and tail; on CUDA the General kernels."""
+    for logit, p in ((math.inf, 1.0), (-math.inf, 0.0)):
+        for target in (-0.5, 0.0, 0.5, 1.0, 1.5):
+            x = torch.full((37,), logit, dtype=dtype, device=device, requires_grad=True)
+            t = torch.full((37,), target, dtype=dtype, device=device)
+            loss = focal_cuda.varifocal_loss(x, t, alpha=0.75, gamma=gamma, reduction="sum",
+                                             detach_modulation=True)
+            (grad_x,) = torch.autograd.grad(loss, x)
+            d = p - target
+            closed_form = target * d if target > 0 else 0.75 * abs(d) ** gamma * d
+            expected = torch.full((37,), closed_form, dtype=torch.float64)
+            assert_matches(grad_x.cpu(), expected, dtype)
+            x64 = x.detach().cpu().double().requires_grad_()
+            reference = focal_cuda.reference.varifocal_loss(x64, t.cpu().double(), alpha=0.75, gamma=gamma,
+                                                            reduction="sum", detach_modulation=True)
+            assert_matches(torch.autograd.grad(reference, x64)[0], expected)
+
+
 def test_detached_modulation_on_the_reference_formulas_paths():
     """torch.func.grad and create_graph take the reference formula (p detached there by
     x.detach()): the eager kernels' gradient, and a second derivative through it; compiled
