@@ -8,13 +8,13 @@ classes side by side for the softmax's warps); the emulated sweep, not this, cou
 Covers input dtypes x target kinds (float targets of the inputs' dtype, float32 targets with
 16-bit inputs, int64 and int32 labels, (int64 labels, scores) pairs) x gamma modes (0, 2; 1.5 by
 products, 0.75 by pow) x gradients (none, inputs, inputs and targets), the loss forms (focal
-loss, FL*, quality focal, varifocal) in turn at gamma 0.75, on aligned tensors (the vectorised
-loads) and misaligned views (the scalar path) at a size no vector width divides, with the weight
-kinds and reductions cycled through (weights requiring grad, so the unweighted loss is written
-too); then the functional and in-place backward with elementwise and scalar grad_output on
-aligned and misaligned buffers, autocast with labels (16-bit logits, float32 loss; each gamma
-mode), an all-ignored mean and an empty tensor; then the softmax focal loss's instances on three
-layouts (a thread or a warp per position).
+loss, FL*, quality focal, varifocal without and with detach_modulation) in turn at gamma 0.75,
+on aligned tensors (the vectorised loads) and misaligned views (the scalar path) at a size no
+vector width divides, with the weight kinds and reductions cycled through (weights requiring
+grad, so the unweighted loss is written too); then the functional and in-place backward with
+elementwise and scalar grad_output on aligned and misaligned buffers, autocast with labels
+(16-bit logits, float32 loss; each gamma mode), an all-ignored mean and an empty tensor; then
+the softmax focal loss's instances on three layouts (a thread or a warp per position).
 Every loss and gradient is compared with the float64 reference at the tolerance of
 tests/conftest.py. Prints one line per failure and a summary; exits 1 on any failure.
 """
@@ -37,12 +37,14 @@ REDUCTIONS = ["none", "mean", "sum"]
 WEIGHT_KINDS = [None, "element", "row", "class"]
 # The public functions of the forms, with arguments each takes (FL* needs gamma > 0: at gamma 0
 # the quality focal loss, plain BCE then, takes its turn). The form is a run-time switch inside
-# every kernel instance.
+# every kernel instance, and so is VFL's detach_modulation, which takes a turn of its own.
 FORMS = ["focal", "star", "quality", "varifocal"]
+ROTATION = [*((form, False) for form in FORMS), ("varifocal", True)]
 
 
-def form_call(form, gamma):
-    """(form, the public function with its options bound, op-level (alpha, gamma, beta))."""
+def form_call(form, gamma, detach=False):
+    """(form, the public function with its options bound, op-level (alpha, gamma, beta)); detach:
+    VFL's detach_modulation."""
     if form == "star" and gamma == 0:
         form = "quality"
     if form == "focal":
@@ -56,7 +58,7 @@ def form_call(form, gamma):
             x, t, gamma, reduction, weight=weight), (-1.0, gamma, 0.0)
     if form == "varifocal":
         return form, lambda x, t, reduction, weight: focal_cuda.varifocal_loss(
-            x, t, 0.75, gamma, reduction, weight=weight), (0.75, gamma, 0.0)
+            x, t, 0.75, gamma, reduction, weight=weight, detach_modulation=detach), (0.75, gamma, 0.0)
     raise KeyError(f"form_call has no call of the form {form!r}")
 
 
@@ -128,7 +130,7 @@ def run_forward_cases(failures):
         # (aligned) and element by element (misaligned); the forms take turns at 0.75.
         pair = step // 2
         weight_kind = WEIGHT_KINDS[pair % len(WEIGHT_KINDS)]
-        form = FORMS[pair % len(FORMS)] if gamma == 0.75 else "focal"
+        form, detach = ROTATION[pair % len(ROTATION)] if gamma == 0.75 else ("focal", False)
         x, targets, scores = make_case(dtype, target_kind, misaligned, generator)
         weight = make_weight(weight_kind, dtype, generator)
         grad_inputs, grad_targets = grads != "none", grads == "inputs+targets"
@@ -138,10 +140,10 @@ def run_forward_cases(failures):
         differentiable.requires_grad_(grad_targets)
         if weight is not None:
             weight.requires_grad_(grad_inputs)  # the kernels then also write the unweighted loss
-        form, loss_fn, (alpha, op_gamma, beta) = form_call(form, gamma)
+        form, loss_fn, (alpha, op_gamma, beta) = form_call(form, gamma, detach)
         code = focal_cuda.reference.FORMS[form]
-        name = (f"{form} {dtype} targets={target_kind} gamma={gamma} grads={grads} "
-                f"misaligned={misaligned} reduction={reduction} weight={weight_kind}")
+        name = (f"{form}{' detached' if detach else ''} {dtype} targets={target_kind} gamma={gamma} "
+                f"grads={grads} misaligned={misaligned} reduction={reduction} weight={weight_kind}")
         try:
             loss = loss_fn(x, targets if scores is None else (targets, scores), reduction, weight)
             reference_x = x.detach().cpu().double().requires_grad_(grad_inputs)
@@ -153,7 +155,7 @@ def run_forward_cases(failures):
             if weight is not None:
                 reference_w = weight.detach().cpu().double().requires_grad_(grad_inputs)
             expected = focal_cuda.reference.family_loss(
-                code, reference_x, reference_t, coefficients_of(code, alpha, op_gamma, beta), reduction,
+                code, reference_x, reference_t, coefficients_of(code, alpha, op_gamma, beta, detach), reduction,
                 reference_w, -100, 0.0, scores=reference_s,
             )
             scale_loss = None
