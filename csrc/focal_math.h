@@ -634,8 +634,8 @@ FOCAL_HOST_DEVICE FormTerms<V> quality_terms(V x, V t, const Logistic<V>& logit,
   };
   if constexpr (kGradInputs) {
     V bracket = d;
-    // Detached, the term is left out rather than weighed by 0: at x = +-inf its CE is inf.
     if constexpr (kModulated) {
+      // Detached, the term is left out, not weighed by 0: at x = +-inf CE is inf or NaN.
       if (!coeffs.detach_modulation) {
         // p(1-p) / a (at most 1 for a hard target) before CE: CE / a, times gamma, overflows
         // at |x| near float's largest, where p(1-p) is 0.

@@ -232,8 +232,9 @@ MATH_MUTANTS = [
      "Math::select(q != zero, p * unit_scale * pm * inv_scaled_q, zero)",
      "Math::select(q > zero, p * unit_scale * pm * inv_scaled_q, zero)"),
     ("detached_term_times_zero", "device math: VFL's detached modulation term weighed by gamma 0, not left "
-     "out (NaN at x = +-inf, where CE is inf)",
-     "      if (!coeffs.detach_modulation) {", "      {\n        const V gamma(coeffs.detach_modulation ? S(0) : coeffs.gamma);"),
+     "out (NaN at x = +-inf, where CE is inf or NaN)",
+     "      if (!coeffs.detach_modulation) {",
+     "      {\n        const V gamma(coeffs.detach_modulation ? S(0) : coeffs.gamma);"),
     ("within_range_nan", "device math: a NaN target-gradient bracket (an infinite logit's) clamped to "
      "float's largest, where the CPU's vector lanes keep it NaN",
      "  return Math::clamp(v, V(S(0)) - largest, largest);",
