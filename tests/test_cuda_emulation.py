@@ -711,8 +711,8 @@ def test_varifocal_detached_modulation(emulated, dtype, gamma):
 @pytest.mark.parametrize("dtype", [F16, BF16, F32, F64], ids=lambda dtype: str(dtype)[len("torch."):])
 def test_varifocal_detached_modulation_at_infinite_logits(emulated, dtype):
     """Detached, d/dx at x = +-inf is finite, the closed form with p = 1 or 0: t (p - t) on
-    positives, alpha |p - t|^gamma (p - t) on negatives (the left-out term is not 0 times an
-    infinite CE); gamma 1.5, the General kernels."""
+    positives, alpha |p - t|^gamma (p - t) on negatives (the modulation's term left out, not 0
+    times CE, which is inf or NaN there); gamma 1.5, the General kernels."""
     targets = [-0.5, 0.0, 0.5, 1.0, 1.5]
     x = torch.tensor([math.inf, -math.inf], dtype=F64).repeat_interleave(len(targets)).repeat(7)
     t = torch.tensor(targets, dtype=F64).repeat(14)

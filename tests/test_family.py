@@ -524,9 +524,9 @@ def test_detached_modulation_changes_only_the_negatives_logit_gradient(gamma):
 @pytest.mark.parametrize("gamma", [2.0, 1.5])
 def test_detached_modulation_keeps_the_gradient_at_infinite_logits_finite(device, dtype, gamma):
     """Detached, d/dx at x = +-inf is the closed form with p = 1 or 0: t (p - t) on positives,
-    alpha |p - t|^gamma (p - t) on negatives, finite, as the reference formula's (autograd); the
-    left-out modulation term is not 0 times the infinite CE, which is NaN. 37 elements: the CPU
-    kernels' lanes and tail; on CUDA the General kernels."""
+    alpha |p - t|^gamma (p - t) on negatives, finite, as the reference formula's (autograd): the
+    modulation's term is left out, not 0 times CE, which is inf or NaN there. 37 elements: the
+    CPU kernels' lanes and tail; on CUDA the General kernels."""
     for logit, p in ((math.inf, 1.0), (-math.inf, 0.0)):
         for target in (-0.5, 0.0, 0.5, 1.0, 1.5):
             x = torch.full((37,), logit, dtype=dtype, device=device, requires_grad=True)
