@@ -424,12 +424,15 @@ class _Paths(NamedTuple):
     fused: Callable[..., Tuple[torch.Tensor, ...]]  # the C++ function behind it
     gradients: Callable[..., Tuple]  # the operands' gradients, for FusedFocalLoss
     reference: Callable[..., torch.Tensor]  # the reference formula after the op's checks
+    check: Callable[..., None]  # the op's argument checks (C++)
 
 
 _SIGMOID_PATHS = _Paths(_ops.sigmoid_focal_loss_forward, _C.sigmoid_focal_loss_forward,
-                        _ops.operand_gradients, _higher_order.checked_reference_loss)
+                        _ops.operand_gradients, _higher_order.checked_reference_loss,
+                        _C.check_forward_arguments)
 _SOFTMAX_PATHS = _Paths(_softmax.softmax_focal_loss_forward, _C.softmax_focal_loss_forward,
-                        _softmax.gradients, _softmax.checked_reference_loss)
+                        _softmax.gradients, _softmax.checked_reference_loss,
+                        _C.check_softmax_arguments)
 
 
 def _call(paths, tensors, arguments, differentiable_targets):
@@ -454,7 +457,11 @@ def _call(paths, tensors, arguments, differentiable_targets):
     # (focal_cuda/_higher_order.py).
     if compiling or _ops.transforms_active() or _ops.tangents_about(tensors):
         return paths.reference(*tensors, arguments)
-    # Modes, subclasses, meta tensors: the same paths through the dispatcher.
+    # Modes, subclasses, meta tensors: the same paths through the dispatcher. A jagged nested
+    # tensor's own dispatch refuses an op it does not know before the op's checks run: run them
+    # first, so that the layout check names the argument.
+    if any(tensor is not None and tensor.layout == torch.jagged for tensor in tensors):
+        paths.check(*tensors, *arguments)
     if arguments[-1]:
         return FusedFocalLoss.apply(paths.gradients, arguments, paths.op, *tensors)
     return paths.op(*tensors, *arguments)[0]

@@ -179,6 +179,27 @@ def test_nested_tensors_are_refused_by_name(argument):
             focal_cuda.softmax_focal_loss(**softmax_arguments)
 
 
+@pytest.mark.parametrize("argument", ["inputs", "targets", "weight"])
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+def test_jagged_nested_tensors_are_refused_by_name(argument, requires_grad):
+    """A jagged nested tensor, a tensor subclass whose own dispatch refuses an op it does not
+    know (a bare NotImplementedError), gets the op's layout error naming the argument."""
+    jagged = torch.nested.nested_tensor([torch.zeros(2, 4), torch.zeros(3, 4)], layout=torch.jagged,
+                                        requires_grad=requires_grad)
+    message = f"{argument} must be a strided (dense) tensor, got layout Jagged"
+    arguments = dict(inputs=torch.zeros(5, 4, requires_grad=requires_grad), targets=torch.zeros(5, 4),
+                     weight=torch.ones(5, 4))
+    arguments[argument] = jagged
+    with pytest.raises(ValueError, match=re.escape(message)):
+        focal_cuda.sigmoid_focal_loss(**arguments)
+    if argument != "targets":
+        softmax_arguments = dict(inputs=torch.zeros(5, 4, requires_grad=requires_grad),
+                                 targets=torch.zeros(5, dtype=torch.long), weight=torch.ones(4))
+        softmax_arguments[argument] = jagged
+        with pytest.raises(ValueError, match=re.escape(message)):
+            focal_cuda.softmax_focal_loss(**softmax_arguments)
+
+
 def test_device_mismatch():
     meta = torch.zeros(4, 4, device="meta")
     with pytest.raises(ValueError, match=re.escape("targets must be on inputs' device (cpu), got one on meta")):
