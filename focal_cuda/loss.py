@@ -424,15 +424,15 @@ class _Paths(NamedTuple):
     fused: Callable[..., Tuple[torch.Tensor, ...]]  # the C++ function behind it
     gradients: Callable[..., Tuple]  # the operands' gradients, for FusedFocalLoss
     reference: Callable[..., torch.Tensor]  # the reference formula after the op's checks
-    check: Callable[..., None]  # the op's argument checks (C++)
+    check: Callable[..., None]  # the op's argument checks (C++, allowed in compiled graphs)
 
 
 _SIGMOID_PATHS = _Paths(_ops.sigmoid_focal_loss_forward, _C.sigmoid_focal_loss_forward,
                         _ops.operand_gradients, _higher_order.checked_reference_loss,
-                        _C.check_forward_arguments)
+                        _ops.check_forward_arguments)
 _SOFTMAX_PATHS = _Paths(_softmax.softmax_focal_loss_forward, _C.softmax_focal_loss_forward,
                         _softmax.gradients, _softmax.checked_reference_loss,
-                        _C.check_softmax_arguments)
+                        _ops.check_softmax_arguments)
 
 
 def _call(paths, tensors, arguments, differentiable_targets):
@@ -442,26 +442,27 @@ def _call(paths, tensors, arguments, differentiable_targets):
     # Function's C++ callable nor the eager probes; the transforms it asks about once, while it
     # traces.
     compiling = torch.compiler.is_compiling()
-    if compiling:
-        if not _ops.transforms_active_while_compiling():
-            return paths.op(*tensors, *arguments)[0]
-    elif torch.jit.is_tracing():  # the op, whose registered autograd a saved graph keeps
-        weight = tensors[2]  # both ops' third operand
-        arguments = (*arguments[:-1], _ops.traced_outputs_mask(differentiable_targets, weight))
-        return paths.op(*tensors, *arguments)[0]
-    elif _ops.plain_eager(tensors):
+    tracing = not compiling and torch.jit.is_tracing()
+    if not (compiling or tracing) and _ops.plain_eager(tensors):
         if arguments[-1]:
             return FusedFocalLoss.apply(paths.gradients, arguments, paths.fused, *tensors)
         return paths.fused(*tensors, *arguments)[0]
+    # The other paths meet the dispatcher, where a jagged nested tensor's own dispatch refuses
+    # an op it does not know before the op's checks run: run them first, to name the argument.
+    if any(tensor is not None and tensor.layout == torch.jagged for tensor in tensors):
+        paths.check(*tensors, *arguments)
+    if compiling:
+        if not _ops.transforms_active_while_compiling():
+            return paths.op(*tensors, *arguments)[0]
+    elif tracing:  # the op, whose registered autograd a saved graph keeps
+        weight = tensors[2]  # both ops' third operand
+        arguments = (*arguments[:-1], _ops.traced_outputs_mask(differentiable_targets, weight))
+        return paths.op(*tensors, *arguments)[0]
     # torch.func transforms, compiled or not, and forward-mode AD: the reference formula
     # (focal_cuda/_higher_order.py).
     if compiling or _ops.transforms_active() or _ops.tangents_about(tensors):
         return paths.reference(*tensors, arguments)
-    # Modes, subclasses, meta tensors: the same paths through the dispatcher. A jagged nested
-    # tensor's own dispatch refuses an op it does not know before the op's checks run: run them
-    # first, so that the layout check names the argument.
-    if any(tensor is not None and tensor.layout == torch.jagged for tensor in tensors):
-        paths.check(*tensors, *arguments)
+    # Modes, subclasses, meta tensors: the same paths through the dispatcher.
     if arguments[-1]:
         return FusedFocalLoss.apply(paths.gradients, arguments, paths.op, *tensors)
     return paths.op(*tensors, *arguments)[0]

@@ -179,25 +179,48 @@ def test_nested_tensors_are_refused_by_name(argument):
             focal_cuda.softmax_focal_loss(**softmax_arguments)
 
 
-@pytest.mark.parametrize("argument", ["inputs", "targets", "weight"])
+def jagged_zeros(requires_grad=False):
+    return torch.nested.nested_tensor([torch.zeros(2, 4), torch.zeros(3, 4)], layout=torch.jagged,
+                                      requires_grad=requires_grad)
+
+
+@pytest.mark.parametrize("argument", ["inputs", "targets", "weight", "scores"])
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
 def test_jagged_nested_tensors_are_refused_by_name(argument, requires_grad):
     """A jagged nested tensor, a tensor subclass whose own dispatch refuses an op it does not
-    know (a bare NotImplementedError), gets the op's layout error naming the argument."""
-    jagged = torch.nested.nested_tensor([torch.zeros(2, 4), torch.zeros(3, 4)], layout=torch.jagged,
-                                        requires_grad=requires_grad)
+    know (a bare NotImplementedError), gets the op's layout error naming the argument: every
+    operand of both families."""
     message = f"{argument} must be a strided (dense) tensor, got layout Jagged"
     arguments = dict(inputs=torch.zeros(5, 4, requires_grad=requires_grad), targets=torch.zeros(5, 4),
                      weight=torch.ones(5, 4))
-    arguments[argument] = jagged
+    if argument == "scores":
+        arguments["targets"] = (torch.zeros(5, dtype=torch.long), jagged_zeros(requires_grad))
+    else:
+        arguments[argument] = jagged_zeros(requires_grad)
     with pytest.raises(ValueError, match=re.escape(message)):
         focal_cuda.sigmoid_focal_loss(**arguments)
-    if argument != "targets":
+    if argument != "scores":
         softmax_arguments = dict(inputs=torch.zeros(5, 4, requires_grad=requires_grad),
                                  targets=torch.zeros(5, dtype=torch.long), weight=torch.ones(4))
-        softmax_arguments[argument] = jagged
+        softmax_arguments[argument] = jagged_zeros(requires_grad)
         with pytest.raises(ValueError, match=re.escape(message)):
             focal_cuda.softmax_focal_loss(**softmax_arguments)
+
+
+def test_jagged_nested_tensors_are_refused_by_name_when_traced_or_compiled():
+    """The same error from torch.jit.trace, and from torch.compile while it traces (inside
+    Dynamo's TorchRuntimeError, as the op's other checks)."""
+    message = "weight must be a strided (dense) tensor, got layout Jagged"
+    jagged = jagged_zeros()
+
+    def loss(x):
+        return focal_cuda.sigmoid_focal_loss(x, torch.zeros(5, 4), weight=jagged, reduction="sum")
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        torch.jit.trace(loss, torch.zeros(5, 4))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=re.escape(message)):
+        torch.compile(loss, backend="eager", fullgraph=True)(torch.zeros(5, 4))
 
 
 def test_device_mismatch():
