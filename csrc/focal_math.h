@@ -628,9 +628,9 @@ FOCAL_HOST_DEVICE FormTerms<V> quality_terms(V x, V t, const Logistic<V>& logit,
     inv_scaled_a = Math::reciprocal(a * V(kUnitScale<S>));
   }
   // g * sign(d) * numerator / a, 0 where a == 0.
-  const auto signed_over_a = [&](V g, V numerator) {
+  const auto signed_over_a = [&](V numerator) {
     const V over_a = Math::select(a > zero, numerator * inv_scaled_a * V(kUnitScale<S>), zero);
-    return g * Math::select(d < zero, zero - over_a, over_a);
+    return gamma * Math::select(d < zero, zero - over_a, over_a);
   };
   if constexpr (kGradInputs) {
     V bracket = d;
@@ -639,7 +639,7 @@ FOCAL_HOST_DEVICE FormTerms<V> quality_terms(V x, V t, const Logistic<V>& logit,
       if (!coeffs.detach_modulation) {
         // p(1-p) / a (at most 1 for a hard target) before CE: CE / a, times gamma, overflows
         // at |x| near float's largest, where p(1-p) is 0.
-        bracket = bracket + logit.ce * signed_over_a(gamma, logit.p * logit.pm);
+        bracket = bracket + logit.ce * signed_over_a(logit.p * logit.pm);
       }
     }
     terms.d_inputs = a_gamma * bracket;
@@ -647,7 +647,7 @@ FOCAL_HOST_DEVICE FormTerms<V> quality_terms(V x, V t, const Logistic<V>& logit,
   if constexpr (kGradTargets) {
     V bracket = zero - x;
     if constexpr (kModulated) {
-      bracket = within_range<S, Math>(bracket - signed_over_a(gamma, logit.ce));
+      bracket = within_range<S, Math>(bracket - signed_over_a(logit.ce));
     }
     terms.d_targets = a_gamma * bracket;
   }

@@ -231,10 +231,11 @@ MATH_MUTANTS = [
      "(a target outside [0, 1]), as before the consistency fix",
      "Math::select(q != zero, p * unit_scale * pm * inv_scaled_q, zero)",
      "Math::select(q > zero, p * unit_scale * pm * inv_scaled_q, zero)"),
-    ("detached_term_times_zero", "device math: VFL's detached modulation term weighed by gamma 0, not left "
+    ("detached_term_times_zero", "device math: VFL's detached modulation term weighed by 0, not left "
      "out (NaN at x = +-inf, where CE is inf or NaN)",
-     "      if (!coeffs.detach_modulation) {",
-     "      {\n        const V gamma(coeffs.detach_modulation ? S(0) : coeffs.gamma);"),
+     "        bracket = bracket + logit.ce * signed_over_a(logit.p * logit.pm);\n      }\n    }",
+     "        bracket = bracket + logit.ce * signed_over_a(logit.p * logit.pm);\n      } else {\n"
+     "        bracket = bracket + logit.ce * (V(S(0)) * signed_over_a(logit.p * logit.pm));\n      }\n    }"),
     ("within_range_nan", "device math: a NaN target-gradient bracket (an infinite logit's) clamped to "
      "float's largest, where the CPU's vector lanes keep it NaN",
      "  return Math::clamp(v, V(S(0)) - largest, largest);",
