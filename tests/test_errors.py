@@ -293,6 +293,25 @@ def test_compile_reports_bad_input_with_the_eager_message(dynamic, fullgraph):
         compiled(X, torch.zeros(4, 3))
 
 
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda x, t: focal_cuda.sigmoid_focal_loss(x, t, reduction="avg"),
+         "reduction must be one of 'none', 'mean', 'sum', got 'avg'"),
+        (lambda x, t: torch.func.grad(lambda x_: focal_cuda.sigmoid_focal_loss(x_, t[:, :3], reduction="sum"))(x),
+         "targets must have the shape of inputs, [4, 4], got [4, 3]"),
+    ],
+    ids=["python-level check", "inside a torch.func transform"],
+)
+def test_compile_carries_the_eager_message_in_dynamos_unsupported(call, message):
+    """What README's "works with" table says of these two cases: Dynamo stops on the raised
+    error with its Unsupported, whose text holds the eager message."""
+    torch._dynamo.reset()
+    compiled = torch.compile(call, fullgraph=True, backend="eager")
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=re.escape(message)):
+        compiled(X, torch.zeros(4, 4))
+
+
 @pytest.mark.parametrize("op", ["sigmoid_focal_loss_backward", "sigmoid_focal_loss_backward_"])
 # meta: through the dispatcher to the ops' fake kernels, which must check as the ops do.
 @pytest.mark.parametrize("device", ["cpu", "meta"])

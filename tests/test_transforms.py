@@ -78,6 +78,30 @@ def test_func_grad(device, kind, reduction):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", KINDS)
+def test_func_vjp(device, kind, reduction):
+    """torch.func.vjp with a cotangent that is not all ones: its primal against the fused eager
+    value, its pullback against the fused eager backward of the same cotangent."""
+    ours, _, args = both(kind, reduction, device)
+    argnums = differentiable_argnums(args)
+    expected_value = ours(*args)
+    generator = torch.Generator().manual_seed(1)
+    cotangent = torch.randn(expected_value.shape, generator=generator, dtype=F64).to(device)
+
+    def of_differentiable(*values):
+        filled = list(args)
+        for argnum, value in zip(argnums, values):
+            filled[argnum] = value
+        return ours(*filled)
+
+    value, pullback = torch.func.vjp(of_differentiable, *(args[i] for i in argnums))
+    assert_matches(value, expected_value, F64)
+    expected = kernel_gradients(lambda *values: ours(*values) * cotangent, args)
+    assert_all_match(pullback(cotangent), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_vmap_forward(device, kind, reduction):
     """A batch of independent losses: vmap over the first dimension of inputs and targets."""
     ours, _, (x, t, w) = both(kind, reduction, device)
