@@ -155,7 +155,8 @@ CXX_FLAGS = ["-O3", "-g1"] + OPENMP_FLAGS
 if "AVX512" in CPU_ISA_FLAGS:
     CPU_ISA_FLAGS["AVX512"] += ["-Wno-maybe-uninitialized", "-Wno-uninitialized"]
 # No --use_fast_math: each kernel chooses its approximations (ex2.approx, rcp.approx, its own
-# log1p) where their error bounds allow, and the accurate functions elsewhere (README, CUDA math).
+# log1p) where their error bounds allow, and the accurate functions elsewhere (README, "16-bit
+# results on CUDA").
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 
 DEFINES = [
