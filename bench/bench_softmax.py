@@ -189,7 +189,7 @@ def main():
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the batch (N) to run")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 CPU, 30 GPU)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None, help="directory for results.json")
+    parser.add_argument("--out", type=Path, default=None, help="directory for results.json and plot.png")
     args = parser.parse_args()
     bench.require_device(args.device)
     args.repeats = args.repeats or (7 if args.device == "cpu" else 30)

@@ -11,6 +11,8 @@ The last test fails if any kernel instance was never launched.
 import decimal
 import itertools
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -1267,6 +1269,17 @@ def test_every_mutant_text_is_in_the_kernels_once():
     counts = {name: sum(source.count(old) for source in sources)
               for name, _, old, _ in mutate.MUTANTS + mutate.MATH_MUTANTS}
     assert all(count == 1 for count in counts.values()), {n: c for n, c in counts.items() if c != 1}
+
+
+def test_mutate_refuses_a_name_it_does_not_define():
+    """A retired or misspelt name in --only fails the script, where it once ran fewer mutants
+    than asked without a word."""
+    from cuda_emulation import mutate
+
+    result = subprocess.run([sys.executable, mutate.__file__, "--only", "tail_skip", "float64_grid"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "--only: no mutant named float64_grid" in result.stderr
 
 
 def test_every_kernel_instance_was_launched(emulated):

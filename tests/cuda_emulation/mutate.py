@@ -6,9 +6,10 @@ it). A sweep that fails has caught the bug.
     python tests/cuda_emulation/mutate.py                    # every mutant, a markdown table
     python tests/cuda_emulation/mutate.py --only tail_skip   # some of them
 
-Each mutant takes a rebuild of the kernel source (about a minute on 2 cores) and a sweep that
-stops at its first failure. A mutant whose text no longer matches the source fails the script:
-update it with the kernels. The table of the last run is in docs/cuda-emulation.md.
+Each mutant takes a rebuild of the kernel source and a sweep that stops at its first failure
+(1.5-4 minutes a mutant on 2 cores: the runs in docs/cuda-emulation.md). A mutant whose text
+no longer matches the source fails the script: update it with the kernels; a name --only does
+not know fails it too. docs/cuda-emulation.md has each mutant's last result.
 """
 
 import argparse
@@ -179,7 +180,8 @@ MUTANTS = [
      "  p.block_counts = static_cast<int64_t*>(place.partials(grid));"),
 ]
 
-# The same, in the device math of csrc/focal_math.h (the float64 pow, the focal terms).
+# The same, in the device math of csrc/focal_math.h (the float64 pow, the focal and softmax
+# terms, the backward's factor for a mean of nothing).
 MATH_MUTANTS = [
     ("pow_one_double", "device math: float64 pow without y's second double (exp(y_hi) alone)",
      "  const double corrected = Math::fma(power, y_lo, power);",
@@ -279,8 +281,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="mutant names")
     args = parser.parse_args()
+    known = {m[0] for m in MUTANTS + MATH_MUTANTS}
+    unknown = sorted(set(args.only or ()) - known)
+    if unknown:
+        parser.error(f"--only: no mutant named {', '.join(unknown)} (retired or misspelt; the names are "
+                     "MUTANTS' and MATH_MUTANTS' first fields)")
     chosen = [m for m in MUTANTS + MATH_MUTANTS if not args.only or m[0] in args.only]
     work = ROOT / "build" / "cuda_emulation" / "mutants"
+    work.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     with open(work.parent / "mutate.log", "w") as log:
         for name, description, old, new in chosen:
